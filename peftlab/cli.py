@@ -1,0 +1,105 @@
+"""The ``peftlab`` command line. Each subcommand is a small function; user errors
+(:class:`~peftlab.errors.PeftlabError`) print one paragraph and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from .errors import PeftlabError
+
+EPILOG = "Overrides: any --section.key=value after the config file, e.g. --lora.r=16 --training.learning_rate=3e-4."
+
+
+def cmd_train(args, extra: list[str]) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, extra)
+    results = train(cfg)
+    return 0 if results.get("status") == "completed" else 1
+
+
+def cmd_config(args, extra: list[str]) -> int:
+    """Print the resolved configuration (after overrides) as YAML, or the keys with help."""
+    import yaml
+
+    from .config import all_sections, load_config, section_help
+
+    if args.keys:
+        for name, cls in all_sections().items():
+            print(f"{name}:")
+            for key, typ, default, help_ in section_help(cls):
+                print(f"  {key} ({typ}, default {default!r}): {help_}")
+        return 0
+    cfg = load_config(args.config, extra)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a peftlab user (progress bars of file
+    writes, deprecation notes about transformers internals)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning research toolkit.", epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser("train", help="train one run into its run directory", epilog=EPILOG)
+    t.add_argument("config", help="YAML config file")
+    t.set_defaults(func=cmd_train)
+    c = sub.add_parser("config", help="show the resolved configuration, or every key with --keys", epilog=EPILOG)
+    c.add_argument("config", nargs="?", help="YAML config file (omit for defaults)")
+    c.add_argument("--keys", action="store_true", help="list every section and key with its type, default and help")
+    c.set_defaults(func=cmd_config)
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+# Subcommands added by other modules: functions taking the subparsers object.
+_EXTRA_COMMANDS: list = []
+
+
+def _load_extra_commands() -> None:
+    from . import commands  # noqa: F401  (registers data/profile/export/... subcommands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+    _load_extra_commands()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and not getattr(args, "accepts_overrides", True):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except PeftlabError as e:
+        msg = str(e)
+        lines = msg.splitlines() or [""]
+        print("\n".join(textwrap.fill(line, 100, subsequent_indent="    " if line.startswith("  -") else "") for line in ["error: " + lines[0], *lines[1:]]), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --training.resume_from=latest", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Configuration: YAML files with sections, dotted command-line overrides, validation.
+
+    cfg = load_config("configs/quickstart/lm_lora.yaml", ["--lora.r=16"])
+
+Every problem (unknown key, wrong type, bad value, missing file) is collected and
+raised once as :class:`~peftlab.errors.ConfigError` before any model is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from ..errors import ConfigError
+from .machinery import build_section, section_help, suggest
+from .sections import DataConfig, LoggingConfig, ModelConfig, OutputConfig, SystemConfig, TrainingConfig
+
+CORE_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "output": OutputConfig,
+    "logging": LoggingConfig,
+    "system": SystemConfig,
+}
+# Method sections (lora, sora, ...) register themselves here.
+METHOD_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> None:
+    if name in CORE_SECTIONS or (name in METHOD_SECTIONS and METHOD_SECTIONS[name] is not cls):
+        raise ValueError(f"config section {name!r} is already registered")
+    METHOD_SECTIONS[name] = cls
+
+
+def all_sections() -> dict[str, type]:
+    _ensure_methods_loaded()
+    return {**CORE_SECTIONS, **METHOD_SECTIONS}
+
+
+def _ensure_methods_loaded() -> None:
+    from .. import methods  # noqa: F401  (registers method sections)
+
+
+class RunConfig:
+    """The resolved configuration of one run: ``cfg.method`` plus one object per section."""
+
+    def __init__(self, method: str, sections: dict[str, Any]):
+        self.method = method
+        self._sections = sections
+        for k, v in sections.items():
+            setattr(self, k, v)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        for k, v in self._sections.items():
+            out[k] = dataclasses.asdict(v)
+        return out
+
+    def replace(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A new validated config with dotted-key overrides applied (``{"lora.r": 4}``)."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return config_from_dict(raw)
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: Iterable[str]) -> dict[str, Any]:
+    """Parse ``--a.b=value`` / ``--a.b value`` into ``{"a.b": value}`` (values as YAML scalars)."""
+    args = list(args)
+    out: dict[str, Any] = {}
+    problems = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            problems.append(f"cannot read argument {arg!r}; overrides look like --section.key=value (e.g. --lora.r=16).")
+            i += 1
+            continue
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)  # only the first '=' separates; values may contain '='
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = body, args[i + 1]
+            i += 1
+        else:
+            problems.append(f"override `--{body}` has no value; write --{body}=VALUE.")
+            i += 1
+            continue
+        key = key.replace("-", "_") if key != "config-file" else key
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, (dict,)):
+            parsed = value
+        out[key] = parsed
+        i += 1
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {str(p)!r} does not exist; check the path (configs live under configs/, e.g. configs/quickstart/lm_lora.yaml)."])
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p} must hold a mapping of sections (model:, data:, training: ...), not {type(data).__name__}."])
+    return data
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate a nested mapping into a :class:`RunConfig`, reporting all problems at once."""
+    from ..methods import METHODS  # registry; imported lazily to avoid a cycle
+
+    raw = copy.deepcopy(raw)
+    sections = all_sections()
+    problems: list[str] = []
+    method = raw.pop("method", "lora")
+    if not isinstance(method, str) or method not in METHODS:
+        problems.append(f"unknown method {method!r}.{suggest(str(method), METHODS)} Available: {', '.join(sorted(METHODS))}.")
+        method = "lora"
+    built: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in sections:
+            problems.append(f"unknown section `{key}`.{suggest(key, list(sections) + ['method'])} Sections: method, {', '.join(sections)}.")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"`{key}` must be a mapping of keys (e.g. {key}:\\n  key: value), got {value!r}.")
+            continue
+    for name, cls in sections.items():
+        value = raw.get(name) if isinstance(raw.get(name), dict) else {}
+        built[name] = build_section(cls, name, value, problems)
+    if not problems:
+        for name, sec in built.items():
+            problems.extend(sec.validate() if hasattr(sec, "validate") else [])
+        problems.extend(METHODS[method].validate_config(RunConfig(method, built)))
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(method, built)
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict[str, Any] = ()) -> RunConfig:
+    """Read a YAML config (or start from defaults if ``path`` is None) and apply overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    for key, value in ov.items():
+        if "." not in key and key != "method":
+            sections = all_sections()
+            raise ConfigError([f"override `--{key}` names no section; write --section.key=value.{suggest(key, [f'{s}.{k}' for s, c in sections.items() for k, *_ in section_help(c)] + ['method'])}"])
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+__all__ = ["RunConfig", "load_config", "config_from_dict", "parse_overrides", "register_section", "all_sections", "section_help"]

@@ -1,0 +1,148 @@
+"""The configuration sections every run understands (see DESIGN.md, "Keys every
+configuration understands"). Method sections (``lora``, ``sora``, ...) are declared
+next to their methods in ``peftlab/methods`` and registered with
+:func:`peftlab.config.register_section`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .machinery import opt
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("tiny-gpt2", "Hub name, local path, built-in tiny model (tiny-gpt2, tiny-bert) or offline real model (smollm2-135m, minilm-l6).")
+    task: Literal["auto", "causal_lm", "classification"] = opt("auto", "Head to build; `auto` infers it from the model name and dataset.")
+    from_scratch: bool = opt(False, "Build the architecture with random weights instead of loading weights (configs of gpt2, distilbert-base-uncased, bert-base-uncased ship with peftlab).")
+    num_labels: Optional[int] = opt(None, "Number of classes for classification; defaults to what the dataset says.")
+    target_modules: Optional[list[str]] = opt(None, "Module names to adapt; default depends on the architecture (GPT-2 c_attn, BERT query/value, Llama q_proj/v_proj).")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) to load.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub to run. Off unless you trust the repository.")
+
+    def validate(self) -> list[str]:
+        p = []
+        if not self.name.strip():
+            p.append("`model.name` is empty; give a hub name, a local path or a built-in name such as tiny-gpt2.")
+        if self.num_labels is not None and self.num_labels < 2:
+            p.append(f"`model.num_labels` must be at least 2, got {self.num_labels}.")
+        if self.target_modules is not None and not self.target_modules:
+            p.append("`model.target_modules` is an empty list; remove it to use the architecture default.")
+        return p
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("lm-sample", "Task name (sst2, imdb, ag_news, tweet_eval), a local file or folder, or a shipped sample (lm-sample, sst2-sample).")
+    tokenizer: Optional[str] = opt(None, "Tokenizer name or path; defaults to the model's. `gpt2` is the genuine GPT-2 BPE.")
+    data_dir: Optional[str] = opt(None, "Folder with local copies of a named task (<task>_dataset/<task>_train.csv ...).")
+    text_column: Optional[str] = opt(None, "Text column of a CSV/JSON dataset; default `text` or the task's own.")
+    text_pair_column: Optional[str] = opt(None, "Second text column for sentence-pair tasks.")
+    label_column: Optional[str] = opt(None, "Label column of a CSV/JSON dataset; default `label`.")
+    max_length: int = opt(128, "Truncate classification inputs to this many tokens.")
+    block_size: int = opt(128, "Tokens per training block for causal LM.")
+    val_fraction: float = opt(0.1, "Fraction of train held out for validation when the data has no validation split.")
+    train_samples: Optional[int] = opt(None, "k-shot: keep k training examples per class (stratified, seeded).")
+    max_train_examples: Optional[int] = opt(None, "Keep at most this many training examples (seeded subsample); for quick runs.")
+    max_val_examples: Optional[int] = opt(None, "Keep at most this many validation examples.")
+    clean_text: bool = opt(False, "TweetEval-style cleaning: HTML entities, tags, URLs -> [URL], @mentions -> [USER], whitespace.")
+    split_seed: int = opt(42, "Seed for carving validation splits and k-shot subsets (independent of training.seed).")
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.max_length < 2:
+            p.append(f"`data.max_length` must be at least 2, got {self.max_length}.")
+        if self.block_size < 2:
+            p.append(f"`data.block_size` must be at least 2, got {self.block_size}.")
+        if not 0.0 < self.val_fraction < 1.0:
+            p.append(f"`data.val_fraction` must be between 0 and 1 (exclusive), got {self.val_fraction}.")
+        for k in ("train_samples", "max_train_examples", "max_val_examples"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                p.append(f"`data.{k}` must be a positive integer, got {v}.")
+        return p
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = opt(42, "Seed for model init, dropout and data order.")
+    epochs: int = opt(1, "Passes over the training data.")
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides epochs when reached first).")
+    batch_size: int = opt(8, "Micro-batch size per process.")
+    eval_batch_size: Optional[int] = opt(None, "Evaluation batch size; defaults to batch_size.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: Optional[float] = opt(1.0, "Clip gradients to this global norm; null disables clipping.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "Schedule after warmup.")
+    warmup_steps: int = opt(0, "Linear warmup steps (takes precedence over warmup_ratio).")
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of total steps.")
+    log_steps: int = opt(10, "Write loss_log.csv every this many optimizer steps.")
+    save_steps: int = opt(0, "Checkpoint every this many optimizer steps (0: only at epoch ends).")
+    save_total_limit: Optional[int] = opt(3, "Keep at most this many step checkpoints (epoch checkpoints and best/ are kept).")
+    eval_max_batches: Optional[int] = opt(None, "Evaluate on at most this many validation batches.")
+    resume_from: Optional[str] = opt(None, "`latest` or a checkpoint directory to continue from.")
+    best_metric: Literal["auto", "val_loss", "val_accuracy", "val_f1", "val_perplexity"] = opt("auto", "Metric that picks best/ (auto: accuracy for classification, loss for LM).")
+
+    def validate(self) -> list[str]:
+        p = []
+        positive = ["epochs", "batch_size", "gradient_accumulation_steps", "log_steps"]
+        for k in positive:
+            if getattr(self, k) < 1:
+                p.append(f"`training.{k}` must be at least 1, got {getattr(self, k)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"`training.max_steps` must be at least 1 (or null), got {self.max_steps}.")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            p.append(f"`training.eval_batch_size` must be at least 1, got {self.eval_batch_size}.")
+        if not self.learning_rate > 0:
+            p.append(f"`training.learning_rate` must be positive, got {self.learning_rate}.")
+        if self.weight_decay < 0:
+            p.append(f"`training.weight_decay` must be >= 0, got {self.weight_decay}.")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            p.append(f"`training.max_grad_norm` must be positive or null, got {self.max_grad_norm}.")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
+            p.append("`training.warmup_steps` must be >= 0 and `training.warmup_ratio` in [0, 1).")
+        if self.save_steps < 0:
+            p.append(f"`training.save_steps` must be >= 0, got {self.save_steps}.")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            p.append(f"`training.save_total_limit` must be at least 1 or null, got {self.save_total_limit}.")
+        return p
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs/run", "The run directory.")
+    overwrite: bool = opt(False, "Delete an existing run directory instead of refusing to start.")
+
+    def validate(self) -> list[str]:
+        return [] if self.dir.strip() else ["`output.dir` is empty; give the run directory."]
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = opt(True, "Show a progress bar with loss, learning rate and memory.")
+    report_to: list[str] = opt([], "Extra trackers through Accelerate: tensorboard, wandb (offline works with WANDB_MODE=offline).")
+    project: str = opt("peftlab", "Tracker project name.")
+    run_name: Optional[str] = opt(None, "Tracker run name; defaults to the run directory's name.")
+
+    def validate(self) -> list[str]:
+        bad = [t for t in self.report_to if t not in ("tensorboard", "wandb")]
+        return [f"`logging.report_to` accepts tensorboard and wandb, got {bad}."] if bad else []
+
+
+@dataclass
+class SystemConfig:
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train; auto uses a GPU when there is one.")
+    dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "Mixed precision for the forward/backward pass.")
+    compile: bool = opt(False, "Wrap the model with torch.compile.")
+    num_threads: Optional[int] = opt(None, "CPU threads for torch (default: torch's own choice).")
+
+    def validate(self) -> list[str]:
+        if self.num_threads is not None and self.num_threads < 1:
+            return [f"`system.num_threads` must be at least 1, got {self.num_threads}."]
+        return []

@@ -1,0 +1,163 @@
+"""Data: resolve ``data.dataset`` to raw splits, then tokenize into torch datasets.
+
+Two steps, so that the task type and number of labels are known before the model is
+built, and tokenization happens only after the tokenizer is known:
+
+    raw = load_raw(cfg)                                  # RawTask (no tokenizer needed)
+    train_ds, val_ds, collate = build_datasets(raw, tokenizer, cfg)
+
+``data.dataset`` may name a shipped sample (``lm-sample``, ``sst2-sample``), a
+registered task (``DATASETS``), or a local file/folder (.txt/.jsonl documents for
+causal LM; .csv/.json/.jsonl/.parquet with text + label columns for classification).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import PeftlabError
+from .classification import ClassificationDataset, classification_collate, load_table, raw_classification_from_frames
+from .lm import LMBlockDataset, lm_collate, read_documents
+
+SAMPLES_DIR = Path(__file__).parent / "samples"
+
+
+@dataclass
+class RawTask:
+    """Untokenized splits of one task.
+
+    For ``causal_lm``: ``train``/``val`` are lists of documents (str), or, for token bins,
+    a :class:`peftlab.data.bins.TokenBin`. For ``classification``: ``train``/``val`` are
+    dicts with ``text`` (list[str]), optional ``text_pair`` and ``label`` (list[int]).
+    """
+
+    task: str
+    name: str
+    train: Any
+    val: Any
+    num_labels: Optional[int] = None
+    label_names: Optional[list[str]] = None
+    test: Any = None
+    info: dict = field(default_factory=dict)
+
+
+# name -> loader(cfg) -> RawTask. Named tasks, samples and offline datasets register here.
+DATASETS: dict[str, Callable[[Any], RawTask]] = {}
+
+
+def register_dataset(name: str):
+    def deco(fn):
+        DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_dataset("lm-sample")
+def _lm_sample(cfg) -> RawTask:
+    d = SAMPLES_DIR / "lm-sample"
+    return RawTask("causal_lm", "lm-sample", read_documents(d / "train.jsonl"), read_documents(d / "validation.jsonl"),
+                   info={"source": f"shipped synthetic sample {d}"})
+
+
+def load_raw(cfg) -> RawTask:
+    """Resolve ``cfg.data.dataset`` into a :class:`RawTask` (cheap; no tokenization)."""
+    from . import tasks  # noqa: F401  (registers named tasks and their samples)
+
+    name = cfg.data.dataset
+    if name in DATASETS:
+        raw = DATASETS[name](cfg)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            from ..config.machinery import suggest
+
+            raise PeftlabError(
+                f"data.dataset={name!r} is neither a known dataset nor an existing path.{suggest(name, DATASETS)} "
+                f"Known datasets: {', '.join(sorted(DATASETS))}; or give a local .txt/.jsonl (language modelling) or "
+                ".csv/.json/.jsonl/.parquet file with text and label columns (classification)."
+            )
+        raw = load_local(path, cfg)
+    return postprocess(raw, cfg)
+
+
+def _split_files(path: Path) -> dict[str, Path]:
+    """Find train/validation/test files in a folder by name."""
+    found: dict[str, Path] = {}
+    for f in sorted(path.iterdir()):
+        if not f.is_file() or f.suffix.lower() not in (".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv"):
+            continue
+        stem = f.stem.lower()
+        for split, keys in (("train", ("train",)), ("validation", ("validation", "valid", "val", "dev")), ("test", ("test",))):
+            if any(stem == k or stem.endswith("_" + k) or stem.endswith("-" + k) for k in keys):
+                found.setdefault(split, f)
+    return found
+
+
+def load_local(path: Path, cfg) -> RawTask:
+    """Load a local file or folder, deciding LM vs classification by its contents."""
+    if path.is_dir():
+        files = _split_files(path)
+        if "train" not in files:
+            txt = sorted(path.rglob("*.txt"))
+            if txt:  # a folder of plain-text documents
+                return RawTask("causal_lm", path.name, [p.read_text(encoding="utf-8", errors="replace") for p in txt], None,
+                               info={"source": str(path), "files": len(txt)})
+            raise PeftlabError(
+                f"Folder {path} has no training file: expected train.csv/train.jsonl/..., <task>_train.csv, or .txt documents."
+            )
+        train_f, val_f = files["train"], files.get("validation")
+    else:
+        train_f, val_f = path, None
+    if train_f.suffix.lower() == ".txt" or (train_f.suffix.lower() == ".jsonl" and _is_document_jsonl(train_f, cfg)):
+        return RawTask("causal_lm", path.stem, read_documents(train_f), read_documents(val_f) if val_f else None,
+                       info={"source": str(path)})
+    train_df = load_table(train_f)
+    val_df = load_table(val_f) if val_f else None
+    return raw_classification_from_frames(path.stem, train_df, val_df, cfg, source=str(path))
+
+
+def _is_document_jsonl(path: Path, cfg) -> bool:
+    import json
+
+    with open(path) as f:
+        first = f.readline()
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        raise PeftlabError(f"{path} is not JSON Lines (first line does not parse); one JSON object per line is expected.") from None
+    label = cfg.data.label_column or "label"
+    return isinstance(row, dict) and label not in row
+
+
+def postprocess(raw: RawTask, cfg) -> RawTask:
+    """Carve a validation split if missing, subsample, k-shot (shared by every source)."""
+    from .splits import finalize_splits
+
+    return finalize_splits(raw, cfg)
+
+
+def build_datasets(raw: RawTask, tokenizer, cfg):
+    """Tokenize ``raw`` into ``(train_dataset, val_dataset, collate_fn)``."""
+    if raw.task == "causal_lm":
+        if hasattr(raw.train, "make_dataset"):  # token bins bring their own dataset
+            return raw.train.make_dataset(cfg, "train"), raw.val.make_dataset(cfg, "val"), lm_collate
+        tr = LMBlockDataset.from_documents(raw.train, tokenizer, cfg.data.block_size)
+        va = LMBlockDataset.from_documents(raw.val, tokenizer, cfg.data.block_size)
+        if len(tr) == 0:
+            raise PeftlabError(
+                f"The training text of {raw.name!r} is shorter than one block of {cfg.data.block_size + 1} tokens; lower --data.block_size or add text."
+            )
+        if len(va) == 0:
+            raise PeftlabError(
+                f"The validation text of {raw.name!r} is shorter than one block of {cfg.data.block_size + 1} tokens; lower --data.block_size or raise --data.val_fraction."
+            )
+        return tr, va, lm_collate
+    tr = ClassificationDataset.from_raw(raw.train, tokenizer, cfg.data.max_length)
+    va = ClassificationDataset.from_raw(raw.val, tokenizer, cfg.data.max_length)
+    return tr, va, classification_collate(tokenizer.pad_token_id)
+
+
+__all__ = ["RawTask", "DATASETS", "register_dataset", "load_raw", "build_datasets", "SAMPLES_DIR"]

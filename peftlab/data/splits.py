@@ -1,0 +1,88 @@
+"""Validation carving, subsampling and k-shot selection, all seeded by ``data.split_seed``."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+from ..errors import PeftlabError
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (keep, held_out): ``fraction`` of every class held out (at least one per class
+    with two or more examples), chosen by a seeded shuffle; both lists sorted."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    rng = random.Random(seed)
+    keep, held = [], []
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        n_held = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_held = min(max(n_held, 1), len(idx) - 1)
+        else:
+            n_held = 0
+        held.extend(idx[:n_held])
+        keep.extend(idx[n_held:])
+    return sorted(keep), sorted(held)
+
+
+def k_shot(labels: list[int], k: int, seed: int) -> list[int]:
+    """Exactly ``k`` indices per class (error if a class has fewer), seeded, sorted."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    short = {y: len(v) for y, v in by_class.items() if len(v) < k}
+    if short:
+        raise PeftlabError(f"data.train_samples={k} asks for {k} examples per class but some classes have fewer: {short}. Lower data.train_samples.")
+    rng = random.Random(seed)
+    out = []
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        out.extend(idx[:k])
+    return sorted(out)
+
+
+def _take(split: dict, idx: list[int]) -> dict:
+    return {k: [v[i] for i in idx] for k, v in split.items()}
+
+
+def _subsample(n: int, m: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return sorted(rng.sample(range(n), m))
+
+
+def finalize_splits(raw, cfg):
+    d = cfg.data
+    info = raw.info
+    if raw.task == "classification":
+        if raw.val is None:
+            keep, held = stratified_split(raw.train["label"], d.val_fraction, d.split_seed)
+            raw.val = _take(raw.train, held)
+            raw.train = _take(raw.train, keep)
+            info["validation"] = f"carved {len(held)} examples ({d.val_fraction:.0%} stratified, seed {d.split_seed}) from train"
+        if d.max_train_examples and len(raw.train["label"]) > d.max_train_examples:
+            raw.train = _take(raw.train, _subsample(len(raw.train["label"]), d.max_train_examples, d.split_seed))
+        if d.train_samples:
+            raw.train = _take(raw.train, k_shot(raw.train["label"], d.train_samples, d.split_seed))
+            info["k_shot"] = d.train_samples
+        if d.max_val_examples and len(raw.val["label"]) > d.max_val_examples:
+            raw.val = _take(raw.val, _subsample(len(raw.val["label"]), d.max_val_examples, d.split_seed))
+        info["train_size"], info["val_size"] = len(raw.train["label"]), len(raw.val["label"])
+    elif isinstance(raw.train, list):
+        if d.train_samples:
+            raise PeftlabError("data.train_samples (k-shot per class) applies to classification; for language modelling use data.max_train_examples.")
+        if raw.val is None:
+            if len(raw.train) < 2:
+                raise PeftlabError(f"{raw.name} has a single document and no validation split; add a validation file or more documents.")
+            keep, held = stratified_split([0] * len(raw.train), d.val_fraction, d.split_seed)
+            raw.val = [raw.train[i] for i in held]
+            raw.train = [raw.train[i] for i in keep]
+            info["validation"] = f"carved {len(held)} documents ({d.val_fraction:.0%}, seed {d.split_seed}) from train"
+        if d.max_train_examples and len(raw.train) > d.max_train_examples:
+            raw.train = [raw.train[i] for i in _subsample(len(raw.train), d.max_train_examples, d.split_seed)]
+        info["train_documents"], info["val_documents"] = len(raw.train), len(raw.val)
+    return raw

@@ -1,0 +1,157 @@
+"""The method plug-in interface.
+
+A method turns a base model into what is trained, says which parameters the optimizer
+sees, and may hook into the loop. The loop calls, in order, for every optimizer step::
+
+    for each micro-batch:  forward -> backward          (method.loss_extra adds to the loss)
+    method.before_clip(model)                          grads are complete (and unscaled)
+    clip_grad_norm_ -> optimizer.step()
+    method.after_optimizer_step(model, lr)             e.g. SoRA's proximal gate step
+    scheduler.step(); optimizer.zero_grad()
+
+Adding a method: one module under ``peftlab/methods`` with a subclass of
+:class:`Method` (and its config section dataclass), plus one line in
+``peftlab/methods/__init__.py``. See docs/adding-a-method.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Optional
+
+import torch
+
+
+@dataclass
+class MethodContext:
+    """What a method may use while it prepares the model.
+
+    Attributes:
+        cfg: the resolved run configuration.
+        task: ``causal_lm`` or ``classification``.
+        target_modules: module names to adapt (architecture default or ``model.target_modules``).
+        accelerator: the ``accelerate.Accelerator`` of the run.
+        train_batches: returns an iterator of training micro-batches already on the device
+            (for methods that look at data before training, e.g. BA-LoRA's importance phase).
+        compute_loss: ``compute_loss(model, batch) -> scalar loss``.
+        run_dir: the run directory (for method-specific files such as allocation.json).
+        log: the run's logger.
+    """
+
+    cfg: Any
+    task: str
+    target_modules: list[str]
+    accelerator: Any = None
+    train_batches: Optional[Callable[[], Iterable[dict]]] = None
+    compute_loss: Optional[Callable[[torch.nn.Module, dict], torch.Tensor]] = None
+    run_dir: Optional[Path] = None
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("peftlab"))
+    model_info: Any = None
+
+
+class Method:
+    """Base class: full-parameter AdamW behaviour, overridden piece by piece."""
+
+    name: ClassVar[str] = ""
+    #: config sections this method reads (validated only when the method is chosen)
+    sections: ClassVar[tuple[str, ...]] = ()
+    #: True when the result is an adapter in HF PEFT format
+    exports_adapter: ClassVar[bool] = False
+
+    def __init__(self, ctx: MethodContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    # --- configuration -------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, cfg) -> list[str]:
+        """Problems with the run config that this method can see before any model exists."""
+        return []
+
+    # --- model and optimizer -------------------------------------------------------
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Return the model to train (wrapped or modified in place)."""
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        """AdamW parameter groups; by default no weight decay on biases and norms."""
+        t = self.cfg.training
+        decay, no_decay = [], []
+        for n, p in self.trainable_parameters(model):
+            (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": t.weight_decay, "name": "decay"}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+        return [g for g in groups if g["params"]]
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        t = self.cfg.training
+        return torch.optim.AdamW(
+            self.param_groups(model), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+        )
+
+    # --- loop hooks ----------------------------------------------------------------
+    def loss_extra(self, model: torch.nn.Module) -> Optional[torch.Tensor]:
+        """A regularisation term added to each micro-batch's loss (None: nothing)."""
+        return None
+
+    def before_clip(self, model: torch.nn.Module) -> None:
+        """Gradients of the whole optimizer step are accumulated and unscaled."""
+
+    def after_optimizer_step(self, model: torch.nn.Module, lr: float) -> None:
+        """Right after ``optimizer.step()``, before the scheduler moves the learning rate."""
+
+    # --- metrics -------------------------------------------------------------------
+    def step_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """Cheap scalars for the progress bar and loss_log.csv (e.g. ``sparsity``)."""
+        return {}
+
+    def module_metrics(self, model: torch.nn.Module) -> Optional[dict[str, float]]:
+        """Per-module values for sparsity_log.csv (None: the method writes no such file)."""
+        return None
+
+    def param_counts(self, model: torch.nn.Module) -> tuple[int, int]:
+        """(trainable, effective) parameter counts."""
+        n = sum(p.numel() for _, p in self.trainable_parameters(model))
+        return n, n
+
+    # --- state ---------------------------------------------------------------------
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors of the model that a checkpoint must hold to resume (trainable ones)."""
+        return {n: p.detach().clone() for n, p in self.trainable_parameters(model)}
+
+    def load_model_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n, _ in self.trainable_parameters(model) if n not in state]
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method-owned state (schedules, extra optimizers); plain tensors and numbers only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- results -------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Extra facts for results_final.json."""
+        return {}
+
+    def export(self, model: torch.nn.Module, out_dir: Path, tokenizer=None) -> Path:
+        """Write the trained result under ``out_dir`` and return the path written."""
+        target = out_dir / "model"
+        model.save_pretrained(target, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+        return target

@@ -1,0 +1,124 @@
+"""LoRA, DoRA and LoRA+ through Hugging Face ``peft``.
+
+LoRA (Hu et al., 2021): W' = W + (alpha / r) * B A with A (r x d_in), B (d_out x r), B = 0 at init.
+DoRA (Liu et al., 2024): W' = m * (W + s B A) / ||W + s B A||_row, magnitude m trained.
+LoRA+ (Hayou et al., 2024): B learns ``loraplus_lr_ratio`` times faster than A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from ..config.machinery import opt
+from ..models import check_targets
+from .base import Method
+
+
+@dataclass
+class LoraSection:
+    r: int = opt(8, "LoRA rank.")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).")
+    dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases to train.")
+    use_rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
+    init: Literal["default", "gaussian"] = opt("default", "A's initialisation (B starts at zero either way): default = Kaiming-uniform, gaussian = N(0, 1/r).")
+    loraplus_lr_ratio: float = opt(1.0, "LoRA+: learning rate of B divided by that of A (1 = plain LoRA; the paper suggests 16).")
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.r < 1:
+            p.append(f"`lora.r` must be at least 1, got {self.r}.")
+        if not self.alpha > 0:
+            p.append(f"`lora.alpha` must be positive, got {self.alpha}.")
+        if not 0 <= self.dropout < 1:
+            p.append(f"`lora.dropout` must be in [0, 1), got {self.dropout}.")
+        if not self.loraplus_lr_ratio > 0:
+            p.append(f"`lora.loraplus_lr_ratio` must be positive, got {self.loraplus_lr_ratio}.")
+        return p
+
+
+def peft_task_type(task: str) -> str:
+    return "CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS"
+
+
+def lora_layers(model: torch.nn.Module):
+    """Yield ``(module_name, peft LoraLayer)`` for every adapted module."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            yield name, mod
+
+
+class LoRA(Method):
+    """Low-rank adapters on the target modules; everything else frozen (heads trained)."""
+
+    name = "lora"
+    sections = ("lora",)
+    exports_adapter = True
+    use_dora = False
+
+    def peft_config(self, rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None):
+        from peft import LoraConfig
+
+        lc = self.cfg.lora
+        return LoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            bias=lc.bias,
+            target_modules=list(self.ctx.target_modules),
+            task_type=peft_task_type(self.ctx.task),
+            use_dora=self.use_dora,
+            use_rslora=lc.use_rslora,
+            init_lora_weights=True if lc.init == "default" else "gaussian",
+            rank_pattern=rank_pattern or {},
+            alpha_pattern=alpha_pattern or {},
+        )
+
+    def apply(self, model):
+        import warnings
+
+        from peft import get_peft_model
+
+        check_targets(model, self.ctx.target_modules)
+        with warnings.catch_warnings():
+            # GPT-2's Conv1D needs fan_in_fan_out=True; peft sets it itself and warns.
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            return get_peft_model(model, self.peft_config())
+
+    def param_groups(self, model):
+        t, ratio = self.cfg.training, self.cfg.lora.loraplus_lr_ratio
+        b_params = set()
+        if ratio != 1.0:
+            for _, layer in lora_layers(model):
+                for sub in layer.lora_B.values():
+                    b_params.update(id(p) for p in sub.parameters())
+        groups: dict[str, dict] = {}
+        for n, p in self.trainable_parameters(model):
+            is_b = id(p) in b_params
+            wd = 0.0 if p.ndim < 2 else t.weight_decay
+            key = ("B" if is_b else "A") + ("_no_decay" if wd == 0.0 and t.weight_decay else "")
+            g = groups.setdefault(key, {"params": [], "weight_decay": wd, "name": key, "lr_scale": ratio if is_b else 1.0})
+            g["params"].append(p)
+        for g in groups.values():
+            g["lr"] = t.learning_rate * g["lr_scale"]
+        return list(groups.values())
+
+    def export(self, model, out_dir: Path, tokenizer=None) -> Path:
+        target = out_dir / "adapter"
+        model.save_pretrained(target, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+        return target
+
+
+class DoRA(LoRA):
+    """Weight-decomposed LoRA via ``peft`` (``use_dora=True``); reads the ``lora`` section."""
+
+    name = "dora"
+    use_dora = True

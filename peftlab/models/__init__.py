@@ -1,0 +1,193 @@
+"""Model and tokenizer loading: built-in tiny models, shipped architecture configs,
+real models available offline, local paths and the Hugging Face hub.
+
+``load_model(cfg, task, num_labels)`` returns ``(model, tokenizer, info)`` where
+``info`` says which target modules LoRA-style methods adapt by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import PeftlabError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Built-in tiny architectures (random weights, byte-level tokenizer, vocab 260).
+TINY_MODELS = {
+    "tiny-gpt2": dict(task="causal_lm", model_type="gpt2", vocab_size=260, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                      bos_token_id=256, eos_token_id=256, pad_token_id=257),
+    "tiny-bert": dict(task="classification", model_type="bert", vocab_size=260, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=128, max_position_embeddings=512, pad_token_id=257),
+}
+
+# Sensible LoRA targets per architecture (model_type -> module names).
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt_neox": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+# Real models available offline through the package registries: name -> resolver
+# returning a local directory (filled in by peftlab.models.offline).
+OFFLINE_MODELS: dict[str, Callable[[], Path]] = {}
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    model_type: str
+    task: str
+    target_modules: list[str]
+    builtin: bool = False
+    num_params: int = 0
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def _auto_cls(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def _load_tokenizer(name: str, cfg_model, for_classification: bool):
+    """Resolve ``data.tokenizer`` / the model's tokenizer, offline first."""
+    from transformers import AutoTokenizer
+
+    from .tokenizers import byte_tokenizer
+
+    if name in ("byte", *TINY_MODELS):
+        return byte_tokenizer(for_classification)
+    if name in OFFLINE_TOKENIZERS:
+        return OFFLINE_TOKENIZERS[name]()
+    if name in OFFLINE_MODELS:
+        return AutoTokenizer.from_pretrained(str(OFFLINE_MODELS[name]()))
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=cfg_model.revision, trust_remote_code=cfg_model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PeftlabError(
+            f"Could not load tokenizer {name!r} from a local path or the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Offline? Set --data.tokenizer to a local tokenizer folder, to `gpt2` (genuine GPT-2 BPE, offline) or to `byte`."
+        ) from None
+
+
+# Tokenizers available offline by name (filled in by peftlab.models.offline).
+OFFLINE_TOKENIZERS: dict[str, Callable] = {}
+
+
+def load_model(cfg, task: str, num_labels: Optional[int] = None):
+    """Build or load the model named by ``cfg.model`` for ``task``.
+
+    Args:
+        cfg: the run configuration.
+        task: ``causal_lm`` or ``classification``.
+        num_labels: number of classes (classification).
+
+    Returns:
+        ``(model, tokenizer, ModelInfo)``. The model is in float32 on CPU.
+    """
+    from transformers import AutoConfig
+
+    from . import offline  # noqa: F401  (registers offline models/tokenizers)
+
+    m = cfg.model
+    name = m.name
+    seed = cfg.training.seed
+    tok_name = cfg.data.tokenizer or name
+    is_cls = task == "classification"
+    cls_kwargs = {"num_labels": num_labels} if is_cls else {}
+    torch.manual_seed(seed)  # random weights (tiny, from_scratch, new heads) depend on the seed only
+    builtin = False
+    if name in TINY_MODELS:
+        spec = dict(TINY_MODELS[name])
+        spec.pop("task")
+        model_type = spec.pop("model_type")
+        hf_cfg = AutoConfig.for_model(model_type, **spec, **cls_kwargs)
+        model = _auto_cls(task).from_config(hf_cfg)
+        builtin, source = True, "built-in tiny config"
+        if cfg.data.tokenizer is None:
+            tok_name = "byte"
+    elif m.from_scratch:
+        path = CONFIG_DIR / f"{name}.json"
+        if path.is_file():
+            spec = json.loads(path.read_text())
+            model_type = spec.pop("model_type")
+            spec.pop("architectures", None)
+            hf_cfg = AutoConfig.for_model(model_type, **spec, **cls_kwargs)
+            source = f"shipped config {path.name} (random weights)"
+        else:
+            local = OFFLINE_MODELS[name]() if name in OFFLINE_MODELS else name
+            try:
+                hf_cfg = AutoConfig.from_pretrained(str(local), revision=m.revision, trust_remote_code=m.trust_remote_code, **cls_kwargs)
+            except (OSError, ValueError) as e:
+                raise PeftlabError(
+                    f"model.from_scratch needs the architecture config of {name!r}, which is neither shipped with peftlab "
+                    f"({', '.join(shipped_configs())}) nor loadable ({type(e).__name__}). Use one of the shipped names or a local folder with config.json."
+                ) from None
+            source = "config (random weights)"
+        model = _auto_cls(task).from_config(hf_cfg)
+    else:
+        local = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
+        if name in OFFLINE_MODELS and cfg.data.tokenizer is None:
+            tok_name = name
+        try:
+            model = _auto_cls(task).from_pretrained(
+                local, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=torch.float32, **cls_kwargs
+            )
+        except (OSError, ValueError) as e:
+            hint = "" if os.path.exists(name) else " If you are offline, use a local folder, a built-in tiny model (tiny-gpt2, tiny-bert) or an offline model (smollm2-135m, minilm-l6)."
+            raise PeftlabError(
+                f"Could not load model {name!r} as a {task} model ({type(e).__name__}: {str(e).splitlines()[0]}).{hint}"
+            ) from None
+        source = "local folder" if os.path.isdir(local) else "hub"
+    tokenizer = _load_tokenizer(tok_name, m, is_cls)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    emb = model.get_input_embeddings()
+    if emb is not None and len(tokenizer) > emb.num_embeddings:
+        raise PeftlabError(
+            f"The tokenizer has {len(tokenizer)} tokens but model {name!r} embeds only {emb.num_embeddings}. "
+            "Pick the tokenizer that belongs to the model (leave data.tokenizer unset) or a model built for this tokenizer."
+        )
+    model_type = model.config.model_type
+    targets = list(m.target_modules) if m.target_modules else DEFAULT_TARGETS.get(model_type)
+    if targets is None:
+        targets = ["q_proj", "v_proj"]
+    info = ModelInfo(name=name, model_type=model_type, task=task, target_modules=targets, builtin=builtin,
+                     num_params=sum(p.numel() for p in model.parameters()), source=source)
+    return model, tokenizer, info
+
+
+def check_targets(model, targets: list[str]) -> list[str]:
+    """Names of modules whose last name component is in ``targets``; error if none match."""
+    names = [n for n, _ in model.named_modules()]
+    hits = [n for n in names if n.split(".")[-1] in targets]
+    if not hits:
+        leaves = sorted({n.split(".")[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"})
+        raise PeftlabError(
+            f"No module of the model matches target_modules={targets}. Linear layers in this model: {', '.join(leaves)}. "
+            "Set --model.target_modules to some of these."
+        )
+    return hits

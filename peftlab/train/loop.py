@@ -1,0 +1,530 @@
+"""The training loop: one run from a resolved config to a finished run directory.
+
+Read top to bottom, a batch goes: sampler -> collate -> device -> forward (autocast)
+-> backward (no gradient sync until the last micro-batch of an accumulation window)
+-> method.before_clip -> clip -> optimizer.step -> method.after_optimizer_step
+-> scheduler.step -> zero_grad. Everything that decides the numbers (model init,
+dropout, data order) is seeded, and every piece of it is checkpointed, so a killed
+run resumed from its last checkpoint ends with the same numbers as one never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import checkpoints as ckpt
+from ..errors import PeftlabError
+from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
+from .metrics import accuracy, f1_score, perplexity
+from .schedule import build_scheduler
+
+# Keys of the config that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("training.resume_from", "output.", "logging.", "training.save_steps", "training.save_total_limit",
+                     "training.log_steps")
+
+
+class EpochBatches:
+    """Deterministic, shardable batching.
+
+    The order of epoch ``e`` is a permutation drawn from a generator seeded with
+    ``(seed, e)``, independent of the number of processes. Micro-batch ``b`` of the
+    epoch is the global chunk ``perm[b*B*W:(b+1)*B*W]`` and process ``r`` takes its
+    ``r``-th slice of ``B``: a run on W processes with batch B sees exactly the global
+    batches of a 1-process run with batch B*W. The last incomplete chunk is dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.n, self.B, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world, shuffle
+
+    def __len__(self) -> int:
+        return self.n // (self.B * self.world)
+
+    def epoch(self, e: int, start: int = 0):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + e)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        G = self.B * self.world
+        for b in range(start, len(self)):
+            chunk = perm[b * G:(b + 1) * G]
+            yield chunk[self.rank * self.B:(self.rank + 1) * self.B]
+
+
+@dataclass
+class TrainerState:
+    """Everything about progress that a checkpoint must restore (JSON-serialisable)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    window_loss_sum: float = 0.0
+    window_count: int = 0
+    elapsed: float = 0.0
+    epoch_elapsed: float = 0.0
+    best_value: Optional[float] = None
+    best_step: Optional[int] = None
+    history: dict = field(default_factory=dict)
+    epoch_end: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _device_choice(cfg) -> bool:
+    """Return ``cpu`` flag for Accelerator, erroring if CUDA was asked for and is absent."""
+    if cfg.system.device == "cuda" and not torch.cuda.is_available():
+        raise PeftlabError("system.device=cuda but no CUDA GPU is visible; use --system.device=cpu or auto.")
+    if cfg.system.dtype == "fp16" and (cfg.system.device == "cpu" or not torch.cuda.is_available()):
+        raise PeftlabError("system.dtype=fp16 needs a CUDA GPU; on CPU use bf16 or fp32.")
+    return cfg.system.device == "cpu"
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k == "_meta":
+            continue
+        key = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, key + ".")
+        elif a != b and not any(key.startswith(r) for r in RESUMABLE_CHANGES):
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
+    """Check the run directory before any expensive work; return (run_dir, checkpoint to resume)."""
+    run_dir = Path(cfg.output.dir).expanduser()
+    resume = cfg.training.resume_from
+    has_run = (run_dir / "config.json").is_file()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PeftlabError(f"output.dir={str(run_dir)!r} exists and is a file; choose a directory path.")
+    if has_run and resume is None:
+        if cfg.output.overwrite:
+            shutil.rmtree(run_dir)
+        else:
+            raise PeftlabError(
+                f"{run_dir} already holds a run. Continue it with --training.resume_from=latest, choose another "
+                "--output.dir, or pass --output.overwrite=true to delete it."
+            )
+    ck = None
+    if resume is not None:
+        ck = ckpt.resolve(resume, run_dir)
+        if ck is not None and has_run:
+            old = json.loads((run_dir / "config.json").read_text())
+            diff = _config_diff(old, cfg.to_dict())
+            if diff:
+                raise PeftlabError(
+                    f"Cannot resume {run_dir}: the configuration differs from the one it was started with ({'; '.join(diff[:5])}). "
+                    "Resume with the original settings, or start a new run directory."
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, ck
+
+
+class Trainer:
+    """Builds everything for one run and trains it; ``Trainer(cfg).run()`` returns results_final."""
+
+    def __init__(self, cfg, console: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg = cfg
+        t = cfg.training
+        cpu = _device_choice(cfg)
+        if cfg.system.num_threads:
+            torch.set_num_threads(cfg.system.num_threads)
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.system.dtype]
+        kwargs = {}
+        if cfg.logging.report_to:
+            kwargs["log_with"] = list(cfg.logging.report_to)
+        self.accelerator = Accelerator(
+            cpu=cpu, mixed_precision=mp, project_dir=cfg.output.dir,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **kwargs,
+        )
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.run_dir, self.resume_ckpt = prepare_run_dir(cfg) if acc.is_main_process else (Path(cfg.output.dir), None)
+        acc.wait_for_everyone()
+        if not acc.is_main_process and t.resume_from is not None:
+            self.resume_ckpt = ckpt.resolve(t.resume_from, self.run_dir)
+        self.log = setup_logger(self.run_dir, acc.is_main_process, console)
+        self.console = console
+        if acc.is_main_process:
+            removed = ckpt.clean_partial(self.run_dir / "checkpoints")
+            for p in removed:
+                self.log.info(f"removed the leftovers of an interrupted checkpoint save: {p.name}")
+        self._build()
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        from ..data import build_datasets, load_raw
+        from ..methods import METHODS, MethodContext
+        from ..models import load_model
+
+        cfg, acc, log = self.cfg, self.accelerator, self.log
+        t = cfg.training
+        torch.manual_seed(t.seed)
+        log.info(f"peftlab run {self.run_dir} | method={cfg.method} model={cfg.model.name} data={cfg.data.dataset} "
+                 f"| {self.world} process(es) on {acc.device}, precision {cfg.system.dtype}")
+        with acc.main_process_first():
+            raw = load_raw(cfg)
+        task = raw.task if cfg.model.task == "auto" else cfg.model.task
+        if task != raw.task:
+            raise PeftlabError(f"model.task={cfg.model.task} but dataset {cfg.data.dataset!r} is a {raw.task} dataset; leave model.task=auto or pick a matching dataset.")
+        self.task, self.raw = task, raw
+        self.num_labels = cfg.model.num_labels or raw.num_labels
+        for k, v in raw.info.items():
+            log.info(f"data {k}: {v}")
+        model, tokenizer, info = load_model(cfg, task, self.num_labels)
+        self.tokenizer, self.model_info = tokenizer, info
+        log.info(f"model {info.name} ({info.model_type}, {info.num_params:,} parameters, {info.source}); targets {info.target_modules}")
+        self.train_ds, self.val_ds, self.collate = build_datasets(raw, tokenizer, cfg)
+        log.info(f"data: {len(self.train_ds):,} training and {len(self.val_ds):,} validation {'blocks' if task == 'causal_lm' else 'examples'}")
+
+        self.batches = EpochBatches(len(self.train_ds), t.batch_size, t.seed, self.rank, self.world)
+        self.micro_per_epoch = len(self.batches) - len(self.batches) % t.gradient_accumulation_steps
+        self.steps_per_epoch = self.micro_per_epoch // t.gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            need = t.batch_size * self.world * t.gradient_accumulation_steps
+            raise PeftlabError(
+                f"One optimizer step needs {need} training examples (batch_size {t.batch_size} x {self.world} process(es) x "
+                f"gradient_accumulation_steps {t.gradient_accumulation_steps}) but the training set has {len(self.train_ds)}. Lower the batch size."
+            )
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+        ctx = MethodContext(cfg=cfg, task=task, target_modules=info.target_modules, accelerator=acc,
+                            train_batches=self._importance_batches, compute_loss=self._loss, run_dir=self.run_dir, log=log,
+                            model_info=info)
+        self.method = METHODS[cfg.method](ctx)
+        torch.manual_seed(t.seed + 1)  # adapter init independent of how many draws the base model took
+        model = self.method.apply(model)
+        model.to(acc.device)
+        trainable, effective = self.method.param_counts(model)
+        self.param_counts = {"trainable_params": trainable, "effective_params": effective, "total_params": info.num_params}
+        log.info(f"trainable parameters: {trainable:,} ({100 * trainable / max(info.num_params, 1):.3f}% of {info.num_params:,})")
+        optimizer = self.method.build_optimizer(model)
+        self.scheduler = build_scheduler(optimizer, self.total_steps, t)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if cfg.system.compile:
+            self.model = torch.compile(self.model)
+        self.state = TrainerState()
+        self.loss_log = CsvLog(self.run_dir / "loss_log.csv", LOSS_COLUMNS)
+        self.sparsity_log = CsvLog(self.run_dir / "sparsity_log.csv")
+        if self.resume_ckpt is not None:
+            self._restore(self.resume_ckpt)
+        elif acc.is_main_process:
+            for f in ("loss_log.csv", "sparsity_log.csv"):
+                (self.run_dir / f).unlink(missing_ok=True)
+            if t.resume_from == "latest":
+                log.info("resume_from=latest: no complete checkpoint found, starting from the beginning")
+        if acc.is_main_process:
+            write_json(self.run_dir / "config.json", run_metadata(cfg, self.world))
+        if cfg.logging.report_to:
+            flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+            acc.init_trackers(cfg.logging.project, config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()},
+                              init_kwargs={"wandb": {"name": cfg.logging.run_name or self.run_dir.name}})
+
+    def unwrapped(self) -> torch.nn.Module:
+        m = self.accelerator.unwrap_model(self.model)
+        return getattr(m, "_orig_mod", m)
+
+    def _loss(self, model, batch: dict) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return model(**batch).loss
+
+    def _batch(self, ds, idx: list[int]) -> dict:
+        b = self.collate([ds[i] for i in idx])
+        return {k: v.to(self.accelerator.device) for k, v in b.items()}
+
+    def _importance_batches(self):
+        """Training micro-batches in a fixed order (epoch 0's order), for pre-training phases."""
+        for idx in EpochBatches(len(self.train_ds), self.cfg.training.batch_size, self.cfg.training.seed, self.rank, self.world).epoch(0):
+            yield self._batch(self.train_ds, idx)
+
+    # ------------------------------------------------------------ checkpoints
+    def _restore(self, path: Path) -> None:
+        data = ckpt.load(path, self.rank)
+        self.method.load_model_state(self.unwrapped(), data["model_state"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        self.method.load_state_dict(data["method_state"])
+        if data["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(data["scaler"])
+        st = dict(data["trainer_state"])
+        rng = st.pop("rng")
+        self.state = TrainerState(**st)
+        if data["rng"] is None:
+            raise PeftlabError(f"Checkpoint {path} has no RNG state for process {self.rank}; resume with the number of processes it was saved with.")
+        ckpt.set_torch_rng_state(data["rng"])
+        ckpt.set_python_rng_state(rng)
+        if self.accelerator.is_main_process:
+            self.loss_log.truncate_after(self.state.global_step)
+            self.sparsity_log.truncate_after(self.state.global_step)
+        self.log.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} of the epoch)")
+
+    def save_checkpoint(self, name: str) -> Path:
+        acc = self.accelerator
+        root = self.run_dir / "checkpoints"
+        final = root / name
+        tmp = ckpt.tmp_dir_for(final)
+        if acc.is_main_process:
+            ckpt.begin(final)
+        acc.wait_for_everyone()
+        ckpt.write_rank_rng(tmp, self.rank)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.write_main(
+                tmp, model_state=self.method.model_state(self.unwrapped()), optimizer=self.optimizer, scheduler=self.scheduler,
+                method_state=self.method.state_dict(), trainer_state=self.state.to_dict(), scaler=acc.scaler,
+            )
+            ckpt.commit(tmp, final)
+            ckpt.prune(root, self.cfg.training.save_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        acc, t = self.accelerator, self.cfg.training
+        model = self.model
+        model.eval()
+        bs = t.eval_batch_size or t.batch_size
+        n = len(self.val_ds)
+        idx = list(range(self.rank, n, self.world))
+        batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
+        if t.eval_max_batches:
+            batches = batches[: t.eval_max_batches]
+        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        count = torch.zeros((), device=acc.device, dtype=torch.float64)
+        preds, labels = [], []
+        for b in batches:
+            batch = self._batch(self.val_ds, b)
+            with acc.autocast():
+                out = model(**batch)
+            k = batch["input_ids"].shape[0]
+            loss_sum += out.loss.double() * k
+            count += k
+            if self.task == "classification":
+                preds += out.logits.argmax(-1).tolist()
+                labels += batch["labels"].tolist()
+        loss_sum, count = acc.reduce(loss_sum, "sum"), acc.reduce(count, "sum")
+        model.train()
+        val_loss = (loss_sum / count.clamp(min=1)).item()
+        metrics = {"val_loss": val_loss}
+        if self.task == "classification":
+            from accelerate.utils import gather_object
+
+            if self.world > 1:
+                preds, labels = gather_object(preds), gather_object(labels)
+            metrics["val_accuracy"] = accuracy(preds, labels)
+            metrics["val_f1"] = f1_score(preds, labels, self.num_labels)
+        else:
+            metrics["val_perplexity"] = perplexity(val_loss)
+        return metrics
+
+    def best_metric(self) -> tuple[str, bool]:
+        name = self.cfg.training.best_metric
+        if name == "auto":
+            name = "val_accuracy" if self.task == "classification" else "val_loss"
+        if self.task == "causal_lm" and name in ("val_accuracy", "val_f1"):
+            raise PeftlabError(f"training.best_metric={name} needs a classification task; use val_loss or val_perplexity.")
+        return name, name in ("val_accuracy", "val_f1")
+
+    # ------------------------------------------------------------------- loop
+    def run(self) -> dict[str, Any]:
+        acc, cfg, t, st, log = self.accelerator, self.cfg, self.cfg.training, self.state, self.log
+        done_file = self.run_dir / "results_final.json"
+        if st.global_step >= self.total_steps and done_file.is_file():
+            log.info(f"run already finished ({st.global_step} steps); nothing to do")
+            return json.loads(done_file.read_text())
+        best_name, higher = self.best_metric()
+        log.info(f"training {self.total_steps} optimizer steps ({self.steps_per_epoch} per epoch, {self.num_epochs} epoch(s)); "
+                 f"global batch {t.batch_size * self.world * t.gradient_accumulation_steps}")
+        bar = None
+        if acc.is_main_process and cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=st.global_step, desc=f"{cfg.method}", dynamic_ncols=True, leave=self.console)
+        model, opt, accum = self.model, self.optimizer, t.gradient_accumulation_steps
+        model.train()
+        t_start = time.time() - st.elapsed
+        while st.global_step < self.total_steps:
+            e = st.epoch
+            epoch_t0 = time.time() - st.epoch_elapsed
+            stream = self.batches.epoch(e, start=st.step_in_epoch * accum)
+            while st.step_in_epoch < self.steps_per_epoch and st.global_step < self.total_steps:
+                step_loss = torch.zeros((), device=acc.device)
+                for m in range(accum):
+                    batch = self._batch(self.train_ds, next(stream))
+                    sync = m == accum - 1
+                    with (contextlib.nullcontext() if sync or self.world == 1 else acc.no_sync(model)):
+                        loss = self._loss(model, batch)
+                        extra = self.method.loss_extra(self.unwrapped())
+                        total = loss if extra is None else loss + extra
+                        acc.backward(total / accum)
+                    step_loss += loss.detach().float() / accum
+                self.method.before_clip(self.unwrapped())
+                if t.max_grad_norm is not None:
+                    acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                opt.step()
+                lr = self.scheduler.get_last_lr()[0]
+                self.method.after_optimizer_step(self.unwrapped(), lr)
+                self.scheduler.step()
+                opt.zero_grad(set_to_none=True)
+                loss_val = acc.reduce(step_loss, "mean").item()
+                st.global_step += 1
+                st.step_in_epoch += 1
+                st.epoch_loss_sum += loss_val
+                st.epoch_loss_count += 1
+                st.window_loss_sum += loss_val
+                st.window_count += 1
+                st.elapsed = time.time() - t_start
+                st.epoch_elapsed = time.time() - epoch_t0
+                extra_metrics = self.method.step_metrics(self.unwrapped())
+                if bar is not None:
+                    post = {"loss": f"{loss_val:.4f}", "lr": f"{lr:.2e}", "mem": f"{self._mem_mb():.0f}MB"}
+                    if "sparsity" in extra_metrics:
+                        post["sparsity"] = f"{extra_metrics['sparsity']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if st.global_step % t.log_steps == 0:
+                    self._log_step(e, lr, extra_metrics)
+                epoch_end = st.step_in_epoch == self.steps_per_epoch or st.global_step == self.total_steps
+                if t.save_steps and st.global_step % t.save_steps == 0 and not epoch_end:
+                    st.epoch_end = False
+                    self.save_checkpoint(f"step-{st.global_step}")
+            self._end_epoch(e, time.time() - epoch_t0, best_name, higher)
+        if bar is not None:
+            bar.close()
+        return self._finish(time.time() - t_start, best_name)
+
+    def _mem_mb(self) -> float:
+        if self.accelerator.device.type == "cuda":
+            return gpu_memory_mb()
+        return peak_memory_mb("cpu")[0]
+
+    def _log_step(self, epoch: int, lr: float, extra: dict) -> None:
+        st = self.state
+        mean = st.window_loss_sum / max(st.window_count, 1)
+        st.window_loss_sum, st.window_count = 0.0, 0
+        if self.accelerator.is_main_process:
+            self.loss_log.write({"epoch": epoch + 1, "step": st.global_step, "train_loss": mean, "learning_rate": lr,
+                                 "gpu_memory_mb": gpu_memory_mb(), "sparsity": extra.get("sparsity")})
+            detail = self.method.module_metrics(self.unwrapped())
+            if detail is not None:
+                self.sparsity_log.write({"epoch": epoch + 1, "step": st.global_step, "overall_sparsity": extra.get("sparsity"), **detail})
+        if self.cfg.logging.report_to:
+            self.accelerator.log({"train_loss": mean, "learning_rate": lr, **extra}, step=st.global_step)
+
+    def _end_epoch(self, e: int, seconds: float, best_name: str, higher: bool) -> None:
+        st, log, acc = self.state, self.log, self.accelerator
+        metrics = self.evaluate()
+        train_loss = st.epoch_loss_sum / max(st.epoch_loss_count, 1)
+        trainable, effective = self.method.param_counts(self.unwrapped())
+        self.param_counts.update(trainable_params=trainable, effective_params=effective)
+        row = {"epoch": e + 1, "step": st.global_step, "train_loss": train_loss, **metrics, "epoch_time": seconds,
+               "gpu_memory_mb": gpu_memory_mb(), "trainable_params": trainable, "effective_params": effective,
+               **self.method.step_metrics(self.unwrapped())}
+        for k, v in row.items():
+            st.history.setdefault(k, []).append(v)
+        shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        log.info(f"epoch {e + 1} summary: {shown}")
+        if self.cfg.logging.report_to:
+            acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=st.global_step)
+        value = metrics[best_name]
+        improved = st.best_value is None or (value > st.best_value if higher else value < st.best_value)
+        if improved:
+            st.best_value, st.best_step = value, st.global_step
+        st.epoch += 1
+        st.step_in_epoch = 0
+        st.epoch_loss_sum, st.epoch_loss_count, st.epoch_elapsed = 0.0, 0, 0.0
+        st.epoch_end = True
+        if acc.is_main_process:
+            write_json(self.run_dir / "training_history.json", st.history)
+        path = self.save_checkpoint(f"epoch-{e + 1}")
+        if improved and acc.is_main_process:
+            best = self.run_dir / "best"
+            tmp = self.run_dir / ".tmp-best"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(path, tmp)
+            (tmp / "metrics.json").write_text(json.dumps({**row, "best_metric": best_name}, indent=2))
+            ckpt.commit(tmp, best)
+            log.info(f"new best {best_name}={value:.4f} at step {st.global_step} -> {best}")
+
+    def _finish(self, wall: float, best_name: str) -> dict[str, Any]:
+        acc, st = self.accelerator, self.state
+        peak, kind = peak_memory_mb(acc.device.type)
+        last = {k: v[-1] for k, v in st.history.items()} if st.history else {}
+        results = {
+            "status": "completed",
+            "method": self.cfg.method,
+            "model": self.cfg.model.name,
+            "dataset": self.cfg.data.dataset,
+            "task": self.task,
+            "seed": self.cfg.training.seed,
+            "global_step": st.global_step,
+            "epochs": st.epoch,
+            "final": {k: v for k, v in last.items() if k.startswith("val_") or k == "train_loss"},
+            "best": {"metric": best_name, "value": st.best_value, "step": st.best_step},
+            **self.param_counts,
+            "wall_time_s": st.elapsed,
+            "peak_memory_mb": peak,
+            "peak_memory_kind": kind,
+            "world_size": self.world,
+            "method_summary": self.method.summary(),
+        }
+        if acc.is_main_process:
+            out = self.method.export(self.unwrapped(), self.run_dir, self.tokenizer)
+            results["export"] = str(out)
+            if self.model_info.builtin:
+                self._save_base_model(out)
+            write_json(self.run_dir / "results_final.json", results)
+            self.log.info(f"done in {st.elapsed:.1f}s: " + ", ".join(f"{k}={v:.4f}" for k, v in results["final"].items()) + f"; results in {self.run_dir}")
+        if self.cfg.logging.report_to:
+            acc.end_training()
+        acc.wait_for_everyone()
+        return results
+
+    def _save_base_model(self, export_dir: Path) -> None:
+        """Built-in tiny models have no hub copy: save the base so the adapter can be reloaded."""
+        base = self.run_dir / "base_model"
+        model = self.unwrapped()
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else None
+        if base_model is None:
+            return
+        # Save the original (unadapted) weights of the base architecture.
+        from ..models import load_model
+
+        fresh, _, _ = load_model(self.cfg, self.task, self.num_labels)
+        fresh.save_pretrained(base, safe_serialization=True)
+        self.tokenizer.save_pretrained(base)
+        cfg_path = export_dir / "adapter_config.json"
+        if cfg_path.is_file():
+            data = json.loads(cfg_path.read_text())
+            data["base_model_name_or_path"] = str(base.resolve())
+            cfg_path.write_text(json.dumps(data, indent=2))
+
+
+def train(cfg, console: bool = True) -> dict[str, Any]:
+    """Train one run described by ``cfg`` and return its results_final dict."""
+    trainer = Trainer(cfg, console=console)
+    return trainer.run()

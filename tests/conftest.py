@@ -1,0 +1,46 @@
+"""Shared test helpers: tiny runs on CPU through the real config and loop."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/quickstart/cls_lora.yaml"}
+
+torch.set_num_threads(1)  # the test machine has two cores; keep runs predictable
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_cfg(tmp_path: Path, kind: str = "lm", **overrides):
+    """A quickstart config shrunk for tests, writing into ``tmp_path/run``.
+
+    ``overrides`` use dotted keys with ``__`` for the dot: ``lora__r=4``.
+    """
+    from peftlab.cli import quiet_libraries
+    from peftlab.config import load_config
+
+    quiet_libraries()
+    base = {
+        "output.dir": str(tmp_path / "run"),
+        "training.epochs": 1,
+        "training.max_steps": 12,
+        "training.log_steps": 2,
+        "training.save_steps": 0,
+        "logging.progress_bar": False,
+        "data.max_train_examples": 200 if kind == "cls" else 80,
+        "data.max_val_examples": 64,
+    }
+    base.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(QUICK[kind], base)
+
+
+@pytest.fixture
+def run_train():
+    """``run_train(cfg)`` trains and returns results_final as a dict."""
+    from peftlab.train import train
+
+    return lambda cfg: train(cfg, console=False)
