@@ -110,9 +110,21 @@ def write_rank_rng(tmp: Path, rank: int) -> None:
     torch.save(torch_rng_state(), tmp / f"rng-{rank}.pt")
 
 
+def _fault_point(tmp: Path) -> None:
+    """Test hook: ``PEFTLAB_TEST_KILL_DURING_SAVE=step-6`` SIGKILLs this process halfway
+    through writing checkpoint step-6, to prove that an interrupted save is never mistaken
+    for a complete checkpoint. Does nothing unless the variable is set."""
+    target = os.environ.get("PEFTLAB_TEST_KILL_DURING_SAVE")
+    if target and tmp.name == f".tmp-{target}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_state: dict, trainer_state: dict,
                scaler=None) -> None:
     save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model_state.safetensors"))
+    _fault_point(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(method_state, tmp / "method_state.pt")

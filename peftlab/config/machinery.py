@@ -143,7 +143,7 @@ def build_section(cls: type, section: str, raw: dict[str, Any], problems: list[s
     for key, value in raw.items():
         if key not in types_:
             problems.append(
-                f"unknown key `{section}.{key}`.{suggest(key, types_)} "
+                f"unknown key `{section}.{key}`.{suggest(key, types_).replace('`', '`' + section + '.', 1) if suggest(key, types_) else ''} "
                 f"Valid keys in `{section}`: {', '.join(sorted(types_))}."
             )
             continue

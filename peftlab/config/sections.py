@@ -19,6 +19,7 @@ class ModelConfig:
     from_scratch: bool = opt(False, "Build the architecture with random weights instead of loading weights (configs of gpt2, distilbert-base-uncased, bert-base-uncased ship with peftlab).")
     num_labels: Optional[int] = opt(None, "Number of classes for classification; defaults to what the dataset says.")
     target_modules: Optional[list[str]] = opt(None, "Module names to adapt; default depends on the architecture (GPT-2 c_attn, BERT query/value, Llama q_proj/v_proj).")
+    dropout: Optional[float] = opt(None, "Override every dropout probability inside the base model (null keeps the architecture's own).")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub to run. Off unless you trust the repository.")
 
@@ -28,6 +29,8 @@ class ModelConfig:
             p.append("`model.name` is empty; give a hub name, a local path or a built-in name such as tiny-gpt2.")
         if self.num_labels is not None and self.num_labels < 2:
             p.append(f"`model.num_labels` must be at least 2, got {self.num_labels}.")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            p.append(f"`model.dropout` must be in [0, 1), got {self.dropout}.")
         if self.target_modules is not None and not self.target_modules:
             p.append("`model.target_modules` is an empty list; remove it to use the architecture default.")
         return p

@@ -171,6 +171,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
             f"The tokenizer has {len(tokenizer)} tokens but model {name!r} embeds only {emb.num_embeddings}. "
             "Pick the tokenizer that belongs to the model (leave data.tokenizer unset) or a model built for this tokenizer."
         )
+    if m.dropout is not None:
+        set_dropout(model, m.dropout)
     model_type = model.config.model_type
     targets = list(m.target_modules) if m.target_modules else DEFAULT_TARGETS.get(model_type)
     if targets is None:
@@ -178,6 +180,16 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
     info = ModelInfo(name=name, model_type=model_type, task=task, target_modules=targets, builtin=builtin,
                      num_params=sum(p.numel() for p in model.parameters()), source=source)
     return model, tokenizer, info
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Set every dropout probability of the base model (modules and attention-dropout config)."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = p
+    for key in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, p)
 
 
 def check_targets(model, targets: list[str]) -> list[str]:

@@ -74,6 +74,7 @@ class TrainerState:
     window_count: int = 0
     elapsed: float = 0.0
     epoch_elapsed: float = 0.0
+    peak_memory_mb: float = 0.0
     best_value: Optional[float] = None
     best_step: Optional[int] = None
     history: dict = field(default_factory=dict)
@@ -228,10 +229,11 @@ class Trainer:
         self.state = TrainerState()
         self.loss_log = CsvLog(self.run_dir / "loss_log.csv", LOSS_COLUMNS)
         self.sparsity_log = CsvLog(self.run_dir / "sparsity_log.csv")
+        self.memory_log = CsvLog(self.run_dir / "epoch_peak_memory.csv", ["epoch", "step", "peak_memory_mb", "memory_kind"])
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
         elif acc.is_main_process:
-            for f in ("loss_log.csv", "sparsity_log.csv"):
+            for f in ("loss_log.csv", "sparsity_log.csv", "epoch_peak_memory.csv"):
                 (self.run_dir / f).unlink(missing_ok=True)
             if t.resume_from == "latest":
                 log.info("resume_from=latest: no complete checkpoint found, starting from the beginning")
@@ -278,6 +280,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.loss_log.truncate_after(self.state.global_step)
             self.sparsity_log.truncate_after(self.state.global_step)
+            self.memory_log.truncate_after(self.state.global_step)
         self.log.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} of the epoch)")
 
     def save_checkpoint(self, name: str) -> Path:
@@ -459,6 +462,11 @@ class Trainer:
         st.epoch_end = True
         if acc.is_main_process:
             write_json(self.run_dir / "training_history.json", st.history)
+            peak, kind = peak_memory_mb(acc.device.type)
+            st.peak_memory_mb = max(st.peak_memory_mb, peak)
+            self.memory_log.write({"epoch": e + 1, "step": st.global_step, "peak_memory_mb": peak, "memory_kind": kind})
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         path = self.save_checkpoint(f"epoch-{e + 1}")
         if improved and acc.is_main_process:
             best = self.run_dir / "best"
@@ -473,6 +481,7 @@ class Trainer:
     def _finish(self, wall: float, best_name: str) -> dict[str, Any]:
         acc, st = self.accelerator, self.state
         peak, kind = peak_memory_mb(acc.device.type)
+        peak = max(peak, st.peak_memory_mb)
         last = {k: v[-1] for k, v in st.history.items()} if st.history else {}
         results = {
             "status": "completed",
