@@ -157,3 +157,17 @@ def test_lora_plumbing_matches_plain_peft(tmp_path):
     # and the adapter path matters: W + (alpha/r) B A differs from W
     with torch.no_grad(), ours.disable_adapter():
         assert not torch.allclose(ours(ids).logits, ref(ids).logits)
+
+
+def test_tensorboard_tracker_writes_events(tmp_path, run_train):
+    pytest.importorskip("tensorboard")
+    run_train(make_cfg(tmp_path, "lm", training__max_steps=4, logging__report_to=["tensorboard"]))
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_unknown_tracker_is_rejected():
+    from peftlab.config import load_config
+    from peftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="report_to"):
+        load_config(None, {"logging.report_to": ["mlflow"]})
