@@ -171,3 +171,22 @@ def test_unknown_tracker_is_rejected():
 
     with pytest.raises(ConfigError, match="report_to"):
         load_config(None, {"logging.report_to": ["mlflow"]})
+
+
+def test_export_merged_model_gives_same_logits(tmp_path, run_train):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.cli import main
+    from peftlab.models.tokenizers import byte_tokenizer
+
+    run_train(make_cfg(tmp_path, "lm", training__max_steps=4, model__dropout=0.0, lora__init="gaussian"))
+    run = tmp_path / "run"
+    assert main(["export", str(run), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base_model"), run / "adapter").eval()
+    ids = byte_tokenizer()(["The cat sees the red ball."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())
+    assert main(["export", str(run), "--merge"]) == 2  # refuses to overwrite

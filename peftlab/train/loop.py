@@ -238,7 +238,10 @@ class Trainer:
             if t.resume_from == "latest":
                 log.info("resume_from=latest: no complete checkpoint found, starting from the beginning")
         if acc.is_main_process:
-            write_json(self.run_dir / "config.json", run_metadata(cfg, self.world))
+            meta = run_metadata(cfg, self.world)
+            meta["_meta"].update(task=self.task, num_labels=self.num_labels, label_names=self.raw.label_names,
+                                 base_model=self.model_info.source)
+            write_json(self.run_dir / "config.json", meta)
         if cfg.logging.report_to:
             flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
             acc.init_trackers(cfg.logging.project, config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()},
