@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("lm-sample", "Task name (sst2, imdb, ag_news, tweet_eval), a local file or folder, or a shipped sample (lm-sample, sst2-sample).")
+    dataset: str = opt("lm-sample", "Task name (sst2, imdb, ag_news, tweet_eval, openwebtext, any hub name or name:config), a local file/folder or token-bin directory, a shipped sample (lm-sample, sst2-sample, imdb-sample, ag_news-sample, tweet_eval-sample), or an offline real dataset (food-reviews, python-docs).")
     tokenizer: Optional[str] = opt(None, "Tokenizer name or path; defaults to the model's. `gpt2` is the genuine GPT-2 BPE.")
     data_dir: Optional[str] = opt(None, "Folder with local copies of a named task (<task>_dataset/<task>_train.csv ...).")
     text_column: Optional[str] = opt(None, "Text column of a CSV/JSON dataset; default `text` or the task's own.")

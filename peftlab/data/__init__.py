@@ -7,8 +7,10 @@ built, and tokenization happens only after the tokenizer is known:
     train_ds, val_ds, collate = build_datasets(raw, tokenizer, cfg)
 
 ``data.dataset`` may name a shipped sample (``lm-sample``, ``sst2-sample``), a
-registered task (``DATASETS``), or a local file/folder (.txt/.jsonl documents for
-causal LM; .csv/.json/.jsonl/.parquet with text + label columns for classification).
+registered task (``DATASETS``), a local file/folder (.txt/.jsonl documents for
+causal LM; .csv/.json/.jsonl/.parquet with text + label columns for classification;
+a token-bin directory written by ``peftlab data prepare``), or any classification
+dataset on the Hugging Face hub (``name`` or ``name:config``).
 """
 
 from __future__ import annotations
@@ -65,22 +67,63 @@ def _lm_sample(cfg) -> RawTask:
 def load_raw(cfg) -> RawTask:
     """Resolve ``cfg.data.dataset`` into a :class:`RawTask` (cheap; no tokenization)."""
     from . import tasks  # noqa: F401  (registers named tasks and their samples)
+    from . import offline  # noqa: F401  (registers food-reviews and python-docs)
 
     name = cfg.data.dataset
     if name in DATASETS:
         raw = DATASETS[name](cfg)
     else:
         path = Path(name).expanduser()
+        hub = ""
+        if not path.exists() and _looks_like_hub_name(name):
+            import difflib
+
+            # A near-miss of a known name is a typo, not a hub dataset: say so at once.
+            if not difflib.get_close_matches(name, list(DATASETS), n=1, cutoff=0.8):
+                if _hub_reachable():
+                    from .tasks import load_hub_classification
+
+                    return postprocess(load_hub_classification(name, cfg), cfg)
+                hub = " The Hugging Face hub cannot be reached, so it was not looked up there."
         if not path.exists():
             from ..config.machinery import suggest
 
             raise PeftlabError(
-                f"data.dataset={name!r} is neither a known dataset nor an existing path.{suggest(name, DATASETS)} "
+                f"data.dataset={name!r} is neither a known dataset nor an existing path.{suggest(name, DATASETS)}{hub} "
                 f"Known datasets: {', '.join(sorted(DATASETS))}; or give a local .txt/.jsonl (language modelling) or "
                 ".csv/.json/.jsonl/.parquet file with text and label columns (classification)."
             )
         raw = load_local(path, cfg)
     return postprocess(raw, cfg)
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """``owner/name``, ``name`` or ``name:config`` with no path-like or file-like parts."""
+    import re
+
+    if re.search(r"\.(csv|tsv|json|jsonl|parquet|txt|bin)$", name, re.I):
+        return False
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?", name) is not None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether to call ``datasets.load_dataset`` for a hub name: one quick connection to the
+    hub, so that an offline machine fails at once instead of after ``datasets``' retries.
+    True without a probe behind an HTTP(S) proxy, and in offline mode (``HF_DATASETS_OFFLINE``
+    / ``HF_HUB_OFFLINE``), where ``datasets`` reads its cache."""
+    import os
+    import socket
+
+    if any(os.environ.get(k, "0").lower() not in ("0", "", "false", "no") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
+        return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _split_files(path: Path) -> dict[str, Path]:
@@ -98,6 +141,10 @@ def _split_files(path: Path) -> dict[str, Path]:
 
 def load_local(path: Path, cfg) -> RawTask:
     """Load a local file or folder, deciding LM vs classification by its contents."""
+    from .bins import is_bin_dir, load_token_bins
+
+    if is_bin_dir(path):
+        return load_token_bins(path, cfg)
     if path.is_dir():
         files = _split_files(path)
         if "train" not in files:
@@ -143,6 +190,8 @@ def build_datasets(raw: RawTask, tokenizer, cfg):
     """Tokenize ``raw`` into ``(train_dataset, val_dataset, collate_fn)``."""
     if raw.task == "causal_lm":
         if hasattr(raw.train, "make_dataset"):  # token bins bring their own dataset
+            for part in (raw.train, raw.val):
+                part.check_tokenizer(tokenizer)  # the tokenizer is known only here
             return raw.train.make_dataset(cfg, "train"), raw.val.make_dataset(cfg, "val"), lm_collate
         tr = LMBlockDataset.from_documents(raw.train, tokenizer, cfg.data.block_size)
         va = LMBlockDataset.from_documents(raw.val, tokenizer, cfg.data.block_size)

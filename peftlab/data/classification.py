@@ -18,6 +18,10 @@ def load_table(path: Path):
     path = Path(path)
     if not path.is_file():
         raise PeftlabError(f"Data file {path} does not exist.")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head.strip():
+        raise PeftlabError(f"Data file {path} is empty; it needs a header row and at least one example. Re-create it (e.g. with `peftlab data prepare`).")
     suf = path.suffix.lower()
     try:
         if suf == ".csv":
@@ -40,7 +44,7 @@ def load_table(path: Path):
     except Exception as e:  # pandas raises many types for malformed files
         raise PeftlabError(f"Could not read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the file format.") from None
     if len(df) == 0:
-        raise PeftlabError(f"{path} has no rows.")
+        raise PeftlabError(f"{path} has column(s) {', '.join(map(str, df.columns))} but no rows; it needs at least one example.")
     return df
 
 
