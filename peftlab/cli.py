@@ -102,4 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so that subcommands registered by peftlab.commands
+    # (which import peftlab.cli, not __main__) are seen.
+    from peftlab.cli import main as _main
+
+    sys.exit(_main())

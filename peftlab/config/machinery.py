@@ -136,10 +136,29 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _normalise_keys(cls: type, types_: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    """Map spellings onto field names: declared aliases (``aliases=("lambda",)`` in a
+    field's metadata, for names Python cannot use) and nested mappings
+    (``weight_reduction: {rank: 8}`` or ``--rsvd.weight_reduction.rank=8`` for the
+    field ``weight_reduction_rank``)."""
+    aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in aliases:
+            key = aliases[key]
+        if key not in types_ and isinstance(value, dict) and any(f"{key}_{sub}" in types_ for sub in value):
+            for sub, v in value.items():
+                out[f"{key}_{sub}"] = v
+            continue
+        out[key] = value
+    return out
+
+
 def build_section(cls: type, section: str, raw: dict[str, Any], problems: list[str]) -> Any:
     """Build a section dataclass from a raw mapping, appending problems instead of raising."""
     types_ = field_types(cls)
     kwargs: dict[str, Any] = {}
+    raw = _normalise_keys(cls, types_, raw)
     for key, value in raw.items():
         if key not in types_:
             problems.append(

@@ -19,11 +19,18 @@ def _register(cls: type[Method], **sections: type) -> None:
         register_section(name, sec)
 
 
+from .ba_lora import BALoRA, BaLoraSection  # noqa: E402
 from .full import Full  # noqa: E402
 from .lora import DoRA, LoRA, LoraSection  # noqa: E402
+from .rsvd import RSVD, RsvdSection  # noqa: E402
+from .sora import SDoRA, SoRA, SoraSection  # noqa: E402
 
 _register(Full)
 _register(LoRA, lora=LoraSection)
 _register(DoRA)
+_register(BALoRA, ba_lora=BaLoraSection)
+_register(RSVD, rsvd=RsvdSection)
+_register(SoRA, sora=SoraSection)
+_register(SDoRA)
 
 __all__ = ["METHODS", "Method", "MethodContext"]

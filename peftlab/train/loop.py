@@ -504,6 +504,10 @@ class Trainer:
             "world_size": self.world,
             "method_summary": self.method.summary(),
         }
+        ms = results["method_summary"]
+        if isinstance(ms, dict) and "overhead_s" in ms and st.elapsed > 0:
+            # extra work a method did before training (e.g. BA-LoRA phases 1-3), relative to training time
+            ms["overhead_fraction_of_training"] = ms["overhead_s"] / st.elapsed
         if acc.is_main_process:
             out = self.method.export(self.unwrapped(), self.run_dir, self.tokenizer)
             results["export"] = str(out)

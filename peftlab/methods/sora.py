@@ -1,0 +1,416 @@
+"""SoRA and SDoRA: LoRA / DoRA with a sparse gate per rank, trained by proximal steps.
+
+SoRA (Ding et al., 2023): ΔW = s · B diag(g) A, g ∈ R^r. After the ordinary AdamW step
+of everything else, the gate takes its own Adam step on the gradient of the loss and is
+then soft-thresholded (the proximal operator of λ‖g‖₁)::
+
+    g ← Adam_η(g, ∂L/∂g)            η: the gate learning rate at this step
+    g ← sign(g) · max(|g| − λ η, 0)  (λ η: ``sora.multiply_lr``; λ alone reproduces the public code)
+
+so entries become exactly zero. A rank whose gate is zero is dead: after training it is
+removed, the gate is folded into B (B' = B[:, kept] · diag(g[kept])), and the result is a
+plain HF PEFT LoRA (or DoRA) adapter with per-module ``rank_pattern`` / ``alpha_pattern``.
+
+SDoRA: the same gate inside DoRA (W' = m ⊙ (W + s B diag(g) A) / ‖W + s B diag(g) A‖_row);
+the row norm is computed from Gram terms (:func:`~peftlab.methods.sora_layers.dora_row_norm`)
+instead of the dense d_out × d_in matrix.
+
+Loop hooks (see :mod:`peftlab.methods.base`): gates are excluded from AdamW; their gradient
+(unscaled in ``before_clip`` under fp16, clipped together with all other gradients) drives
+the gate Adam + threshold in ``after_optimizer_step``, which also clears the gate gradients
+(the loop's ``zero_grad`` only clears what AdamW holds). The gate optimizer's moments, step
+counts and the λ-schedule position are in :meth:`SoRA.state_dict` (plain tensors and ints).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from ..config.machinery import opt
+from ..errors import PeftlabError
+from .lora import LoRA, lora_layers
+from .sora_layers import GatedDoraLayer, GatedLoraA, reference_threshold_, soft_threshold_
+
+ADAPTER = "default"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class SoraSection:
+    lambda_: float = opt(0.1, "Sparsity strength λ of the proximal gate step (the issue's `--sora.lambda`; seed values 0.1, 0.3, 0.5). Threshold per step is λ·η_gate (λ alone with multiply_lr=false).")
+    lambda_schedule: Literal["none", "linear", "log_linear", "exp_linear"] = opt("none", "Dense-to-sparse schedule: λ takes lambda_num values from lambda_ to max_lambda, moving on every lambda_interval optimizer steps (linear, log_linear = log(linspace(e^a, e^b)), exp_linear = geometric).")
+    max_lambda: Optional[float] = opt(None, "Last λ of the schedule (required when lambda_schedule is not none).")
+    lambda_num: int = opt(10, "Number of λ values in the schedule.")
+    lambda_interval: int = opt(0, "Optimizer steps spent at each λ value of the schedule (required when lambda_schedule is not none).")
+    gate_lr: Optional[float] = opt(None, "Peak learning rate of the gate optimizer (default: training.learning_rate); it follows the same warmup/decay schedule.")
+    gate_init: Literal["normal", "ones"] = opt("normal", "Gate initialisation: normal = N(0, 1) as in the public SoRA code; ones = start exactly at LoRA.")
+    multiply_lr: bool = opt(True, "Threshold λ·η_gate (a true proximal step); false thresholds by λ itself every step, like the public code's sparse_optimizer.py.")
+    reference_threshold: bool = opt(False, "Reproduce the public code's in-place sequential thresholding, which also zeroes entries in (ξ, 2ξ). Off = true soft-thresholding.")
+    l1_weight: float = opt(0.0, "Weight of an optional L1 term l1_weight · Σ|g| / (number of gate entries) added to the loss (the public code's sparse_lambda).")
+    prune_threshold: float = opt(1e-6, "A gate entry counts as pruned when |g| < prune_threshold (sparsity, effective parameters, export).")
+
+    def validate(self) -> list[str]:
+        p = []
+        if not self.lambda_ >= 0:
+            p.append(f"`sora.lambda_` must be >= 0, got {self.lambda_}.")
+        if self.max_lambda is not None and not self.max_lambda >= 0:
+            p.append(f"`sora.max_lambda` must be >= 0, got {self.max_lambda}.")
+        if self.lambda_num < 2:
+            p.append(f"`sora.lambda_num` must be at least 2, got {self.lambda_num}.")
+        if self.lambda_interval < 0:
+            p.append(f"`sora.lambda_interval` must be >= 0, got {self.lambda_interval}.")
+        if self.gate_lr is not None and not self.gate_lr >= 0:
+            p.append(f"`sora.gate_lr` must be >= 0 (or null for training.learning_rate), got {self.gate_lr}.")
+        if not self.l1_weight >= 0:
+            p.append(f"`sora.l1_weight` must be >= 0, got {self.l1_weight}.")
+        if not self.prune_threshold > 0:
+            p.append(f"`sora.prune_threshold` must be positive, got {self.prune_threshold}.")
+        return p
+
+
+def lambda_values(sc: SoraSection) -> list[float]:
+    """The λ sequence of the schedule (a single value without one)."""
+    a, b, n = sc.lambda_, sc.max_lambda, sc.lambda_num
+    if sc.lambda_schedule == "none" or b is None:
+        return [a]
+    if sc.lambda_schedule == "linear":
+        return [a + (b - a) * i / (n - 1) for i in range(n)]
+    if sc.lambda_schedule == "log_linear":
+        ea, eb = math.exp(a), math.exp(b)
+        return [math.log(ea + (eb - ea) * i / (n - 1)) for i in range(n)]
+    return [math.exp(math.log(a) + (math.log(b) - math.log(a)) * i / (n - 1)) for i in range(n)]
+
+
+def readable_labels(names: list[str]) -> dict[str, str]:
+    """Short unique column names: drop the dotted prefix all names share, keeping its last part.
+
+    ``transformer.h.0.attn.c_attn`` -> ``h.0.attn.c_attn``;
+    ``bert.encoder.layer.1.attention.self.query`` -> ``layer.1.attention.self.query``.
+    """
+    parts = [n.split(".") for n in names]
+    if len(names) < 2:
+        return {n: n for n in names}
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    cut = max(common - 1, 0)
+    labels = {n: ".".join(p[cut:]) for n, p in zip(names, parts)}
+    return labels if len(set(labels.values())) == len(names) else {n: n for n in names}
+
+
+@dataclass
+class GatedModule:
+    """One adapted module: where it is, its gate and the shapes that price a rank."""
+
+    name: str  # module name inside the base model (what peft target keys match)
+    label: str  # readable column name for sparsity_log.csv
+    param_name: str  # the gate's name in model.named_parameters()
+    layer: Any  # the peft LoraLayer
+    gate: torch.nn.Parameter
+    d_in: int
+    d_out: int
+
+    @property
+    def r(self) -> int:
+        return self.gate.numel()
+
+
+class SoRA(LoRA):
+    """LoRA with a proximally trained gate per rank; exports a pruned plain LoRA."""
+
+    name = "sora"
+    sections = ("lora", "sora")
+    exports_adapter = True
+    use_dora = False
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.sc: SoraSection = self.cfg.sora
+        self.lambdas = lambda_values(self.sc)
+        self.gated: list[GatedModule] = []
+        self.steps = 0  # gate steps taken (drives the λ schedule)
+        self.adam: dict[str, dict[str, Any]] = {}  # param_name -> {"step", "exp_avg", "exp_avg_sq"}
+        self._lr_ref = self.cfg.training.learning_rate  # peak lr of AdamW's first group (set by build_optimizer)
+
+    # --- configuration -------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, cfg) -> list[str]:
+        sc, p = cfg.sora, []
+        if sc.lambda_schedule != "none":
+            if sc.max_lambda is None:
+                p.append(f"`sora.lambda_schedule={sc.lambda_schedule}` needs `sora.max_lambda` (the last λ), e.g. --sora.max_lambda=0.5.")
+            if sc.lambda_interval < 1:
+                p.append(f"`sora.lambda_schedule={sc.lambda_schedule}` needs `sora.lambda_interval` >= 1 (optimizer steps per λ value), e.g. --sora.lambda_interval=100.")
+            if sc.lambda_schedule == "exp_linear" and (sc.lambda_ <= 0 or (sc.max_lambda is not None and sc.max_lambda <= 0)):
+                p.append("`sora.lambda_schedule=exp_linear` is geometric and needs `sora.lambda_` and `sora.max_lambda` > 0; use linear to start from 0.")
+        return p
+
+    # --- model ---------------------------------------------------------------------
+    def apply(self, model):
+        model = super().apply(model)
+        ids = {id(p): n for n, p in model.named_parameters()}
+        layers = list(lora_layers(model))
+        if not layers:
+            raise PeftlabError("SoRA found no LoRA layers after applying peft; check model.target_modules.")
+        names = [n[len(_PEFT_PREFIX):] if n.startswith(_PEFT_PREFIX) else n for n, _ in layers]
+        labels = readable_labels(names)
+        for (full, layer), name in zip(layers, names):
+            A = layer.lora_A[ADAPTER]
+            r = A.out_features
+            gate = torch.randn(r) if self.sc.gate_init == "normal" else torch.ones(r)
+            gated_A = GatedLoraA(A, gate)
+            layer.lora_A[ADAPTER] = gated_A
+            if self.use_dora:
+                layer.lora_magnitude_vector[ADAPTER] = GatedDoraLayer.from_dora(layer.lora_magnitude_vector[ADAPTER])
+            param_name = ids.get(id(A.weight), f"{full}.lora_A.{ADAPTER}.weight").rsplit(".", 1)[0] + ".gate"
+            self.gated.append(GatedModule(name, labels[name], param_name, layer, gated_A.gate, A.in_features,
+                                          layer.lora_B[ADAPTER].out_features))
+        for g in self.gated:
+            self.adam[g.param_name] = {"step": 0, "exp_avg": torch.zeros_like(g.gate.data), "exp_avg_sq": torch.zeros_like(g.gate.data)}
+        return model
+
+    def _gate_ids(self) -> set[int]:
+        return {id(g.gate) for g in self.gated}
+
+    def param_groups(self, model):
+        gates = self._gate_ids()
+        groups = []
+        for grp in super().param_groups(model):
+            grp = dict(grp, params=[p for p in grp["params"] if id(p) not in gates])
+            if grp["params"]:
+                groups.append(grp)
+        return groups
+
+    # --- the gate optimizer --------------------------------------------------------
+    @property
+    def gate_lr(self) -> float:
+        return self.cfg.training.learning_rate if self.sc.gate_lr is None else self.sc.gate_lr
+
+    def lambda_index(self) -> int:
+        """Position in the λ schedule (0 without one), derived from the gate steps taken."""
+        if len(self.lambdas) == 1:
+            return 0
+        return min(self.steps // self.sc.lambda_interval, len(self.lambdas) - 1)
+
+    def current_lambda(self) -> float:
+        return self.lambdas[self.lambda_index()]
+
+    def threshold(self, lr: float) -> float:
+        """ξ of this step: λ·η_gate (proximal) or λ (public code's sparse_optimizer.py)."""
+        lam = self.current_lambda()
+        return lam * self._gate_step_size(lr) if self.sc.multiply_lr else lam
+
+    def _gate_step_size(self, lr: float) -> float:
+        # ``lr`` is the scheduler's lr of AdamW's first group; rescale it from that group's
+        # peak lr (training.learning_rate unless LoRA+ scaled the group) to the gate's peak lr
+        return self.gate_lr * lr / self._lr_ref
+
+    def build_optimizer(self, model):
+        opt = super().build_optimizer(model)
+        self._lr_ref = float(opt.param_groups[0]["lr"])
+        return opt
+
+    def loss_extra(self, model):
+        if self.sc.l1_weight <= 0 or not self.gated:
+            return None
+        total = sum(g.gate.abs().sum() for g in self.gated)
+        return self.sc.l1_weight * total / sum(g.r for g in self.gated)
+
+    def before_clip(self, model) -> None:
+        # Under fp16 the loop unscales only the gradients AdamW holds; unscale the gates' here.
+        acc = self.ctx.accelerator
+        scaler = getattr(acc, "scaler", None) if acc is not None else None
+        if scaler is not None and scaler.is_enabled():
+            inv = 1.0 / scaler.get_scale()
+            for g in self.gated:
+                if g.gate.grad is not None:
+                    g.gate.grad.mul_(inv)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model, lr: float) -> None:
+        acc = self.ctx.accelerator
+        skipped = bool(getattr(acc, "optimizer_step_was_skipped", False)) if acc is not None else False
+        if not skipped:
+            t = self.cfg.training
+            b1, b2, eps = t.adam_beta1, t.adam_beta2, t.adam_epsilon
+            eta = self._gate_step_size(lr)
+            tau = self.threshold(lr)
+            shrink = reference_threshold_ if self.sc.reference_threshold else soft_threshold_
+            for g in self.gated:
+                p, grad = g.gate, g.gate.grad
+                if grad is None:  # the module took no part in this step
+                    continue
+                st = self.adam[g.param_name]
+                if st["exp_avg"].device != p.device:  # created before the model moved to its device
+                    st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(p.device), st["exp_avg_sq"].to(p.device)
+                st["step"] += 1
+                k = st["step"]
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.mul_(b1).add_(grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = (v / (1 - b2 ** k)).sqrt_().add_(eps)
+                p.addcdiv_(m, denom, value=-eta / (1 - b1 ** k))
+                shrink(p.data, tau)
+            self.steps += 1
+        for g in self.gated:
+            g.gate.grad = None
+
+    # --- metrics -------------------------------------------------------------------
+    def _pruned(self, g: GatedModule) -> torch.Tensor:
+        return g.gate.detach().abs() < self.sc.prune_threshold
+
+    def step_metrics(self, model) -> dict[str, float]:
+        counts = torch.stack([self._pruned(g).sum() for g in self.gated]).sum().item() if self.gated else 0
+        total = sum(g.r for g in self.gated)
+        return {"sparsity": counts / max(total, 1), "lambda": float(self.current_lambda())}
+
+    def module_metrics(self, model) -> dict[str, float]:
+        fr = torch.stack([self._pruned(g).float().mean() for g in self.gated]).tolist()
+        return {g.label: f for g, f in zip(self.gated, fr)}
+
+    def ranks(self) -> dict[str, int]:
+        """Surviving rank of every adapted module (base-model module name -> r')."""
+        return {g.name: int((~self._pruned(g)).sum().item()) for g in self.gated}
+
+    def param_counts(self, model) -> tuple[int, int]:
+        """(trainable, effective): effective is what the pruned, folded adapter holds.
+
+        Every pruned rank frees one column of B and one row of A, i.e. d_in + d_out
+        parameters of its own module (not 2·hidden as the public code assumes); the gate
+        entries themselves disappear when folded into B.
+        """
+        trainable = sum(p.numel() for _, p in self.trainable_parameters(model))
+        freed = sum(g.r + int(self._pruned(g).sum().item()) * (g.d_in + g.d_out) for g in self.gated)
+        return trainable, trainable - freed
+
+    # --- state ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "lambda_index": self.lambda_index(),
+            "adam": {n: {"step": s["step"], "exp_avg": s["exp_avg"].detach().cpu().clone(),
+                         "exp_avg_sq": s["exp_avg_sq"].detach().cpu().clone()} for n, s in self.adam.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.adam) - set(state.get("adam", {})))
+        if missing:
+            raise PeftlabError(f"The checkpoint has no gate-optimizer state for {missing[:3]}; it was not saved by a "
+                               f"{self.name} run with the same target modules. Resume with the original configuration.")
+        self.steps = int(state["steps"])
+        for n, s in self.adam.items():
+            saved = state["adam"][n]
+            s["step"] = int(saved["step"])
+            s["exp_avg"].copy_(saved["exp_avg"])
+            s["exp_avg_sq"].copy_(saved["exp_avg_sq"])
+
+    # --- results -------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        ranks = self.ranks()
+        total = sum(g.r for g in self.gated)
+        return {
+            "lambda": float(self.current_lambda()),
+            "lambda_schedule": self.sc.lambda_schedule,
+            "gate_steps": self.steps,
+            "sparsity": 1 - sum(ranks.values()) / max(total, 1),
+            "total_rank": sum(ranks.values()),
+            "max_total_rank": total,
+        }
+
+    def allocation(self) -> dict[str, Any]:
+        ranks = self.ranks()
+        lc = self.cfg.lora
+        return {
+            "method": self.name,
+            "max_rank": lc.r,
+            "prune_threshold": self.sc.prune_threshold,
+            "lambda": float(self.current_lambda()),
+            "total_rank": sum(ranks.values()),
+            "max_total_rank": sum(g.r for g in self.gated),
+            "ranks": ranks,
+            "labels": {g.name: g.label for g in self.gated},
+            "kept_indices": {g.name: (~self._pruned(g)).nonzero().flatten().tolist() for g in self.gated},
+        }
+
+    def export(self, model, out_dir: Path, tokenizer=None) -> Path:
+        """Prune zero ranks, fold the gate into B and write a plain HF PEFT adapter.
+
+        Module ``i`` keeps the ranks ``K_i = {k : |g_k| >= prune_threshold}``; it is written
+        with ``A' = A[K_i]``, ``B' = B[:, K_i] · diag(g[K_i])``, ``rank_pattern = |K_i|`` and
+        an ``alpha_pattern`` that keeps its scale s = α/r (α' = s·r', or s·√r' with rsLoRA),
+        so B'A'·s equals B diag(g) A·s exactly. LoRA modules left with no rank are dropped
+        from the targets. A DoRA module with no rank is kept with one all-zero rank, because
+        its trained magnitude still rescales W (dropping it would change the outputs).
+        Also writes ``out_dir/allocation.json``.
+        """
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        from ..tracking import write_json
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "allocation.json", self.allocation())
+        target = out_dir / "adapter"
+        gate_names = {g.param_name for g in self.gated}
+        weights = {k: v for k, v in model.state_dict().items() if k not in gate_names}
+        saved = get_peft_model_state_dict(model, state_dict=weights, adapter_name=ADAPTER)
+        config = copy.deepcopy(model.peft_config[ADAPTER])
+        lc = self.cfg.lora
+        rank_pattern: dict[str, int] = {}
+        alpha_pattern: dict[str, float] = {}
+        targets: list[str] = []
+        with torch.no_grad():
+            for g in self.gated:
+                pre = f"{_PEFT_PREFIX}{g.name}."
+                keep = (~self._pruned(g)).nonzero().flatten()
+                A = g.layer.lora_A[ADAPTER].weight.detach()
+                B = g.layer.lora_B[ADAPTER].weight.detach()
+                a_key, b_key = f"{pre}lora_A.weight", f"{pre}lora_B.weight"
+                if a_key not in saved or b_key not in saved:
+                    raise PeftlabError(f"peft's saved state has no {a_key} / {b_key}; this peft version names adapter tensors differently.")
+                r_new = keep.numel()
+                if r_new == 0 and not self.use_dora:
+                    for k in [k for k in saved if k.startswith(pre)]:
+                        del saved[k]
+                    continue
+                if r_new == 0:  # DoRA: keep the magnitude with one inert rank
+                    A_new, B_new, r_new = torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1]), 1
+                else:
+                    A_new = A[keep].clone()
+                    B_new = (B[:, keep] * g.gate.detach()[keep].to(B.dtype)).clone()
+                saved[a_key], saved[b_key] = A_new.contiguous(), B_new.contiguous()
+                scale = g.layer.scaling[ADAPTER]
+                alpha = scale * (math.sqrt(r_new) if lc.use_rslora else r_new)
+                rank_pattern[g.name] = int(r_new)
+                alpha_pattern[g.name] = int(alpha) if float(alpha).is_integer() else float(alpha)
+                targets.append(g.name)
+        if not targets:
+            self.ctx.log.warning("every gate of the run is zero: no adapter left to export (see allocation.json)")
+            return out_dir / "allocation.json"
+        config.target_modules = targets
+        config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+        config.inference_mode = True
+        target.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(str(target))
+        save_file({k: v.detach().contiguous().cpu() for k, v in saved.items()}, str(target / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+        (target / "README.md").write_text(
+            f"# {self.name} adapter exported by peftlab\n\nPruned ranks removed and gates folded into lora_B; "
+            f"surviving ranks per module in ../allocation.json. Load with peft.PeftModel.from_pretrained.\n")
+        return target
+
+
+class SDoRA(SoRA):
+    """SoRA's gates inside DoRA (``use_dora=True``); reads the ``lora`` and ``sora`` sections."""
+
+    name = "sdora"
+    use_dora = True

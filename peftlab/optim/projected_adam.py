@@ -1,0 +1,268 @@
+"""Adam with low-rank gradient projection (GaLore-style), randomized or exact SVD, and SVT rank choice.
+
+For a weight ``W`` of shape ``(m, n)`` with gradient ``G``:
+
+* every ``update_interval`` steps (and at the first step) the projector is recomputed from the
+  current gradient in fp32: if ``m >= n`` it is ``P = V_r^T`` (``r x n``, the top-r right singular
+  vectors) and the projected gradient is ``R = G P^T`` (``m x r``); otherwise ``P = U_r``
+  (``m x r``, left singular vectors) and ``R = P^T G`` (``r x n``). This is GaLore's ``std``
+  convention (``galore_projector.py``): the smaller side of ``W`` is compressed, the moments are
+  ``max(m, n) x r``.
+* Adam's moments live in the projected space and follow ``torch.optim.AdamW`` exactly
+  (``m <- lerp(m, R, 1-b1)``, ``v <- b2 v + (1-b2) R^2``, ``N = m / (sqrt(v / bc2) + eps)``,
+  step size ``lr / bc1``).
+* The normalised update is projected back (``N P`` or ``P N``), multiplied by ``scale`` and
+  applied after decoupled weight decay ``W <- W (1 - lr wd)``.
+* When the projector is refreshed the moments are neither reset nor rotated into the new basis
+  (GaLore's behaviour): coordinate i keeps meaning "the i-th singular direction".
+
+Parameters of groups without ``rank`` are updated by plain AdamW (same formulas, no projection).
+
+Everything the optimizer needs to continue is a plain tensor in ``self.state`` (``step``,
+``exp_avg``, ``exp_avg_sq``, ``proj``), so ``state_dict()`` loads with ``torch.load(...,
+weights_only=True)`` and a resumed run takes the same steps. The random test matrix of the
+randomized SVD is drawn from a generator seeded by ``(seed, step, parameter index)``: every DDP
+process (which sees the same averaged gradient) computes the same projector, and a resumed run
+computes the one an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional
+
+import torch
+
+SVD_KINDS = ("randomized", "full")
+SVT_KINDS = ("none", "fixed_rank", "rank_fraction")
+
+
+def _generator_seed(seed: int, step: int, index: int) -> int:
+    return ((int(seed) * 1_000_003 + int(step)) * 100_003 + int(index)) % (2**63 - 1)
+
+
+def randomized_svd(a: torch.Tensor, k: int, oversampling: int = 8, power_iters: int = 2,
+                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top singular triplets of ``a`` (``m x n``) by randomized range finding (Halko et al. 2011, Alg. 4.4).
+
+    A Gaussian test matrix ``Omega`` (``n x l``, ``l = min(k + oversampling, m, n)``) is drawn on the
+    CPU from ``generator`` (so the result does not depend on the device's RNG), the range of
+    ``a Omega`` is refined by ``power_iters`` QR-stabilised power iterations, and the small matrix
+    ``Q^T a`` is decomposed exactly.
+
+    Returns:
+        ``(U, S, Vh)`` with shapes ``(m, l)``, ``(l,)``, ``(l, n)``, in float32, singular values
+        in decreasing order. Callers keep the first ``k``.
+    """
+    a = a.float()
+    m, n = a.shape
+    l = max(1, min(k + oversampling, m, n))
+    omega = torch.randn(n, l, generator=generator, dtype=torch.float32).to(a.device)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iters):
+        z = torch.linalg.qr(a.T @ q).Q
+        q = torch.linalg.qr(a @ z).Q
+    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return q @ ub, s, vh
+
+
+def top_svd(a: torch.Tensor, k: int, kind: str = "randomized", oversampling: int = 8, power_iters: int = 2,
+            generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, Vh)`` of ``a`` in fp32, at least ``min(k, m, n)`` triplets (exact or randomized)."""
+    if kind == "full":
+        return torch.linalg.svd(a.float(), full_matrices=False)
+    if kind != "randomized":
+        raise ValueError(f"svd must be one of {SVD_KINDS}, got {kind!r}")
+    return randomized_svd(a, k, oversampling, power_iters, generator)
+
+
+def choose_rank(s: torch.Tensor, cap: int, svt: str, threshold: float, fraction: float,
+                total_energy: Optional[float] = None) -> int:
+    """Number of singular directions to keep.
+
+    Args:
+        s: singular values in decreasing order (at least ``cap`` of them when available).
+        cap: the rank cap (``rank`` clipped to the matrix size).
+        svt: ``none`` (keep ``cap``), ``fixed_rank`` (keep ``sigma_i >= threshold * sigma_1``, at most
+            ``cap``) or ``rank_fraction`` (smallest k with ``sum_{i<=k} sigma_i^2 >= fraction * E``,
+            at most ``cap``).
+        total_energy: ``E``; the exact ``||G||_F^2`` when given (so the fraction is of the whole
+            gradient, not of the computed top singular values), else ``sum(s^2)``.
+
+    Returns:
+        An integer in ``[1, cap]``.
+    """
+    cap = max(1, min(cap, s.numel()))
+    if svt == "none":
+        return cap
+    s = s.double()
+    if svt == "fixed_rank":
+        if s[0] <= 0:
+            return 1
+        keep = int((s[:cap] >= threshold * s[0]).sum().item())
+        return max(1, min(keep, cap))
+    if svt == "rank_fraction":
+        energy = float((s * s).sum()) if total_energy is None else float(total_energy)
+        if energy <= 0:
+            return 1
+        cum = torch.cumsum(s[:cap] ** 2, 0)
+        hits = (cum >= fraction * energy * (1 - 1e-12)).nonzero()
+        return int(hits[0].item()) + 1 if hits.numel() else cap
+    raise ValueError(f"svt must be one of {SVT_KINDS}, got {svt!r}")
+
+
+class ProjectedAdamW(torch.optim.Optimizer):
+    """AdamW whose 2-D parameters of projected groups keep their moments in a low-rank gradient subspace.
+
+    A param group is *projected* when its ``rank`` is not None; such groups may only hold 2-D
+    tensors. Group options (defaults from the constructor): ``lr``, ``betas``, ``eps``,
+    ``weight_decay``, ``rank``, ``update_interval``, ``scale``, ``svd`` (``randomized`` |
+    ``full``), ``oversampling``, ``power_iters``, ``svt`` (``none`` | ``fixed_rank`` |
+    ``rank_fraction``), ``svt_threshold``, ``rank_fraction``.
+
+    Args:
+        params: parameters or param-group dicts.
+        seed: seeds the randomized SVD test matrices together with the step and parameter index.
+
+    After each ``step()``, ``last_refresh`` maps the index of every parameter whose projector was
+    recomputed to its new rank (for rank logs); it is transient, not part of the state.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, rank: Optional[int] = None, update_interval: int = 200, scale: float = 1.0,
+                 svd: str = "randomized", oversampling: int = 8, power_iters: int = 2, svt: str = "none",
+                 svt_threshold: float = 0.1, rank_fraction: float = 0.9, seed: int = 0):
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, update_interval=update_interval,
+                        scale=scale, svd=svd, oversampling=oversampling, power_iters=power_iters, svt=svt,
+                        svt_threshold=svt_threshold, rank_fraction=rank_fraction)
+        super().__init__(params, defaults)
+        self.seed = int(seed)
+        self.last_refresh: dict[int, int] = {}
+        for g in self.param_groups:
+            if g["rank"] is not None:
+                if g["rank"] < 1 or g["update_interval"] < 1:
+                    raise ValueError("rank and update_interval must be at least 1")
+                if g["svd"] not in SVD_KINDS or g["svt"] not in SVT_KINDS:
+                    raise ValueError(f"svd must be in {SVD_KINDS} and svt in {SVT_KINDS}")
+                bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
+                if bad:
+                    raise ValueError(f"projected groups hold 2-D tensors only, got shapes {bad[:3]}")
+
+    # -------------------------------------------------------------- projection
+    def _refresh(self, group: dict, state: dict, grad: torch.Tensor, step: int, index: int) -> int:
+        m, n = grad.shape
+        cap = min(group["rank"], m, n)
+        gen = None
+        if group["svd"] == "randomized":
+            gen = torch.Generator().manual_seed(_generator_seed(self.seed, step, index))
+        g32 = grad.float()
+        u, s, vh = top_svd(g32, cap, group["svd"], group["oversampling"], group["power_iters"], gen)
+        total = float(g32.square().sum()) if group["svt"] == "rank_fraction" else None
+        k = choose_rank(s, cap, group["svt"], group["svt_threshold"], group["rank_fraction"], total)
+        right = m >= n
+        proj = vh[:k].contiguous() if right else u[:, :k].contiguous()
+        old = state.get("proj")
+        state["proj"] = proj
+        if "exp_avg" in state and old is not None and (old.shape != proj.shape):
+            # Rank changed (SVT): keep the coordinates both subspaces share, new ones start at zero.
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = state[key]
+                new = torch.zeros((m, k) if right else (k, n), dtype=t.dtype, device=t.device)
+                j = min(k, t.shape[1] if right else t.shape[0])
+                if right:
+                    new[:, :j] = t[:, :j]
+                else:
+                    new[:j] = t[:j]
+                state[key] = new
+        return k
+
+    @staticmethod
+    def project(grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        """``G P^T`` (rows >= cols) or ``P^T G``; fp32 result."""
+        m, n = grad.shape
+        g = grad.float()
+        return g @ proj.T if m >= n else proj.T @ g
+
+    @staticmethod
+    def project_back(low: torch.Tensor, proj: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        m, n = shape
+        return low.float() @ proj if m >= n else proj @ low.float()
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_refresh = {}
+        index = -1
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            projected = group["rank"] is not None
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("ProjectedAdamW does not support sparse gradients")
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                step = int(state["step"].item())
+                if projected:
+                    if step % group["update_interval"] == 0 or "proj" not in state:
+                        self.last_refresh[index] = self._refresh(group, state, grad, step, index)
+                    g = self.project(grad, state["proj"]).to(p.dtype)
+                else:
+                    g = grad
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = step + 1
+                exp_avg.lerp_(g, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                bc1 = 1 - beta1**t
+                bc2_sqrt = math.sqrt(1 - beta2**t)
+                denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                if projected:
+                    update = self.project_back(exp_avg / denom, state["proj"], p.shape).to(p.dtype)
+                    p.add_(update, alpha=-(lr / bc1) * group["scale"])
+                else:
+                    p.addcdiv_(exp_avg, denom, value=-(lr / bc1))
+        return loss
+
+    # ----------------------------------------------------------------- inspect
+    def ranks(self) -> dict[int, int]:
+        """Current rank of every projected parameter that has a projector, by parameter index."""
+        out, index = {}, -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                proj = self.state.get(p, {}).get("proj")
+                if proj is not None:
+                    m, n = p.shape
+                    out[index] = proj.shape[0] if m >= n else proj.shape[1]
+        return out
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor the optimizer holds (moments, projectors, step counters)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+def state_size_formula(shape: tuple[int, int], rank: int, moment_bytes: int = 4, proj_bytes: int = 4) -> dict[str, int]:
+    """Bytes of the projected state of one ``m x n`` matrix at rank ``rank`` (no SVT):
+    two moments of ``max(m, n) x r`` and a projector of ``min(m, n) x r``, plus the 4-byte step."""
+    m, n = shape
+    r = min(rank, m, n)
+    return {"moments": 2 * max(m, n) * r * moment_bytes, "projector": min(m, n) * r * proj_bytes, "step": 4}

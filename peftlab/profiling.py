@@ -1,0 +1,400 @@
+"""``peftlab profile CONFIG.yaml``: optimizer-state memory, a peak-memory breakdown and FLOPs of
+one training step, for the configured method beside an AdamW (full fine-tuning) baseline and
+rSVD-Adam at a sweep of ranks.
+
+Each variant takes one real step on a synthetic batch (random token ids, random labels; no
+tokenizer or data download): forward, backward, ``optimizer.step()`` with the learning rate set
+to 0 (the optimizer allocates and fills its state as usual, the weights stay put). Then:
+
+* optimizer-state memory is summed from the tensors actually in ``optimizer.state`` and split by
+  parameter group (moments, projectors, other such as step counters);
+* the memory breakdown is parameters + gradients + optimizer state + activations, where
+  activations are the bytes of the distinct tensors autograd saved for backward (parameters
+  excluded), counted with ``torch.autograd.graph.saved_tensors_hooks``; on CUDA the measured
+  ``torch.cuda.max_memory_allocated`` of the step is added as ``peak_allocated``;
+* FLOPs of the forward, the backward and the optimizer step are counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions and attention;
+  elementwise ops, QR and SVD are not counted).
+
+Files (in ``--output-dir``, default ``<output.dir>/profile``): optimizer_memory_comparison.csv,
+memory_breakdown_r{rank}.csv, flops_profiler_stats.csv, profile_summary.json. Columns are
+documented in docs/rsvd.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .errors import PeftlabError
+
+MB = 2**20
+OPTIMIZER_COLUMNS = ["method", "rank", "group", "params", "moment_bytes", "projector_bytes", "other_bytes", "state_bytes",
+                     "state_mb", "adamw_state_bytes", "savings_mb", "savings_pct"]
+BREAKDOWN_COLUMNS = ["method", "rank", "component", "bytes", "mb", "source"]
+FLOPS_COLUMNS = ["method", "rank", "phase", "flops", "gflops", "batch_size", "seq_len"]
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+PROJECTOR_KEYS = ("proj",)
+
+
+# ----------------------------------------------------------------------------- model and batch
+def infer_task(cfg) -> tuple[str, int]:
+    """(task, num_labels) without loading data when the names tell (tiny models, named tasks)."""
+    from .data.tasks import TASKS
+    from .models import TINY_MODELS
+
+    name = cfg.data.dataset
+    base = name[: -len("-sample")] if name.endswith("-sample") else name
+    if cfg.model.task != "auto":
+        task = cfg.model.task
+    elif cfg.model.name in TINY_MODELS:
+        task = TINY_MODELS[cfg.model.name]["task"]
+    elif base in TASKS:
+        task = "classification"
+    elif base in ("lm", "openwebtext") or name.endswith((".txt", ".bin")):
+        task = "causal_lm"
+    else:
+        from .data import load_raw
+
+        try:
+            task = load_raw(cfg).task
+        except PeftlabError:
+            task = "classification"
+    labels = cfg.model.num_labels or (TASKS[base].num_labels if base in TASKS else 2)
+    return task, labels
+
+
+def build_model(cfg, task: str, num_labels: int) -> torch.nn.Module:
+    """The architecture of ``cfg.model``; built from a config (no tokenizer, no download) for the
+    built-in tiny models and ``model.from_scratch`` with a shipped config, else loaded."""
+    from transformers import AutoConfig
+
+    from .models import CONFIG_DIR, TINY_MODELS, _auto_cls, load_model
+
+    m = cfg.model
+    torch.manual_seed(cfg.training.seed)
+    kwargs = {"num_labels": num_labels} if task == "classification" else {}
+    spec = None
+    if m.name in TINY_MODELS:
+        spec = dict(TINY_MODELS[m.name])
+        spec.pop("task")
+    elif m.from_scratch and (CONFIG_DIR / f"{m.name}.json").is_file():
+        spec = json.loads((CONFIG_DIR / f"{m.name}.json").read_text())
+        spec.pop("architectures", None)
+    if spec is None:
+        model, _, _ = load_model(cfg, task, num_labels)
+        return model
+    model_type = spec.pop("model_type")
+    return _auto_cls(task).from_config(AutoConfig.for_model(model_type, **spec, **kwargs))
+
+
+def synthetic_batch(model, task: str, num_labels: int, batch_size: int, seq_len: int, seed: int, device) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = ids.clone() if task == "causal_lm" else torch.randint(0, num_labels, (batch_size,), generator=g)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- measurements
+def state_bytes_by_group(optimizer: torch.optim.Optimizer, names: Optional[dict[int, str]] = None) -> list[dict]:
+    """One record per param group: name, params, moment/projector/other/total bytes of its state
+    (and ``names``, the parameter names, when a map ``id(param) -> name`` is given)."""
+    out = []
+    for i, g in enumerate(optimizer.param_groups):
+        rec = {"group": g.get("name", f"group{i}"), "params": sum(p.numel() for p in g["params"]),
+               "moment_bytes": 0, "projector_bytes": 0, "other_bytes": 0}
+        if names is not None:
+            rec["names"] = [names.get(id(p), "") for p in g["params"]]
+        for p in g["params"]:
+            for key, v in optimizer.state.get(p, {}).items():
+                if not torch.is_tensor(v):
+                    continue
+                n = v.numel() * v.element_size()
+                col = "moment_bytes" if key in MOMENT_KEYS else "projector_bytes" if key in PROJECTOR_KEYS else "other_bytes"
+                rec[col] += n
+        rec["state_bytes"] = rec["moment_bytes"] + rec["projector_bytes"] + rec["other_bytes"]
+        out.append(rec)
+    return out
+
+
+def _param_state_bytes(optimizer, names: dict[int, str]) -> dict[str, int]:
+    out = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            out[names.get(id(p), str(id(p)))] = sum(v.numel() * v.element_size() for v in optimizer.state.get(p, {}).values()
+                                                     if torch.is_tensor(v))
+    return out
+
+
+class SavedTensorBytes:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, t: torch.Tensor):
+        try:
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key and key not in self.exclude and key not in self.seen:
+                self.seen.add(key)
+                self.bytes += st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, batch: dict, device, log=None) -> dict[str, Any]:
+    """One real training step of ``vcfg.method`` on a copy of ``base``; returns every measurement."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .methods import METHODS, MethodContext
+    from .models import DEFAULT_TARGETS
+
+    import logging
+
+    # full and plain rsvd only flip requires_grad, and lr = 0 leaves the weights as they were: the
+    # base model is reused; methods that wrap or replace modules work on a copy.
+    shared = vcfg.method == "full" or (vcfg.method == "rsvd" and vcfg.rsvd.weight_reduction_rank is None)
+    model = base if shared else copy.deepcopy(base)
+    targets = list(vcfg.model.target_modules or DEFAULT_TARGETS.get(model.config.model_type, ["q_proj", "v_proj"]))
+
+    def compute_loss(mdl, b):
+        return mdl(**b).loss
+
+    with tempfile.TemporaryDirectory() as scratch:
+        ctx = MethodContext(cfg=vcfg, task=task, target_modules=targets, accelerator=None,
+                            train_batches=lambda: iter([batch] * 4), compute_loss=compute_loss, run_dir=Path(scratch),
+                            log=log or logging.getLogger("peftlab.profile"))
+        method = METHODS[vcfg.method](ctx)
+        torch.manual_seed(vcfg.training.seed + 1)
+        model = method.apply(model)
+        model.to(device)
+        model.train()
+        optimizer = method.build_optimizer(model)
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        names = {id(p): n for n, p in model.named_parameters()}
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_alloc = torch.cuda.memory_allocated()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            with SavedTensorBytes(model) as saved:
+                loss = compute_loss(model, batch)
+        fwd = counter.get_total_flops()
+        if cuda:
+            torch.cuda.synchronize()
+            after_fwd = torch.cuda.memory_allocated()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss.backward()
+        bwd = counter.get_total_flops()
+        del loss
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        method.before_clip(model)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            optimizer.step()
+        refresh_flops = counter.get_total_flops()
+        method.after_optimizer_step(model, 0.0)
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base_alloc
+        # A second step on the same gradients: the steady-state cost (no projector refresh).
+        counter = FlopCounterMode(display=False)
+        with counter:
+            optimizer.step()
+        steady_flops = counter.get_total_flops()
+        interval = vcfg.rsvd.update_interval if vcfg.method == "rsvd" else 1
+        groups = state_bytes_by_group(optimizer, names)
+        params = {id(p): p for p in model.parameters()}
+        out = {
+            "method": vcfg.method,
+            "groups": groups,
+            "per_param_state": _param_state_bytes(optimizer, names),
+            "state_bytes": sum(g["state_bytes"] for g in groups),
+            "trainable_params": sum(p.numel() for p in params.values() if p.requires_grad),
+            "total_params": sum(p.numel() for p in params.values()),
+            "param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
+            "grad_bytes": grads,
+            "activation_bytes": saved.bytes,
+            "flops": {"forward": fwd, "backward": bwd, "train_step": fwd + bwd, "optimizer_step_first": refresh_flops,
+                      "optimizer_step": steady_flops,
+                      "optimizer_step_amortized": steady_flops + (refresh_flops - steady_flops) / interval},
+        }
+        if cuda:
+            out["cuda_peak_bytes"] = peak + base_alloc
+            out["cuda_forward_delta_bytes"] = after_fwd - base_alloc
+        for p in model.parameters():
+            p.grad = None
+        del optimizer, model
+    return out
+
+
+def _rank_label(cfg) -> Optional[int]:
+    if cfg.method == "rsvd":
+        return cfg.rsvd.rank
+    sec = getattr(cfg, "lora", None) if cfg.method in ("lora", "dora") else getattr(cfg, cfg.method, None)
+    for key in ("r", "rank"):
+        if sec is not None and hasattr(sec, key):
+            return getattr(sec, key)
+    return None
+
+
+# ----------------------------------------------------------------------------- the command
+def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int]] = None, batch_size: Optional[int] = None,
+                seq_len: Optional[int] = None, device: Optional[str] = None, echo: bool = True) -> dict[str, Any]:
+    """Profile ``cfg``'s method, AdamW and rSVD at ``ranks``; write the CSV files; return the measurements."""
+    ranks = [4, 8, 16, 64, 128] if ranks is None else ranks
+    out_dir = Path(output_dir) if output_dir is not None else Path(cfg.output.dir) / "profile"
+    dev = device or cfg.system.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise PeftlabError("profile on cuda was asked for but no CUDA GPU is visible; use --system.device=cpu.")
+    device = torch.device(dev)
+    if cfg.system.num_threads:
+        torch.set_num_threads(cfg.system.num_threads)
+    task, num_labels = infer_task(cfg)
+    bs = batch_size or cfg.training.batch_size
+    sl = seq_len or (cfg.data.max_length if task == "classification" else cfg.data.block_size)
+    base = build_model(cfg, task, num_labels)
+    batch = synthetic_batch(base, task, num_labels, bs, sl, cfg.training.seed, device)
+
+    variants: list[tuple[str, Any]] = [("adamw", cfg.replace({"method": "full"})), ("configured", cfg)]
+    for r in ranks:
+        v = cfg.replace({"method": "rsvd", "rsvd.rank": r})
+        if not (cfg.method == "rsvd" and v.to_dict() == cfg.to_dict()):
+            variants.append((f"rsvd_r{r}", v))
+    results = []
+    for label, vcfg in variants:
+        res = profile_variant(base, vcfg, task, num_labels, batch, device)
+        res["label"] = label
+        res["rank"] = _rank_label(vcfg) if vcfg.method != "full" else None
+        res["display"] = "adamw" if label == "adamw" else vcfg.method
+        results.append(res)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adam = results[0]
+    rows = []
+    for res in results:
+        for g in res["groups"]:
+            row = {"method": res["display"], "rank": res["rank"], **{k: g[k] for k in ("group", "params", "moment_bytes",
+                   "projector_bytes", "other_bytes", "state_bytes")}, "state_mb": round(g["state_bytes"] / MB, 2)}
+            # AdamW's state for the same parameters (matched by name), when the method kept the names.
+            if all(n in adam["per_param_state"] for n in g.get("names", [""])):
+                ref = sum(adam["per_param_state"][n] for n in g["names"])
+                row.update(adamw_state_bytes=ref, savings_mb=round((ref - g["state_bytes"]) / MB, 2),
+                           savings_pct=round(100 * (1 - g["state_bytes"] / ref), 2) if ref else None)
+            rows.append(row)
+        total = {"method": res["display"], "rank": res["rank"], "group": "total", "params": res["trainable_params"],
+                 "moment_bytes": sum(g["moment_bytes"] for g in res["groups"]),
+                 "projector_bytes": sum(g["projector_bytes"] for g in res["groups"]),
+                 "other_bytes": sum(g["other_bytes"] for g in res["groups"]), "state_bytes": res["state_bytes"],
+                 "state_mb": round(res["state_bytes"] / MB, 2), "adamw_state_bytes": adam["state_bytes"],
+                 "savings_mb": round((adam["state_bytes"] - res["state_bytes"]) / MB, 2),
+                 "savings_pct": round(100 * (1 - res["state_bytes"] / adam["state_bytes"]), 2) if adam["state_bytes"] else None}
+        rows.append(total)
+    _write_csv(out_dir / "optimizer_memory_comparison.csv", OPTIMIZER_COLUMNS, rows)
+
+    conf = results[1]
+    rank = conf["rank"]
+    breakdown = []
+    for res in (conf, adam):
+        comps = {"parameters": res["param_bytes"], "gradients": res["grad_bytes"], "optimizer_state": res["state_bytes"],
+                 "activations": res["activation_bytes"]}
+        comps["total"] = sum(comps.values())
+        for c, b in comps.items():
+            breakdown.append({"method": res["display"], "rank": res["rank"], "component": c, "bytes": b, "mb": round(b / MB, 2),
+                              "source": "computed"})
+        if "cuda_peak_bytes" in res:
+            breakdown.append({"method": res["display"], "rank": res["rank"], "component": "peak_allocated",
+                              "bytes": res["cuda_peak_bytes"], "mb": round(res["cuda_peak_bytes"] / MB, 2), "source": "cuda"})
+    breakdown_name = f"memory_breakdown_r{rank}.csv" if rank is not None else f"memory_breakdown_{cfg.method}.csv"
+    _write_csv(out_dir / breakdown_name, BREAKDOWN_COLUMNS, breakdown)
+
+    flops_rows = []
+    for res in results:
+        for phase, f in res["flops"].items():
+            flops_rows.append({"method": res["display"], "rank": res["rank"], "phase": phase,
+                               "gflops": round(f / 1e9, 4), "flops": round(f), "batch_size": bs, "seq_len": sl})
+    _write_csv(out_dir / "flops_profiler_stats.csv", FLOPS_COLUMNS, flops_rows)
+
+    summary = {"model": cfg.model.name, "task": task, "num_labels": num_labels, "device": str(device), "batch_size": bs,
+               "seq_len": sl, "total_params": adam["total_params"], "method": cfg.method,
+               "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv"],
+               "variants": [{**{k: v for k, v in r.items() if k not in ("per_param_state", "groups")},
+                             "groups": [{k: v for k, v in g.items() if k != "names"} for g in r["groups"]]} for r in results]}
+    (out_dir / "profile_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if echo:
+        print(format_table(rows, adam["total_params"], cfg.model.name))
+        print(f"\nfiles in {out_dir}: {', '.join(summary['files'])}")
+    return {"rows": rows, "breakdown": breakdown, "flops": flops_rows, "summary": summary, "output_dir": out_dir}
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+
+
+def format_table(rows: list[dict], total_params: int, model: str) -> str:
+    lines = [f"optimizer state after one step ({model}, {total_params:,} parameters)",
+             f"{'method':<10} {'rank':>5} {'state MB':>10} {'savings MB':>11} {'savings %':>10}"]
+    for r in rows:
+        if r["group"] == "total":
+            rk = "-" if r["rank"] is None else str(r["rank"])
+            lines.append(f"{r['method']:<10} {rk:>5} {r['state_mb']:>10.2f} {r['savings_mb']:>11.2f} {r['savings_pct']:>10.2f}")
+    return "\n".join(lines)
+
+
+def cmd_profile(args, extra: list[str]) -> int:
+    from .config import load_config
+
+    try:
+        ranks = [] if args.ranks.strip().lower() in ("", "none") else [int(x) for x in args.ranks.split(",") if x.strip()]
+    except ValueError:
+        ranks = [0]
+    if any(r < 1 for r in ranks):
+        raise PeftlabError(f"--ranks takes positive integers separated by commas (e.g. 4,8,16) or 'none', got {args.ranks!r}.")
+    cfg = load_config(args.config, extra)
+    run_profile(cfg, Path(args.output_dir) if args.output_dir else None, ranks, args.batch_size, args.seq_len)
+    return 0
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="optimizer-state memory, memory breakdown and FLOPs of one training step vs AdamW",
+        description="One real training step of the configured method, an AdamW baseline and rSVD-Adam at --ranks, "
+                    "on a synthetic batch; writes optimizer_memory_comparison.csv, memory_breakdown_r{rank}.csv and "
+                    "flops_profiler_stats.csv.",
+        epilog="Overrides: any --section.key=value after the config file, e.g. --model.name=distilbert-base-uncased --model.from_scratch=true.",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--output-dir", default=None, help="where the files go (default: <output.dir>/profile)")
+    p.add_argument("--ranks", default="4,8,16,64,128", help="rSVD ranks profiled beside the configured method ('none' to skip)")
+    p.add_argument("--batch-size", type=int, default=None, help="synthetic batch size (default: training.batch_size)")
+    p.add_argument("--seq-len", type=int, default=None, help="synthetic sequence length (default: data.max_length or data.block_size)")
+    p.set_defaults(func=cmd_profile)

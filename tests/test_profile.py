@@ -1,0 +1,95 @@
+"""``peftlab profile``: the seed-004 AdamW anchor on DistilBERT-base, rSVD state beside it, FLOPs
+against a hand count, and the files with their documented columns."""
+
+from __future__ import annotations
+
+import csv
+
+from conftest import QUICK
+from peftlab.profiling import BREAKDOWN_COLUMNS, FLOPS_COLUMNS, OPTIMIZER_COLUMNS
+
+DISTILBERT_PARAMS = 66_955_010
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return r.fieldnames, list(r)
+
+
+def test_distilbert_adamw_anchor_and_rsvd_ranks(tmp_path, capsys):
+    from peftlab.cli import main
+
+    out = tmp_path / "prof"
+    rc = main(["profile", str(QUICK["cls"]), "--method=rsvd", "--model.name=distilbert-base-uncased", "--model.from_scratch=true",
+               f"--output.dir={tmp_path / 'run'}", "--output-dir", str(out), "--batch-size", "1", "--seq-len", "8",
+               "--rsvd.power_iters=0"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "510.83" in printed
+    cols, rows = _rows(out / "optimizer_memory_comparison.csv")
+    assert cols == OPTIMIZER_COLUMNS
+    total = {(r["method"], r["rank"]): r for r in rows if r["group"] == "total"}
+    adam = total[("adamw", "")]
+    assert int(adam["params"]) == DISTILBERT_PARAMS
+    assert int(adam["moment_bytes"]) == DISTILBERT_PARAMS * 2 * 4
+    assert float(adam["state_mb"]) == 510.83 == round(DISTILBERT_PARAMS * 8 / 2**20, 2)
+    # rSVD at the seed's ranks: the projected matrices are the 36 attention/FFN weights of the 6 blocks
+    # (4 of 768x768, 3072x768, 768x3072 per block); their state is 2 * max(m,n) * r + min(m,n) * r floats.
+    per_rank_floats = 6 * (4 * (2 * 768 + 768) + 2 * (2 * 3072 + 768))
+    proj = {r["rank"]: r for r in rows if r["method"] == "rsvd" and r["group"] == "projected"}
+    assert sorted(int(k) for k in proj) == [4, 8, 16, 64, 128]
+    for r, row in proj.items():
+        assert int(row["moment_bytes"]) + int(row["projector_bytes"]) == per_rank_floats * int(r) * 4
+        assert int(row["params"]) == 6 * (4 * 768 * 768 + 2 * 3072 * 768)
+    for r in ("4", "8", "16", "64", "128"):
+        assert 0 < float(total[("rsvd", r)]["state_mb"]) < 510.83
+        assert float(total[("rsvd", r)]["savings_pct"]) > 0
+    # FLOPs of the forward on 1 x 8 tokens, counted by hand: linear layers of the blocks, QK^T and AV,
+    # pre_classifier and classifier on the [CLS] vector (2 FLOPs per multiply-add).
+    _, flops = _rows(out / "flops_profiler_stats.csv")
+    f = {(r["method"], r["rank"], r["phase"]): int(r["flops"]) for r in flops}
+    tokens, L = 8, 8
+    blocks = 2 * tokens * 6 * (4 * 768 * 768 + 2 * 768 * 3072)
+    attention = 6 * 2 * (2 * L * L * 768)
+    head = 2 * 768 * 768 + 2 * 768 * 2
+    assert f[("adamw", "", "forward")] == blocks + attention + head
+    assert f[("adamw", "", "backward")] == 2 * f[("adamw", "", "forward")]
+    assert f[("rsvd", "16", "forward")] == f[("adamw", "", "forward")]
+    # steady-state projection: G P^T and N P for each matrix, 2 * 2 * m * n * r FLOPs
+    assert f[("rsvd", "16", "optimizer_step")] == 2 * 2 * 16 * 6 * (4 * 768 * 768 + 2 * 3072 * 768)
+    assert f[("adamw", "", "optimizer_step")] == 0
+
+
+def test_profile_files_and_columns_tiny(tmp_path):
+    from peftlab.config import load_config
+    from peftlab.profiling import run_profile
+
+    cfg = load_config(QUICK["cls"], {"method": "rsvd", "rsvd.rank": 4, "rsvd.weight_reduction_rank": 8,
+                                     "output.dir": str(tmp_path / "run"), "training.batch_size": 2})
+    res = run_profile(cfg, ranks=[2], echo=False)
+    out = tmp_path / "run" / "profile"
+    assert res["output_dir"] == out
+    for name, want in (("optimizer_memory_comparison.csv", OPTIMIZER_COLUMNS), ("memory_breakdown_r4.csv", BREAKDOWN_COLUMNS),
+                       ("flops_profiler_stats.csv", FLOPS_COLUMNS)):
+        cols, rows = _rows(out / name)
+        assert cols == want and rows, name
+    _, rows = _rows(out / "memory_breakdown_r4.csv")
+    b = {(r["method"], r["component"]): int(r["bytes"]) for r in rows}
+    # weight reduction: 4 FFN weights of 64x128 -> rank-8 factors; they need no gradient or state
+    saved_params = 4 * (64 * 128 - 8 * (64 + 128))
+    assert b[("adamw", "parameters")] - b[("rsvd", "parameters")] == saved_params * 4
+    assert b[("rsvd", "gradients")] < b[("adamw", "gradients")]
+    assert b[("rsvd", "optimizer_state")] < b[("adamw", "optimizer_state")]
+    assert b[("rsvd", "activations")] > 0
+    for m in ("rsvd", "adamw"):
+        assert b[(m, "total")] == sum(b[(m, c)] for c in ("parameters", "gradients", "optimizer_state", "activations"))
+    _, rows = _rows(out / "optimizer_memory_comparison.csv")
+    assert {r["method"] for r in rows} == {"adamw", "rsvd"} and {r["rank"] for r in rows} == {"", "4", "2"}
+
+
+def test_profile_rejects_bad_ranks(tmp_path):
+    from peftlab.cli import main
+
+    assert main(["profile", str(QUICK["cls"]), "--ranks", "4,x"]) == 2
+    assert main(["profile", str(QUICK["cls"]), "--ranks", "0", f"--output.dir={tmp_path}"]) == 2
