@@ -37,6 +37,7 @@ DEFAULT_OUTPUT = "runs/compare"
 PREFERRED_ORDER = ["lora", "dora", "sora", "sdora", "ba_lora", "rsvd", "full", "sublora"]
 # Methods that update every weight need a much smaller step than adapters on a new head.
 FULL_PARAMETER_LR = {"full": 5e-5, "rsvd": 1e-4}
+BA_LORA_GRADIENT_SAMPLES = 256
 QUICK = {  # --quick: a smoke test of the whole pipeline in seconds, not a result
     "data.max_train_examples": 48, "data.max_val_examples": 32, "data.max_length": 32,
     "training.batch_size": 8, "training.max_steps": 3, "training.epochs": 1, "training.log_steps": 1,
@@ -108,9 +109,12 @@ def budget_reference(cfg) -> dict[str, Any]:
 def plan_runs(methods: list[str], ref: dict[str, Any], output_dir: Path) -> list[PlannedRun]:
     """Overrides per method that match LoRA's budget where the method has a budget knob."""
     r, budget = ref["r"], ref["lora_params"]
+    from .methods import METHODS
+
     runs = []
     for m in methods:
         ov: dict[str, Any] = {"method": m}
+        uses = tuple(getattr(METHODS.get(m), "sections", ()) or ())
         if m == "lora":
             note = f"r={r}: {budget:,} adapter parameters (+ head)"
         elif m == "dora":
@@ -119,12 +123,19 @@ def plan_runs(methods: list[str], ref: dict[str, Any], output_dir: Path) -> list
             key = _first_key(m, ("r", "rank", "max_rank", "init_rank"))
             if key:
                 ov[key] = r
-            note = f"starts at r={r}; gates prune ranks, so effective < trainable" if key else "section defaults (no rank key found)"
+            if key or "lora" in uses:
+                note = f"starts at r={r}; gates prune ranks, so effective <= trainable"
+            else:
+                note = "section defaults (no rank key found)"
         elif m == "ba_lora":
             key = _first_key(m, ("param_budget", "budget", "target_params"))
             if key:
                 ov[key] = budget
             note = f"budget = LoRA's {budget:,} adapter parameters" if key else "section defaults (no budget key found)"
+            samples = _first_key(m, ("gradient_samples",))
+            if samples:  # the importance pass costs a backward per batch; a quarter epoch ranks layers well enough here
+                ov[samples] = BA_LORA_GRADIENT_SAMPLES
+                note += f"; ranks from {BA_LORA_GRADIENT_SAMPLES} examples' gradients"
         elif m == "rsvd":
             key = _first_key(m, ("rank", "r"))
             if key:
@@ -316,7 +327,9 @@ def _fmt(key: str, v) -> str:
         return f"{int(v):,}"
     if key in ("val_accuracy", "val_f1"):
         return f"{v:.4f}"
-    if key in ("wall_time_s", "peak_memory_mb"):
+    if key == "wall_time_s":
+        return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+    if key == "peak_memory_mb":
         return f"{v:.0f}"
     return str(v)
 

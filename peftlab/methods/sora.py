@@ -43,7 +43,8 @@ _PEFT_PREFIX = "base_model.model."
 
 @dataclass
 class SoraSection:
-    lambda_: float = opt(0.1, "Sparsity strength λ of the proximal gate step (the issue's `--sora.lambda`; seed values 0.1, 0.3, 0.5). Threshold per step is λ·η_gate (λ alone with multiply_lr=false).")
+    lambda_: float = opt(0.1, "Sparsity strength λ of the proximal gate step (seed values 0.1, 0.3, 0.5); also spelled `lambda` (--sora.lambda=0.3). Threshold per step is λ·η_gate (λ alone with multiply_lr=false).",
+                         aliases=("lambda",))
     lambda_schedule: Literal["none", "linear", "log_linear", "exp_linear"] = opt("none", "Dense-to-sparse schedule: λ takes lambda_num values from lambda_ to max_lambda, moving on every lambda_interval optimizer steps (linear, log_linear = log(linspace(e^a, e^b)), exp_linear = geometric).")
     max_lambda: Optional[float] = opt(None, "Last λ of the schedule (required when lambda_schedule is not none).")
     lambda_num: int = opt(10, "Number of λ values in the schedule.")
@@ -58,7 +59,7 @@ class SoraSection:
     def validate(self) -> list[str]:
         p = []
         if not self.lambda_ >= 0:
-            p.append(f"`sora.lambda_` must be >= 0, got {self.lambda_}.")
+            p.append(f"`sora.lambda` must be >= 0, got {self.lambda_}.")
         if self.max_lambda is not None and not self.max_lambda >= 0:
             p.append(f"`sora.max_lambda` must be >= 0, got {self.max_lambda}.")
         if self.lambda_num < 2:
@@ -148,7 +149,7 @@ class SoRA(LoRA):
             if sc.lambda_interval < 1:
                 p.append(f"`sora.lambda_schedule={sc.lambda_schedule}` needs `sora.lambda_interval` >= 1 (optimizer steps per λ value), e.g. --sora.lambda_interval=100.")
             if sc.lambda_schedule == "exp_linear" and (sc.lambda_ <= 0 or (sc.max_lambda is not None and sc.max_lambda <= 0)):
-                p.append("`sora.lambda_schedule=exp_linear` is geometric and needs `sora.lambda_` and `sora.max_lambda` > 0; use linear to start from 0.")
+                p.append("`sora.lambda_schedule=exp_linear` is geometric and needs `sora.lambda` and `sora.max_lambda` > 0; use linear to start from 0.")
         return p
 
     # --- model ---------------------------------------------------------------------
