@@ -1,13 +1,17 @@
-# Quickstart:  make demo   (install, then a small study end to end on CPU)
+# Quickstart:  make demo   (install, then a real LoRA/DoRA/SoRA/BA-LoRA/rSVD comparison on CPU)
 #              make test   (install, then the test suite)
 VENV ?= .venv
 ACT = . $(VENV)/bin/activate
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo quickstart test test-fast clean
 install:
 	bash scripts/install.sh
+	bash scripts/install_assets.sh
 
 demo: install
+	$(ACT) && peftlab compare --output-dir runs/compare
+
+quickstart: install
 	$(ACT) && peftlab train configs/quickstart/lm_lora.yaml --output.overwrite=true
 	$(ACT) && peftlab train configs/quickstart/cls_lora.yaml --output.overwrite=true
 

@@ -75,14 +75,15 @@ def test_atomic_build_leaves_nothing_half_written(tmp_path):
 # --------------------------------------------------------------------------- SmolLM2
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """Convert the GGUF once into a private cache; yield (in-memory converted model, cache dir)."""
+    """Convert the GGUF once into a private cache; return (in-memory converted model, cache root, entry)."""
+    root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PEFTLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("PEFTLAB_CACHE", str(root))
         gguf_path, _ = offline.locate(offline.SMOLLM2)
         dest = offline.smollm2_cache_dir()
         held = {}
         offline.atomic_build(dest, lambda tmp: held.update(model=offline.convert_gguf(gguf_path, tmp)))
-        yield held["model"], dest
+    return held["model"], root, dest
 
 
 def _perplexity(model, tok, text: str) -> float:
@@ -91,10 +92,11 @@ def _perplexity(model, tok, text: str) -> float:
         return float(torch.exp(model(ids, labels=ids).loss))
 
 
-def test_smollm2_perplexity_and_cached_reload(smollm2, tmp_path):
+def test_smollm2_perplexity_and_cached_reload(smollm2, tmp_path, monkeypatch):
     from peftlab.models import load_model
 
-    converted, dest = smollm2
+    converted, root, dest = smollm2
+    monkeypatch.setenv("PEFTLAB_CACHE", str(root))
     assert sum(p.numel() for p in converted.parameters()) == 134_515_008
     t0 = time.time()
     assert offline.smollm2_dir() == dest  # already converted: no second conversion

@@ -106,6 +106,7 @@ def prepare(cfg, out_dir: Path, tokenizer: str = DEFAULT_TOKENIZER, val_fraction
     """Write token bins or CSV splits for ``cfg.data.dataset`` into ``out_dir``; returns a summary."""
     from . import DATASETS, _split_files
     from . import tasks  # noqa: F401  (registers named tasks and samples)
+    from . import offline  # noqa: F401  (registers food-reviews, python-docs)
 
     try:
         from . import offline  # noqa: F401  (registers offline datasets, when present)

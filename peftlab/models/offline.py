@@ -153,11 +153,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path):
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     state = quantized.state_dict()
+    buffers = dict(quantized.named_buffers())  # incl. non-persistent ones (rotary inv_freq), not in state
     del quantized
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(state, strict=True, assign=True)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = buffers[name]
     model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # pragma: no cover - a new architecture with state outside the GGUF
+        raise PeftlabError(f"Converting {gguf_path.name} left tensors without values: {left[:5]}. Please report this with your transformers version.")
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.model_max_length = int(getattr(config, "max_position_embeddings", 2048))
