@@ -10,24 +10,28 @@ import torch
 from ..errors import PeftlabError
 
 
+def iter_jsonl_documents(path: Path):
+    """Stream the ``text`` field of each line of a JSON Lines file (used by token-bin preparation too)."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise PeftlabError(f"{path}:{i} is not valid JSON; each line must be an object like {{\"text\": \"...\"}}.") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise PeftlabError(f"{path}:{i} has no string field `text`; found keys {list(row) if isinstance(row, dict) else type(row).__name__}.")
+            yield row["text"]
+
+
 def read_documents(path: Path) -> list[str]:
     """A .txt file is one document; a .jsonl file holds one ``{"text": ...}`` per line."""
     path = Path(path)
     if not path.is_file():
         raise PeftlabError(f"Text file {path} does not exist.")
     if path.suffix.lower() == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise PeftlabError(f"{path}:{i} is not valid JSON; each line must be an object like {{\"text\": \"...\"}}.") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise PeftlabError(f"{path}:{i} has no string field `text`; found keys {list(row) if isinstance(row, dict) else type(row).__name__}.")
-                docs.append(row["text"])
+        docs = list(iter_jsonl_documents(path))
     else:
         docs = [path.read_text(encoding="utf-8", errors="replace")]
     if not any(d.strip() for d in docs):

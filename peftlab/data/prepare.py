@@ -16,12 +16,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import PeftlabError
+from .lm import iter_jsonl_documents
 
 DEFAULT_TOKENIZER = "gpt2"
 DEFAULT_VAL_FRACTION = 0.1
@@ -148,21 +148,6 @@ def prepare(cfg, out_dir: Path, tokenizer: str = DEFAULT_TOKENIZER, val_fraction
         f"Cannot prepare {name!r}: it is neither a registered dataset, nor an existing path, nor a reachable hub dataset."
         f"{suggest(name, [*DATASETS, *HUB_CORPORA])} Registered: {', '.join(sorted([*DATASETS, *HUB_CORPORA]))}."
     )
-
-
-def iter_jsonl_documents(path: Path) -> Iterator[str]:
-    """Stream the ``text`` field of each line of a JSON Lines file."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise PeftlabError(f"{path}:{i} is not valid JSON; each line must be an object like {{\"text\": \"...\"}}.") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise PeftlabError(f"{path}:{i} has no string field `text`; found {list(row) if isinstance(row, dict) else type(row).__name__}.")
-            yield row["text"]
 
 
 def _iter_file(path: Path) -> Iterator[str]:
