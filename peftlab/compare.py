@@ -223,7 +223,7 @@ def _run_isolated(config_path: Optional[str], overrides: dict, console: bool) ->
 
 def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = DEFAULT_OUTPUT, methods: Optional[list[str]] = None,
             overrides: Optional[dict[str, Any]] = None, quick: bool = False, isolate: bool = True,
-            console: bool = False, out=sys.stdout) -> list[dict[str, Any]]:
+            console: bool = False, out=None) -> list[dict[str, Any]]:
     """Train every method (skipping finished runs) and write the comparison table.
 
     Args:
@@ -235,7 +235,7 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
         quick: tiny subset and three steps per run (a smoke test, not a result).
         isolate: train each run in a fresh process so peak memory is per run.
         console: let each run log to the console as well as its train.log.
-        out: where progress and the table are printed.
+        out: where progress and the table are printed (default: the current sys.stdout).
 
     Returns:
         One row per method (the columns of compare.csv).
@@ -244,6 +244,7 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
     from .errors import ConfigError
     from .methods import METHODS
 
+    out = out if out is not None else sys.stdout  # looked up per call, not bound at import
     if config_path is None:
         if not DEFAULT_CONFIG.is_file():
             raise PeftlabError(f"The default base config {DEFAULT_CONFIG} is not there (peftlab installed without its configs/?); pass --config.")
