@@ -100,3 +100,20 @@ def test_config_command_prints_resolved_yaml(capsys):
     assert main(["config", str(ROOT / "configs/quickstart/cls_lora.yaml"), "--lora.r=4"]) == 0
     out = capsys.readouterr().out
     assert "r: 4" in out and "name: tiny-bert" in out
+
+
+def test_other_methods_sections_are_not_range_checked():
+    # a shared study file may carry settings of methods this run does not use
+    cfg = load_config(None, ["--method=lora", "--sora.lambda=-1"])
+    assert cfg.method == "lora"
+    with pytest.raises(ConfigError, match="sora"):
+        load_config(None, ["--method=sora", "--sora.lambda=-1"])
+
+
+def test_tracker_package_must_be_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        load_config(None, {"logging.report_to": ["wandb"]})

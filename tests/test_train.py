@@ -190,3 +190,57 @@ def test_export_merged_model_gives_same_logits(tmp_path, run_train):
         assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-5)
     assert not any("lora" in k for k in merged.state_dict())
     assert main(["export", str(run), "--merge"]) == 2  # refuses to overwrite
+
+
+def test_best_metric_that_the_task_cannot_compute_fails_before_training(tmp_path, run_train):
+    from peftlab.errors import PeftlabError
+
+    with pytest.raises(PeftlabError, match="val_perplexity is for language modelling"):
+        run_train(make_cfg(tmp_path, "cls", training__best_metric="val_perplexity"))
+    assert not (tmp_path / "run/loss_log.csv").exists()
+
+
+def test_resume_latest_never_retrains_over_a_finished_run(tmp_path, run_train):
+    import shutil
+
+    from peftlab.errors import PeftlabError
+
+    run_train(make_cfg(tmp_path, "lm", training__max_steps=3))
+    shutil.rmtree(tmp_path / "run/checkpoints")
+    before = (tmp_path / "run/results_final.json").read_text()
+    with pytest.raises(PeftlabError, match="finished run but no checkpoint"):
+        run_train(make_cfg(tmp_path, "lm", training__max_steps=3, training__resume_from="latest"))
+    assert (tmp_path / "run/results_final.json").read_text() == before
+
+
+def test_resume_refuses_another_process_count(tmp_path, run_train):
+    from peftlab.errors import PeftlabError
+
+    run_train(make_cfg(tmp_path, "lm", training__max_steps=6, training__save_steps=3))
+    (tmp_path / "run/results_final.json").unlink()
+    state = tmp_path / "run/checkpoints/epoch-1/trainer_state.json"
+    data = json.loads(state.read_text())
+    data["world_size"] = 2
+    state.write_text(json.dumps(data))
+    with pytest.raises(PeftlabError, match="written by 2 process"):
+        run_train(make_cfg(tmp_path, "lm", training__max_steps=6, training__save_steps=3, training__resume_from="latest"))
+
+
+def test_resume_repairs_best_and_keeps_original_provenance(tmp_path, run_train):
+    import shutil
+
+    ref = run_train(make_cfg(tmp_path / "ref", "cls", training__epochs=2, training__max_steps=None, data__max_train_examples=96))
+    run = tmp_path / "ref/run"
+    # a kill after committing epoch-1 but before copying it to best/: no best/, no later state
+    shutil.rmtree(run / "best")
+    shutil.rmtree(run / "checkpoints/epoch-2")
+    (run / "results_final.json").unlink()
+    meta = json.loads((run / "config.json").read_text())["_meta"]
+    res = run_train(make_cfg(tmp_path / "ref", "cls", training__epochs=2, training__max_steps=None, data__max_train_examples=96,
+                             training__resume_from="latest"))
+    assert res["final"] == ref["final"] and res["best"] == ref["best"]
+    assert "restored best/ from epoch-1" in (run / "train.log").read_text()
+    best = json.loads((run / "best/metrics.json").read_text())
+    assert best["step"] == ref["best"]["step"]
+    meta2 = json.loads((run / "config.json").read_text())["_meta"]
+    assert meta2["created"] == meta["created"] and meta2["resumes"][0]["from_checkpoint"] == "epoch-1"

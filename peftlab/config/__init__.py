@@ -155,8 +155,12 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         value = raw.get(name) if isinstance(raw.get(name), dict) else {}
         built[name] = build_section(cls, name, value, problems)
     if not problems:
+        # value checks for the core sections and the chosen method's own; a shared study file may
+        # carry settings of other methods that this run ignores (types and names are checked above)
+        checked = set(CORE_SECTIONS) | set(METHODS[method].sections)
         for name, sec in built.items():
-            problems.extend(sec.validate() if hasattr(sec, "validate") else [])
+            if name in checked and hasattr(sec, "validate"):
+                problems.extend(sec.validate())
         problems.extend(METHODS[method].validate_config(RunConfig(method, built)))
     if problems:
         raise ConfigError(problems)

@@ -134,8 +134,13 @@ class LoggingConfig:
     run_name: Optional[str] = opt(None, "Tracker run name; defaults to the run directory's name.")
 
     def validate(self) -> list[str]:
+        import importlib.util
+
         bad = [t for t in self.report_to if t not in ("tensorboard", "wandb")]
-        return [f"`logging.report_to` accepts tensorboard and wandb, got {bad}."] if bad else []
+        if bad:
+            return [f"`logging.report_to` accepts tensorboard and wandb, got {bad}."]
+        missing = [t for t in self.report_to if importlib.util.find_spec(t) is None]
+        return [f"`logging.report_to={t}` needs the `{t}` package: pip install {t}" for t in missing]
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 import torch
 
 from ..config.machinery import opt
+from ..errors import PeftlabError
 from ..models import check_targets
 from .base import Method
 
@@ -89,7 +90,13 @@ class LoRA(Method):
         with warnings.catch_warnings():
             # GPT-2's Conv1D needs fan_in_fan_out=True; peft sets it itself and warns.
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-            return get_peft_model(model, self.peft_config())
+            try:
+                return get_peft_model(model, self.peft_config())
+            except ValueError as e:  # e.g. a target that is not a layer type LoRA supports
+                raise PeftlabError(
+                    f"peft cannot adapt target_modules={self.ctx.target_modules}: {str(e).splitlines()[0]} "
+                    "Point --model.target_modules at linear (or GPT-2 Conv1D) layers."
+                ) from None
 
     def param_groups(self, model):
         t, ratio = self.cfg.training, self.cfg.lora.loraplus_lr_ratio

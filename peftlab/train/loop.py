@@ -75,6 +75,7 @@ class TrainerState:
     elapsed: float = 0.0
     epoch_elapsed: float = 0.0
     peak_memory_mb: float = 0.0
+    world_size: int = 1
     best_value: Optional[float] = None
     best_step: Optional[int] = None
     history: dict = field(default_factory=dict)
@@ -125,6 +126,11 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
     ck = None
     if resume is not None:
         ck = ckpt.resolve(resume, run_dir)
+        if ck is None and (run_dir / "results_final.json").is_file() and not cfg.output.overwrite:
+            raise PeftlabError(
+                f"{run_dir} holds a finished run but no checkpoint to resume from; resuming would train again from step 0 "
+                "and overwrite its results. Choose another --output.dir, or pass --output.overwrite=true to delete it."
+            )
         if ck is not None and has_run:
             old = json.loads((run_dir / "config.json").read_text())
             diff = _config_diff(old, cfg.to_dict())
@@ -159,7 +165,7 @@ class Trainer:
         )
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.run_dir, self.resume_ckpt = prepare_run_dir(cfg) if acc.is_main_process else (Path(cfg.output.dir), None)
+        self.run_dir, self.resume_ckpt = prepare_run_dir(cfg) if acc.is_main_process else (Path(cfg.output.dir).expanduser(), None)
         acc.wait_for_everyone()
         if not acc.is_main_process and t.resume_from is not None:
             self.resume_ckpt = ckpt.resolve(t.resume_from, self.run_dir)
@@ -189,6 +195,10 @@ class Trainer:
             raise PeftlabError(f"model.task={cfg.model.task} but dataset {cfg.data.dataset!r} is a {raw.task} dataset; leave model.task=auto or pick a matching dataset.")
         self.task, self.raw = task, raw
         self.num_labels = cfg.model.num_labels or raw.num_labels
+        if task == "classification" and raw.num_labels and self.num_labels < raw.num_labels:
+            raise PeftlabError(f"model.num_labels={self.num_labels} but dataset {cfg.data.dataset!r} has {raw.num_labels} classes; "
+                               "remove model.num_labels or raise it.")
+        self.best_metric()  # rejects a best_metric the task cannot compute, before the model is built
         for k, v in raw.info.items():
             log.info(f"data {k}: {v}")
         model, tokenizer, info = load_model(cfg, task, self.num_labels)
@@ -230,8 +240,11 @@ class Trainer:
         self.loss_log = CsvLog(self.run_dir / "loss_log.csv", LOSS_COLUMNS)
         self.sparsity_log = CsvLog(self.run_dir / "sparsity_log.csv")
         self.memory_log = CsvLog(self.run_dir / "epoch_peak_memory.csv", ["epoch", "step", "peak_memory_mb", "memory_kind"])
+        self.state.world_size = self.world
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
+            trainable, effective = self.method.param_counts(self.unwrapped())
+            self.param_counts.update(trainable_params=trainable, effective_params=effective)
         elif acc.is_main_process:
             for f in ("loss_log.csv", "sparsity_log.csv", "epoch_peak_memory.csv"):
                 (self.run_dir / f).unlink(missing_ok=True)
@@ -241,7 +254,15 @@ class Trainer:
             meta = run_metadata(cfg, self.world)
             meta["_meta"].update(task=self.task, num_labels=self.num_labels, label_names=self.raw.label_names,
                                  base_model=self.model_info.source)
-            write_json(self.run_dir / "config.json", meta)
+            cfg_path = self.run_dir / "config.json"
+            if self.resume_ckpt is not None and cfg_path.is_file():
+                # keep the provenance of the original start; record each resume beside it
+                old = json.loads(cfg_path.read_text())
+                old.setdefault("_meta", {}).setdefault("resumes", []).append(
+                    {k: meta["_meta"][k] for k in ("versions", "git_commit", "command", "created", "host")}
+                    | {"from_checkpoint": self.resume_ckpt.name})
+                meta = old
+            write_json(cfg_path, meta)
         if cfg.logging.report_to:
             flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
             acc.init_trackers(cfg.logging.project, config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()},
@@ -275,16 +296,54 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(data["scaler"])
         st = dict(data["trainer_state"])
         rng = st.pop("rng")
+        saved_world = st.get("world_size", 1)
+        if saved_world != self.world:
+            raise PeftlabError(
+                f"Checkpoint {path} was written by {saved_world} process(es) but this run has {self.world}; the data position, "
+                "schedule and RNG depend on it. Resume with the same number of processes."
+            )
         self.state = TrainerState(**st)
         if data["rng"] is None:
             raise PeftlabError(f"Checkpoint {path} has no RNG state for process {self.rank}; resume with the number of processes it was saved with.")
         ckpt.set_torch_rng_state(data["rng"])
         ckpt.set_python_rng_state(rng)
         if self.accelerator.is_main_process:
+            self._repair_best()
+        if self.accelerator.is_main_process:
             self.loss_log.truncate_after(self.state.global_step)
             self.sparsity_log.truncate_after(self.state.global_step)
             self.memory_log.truncate_after(self.state.global_step)
         self.log.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} of the epoch)")
+
+    def _repair_best(self) -> None:
+        """A kill between committing epoch-N and copying it to best/ leaves best/ stale: redo the copy."""
+        for leftover in (".tmp-best", ".old-best"):
+            if (self.run_dir / leftover).exists():
+                shutil.rmtree(self.run_dir / leftover, ignore_errors=True)
+        st = self.state
+        if st.best_step is None:
+            return
+        best_metrics = self.run_dir / "best" / "metrics.json"
+        current = json.loads(best_metrics.read_text()).get("step") if best_metrics.is_file() else None
+        if current == st.best_step:
+            return
+        for step, is_epoch, path in ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            if is_epoch and step == st.best_step:
+                hist = st.history
+                i = hist.get("step", []).index(step) if step in hist.get("step", []) else -1
+                row = {k: v[i] for k, v in hist.items()} if i >= 0 else {"step": step}
+                self._copy_best(path, row, self.best_metric()[0])
+                self.log.info(f"restored best/ from {path.name} (an earlier run stopped before copying it)")
+                return
+
+    def _copy_best(self, path: Path, row: dict, best_name: str) -> None:
+        best = self.run_dir / "best"
+        tmp = self.run_dir / ".tmp-best"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(path, tmp)
+        (tmp / "metrics.json").write_text(json.dumps({**row, "best_metric": best_name}, indent=2))
+        ckpt.commit(tmp, best)
 
     def save_checkpoint(self, name: str) -> Path:
         acc = self.accelerator
@@ -314,10 +373,10 @@ class Trainer:
         model.eval()
         bs = t.eval_batch_size or t.batch_size
         n = len(self.val_ds)
-        idx = list(range(self.rank, n, self.world))
+        # the cap is eval_max_batches x eval batch size examples in all, whatever the process count
+        limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches else n
+        idx = list(range(self.rank, limit, self.world))
         batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
-        if t.eval_max_batches:
-            batches = batches[: t.eval_max_batches]
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
         count = torch.zeros((), device=acc.device, dtype=torch.float64)
         preds, labels = [], []
@@ -352,6 +411,8 @@ class Trainer:
             name = "val_accuracy" if self.task == "classification" else "val_loss"
         if self.task == "causal_lm" and name in ("val_accuracy", "val_f1"):
             raise PeftlabError(f"training.best_metric={name} needs a classification task; use val_loss or val_perplexity.")
+        if self.task == "classification" and name == "val_perplexity":
+            raise PeftlabError("training.best_metric=val_perplexity is for language modelling; use val_accuracy, val_f1 or val_loss.")
         return name, name in ("val_accuracy", "val_f1")
 
     # ------------------------------------------------------------------- loop
@@ -392,8 +453,9 @@ class Trainer:
                     acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 opt.step()
                 lr = self.scheduler.get_last_lr()[0]
-                self.method.after_optimizer_step(self.unwrapped(), lr)
-                self.scheduler.step()
+                if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped a step with inf/nan grads
+                    self.method.after_optimizer_step(self.unwrapped(), lr)
+                    self.scheduler.step()
                 opt.zero_grad(set_to_none=True)
                 loss_val = acc.reduce(step_loss, "mean").item()
                 st.global_step += 1
@@ -473,12 +535,7 @@ class Trainer:
         path = self.save_checkpoint(f"epoch-{e + 1}")
         if improved and acc.is_main_process:
             best = self.run_dir / "best"
-            tmp = self.run_dir / ".tmp-best"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            shutil.copytree(path, tmp)
-            (tmp / "metrics.json").write_text(json.dumps({**row, "best_metric": best_name}, indent=2))
-            ckpt.commit(tmp, best)
+            self._copy_best(path, row, best_name)
             log.info(f"new best {best_name}={value:.4f} at step {st.global_step} -> {best}")
 
     def _finish(self, wall: float, best_name: str) -> dict[str, Any]:
@@ -537,7 +594,7 @@ class Trainer:
         if cfg_path.is_file():
             data = json.loads(cfg_path.read_text())
             data["base_model_name_or_path"] = str(base.resolve())
-            cfg_path.write_text(json.dumps(data, indent=2))
+            ckpt.atomic_write_text(cfg_path, json.dumps(data, indent=2))
 
 
 def train(cfg, console: bool = True) -> dict[str, Any]:
