@@ -285,3 +285,27 @@ def test_round_trip_with_the_genuine_gpt2_bpe(tmp_path):
     assert tok.decode(train.tolist()) == "".join(d + "<|endoftext|>" for d, v in zip(docs, mask) if not v)
     assert (train[np.load(tmp_path / "eot_indices.npy")] == 50_256).all()
     assert np.load(tmp_path / "doc_lengths.npy").sum() == len(train)
+
+
+def test_interrupted_prepare_is_refused_not_misread(tmp_path):
+    """A directory whose preparation was interrupted must not load as nanoGPT-style bins."""
+    import pytest
+
+    from peftlab.data.bins import INCOMPLETE, prepare_token_bins, read_meta
+    from peftlab.errors import PeftlabError
+    from peftlab.models.tokenizers import byte_tokenizer
+
+    out = tmp_path / "bins"
+
+    def docs():
+        yield "first document"
+        yield "second document"
+        raise KeyboardInterrupt  # the user stops it halfway
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare_token_bins(docs(), byte_tokenizer(), out, 0.5, chunk_docs=1, progress=False)
+    assert (out / INCOMPLETE).exists() and not (out / "meta.json").exists()
+    with pytest.raises(PeftlabError, match="did not finish"):
+        read_meta(out)
+    prepare_token_bins(iter(["a b c", "d e f", "g h i", "j k l"]), byte_tokenizer(), out, 0.5, progress=False)
+    assert not (out / INCOMPLETE).exists() and read_meta(out)["vocab_size"] == 260

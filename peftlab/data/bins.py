@@ -42,6 +42,7 @@ from ..errors import PeftlabError
 
 FORMAT = "peftlab-token-bins"
 FORMAT_VERSION = 1
+INCOMPLETE = ".prepare-incomplete"  # present while a directory is being prepared
 # A directory prepared by nanoGPT's data/openwebtext/prepare.py has no meta.json; it is GPT-2 BPE in uint16.
 NANOGPT_META = {"format": "nanoGPT", "dtype": "uint16", "vocab_size": 50257, "eot_token_id": 50256, "tokenizer": "gpt2"}
 _M64 = (1 << 64) - 1
@@ -158,6 +159,7 @@ def prepare_token_bins(documents: Iterable[str], tokenizer, out_dir, val_fractio
     dtype = bin_dtype(vocab)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE).touch()  # removed only when meta.json is in place
     (out / "meta.json").unlink(missing_ok=True)  # a half-written directory must not look prepared
     writers = {"train": _SplitWriter(out, "train", dtype, with_docs=True), "val": _SplitWriter(out, "val", dtype, with_docs=False)}
     peak = 0
@@ -220,6 +222,7 @@ def prepare_token_bins(documents: Iterable[str], tokenizer, out_dir, val_fractio
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out / "meta.json")  # written last: its presence marks a complete directory
+    (out / INCOMPLETE).unlink()
     return {**meta, "peak_chunk_tokens": peak}
 
 
@@ -229,6 +232,11 @@ def is_bin_dir(path: Path) -> bool:
 
 def read_meta(directory: Path) -> dict:
     directory = Path(directory)
+    if (directory / INCOMPLETE).exists():
+        raise PeftlabError(
+            f"{directory} is a token-bin directory whose preparation did not finish (it holds {INCOMPLETE}); "
+            "re-run `peftlab data prepare ... --overwrite` for it."
+        )
     p = directory / "meta.json"
     if not p.is_file():
         return dict(NANOGPT_META, assumed=True)

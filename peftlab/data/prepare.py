@@ -232,7 +232,7 @@ def _write_bins(corpus: _Corpus, cfg, out_dir: Path, tokenizer_name: str, val_fr
         from ..models import offline  # noqa: F401  (registers offline tokenizers such as gpt2)
     except ImportError:
         pass
-    if (out_dir / "meta.json").exists() and not overwrite:
+    if any((out_dir / f).exists() for f in ("meta.json", "train.bin", "val.bin")) and not overwrite:
         raise PeftlabError(f"{out_dir} already holds prepared token bins; pass --overwrite to replace them or choose another --output-dir.")
     tok = _load_tokenizer(tokenizer_name, cfg.model, False)
     f = val_fraction or corpus.val_fraction or DEFAULT_VAL_FRACTION
