@@ -47,18 +47,17 @@ PROJECTOR_KEYS = ("proj",)
 def infer_task(cfg) -> tuple[str, int]:
     """(task, num_labels) without loading data when the names tell (tiny models, named tasks)."""
     from .data.tasks import TASKS
-    from .models import TINY_MODELS
 
     name = cfg.data.dataset
     base = name[: -len("-sample")] if name.endswith("-sample") else name
     if cfg.model.task != "auto":
         task = cfg.model.task
-    elif cfg.model.name in TINY_MODELS:
-        task = TINY_MODELS[cfg.model.name]["task"]
-    elif base in TASKS:
+    elif base in TASKS:  # the dataset decides, as in training
         task = "classification"
-    elif base in ("lm", "openwebtext") or name.endswith((".txt", ".bin")):
+    elif base in ("lm", "openwebtext", "python-docs") or name.endswith((".txt", ".bin")):
         task = "causal_lm"
+    elif name == "food-reviews":
+        task = "classification"
     else:
         from .data import load_raw
 
