@@ -20,7 +20,6 @@ everything. This module is deliberately small: the study runner (``peftlab sweep
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import sys
@@ -349,12 +348,11 @@ def markdown_table(rows: list[dict], with_dirs: bool = True) -> str:
 
 
 def write_tables(rows: list[dict], output_dir: Path) -> None:
-    with open(output_dir / "compare.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
-    (output_dir / "compare.md").write_text(markdown_table(rows) + "\n")
+    from .checkpoints import atomic_write_text
+    from .tracking import write_csv
+
+    write_csv(output_dir / "compare.csv", COLUMNS, rows)
+    atomic_write_text(output_dir / "compare.md", markdown_table(rows) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -24,7 +24,6 @@ documented in docs/rsvd.md.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Optional
 
 import torch
 
+from .checkpoints import atomic_write_text
 from .errors import PeftlabError
 
 MB = 2**20
@@ -344,7 +344,7 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
                "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv"],
                "variants": [{**{k: v for k, v in r.items() if k not in ("per_param_state", "groups")},
                              "groups": [{k: v for k, v in g.items() if k != "names"} for g in r["groups"]]} for r in results]}
-    (out_dir / "profile_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out_dir / "profile_summary.json", json.dumps(summary, indent=2, default=str))
     if echo:
         print(format_table(rows, adam["total_params"], cfg.model.name))
         print(f"\nfiles in {out_dir}: {', '.join(summary['files'])}")
@@ -352,11 +352,9 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    from .tracking import write_csv
+
+    write_csv(path, columns, rows)
 
 
 def format_table(rows: list[dict], total_params: int, model: str) -> str:

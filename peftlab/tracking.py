@@ -52,6 +52,18 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Write a whole table atomically (empty cell for None); for result tables, not append logs."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    atomic_write_text(Path(path), buf.getvalue())
+
+
 def _json_default(o):
     if hasattr(o, "item"):
         return o.item()
