@@ -108,10 +108,6 @@ def prepare(cfg, out_dir: Path, tokenizer: str = DEFAULT_TOKENIZER, val_fraction
     from . import tasks  # noqa: F401  (registers named tasks and samples)
     from . import offline  # noqa: F401  (registers food-reviews, python-docs)
 
-    try:
-        from . import offline  # noqa: F401  (registers offline datasets, when present)
-    except ImportError:
-        pass
     if val_fraction is not None and not 0.0 < val_fraction < 1.0:
         raise PeftlabError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}.")
     name = cfg.data.dataset

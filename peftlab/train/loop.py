@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -580,9 +579,7 @@ class Trainer:
     def _save_base_model(self, export_dir: Path) -> None:
         """Built-in tiny models have no hub copy: save the base so the adapter can be reloaded."""
         base = self.run_dir / "base_model"
-        model = self.unwrapped()
-        base_model = model.get_base_model() if hasattr(model, "get_base_model") else None
-        if base_model is None:
+        if not hasattr(self.unwrapped(), "get_base_model"):  # only adapters point at a base model
             return
         # Save the original (unadapted) weights of the base architecture.
         from ..models import load_model
