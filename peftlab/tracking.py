@@ -152,7 +152,7 @@ def _fmt(v: Any) -> str:
 
 
 def run_metadata(cfg, world_size: int) -> dict[str, Any]:
-    return {
+    meta = {
         **cfg.to_dict(),
         "_meta": {
             "versions": package_versions(),
@@ -164,6 +164,13 @@ def run_metadata(cfg, world_size: int) -> dict[str, Any]:
             "pid": os.getpid(),
         },
     }
+    study = os.environ.get("PEFTLAB_STUDY_TRIAL")  # set by `peftlab sweep`: which study and trial this run is
+    if study:
+        try:
+            meta["_meta"]["study"] = json.loads(study)
+        except ValueError:
+            meta["_meta"]["study"] = {"raw": study}
+    return meta
 
 
 def peak_memory_mb(device_type: str) -> tuple[float, str]:

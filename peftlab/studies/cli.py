@@ -1,0 +1,131 @@
+"""``peftlab sweep`` and ``peftlab estimate``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import PeftlabError
+
+SWEEP_EPILOG = ("Examples:\n"
+                "  peftlab sweep configs/studies/compare.yaml --preset-scale=cpu --dry-run\n"
+                "  peftlab sweep configs/studies/subspace_allocation.yaml --gpus 0,1,2,3\n"
+                "  peftlab sweep configs/studies/sparse_adapters.yaml --engine=slurm --slurm.slurm_partition=gpu\n"
+                "Overrides after the study file (--section.key=value) apply to every run.")
+
+
+def _load(args, extra: list[str]):
+    from ..config import parse_overrides
+    from .expand import expand
+    from .spec import load_study
+
+    spec = load_study(args.study, args.preset_scale)
+    slurm = {}
+    ov = {}
+    for k, v in parse_overrides(extra).items():
+        if k.startswith("slurm."):
+            slurm[k[len("slurm."):]] = v
+        else:
+            ov[k] = v
+    if ov:
+        spec.overrides = {**spec.overrides, **ov}
+    if slurm:
+        spec.execution.slurm = {**spec.execution.slurm, **slurm}
+    output = Path(args.output_dir) if getattr(args, "output_dir", None) else None
+    trials = expand(spec, output)
+    return spec, trials
+
+
+def _gpus(arg: str | None) -> list[str] | None:
+    if arg is None:
+        return None
+    gpus = [g.strip() for g in arg.split(",") if g.strip()]
+    if not gpus:
+        raise PeftlabError("--gpus needs GPU indices, e.g. --gpus 0,1,2,3.")
+    return gpus
+
+
+def make_executor(args, spec):
+    from .executors import LocalExecutor, SubmititExecutor
+
+    if args.engine == "local":
+        return LocalExecutor(_gpus(args.gpus), spec.execution.processes_per_run)
+    if args.gpus:
+        raise PeftlabError("--gpus is for --engine=local; on Slurm ask for GPUs with --slurm.gpus_per_node=N.")
+    return SubmititExecutor("local" if args.engine == "submitit-local" else "slurm", spec.execution.slurm)
+
+
+def cmd_sweep(args, extra: list[str]) -> int:
+    from .runner import format_table, plan, sweep
+
+    spec, trials = _load(args, extra)
+    if args.dry_run:
+        rows = plan(spec, trials, args.retry_failed)
+        where = trials[0].run_dir.parent if trials else spec.output_dir
+        print(f"study {spec.study.name}{f' (scale {spec.scale})' if spec.scale else ''} -> {where}")
+        print(format_table(rows))
+        return 0
+    executor = make_executor(args, spec)
+    try:
+        summary = sweep(spec, trials, executor, retry_failed=args.retry_failed)
+    except KeyboardInterrupt:
+        print("interrupted; run the same `peftlab sweep` command again: finished runs are skipped, the interrupted one resumes",
+              file=sys.stderr)
+        return 130
+    if not summary.ok:
+        print(f"{len(summary.failures)} failed: {', '.join(summary.failures)}; see study.log", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_estimate(args, extra: list[str]) -> int:
+    from .estimate import estimate_config, estimate_study, print_estimate
+    from .spec import is_study_file
+
+    if is_study_file(args.target):
+        spec, trials = _load(args, extra)
+        rows = estimate_study(spec, trials, steps=args.steps, slots=max(len(_gpus(args.gpus) or [None]) // spec.execution.processes_per_run, 1))
+    else:
+        if args.preset_scale:
+            raise PeftlabError("--preset-scale applies to study files; this is a run config.")
+        from ..config import load_config
+
+        cfg = load_config(args.target, extra)
+        rows = estimate_config(cfg, steps=args.steps)
+    print_estimate(rows, slots=max(len(_gpus(args.gpus) or [None]), 1))
+    return 0
+
+
+def add_command(subparsers) -> None:
+    import argparse
+
+    p = subparsers.add_parser(
+        "sweep", help="run a study: a grid of runs x seeds, skipping finished runs and resuming interrupted ones",
+        description="Expand a study file (configs/studies/*.yaml) into runs and train each in its own process. Finished runs are "
+                    "skipped, interrupted ones resume from their last checkpoint, failures are recorded and the study goes on; "
+                    "study.log and study.jsonl in the study directory record every run. Killing the sweep and starting it "
+                    "again completes every run exactly once.",
+        epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="study YAML file")
+    p.add_argument("--dry-run", action="store_true", help="print the run table (name, overrides, status: done / partial / new) and stop")
+    p.add_argument("--preset-scale", default=None, help="a scale the study defines, e.g. cpu: a small variant that runs on a laptop CPU")
+    p.add_argument("--output-dir", default=None, help="study directory (default: study.output_dir of the file)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU indices: one run per GPU at a time (or per group of "
+                                                "execution.processes_per_run GPUs)")
+    p.add_argument("--engine", choices=["local", "slurm", "submitit-local"], default="local",
+                   help="local (default): this machine; slurm: one Slurm job per run through submitit (--slurm.KEY=VALUE sets "
+                        "submitit parameters); submitit-local: submitit's local executor, to try the Slurm path here")
+    p.add_argument("--retry-failed", action="store_true", help="retry runs that failed the same way too often")
+    p.set_defaults(func=cmd_sweep)
+
+    e = subparsers.add_parser(
+        "estimate", help="time a few real optimizer steps and print the time per run and in total",
+        description="Time a few real optimizer steps of each distinct configuration of a study (or of one run config) on this "
+                    "device, extrapolate to each run's full number of steps, add setup, evaluation, checkpoint and method "
+                    "overheads, and print per-run and total estimates with the expected completion time.")
+    e.add_argument("target", help="study YAML or run config YAML")
+    e.add_argument("--preset-scale", default=None, help="scale of the study to estimate")
+    e.add_argument("--output-dir", default=None, help="study directory (runs already done there count as zero)")
+    e.add_argument("--steps", type=int, default=4, help="optimizer steps timed per distinct configuration (default 4)")
+    e.add_argument("--gpus", default=None, help="GPUs the sweep will use (the total is divided among them)")
+    e.set_defaults(func=cmd_estimate)

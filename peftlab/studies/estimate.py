@@ -1,0 +1,201 @@
+"""``peftlab estimate``: how long a study (or one run) will take on this device.
+
+For each distinct configuration (runs that differ only in seed share one), a probe builds
+the real run (model, data, method — BA-LoRA's importance phase and any other work a
+method does before training included, in the time it takes) in a scratch directory and
+trains a few real optimizer steps through the real loop, then evaluates and saves as a
+run's epoch end does. Per step it records a timestamp (a wrapper around the method's
+``after_optimizer_step`` hook). A run's estimate is::
+
+    process start + setup + first step + (steps - 1) x median step
+      + (refreshes - 1) x (first step - median step)      methods with `update_interval` (rSVD)
+      + epochs x (evaluation + epoch checkpoint) + step checkpoints x save + final export
+
+``steps`` comes from :func:`peftlab.build.count_optimizer_steps` when this installation
+has it, else from the probe's own trainer (the same computation). Runs already done in the
+study directory count zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import _compat
+
+
+@dataclass
+class Probe:
+    setup_s: float
+    first_step_s: float
+    step_s: float
+    eval_s: float
+    save_s: float
+    finish_s: float
+    steps: int  # the full run's optimizer steps
+    epochs: int
+    steps_timed: int
+    step_times: list[float] = field(default_factory=list)
+
+
+_START_COST: Optional[float] = None
+
+
+def process_start_s() -> float:
+    """Seconds to start a run's process and import its libraries (measured once)."""
+    global _START_COST
+    if _START_COST is None:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import peftlab.train.loop, peftlab.methods, transformers, peft, accelerate"],
+                       check=False, capture_output=True)
+        _START_COST = time.perf_counter() - t0
+    return _START_COST
+
+
+def probe(cfg, steps: int = 4) -> Probe:
+    """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps."""
+    from ..cli import quiet_libraries
+    from ..train.loop import Trainer
+
+    quiet_libraries()
+    with tempfile.TemporaryDirectory(prefix="peftlab-estimate-") as tmp:
+        pcfg = cfg.replace({"output.dir": f"{tmp}/run", "training.save_steps": 0, "training.resume_from": None,
+                            "logging.progress_bar": False, "logging.report_to": [], "output.overwrite": True})
+        t0 = time.perf_counter()
+        tr = Trainer(pcfg, console=False)
+        setup = time.perf_counter() - t0
+        full_steps = _compat.count_optimizer_steps(cfg) or tr.total_steps
+        epochs = math.ceil(full_steps / tr.steps_per_epoch)
+        n = max(1, min(steps, tr.total_steps))
+        tr.total_steps = n
+        stamps: list[float] = []
+        hook = tr.method.after_optimizer_step
+
+        def timed_hook(model, lr):
+            hook(model, lr)
+            stamps.append(time.perf_counter())
+
+        tr.method.after_optimizer_step = timed_hook
+        timings = {"eval": 0.0, "save": 0.0}
+        evaluate, save = tr.evaluate, tr.save_checkpoint
+
+        def timed_eval():
+            a = time.perf_counter()
+            try:
+                return evaluate()
+            finally:
+                timings["eval"] += time.perf_counter() - a
+
+        def timed_save(name):
+            a = time.perf_counter()
+            try:
+                return save(name)
+            finally:
+                timings["save"] += time.perf_counter() - a
+
+        tr.evaluate, tr.save_checkpoint = timed_eval, timed_save
+        t1 = time.perf_counter()
+        tr.run()
+        t_end = time.perf_counter()
+    dts = [b - a for a, b in zip([t1, *stamps[:-1]], stamps)]
+    first = dts[0] if dts else 0.0
+    steady = statistics.median(dts[1:]) if len(dts) > 1 else first
+    last = stamps[-1] if stamps else t1
+    finish = max(t_end - last - timings["eval"] - timings["save"], 0.0)
+    return Probe(setup, first, steady, timings["eval"], timings["save"], finish, full_steps, epochs, len(dts), dts)
+
+
+def _refresh_interval(cfg) -> Optional[int]:
+    """`update_interval` of the run's own method section, if it has one (periodic work such as rSVD's SVDs)."""
+    from ..methods import METHODS
+
+    for sec in getattr(METHODS.get(cfg.method), "sections", ()) or ():
+        v = getattr(getattr(cfg, sec, None), "update_interval", None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def run_seconds(cfg, p: Probe) -> float:
+    steps = p.steps
+    total = process_start_s() + p.setup_s + p.first_step_s + max(steps - 1, 0) * p.step_s
+    interval = _refresh_interval(cfg)
+    if interval:
+        total += max(math.ceil(steps / interval) - 1, 0) * max(p.first_step_s - p.step_s, 0.0)
+    save_steps = cfg.training.save_steps
+    n_step_saves = 0
+    if save_steps:
+        steps_per_epoch = math.ceil(steps / max(p.epochs, 1))
+        n_step_saves = sum(1 for s in range(save_steps, steps + 1, save_steps) if s % steps_per_epoch and s != steps)
+    total += p.epochs * (p.eval_s + p.save_s) + n_step_saves * p.save_s + p.finish_s
+    return total
+
+
+def _distinct_key(cfg) -> str:
+    ident = _compat.run_identity(cfg)
+    ident = json.loads(json.dumps(ident, default=str))
+    if isinstance(ident.get("training"), dict):
+        ident["training"].pop("seed", None)
+    return json.dumps(ident, sort_keys=True)
+
+
+def estimate_config(cfg, steps: int = 4, name: Optional[str] = None) -> list[dict[str, Any]]:
+    p = probe(cfg, steps)
+    return [{"name": name or str(cfg.output.dir), "status": "new", "seconds": run_seconds(cfg, p), "probe": p}]
+
+
+def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> list[dict[str, Any]]:
+    from .runner import trial_status
+
+    out = out if out is not None else sys.stdout
+    probes: dict[str, Probe] = {}
+    rows = []
+    for t in trials:
+        status, _ = trial_status(t.cfg, t.run_dir)
+        if status == "done":
+            rows.append({"name": t.name, "status": "done", "seconds": 0.0, "probe": None})
+            continue
+        key = _distinct_key(t.cfg)
+        if key not in probes:
+            print(f"timing {steps} steps of {t.name} ({len(probes) + 1} distinct configuration(s) so far) ...", file=out, flush=True)
+            probes[key] = probe(t.cfg, steps)
+        rows.append({"name": t.name, "status": status, "seconds": run_seconds(t.cfg, probes[key]), "probe": probes[key]})
+    return rows
+
+
+def _fmt(s: float) -> str:
+    s = int(round(s))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d {h}h {m}m"
+    if h:
+        return f"{h}h {m}m"
+    return f"{m}m {s}s"
+
+
+def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
+    """Seed 003's layout: one line per run, a TOTAL, and the expected completion time."""
+    out = out if out is not None else sys.stdout
+    w = max([5, *(len(r["name"]) for r in rows)])
+    print(f"{'run':<{w}}   {'steps':>7} {'s/step':>8} {'setup+eval':>10}   estimate", file=out)
+    for r in rows:
+        p = r["probe"]
+        if p is None:
+            print(f"{r['name']:<{w}} : {'':>7} {'':>8} {'':>10}   done (0s)", file=out)
+            continue
+        print(f"{r['name']:<{w}} : {p.steps:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {_fmt(r['seconds']):>10}", file=out)
+    total = sum(r["seconds"] for r in rows)
+    wall = total / max(slots, 1)
+    print("-" * (w + 44), file=out)
+    print(f"{'TOTAL':<{w}} : {'':>28}   ~ {_fmt(total):>10}" + (f" ({_fmt(wall)} on {slots} slots)" if slots > 1 else ""), file=out)
+    print(f"Expected completion if started now: {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(time.time() + wall))}", file=out)
+    return total

@@ -1,0 +1,332 @@
+"""The study file: a YAML description of many runs, validated like run configs.
+
+    study:
+      name: subspace_allocation
+      output_dir: runs/studies/subspace_allocation
+      run_name: "d{sublora.intrinsic_dim}_{arm}_seed{seed}"
+    base: ../examples/lm_sublora.yaml     # a run config, relative to this file (null: defaults)
+    overrides: {training.epochs: 1}       # dotted keys, applied to every run
+    grid:
+      product: {sublora.intrinsic_dim: [1000, 2000]}   # every combination
+      zip: {lora.r: [4, 8], lora.alpha: [8, 16]}        # walked together (equal lengths)
+    arms:                                              # named variants with their own overrides
+      - {name: uniform, overrides: {sublora.allocation_mode: uniform}}
+    seeds: [42, 123, 999]                              # training.seed of each run
+    budget: {match: lora, r: 8}                        # each method matches LoRA rank r's parameter count
+    follow_up:
+      per_run: ["bounds {run_dir} --bounds.bound_type=document_level"]
+      study: ["analyze {study_dir} --output-dir {study_dir}/analysis"]
+    execution: {processes_per_run: 1, launcher: accelerate}
+    scales:                                            # --preset-scale=cpu: a small variant
+      cpu: {overrides: {model.name: tiny-gpt2}, seeds: [42]}
+
+Every section is a typed dataclass built by the same machinery as run configs, so an
+unknown key gets "Did you mean ...?" and every problem is reported at once
+(:class:`~peftlab.errors.ConfigError`). The run configs themselves are validated when the
+study is expanded (:func:`peftlab.studies.expand.expand`).
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from ..config.machinery import build_section, opt, suggest
+from ..errors import ConfigError
+
+
+@dataclass
+class StudySection:
+    name: str = opt("", "Name of the study (recorded in each run's provenance).")
+    description: str = opt("", "One line on what the study asks.")
+    output_dir: Optional[str] = opt(None, "Study directory: one run directory per run, study.log, study.jsonl (default runs/studies/<name>).")
+    run_name: str = opt("{arm}_seed{seed}", "Run-name template: {seed}, {arm}, {index}, {study} or any dotted config key, e.g. d{sublora.intrinsic_dim}_seed{seed}.")
+
+
+@dataclass
+class GridSection:
+    product: dict = opt({}, "Dotted key -> list of values; every combination becomes a grid point.")
+    zip: dict = opt({}, "Dotted key -> list of values, all lists of one length, walked together (one axis).")
+
+
+@dataclass
+class ArmSection:
+    name: str = opt("", "Name of the arm ({arm} in run names).")
+    overrides: dict = opt({}, "Dotted-key overrides of this arm, e.g. {method: dora, training.learning_rate: 1e-4}.")
+    description: str = opt("", "One line on what the arm is.")
+
+
+@dataclass
+class BudgetSection:
+    match: Literal["none", "lora"] = opt("none", "lora: every run gets the parameter budget of LoRA at rank r on the same targets; each method says how it matches (Method.budget_overrides).")
+    r: Optional[int] = opt(None, "The reference LoRA rank (default: lora.r of each run's config).")
+
+
+@dataclass
+class FollowUpSection:
+    per_run: list[str] = opt([], "peftlab commands run after each completed run, e.g. `bounds {run_dir}`; {run_dir}, {name}, {study_dir} are filled in.")
+    study: list[str] = opt([], "peftlab commands run once after all runs, e.g. `analyze {study_dir} --output-dir {study_dir}/analysis`.")
+
+
+@dataclass
+class ExecutionSection:
+    processes_per_run: int = opt(1, "Processes (GPUs) per run; above 1 each run is started by the launcher below.")
+    launcher: Literal["accelerate", "torchrun"] = opt("accelerate", "Multi-process launcher when processes_per_run > 1.")
+    max_attempts_same_error: int = opt(2, "A run that failed this many times in a row with the same error is not retried (use --retry-failed).")
+    slurm: dict = opt({}, "submitit/Slurm parameters for --engine=slurm, e.g. {slurm_partition: gpu, timeout_min: 720, gpus_per_node: 1}.")
+
+
+@dataclass
+class ScaleSection:
+    base: Optional[str] = opt(None, "Another base run config for this scale (relative to the study file).")
+    overrides: dict = opt({}, "Dotted-key overrides for every run at this scale (applied after the study's own).")
+    seeds: Optional[list[int]] = opt(None, "Seeds at this scale (replaces the study's).")
+    grid: dict = opt({}, "Dotted key -> list of values replacing that grid axis' values at this scale.")
+    arms: Optional[list[str]] = opt(None, "Keep only these arms at this scale.")
+    output_dir: Optional[str] = opt(None, "Study directory at this scale (default: the study's with -<scale> appended).")
+    description: str = opt("", "What this scale is for.")
+
+
+TOP_LEVEL = ("study", "base", "overrides", "grid", "arms", "seeds", "budget", "follow_up", "execution", "scales")
+
+
+@dataclass
+class StudySpec:
+    """A validated study file (before expansion into runs)."""
+
+    study: StudySection
+    base: Optional[Path]
+    overrides: dict[str, Any]
+    grid: GridSection
+    arms: list[ArmSection]
+    seeds: Optional[list[int]]
+    budget: BudgetSection
+    follow_up: FollowUpSection
+    execution: ExecutionSection
+    scales: dict[str, ScaleSection]
+    path: Optional[Path] = None
+    scale: Optional[str] = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.study.output_dir or f"runs/studies/{self.study.name}").expanduser()
+
+    def at_scale(self, scale: Optional[str]) -> "StudySpec":
+        """This study with scale ``scale``'s changes applied (None: unchanged)."""
+        if scale is None:
+            return self
+        if scale not in self.scales:
+            known = ", ".join(sorted(self.scales)) or "none"
+            raise ConfigError([f"study {self.study.name!r} has no scale {scale!r}.{suggest(scale, self.scales)} Scales it defines: {known}."])
+        sc = self.scales[scale]
+        out = copy.deepcopy(self)
+        out.scale = scale
+        if sc.base is not None:
+            out.base = _resolve_path(sc.base, self.path)
+        out.overrides = {**self.overrides, **sc.overrides}
+        if sc.seeds is not None:
+            out.seeds = list(sc.seeds)
+        problems = []
+        for key, values in sc.grid.items():
+            if key in out.grid.product:
+                out.grid.product[key] = list(values)
+            elif key in out.grid.zip:
+                out.grid.zip[key] = list(values)
+            else:
+                problems.append(f"scale {scale!r} replaces grid axis `{key}`, which the study does not have.{suggest(key, [*out.grid.product, *out.grid.zip])}")
+        if sc.arms is not None:
+            names = [a.name for a in self.arms]
+            for a in sc.arms:
+                if a not in names:
+                    problems.append(f"scale {scale!r} keeps arm {a!r}, which the study does not have.{suggest(a, names)} Arms: {', '.join(names)}.")
+            out.arms = [a for a in self.arms if a.name in sc.arms]
+        if problems:
+            raise ConfigError(problems)
+        out.study.output_dir = sc.output_dir or f"{self.output_dir}-{scale}"
+        return out
+
+
+def _resolve_path(p: str, study_path: Optional[Path]) -> Path:
+    path = Path(p).expanduser()
+    if not path.is_absolute() and study_path is not None:
+        near = (study_path.parent / path)
+        if near.exists() or not path.exists():
+            return near.resolve()
+    return path
+
+
+def _check_dotted(mapping: Any, where: str, problems: list[str]) -> dict:
+    if not isinstance(mapping, dict):
+        problems.append(f"`{where}` must be a mapping of dotted keys to values (e.g. {{training.seed: 1}}), got {mapping!r}.")
+        return {}
+    for k in mapping:
+        if not isinstance(k, str) or ("." not in k and k != "method"):
+            problems.append(f"`{where}` key {k!r} is not a dotted config key; write section.key (e.g. lora.r) or `method`.")
+    return dict(mapping)
+
+
+def _section(cls: type, name: str, raw: Any, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"`{name}` must be a mapping, got {raw!r}.")
+        raw = {}
+    return build_section(cls, name, raw, problems)
+
+
+def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None) -> StudySpec:
+    """Validate a study mapping; every problem is collected and raised once."""
+    problems: list[str] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"unknown study key `{key}`.{suggest(str(key), TOP_LEVEL)} Study files have: {', '.join(TOP_LEVEL)}.")
+    study = _section(StudySection, "study", raw.get("study"), problems)
+    if not study.name and path is not None:
+        study.name = path.stem
+    if not study.name:
+        problems.append("`study.name` is missing; name the study (it is recorded in every run's provenance).")
+    base = raw.get("base")
+    base_path = None
+    if base is not None:
+        if not isinstance(base, str):
+            problems.append(f"`base` must be the path of a run config, got {base!r}.")
+        else:
+            base_path = _resolve_path(base, path)
+            if not base_path.is_file():
+                problems.append(f"`base` config {base!r} does not exist (looked for {base_path}); paths are relative to the study file.")
+    overrides = _check_dotted(raw.get("overrides") or {}, "overrides", problems)
+    grid = _section(GridSection, "grid", raw.get("grid"), problems)
+    for kind in ("product", "zip"):
+        axes = _check_dotted(getattr(grid, kind), f"grid.{kind}", problems)
+        for k, v in axes.items():
+            if not isinstance(v, list) or not v:
+                problems.append(f"`grid.{kind}.{k}` must be a non-empty list of values, got {v!r}.")
+    zip_lengths = {k: len(v) for k, v in grid.zip.items() if isinstance(v, list)}
+    if len(set(zip_lengths.values())) > 1:
+        problems.append(f"`grid.zip` lists are walked together and must have one length; got {zip_lengths}. Put independent axes under grid.product.")
+    both = set(grid.product) & set(grid.zip)
+    if both:
+        problems.append(f"grid axes {sorted(both)} are in both grid.product and grid.zip; keep each key in one.")
+    arms = []
+    raw_arms = raw.get("arms") or []
+    if not isinstance(raw_arms, list):
+        problems.append(f"`arms` must be a list of {{name: ..., overrides: {{...}}}}, got {raw_arms!r}.")
+        raw_arms = []
+    for i, a in enumerate(raw_arms):
+        arm = _section(ArmSection, f"arms[{i}]", a, problems)
+        if not arm.name:
+            problems.append(f"`arms[{i}]` has no name; every arm needs one ({{arm}} in run names).")
+        _check_dotted(arm.overrides, f"arms[{i}].overrides", problems)
+        clash = sorted(set(arm.overrides) & (set(grid.product) | set(grid.zip)))
+        if clash:
+            problems.append(f"arm {arm.name!r} sets {clash}, which the grid also varies; set each key in one place.")
+        arms.append(arm)
+    names = [a.name for a in arms]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        problems.append(f"arm names must be unique; {dup} appear more than once.")
+    seeds = raw.get("seeds")
+    if seeds is not None:
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            seeds = [seeds]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            problems.append(f"`seeds` must be a list of integers (e.g. [42, 123, 999]), got {seeds!r}.")
+            seeds = None
+        elif len(set(seeds)) != len(seeds):
+            problems.append(f"`seeds` lists a seed twice: {seeds}.")
+    budget = _section(BudgetSection, "budget", raw.get("budget"), problems)
+    if budget.r is not None and budget.r < 1:
+        problems.append(f"`budget.r` must be at least 1, got {budget.r}.")
+    follow = _section(FollowUpSection, "follow_up", raw.get("follow_up"), problems)
+    problems.extend(check_follow_ups(follow))
+    execution = _section(ExecutionSection, "execution", raw.get("execution"), problems)
+    if execution.processes_per_run < 1:
+        problems.append(f"`execution.processes_per_run` must be at least 1, got {execution.processes_per_run}.")
+    if execution.max_attempts_same_error < 1:
+        problems.append(f"`execution.max_attempts_same_error` must be at least 1, got {execution.max_attempts_same_error}.")
+    scales = {}
+    raw_scales = raw.get("scales") or {}
+    if not isinstance(raw_scales, dict):
+        problems.append(f"`scales` must map a scale name to its changes, e.g. {{cpu: {{seeds: [42]}}}}, got {raw_scales!r}.")
+        raw_scales = {}
+    for name, sc in raw_scales.items():
+        scale = _section(ScaleSection, f"scales.{name}", sc, problems)
+        _check_dotted(scale.overrides, f"scales.{name}.overrides", problems)
+        if scale.base is not None and not _resolve_path(scale.base, path).is_file():
+            problems.append(f"`scales.{name}.base` config {scale.base!r} does not exist; paths are relative to the study file.")
+        scales[str(name)] = scale
+    if problems:
+        raise ConfigError([f"{path}: {p}" if path else p for p in problems])
+    return StudySpec(study=study, base=base_path, overrides=overrides, grid=grid, arms=arms, seeds=seeds, budget=budget,
+                     follow_up=follow, execution=execution, scales=scales, path=path)
+
+
+def known_commands() -> set[str]:
+    """Names of the registered ``peftlab`` subcommands (follow-up steps must be one of them)."""
+    import argparse
+
+    from ..cli import _EXTRA_COMMANDS, _load_extra_commands, build_parser
+
+    if not _EXTRA_COMMANDS:
+        _load_extra_commands()
+    parser = build_parser()
+    for action in parser._actions:  # argparse keeps subcommands in its one _SubParsersAction
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def check_follow_ups(follow: FollowUpSection) -> list[str]:
+    problems = []
+    commands = None
+    for kind in ("per_run", "study"):
+        for i, step in enumerate(getattr(follow, kind)):
+            try:
+                words = shlex.split(step)
+            except ValueError as e:
+                problems.append(f"`follow_up.{kind}[{i}]` {step!r} cannot be split into words: {e}.")
+                continue
+            if not words:
+                problems.append(f"`follow_up.{kind}[{i}]` is empty.")
+                continue
+            if words[0] == "peftlab":
+                words = words[1:]
+            commands = commands if commands is not None else known_commands()
+            if not words or words[0] not in commands:
+                name = words[0] if words else ""
+                problems.append(f"`follow_up.{kind}[{i}]`: {name!r} is not a peftlab command in this installation.{suggest(name, commands)} "
+                                f"Commands: {', '.join(sorted(commands))}.")
+    return problems
+
+
+def load_study(path: str | Path, scale: Optional[str] = None) -> StudySpec:
+    """Read and validate a study file, optionally at a named scale (``--preset-scale``)."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError([f"study file {str(p)!r} does not exist; shipped studies live in configs/studies/ (e.g. configs/studies/compare.yaml)."])
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{p} must be a mapping (study:, base:, grid:, arms:, seeds: ...), not {type(raw).__name__}."])
+    return spec_from_dict(raw, p.resolve()).at_scale(scale)
+
+
+def is_study_file(path: str | Path) -> bool:
+    """True when a YAML file looks like a study (has a `study:` or `grid:`/`arms:` section)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and any(k in raw for k in ("study", "grid", "arms", "seeds", "scales"))
+
+
+__all__ = ["StudySpec", "load_study", "spec_from_dict", "is_study_file"]
