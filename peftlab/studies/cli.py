@@ -19,7 +19,7 @@ def _load(args, extra: list[str]):
     from .expand import expand
     from .spec import load_study
 
-    spec = load_study(args.study, args.preset_scale)
+    spec = load_study(getattr(args, "study", None) or args.target, args.preset_scale, follow_ups=not getattr(args, "skip_follow_ups", False))
     slurm = {}
     ov = {}
     for k, v in parse_overrides(extra).items():
@@ -115,6 +115,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--engine", choices=["local", "slurm", "submitit-local"], default="local",
                    help="local (default): this machine; slurm: one Slurm job per run through submitit (--slurm.KEY=VALUE sets "
                         "submitit parameters); submitit-local: submitit's local executor, to try the Slurm path here")
+    p.add_argument("--skip-follow-ups", action="store_true", help="train only; leave out the study's follow-up steps (bounds, analyze)")
     p.add_argument("--retry-failed", action="store_true", help="retry runs that failed the same way too often")
     p.set_defaults(func=cmd_sweep)
 
@@ -128,4 +129,4 @@ def add_command(subparsers) -> None:
     e.add_argument("--output-dir", default=None, help="study directory (runs already done there count as zero)")
     e.add_argument("--steps", type=int, default=4, help="optimizer steps timed per distinct configuration (default 4)")
     e.add_argument("--gpus", default=None, help="GPUs the sweep will use (the total is divided among them)")
-    e.set_defaults(func=cmd_estimate)
+    e.set_defaults(func=cmd_estimate, skip_follow_ups=True)

@@ -396,7 +396,7 @@ def _free_port() -> int:
 def make_job(spec: StudySpec, trial: Trial, study_dir: Path, gpus: Optional[list[str]] = None) -> TrialJob:
     cfg_path = study_dir / STATE_DIR / "configs" / f"{trial.name}.yaml"
     _write_config(cfg_path, trial.cfg)
-    mapping = {"run_dir": str(trial.run_dir), "name": trial.name, "study_dir": str(study_dir)}
+    mapping = {"run_dir": str(trial.run_dir), "name": trial.name, "study_dir": str(study_dir), "config": str(cfg_path)}
     env = {TRIAL_ENV: json.dumps(trial.provenance(spec) | {"study_dir": str(study_dir)}), "TOKENIZERS_PARALLELISM": "false"}
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)

@@ -67,7 +67,7 @@ class BudgetSection:
 
 @dataclass
 class FollowUpSection:
-    per_run: list[str] = opt([], "peftlab commands run after each completed run, e.g. `bounds {run_dir}`; {run_dir}, {name}, {study_dir} are filled in.")
+    per_run: list[str] = opt([], "peftlab commands run after each completed run, e.g. `bounds {run_dir}`; {run_dir}, {name}, {config} (the run's resolved YAML), {study_dir} are filled in.")
     study: list[str] = opt([], "peftlab commands run once after all runs, e.g. `analyze {study_dir} --output-dir {study_dir}/analysis`.")
 
 
@@ -86,7 +86,9 @@ class ScaleSection:
     seeds: Optional[list[int]] = opt(None, "Seeds at this scale (replaces the study's).")
     grid: dict = opt({}, "Dotted key -> list of values replacing that grid axis' values at this scale.")
     arms: Optional[list[str]] = opt(None, "Keep only these arms at this scale.")
+    arm_overrides: dict = opt({}, "Arm name -> dotted-key overrides applied after that arm's own at this scale.")
     output_dir: Optional[str] = opt(None, "Study directory at this scale (default: the study's with -<scale> appended).")
+    follow_up: Optional[dict] = opt(None, "Replaces the study's follow_up at this scale ({per_run: [...], study: [...]}).")
     description: str = opt("", "What this scale is for.")
 
 
@@ -109,6 +111,7 @@ class StudySpec:
     scales: dict[str, ScaleSection]
     path: Optional[Path] = None
     scale: Optional[str] = None
+    check_commands: bool = True
 
     @property
     def output_dir(self) -> Path:
@@ -143,6 +146,19 @@ class StudySpec:
                 if a not in names:
                     problems.append(f"scale {scale!r} keeps arm {a!r}, which the study does not have.{suggest(a, names)} Arms: {', '.join(names)}.")
             out.arms = [a for a in self.arms if a.name in sc.arms]
+        for name, ov in sc.arm_overrides.items():
+            arm = next((a for a in out.arms if a.name == name), None)
+            if arm is None:
+                names = [a.name for a in out.arms]
+                problems.append(f"scale {scale!r} has arm_overrides for {name!r}, which is not an arm here.{suggest(str(name), names)} Arms: {', '.join(names)}.")
+            elif not isinstance(ov, dict):
+                problems.append(f"`scales.{scale}.arm_overrides.{name}` must be a mapping of dotted keys, got {ov!r}.")
+            else:
+                arm.overrides = {**arm.overrides, **ov}
+        if sc.follow_up is not None:
+            out.follow_up = _section(FollowUpSection, f"scales.{scale}.follow_up", sc.follow_up, problems)
+            if self.check_commands:
+                problems.extend(check_follow_ups(out.follow_up))
         if problems:
             raise ConfigError(problems)
         out.study.output_dir = sc.output_dir or f"{self.output_dir}-{scale}"
@@ -177,8 +193,11 @@ def _section(cls: type, name: str, raw: Any, problems: list[str]) -> Any:
     return build_section(cls, name, raw, problems)
 
 
-def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None) -> StudySpec:
-    """Validate a study mapping; every problem is collected and raised once."""
+def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, check_commands: bool = True) -> StudySpec:
+    """Validate a study mapping; every problem is collected and raised once.
+
+    ``check_commands=False`` skips checking that follow-up steps name installed commands
+    (``peftlab sweep --skip-follow-ups``)."""
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
@@ -241,7 +260,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None) -> StudySpe
     if budget.r is not None and budget.r < 1:
         problems.append(f"`budget.r` must be at least 1, got {budget.r}.")
     follow = _section(FollowUpSection, "follow_up", raw.get("follow_up"), problems)
-    problems.extend(check_follow_ups(follow))
+    if check_commands:
+        problems.extend(check_follow_ups(follow))
     execution = _section(ExecutionSection, "execution", raw.get("execution"), problems)
     if execution.processes_per_run < 1:
         problems.append(f"`execution.processes_per_run` must be at least 1, got {execution.processes_per_run}.")
@@ -261,7 +281,7 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None) -> StudySpe
     if problems:
         raise ConfigError([f"{path}: {p}" if path else p for p in problems])
     return StudySpec(study=study, base=base_path, overrides=overrides, grid=grid, arms=arms, seeds=seeds, budget=budget,
-                     follow_up=follow, execution=execution, scales=scales, path=path)
+                     follow_up=follow, execution=execution, scales=scales, path=path, check_commands=check_commands)
 
 
 def known_commands() -> set[str]:
@@ -302,8 +322,10 @@ def check_follow_ups(follow: FollowUpSection) -> list[str]:
     return problems
 
 
-def load_study(path: str | Path, scale: Optional[str] = None) -> StudySpec:
-    """Read and validate a study file, optionally at a named scale (``--preset-scale``)."""
+def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool = True) -> StudySpec:
+    """Read and validate a study file, optionally at a named scale (``--preset-scale``).
+
+    ``follow_ups=False`` drops the follow-up steps (and does not check their commands)."""
     import yaml
 
     p = Path(path).expanduser()
@@ -315,7 +337,10 @@ def load_study(path: str | Path, scale: Optional[str] = None) -> StudySpec:
         raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{p} must be a mapping (study:, base:, grid:, arms:, seeds: ...), not {type(raw).__name__}."])
-    return spec_from_dict(raw, p.resolve()).at_scale(scale)
+    spec = spec_from_dict(raw, p.resolve(), check_commands=follow_ups).at_scale(scale)
+    if not follow_ups:
+        spec.follow_up = FollowUpSection()
+    return spec
 
 
 def is_study_file(path: str | Path) -> bool:
