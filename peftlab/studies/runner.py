@@ -469,6 +469,11 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
                 summary.failures.append(t.name)
                 log.say(f"[{t.index}/{len(trials)}] {t.name}: NOT retried, {rows[t.name]['detail']} (sweep with --retry-failed to try again)")
                 log.event("end", run=t.name, index=t.index, identity=rows[t.name]["identity"], outcome="gave-up", error=rows[t.name]["detail"])
+        if not _before_steps(spec, study_dir, log, summary):
+            summary.seconds = time.time() - t_start
+            log.say(f"==== TOTAL: a step before the runs failed; no run started | total time {_fmt_duration(summary.seconds)} ====")
+            log.event("sweep_end", **asdict(summary), ok=False)
+            return summary
         progress = Progress(log, len(todo) + len(pending_followups), executor.slots)
         jobs = todo + pending_followups
 
@@ -512,6 +517,31 @@ def _followups_pending(spec: StudySpec, trial: Trial, study_dir: Path) -> bool:
     ident = _compat.identity_hash(trial.cfg)
     return any(not (study_dir / STATE_DIR / "followups" / f"{trial.name}.{i}.{ident}.done").is_file()
                for i in range(len(spec.follow_up.per_run)))
+
+
+def _before_steps(spec: StudySpec, study_dir: Path, log: StudyLog, summary: SweepSummary) -> bool:
+    """Run the study's `before` steps that have not finished yet; False when one fails."""
+    import hashlib
+
+    for step in spec.follow_up.before:
+        words = _substitute(step, {"study_dir": str(study_dir)})
+        marker = study_dir / STATE_DIR / "followups" / f"_before.{hashlib.sha256(shlex.join(words).encode()).hexdigest()[:16]}.done"
+        if marker.is_file():
+            continue
+        log.say(f"==== BEFORE THE RUNS: peftlab {shlex.join(words)} ====")
+        t0 = time.time()
+        rc, tail = _run_logged([sys.executable, "-m", "peftlab", *words], dict(os.environ), os.getcwd(),
+                               study_dir / STATE_DIR / "output" / "_study.out", None)
+        err = "" if rc == 0 else _error_signature(tail, rc)
+        log.say(f"step `{words[0]}`: {'completed' if rc == 0 else 'failed: ' + err} in {_fmt_duration(time.time() - t0)}")
+        log.event("before_step", step=shlex.join(words), outcome="completed" if rc == 0 else "failed", error=err, duration_s=time.time() - t0)
+        if rc != 0:
+            summary.failed += 1
+            summary.failures.append(f"step before the runs: {words[0]}")
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"time": time.time(), "step": shlex.join(words)}))
+    return True
 
 
 def _study_followups(spec: StudySpec, study_dir: Path, log: StudyLog, summary: SweepSummary) -> int:

@@ -67,6 +67,7 @@ class BudgetSection:
 
 @dataclass
 class FollowUpSection:
+    before: list[str] = opt([], "peftlab commands run once before any run (e.g. `data prepare ... --output-dir {study_dir}/bins`); a finished one is not repeated.")
     per_run: list[str] = opt([], "peftlab commands run after each completed run, e.g. `bounds {run_dir}`; {run_dir}, {name}, {config} (the run's resolved YAML), {study_dir} are filled in.")
     study: list[str] = opt([], "peftlab commands run once after all runs, e.g. `analyze {study_dir} --output-dir {study_dir}/analysis`.")
 
@@ -302,7 +303,7 @@ def known_commands() -> set[str]:
 def check_follow_ups(follow: FollowUpSection) -> list[str]:
     problems = []
     commands = None
-    for kind in ("per_run", "study"):
+    for kind in ("before", "per_run", "study"):
         for i, step in enumerate(getattr(follow, kind)):
             try:
                 words = shlex.split(step)
