@@ -34,8 +34,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "
 DEFAULT_OUTPUT = "runs/compare"
 # Order of the table; methods registered later and not listed here follow alphabetically.
 PREFERRED_ORDER = ["lora", "dora", "sora", "sdora", "ba_lora", "rsvd", "full", "sublora"]
-# Methods that update every weight need a much smaller step than adapters on a new head.
-OPT_IN = {"full"}  # not in the default set: it doubles the demo's time on a laptop CPU
 QUICK = {  # --quick: a smoke test of the whole pipeline in seconds, not a result
     "data.max_train_examples": 48, "data.max_val_examples": 32, "data.max_length": 32,
     "training.batch_size": 8, "training.max_steps": 3, "training.epochs": 1, "training.log_steps": 1,
@@ -193,7 +191,7 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
 
     registered = list(METHODS)
     # `full` is the slowest arm (every weight and its AdamW state); ask for it with --methods.
-    wanted = [m for m in method_order(registered) if m not in OPT_IN] if not methods else list(dict.fromkeys(methods))
+    wanted = [m for m in method_order(registered) if METHODS[m].compare_by_default] if not methods else list(dict.fromkeys(methods))
     available = [m for m in wanted if m in METHODS]
     print(f"peftlab compare: {base_cfg.model.name} on {base_cfg.data.dataset}; methods {', '.join(wanted)} -> {output_dir}", file=out)
     ref = budget_reference(base_cfg)

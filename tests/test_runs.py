@@ -110,6 +110,7 @@ def test_defect3_ba_lora_rebuilds_from_structure_without_data(tmp_path, monkeypa
                    training__max_steps=2, data__max_train_examples=32, data__max_val_examples=8, training__batch_size=4)
     train(cfg, console=False)
     structure = json.loads((tmp_path / "run/method.json").read_text())
+    assert json.loads((tmp_path / "run/allocation.json").read_text())["method"] == "ba_lora"
     assert structure["method"] == "ba_lora" and set(structure["ranks"]) == {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}
     with caplog.at_level(logging.INFO, logger="peftlab"):
         built = build(cfg, task="causal_lm", data=False, structure=structure, optimizer=False)  # no data, no train_batches
@@ -164,6 +165,9 @@ def test_run_dir_readers(lora_run):
     assert run.is_finished() and run.results() == res
     assert run.config().to_dict() == cfg.to_dict()
     assert run.meta()["task"] == "causal_lm" and "_meta" not in run.config_dict()
+    from peftlab.config import load_config
+
+    assert load_config(run.config_path).to_dict() == cfg.to_dict()  # config.json (with _meta) is a valid config file
     assert run.read_csv("loss_log.csv")["step"].tolist() == [2, 4]
     assert run.history()["val_loss"] == [res["final"]["val_loss"]]
     assert run.bounds() is None and run.allocation() is None
@@ -191,6 +195,8 @@ def test_sora_writes_long_format_module_log_and_seed_wide_log(tmp_path):
     assert list(wide.columns[:3]) == ["epoch", "step", "overall_sparsity"]
     modules = list(wide.columns[3:])
     assert sorted(long["module"].unique()) == sorted(modules) and set(long["metric"]) == {"sparsity"}
+    alloc = run.allocation()  # the shared allocation.json schema: method + modules{name: {rank, ...}}
+    assert alloc["method"] == "sora" and all(0 <= m["rank"] <= 8 for m in alloc["modules"].values())
     for _, row in wide.iterrows():
         at = long[long["step"] == row["step"]].set_index("module")["value"]
         assert all(at[m] == pytest.approx(row[m]) for m in modules)

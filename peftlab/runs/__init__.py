@@ -235,9 +235,10 @@ def load_run(path, which: str = "final", device: str = "cpu") -> LoadedRun:
                            "Set model.task in its config.json to causal_lm or classification.")
     num_labels = meta.get("num_labels") or cfg.model.num_labels
     structure = run.structure(checkpoint)
-    if structure is None and cfg.method == "ba_lora" and run.allocation() is not None:
-        # runs written before method.json: BA-LoRA's ranks are in allocation.json
-        structure = {"method": "ba_lora", "ranks": {n: m["rank"] for n, m in run.allocation()["modules"].items()}}
+    if structure is None:  # a run written before method.json existed
+        from ..methods import METHODS
+
+        structure = METHODS[cfg.method].legacy_structure(run.path)
     built = build(cfg, task=task, num_labels=num_labels, data=False, structure=structure, optimizer=False,
                   device=device, run_dir=None)
     from safetensors.torch import load_file

@@ -550,9 +550,9 @@ class Trainer:
         if not hasattr(self.unwrapped(), "get_base_model"):  # only adapters point at a base model
             return
         # Save the original (unadapted) weights of the base architecture.
-        from ..models import load_model
+        from ..build import build_base
 
-        fresh, _, _ = load_model(self.cfg, self.task, self.num_labels)
+        fresh, _, _ = build_base(self.cfg, self.task, self.num_labels)
         fresh.save_pretrained(base, safe_serialization=True)
         self.tokenizer.save_pretrained(base)
         cfg_path = export_dir / "adapter_config.json"
