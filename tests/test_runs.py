@@ -232,6 +232,27 @@ def test_every_shipped_config_validates(path):
     load_config(path)
 
 
+def test_older_registration_style_still_declares_sections(monkeypatch):
+    """`sections = ("lora", "x")` + `_register(cls, x=Section)` (the API before config_sections) keeps working."""
+    from dataclasses import dataclass
+
+    import peftlab.methods as methods
+    from peftlab.methods.base import Method
+
+    @dataclass
+    class XSection:
+        k: int = 1
+
+    class X(Method):
+        name = "x_method"
+        sections = ("lora", "x")
+
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    methods._register(X, x=XSection)
+    assert X.config_sections == {"lora": methods.METHODS["lora"].config_sections["lora"], "x": XSection}
+    assert X.sections == ("lora", "x")
+
+
 def test_method_sections_come_from_the_methods():
     from peftlab.config import CORE_SECTIONS, all_sections
     from peftlab.methods import METHODS
