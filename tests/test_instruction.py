@@ -307,3 +307,26 @@ def test_lora_run_on_instruct_sample_lowers_response_loss(tmp_path):
         lines = [json.loads(x) for x in (run / f"generations/epoch-{epoch}.jsonl").read_text().splitlines()]
         assert [x["index"] for x in lines] == [0, 1]
         assert lines[0]["prompt"].endswith("<|assistant|>\n") and lines[0]["reference"] and isinstance(lines[0]["generation"], str)
+
+
+@pytest.mark.slow
+def test_smollm2_lora_on_instruct_sample_lowers_response_loss(tmp_path):
+    """The offline SmolLM2-135M-Instruct path end to end (chat template, packing checked on
+    the real model, generations): a few LoRA steps lower the response loss. About 2-3
+    minutes on a shared CPU (measured 1.222 -> 0.997 after 7 steps of 4 packed rows)."""
+    _smollm2_tokenizer()  # skips when the package is missing
+    from peftlab.config import load_config
+    from peftlab.train.loop import Trainer
+
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs/examples/instruct_smollm2.yaml", {
+        "output.dir": str(tmp_path / "run"), "training.max_steps": 4, "training.epochs": 1, "training.batch_size": 4,
+        "data.max_train_examples": 64, "data.max_val_examples": 12, "data.eval_generate": 1, "logging.progress_bar": False})
+    trainer = Trainer(cfg, console=False)
+    assert trainer.train_ds.stats["packing_mode"] == "packed" and trainer.train_ds.stats["template"] == "tokenizer chat template"
+    before = trainer.evaluate()["val_loss"]
+    res = trainer.run()
+    assert res["final"]["val_loss"] < before - 0.05, (before, res["final"])
+    gen = json.loads((tmp_path / "run/generations/epoch-1.jsonl").read_text().splitlines()[0])
+    assert gen["prompt"].endswith("<|im_start|>assistant\n") and gen["generation"].strip()
