@@ -209,6 +209,34 @@ def test_packing_reports_padding_saved(tmp_path, caplog):
     assert sum(r["num_examples"] for r in tr.rows) == 300
 
 
+def test_packing_fallback_when_the_model_cannot_keep_examples_apart(tmp_path, caplog):
+    """A model whose forward takes no position_ids: rows are still packed, with a 2-D padding
+    mask (examples in a row see each other), and the log says so."""
+    from peftlab.data import build_datasets, load_raw
+    from peftlab.data.packing import packing_isolates_examples
+    from peftlab.models import load_model
+
+    class NoPositions(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    cfg = _cfg(tmp_path, data__dataset="chat-sample", data__max_length=512, data__packing=True, data__max_train_examples=16)
+    base, tok, _ = load_model(cfg, "causal_lm")
+    assert packing_isolates_examples(base)
+    model = NoPositions(base)
+    assert not packing_isolates_examples(model)
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        tr, _, collate = build_datasets(load_raw(cfg), tok, cfg, model=model)
+    assert tr.stats["packing_mode"] == "packed-shared" and "does not keep packed examples apart" in caplog.text
+    batch = collate([tr[0], tr[1]])
+    assert "position_ids" not in batch and batch["attention_mask"].sum() == len(tr[0]["input_ids"]) + len(tr[1]["input_ids"])
+    assert model(**batch).loss.isfinite()
+
+
 # -------------------------------------------------------------------------- bad records
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
