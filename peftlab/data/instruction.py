@@ -518,8 +518,8 @@ def build(raw: RawTask, tokenizer, cfg, model: Optional[torch.nn.Module] = None)
                  f"batch_size {t.batch_size}: {pad_p:,} padding of {tot_p:,} positions ({100 * pad_p / max(tot_p, 1):.1f}%) instead of "
                  f"{pad_u:,} of {tot_u:,} ({100 * pad_u / max(tot_u, 1):.1f}%) unpacked")
         if model is None:
-            log.warning("data packing: the model was not given to build_datasets, so peftlab could not check that it keeps packed "
-                        "examples apart; that needs transformers' packed-sequence masks and model.config.use_cache=False")
+            log.debug("data packing: no model given to build_datasets (counting rows only), so keeping packed examples apart was "
+                      "not checked; training builds the datasets with the model, which is checked and gets use_cache=False")
         elif not isolated:
             log.warning("data packing: this model does not keep packed examples apart (its attention ignores restarting position_ids), "
                         "so examples in one row attend to earlier examples of the row (the fallback documented in docs/instruction.md). "
