@@ -323,7 +323,10 @@ def test_lora_run_on_instruct_sample_lowers_response_loss(tmp_path):
                    data__max_train_examples=None, data__max_val_examples=16, data__eval_generate=2,
                    data__eval_generate_max_new_tokens=8, training__batch_size=4, training__epochs=2, training__max_steps=None,
                    training__learning_rate=1e-2, lora__r=8)
+    from peftlab.build import count_optimizer_steps
+
     trainer = Trainer(cfg, console=False)
+    assert count_optimizer_steps(cfg) == trainer.total_steps  # packed rows counted without the model, as training packs them
     before = trainer.evaluate()["val_loss"]
     res = trainer.run()
     run = tmp_path / "run"
