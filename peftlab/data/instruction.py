@@ -84,11 +84,11 @@ class BadRecords:
         why = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
         return f"{self.count} of {self.total} {self.split} records skipped ({why}); first: " + " | ".join(self.shown)
 
-    def check(self, name: str, hint: str = "") -> None:
-        """Log the summary (if any record was bad); raise if every record was."""
+    def check(self, name: str, hint: str = "", warn: bool = True) -> None:
+        """Raise if every record was bad; else log the summary as a warning (if any was bad and ``warn``)."""
         if self.count and self.count == self.total:
             raise PeftlabError(f"Every {self.split} record of {name!r} is unusable: {self.summary()}.{hint}")
-        if self.count:
+        if self.count and warn:
             log.warning(f"data bad records: {self.summary()}")
 
 
@@ -242,12 +242,12 @@ def _raw(name: str, fmt: str, train_rows: list, val_rows: Optional[list], cfg, s
     train, bad_t = normalize(train_rows, fmt, cfg, "train")
     hint = (f" Check the field names (data.instruction_column={cfg.data.instruction_column!r}, data.input_column={cfg.data.input_column!r}, "
             f"data.output_column={cfg.data.output_column!r}, data.messages_column={cfg.data.messages_column!r}) and data.format={fmt}.")
-    bad_t.check(name, hint)
+    bad_t.check(name, hint, warn=False)  # reported through RawTask.info, which the run logs
     info = {"source": source, "format": fmt}
     val = None
     if val_rows is not None:
         val, bad_v = normalize(val_rows, fmt, cfg, "validation")
-        bad_v.check(name, hint)
+        bad_v.check(name, hint, warn=False)
         if bad_v.count:
             info["bad_validation_records"] = bad_v.summary()
     if bad_t.count:
