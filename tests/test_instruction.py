@@ -126,6 +126,25 @@ def test_chat_template_path_matches_apply_chat_template(tmp_path, which):
         assert not any(_supervised_mask(e)[:n]) and _supervised_mask(e)[n]
 
 
+def test_system_prompt(tmp_path):
+    """data.system_prompt replaces the Alpaca preamble (default template) and becomes the system
+    message of conversations without one (tokenizer template); a conversation's own system message wins."""
+    from peftlab.data.instruction import normalize, render
+
+    tok = _byte_tok()
+    cfg = _cfg(tmp_path, data__system_prompt="Answer in one word.")
+    (ex,), _ = normalize([{"instruction": "Opposite of hot?", "output": "cold"}], "instruction", cfg, "train")
+    text, spans = render(ex, tok, tokenizer_template=False)
+    assert text == "Answer in one word.\n\n### Instruction:\nOpposite of hot?\n\n### Response:\ncold<|endoftext|>"
+    assert text[spans[0][0]:spans[0][1]] == "cold<|endoftext|>"
+    tok2 = _byte_tok().__class__(tokenizer_object=_byte_tok().backend_tokenizer, eos_token="<|endoftext|>", pad_token="[PAD]")
+    tok2.chat_template = CHATML
+    text, _ = render(ex, tok2, tokenizer_template=True)
+    assert text.startswith("<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\nOpposite of hot?")
+    (own,), _ = normalize([{"messages": CONV}], "chat", cfg, "train")
+    assert [m["content"] for m in own["messages"] if m["role"] == "system"] == ["Be brief."]
+
+
 def test_template_choice(tmp_path):
     from peftlab.data.instruction import use_tokenizer_template
 
