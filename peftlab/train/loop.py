@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .. import checkpoints as ckpt
+from ..data.instruction import write_generations
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
@@ -471,6 +472,8 @@ class Trainer:
     def _end_epoch(self, e: int, seconds: float, best_name: str, higher: bool) -> None:
         st, log, acc = self.state, self.log, self.accelerator
         metrics = self.evaluate()
+        if self.cfg.data.eval_generate and acc.is_main_process:  # instruction data: readable generations each epoch
+            write_generations(self.unwrapped(), self.tokenizer, self.val_ds, self.cfg, self.run_dir, e + 1)
         train_loss = st.epoch_loss_sum / max(st.epoch_loss_count, 1)
         trainable, effective = self.method.param_counts(self.unwrapped())
         self.param_counts.update(trainable_params=trainable, effective_params=effective)
