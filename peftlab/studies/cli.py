@@ -97,6 +97,12 @@ def cmd_estimate(args, extra: list[str]) -> int:
 
 
 def add_command(subparsers) -> None:
+    """Both commands (for the older ``peftlab.commands`` registration)."""
+    add_sweep(subparsers)
+    add_estimate(subparsers)
+
+
+def add_sweep(subparsers) -> None:
     import argparse
 
     p = subparsers.add_parser(
@@ -119,6 +125,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--retry-failed", action="store_true", help="retry runs that failed the same way too often")
     p.set_defaults(func=cmd_sweep)
 
+
+def add_estimate(subparsers) -> None:
     e = subparsers.add_parser(
         "estimate", help="time a few real optimizer steps and print the time per run and in total",
         description="Time a few real optimizer steps of each distinct configuration of a study (or of one run config) on this "

@@ -287,17 +287,17 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, check_comma
 
 def known_commands() -> set[str]:
     """Names of the registered ``peftlab`` subcommands (follow-up steps must be one of them)."""
-    import argparse
+    from .. import cli
 
-    from ..cli import _EXTRA_COMMANDS, _load_extra_commands, build_parser
+    names = set(getattr(cli, "COMMANDS", {}))
+    if not names:  # an installation without the command table: ask argparse
+        import argparse
 
-    if not _EXTRA_COMMANDS:
-        _load_extra_commands()
-    parser = build_parser()
-    for action in parser._actions:  # argparse keeps subcommands in its one _SubParsersAction
-        if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
+        parser = cli.build_parser()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                names = set(action.choices)
+    return names
 
 
 def check_follow_ups(follow: FollowUpSection) -> list[str]:
