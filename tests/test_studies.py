@@ -214,18 +214,17 @@ def test_failing_run_does_not_stop_the_others_and_is_not_retried_forever(tmp_pat
 
     study = _write(tmp_path, arms=[{"name": "good", "overrides": {"method": "lora"}},
                                    {"name": "bad", "overrides": {"method": "lora", "model.target_modules": ["no_such_layer"]}}],
-                   seeds=[1, 2], execution={"max_attempts_same_error": 2})
+                   seeds=[1], execution={"max_attempts_same_error": 2})
     sd = tmp_path / "study"
-    assert main(["sweep", str(study)]) == 1  # non-zero: two runs failed
-    assert all(json.loads((sd / f"good_s{s}/results_final.json").read_text())["status"] == "completed" for s in (1, 2))
+    assert main(["sweep", str(study)]) == 1  # non-zero: a run failed
+    assert json.loads((sd / "good_s1/results_final.json").read_text())["status"] == "completed"
     log = (sd / "study.log").read_text()
-    assert log.count("==== EXPERIMENT") == 4 and "Duration:" in log and "ETA:" in log and "==== TOTAL: 4 runs: 2 completed" in log
-    ends = [e for e in read_events(sd) if e["event"] == "end"]
-    bad = [e for e in ends if e["run"].startswith("bad")]
-    assert len(bad) == 2 and all("no_such_layer" in e["error"] for e in bad)
+    assert log.count("==== EXPERIMENT") == 2 and "Duration:" in log and "ETA:" in log and "==== TOTAL: 2 runs: 1 completed" in log
+    (bad,) = [e for e in read_events(sd) if e["event"] == "end" and e["run"] == "bad_s1"]
+    assert bad["outcome"] == "failed" and "no_such_layer" in bad["error"]
     # provenance: which study and trial each run belongs to
-    meta = json.loads((sd / "good_s2/config.json").read_text())["_meta"]["study"]
-    assert meta["study"] == "t" and meta["trial"] == "good_s2" and meta["seed"] == 2
+    meta = json.loads((sd / "good_s1/config.json").read_text())["_meta"]["study"]
+    assert meta["study"] == "t" and meta["trial"] == "good_s1" and meta["seed"] == 1
     assert main(["sweep", str(study)]) == 1  # second attempt of the failed ones; good runs skipped
     assert main(["sweep", str(study), "--dry-run"]) == 0
     table = capsys.readouterr().out.splitlines()
