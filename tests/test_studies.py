@@ -296,8 +296,9 @@ def test_estimate_within_factor_two_of_measured(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_submitit_local_executor_runs_a_two_run_study(tmp_path):
+def test_submitit_local_executor_runs_a_two_run_study(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from peftlab.studies.executors import SubmititExecutor
     from peftlab.studies.expand import expand
     from peftlab.studies.runner import read_events, sweep
