@@ -505,12 +505,33 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
             log.event("submitted", run=trial.name, index=trial.index, job_id=job_id)
 
         executor.run(spec, jobs, study_dir, make_job, on_start, on_end, on_submit)
+        log.say(results_table(trials))
         summary.failed += _study_followups(spec, study_dir, log, summary)
         summary.seconds = time.time() - t_start
         log.say(f"==== TOTAL: {summary.total} runs: {summary.completed} completed now, {summary.skipped} already done, "
                 f"{summary.failed} failed, {summary.gave_up} not retried | total time {_fmt_duration(summary.seconds)} ====")
         log.event("sweep_end", **{k: v for k, v in asdict(summary).items()}, ok=summary.ok)
     return summary
+
+
+def results_table(trials: list[Trial]) -> str:
+    """One line per run from its results_final.json: status, final metrics, parameters, wall time."""
+    rows = []
+    for t in trials:
+        p = t.run_dir / "results_final.json"
+        try:
+            res = json.loads(p.read_text()) if p.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            res = {}
+        final = {k: v for k, v in (res.get("final") or {}).items() if isinstance(v, (int, float)) and k != "train_loss"}
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in final.items()) or "-"
+        params = f"{res['trainable_params']:,}" if isinstance(res.get("trainable_params"), int) else "-"
+        wall = f"{res['wall_time_s']:.0f}s" if isinstance(res.get("wall_time_s"), (int, float)) else "-"
+        rows.append((t.name, res.get("status", "not run"), metrics, params, wall))
+    w = max([4, *(len(r[0]) for r in rows)])
+    lines = ["results:", f"  {'run':<{w}}  {'status':<9}  {'trainable':>11}  {'wall':>6}  final metrics"]
+    lines += [f"  {n:<{w}}  {st:<9}  {pa:>11}  {wa:>6}  {m}" for n, st, m, pa, wa in rows]
+    return "\n".join(lines)
 
 
 def _followups_pending(spec: StudySpec, trial: Trial, study_dir: Path) -> bool:
