@@ -320,3 +320,20 @@ def test_submitit_local_executor_runs_a_two_run_study(tmp_path, monkeypatch):
         assert json.loads((sd / name / "config.json").read_text())["_meta"]["study"]["trial"] == name
     again = sweep(spec, trials, SubmititExecutor("local", {"timeout_min": 10}, poll_s=0.5), out=open(os.devnull, "w"))
     assert again.skipped == 2 and again.completed == 0  # same skip semantics as a local sweep
+
+
+@pytest.mark.slow
+def test_two_processes_per_run_through_torchrun(tmp_path, monkeypatch):
+    """execution.processes_per_run=2: each run starts under torchrun (gloo on CPU) and trains on 2 processes."""
+    from peftlab.studies.expand import expand
+    from peftlab.studies.runner import sweep
+    from peftlab.studies.spec import load_study
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    study = _write(tmp_path, overrides={**TINY, "training.max_steps": 2, "system.device": "cpu"}, seeds=[1],
+                   execution={"processes_per_run": 2, "launcher": "accelerate"})
+    spec = load_study(study)
+    summary = sweep(spec, expand(spec), out=open(os.devnull, "w"))
+    assert summary.ok, (tmp_path / "study/.study/output/_s1.out").read_text()[-3000:]
+    res = json.loads((tmp_path / "study/_s1/results_final.json").read_text())
+    assert res["status"] == "completed" and res["world_size"] == 2

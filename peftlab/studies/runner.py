@@ -380,11 +380,12 @@ def launcher_prefix(spec: StudySpec, gpus: Optional[list[str]]) -> list[str]:
     n = spec.execution.processes_per_run
     if n == 1:
         return [sys.executable]
-    if spec.execution.launcher == "torchrun":
+    if spec.execution.launcher == "torchrun" or not gpus:
+        # accelerate's multi-CPU launch goes through MPI; torchrun's gloo processes need nothing extra
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
     port = _free_port()
-    return [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if gpus else ["--cpu"]),
-            f"--num_processes={n}", f"--main_process_port={port}", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}", f"--main_process_port={port}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
 
 
 def _free_port() -> int:
