@@ -170,15 +170,47 @@ class TrialResult:
     host: str = ""
 
 
-def _set_pdeathsig() -> None:
-    """In the child, before exec: die with the sweep (Linux); elsewhere nothing."""
+def _load_prctl():
+    """libc's prctl, looked up once in the sweeping process (the child may not import anything)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _set_pdeathsig() -> None:
+    """In the child between fork and exec: die with the process that started it (Linux)."""
+    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _lock_file(f, blocking: bool = True) -> bool:
+    """An exclusive lock on an open file, released by the OS when every holder exits. False: held elsewhere."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        while True:
+            try:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not blocking:
+                    return False
+                time.sleep(1.0)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _error_signature(output: str, rc: Optional[int]) -> str:
@@ -205,8 +237,8 @@ def _run_logged(cmd: list[str], env: dict, cwd: str, out_path: Path, lock_fd: Op
         f.write(f"\n$ {shlex.join(cmd)}\n".encode())
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                pass_fds=(lock_fd,) if lock_fd is not None else (),
-                                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+                                pass_fds=(lock_fd,) if lock_fd is not None and os.name == "posix" else (),
+                                preexec_fn=_set_pdeathsig if _PRCTL is not None else None)
         try:
             rc = proc.wait()
         except BaseException:
@@ -224,8 +256,6 @@ def execute_trial(job: TrialJob) -> TrialResult:
 
     Runs in the sweeping process's worker thread or on a cluster node (submitit).
     """
-    import fcntl
-
     from ..config import load_config
 
     t0 = time.time()
@@ -235,7 +265,7 @@ def execute_trial(job: TrialJob) -> TrialResult:
     res = TrialResult(job.name, "failed", host=socket.gethostname())
     lock = open(state / "locks" / f"{job.name}.lock", "a+")
     try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # a training process left by a killed sweep finishes first
+        _lock_file(lock)  # a training process left by a killed sweep finishes first
         cfg = load_config(job.config_path)
         status, detail = trial_status(cfg, run_dir)
         res.status_before = status
@@ -288,13 +318,9 @@ class StudyLock:
         self.f = None
 
     def __enter__(self):
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "a+")
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_file(self.f, blocking=False):
             self.f.seek(0)
             holder = self.f.read().strip()
             self.f.close()
@@ -480,9 +506,10 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
 
         def on_start(trial: Trial, job: TrialJob, where: str) -> None:
             st = rows[trial.name]["status"]
-            log.say(f"==== EXPERIMENT {trial.index}/{len(trials)}: {trial.name} ({st}{', resuming' if st == 'partial' else ''}) on {where} ====\n"
-                    f"start: {_clock(time.time())}\n"
+            what = ("follow-up steps only (training was done)" if st == "done" else
                     f"command: peftlab train {job.config_path}" + (" --training.resume_from=latest" if st == "partial" else ""))
+            log.say(f"==== EXPERIMENT {trial.index}/{len(trials)}: {trial.name} ({st}{', resuming' if st == 'partial' else ''}) on {where} ====\n"
+                    f"start: {_clock(time.time())}\n{what}")
             log.event("start", run=trial.name, index=trial.index, identity=job.identity, status=st, where=where,
                       config=job.config_path, run_dir=str(trial.run_dir))
 
