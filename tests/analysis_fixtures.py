@@ -15,7 +15,7 @@ from typing import Any, Optional
 from peftlab.config import config_from_dict
 from peftlab.tracking import LOSS_COLUMNS, CsvLog, write_json
 
-N_LAYERS = 4
+N_LAYERS = 6
 SEEDS = (42, 123, 999)
 
 

@@ -263,6 +263,8 @@ def collect(root) -> Study:
         for k in [*varying, *AXIS_KEYS]:
             if k in r.config:
                 row[k] = r.config[k]
+        if r.config.get("sublora.allocation_mode") not in (None, "fixed") and "sublora.allocation_ratio" in row:
+            row["sublora.allocation_ratio"] = None  # the ratio means nothing outside fixed mode
         final = res.get("final") or {k: v[-1] for k, v in hist.items() if isinstance(v, list) and v}
         for m in RESULT_METRICS:
             if m in final:
@@ -371,6 +373,7 @@ def aggregate(study: Study) -> pd.DataFrame:
     out = []
     for gk, g in df.groupby(keys, dropna=False, sort=False):
         gk = gk if isinstance(gk, tuple) else (gk,)
+        g = g.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"))
         row: dict[str, Any] = dict(zip(keys, gk))
         row["method"] = g["method"].iloc[0]
         row["n"] = len(g)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from .collect import Study, group_columns, short_name
+from .collect import VARIANT_KEYS, Study, group_columns, short_name
 
 # (column, header) in display order; a column appears when any group has a value for it.
 SUMMARY_METRICS = [
@@ -53,7 +53,8 @@ def fmt_pm(mean: float, std: float) -> str:
         return fmt_number(float(mean))
     if std == 0:
         return fmt_number(float(mean)) + " ± 0"
-    dec = max(0, min(8, 1 - int(math.floor(math.log10(abs(std))))))
+    std2 = float(f"{abs(std):.2g}")  # two significant digits first, so 0.0999999 reads as 0.10
+    dec = max(0, min(8, 1 - int(math.floor(math.log10(std2)))))
     if dec == 0:
         return f"{mean:,.0f} ± {std:,.0f}"
     return f"{mean:.{dec}f} ± {std:.{dec}f}"
@@ -78,9 +79,11 @@ def summary_frame(study: Study, agg: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
     keys = [k for k in group_columns(study) if k in agg]
     metrics = [(c, h) for c, h in SUMMARY_METRICS if f"{c}_mean" in agg and agg[f"{c}_mean"].notna().any()]
     show, num = pd.DataFrame(), pd.DataFrame()
+    variant = {k for ks in VARIANT_KEYS.values() for k in ks}
     for k in keys:
         name = "method" if k == "arm" else short_name(k)
-        show[name] = [fmt_number(v) if not isinstance(v, str) else v for v in agg[k]]
+        if k not in variant:  # variant keys are already spelled out in the arm's name
+            show[name] = [fmt_number(v) if not isinstance(v, str) else v for v in agg[k]]
         num[name] = agg[k].values
     show["n"] = agg["n"].values
     num["n"] = agg["n"].values
@@ -194,6 +197,7 @@ def write_tables(study: Study, agg: pd.DataFrame, out_dir: Path, baselines: Opti
 
     def csv(name: str, df: pd.DataFrame) -> None:
         clean = df.astype(object).where(df.notna(), None)
+        clean = clean.map(lambda v: float(f"{v:.10g}") if isinstance(v, float) else v)  # no 0.019999999999999962
         write_csv(out_dir / name, list(df.columns), clean.to_dict("records"))
         paths[name] = out_dir / name
 
