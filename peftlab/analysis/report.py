@@ -18,7 +18,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:
 color:#1b1b1b;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;font-size:.86em;margin:.6em 0}th,td{padding:.25em .6em;border-bottom:1px solid #e4e4e4;
-text-align:left;vertical-align:top}th{border-bottom:2px solid #999}td.num{text-align:right;font-variant-numeric:tabular-nums}
+text-align:left;vertical-align:top}th{border-bottom:2px solid #999}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .meta{color:#555}.note{color:#8a5a00}.fig{margin:1em 0 1.6em}.fig img{max-width:100%;height:auto;border:1px solid #eee}
 .fig figcaption{font-size:.85em;color:#555}.verdict{font-weight:600;padding:.05em .4em;border-radius:3px}
 .supported{background:#dff3e4}.not-supported{background:#fbe3e3}.inconclusive{background:#f3efd9}
