@@ -76,22 +76,14 @@ def module_kind(module: str) -> str:
 
 
 def method_sections(method: str) -> set[str]:
-    """Config sections a method reads: its declared ``config_sections`` when the method has them."""
-    try:
-        from ..methods import METHODS
+    """Config sections a run of ``method`` reads: the core sections plus the method's ``config_sections``."""
+    from ..methods import METHODS
+    from ..runs import identity_sections
 
-        cls = METHODS.get(method)
-    except Exception:  # pragma: no cover
-        cls = None
-    declared = getattr(cls, "config_sections", None) if cls is not None else None
-    if declared:
-        return set(declared)
-    secs = {method}
-    if method not in ("full", "rsvd"):  # every other method is a LoRA relative and reads lora.*
-        secs.add("lora")
-    if method == "sdora":
-        secs.add("sora")
-    return secs
+    if method in METHODS:
+        return set(identity_sections(method))
+    # a method this checkout does not know (a newer run): its own section and LoRA's
+    return {*CORE_SECTIONS, method, "lora"}
 
 
 @dataclass
