@@ -146,11 +146,12 @@ BUDGET_ACC = {("lora", 4): (0.80, 0.82, 0.84), ("lora", 8): (0.84, 0.85, 0.86),
 MODULES = [f"bert.encoder.layer.{i}.attention.self.{k}" for i in range(N_LAYERS) for k in ("query", "value")]
 
 
-def make_budget_study(root: Path, seeds=SEEDS) -> Path:
+def make_budget_study(root: Path, seeds=SEEDS, dataset: str = "sst2-sample", acc_shift: float = 0.0) -> Path:
     for (method, r), accs in BUDGET_ACC.items():
         for seed, acc in zip(seeds, accs):
             budget = r * 2 * 64 * len(MODULES)
-            ov = {"training.seed": seed, "model.name": "tiny-bert", "data.dataset": "sst2-sample", "lora.r": 8}
+            ov = {"training.seed": seed, "model.name": "tiny-bert", "data.dataset": dataset, "lora.r": 8}
+            acc = acc + acc_shift
             alloc = None
             if method == "lora":
                 ov["lora.r"] = r

@@ -184,6 +184,20 @@ def test_hypotheses_stated_with_numbers(analysed):
     assert r4.numbers["p"] == pytest.approx(0.0742, abs=2e-3) and r4.verdict == "not supported"
 
 
+def test_ba_lora_paired_with_lora_of_the_same_dataset(tmp_path):
+    from peftlab.analysis.hypotheses import ba_lora_vs_lora
+    from peftlab.analysis.plots import PlotContext
+
+    F.make_budget_study(tmp_path / "sst2", dataset="sst2-sample")
+    F.make_budget_study(tmp_path / "imdb", dataset="imdb-sample", acc_shift=-0.3)  # same gains, other level
+    study = collect(tmp_path)
+    found = ba_lora_vs_lora(PlotContext(study, aggregate(study), tmp_path))
+    assert len(found) == 4  # 2 budgets x 2 datasets, each paired within its dataset
+    for f in found:
+        assert f.numbers["mean_gain"] == pytest.approx(0.02)  # a cross-dataset pair would be off by 0.3
+        assert ("imdb" in f.numbers["ba_lora"]) == ("imdb" in f.numbers["lora"])
+
+
 def test_too_few_seeds_is_said(tmp_path):
     F.make_subspace_study(tmp_path / "one", seeds=(42,))
     res = analyze(tmp_path / "one", tmp_path / "out")

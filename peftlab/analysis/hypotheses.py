@@ -9,6 +9,7 @@ but called inconclusive.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -179,10 +180,11 @@ def ba_lora_vs_lora(ctx: PlotContext) -> list[Finding]:
     ctx_keys = _context_keys(ctx.study)
     agg = ctx.agg
     out = []
-    for ba in agg[agg["method"] == "ba_lora"].itertuples():
+    for rec in agg[agg["method"] == "ba_lora"].to_dict("records"):
+        ba = SimpleNamespace(**{k: v for k, v in rec.items() if k.isidentifier()})
         cands = agg[agg["method"] == "lora"]
-        for k in ctx_keys:
-            cands = cands[cands[k] == getattr(ba, "_asdict")().get(k)] if k in cands else cands
+        for k in ctx_keys:  # same data and model settings (dotted keys: read from the record, not attributes)
+            cands = cands[cands[k] == rec.get(k)] if k in cands else cands
         if cands.empty or pd.isna(ba.trainable_params_mean):
             continue
         rel = (cands["trainable_params_mean"] - ba.trainable_params_mean).abs() / ba.trainable_params_mean

@@ -257,12 +257,10 @@ def learned_gammas(ctx: PlotContext) -> pd.DataFrame:
     df = _sublora(ctx, need_bounds=False)
     learned = df[df.get("sublora.allocation_mode") == "learned"] if "sublora.allocation_mode" in df else df.iloc[0:0]
     rows = []
-    for r in learned.itertuples():
-        run = ctx.study.run(r.run)
-        gam = gammas_of_run(run)
-        for layer, g in gam.items():
-            rows.append({"d": getattr(r, "_asdict")().get("sublora.intrinsic_dim", run.config.get("sublora.intrinsic_dim")),
-                         "seed": r.seed, "layer": layer, "gamma": g, "run": r.run})
+    for r in learned.to_dict("records"):
+        run = ctx.study.run(r["run"])
+        for layer, g in gammas_of_run(run).items():
+            rows.append({"d": r["sublora.intrinsic_dim"], "seed": r["seed"], "layer": layer, "gamma": g, "run": r["run"]})
     if not rows:
         raise Skip("no learned-allocation SubLoRA runs with gates (allocation.json 'gammas' or gating_trace.csv)")
     return pd.DataFrame(rows)
