@@ -40,6 +40,11 @@ NOT_RUNS = {"analysis", "checkpoints", "best", "adapter", "base_model", "model",
 # Keys copied into the table even when constant: the axes the seeds' plots are drawn along.
 AXIS_KEYS = ("lora.r", "sora.lambda_", "sublora.intrinsic_dim", "sublora.allocation_mode", "sublora.allocation_ratio",
              "rsvd.rank", "rsvd.svt", "ba_lora.param_budget", "ba_lora.base_rank", "data.train_samples")
+# The "rank" or budget axis of each method (labels, memory and loss-per-rank plots).
+SIZE_AXES = {
+    "lora": "lora.r", "dora": "lora.r", "sora": "lora.r", "sdora": "lora.r", "rsvd": "rsvd.rank",
+    "ba_lora": "ba_lora.param_budget", "sublora": "sublora.intrinsic_dim",
+}
 RESULT_METRICS = ("val_accuracy", "val_f1", "val_loss", "val_perplexity", "train_loss")
 METHOD_ORDER = ("lora", "dora", "sora", "sdora", "ba_lora", "rsvd", "full", "sublora")
 SUBLORA_MODE_ORDER = ("uniform", "fixed", "learned")
@@ -342,9 +347,16 @@ def group_label(row, study: Study) -> str:
     get = row.get  # a dict or a pandas Series
     parts = [str(get("arm"))]
     arm_keys = {k for m in VARIANT_KEYS.values() for k in m} | {"method"}
-    for k in study.group_keys:
-        if k in arm_keys:
-            continue
+    method = get("method")
+    size = SIZE_AXES.get(method)
+    if method == "ba_lora" and get("ba_lora.param_budget") is None:
+        size = "ba_lora.base_rank"  # the budget is base_rank x LoRA's per-rank size
+    keys = list(study.group_keys)
+    if size and size not in keys:
+        keys.insert(0, size)  # a method's own size is always named, even when constant
+    for k in keys:
+        if k in arm_keys or (k == "lora.r" and size not in (None, "lora.r")):
+            continue  # lora.r is not the size of rsvd/ba_lora/sublora runs
         v = get(k)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
@@ -370,6 +382,10 @@ def aggregate(study: Study) -> pd.DataFrame:
         row["method"] = g["method"].iloc[0]
         row["n"] = len(g)
         row["seeds"] = ",".join(str(s) for s in g["seed"].tolist())
+        for k in AXIS_KEYS:  # constant within the group (else they would be group keys)
+            if k in g and k not in row:
+                v = g[k].iloc[0]
+                row[k] = None if isinstance(v, float) and math.isnan(v) else v
         row["label"] = group_label(row, study)
         row["runs"] = list(g["run"])
         for m in metrics:

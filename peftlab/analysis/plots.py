@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .collect import Study, layer_of, module_kind  # noqa: E402
+from .collect import SIZE_AXES, Study, layer_of, module_kind  # noqa: E402
 
 STYLE = {
     "font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5, "legend.fontsize": 7.5, "xtick.labelsize": 8,
@@ -34,10 +34,6 @@ COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
            *[matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab10").colors]]
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-SIZE_AXES = {  # the "rank" or budget axis of each method (for the memory / loss-per-rank plots)
-    "lora": "lora.r", "dora": "lora.r", "sora": "lora.r", "sdora": "lora.r", "rsvd": "rsvd.rank",
-    "ba_lora": "ba_lora.param_budget", "sublora": "sublora.intrinsic_dim",
-}
 METRIC_LABELS = {
     "val_accuracy": "validation accuracy", "val_f1": "validation F1", "val_loss": "validation loss (nats/token)",
     "val_perplexity": "validation perplexity", "train_loss": "training loss (nats)",

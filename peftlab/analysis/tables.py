@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from .collect import VARIANT_KEYS, Study, group_columns, short_name
+from .collect import SIZE_AXES, VARIANT_KEYS, Study, group_columns, short_name
 
 # (column, header) in display order; a column appears when any group has a value for it.
 SUMMARY_METRICS = [
@@ -83,7 +83,10 @@ def summary_frame(study: Study, agg: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
     for k in keys:
         name = "method" if k == "arm" else short_name(k)
         if k not in variant:  # variant keys are already spelled out in the arm's name
-            show[name] = [fmt_number(v) if not isinstance(v, str) else v for v in agg[k]]
+            vals = [fmt_number(v) if not isinstance(v, str) else v for v in agg[k]]
+            if k == "lora.r":  # not the size of rsvd / ba_lora / sublora runs: blank there
+                vals = [v if SIZE_AXES.get(m, "lora.r") == "lora.r" else "" for v, m in zip(vals, agg["method"])]
+            show[name] = vals
         num[name] = agg[k].values
     show["n"] = agg["n"].values
     num["n"] = agg["n"].values
