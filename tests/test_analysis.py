@@ -218,6 +218,11 @@ def test_missing_data_skips_with_a_note(tmp_path):
     shutil.copy(tmp_path / "bare" / "r0" / "config.json", tmp_path / "bare" / "r1" / "config.json")
     res = analyze(tmp_path / "bare", tmp_path / "out2")
     assert any("not started" in n for n in res.notes)
+    # nothing completed at all: empty tables, every plot skipped, still a report
+    F.write_run(tmp_path / "none" / "a", "sora", {}, task="causal_lm", final={"val_loss": 2.0}, trainable=5, finished=False,
+                module_values={"layer.0.query": 0.1})
+    res = analyze(tmp_path / "none", tmp_path / "out4")
+    assert res.plots == [] and res.report.is_file() and any("0 completed" in n or "not completed" in n for n in res.notes)
     with pytest.raises(PeftlabError, match="No run directories"):
         analyze(tmp_path / "out2", tmp_path / "out3")
 

@@ -372,7 +372,7 @@ def aggregate(study: Study) -> pd.DataFrame:
     df = study.completed
     keys = group_columns(study)
     if df.empty:
-        return pd.DataFrame(columns=keys + ["n"])
+        return pd.DataFrame(columns=keys + ["method", "n", "seeds", "label", "runs"])
     metrics = numeric_columns(df, keys + list(AXIS_KEYS) + study.varying)
     out = []
     for gk, g in df.groupby(keys, dropna=False, sort=False):
