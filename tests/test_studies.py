@@ -214,7 +214,8 @@ def test_failing_run_does_not_stop_the_others_and_is_not_retried_forever(tmp_pat
 
     study = _write(tmp_path, arms=[{"name": "good", "overrides": {"method": "lora"}},
                                    {"name": "bad", "overrides": {"method": "lora", "model.target_modules": ["no_such_layer"]}}],
-                   seeds=[1], execution={"max_attempts_same_error": 2})
+                   seeds=[1], execution={"max_attempts_same_error": 2},
+                   follow_up={"per_run": ["config {config} --training.seed=5"], "study": ["config --keys"]})
     sd = tmp_path / "study"
     assert main(["sweep", str(study)]) == 1  # non-zero: a run failed
     assert json.loads((sd / "good_s1/results_final.json").read_text())["status"] == "completed"
@@ -222,10 +223,15 @@ def test_failing_run_does_not_stop_the_others_and_is_not_retried_forever(tmp_pat
     assert log.count("==== EXPERIMENT") == 2 and "Duration:" in log and "ETA:" in log and "==== TOTAL: 2 runs: 1 completed" in log
     (bad,) = [e for e in read_events(sd) if e["event"] == "end" and e["run"] == "bad_s1"]
     assert bad["outcome"] == "failed" and "no_such_layer" in bad["error"]
+    (good,) = [e for e in read_events(sd) if e["event"] == "end" and e["run"] == "good_s1"]
+    assert [f["outcome"] for f in good["followups"]] == ["completed"]  # per-run step after the completed run only
+    assert "seed: 5" in (sd / ".study/output/good_s1.out").read_text()
+    assert [e["outcome"] for e in read_events(sd) if e["event"] == "study_step"] == ["completed"]
     # provenance: which study and trial each run belongs to
     meta = json.loads((sd / "good_s1/config.json").read_text())["_meta"]["study"]
     assert meta["study"] == "t" and meta["trial"] == "good_s1" and meta["seed"] == 1
-    assert main(["sweep", str(study)]) == 1  # second attempt of the failed ones; good runs skipped
+    assert main(["sweep", str(study)]) == 1  # second attempt of the failed ones; good runs (and their follow-ups) skipped
+    assert [e["run"] for e in read_events(sd) if e["event"] == "start"] == ["good_s1", "bad_s1", "bad_s1"]
     assert main(["sweep", str(study), "--dry-run"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert any("bad_s1" in ln and "gave-up" in ln for ln in table) and any("good_s1" in ln and "done" in ln for ln in table)
