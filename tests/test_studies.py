@@ -108,6 +108,8 @@ def test_scales_replace_seeds_axes_arms(tmp_path):
     trials = expand(small)
     assert [(t.arm, t.seed, t.cfg.lora.r, t.cfg.training.max_steps, t.cfg.training.learning_rate) for t in trials] == [("dora", 7, 2, 2, 0.5)]
     assert small.output_dir == Path(f"{spec.output_dir}-cpu")
+    small.cli_overrides = {"training.learning_rate": 0.7}  # `peftlab sweep FILE --training.learning_rate=0.7` wins over the arm
+    assert expand(small)[0].cfg.training.learning_rate == 0.7
     assert len(expand(spec)) == 18  # the full study is untouched
     with pytest.raises(ConfigError, match="no scale 'cpux'.*Did you mean `cpu`"):
         spec.at_scale("cpux")

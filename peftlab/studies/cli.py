@@ -28,7 +28,7 @@ def _load(args, extra: list[str]):
         else:
             ov[k] = v
     if ov:
-        spec.overrides = {**spec.overrides, **ov}
+        spec.cli_overrides = {**spec.cli_overrides, **ov}
     if slurm:
         spec.execution.slurm = {**spec.execution.slurm, **slurm}
     output = Path(args.output_dir) if getattr(args, "output_dir", None) else None

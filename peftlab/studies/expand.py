@@ -3,8 +3,9 @@
 Order: grid points outermost (product axes in file order, the zipped axis after them),
 then arms, then seeds — seed 000's order (budget, then allocation, then seed).
 Overrides apply in this order, later ones winning: the base config, ``overrides``, the
-scale's overrides, the grid point, the arm, budget matching (only keys the study did not
-set itself), ``training.seed``, and ``output.dir = <study dir>/<run name>``.
+scale's overrides, the grid point, the arm (and the scale's overrides of that arm), the
+command line's ``--section.key=value``, budget matching (only keys the study did not set
+itself), ``training.seed``, and ``output.dir = <study dir>/<run name>``.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Opt
         for arm in arms:
             for seed in seeds:
                 index += 1
-                ov: dict[str, Any] = {**spec.overrides, **point, **(arm.overrides if arm else {}), "training.seed": seed}
+                ov: dict[str, Any] = {**spec.overrides, **point, **(arm.overrides if arm else {}), **spec.cli_overrides,
+                                      "training.seed": seed}
                 label = f"run {index} (arm {arm.name if arm else '-'}, seed {seed}{', ' + ', '.join(f'{k}={v}' for k, v in point.items()) if point else ''})"
                 try:
                     cfg = load_config(spec.base, ov)

@@ -339,7 +339,8 @@ class StudyLock:
 
 def varying(trial: Trial, spec: StudySpec) -> dict[str, Any]:
     """The overrides that tell this trial apart (without the study-wide ones)."""
-    return {k: v for k, v in trial.overrides.items() if k not in spec.overrides or spec.overrides[k] != v}
+    common = {**spec.overrides, **spec.cli_overrides}
+    return {k: v for k, v in trial.overrides.items() if k not in common or common[k] != v}
 
 
 def plan(spec: StudySpec, trials: list[Trial], retry_failed: bool = False) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ study is expanded (:func:`peftlab.studies.expand.expand`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ class StudySpec:
     path: Optional[Path] = None
     scale: Optional[str] = None
     check_commands: bool = True
+    cli_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # --section.key=value of `peftlab sweep`: win over the file
 
     @property
     def output_dir(self) -> Path:
