@@ -1,82 +1,31 @@
 """The shared pieces studies rely on (CONTRACT.md): run identity, budget matching, step
-counts. Each uses the shared implementation when this installation has it
-(``peftlab.runs``, ``Method.budget_overrides``, ``peftlab.build``) and a small local
-equivalent otherwise, so that the study runner agrees with resume and compare.
+counts — thin wrappers over :mod:`peftlab.runs`, ``Method.budget_overrides`` and
+:mod:`peftlab.build`, so that the study runner decides "same run?" exactly as resume does.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any, Optional
-
-# Keys that say where or how a run logs, not what it computes (the loop's RESUMABLE_CHANGES).
-_NOT_IDENTITY_SECTIONS = ("output", "logging")
-_NOT_IDENTITY_TRAINING = ("resume_from", "save_steps", "save_total_limit", "log_steps")
-
-
-def _plain(cfg_or_dict: Any) -> dict:
-    d = cfg_or_dict.to_dict() if hasattr(cfg_or_dict, "to_dict") else dict(cfg_or_dict)
-    d = json.loads(json.dumps(d, default=str))
-    d.pop("_meta", None)
-    return d
+from typing import Any
 
 
 def run_identity(cfg) -> dict:
-    """The settings that decide a run's numbers."""
-    try:
-        from ..runs import run_identity as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared(cfg)
-    d = _plain(cfg)
-    for s in _NOT_IDENTITY_SECTIONS:
-        d.pop(s, None)
-    if isinstance(d.get("training"), dict):
-        for k in _NOT_IDENTITY_TRAINING:
-            d["training"].pop(k, None)
-    from ..methods import METHODS
+    """The settings that decide a run's numbers (``peftlab.runs.run_identity``)."""
+    from ..runs import run_identity as shared
 
-    # only the run's own method sections count (a study may carry other methods' settings)
-    from ..config import CORE_SECTIONS
-
-    own = set(CORE_SECTIONS) | set(getattr(METHODS.get(d.get("method")), "sections", ()) or ())
-    return {k: v for k, v in d.items() if k == "method" or k in own}
+    return shared(cfg)
 
 
 def identity_diff(old_cfg_dict: dict, new_cfg) -> list[str]:
     """``key: old -> new`` for every identity setting that differs (empty: the same run)."""
-    try:
-        from ..runs import identity_diff as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared(old_cfg_dict, new_cfg)
-    from ..config import config_from_dict
+    from ..runs import identity_diff as shared
 
-    old = dict(old_cfg_dict)
-    old.pop("_meta", None)
-    try:
-        old_id = run_identity(config_from_dict(old))  # missing keys filled from today's defaults
-    except Exception:  # a config this version cannot read: compare what is there
-        old_id = run_identity(old)
-    return _diff(old_id, run_identity(new_cfg))
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
-    return out
+    return shared(old_cfg_dict, new_cfg)
 
 
 def identity_hash(cfg) -> str:
-    return hashlib.sha256(json.dumps(run_identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from ..runs.identity import fingerprint
+
+    return fingerprint(cfg)
 
 
 # ------------------------------------------------------------------------ budgets
@@ -118,56 +67,16 @@ def lora_params(cfg, r: int) -> int:
                        "(hub access or a local copy), or set budget.match: none.")
 
 
-def _first_key(section: str, candidates: tuple[str, ...]) -> Optional[str]:
-    import dataclasses
-
-    from ..config import all_sections
-
-    cls = all_sections().get(section)
-    keys = {f.name for f in dataclasses.fields(cls)} if cls is not None and dataclasses.is_dataclass(cls) else set()
-    return next((f"{section}.{k}" for k in candidates if k in keys), None)
-
-
-def _fallback_budget_overrides(method: str, cfg, lora_budget: int, r: int) -> tuple[dict, str]:
-    """What peftlab compare did before methods stated their own matching."""
-    ov: dict[str, Any] = {}
-    if method in ("lora",):
-        return {"lora.r": r}, f"r={r}: {lora_budget:,} adapter parameters"
-    if method == "dora":
-        return {"lora.r": r}, f"r={r} + one magnitude per output feature"
-    if method in ("sora", "sdora"):
-        return {"lora.r": r}, f"starts at r={r}; gates prune ranks, so effective <= trainable"
-    if method == "ba_lora":
-        key = _first_key("ba_lora", ("param_budget",))
-        if key:
-            ov[key] = lora_budget
-        return ov, f"budget = LoRA's {lora_budget:,} adapter parameters"
-    if method == "rsvd":
-        key = _first_key("rsvd", ("rank",))
-        if key:
-            ov[key] = r
-        return ov, f"full-parameter: all weights train, gradients projected to rank {r}"
-    if method == "full":
-        return ov, "every weight trains (reference)"
-    return ov, "no budget knob (section defaults)"
-
-
-def budget_overrides(cfg, lora_budget: int, r: int) -> tuple[dict, str]:
-    """Overrides that put ``cfg``'s method at LoRA rank ``r``'s budget, and a note saying how."""
+def budget_overrides(cfg, lora_budget: int, r: int) -> tuple[dict[str, Any], str]:
+    """Overrides that put ``cfg``'s method at LoRA rank ``r``'s budget, and a note, as the method states."""
     from ..methods import METHODS
 
-    cls = METHODS[cfg.method]
-    fn = getattr(cls, "budget_overrides", None)
-    if fn is not None:
-        ov, note = fn(cfg, lora_budget, r)
-        return dict(ov or {}), str(note or "")
-    return _fallback_budget_overrides(cfg.method, cfg, lora_budget, r)
+    ov, note = METHODS[cfg.method].budget_overrides(cfg, lora_budget, r)
+    return dict(ov or {}), str(note or "")
 
 
-def count_optimizer_steps(cfg) -> Optional[int]:
-    """The shared step count when this installation has it (None: the caller builds a trainer)."""
-    try:
-        from ..build import count_optimizer_steps as shared
-    except ImportError:
-        return None
+def count_optimizer_steps(cfg) -> int:
+    """Optimizer steps of a run without training (``peftlab.build.count_optimizer_steps``)."""
+    from ..build import count_optimizer_steps as shared
+
     return shared(cfg)

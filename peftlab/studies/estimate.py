@@ -11,9 +11,8 @@ run's epoch end does. Per step it records a timestamp (a wrapper around the meth
       + (refreshes - 1) x (first step - median step)      methods with `update_interval` (rSVD)
       + epochs x (evaluation + epoch checkpoint) + step checkpoints x save + final export
 
-``steps`` comes from :func:`peftlab.build.count_optimizer_steps` when this installation
-has it, else from the probe's own trainer (the same computation). Runs already done in the
-study directory count zero.
+``steps`` comes from :func:`peftlab.build.count_optimizer_steps` (no training). Runs
+already done in the study directory count zero.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ def probe(cfg, steps: int = 4) -> Probe:
         t0 = time.perf_counter()
         tr = Trainer(pcfg, console=False)
         setup = time.perf_counter() - t0
-        full_steps = _compat.count_optimizer_steps(cfg) or tr.total_steps
+        full_steps = _compat.count_optimizer_steps(cfg)
         epochs = math.ceil(full_steps / tr.steps_per_epoch)
         n = max(1, min(steps, tr.total_steps))
         tr.total_steps = n
