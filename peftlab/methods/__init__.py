@@ -24,6 +24,7 @@ from .full import Full  # noqa: E402
 from .lora import DoRA, LoRA, LoraSection  # noqa: E402
 from .rsvd import RSVD, RsvdSection  # noqa: E402
 from .sora import SDoRA, SoRA, SoraSection  # noqa: E402
+from .sublora import SubLoRA, SubloraSection  # noqa: E402
 
 _register(Full)
 _register(LoRA, lora=LoraSection)
@@ -32,5 +33,6 @@ _register(BALoRA, ba_lora=BaLoraSection)
 _register(RSVD, rsvd=RsvdSection)
 _register(SoRA, sora=SoraSection)
 _register(SDoRA)
+_register(SubLoRA, sublora=SubloraSection)
 
 __all__ = ["METHODS", "Method", "MethodContext"]
