@@ -498,6 +498,7 @@ class SubLoRA(Method):
                 self._trace.truncate_after(self._resumed_at)
         return self._trace
 
+    @torch.no_grad()
     def step_metrics(self, model) -> dict[str, float]:
         if model.mode != "learned":
             return {}
