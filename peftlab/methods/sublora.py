@@ -451,9 +451,7 @@ class SubLoRA(Method):
                f"{f', {fused} fused c_attn B matrices restricted to q,v rows' if fused else ''}; d = {sc['d']:,}, "
                f"mode {sc['mode']}, projector {sc['projector']} ({record['projector_bytes'] / 2**20:.2f} MiB vs "
                f"{D * sc['d'] * 4 / 2**20:,.0f} MiB for a dense P)")
-        self.ctx.log.info(msg)
-        if self.ctx.accelerator is None or getattr(self.ctx.accelerator, "is_main_process", True):
-            print(msg)
+        self.ctx.log.info(msg)  # the run's logger prints to the console and train.log
         return wrapped
 
     def trainable_parameters(self, model):
@@ -579,7 +577,8 @@ class SubLoRA(Method):
         out_dir = Path(out_dir)
         model.materialise()
         target = out_dir / "adapter"
-        model.model.save_pretrained(target, safe_serialization=True)
+        # the base embeddings are frozen: a tied LM head needs no copy of them in the adapter
+        model.model.save_pretrained(target, safe_serialization=True, save_embedding_layers=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(target)
         compact = out_dir / "subspace"
