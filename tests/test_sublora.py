@@ -254,6 +254,12 @@ def test_train_export_loads_with_peft_and_same_seed_same_run(tmp_path, run_train
     base = AutoModelForCausalLM.from_pretrained(str(run / "base_model"))
     peft = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
     assert torch.allclose(peft(**batch).logits, model(**batch).logits, atol=1e-5)
+    # load_run rebuilds the run from its directory alone (method.json + checkpoint)
+    from peftlab.runs import load_run
+
+    loaded = load_run(run, "final")
+    assert torch.equal(loaded.model(**batch).logits, model(**batch).logits)
+    assert json.loads((run / "method.json").read_text()) == json.loads((run / "subspace" / "structure.json").read_text())
     # same config and seed -> the same numbers
     run_train(make_cfg(tmp_path / "b", method="sublora", **kw))
     w2 = load_file(str(tmp_path / "b" / "run" / "subspace" / "subspace.safetensors"))

@@ -45,6 +45,7 @@ import torch
 from ..config.machinery import opt
 from ..errors import PeftlabError
 from .base import Method
+from .lora import LoraSection
 from .projectors import PROJECTORS, derive_seed, make_projector
 
 ADAPTER = "default"
@@ -353,7 +354,7 @@ class SubLoRA(Method):
     """LoRA restricted to a random subspace: only w (and the learned gates) train."""
 
     name = "sublora"
-    sections = ("lora", "sublora")
+    config_sections = {"lora": LoraSection, "sublora": SubloraSection}
     exports_adapter = True
 
     def __init__(self, ctx):
@@ -485,10 +486,11 @@ class SubLoRA(Method):
                                      **{f"gamma_{g}": float(v) for g, v in zip(model.groups, model.gates().tolist())}})
 
     def _trace_log(self):
+        from ..runs import RunDir
         from ..tracking import CsvLog
 
         if self._trace is None:
-            path = Path(self.ctx.run_dir) / "gating_trace.csv"
+            path = RunDir(self.ctx.run_dir).gating_trace_path
             self._trace = CsvLog(path)
             if self._resumed_at is None:
                 path.unlink(missing_ok=True)
@@ -572,6 +574,7 @@ class SubLoRA(Method):
         """``adapter/``: plain peft LoRA with θ₀ + P·w materialised; ``subspace/``: (w, φ, structure)."""
         from safetensors.torch import save_file
 
+        from ..runs import RunDir
         from ..tracking import write_json
 
         out_dir = Path(out_dir)
@@ -587,7 +590,5 @@ class SubLoRA(Method):
         tensors["gating_scale"] = model.gating_scale.detach().cpu().reshape(1)
         save_file(tensors, str(compact / "subspace.safetensors"), metadata={"format": "pt"})
         write_json(compact / "structure.json", self.structure(model))
-        write_json(out_dir / "allocation.json", self.allocation(model))
-        if not (out_dir / "method.json").is_file():  # the run-format code writes it too
-            write_json(out_dir / "method.json", self.structure(model))
+        write_json(RunDir(out_dir).allocation_path, self.allocation(model))
         return target
