@@ -504,8 +504,20 @@ class SubLoRA(Method):
             return {}
         return {"gamma_mean": float(model.gates().mean())}
 
+    def progress_fields(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"γ": f"{metrics['gamma_mean']:.3f}"} if "gamma_mean" in metrics else {}
+
+    @torch.no_grad()
     def module_metrics(self, model):
-        return None
+        """Learned mode: γ_ℓ and the soft share of B, Σ_i m_i / d, per layer group."""
+        if model.mode != "learned":
+            return None
+        g, share = model.gates().tolist(), (model.masks().sum(1) / model.d).tolist()
+        return {f"layer.{k}": {"gamma": a, "b_share": b} for k, a, b in zip(model.groups, g, share)}
+
+    @classmethod
+    def profile_info(cls, cfg) -> dict[str, Any]:
+        return {"rank": cfg.lora.r, "in_place": False, "refresh_interval": 1}
 
     def param_counts(self, model) -> tuple[int, int]:
         n = sum(p.numel() for _, p in self.trainable_parameters(model))
