@@ -293,3 +293,21 @@ def test_d_larger_than_D_rejected_before_training(tmp_path):
         _build(tmp_path, sublora__intrinsic_dim=5000)
     with pytest.raises(PeftlabError, match="smallest per-layer block"):
         _build(tmp_path, sublora__intrinsic_dim=1000, sublora__allocation_mode="learned")
+
+
+def test_learned_resume_from_mid_run_checkpoint_matches(tmp_path, run_train):
+    from safetensors.torch import load_file
+
+    kw = dict(sublora__allocation_mode="learned", sublora__intrinsic_dim=64, training__max_steps=8, training__save_steps=4,
+              training__learning_rate=0.05, sublora__gating_lr=0.5, sublora__gating_scale_final=10.0,
+              sublora__gating_anneal_steps=6, logging__progress_bar=False)
+    run_train(make_cfg(tmp_path, method="sublora", **kw))
+    run = tmp_path / "run"
+    trace = (run / "gating_trace.csv").read_text()
+    w = load_file(str(run / "subspace" / "subspace.safetensors"))
+    assert w["gating_scale"].item() == 10.0  # annealed 5 -> 10 over 6 steps
+    (run / "results_final.json").unlink()
+    run_train(make_cfg(tmp_path, method="sublora", training__resume_from=str(run / "checkpoints" / "step-4"), **kw))
+    assert (run / "gating_trace.csv").read_text() == trace  # rows after step 4 replaced, not duplicated
+    w2 = load_file(str(run / "subspace" / "subspace.safetensors"))
+    assert all(torch.equal(w[k], w2[k]) for k in w)

@@ -336,7 +336,10 @@ class SubspaceModel(torch.nn.Module):
         return out
 
     def forward(self, *args, **kwargs):
-        return torch.func.functional_call(self.model, self.lora_tensors(), args, kwargs, strict=False)
+        # θ in float32 even under mixed precision (the base layers still autocast as usual)
+        with torch.autocast(self.w.device.type, enabled=False):
+            tensors = self.lora_tensors()
+        return torch.func.functional_call(self.model, tensors, args, kwargs, strict=False)
 
     @torch.no_grad()
     def materialise(self) -> None:
