@@ -6,7 +6,7 @@
 
 A step is forward + backward + AdamW step on one random batch of tokens (frozen, randomly
 initialised GPT-2 as in the SubLoRA paper), timed with the device synchronised. The
-methods are timed in alternating rounds so that both see the same machine load; the
+methods are timed in alternating rounds (order rotated) so that all see the same machine load; the
 median over rounds is reported. LoRA: peft on c_attn (rank r). SubLoRA: the same adapter
 with all its parameters θ = θ₀ + P·w (d = --d, each projector in --projectors, q,v rows of
 c_attn as peftlab's default), trained through w only. Prints a Markdown table.
@@ -92,8 +92,10 @@ def main(argv=None) -> int:
         model.train()
         step(model, opt, batch, args)
     sync(args)
-    for _ in range(args.rounds):
-        for k, (_, model, opt) in runs.items():
+    names = list(runs)
+    for r in range(args.rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:  # rotate the order: no method always runs first
+            _, model, opt = runs[k]
             sync(args)
             t0 = time.perf_counter()
             for _ in range(args.steps):
