@@ -15,7 +15,9 @@ Allocation modes (``sublora.allocation_mode``):
              m_i = sigmoid(s·(γ_ℓ·d − i)), i = 0..d−1; then θ_B,ℓ = θ₀_B,ℓ + P_B,ℓ·(w ⊙ m)
              and θ_A,ℓ = θ₀_A,ℓ + P_A,ℓ·(w ⊙ (1 − m)). γ → 1 gives all of w to B. Every
              layer and each of A/B has its own projector seed. Adapted modules outside the
-             numbered layers (an LM head, a classifier) form one more group, ``other``.
+             numbered layers (an LM head, a classifier) form one more group, ``other``; a
+             group with only one side (a classification head alone) has no gate and reads
+             all of w through its own projection.
 
 Head parameters of a classification model (peft's ``modules_to_save``) are neither A nor B;
 they join the B side (they act on outputs, as B does).
@@ -211,14 +213,20 @@ def plan_blocks(segs: list[Segment], sc: dict) -> tuple[list[Block], list[str]]:
         blocks.append(Block("A", None, a_side, size(a_side), d_a, derive_seed(seed, 0), [0, d_a]))
         blocks.append(Block("B", None, b_side, size(b_side), d_b, derive_seed(seed, 1), [d_a, d]))
     else:
+        order: list[str] = []
         for i in idx:
-            if segs[i].group not in groups:
-                groups.append(segs[i].group)
-        for gi, g in enumerate(groups):
-            for si, (side, members) in enumerate((("A", a_side), ("B", b_side))):
-                ids = [i for i in members if segs[i].group == g]
-                if ids:
-                    blocks.append(Block(side, g, ids, size(ids), d, derive_seed(seed, 2 + gi, si), None, gi))
+            if segs[i].group not in order:
+                order.append(segs[i].group)
+        for gi, g in enumerate(order):
+            a_ids = [i for i in a_side if segs[i].group == g]
+            b_ids = [i for i in b_side if segs[i].group == g]
+            if a_ids and b_ids:  # a gate splits w between this group's A and B
+                for si, (side, ids) in enumerate((("A", a_ids), ("B", b_ids))):
+                    blocks.append(Block(side, g, ids, size(ids), d, derive_seed(seed, 2 + gi, si), None, len(groups)))
+                groups.append(g)
+            else:  # only one side (e.g. a classification head alone): nothing to split, it reads all of w
+                ids = a_ids or b_ids
+                blocks.append(Block("A" if a_ids else "B", g, ids, size(ids), d, derive_seed(seed, 2 + gi, 0), [0, d]))
     for b in blocks:
         off, offs = 0, []
         for i in b.segments:
