@@ -574,6 +574,7 @@ class SubLoRA(Method):
         r = self.record or {}
         out = {"method": self.name, "mode": r.get("mode"), "d": r.get("d"), "D": r.get("D"), "D_A": r.get("D_A"), "D_B": r.get("D_B"),
                "projector": r.get("projector")}
+        out["modules"] = self._modules(model)
         if model.mode == "uniform":
             out.update(d_A=None, d_B=None)
         elif model.mode == "fixed":
@@ -587,6 +588,25 @@ class SubLoRA(Method):
                        d_B={k: v for k, v in zip(model.groups, mB)},
                        d_A={k: model.d - v for k, v in zip(model.groups, mB)})
         return out
+
+    @torch.no_grad()
+    def _modules(self, model) -> dict[str, dict[str, Any]]:
+        """allocation.json's common schema: per adapted module its rank, layer group, the LoRA
+        parameters it holds on each side and, in learned mode, its group's γ."""
+        gam = dict(zip(model.groups, model.gates().tolist())) if model.mode == "learned" else {}
+        mods: dict[str, dict[str, Any]] = {}
+        for s in model.segs:
+            key = s.name.split(".lora_")[0].split(".modules_to_save")[0]
+            if key.startswith("base_model.model."):
+                key = key[len("base_model.model."):]
+            m = mods.setdefault(key, {"rank": None, "group": s.group, "D_A": 0, "D_B": 0})
+            if s.kind == "A":
+                m["rank"], m["D_A"] = s.shape[0], m["D_A"] + s.numel
+            else:
+                m["D_B"] += s.numel
+            if s.group in gam:
+                m["gamma"] = gam[s.group]
+        return mods
 
     def summary(self) -> dict[str, Any]:
         r = self.record or {}
