@@ -190,7 +190,7 @@ def test_export_reloads_with_identical_logits(trained, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dora", "sdora", "full"])
+@pytest.mark.parametrize("name", ["dora", "sdora", "full", "sublora-learned"])
 def test_two_process_gloo_parity(name, tmp_path):
     """The methods tests/test_distributed.py does not cover: 2 gloo processes = 1 process with twice the batch."""
     import csv

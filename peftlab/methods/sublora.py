@@ -298,6 +298,10 @@ class SubspaceModel(torch.nn.Module):
         for k, s in enumerate(segs):
             if s.rows is not None:
                 self.register_buffer(f"rows_{k}", torch.tensor(s.row_index), persistent=False)
+        # seeded constants (θ₀, projector factors, row indices) are identical on every process:
+        # DDP need not broadcast them before each forward
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers()
+                                                  if n.startswith(("projectors.", "theta0_", "rows_", "coord"))]
         # the peft tensors start at θ₀ (they are substituted at every forward anyway)
         params = dict(peft_model.named_parameters())
         with torch.no_grad():
