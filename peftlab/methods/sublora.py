@@ -449,6 +449,10 @@ class SubLoRA(Method):
             if want and (want != have or structure.get("D") != D):
                 raise PeftlabError(f"the structure record does not match the rebuilt model (D {structure.get('D')} vs {D}, "
                                    f"{len(want)} vs {len(have)} tensors); was the run trained with another model or peft version?")
+            recorded = [(b["D"], b["d"], b["seed"]) for b in structure.get("blocks", [])]
+            if recorded and recorded != [(b.D, b.d, b.seed) for b in blocks]:
+                raise PeftlabError("the projections rebuilt from the structure record (sizes, derived seeds) differ from the "
+                                   "recorded ones; this peftlab version derives projector seeds differently from the one that trained the run.")
         theta0 = theta0_values(segs, peft_model, lc["init"], sc["init_seed"])
         wrapped = SubspaceModel(peft_model, segs, blocks, groups, theta0, sc)
         D_A = sum(s.numel for s in segs if s.kind == "A")
