@@ -328,3 +328,15 @@ def test_example_config_learns_on_python_docs(tmp_path, run_train):
     except PeftlabError as e:  # the offline corpus or tokenizer package is not installed here
         pytest.skip(str(e).splitlines()[0])
     assert res["final"]["val_loss"] < math.log(50257) - 1.5  # measured: 8.49 after 30 steps
+
+
+def test_rebuild_refuses_a_structure_whose_projections_differ(tmp_path):
+    m, model, _ = _build(tmp_path, sublora__allocation_mode="fixed")
+    record = json.loads(json.dumps(m.structure(model)))
+    record["blocks"][1]["seed"] += 1
+    with pytest.raises(PeftlabError, match="derives projector seeds differently"):
+        _build(tmp_path, structure=record)
+    record = json.loads(json.dumps(m.structure(model)))
+    record["theta0_sum"] += 1.0
+    with pytest.raises(PeftlabError, match="θ₀ regenerated"):
+        _build(tmp_path, structure=record)
