@@ -291,8 +291,29 @@ def test_allocation_flags_with_another_method_rejected():
 def test_d_larger_than_D_rejected_before_training(tmp_path):
     with pytest.raises(PeftlabError, match="hold only D=3,072"):
         _build(tmp_path, sublora__intrinsic_dim=5000)
-    with pytest.raises(PeftlabError, match="smallest per-layer block"):
-        _build(tmp_path, sublora__intrinsic_dim=1000, sublora__allocation_mode="learned")
+    with pytest.raises(PeftlabError, match="exceeds D=3,072"):
+        _build(tmp_path, sublora__intrinsic_dim=3073, sublora__allocation_mode="learned")
+
+
+@pytest.mark.parametrize("kind", PROJECTORS)
+def test_learned_blocks_smaller_than_d_get_wide_projections(tmp_path, kind):
+    """Each tiny-gpt2 layer holds 512 A parameters; with d = 600 the A blocks are wide: P = Hᵀ with
+    orthonormal rows, so every entry is reachable, and training still reaches the gates."""
+    m, model, batch = _build(tmp_path, sublora__intrinsic_dim=600, sublora__allocation_mode="learned", sublora__projector=kind)
+    b = model.blocks[0]
+    assert (b.side, b.D, b.d) == ("A", 512, 600)
+    P = model.projectors[0].matrix()
+    assert P.shape == (512, 600) and torch.allclose(P @ P.T, torch.eye(512), atol=1e-5)
+    _randomise(model)
+    model(**batch).loss.backward()
+    assert model.w.grad.abs().sum() > 0 and (model.phi.grad.abs() > 0).all()
+    # the analytic gradient through the wide projection matches a finite difference
+    w = torch.randn(600, dtype=torch.float64)
+    g = torch.randn(512, dtype=torch.float64)
+    proj = model.projectors[0].double()
+    x = torch.zeros(600, dtype=torch.float64, requires_grad=True)
+    (proj(x) * g).sum().backward()
+    assert torch.allclose(x.grad, P.double().T @ g, atol=1e-5) and torch.allclose(proj(w), P.double() @ w, atol=1e-5)
 
 
 def test_learned_resume_from_mid_run_checkpoint_matches(tmp_path, run_train):

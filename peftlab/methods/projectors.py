@@ -179,9 +179,46 @@ class HashedProjector(Projector):
 _KINDS = {"dense": DenseProjector, "kron": KroneckerProjector, "hashed": HashedProjector}
 
 
-def make_projector(kind: str, D: int, d: int, seed: int) -> Projector:
+class _TransposeApply(torch.autograd.Function):
+    """y = Hᵀ·w for a linear projector H (d_out×D, orthonormal columns), backward H·g."""
+
+    @staticmethod
+    def forward(ctx, w, inner):
+        ctx.inner = inner
+        with torch.enable_grad():
+            u = torch.zeros(inner.d, dtype=w.dtype, device=w.device, requires_grad=True)
+            (gu,) = torch.autograd.grad(inner(u), u, grad_outputs=w.detach())
+        return gu
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.no_grad():
+            return ctx.inner(g), None
+
+
+class WideProjector(Projector):
+    """P = Hᵀ for d > D, H a d×D projector of the same kind: orthonormal rows (every entry of θ
+    reachable, P·Pᵀ = I) and columns of equal expected norm √(D/d). Used only where one block
+    of learned allocation receives more coordinates (all d) than it has parameters."""
+
+    def __init__(self, kind: str, D: int, d: int, seed: int):
+        torch.nn.Module.__init__(self)
+        self.kind, self.D, self.d, self.seed = kind, int(D), int(d), int(seed)
+        self.inner = _KINDS[kind](d, D, seed)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _TransposeApply.apply(w, self.inner)
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "transposed": True}
+
+
+def make_projector(kind: str, D: int, d: int, seed: int, allow_wide: bool = False) -> Projector:
+    """A D×d projector; with ``allow_wide`` and d > D, the transpose of a d×D one."""
     if kind not in _KINDS:
         raise PeftlabError(f"unknown projector {kind!r}; choose one of {', '.join(PROJECTORS)}.")
+    if allow_wide and d > D:
+        return WideProjector(kind, D, d, seed)
     return _KINDS[kind](D, d, seed)
 
 

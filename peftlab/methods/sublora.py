@@ -237,6 +237,15 @@ def plan_blocks(segs: list[Segment], sc: dict) -> tuple[list[Block], list[str]]:
 
 
 def _check_dims(blocks: list[Block], mode: str, D: int) -> None:
+    """d ≤ D for every projection. Learned mode gives all d coordinates to every layer, so only
+    d ≤ D overall is required there; a layer block smaller than d gets a wide projection
+    (orthonormal rows, see :class:`~peftlab.methods.projectors.WideProjector`)."""
+    if mode == "learned":
+        d = blocks[0].d
+        if d > D:
+            raise PeftlabError(f"sublora.intrinsic_dim={d:,} exceeds D={D:,}, the number of LoRA parameters it projects onto; "
+                               f"use at most {D:,}, or adapt more modules / a larger lora.r.")
+        return
     for b in blocks:
         if b.d > b.D:
             where = {"uniform": "all LoRA parameters", "fixed": f"the {b.side} matrices",
@@ -287,7 +296,8 @@ class SubspaceModel(torch.nn.Module):
             self.phi = torch.nn.Parameter(torch.full((len(groups),), float(sc["gating_init_bias"])))
             self.register_buffer("coord", torch.arange(self.d, dtype=torch.float32), persistent=False)
         self.register_buffer("gating_scale", torch.tensor(float(sc.get("gating_scale", 5.0))))
-        self.projectors = torch.nn.ModuleList(make_projector(sc["projector"], b.D, b.d, b.seed) for b in blocks)
+        wide = self.mode == "learned"  # a layer's block may have fewer parameters than d (see _check_dims)
+        self.projectors = torch.nn.ModuleList(make_projector(sc["projector"], b.D, b.d, b.seed, allow_wide=wide) for b in blocks)
         for k, b in enumerate(blocks):
             parts = []
             for i in b.segments:
