@@ -172,8 +172,6 @@ def test_dense_full_dimension_sgd_step_equals_lora_step(tmp_path):
     m, model, batch = _build(tmp_path, sublora__intrinsic_dim=D, sublora__projector="dense", sublora__fused_attn="qkv",
                              lora__r=1, lora__dropout=0.0)
     assert m.structure(model)["D"] == D
-    from peft import get_peft_model
-
     from peftlab.methods import METHODS, MethodContext
     from peftlab.models import load_model
 

@@ -48,7 +48,7 @@ from ..config.machinery import opt
 from ..errors import PeftlabError
 from .base import Method
 from .lora import LoraSection
-from .projectors import PROJECTORS, derive_seed, make_projector
+from .projectors import derive_seed, make_projector
 
 ADAPTER = "default"
 _LAYER_RE = re.compile(r"\.(?:h|layer|layers|block|blocks)\.(\d+)\.")
