@@ -152,3 +152,16 @@ def test_fused_cross_entropy_falls_back_on_cpu_and_refuses_when_forced():
     assert fused_lm_loss(m, "auto", "causal_lm", torch.device("cpu"), 1, False) is None
     with pytest.raises(PeftlabError, match="not CUDA"):
         fused_lm_loss(m, "liger", "causal_lm", torch.device("cpu"), 1, False)
+
+
+def test_output_upcast_kept_on_cpu():
+    from accelerate import Accelerator
+
+    from peftlab.train.fast import drop_output_upcast
+
+    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    m = acc.prepare(torch.nn.Linear(3, 3))
+    wrapped = m.forward
+    assert drop_output_upcast(acc, m, torch.device("cpu")) is m and m.forward is wrapped
+    out = m(torch.randn(2, 3))
+    assert out.dtype == torch.float32  # accelerate's float32 outputs stay on CPU

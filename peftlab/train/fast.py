@@ -140,3 +140,17 @@ def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch
         return lce(w, h, y)
 
     return loss
+
+
+def drop_output_upcast(accelerator, model: torch.nn.Module, device) -> torch.nn.Module:
+    """Remove accelerate's forward wrapper (autocast + every output cast to float32) on one CUDA process.
+
+    Under bf16/fp16 ``Accelerator.prepare`` wraps ``model.forward`` so that all outputs come
+    back in float32: for a causal LM that is an extra float32 copy of the logits
+    (batch x seq x vocab) on every step. The loop already runs each forward inside
+    ``accelerator.autocast()`` and the models compute their loss in float32, so the wrapper
+    only costs time and memory. CPU runs and several processes keep it (unchanged numbers).
+    """
+    if torch.device(device).type != "cuda" or accelerator.num_processes != 1 or "_original_forward" not in model.__dict__:
+        return model
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False)

@@ -234,6 +234,7 @@ class Trainer:
         optimizer = self.method.build_optimizer(model)
         self.scheduler = build_scheduler(optimizer, self.total_steps, t)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model = fast.drop_output_upcast(acc, self.model, acc.device)
         if cfg.system.compile:
             self.model = torch.compile(self.model)
         self.losses = fast.DeviceLosses()
