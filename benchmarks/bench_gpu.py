@@ -190,7 +190,7 @@ def baseline(case: dict, batches, a) -> dict:
 
 
 # --------------------------------------------------------------- peftlab
-def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None) -> dict:
+def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None) -> dict:
     from peftlab.config import config_from_dict
     from peftlab.train.loop import Trainer
 
@@ -224,9 +224,13 @@ def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None) -> dict:
         if s == a.warmup:
             sync()
             mark["t0"], mark["g0"] = time.perf_counter(), recompiles()
+            if prof is not None:
+                prof.__enter__()
         elif s == a.warmup + a.steps:
             sync()
             mark["t1"], mark["peak"], mark["g1"] = time.perf_counter(), torch.cuda.max_memory_allocated(), recompiles()
+            if prof is not None:
+                prof.__exit__(None, None, None)
 
     trainer.method.after_optimizer_step = timed
     torch.cuda.reset_peak_memory_stats()
@@ -328,24 +332,6 @@ def main(argv=None):
     L, d = cfg.n_layer, cfg.n_embd
     rows = []
     jl = open(out / "bench_gpu.jsonl", "a")
-    for name in [c for c in a.profile.split(",") if c]:
-        _, spec = CASES[name]
-        from torch.profiler import ProfilerActivity, profile
-
-        small = argparse.Namespace(**{**vars(a), "warmup": 5, "steps": 5})
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            peftlab_run({"name": name + "_prof", **spec}, bins, small, spec.get("extra"))
-        ka = prof.key_averages()
-        table = ka.table(sort_by="cuda_time_total", row_limit=25) + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=15)
-        (out / f"profile_{name}.txt").write_text(table)
-        print(f"== profile {name} (peftlab, 10 steps incl. warm-up)\n{table}", flush=True)
-        cleanup()
-    if a.refresh:
-        for r in refresh_bench(a):
-            r["case"] = "refresh"
-            rows.append(r)
-            jl.write(json.dumps(r) + "\n")
-            print(json.dumps(r), flush=True)
     for name in a.cases.split(","):
         base_spec, pl_spec = CASES[name]
         full = name.startswith(("full", "rsvd"))
@@ -369,6 +355,24 @@ def main(argv=None):
             rows.append(r)
             jl.write(json.dumps(r) + "\n")
             jl.flush()
+            print(json.dumps(r), flush=True)
+    for name in [c for c in a.profile.split(",") if c]:
+        _, spec = CASES[name]
+        from torch.profiler import ProfilerActivity, profile
+
+        small = argparse.Namespace(**{**vars(a), "warmup": 5, "steps": 5})
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        peftlab_run({"name": name + "_prof", **spec}, bins, small, spec.get("extra"), prof=prof)
+        ka = prof.key_averages()
+        table = ka.table(sort_by="cuda_time_total", row_limit=25) + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=15)
+        (out / f"profile_{name}.txt").write_text(table)
+        print(f"== profile {name} (peftlab, 5 steps after 5 warm-up steps)\n{table}", flush=True)
+        cleanup()
+    if a.refresh:
+        for r in refresh_bench(a):
+            r["case"] = "refresh"
+            rows.append(r)
+            jl.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)
     summary(rows, out)
 
