@@ -154,14 +154,21 @@ def test_fused_cross_entropy_falls_back_on_cpu_and_refuses_when_forced():
         fused_lm_loss(m, "liger", "causal_lm", torch.device("cpu"), 1, False)
 
 
-def test_output_upcast_kept_on_cpu():
+def test_output_upcast_kept_on_cpu_and_stripped_on_cuda():
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from peftlab.train.fast import drop_output_upcast
 
-    acc = Accelerator(cpu=True, mixed_precision="bf16")
-    m = acc.prepare(torch.nn.Linear(3, 3))
-    wrapped = m.forward
-    assert drop_output_upcast(acc, m, torch.device("cpu")) is m and m.forward is wrapped
-    out = m(torch.randn(2, 3))
-    assert out.dtype == torch.float32  # accelerate's float32 outputs stay on CPU
+    try:
+        acc = Accelerator(cpu=True, mixed_precision="bf16")
+        m = acc.prepare(torch.nn.Linear(3, 3))
+        wrapped = m.forward
+        assert drop_output_upcast(acc, m, torch.device("cpu")) is m and m.forward is wrapped
+        assert m(torch.randn(2, 3)).dtype == torch.float32  # accelerate's float32 outputs stay on CPU
+        # on one CUDA process the wrapper goes; the loop's own autocast still applies
+        assert drop_output_upcast(acc, m, torch.device("cuda")) is m and "_original_forward" not in m.__dict__
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert m(torch.randn(2, 3)).dtype == torch.bfloat16
+    finally:  # Accelerator state is process-wide: leave none behind for the other tests
+        AcceleratorState._reset_state(True)
