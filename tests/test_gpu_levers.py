@@ -172,3 +172,30 @@ def test_output_upcast_kept_on_cpu_and_stripped_on_cuda():
             assert m(torch.randn(2, 3)).dtype == torch.bfloat16
     finally:  # Accelerator state is process-wide: leave none behind for the other tests
         AcceleratorState._reset_state(True)
+
+
+def test_optimizer_step_fast_path_equals_accelerate_step():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from peftlab.train.fast import optimizer_step
+
+    try:
+        results = []
+        for fast_path in (False, True):
+            torch.manual_seed(0)
+            acc = Accelerator(cpu=True)
+            lin = torch.nn.Linear(4, 2)
+            start = lin.weight.detach().clone()
+            m, opt = acc.prepare(lin, torch.optim.AdamW(lin.parameters(), lr=0.1))
+            for _ in range(3):
+                acc.backward(m(torch.randn(5, 4)).square().sum())
+                optimizer_step(opt) if fast_path else opt.step()
+                opt.zero_grad()
+            results.append([p.detach().clone() for p in m.parameters()])
+            AcceleratorState._reset_state(True)
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+        assert not torch.equal(results[1][0], start)  # the steps did move the weights
+    finally:
+        AcceleratorState._reset_state(True)

@@ -154,3 +154,21 @@ def drop_output_upcast(accelerator, model: torch.nn.Module, device) -> torch.nn.
     if torch.device(device).type != "cuda" or accelerator.num_processes != 1 or "_original_forward" not in model.__dict__:
         return model
     return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+
+def optimizer_step(optimizer) -> None:
+    """``optimizer.step()`` for an accelerate-wrapped optimizer, without its per-step package probes.
+
+    ``AcceleratedOptimizer.step`` looks up whether the LOMO package is installed twice on every
+    call (an importlib search, ~0.5 ms of host time). With no gradient scaler, no XLA and
+    gradients synchronised, all it then does is call the inner optimizer's ``step``, which this
+    does directly; anything else goes through accelerate.
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    state = getattr(optimizer, "accelerator_state", None)
+    grad_state = getattr(optimizer, "gradient_state", None)
+    if (inner is None or state is None or grad_state is None or getattr(optimizer, "scaler", None) is not None
+            or not grad_state.sync_gradients or getattr(state.distributed_type, "value", "") == "XLA"):
+        optimizer.step()
+        return
+    inner.step()

@@ -272,8 +272,15 @@ class Trainer:
                               init_kwargs={"wandb": {"name": cfg.logging.run_name or self.run_dir.name}})
 
     def unwrapped(self) -> torch.nn.Module:
+        # accelerate's unwrap walks every module (about 1 ms on GPT-2); the loop asks several times a step,
+        # so the answer is kept until self.model is replaced
+        cached = self.__dict__.get("_unwrapped")
+        if cached is not None and cached[0] is self.model:
+            return cached[1]
         m = self.accelerator.unwrap_model(self.model)
-        return getattr(m, "_orig_mod", m)
+        m = getattr(m, "_orig_mod", m)
+        self._unwrapped = (self.model, m)
+        return m
 
     def _loss(self, model, batch: dict) -> torch.Tensor:
         with self.accelerator.autocast():
@@ -420,7 +427,7 @@ class Trainer:
                 self.method.before_clip(self.unwrapped())
                 if t.max_grad_norm is not None:
                     acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                opt.step()
+                fast.optimizer_step(opt)
                 lr = self.scheduler.get_last_lr()[0]
                 if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped a step with inf/nan grads
                     self.method.after_optimizer_step(self.unwrapped(), lr)
