@@ -19,6 +19,7 @@ included; c = 6 for full fine-tuning, 4 when base weights are frozen (no weight 
 measured here on an 8192^3 product.
 
     python benchmarks/bench_gpu.py --out DIR [--cases lora,lora_c,...] [--steps 30] [--warmup 10]
+    torchrun --nproc_per_node=N benchmarks/bench_gpu.py --out DIR --cases lora_c   # scaling: peftlab rows, global tok/s
 """
 
 from __future__ import annotations
@@ -308,7 +309,12 @@ def main(argv=None):
     ap.add_argument("--refresh", action="store_true", help="also time one projector refresh (peftlab vs GaLore)")
     ap.add_argument("--profile", default="", help="comma-separated cases to profile with torch.profiler (peftlab side)")
     a = ap.parse_args(argv)
-    out = Path(a.out)
+    # Under torchrun (several GPUs): peftlab rows only, one GPU per rank, rank 0 reports global tokens/s.
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        a.peftlab_only, a.refresh, a.profile = True, False, ""
+    out = Path(a.out) if rank == 0 else Path(f"/tmp/bench_gpu_rank{rank}")
     out.mkdir(parents=True, exist_ok=True)
     import peft
     import transformers
@@ -325,7 +331,7 @@ def main(argv=None):
             info[mod] = None
     info["bf16_peak_tflops"] = peak = bf16_peak_tflops()
     print(json.dumps(info), flush=True)
-    bins = write_bins(Path("/tmp/bench_gpu_bins"), n_train=SEQ * BATCH * (a.warmup + a.steps + 8) * 2, n_val=SEQ * BATCH * 2)
+    bins = write_bins(Path(f"/tmp/bench_gpu_bins_rank{rank}"), n_train=SEQ * BATCH * (a.warmup + a.steps + 8) * 2, n_val=SEQ * BATCH * 2)
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, 50256, (BATCH, SEQ), device="cuda", generator=g) for _ in range(4)]
     cfg = gpt2_config()
@@ -349,9 +355,10 @@ def main(argv=None):
                 cleanup()
             r.update(case=name, side=side, wall_s=time.perf_counter() - t)
             if "step_ms" in r:
-                tok_s = BATCH * SEQ / (r["step_ms"] / 1e3)
+                tok_s = world * BATCH * SEQ / (r["step_ms"] / 1e3)  # global: every rank runs BATCH x SEQ per step
+                r["world_size"] = world
                 fpt = flops_per_token(r["n_matmul"], L, d, SEQ, full)
-                r.update(tok_s=tok_s, flops_per_token=fpt, mfu=tok_s * fpt / (peak * 1e12))
+                r.update(tok_s=tok_s, flops_per_token=fpt, mfu=tok_s * fpt / (world * peak * 1e12))
             rows.append(r)
             jl.write(json.dumps(r) + "\n")
             jl.flush()
