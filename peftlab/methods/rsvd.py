@@ -368,5 +368,5 @@ class RSVD(Method):
         finally:
             undensify(model, swapped)
         if self.reduced:
-            (target / "weight_reduction.json").write_text(json.dumps(self.reduced, indent=2))
+            (target / "weight_reduction.json").write_text(strict_json_dumps(self.reduced, indent=2))
         return target

@@ -1,0 +1,142 @@
+"""Reliability hardening (issue 15): damaged checkpoints, strict JSON, divergence-safe pruning,
+bad inputs that must give one clear error instead of a traceback or a silent acceptance."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_cfg
+
+
+# ---------------------------------------------------------------- point 4: verified checkpoints
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A tiny LoRA run with step checkpoints at 4, 8, 12 (trained once for the module)."""
+    from peftlab.train import train
+
+    tmp = tmp_path_factory.mktemp("ck")
+    cfg = make_cfg(tmp, training__save_steps=4, training__save_total_limit=None)
+    train(cfg, console=False)
+    return tmp / "run"
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_checkpoints_carry_a_manifest_of_sizes_and_hashes(saved_run):
+    from peftlab.checkpoints import MANIFEST_FILE, manifest_problems
+
+    ck = saved_run / "checkpoints" / "step-8"
+    man = json.loads((ck / MANIFEST_FILE).read_text())["files"]
+    assert {"model_state.safetensors", "optimizer.pt", "trainer_state.json", "rng-0.pt"} <= set(man)
+    assert man["optimizer.pt"]["size"] == (ck / "optimizer.pt").stat().st_size
+    assert manifest_problems(ck) == []
+    best = saved_run / "best"
+    assert "metrics.json" in json.loads((best / MANIFEST_FILE).read_text())["files"]
+
+
+def test_truncated_checkpoint_names_previous_good_one_and_latest_falls_back(saved_run, tmp_path):
+    from peftlab import checkpoints as ckpt
+
+    run = _copy(saved_run, tmp_path)
+    newest = ckpt.list_checkpoints(run / "checkpoints")[-1][2]
+    f = newest / "optimizer.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=rf"Checkpoint .*{newest.name} is damaged: optimizer.pt has 100 bytes.*previous good checkpoint is .*step-8; resume from it with --training.resume_from=step-8"):
+        ckpt.resolve(str(newest), run)
+    with pytest.warns(UserWarning, match=rf"{newest.name} is damaged .*falling back"):
+        assert ckpt.resolve("latest", run).name == "step-8"
+    with pytest.raises(ckpt.CheckpointError, match="is damaged"):
+        ckpt.load(newest)
+
+
+def test_edited_or_missing_checkpoint_file_is_detected(saved_run, tmp_path):
+    from peftlab import checkpoints as ckpt
+
+    run = _copy(saved_run, tmp_path)
+    ck = run / "checkpoints" / "step-8"
+    data = bytearray((ck / "model_state.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # same size, one byte flipped
+    (ck / "model_state.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=r"step-8 is damaged: model_state.safetensors does not match the SHA-256.*previous good checkpoint is .*step-4"):
+        ckpt.load(ck)
+    (run / "checkpoints" / "step-4" / "scheduler.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"step-4 is damaged: scheduler.pt is missing.*No earlier checkpoint of this run verifies"):
+        ckpt.load(run / "checkpoints" / "step-4")
+
+
+def test_resume_latest_skips_truncated_checkpoint_end_to_end(saved_run, tmp_path, run_train):
+    from peftlab import checkpoints as ckpt
+
+    run = _copy(saved_run, tmp_path)
+    (run / "results_final.json").unlink()
+    newest = ckpt.list_checkpoints(run / "checkpoints")[-1][2]
+    st = newest / "model_state.safetensors"
+    st.write_bytes(st.read_bytes()[:-8])
+    cfg = make_cfg(tmp_path, training__save_steps=4, training__save_total_limit=None, training__resume_from="latest",
+                   output__dir=str(run))
+    with pytest.warns(UserWarning, match="damaged"):
+        pass_ = run_train(cfg)
+    assert "resumed from" in (run / "train.log").read_text() and "resumed from " + str(run / "checkpoints" / "step-8") in (run / "train.log").read_text()
+    assert pass_["global_step"] == 12
+
+
+def test_trainer_state_sanity_checks(tmp_path):
+    from peftlab.checkpoints import CheckpointError, check_trainer_state
+
+    ok = {"global_step": 7, "epoch": 1, "step_in_epoch": 2}
+    check_trainer_state(ok, tmp_path, total_steps=10, steps_per_epoch=5)
+    with pytest.raises(CheckpointError, match=r"global_step=70 is beyond this run's 10 optimizer steps"):
+        check_trainer_state(dict(ok, global_step=70), tmp_path, total_steps=10, steps_per_epoch=5)
+    with pytest.raises(CheckpointError, match=r"step_in_epoch=9 is beyond the 5 optimizer steps of an epoch"):
+        check_trainer_state(dict(ok, step_in_epoch=9), tmp_path, total_steps=100, steps_per_epoch=5)
+    with pytest.raises(CheckpointError, match=r"epoch=-1 is not a non-negative integer"):
+        check_trainer_state(dict(ok, epoch=-1), tmp_path)
+
+
+# ------------------------------------------------------ point 1 (outside the loop): JSON, pruning
+def test_write_json_is_strict(tmp_path):
+    from peftlab.tracking import write_json
+
+    write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": torch.tensor(-math.inf), "d": 2.5})
+    text = (tmp_path / "x.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": None, "d": 2.5}
+
+
+def _fake_ckpt(root: Path, step: int, finite: bool) -> None:
+    from peftlab import checkpoints as ckpt
+
+    final = root / f"step-{step}"
+    tmp = ckpt.begin(final)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp / "model_state.safetensors"))
+    (tmp / ckpt.STATE_FILE).write_text(json.dumps({"global_step": step, "finite": finite}))
+    ckpt.commit(tmp, final)
+
+
+def test_prune_never_deletes_the_last_finite_checkpoint(tmp_path):
+    from peftlab import checkpoints as ckpt
+
+    root = tmp_path / "checkpoints"
+    for s, fin in [(2, True), (4, True), (6, False), (8, False), (10, False)]:
+        _fake_ckpt(root, s, fin)
+        ckpt.prune(root, 2)
+    assert sorted(p.name for _, _, p in ckpt.list_checkpoints(root)) == ["step-10", "step-4", "step-8"]
+
+
+def test_finite_flag_recorded_in_trainer_state(tmp_path):
+    from peftlab.checkpoints import all_finite
+
+    assert all_finite({"a": torch.ones(3), "i": torch.arange(3)})
+    assert not all_finite({"a": torch.tensor([1.0, float("nan")])})
