@@ -140,3 +140,63 @@ def test_finite_flag_recorded_in_trainer_state(tmp_path):
 
     assert all_finite({"a": torch.ones(3), "i": torch.arange(3)})
     assert not all_finite({"a": torch.tensor([1.0, float("nan")])})
+
+
+# ---------------------------------------------------- points 1, 6, 9: configuration is checked
+@pytest.mark.parametrize("value", ["inf", "-inf", ".inf", "nan"])
+def test_non_finite_learning_rate_rejected(value):
+    from peftlab.config import load_config
+    from peftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`training.learning_rate` must be a finite number, got (-?inf|nan)"):
+        load_config(None, [f"--training.learning_rate={value}"])
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("adam_beta1", "1.0", r"`training.adam_beta1` must be in \[0, 1\).*got 1.0"),
+    ("adam_beta2", "-0.1", r"`training.adam_beta2` must be in \[0, 1\).*got -0.1"),
+    ("adam_epsilon", "0", r"`training.adam_epsilon` must be positive .*got 0.0"),
+    ("eval_max_batches", "0", r"`training.eval_max_batches` must be at least 1, or null.*got 0"),
+])
+def test_optimizer_and_eval_keys_range_checked(key, value, msg):
+    from peftlab.config import load_config
+    from peftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, [f"--training.{key}={value}"])
+
+
+def test_non_utf8_yaml_is_a_clear_error(tmp_path):
+    from peftlab.config import load_config
+    from peftlab.errors import ConfigError
+
+    p = tmp_path / "c.yaml"
+    p.write_bytes("model:\n  name: tiny-gpt2  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c.yaml is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"):
+        load_config(p)
+
+
+def test_two_spellings_of_one_key_and_duplicated_section_are_errors(tmp_path):
+    from peftlab.config import load_config
+    from peftlab.errors import ConfigError
+
+    p = tmp_path / "a.yaml"
+    p.write_text("method: sora\nsora:\n  lambda: 0.3\n  lambda_: 0.1\n")
+    with pytest.raises(ConfigError, match=r"`sora.lambda` and `sora.lambda_` set the same key `sora.lambda_` \(0.3 and 0.1\)"):
+        load_config(p)
+    p.write_text("training:\n  epochs: 2\nmodel:\n  name: tiny-gpt2\ntraining:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"`training` appears twice in one mapping \(lines 1 and 5\)"):
+        load_config(p)
+    # an override replaces every spelling of its key instead of colliding with the file's
+    p.write_text("method: sora\nsora:\n  lambda_: 0.1\n")
+    assert load_config(p, ["--sora.lambda=0.3"]).sora.lambda_ == 0.3
+
+
+def test_empty_config_warns_that_defaults_are_used(tmp_path):
+    from peftlab.config import ConfigWarning, load_config
+
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing yet\n")
+    with pytest.warns(ConfigWarning, match=r"empty.yaml is empty: every setting takes its default"):
+        cfg = load_config(p)
+    assert cfg.method == "lora"

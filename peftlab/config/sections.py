@@ -106,6 +106,13 @@ class TrainingConfig:
             p.append(f"`training.learning_rate` must be positive, got {self.learning_rate}.")
         if self.weight_decay < 0:
             p.append(f"`training.weight_decay` must be >= 0, got {self.weight_decay}.")
+        for k in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                p.append(f"`training.{k}` must be in [0, 1) (Adam's moment decay; typical 0.9 and 0.999), got {getattr(self, k)}.")
+        if not self.adam_epsilon > 0:
+            p.append(f"`training.adam_epsilon` must be positive (it keeps Adam's division finite; typical 1e-8), got {self.adam_epsilon}.")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            p.append(f"`training.eval_max_batches` must be at least 1, or null to evaluate on the whole validation set; got {self.eval_max_batches}.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             p.append(f"`training.max_grad_norm` must be positive or null, got {self.max_grad_norm}.")
         if self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
