@@ -200,3 +200,59 @@ def test_empty_config_warns_that_defaults_are_used(tmp_path):
     with pytest.warns(ConfigWarning, match=r"empty.yaml is empty: every setting takes its default"):
         cfg = load_config(p)
     assert cfg.method == "lora"
+
+
+# ------------------------------------------------------------------ point 7: labels
+def _cls_cfg(tmp_path, path, **kw):
+    from peftlab.config import load_config
+
+    return load_config(None, {"data.dataset": str(path), "output.dir": str(tmp_path / "run"), **kw})
+
+
+def test_labels_0_1_7_are_not_silently_eight_classes(tmp_path):
+    from peftlab.data import load_raw
+    from peftlab.errors import PeftlabError
+
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\n" + "".join(f"t{i},{[0, 1, 7][i % 3]}\n" for i in range(30)))
+    with pytest.raises(PeftlabError, match=r"holds \[0, 1, 7\] \(no example of class\(es\) \[2, 3, 4, 5, 6\]\).*Relabel them 0..2.*--model.num_labels=8"):
+        load_raw(_cls_cfg(tmp_path, p))
+    raw = load_raw(_cls_cfg(tmp_path, p, **{"model.num_labels": 8}))  # explicit: 8 classes it is
+    assert raw.num_labels == 8
+
+
+def test_mixed_labels_list_the_offending_rows(tmp_path):
+    from peftlab.data import load_raw
+    from peftlab.errors import PeftlabError
+
+    p = tmp_path / "d.csv"
+    rows = [f"t{i},{i % 2}" for i in range(20)]
+    rows[4], rows[11] = "t4,positive", "t11,0.5"
+    p.write_text("text,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(PeftlabError, match=r"mixes integer and non-integer labels; most are integer but these are not: train row 5: 'positive'; train row 12: '0.5'"):
+        load_raw(_cls_cfg(tmp_path, p))
+
+
+def test_string_labels_mapping_is_explicit(tmp_path):
+    from peftlab.data import load_raw
+
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\n" + "".join(f"t{i},{['neg', 'pos'][i % 2]}\n" for i in range(20)))
+    raw = load_raw(_cls_cfg(tmp_path, p))
+    assert raw.info["label2id"] == {"neg": 0, "pos": 1} and raw.label_names == ["neg", "pos"]
+
+
+def test_empty_texts_and_undecodable_bytes_are_counted(tmp_path):
+    from peftlab.data import load_raw
+    from peftlab.data.classification import DataWarning
+
+    p = tmp_path / "d.csv"
+    body = b"text,label\n" + b"".join(f"t{i},{i % 2}\n".encode() for i in range(20))
+    body = body.replace(b"t3,", b"caf\xe9,").replace(b"t6,", b'"",').replace(b"t8,", b"  ,")
+    p.write_bytes(body)
+    with pytest.warns(DataWarning) as rec:
+        raw = load_raw(_cls_cfg(tmp_path, p))
+    msgs = " | ".join(str(w.message) for w in rec)
+    assert "1 row(s) hold undecodable bytes" in msgs and "data rows 4" in msgs
+    assert "empty texts train: 2 (data rows 7, 9)" in msgs
+    assert raw.info["empty_texts_train"].startswith("2 ")
