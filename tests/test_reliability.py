@@ -256,3 +256,48 @@ def test_empty_texts_and_undecodable_bytes_are_counted(tmp_path):
     assert "1 row(s) hold undecodable bytes" in msgs and "data rows 4" in msgs
     assert "empty texts train: 2 (data rows 7, 9)" in msgs
     assert raw.info["empty_texts_train"].startswith("2 ")
+
+
+# ------------------------------------------------------- points 6, 8: model names and weights
+def test_typo_model_name_fails_fast_with_did_you_mean(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import QUICK
+
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "peftlab", "train", str(QUICK["lm"]), "--model.name=tiny-gtp2",
+                          f"--output.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert time.time() - t0 < 10, "a typo must fail in seconds, not after the hub's retries"
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "is not a model peftlab knows. Did you mean `tiny-gpt2`?" in " ".join(out.stderr.split())
+
+
+def test_unknown_names_and_missing_paths(tmp_path, monkeypatch):
+    from peftlab import data
+    from peftlab.errors import PeftlabError
+    from peftlab.models import check_name
+
+    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(PeftlabError, match=r"model.name='someone/nothing-like-it' is not a model peftlab knows, not an existing path, not in the Hugging Face cache, and the hub cannot be reached"):
+        check_name("someone/nothing-like-it", "model", "model.name")
+    with pytest.raises(PeftlabError, match=r"data.tokenizer='./no/such/tok': the path .*no/such/tok does not exist"):
+        check_name("./no/such/tok", "tokenizer", "data.tokenizer")
+    with pytest.raises(PeftlabError, match=r"Did you mean `smollm2-135m`"):
+        check_name("smolm2-135m", "model", "model.name")
+
+
+def test_truncated_local_weights_are_a_clear_error(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftlab.errors import PeftlabError
+    from peftlab.models import load_model
+
+    folder = tmp_path / "m"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=260, n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    w = folder / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    cfg = make_cfg(tmp_path, model__name=str(folder), data__tokenizer="byte")
+    with pytest.raises(PeftlabError, match=r"Could not load the weights of model .*m\b.*truncated, corrupted or belong to another architecture"):
+        load_model(cfg, "causal_lm")
