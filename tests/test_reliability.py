@@ -301,3 +301,71 @@ def test_truncated_local_weights_are_a_clear_error(tmp_path):
     cfg = make_cfg(tmp_path, model__name=str(folder), data__tokenizer="byte")
     with pytest.raises(PeftlabError, match=r"Could not load the weights of model .*m\b.*truncated, corrupted or belong to another architecture"):
         load_model(cfg, "causal_lm")
+
+
+# ------------------------------------------------------------------ point 10: SoRA / SDoRA
+def test_fp16_skipped_step_leaves_no_gate_gradient_behind(tmp_path):
+    """The loop calls no method hook on a step the grad scaler skips, only zero_grad; an inf gate
+    gradient left from it must not reach the next gate step's Adam moments."""
+    from test_sora import _build, _inputs
+
+    cfg, m, model = _build(tmp_path, "lm")
+    opt = m.build_optimizer(model)
+    x = _inputs("lm")
+    for g in m.gated:  # the overflowed step: every gradient inf, scaler skips, loop only zero_grads
+        g.gate.grad = torch.full_like(g.gate, float("inf"))
+    opt.zero_grad(set_to_none=True)
+    assert all(g.gate.grad is None for g in m.gated)
+    model(**x, labels=x["input_ids"]).loss.backward()  # the next, healthy step
+    opt.step()
+    m.after_optimizer_step(model, cfg.training.learning_rate)
+    for g in m.gated:
+        st = m.adam[g.param_name]
+        assert torch.isfinite(st["exp_avg"]).all() and torch.isfinite(st["exp_avg_sq"]).all(), g.name
+        assert torch.isfinite(g.gate).all()
+
+
+def test_non_finite_gate_gradient_is_never_stepped(tmp_path, caplog):
+    from test_sora import _build
+
+    cfg, m, model = _build(tmp_path, "lm")
+    m.build_optimizer(model)
+    before = {g.param_name: g.gate.detach().clone() for g in m.gated}
+    for g in m.gated:
+        g.gate.grad = torch.full_like(g.gate, float("nan"))
+    with caplog.at_level("WARNING", logger="peftlab"):
+        m.after_optimizer_step(model, cfg.training.learning_rate)
+    assert "non-finite gate gradient" in caplog.text
+    for g in m.gated:
+        assert torch.equal(g.gate.detach(), before[g.param_name]) and m.adam[g.param_name]["step"] == 0
+
+
+@pytest.mark.parametrize("method,bias", [("sora", "lora_only"), ("sora", "all"), ("sdora", "none"), ("sdora", "lora_only")])
+def test_rank0_module_export_keeps_bias_and_counts_match(tmp_path, method, bias):
+    """lora.bias=all used to crash at export (shared tensors); lora_only lost the trained bias of a
+    module pruned to rank 0; SDoRA undercounted effective parameters by d_in + d_out per such module."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from test_sora import _base, _build, _inputs, _randomize
+
+    cfg, m, model = _build(tmp_path, "cls", method=method, lora__bias=bias)
+    _randomize(m)
+    with torch.no_grad():
+        m.gated[0].gate.zero_()
+        for n, p in model.named_parameters():
+            if n.endswith(".bias") and p.requires_grad:
+                p.add_(0.5)  # a trained bias that the export must carry
+    model.eval()
+    x = _inputs("cls")
+    with torch.no_grad():
+        want = model(**x).logits
+    out = m.export(model, tmp_path / "out")
+    tensors = load_file(out / "adapter_model.safetensors")
+    # with bias=all peft also writes the head's bias under its plain and original_module names
+    dup = sum(t.numel() for k, t in tensors.items()
+              if ".original_module." in k or (".modules_to_save." in k and k.replace("modules_to_save.", "") in tensors))
+    assert sum(t.numel() for t in tensors.values()) - dup == m.param_counts(model)[1]
+    assert m.gated[0].name in json.loads((out / "adapter_config.json").read_text())["rank_pattern"] or bias == "none"
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(_base(cfg, "cls"), str(out)).eval()(**x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

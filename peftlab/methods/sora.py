@@ -215,7 +215,22 @@ class SoRA(LoRA):
     def build_optimizer(self, model):
         opt = super().build_optimizer(model)
         self._lr_ref = float(opt.param_groups[0]["lr"])
+        # The gates are not AdamW's parameters, so optimizer.zero_grad() would not clear their
+        # gradients; a step the fp16 grad scaler skips (inf/nan gradients) calls no method hook,
+        # and its inf/nan gate gradients would then reach the next gate step. Clear them with
+        # every zero_grad the loop makes, skipped step or not.
+        inner_zero_grad = opt.zero_grad
+
+        def zero_grad(set_to_none: bool = True) -> None:
+            inner_zero_grad(set_to_none=set_to_none)
+            self.clear_gate_grads()
+
+        opt.zero_grad = zero_grad
         return opt
+
+    def clear_gate_grads(self) -> None:
+        for g in self.gated:
+            g.gate.grad = None
 
     def loss_extra(self, model):
         if self.sc.l1_weight <= 0 or not self.gated:
@@ -247,6 +262,10 @@ class SoRA(LoRA):
                 p, grad = g.gate, g.gate.grad
                 if grad is None:  # the module took no part in this step
                     continue
+                if not bool(torch.isfinite(grad).all()):  # an overflow AdamW's grads escaped: never into the moments
+                    if self.ctx.log is not None:
+                        self.ctx.log.warning(f"step {self.steps + 1}: non-finite gate gradient in {g.name}; its gate step is skipped")
+                    continue
                 st = self.adam[g.param_name]
                 if st["exp_avg"].device != p.device:  # created before the model moved to its device
                     st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(p.device), st["exp_avg_sq"].to(p.device)
@@ -259,8 +278,7 @@ class SoRA(LoRA):
                 p.addcdiv_(m, denom, value=-eta / (1 - b1 ** k))
                 shrink(p.data, tau)
             self.steps += 1
-        for g in self.gated:
-            g.gate.grad = None
+        self.clear_gate_grads()
 
     # --- metrics -------------------------------------------------------------------
     def _pruned(self, g: GatedModule) -> torch.Tensor:
@@ -284,11 +302,22 @@ class SoRA(LoRA):
 
         Every pruned rank frees one column of B and one row of A, i.e. d_in + d_out
         parameters of its own module (not 2·hidden as the public code assumes); the gate
-        entries themselves disappear when folded into B.
+        entries themselves disappear when folded into B. A module pruned to rank 0 that the
+        export keeps with one inert rank (DoRA magnitude, trained bias) still holds that rank.
         """
         trainable = sum(p.numel() for _, p in self.trainable_parameters(model))
-        freed = sum(g.r + int(self._pruned(g).sum().item()) * (g.d_in + g.d_out) for g in self.gated)
+        freed = 0
+        for g in self.gated:
+            pruned = int(self._pruned(g).sum().item())
+            if pruned == g.r and self._keeps_empty_modules():
+                pruned -= 1
+            freed += g.r + pruned * (g.d_in + g.d_out)
         return trainable, trainable - freed
+
+    def _keeps_empty_modules(self) -> bool:
+        """Whether a module pruned to rank 0 is exported with one inert rank instead of dropped: DoRA's
+        trained magnitude still rescales W, and a trained bias (lora.bias lora_only/all) still shifts it."""
+        return self.use_dora or self.cfg.lora.bias != "none"
 
     # --- state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -346,8 +375,9 @@ class SoRA(LoRA):
         with ``A' = A[K_i]``, ``B' = B[:, K_i] · diag(g[K_i])``, ``rank_pattern = |K_i|`` and
         an ``alpha_pattern`` that keeps its scale s = α/r (α' = s·r', or s·√r' with rsLoRA),
         so B'A'·s equals B diag(g) A·s exactly. LoRA modules left with no rank are dropped
-        from the targets. A DoRA module with no rank is kept with one all-zero rank, because
-        its trained magnitude still rescales W (dropping it would change the outputs).
+        from the targets. A DoRA module with no rank, or one whose bias was trained
+        (``lora.bias`` lora_only/all), is kept with one all-zero rank, because its trained
+        magnitude or bias still changes W (dropping it would change the outputs).
         Also writes ``out_dir/allocation.json``.
         """
         from peft.utils import get_peft_model_state_dict
@@ -377,11 +407,11 @@ class SoRA(LoRA):
                 if a_key not in saved or b_key not in saved:
                     raise PeftlabError(f"peft's saved state has no {a_key} / {b_key}; this peft version names adapter tensors differently.")
                 r_new = keep.numel()
-                if r_new == 0 and not self.use_dora:
+                if r_new == 0 and not self._keeps_empty_modules():
                     for k in [k for k in saved if k.startswith(pre)]:
                         del saved[k]
                     continue
-                if r_new == 0:  # DoRA: keep the magnitude with one inert rank
+                if r_new == 0:  # DoRA magnitude or a trained bias: keep the module with one inert rank
                     A_new, B_new, r_new = torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1]), 1
                 else:
                     A_new = A[keep].clone()
@@ -400,7 +430,9 @@ class SoRA(LoRA):
         config.inference_mode = True
         target.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(str(target))
-        save_file({k: v.detach().contiguous().cpu() for k, v in saved.items()}, str(target / "adapter_model.safetensors"),
+        # clone: with lora.bias=all peft's state holds a modules_to_save head's bias under two names
+        # sharing memory, which safetensors refuses (peft's own save_pretrained clones them too)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in saved.items()}, str(target / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(target)
