@@ -369,3 +369,25 @@ def test_rank0_module_export_keeps_bias_and_counts_match(tmp_path, method, bias)
     with torch.no_grad():
         got = PeftModel.from_pretrained(_base(cfg, "cls"), str(out)).eval()(**x).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_loraplus_learning_rates_match_peft(tmp_path):
+    """Every trainable parameter gets the learning rate peft's create_loraplus_optimizer gives it
+    (1-D parameters such as biases and DoRA magnitudes at B's rate, not A's)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from peftlab.methods import METHODS, MethodContext
+    from peftlab.models import load_model
+
+    cfg = make_cfg(tmp_path, "cls", method="dora", lora__loraplus_lr_ratio=16.0, lora__bias="lora_only", training__weight_decay=0.01)
+    model, _, info = load_model(cfg, "classification", 2)
+    m = METHODS["dora"](MethodContext(cfg=cfg, task="classification", target_modules=info.target_modules))
+    model = m.apply(model)
+    ours = {id(p): g["lr"] for g in m.param_groups(model) for p in g["params"]}
+    ref = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.training.learning_rate, loraplus_lr_ratio=16.0)
+    theirs = {id(p): g["lr"] for g in ref.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert ours.keys() == theirs.keys()
+    wrong = {names[i]: (ours[i], theirs[i]) for i in ours if ours[i] != pytest.approx(theirs[i])}
+    assert not wrong, wrong
+    assert any(p.ndim == 1 and ours[id(p)] == pytest.approx(16 * cfg.training.learning_rate) for _, p in model.named_parameters() if id(p) in ours)
