@@ -155,6 +155,22 @@ def test_svt_rank_selection_matches_hand_computed_spectrum():
         assert opt.state[p]["proj"].shape == (want, 9) and opt.state[p]["exp_avg"].shape == (12, want)
 
 
+def test_svt_energy_rule_in_the_optimizer_uses_the_whole_gradient_energy():
+    """rank_fraction where the optimizer calls it, on the randomized path, which computes only the top
+    rank + oversampling singular values: the fraction is of ||G||_F^2 (here 16 + 4 + 7 x 1 = 27), not of
+    the computed values' energy (16 + 4 + 1 + 1 = 22), so 0.75 keeps 3 directions (21 >= 20.25), not 2
+    (20 >= 16.5), and 0.7 keeps 2 (20 >= 18.9), not 1 (16 >= 15.4)."""
+    g = _spectrum_matrix(14, 10, [4.0, 2.0] + [1.0] * 7, seed=5).float()
+    assert float(g.double().square().sum()) == pytest.approx(27.0, rel=1e-5)
+    for fraction, want in ((0.75, 3), (0.7, 2)):
+        p = torch.nn.Parameter(torch.zeros(14, 10))
+        opt = ProjectedAdamW([{"params": [p], "rank": 3, "svd": "randomized", "oversampling": 1, "power_iters": 4,
+                               "svt": "rank_fraction", "rank_fraction": fraction}], lr=0.1)
+        p.grad = g.clone()
+        opt.step()
+        assert opt.ranks() == {0: want}, fraction
+
+
 def test_svt_rank_change_keeps_shared_moment_coordinates():
     p = torch.nn.Parameter(torch.zeros(10, 6))
     opt = ProjectedAdamW([{"params": [p], "rank": 5, "svd": "full", "svt": "fixed_rank", "svt_threshold": 0.3,
