@@ -391,3 +391,29 @@ def test_loraplus_learning_rates_match_peft(tmp_path):
     wrong = {names[i]: (ours[i], theirs[i]) for i in ours if ours[i] != pytest.approx(theirs[i])}
     assert not wrong, wrong
     assert any(p.ndim == 1 and ours[id(p)] == pytest.approx(16 * cfg.training.learning_rate) for _, p in model.named_parameters() if id(p) in ours)
+
+
+def test_sora_classification_with_every_gate_pruned_still_exports_its_head(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from test_sora import _base, _build, _inputs
+
+    cfg, m, model = _build(tmp_path, "cls", method="sora")
+    with torch.no_grad():
+        for g in m.gated:
+            g.gate.zero_()
+        head = [p for n, p in model.named_parameters() if "modules_to_save" in n]
+        assert head
+        for p in head:
+            p.add_(0.7)  # the trained classifier
+    model.eval()
+    x = _inputs("cls")
+    with torch.no_grad():
+        want = model(**x).logits
+    out = m.export(model, tmp_path / "out")
+    assert out.name == "adapter", "the trained head must be exported even when no rank survives"
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert sum(t.numel() for t in tensors.values()) == m.param_counts(model)[1]
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(_base(cfg, "cls"), str(out)).eval()(**x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

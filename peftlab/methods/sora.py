@@ -307,17 +307,26 @@ class SoRA(LoRA):
         """
         trainable = sum(p.numel() for _, p in self.trainable_parameters(model))
         freed = 0
+        inert = self._inert_modules(model)
         for g in self.gated:
             pruned = int(self._pruned(g).sum().item())
-            if pruned == g.r and self._keeps_empty_modules():
+            if pruned == g.r and g.name in inert:
                 pruned -= 1
             freed += g.r + pruned * (g.d_in + g.d_out)
         return trainable, trainable - freed
 
-    def _keeps_empty_modules(self) -> bool:
-        """Whether a module pruned to rank 0 is exported with one inert rank instead of dropped: DoRA's
-        trained magnitude still rescales W, and a trained bias (lora.bias lora_only/all) still shifts it."""
-        return self.use_dora or self.cfg.lora.bias != "none"
+    def _inert_modules(self, model) -> set[str]:
+        """Modules pruned to rank 0 that the export keeps with one inert rank instead of dropping them:
+        all of them when DoRA's trained magnitude still rescales W or a trained bias (lora.bias
+        lora_only/all) still shifts it; else, when every module is pruned but the model has a trained
+        head (modules_to_save, classification), the first one, so that the adapter still carries the head."""
+        empty = [g.name for g in self.gated if bool(self._pruned(g).all())]
+        if self.use_dora or self.cfg.lora.bias != "none":
+            return set(empty)
+        peft_cfg = getattr(model, "peft_config", {}).get(ADAPTER)
+        if empty and len(empty) == len(self.gated) and getattr(peft_cfg, "modules_to_save", None):
+            return {empty[0]}
+        return set()
 
     # --- state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -397,6 +406,7 @@ class SoRA(LoRA):
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
         targets: list[str] = []
+        inert = self._inert_modules(model)
         with torch.no_grad():
             for g in self.gated:
                 pre = f"{_PEFT_PREFIX}{g.name}."
@@ -407,11 +417,11 @@ class SoRA(LoRA):
                 if a_key not in saved or b_key not in saved:
                     raise PeftlabError(f"peft's saved state has no {a_key} / {b_key}; this peft version names adapter tensors differently.")
                 r_new = keep.numel()
-                if r_new == 0 and not self._keeps_empty_modules():
+                if r_new == 0 and g.name not in inert:
                     for k in [k for k in saved if k.startswith(pre)]:
                         del saved[k]
                     continue
-                if r_new == 0:  # DoRA magnitude or a trained bias: keep the module with one inert rank
+                if r_new == 0:  # DoRA magnitude, a trained bias or the head's carrier: keep one inert rank
                     A_new, B_new, r_new = torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1]), 1
                 else:
                     A_new = A[keep].clone()
