@@ -417,3 +417,12 @@ def test_sora_classification_with_every_gate_pruned_still_exports_its_head(tmp_p
     with torch.no_grad():
         got = PeftModel.from_pretrained(_base(cfg, "cls"), str(out)).eval()(**x).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compare_unknown_method_fails_before_training(tmp_path, capsys):
+    from peftlab.cli import main
+
+    assert main(["compare", "--quick", "--methods", "lora,sdroa", "--output-dir", str(tmp_path / "cmp")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "compare --methods: unknown method(s) 'sdroa'. Did you mean `sdora`?" in err
+    assert not (tmp_path / "cmp").exists()
