@@ -23,6 +23,7 @@ pruning never deletes the last finite checkpoint in favour of non-finite ones.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from .errors import PeftlabError
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}  # a full disk or quota
 
 _log = logging.getLogger("peftlab")
 
@@ -78,11 +80,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file via a temporary file and rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        tmp.unlink(missing_ok=True)
+        raise disk_full_error(path, len(text.encode()), e) from None
 
 
 def python_rng_state() -> dict:
@@ -142,8 +150,48 @@ def _fault_point(tmp: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def disk_full_error(path: Path, need_bytes: Optional[int], e: OSError) -> PeftlabError:
+    """A clear error for a save that ran out of space (or quota): the path, the free and needed space."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+        free_s = f"{_human(free)} free"
+    except OSError:
+        free_s = "free space unknown"
+    need = f"; this save needs about {_human(need_bytes)}" if need_bytes else ""
+    return PeftlabError(
+        f"No space left on the device while writing {path} ({e.strerror or e}; {free_s} on {probe}{need}). "
+        "Free some space (older runs, checkpoints: lower training.save_total_limit) or choose another output.dir, "
+        "then continue with --training.resume_from=latest."
+    )
+
+
 def write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_state: dict, trainer_state: dict,
                scaler=None) -> None:
+    try:
+        _write_main(tmp, model_state=model_state, optimizer=optimizer, scheduler=scheduler, method_state=method_state,
+                    trainer_state=trainer_state, scaler=scaler)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        # estimate: the tensors, plus two Adam moments of each (what optimizer.pt holds), plus what exists
+        tensors = sum(v.numel() * v.element_size() for v in model_state.values() if torch.is_tensor(v))
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial save: give its space back
+        raise disk_full_error(tmp.parent / tmp.name.removeprefix(".tmp-"), 3 * tensors, e) from None
+
+
+def _write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_state: dict, trainer_state: dict,
+                scaler=None) -> None:
     save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model_state.safetensors"))
     _fault_point(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -286,8 +334,14 @@ def check_trainer_state(state: dict, path: Path, *, total_steps: Optional[int] =
 
 def commit(tmp: Path, final: Path) -> None:
     """Make the checkpoint visible: manifest, fsync, then rename (replacing an older one of the same name)."""
-    write_manifest(tmp)
-    _fsync_tree(tmp)
+    try:
+        write_manifest(tmp)
+        _fsync_tree(tmp)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(final, None, e) from None
     if final.exists():
         old = final.parent / f".old-{final.name}"
         if old.exists():

@@ -426,3 +426,54 @@ def test_compare_unknown_method_fails_before_training(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "compare --methods: unknown method(s) 'sdroa'. Did you mean `sdora`?" in err
     assert not (tmp_path / "cmp").exists()
+
+
+# ---------------------------------------------------- point 6: files, paths, disks, positions
+def test_disk_full_during_checkpoint_save_names_path_and_space(tmp_path, monkeypatch):
+    import errno
+
+    from peftlab import checkpoints as ckpt
+    from peftlab.errors import PeftlabError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    final = tmp_path / "checkpoints" / "step-4"
+    tmp = ckpt.begin(final)
+    monkeypatch.setattr(torch, "save", full)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1000))])
+    with pytest.raises(PeftlabError, match=r"No space left on the device while writing .*checkpoints/step-4 \(No space left on device; [\d,.]+ \w+ free on .*; this save needs about 11.7 KiB\).*resume_from=latest"):
+        ckpt.write_main(tmp, model_state={"w": torch.zeros(1000)}, optimizer=opt, scheduler=opt, method_state={},
+                        trainer_state={"global_step": 4})
+    assert not tmp.exists()  # the partial save gave its space back
+
+
+def test_impossible_output_dir_rejected_before_anything_is_built(tmp_path):
+    from peftlab.config import load_config
+    from peftlab.errors import ConfigError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"`output.dir`: .*afile/run cannot be created: .*afile is a file, not a directory"):
+        load_config(None, {"output.dir": str(tmp_path / "afile" / "run")})
+    with pytest.raises(ConfigError, match=r"`output.dir`: .*afile exists and is a file"):
+        load_config(None, {"output.dir": str(tmp_path / "afile")})
+
+
+def test_block_size_above_model_positions(tmp_path):
+    from peftlab.errors import PeftlabError
+    from peftlab.models import load_model
+
+    cfg = make_cfg(tmp_path, data__block_size=1000)
+    with pytest.raises(PeftlabError, match=r"data.block_size=1000 is above the 512 positions model 'tiny-gpt2' can attend to.*at most 512"):
+        load_model(cfg, "causal_lm")
+
+
+def test_non_utf8_text_data_is_counted_not_a_traceback(tmp_path):
+    from peftlab.data.classification import DataWarning
+    from peftlab.data.lm import read_documents
+
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "plain"}\n')
+    with pytest.warns(DataWarning, match=r"d.jsonl is not valid UTF-8: 1 undecodable byte sequence\(s\) in 1 of 2 document\(s\)"):
+        docs = read_documents(p)
+    assert docs[1] == "plain" and "\ufffd" in docs[0]
