@@ -322,9 +322,13 @@ def check_trainer_state(state: dict, path: Path, *, total_steps: Optional[int] =
         if steps_per_epoch is not None:
             if se > steps_per_epoch:
                 problems.append(f"step_in_epoch={se} is beyond the {steps_per_epoch} optimizer steps of an epoch")
-            elif gs != ep * steps_per_epoch + se:
-                problems.append(f"global_step={gs} does not match epoch {ep} x {steps_per_epoch} steps + step_in_epoch {se} "
-                                "(the data or batch settings differ from the run that saved it)")
+            else:
+                expected = ep * steps_per_epoch + se
+                # a run cut by max_steps ends its last epoch early: there, global_step may fall short of it
+                ok = expected - steps_per_epoch < gs <= expected if state.get("epoch_end") and se == 0 and ep > 0 else gs == expected
+                if not ok:
+                    problems.append(f"global_step={gs} does not match epoch {ep} x {steps_per_epoch} steps + step_in_epoch {se} "
+                                    "(the data or batch settings differ from the run that saved it)")
     if problems:
         raise CheckpointError(
             f"Checkpoint {path} has an inconsistent trainer state: {'; '.join(problems)}. It was edited or belongs to a run "
@@ -446,6 +450,17 @@ def _load(path: Path, rank: int) -> dict[str, Any]:
         "trainer_state": json.loads((path / STATE_FILE).read_text()),
     }
     out["finite"] = bool(out["trainer_state"].pop("finite", True))  # written by write_main, not trainer fields
+    if not out["finite"] or not all_finite(out["model_state"]):
+        root = path.parent
+        me = _state_step(path)
+        good = next((p for s, _, p in reversed(list_checkpoints(root)) if p != path and (me is None or s <= me)
+                     and is_finite_checkpoint(p) and not manifest_problems(p)), None) if root.name == "checkpoints" else None
+        raise CheckpointError(
+            f"Checkpoint {path} holds non-finite (NaN/inf) weights: the run had diverged when it was saved, and training "
+            "would continue from garbage. "
+            + (f"Resume from the last finite checkpoint, {good}, with other settings in a new run." if good is not None
+               else "No finite checkpoint of this run is left; start a new run.")
+        )
     rng = path / f"rng-{rank}.pt"
     out["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
     sc = path / "scaler.pt"

@@ -482,3 +482,56 @@ def test_non_utf8_text_data_is_counted_not_a_traceback(tmp_path):
     with pytest.warns(DataWarning, match=r"d.jsonl is not valid UTF-8: 1 undecodable byte sequence\(s\) in 1 of 2 document\(s\)"):
         docs = read_documents(p)
     assert docs[1] == "plain" and "\ufffd" in docs[0]
+
+
+# --------------------------------------------------------------- point 1: divergence in the loop
+def test_nan_run_stops_with_status_diverged_and_keeps_a_finite_checkpoint(tmp_path):
+    """`--method=full --training.learning_rate=1e6` used to train to the end on NaN, prune every finite
+    checkpoint and exit 0."""
+    import subprocess
+    import sys
+
+    from conftest import QUICK
+    from peftlab import checkpoints as ckpt
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "peftlab", "train", str(QUICK["lm"]), f"--output.dir={run}", "--method=full",
+            "--training.max_steps=12", "--training.save_steps=1", "--training.save_total_limit=1",
+            "--data.max_train_examples=80", "--logging.progress_bar=false"]
+    out = subprocess.run(base + ["--training.learning_rate=1e6"], capture_output=True, text=True, timeout=600)
+    err = " ".join(out.stderr.split())
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "Training diverged at step" in err and "Likely cause: the learning rate (training.learning_rate=1e+06) is too high" in err
+    res = json.loads((run / "results_final.json").read_text())
+    assert res["status"] == "diverged" and res["diverged"]["step"] >= 1
+    assert "NaN" not in (run / "results_final.json").read_text()
+    assert not (run / "adapter").exists() and not (run / "final").exists()  # nothing exported
+    cks = ckpt.list_checkpoints(run / "checkpoints")
+    if res["diverged"]["step"] > 1:  # a finite checkpoint was saved before the NaN: it is kept
+        assert cks and all(ckpt.is_finite_checkpoint(p) for _, _, p in cks)
+        assert res["diverged"]["last_finite_checkpoint"] == str(cks[-1][2])
+
+
+def test_resume_from_non_finite_weights_is_refused(saved_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from peftlab import checkpoints as ckpt
+
+    run = _copy(saved_run, tmp_path)
+    ck = run / "checkpoints" / "step-8"
+    w = load_file(str(ck / "model_state.safetensors"))
+    k = next(iter(w))
+    w[k][0] = float("nan")
+    save_file(w, str(ck / "model_state.safetensors"))
+    ckpt.write_manifest(ck)  # re-signed: the manifest is fine, the weights are not
+    with pytest.raises(ckpt.CheckpointError, match=r"step-8 holds non-finite \(NaN/inf\) weights.*Resume from the last finite checkpoint, .*step-4"):
+        ckpt.load(ck)
+
+
+def test_nan_evaluation_is_never_best():
+    from peftlab.train.guards import improves
+
+    assert not improves(float("nan"), None, higher=False)
+    assert not improves(float("nan"), 1.0, higher=True)
+    assert improves(2.0, float("nan"), higher=False)
+    assert improves(0.5, 1.0, higher=False) and not improves(1.5, 1.0, higher=False)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .. import checkpoints as ckpt
+from . import guards
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
@@ -299,6 +300,7 @@ class Trainer:
                 f"Checkpoint {path} was written by {saved_world} process(es) but this run has {self.world}; the data position, "
                 "schedule and RNG depend on it. Resume with the same number of processes."
             )
+        ckpt.check_trainer_state(st, path, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.state = TrainerState(**st)
         if data["rng"] is None:
             raise PeftlabError(f"Checkpoint {path} has no RNG state for process {self.rank}; resume with the number of processes it was saved with.")
@@ -410,8 +412,7 @@ class Trainer:
                         acc.backward(total / accum)
                     step_loss += loss.detach().float() / accum
                 self.method.before_clip(self.unwrapped())
-                if t.max_grad_norm is not None:
-                    acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm is not None else None
                 opt.step()
                 lr = self.scheduler.get_last_lr()[0]
                 if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped a step with inf/nan grads
@@ -421,6 +422,7 @@ class Trainer:
                 loss_val = acc.reduce(step_loss, "mean").item()
                 st.global_step += 1
                 st.step_in_epoch += 1
+                guards.check_step(self, loss_val, grad_norm)  # non-finite loss/grad norm/weights: stop, status diverged
                 st.epoch_loss_sum += loss_val
                 st.epoch_loss_count += 1
                 st.window_loss_sum += loss_val
@@ -484,7 +486,7 @@ class Trainer:
         if self.cfg.logging.report_to:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=st.global_step)
         value = metrics[best_name]
-        improved = st.best_value is None or (value > st.best_value if higher else value < st.best_value)
+        improved = guards.improves(value, st.best_value, higher)  # a NaN evaluation is never best
         if improved:
             st.best_value, st.best_step = value, st.global_step
         st.epoch += 1
