@@ -535,3 +535,55 @@ def test_nan_evaluation_is_never_best():
     assert not improves(float("nan"), 1.0, higher=True)
     assert improves(2.0, float("nan"), higher=False)
     assert improves(0.5, 1.0, higher=False) and not improves(1.5, 1.0, higher=False)
+
+
+# ------------------------------------------------------------------- point 2: one writer
+@pytest.mark.slow
+def test_second_writer_on_a_running_directory_fails_at_once_naming_the_holder(tmp_path):
+    import platform
+    import subprocess
+    import sys
+    import time
+
+    from conftest import QUICK
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "peftlab", "train", str(QUICK["lm"]), f"--output.dir={run}", "--training.max_steps=100000",
+           "--training.epochs=1000", "--logging.progress_bar=false", "--data.max_train_examples=40"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (run / "train.log").is_file() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, "the first run should still be training"
+        second = subprocess.run(cmd + ["--training.resume_from=latest"], capture_output=True, text=True, timeout=300)
+        err = " ".join(second.stderr.split())
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert f"is in use by another peftlab run: process {first.pid} on host {platform.node()}" in err
+        assert first.poll() is None and (run / "config.json").is_file()  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_lock_is_released_when_the_holder_dies_and_is_reentrant_in_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from peftlab.errors import PeftlabError
+    from peftlab.train import lock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"from peftlab.train import lock; lock.acquire({str(run)!r}); print('held', flush=True); "
+                               "import time; time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PeftlabError, match=rf"in use by another peftlab run: process {holder.pid} on host"):
+            lock.acquire(run)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock.acquire(run)  # SIGKILL dropped the lock: no stale lock
+    lock.acquire(run)  # re-entrant within this process
+    lock.release(run)

@@ -22,6 +22,7 @@ import torch
 
 from .. import checkpoints as ckpt
 from . import guards
+from . import lock as run_lock
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
@@ -98,9 +99,10 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
     has_run = (run_dir / "config.json").is_file()
     if run_dir.exists() and not run_dir.is_dir():
         raise PeftlabError(f"output.dir={str(run_dir)!r} exists and is a file; choose a directory path.")
+    run_lock.acquire(run_dir)  # one writer per run directory, held until train() returns; fails at once naming the holder
     if has_run and resume is None:
         if cfg.output.overwrite:
-            shutil.rmtree(run_dir)
+            run_lock.clear_dir(run_dir)
         else:
             raise PeftlabError(
                 f"{run_dir} already holds a run. Continue it with --training.resume_from=latest, choose another "
@@ -566,5 +568,8 @@ class Trainer:
 
 def train(cfg, console: bool = True) -> dict[str, Any]:
     """Train one run described by ``cfg`` and return its results_final dict."""
-    trainer = Trainer(cfg, console=console)
-    return trainer.run()
+    try:
+        trainer = Trainer(cfg, console=console)
+        return trainer.run()
+    finally:
+        run_lock.release(Path(cfg.output.dir))
