@@ -587,3 +587,44 @@ def test_lock_is_released_when_the_holder_dies_and_is_reentrant_in_process(tmp_p
     lock.acquire(run)  # SIGKILL dropped the lock: no stale lock
     lock.acquire(run)  # re-entrant within this process
     lock.release(run)
+
+
+# ------------------------------------------------------------- point 3: resume trusts nothing
+def test_resume_from_foreign_checkpoint_with_changed_learning_rate_is_refused(saved_run, tmp_path, run_train):
+    """A checkpoint of another run, resumed into a new directory (no config.json there): its own
+    config decides. A changed learning rate used to be ignored while config.json recorded it."""
+    from peftlab.errors import PeftlabError
+
+    foreign = saved_run / "checkpoints" / "step-8"
+    assert (foreign / "config.json").is_file()
+    cfg = make_cfg(tmp_path, training__save_steps=4, training__save_total_limit=None, training__resume_from=str(foreign),
+                   training__learning_rate=1e-3)
+    with pytest.raises(PeftlabError, match=r"Cannot resume from .*step-8: this configuration differs from the one the checkpoint .* was trained with \(training.learning_rate: 0.003 -> 0.001\)\. Resume changes only training.resume_from, output.\*"):
+        run_train(cfg)
+    cfg = make_cfg(tmp_path / "b", training__save_steps=4, training__save_total_limit=None, training__resume_from=str(foreign),
+                   training__seed=7)
+    with pytest.raises(PeftlabError, match=r"training.seed: 42 -> 7"):
+        run_train(cfg)
+
+
+def test_resume_without_config_json_still_checks_the_checkpoint(saved_run, tmp_path, run_train):
+    from peftlab.errors import PeftlabError
+
+    run = _copy(saved_run, tmp_path)
+    (run / "config.json").unlink()
+    (run / "results_final.json").unlink()
+    cfg = make_cfg(tmp_path, training__save_steps=4, training__save_total_limit=None, training__resume_from="latest",
+                   output__dir=str(run), lora__r=4)
+    with pytest.raises(PeftlabError, match=r"differs from the one the checkpoint .* was trained with \(lora.r: 8 -> 4\)"):
+        run_train(cfg)
+
+
+def test_checkpoint_without_any_config_record_is_refused(saved_run, tmp_path):
+    from peftlab import checkpoints as ckpt
+
+    run = _copy(saved_run, tmp_path)
+    ck = run / "checkpoints" / "step-8"
+    (ck / "config.json").unlink()
+    ckpt.write_manifest(ck)
+    with pytest.raises(ckpt.CheckpointError, match=r"Cannot resume from .*step-8: neither the checkpoint nor .* records the configuration"):
+        ckpt.check_identity(ck, tmp_path / "elsewhere", make_cfg(tmp_path))

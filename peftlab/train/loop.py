@@ -116,16 +116,8 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
                 f"{run_dir} holds a finished run but no checkpoint to resume from; resuming would train again from step 0 "
                 "and overwrite its results. Choose another --output.dir, or pass --output.overwrite=true to delete it."
             )
-        if ck is not None and has_run:
-            from ..runs.identity import identity_diff
-
-            old = json.loads((run_dir / "config.json").read_text())
-            diff = identity_diff(old, cfg)
-            if diff:
-                raise PeftlabError(
-                    f"Cannot resume {run_dir}: the configuration differs from the one it was started with ({'; '.join(diff[:5])}). "
-                    "Resume with the original settings, or start a new run directory."
-                )
+        if ck is not None:
+            ckpt.check_identity(ck, run_dir, cfg)  # the checkpoint's own config and the run's config.json
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, ck
 
@@ -364,6 +356,7 @@ class Trainer:
                 method_state=self.method.state_dict(), trainer_state=self.state.to_dict(), scaler=acc.scaler,
             )
             write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
+            write_json(tmp / ckpt.CONFIG_FILE, self.cfg.to_dict())  # the identity travels with the checkpoint
             ckpt.commit(tmp, final)
             ckpt.prune(root, self.cfg.training.save_total_limit)
         acc.wait_for_everyone()
