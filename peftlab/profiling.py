@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoints import atomic_write_text
+from .checkpoints import atomic_write_text, strict_json_dumps
 from .errors import PeftlabError
 
 MB = 2**20
@@ -344,7 +344,7 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
                "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv"],
                "variants": [{**{k: v for k, v in r.items() if k not in ("per_param_state", "groups")},
                              "groups": [{k: v for k, v in g.items() if k != "names"} for g in r["groups"]]} for r in results]}
-    atomic_write_text(out_dir / "profile_summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out_dir / "profile_summary.json", strict_json_dumps(summary, indent=2))  # no bare NaN
     if echo:
         print(format_table(rows, adam["total_params"], cfg.model.name))
         print(f"\nfiles in {out_dir}: {', '.join(summary['files'])}")

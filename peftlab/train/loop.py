@@ -337,7 +337,7 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(path, tmp)
-        (tmp / "metrics.json").write_text(json.dumps({**row, "best_metric": best_name}, indent=2))
+        (tmp / "metrics.json").write_text(ckpt.strict_json_dumps({**row, "best_metric": best_name}, indent=2))
         ckpt.commit(tmp, best)
 
     def save_checkpoint(self, name: str) -> Path:
