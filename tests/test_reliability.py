@@ -628,3 +628,30 @@ def test_checkpoint_without_any_config_record_is_refused(saved_run, tmp_path):
     ckpt.write_manifest(ck)
     with pytest.raises(ckpt.CheckpointError, match=r"Cannot resume from .*step-8: neither the checkpoint nor .* records the configuration"):
         ckpt.check_identity(ck, tmp_path / "elsewhere", make_cfg(tmp_path))
+
+
+# ------------------------------------------------------ points 4, 5: export of a copied run
+def test_copied_run_merges_onto_its_own_base_and_killed_export_does_not_block(tmp_path, run_train):
+    """A copied run's adapter_config.json still names the original run's base_model/ by absolute
+    path; when that directory now holds another run (other seed, other random base), `export --merge`
+    of the copy must still merge onto the copy's own base."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.cli import main
+    from peftlab.runs import load_run
+
+    orig = tmp_path / "run"
+    run_train(make_cfg(tmp_path, training__max_steps=4))
+    copy = tmp_path / "copy"
+    shutil.copytree(orig, copy)
+    assert str(orig) in (copy / "adapter" / "adapter_config.json").read_text()
+    run_train(make_cfg(tmp_path, training__max_steps=4, training__seed=5, output__overwrite=True))  # orig: another base
+    (copy / ".merged.partial").mkdir()  # what a killed export leaves behind
+    (copy / ".merged.partial" / "config.json").write_text("{")
+    assert main(["export", str(copy), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(copy / "merged")).eval()
+    loaded = load_run(copy)
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, loaded.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert not (copy / ".merged.partial").exists()
