@@ -655,3 +655,21 @@ def test_copied_run_merges_onto_its_own_base_and_killed_export_does_not_block(tm
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, loaded.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert not (copy / ".merged.partial").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["profile", "{cfg}", "--batch-size", "0"], r"--batch-size must be a positive integer, got 0"),
+    (["profile", "{cfg}", "--seq-len", "100000"], r"--seq-len=100000 is above the 512 positions model 'tiny-gpt2' can attend to"),
+    (["profile", "{cfg}", "--output-dir", "{file}/p"], r"--output-dir: .*afile/p cannot be created: .*afile is a file"),
+    (["data", "prepare", "lm-sample", "--output-dir", "{file}/x"], r"--output-dir: .*afile/x cannot be created"),
+])
+def test_bad_profile_and_prepare_arguments_are_clear_errors(tmp_path, capsys, argv, msg):
+    import re
+
+    from conftest import QUICK
+    from peftlab.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    argv = [a.format(cfg=QUICK["lm"], file=tmp_path / "afile") for a in argv]
+    assert main(argv + [f"--output.dir={tmp_path / 'run'}"] if argv[0] == "profile" else argv) == 2
+    assert re.search(msg, " ".join(capsys.readouterr().err.split()))

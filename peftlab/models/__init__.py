@@ -235,14 +235,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
             f"The tokenizer has {len(tokenizer)} tokens but model {name!r} embeds only {emb.num_embeddings}. "
             "Pick the tokenizer that belongs to the model (leave data.tokenizer unset) or a model built for this tokenizer."
         )
-    positions = next((getattr(model.config, k) for k in ("n_positions", "max_position_embeddings")
-                      if isinstance(getattr(model.config, k, None), int)), None)
     need, key = (cfg.data.block_size, "data.block_size") if task == "causal_lm" else (cfg.data.max_length, "data.max_length")
-    if positions is not None and need > positions:
-        raise PeftlabError(
-            f"{key}={need} is above the {positions} positions model {name!r} can attend to (its position embeddings end there). "
-            f"Lower --{key} to at most {positions}."
-        )
+    check_positions(model, need, key, name)
     if m.dropout is not None:
         set_dropout(model, m.dropout)
     model_type = model.config.model_type
@@ -252,6 +246,17 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
     info = ModelInfo(name=name, model_type=model_type, task=task, target_modules=targets, builtin=builtin,
                      num_params=sum(p.numel() for p in model.parameters()), source=source)
     return model, tokenizer, info
+
+
+def check_positions(model, need: int, key: str, name: str) -> None:
+    """Refuse a sequence length above the positions the model embeds (an IndexError deep in torch otherwise)."""
+    positions = next((getattr(model.config, k) for k in ("n_positions", "max_position_embeddings")
+                      if isinstance(getattr(model.config, k, None), int)), None)
+    if positions is not None and need > positions:
+        raise PeftlabError(
+            f"{key}={need} is above the {positions} positions model {name!r} can attend to (its position embeddings end there). "
+            f"Lower {key if key.startswith('--') else '--' + key} to at most {positions}."
+        )
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
