@@ -75,8 +75,20 @@ class RunConfig:
         """A new validated config with dotted-key overrides applied (``{"lora.r": 4}``)."""
         raw = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(raw, key, value)
+            _override(raw, key, value)
         return config_from_dict(raw)
+
+
+def _override(raw: dict, key: str, value: Any) -> None:
+    """Set a dotted key, replacing every other spelling of it (``sora.lambda`` / ``sora.lambda_``)."""
+    sec, _, field = key.partition(".")
+    if field and "." not in field and isinstance(raw.get(sec), dict):
+        sections = all_sections()
+        if sec in sections:
+            for other in spellings(sections[sec], field):
+                if other != field:
+                    raw[sec].pop(other, None)
+    _set_dotted(raw, key, value)
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -226,12 +238,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict[
         if "." not in key and key != "method":
             sections = all_sections()
             raise ConfigError([f"override `--{key}` names no section; write --section.key=value.{suggest(key, [f'{s}.{k}' for s, c in sections.items() for k, *_ in section_help(c)] + ['method'])}"])
-        sec, _, field = key.partition(".")
-        if "." not in field and isinstance(raw.get(sec), dict) and sec in all_sections():
-            for other in spellings(all_sections()[sec], field):  # an override replaces every spelling of its key
-                if other != field:
-                    raw[sec].pop(other, None)
-        _set_dotted(raw, key, value)
+        _override(raw, key, value)
     return config_from_dict(raw)
 
 
