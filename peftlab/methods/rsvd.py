@@ -23,6 +23,7 @@ from typing import Literal, Optional
 
 import torch
 
+from ..checkpoints import strict_json_dumps
 from ..config.machinery import opt
 from ..errors import PeftlabError
 from ..optim.projected_adam import ProjectedAdamW, top_svd
