@@ -16,7 +16,6 @@ matched by ``rsvd.exclude`` use plain AdamW in the same optimizer. Options:
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
