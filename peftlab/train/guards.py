@@ -1,11 +1,12 @@
 """Divergence guards: a run whose loss, gradient norm or weights stop being finite is stopped.
 
-The loop calls :func:`check_step` once per optimizer step. On the first non-finite value it
+The loop calls :func:`check_losses` whenever it reads the step losses from the device (every
+``log_steps``, at epoch ends and before each checkpoint). On the first non-finite value it
 writes ``results_final.json`` with ``status: diverged`` (the step, what went non-finite, the
 likely cause, the last finite checkpoint to resume from) and raises :class:`Diverged`, a
 :class:`~peftlab.errors.PeftlabError`, so ``peftlab train`` exits non-zero with that message.
-Nothing is exported after a divergence, and since the weights are checked after every step
-no checkpoint with non-finite weights is ever written; :func:`improves` keeps a NaN
+Nothing is exported after a divergence, and since losses and weights are checked before
+every save no checkpoint with non-finite weights is ever written; :func:`improves` keeps a NaN
 evaluation from ever becoming ``best``.
 """
 
@@ -53,28 +54,28 @@ def likely_cause(cfg) -> str:
     return "; ".join(parts)
 
 
-def check_step(trainer, loss: float, grad_norm: Optional[Any] = None) -> None:
-    """Stop the run at the first non-finite loss, gradient norm (without an fp16 grad scaler, which
-    skips such steps itself) or trainable weight after an optimizer step."""
-    what = None
-    if not math.isfinite(loss):
-        what = f"the training loss is {loss}"
-    elif grad_norm is not None and trainer.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
-        what = f"the gradient norm is {float(grad_norm)}"
-    elif not _finite_params(p for p in trainer.unwrapped().parameters() if p.requires_grad):
-        what = "the trainable weights hold NaN or inf after the optimizer step"
-    if what is None:
-        return
-    diverge(trainer, what)
+def check_losses(trainer, losses: list[float]) -> None:
+    """Stop the run at the first non-finite training loss among the steps whose losses the loop
+    just read (it reads them from the device every ``log_steps``, at epoch ends and before every
+    checkpoint, so no checkpoint is written after a divergence), or when the trainable weights
+    are no longer finite. The step named is the first one whose loss was not finite."""
+    step = trainer.state.global_step
+    first = step - len(losses) + 1
+    for i, v in enumerate(losses):
+        if not math.isfinite(v):
+            diverge(trainer, f"the training loss is {v}", step=first + i)
+    if not _finite_params(p for p in trainer.unwrapped().parameters() if p.requires_grad):
+        diverge(trainer, "the trainable weights hold NaN or inf after an optimizer step"
+                + (f" (between steps {first} and {step})" if len(losses) > 1 else ""), step=step)
 
 
-def diverge(trainer, what: str) -> None:
+def diverge(trainer, what: str, step: Optional[int] = None) -> None:
     """Record the divergence in results_final.json and raise :class:`Diverged`."""
     from .. import checkpoints as ckpt
     from ..tracking import write_json
 
     st, cfg = trainer.state, trainer.cfg
-    step = st.global_step
+    step = st.global_step if step is None else step
     last = next((p for _, _, p in reversed(ckpt.list_checkpoints(trainer.run_dir / "checkpoints"))
                  if ckpt.is_finite_checkpoint(p)), None)
     resume = (f"The last finite checkpoint, {last}, is kept; start a new run with other settings."
