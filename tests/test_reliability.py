@@ -673,3 +673,14 @@ def test_bad_profile_and_prepare_arguments_are_clear_errors(tmp_path, capsys, ar
     argv = [a.format(cfg=QUICK["lm"], file=tmp_path / "afile") for a in argv]
     assert main(argv + [f"--output.dir={tmp_path / 'run'}"] if argv[0] == "profile" else argv) == 2
     assert re.search(msg, " ".join(capsys.readouterr().err.split()))
+
+
+def test_divergence_names_the_first_non_finite_step_between_log_points(tmp_path, run_train):
+    from peftlab.train.guards import Diverged
+
+    cfg = make_cfg(tmp_path, method="full", training__learning_rate=1e6, training__log_steps=5, training__max_steps=6)
+    with pytest.raises(Diverged, match=r"Training diverged at step 2 \(epoch 1\): the training loss is nan\. Likely cause: the learning rate"):
+        run_train(cfg)
+    res = json.loads((tmp_path / "run" / "results_final.json").read_text())
+    assert res["status"] == "diverged" and res["diverged"]["step"] == 2 and res["diverged"]["last_finite_checkpoint"] is None
+    assert not list((tmp_path / "run").glob("checkpoints/*"))  # nothing saved after the NaN
