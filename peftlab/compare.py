@@ -162,8 +162,8 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
     Args:
         config_path: base configuration (default: configs/demo/food_reviews_minilm.yaml).
         output_dir: one sub-directory per method plus compare.csv / compare.md.
-        methods: method names (default: every registered method); unknown names become
-            ``unavailable`` rows instead of errors, so a list written for a later version works.
+        methods: method names (default: every registered method except ``full``); an unknown
+            name is an error, raised before anything is built or trained.
         overrides: dotted-key overrides applied to every run.
         quick: tiny subset and three steps per run (a smoke test, not a result).
         isolate: train each run in a fresh process so peak memory is per run.
@@ -177,6 +177,14 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
     from .errors import ConfigError
     from .methods import METHODS
 
+    unknown = [m for m in (methods or []) if m not in METHODS]
+    if unknown:
+        from .config.machinery import suggest
+
+        raise PeftlabError(
+            f"compare --methods: unknown method(s) {', '.join(repr(m) for m in unknown)}."
+            f"{''.join(suggest(m, METHODS) for m in unknown)} Registered: {', '.join(method_order(list(METHODS)))}."
+        )
     out = out if out is not None else sys.stdout  # looked up per call, not bound at import
     if config_path is None:
         if not DEFAULT_CONFIG.is_file():

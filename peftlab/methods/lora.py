@@ -2,7 +2,8 @@
 
 LoRA (Hu et al., 2021): W' = W + (alpha / r) * B A with A (r x d_in), B (d_out x r), B = 0 at init.
 DoRA (Liu et al., 2024): W' = m * (W + s B A) / ||W + s B A||_row, magnitude m trained.
-LoRA+ (Hayou et al., 2024): B learns ``loraplus_lr_ratio`` times faster than A.
+LoRA+ (Hayou et al., 2024): B learns ``loraplus_lr_ratio`` times faster than A; as in peft's
+``create_loraplus_optimizer``, every 1-D trainable parameter (biases, DoRA magnitudes) takes B's rate.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ class LoRA(Method):
                     b_params.update(id(p) for p in sub.parameters())
         groups: dict[str, dict] = {}
         for n, p in self.trainable_parameters(model):
-            is_b = id(p) in b_params
+            # as peft's create_loraplus_optimizer: B and every 1-D parameter (biases, DoRA magnitudes) at B's rate
+            is_b = id(p) in b_params or (ratio != 1.0 and p.ndim == 1)
             wd = 0.0 if p.ndim < 2 else t.weight_decay
             key = ("B" if is_b else "A") + ("_no_decay" if wd == 0.0 and t.weight_decay else "")
             g = groups.setdefault(key, {"params": [], "weight_decay": wd, "name": key, "lr_scale": ratio if is_b else 1.0})

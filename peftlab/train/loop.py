@@ -22,6 +22,8 @@ import torch
 
 from .. import checkpoints as ckpt
 from ..data.instruction import write_generations
+from . import guards
+from . import lock as run_lock
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
@@ -99,9 +101,10 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
     has_run = (run_dir / "config.json").is_file()
     if run_dir.exists() and not run_dir.is_dir():
         raise PeftlabError(f"output.dir={str(run_dir)!r} exists and is a file; choose a directory path.")
+    run_lock.acquire(run_dir)  # one writer per run directory, held until train() returns; fails at once naming the holder
     if has_run and resume is None:
         if cfg.output.overwrite:
-            shutil.rmtree(run_dir)
+            run_lock.clear_dir(run_dir)
         else:
             raise PeftlabError(
                 f"{run_dir} already holds a run. Continue it with --training.resume_from=latest, choose another "
@@ -115,16 +118,8 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
                 f"{run_dir} holds a finished run but no checkpoint to resume from; resuming would train again from step 0 "
                 "and overwrite its results. Choose another --output.dir, or pass --output.overwrite=true to delete it."
             )
-        if ck is not None and has_run:
-            from ..runs.identity import identity_diff
-
-            old = json.loads((run_dir / "config.json").read_text())
-            diff = identity_diff(old, cfg)
-            if diff:
-                raise PeftlabError(
-                    f"Cannot resume {run_dir}: the configuration differs from the one it was started with ({'; '.join(diff[:5])}). "
-                    "Resume with the original settings, or start a new run directory."
-                )
+        if ck is not None:
+            ckpt.check_identity(ck, run_dir, cfg)  # the checkpoint's own config and the run's config.json
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, ck
 
@@ -313,6 +308,7 @@ class Trainer:
                 f"Checkpoint {path} was written by {saved_world} process(es) but this run has {self.world}; the data position, "
                 "schedule and RNG depend on it. Resume with the same number of processes."
             )
+        ckpt.check_trainer_state(st, path, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.state = TrainerState(**st)
         if data["rng"] is None:
             raise PeftlabError(f"Checkpoint {path} has no RNG state for process {self.rank}; resume with the number of processes it was saved with.")
@@ -355,7 +351,7 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(path, tmp)
-        (tmp / "metrics.json").write_text(json.dumps({**row, "best_metric": best_name}, indent=2))
+        (tmp / "metrics.json").write_text(ckpt.strict_json_dumps({**row, "best_metric": best_name}, indent=2))
         ckpt.commit(tmp, best)
 
     def save_checkpoint(self, name: str) -> Path:
@@ -374,6 +370,7 @@ class Trainer:
                 method_state=self.method.state_dict(), trainer_state=self.state.to_dict(), scaler=acc.scaler,
             )
             write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
+            write_json(tmp / ckpt.CONFIG_FILE, self.cfg.to_dict())  # the identity travels with the checkpoint
             ckpt.commit(tmp, final)
             ckpt.prune(root, self.cfg.training.save_total_limit)
         acc.wait_for_everyone()
@@ -462,7 +459,9 @@ class Trainer:
     def _read_losses(self) -> float:
         """Add the losses kept on the device to the running sums, in step order; return the last."""
         st, val = self.state, float("nan")
-        for val in self.losses.flush():
+        values = list(self.losses.flush())
+        guards.check_losses(self, values)  # non-finite loss or weights: stop naming the step, status diverged
+        for val in values:
             st.epoch_loss_sum += val
             st.epoch_loss_count += 1
             st.window_loss_sum += val
@@ -511,7 +510,7 @@ class Trainer:
         if self.cfg.logging.report_to:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=st.global_step)
         value = metrics[best_name]
-        improved = st.best_value is None or (value > st.best_value if higher else value < st.best_value)
+        improved = guards.improves(value, st.best_value, higher)  # a NaN evaluation is never best
         if improved:
             st.best_value, st.best_step = value, st.global_step
         st.epoch += 1
@@ -591,5 +590,8 @@ class Trainer:
 
 def train(cfg, console: bool = True) -> dict[str, Any]:
     """Train one run described by ``cfg`` and return its results_final dict."""
-    trainer = Trainer(cfg, console=console)
-    return trainer.run()
+    try:
+        trainer = Trainer(cfg, console=console)
+        return trainer.run()
+    finally:
+        run_lock.release(Path(cfg.output.dir))
