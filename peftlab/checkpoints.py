@@ -8,15 +8,26 @@ A checkpoint is a directory ``checkpoints/step-N`` or ``checkpoints/epoch-E`` ho
     method_state.pt           the method's own state (gates, projectors, ...)
     rng-<rank>.pt             torch CPU/CUDA RNG states of every process
     trainer_state.json        step, epoch, position in the epoch, history, python/numpy RNG
+    manifest.json             size and SHA-256 of every other file, written at commit
 
 It is written into a hidden ``.tmp-*`` directory and renamed into place only when
 every file is on disk, so a kill during a save never leaves a directory that looks
 complete; leftovers of interrupted saves are ignored and removed on the next start.
+
+The manifest is checked before a checkpoint is loaded: a truncated, missing or edited
+file is an error naming the checkpoint and the newest earlier one that still verifies,
+and ``resume_from=latest`` skips damaged checkpoints (with a warning) to the newest one
+that verifies. ``trainer_state.json`` records whether every saved tensor was finite, so
+pruning never deletes the last finite checkpoint in favour of non-finite ones.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
+import math
 import os
 import random
 import shutil
@@ -30,6 +41,19 @@ from safetensors.torch import load_file, save_file
 from .errors import PeftlabError
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"  # the configuration of the run that wrote the checkpoint
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}  # a full disk or quota
+
+_log = logging.getLogger("peftlab")
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped in favour of an earlier one."""
+
+
+class CheckpointError(PeftlabError):
+    """A checkpoint that is damaged (fails its manifest) or inconsistent (trainer state)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,11 +81,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file via a temporary file and rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        tmp.unlink(missing_ok=True)
+        raise disk_full_error(path, len(text.encode()), e) from None
 
 
 def python_rng_state() -> dict:
@@ -121,8 +151,48 @@ def _fault_point(tmp: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def disk_full_error(path: Path, need_bytes: Optional[int], e: OSError) -> PeftlabError:
+    """A clear error for a save that ran out of space (or quota): the path, the free and needed space."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+        free_s = f"{_human(free)} free"
+    except OSError:
+        free_s = "free space unknown"
+    need = f"; this save needs about {_human(need_bytes)}" if need_bytes else ""
+    return PeftlabError(
+        f"No space left on the device while writing {path} ({e.strerror or e}; {free_s} on {probe}{need}). "
+        "Free some space (older runs, checkpoints: lower training.save_total_limit) or choose another output.dir, "
+        "then continue with --training.resume_from=latest."
+    )
+
+
 def write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_state: dict, trainer_state: dict,
                scaler=None) -> None:
+    try:
+        _write_main(tmp, model_state=model_state, optimizer=optimizer, scheduler=scheduler, method_state=method_state,
+                    trainer_state=trainer_state, scaler=scaler)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        # estimate: the tensors, plus two Adam moments of each (what optimizer.pt holds), plus what exists
+        tensors = sum(v.numel() * v.element_size() for v in model_state.values() if torch.is_tensor(v))
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial save: give its space back
+        raise disk_full_error(tmp.parent / tmp.name.removeprefix(".tmp-"), 3 * tensors, e) from None
+
+
+def _write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_state: dict, trainer_state: dict,
+                scaler=None) -> None:
     save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model_state.safetensors"))
     _fault_point(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -130,13 +200,189 @@ def write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_sta
     torch.save(method_state, tmp / "method_state.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    trainer_state = dict(trainer_state, rng=python_rng_state())
-    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    trainer_state = dict(trainer_state, rng=python_rng_state(), finite=all_finite(model_state))
+    (tmp / STATE_FILE).write_text(strict_json_dumps(trainer_state, indent=1))
+
+
+def all_finite(tensors: dict) -> bool:
+    """True when every floating-point tensor holds only finite values."""
+    for v in tensors.values():
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return False
+    return True
+
+
+def to_strict_json(o: Any) -> Any:
+    """A copy of ``o`` that ``json.dumps(..., allow_nan=False)`` accepts: NaN and +-inf become None
+    (JSON null), tensors and numpy scalars become Python numbers, paths strings."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: to_strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [to_strict_json(v) for v in o]
+    if o is None or isinstance(o, (str, bool, int)):
+        return o
+    if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
+        return to_strict_json(o.tolist())
+    if hasattr(o, "item"):
+        return to_strict_json(o.item())
+    return str(o)
+
+
+def strict_json_dumps(data: Any, **kw: Any) -> str:
+    """JSON text with no bare NaN/Infinity (RFC 8259): non-finite numbers are written as null."""
+    return json.dumps(to_strict_json(data), allow_nan=False, **kw)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record size and SHA-256 of every file of ``directory`` (except the manifest itself)."""
+    files = {}
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and f.name != MANIFEST_FILE:
+            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def manifest_problems(path: Path) -> list[str]:
+    """What is wrong with a checkpoint directory according to its manifest ([] when it verifies).
+
+    Checkpoints written before manifests existed have none; they are accepted as before."""
+    path = Path(path)
+    mf = path / MANIFEST_FILE
+    if not mf.is_file():
+        return [] if (path / STATE_FILE).is_file() and (path / "model_state.safetensors").is_file() else [
+            "it lacks trainer_state.json or model_state.safetensors"]
+    try:
+        files = json.loads(mf.read_text())["files"]
+    except (json.JSONDecodeError, OSError, KeyError, TypeError) as e:
+        return [f"its {MANIFEST_FILE} is unreadable ({e})"]
+    problems = []
+    for name, rec in files.items():
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = f.stat().st_size
+        if size != rec.get("size"):
+            problems.append(f"{name} has {size:,} bytes, {rec.get('size'):,} were written (truncated or replaced)")
+        elif _sha256(f) != rec.get("sha256"):
+            problems.append(f"{name} does not match the SHA-256 written at save time (edited or corrupted)")
+    return problems
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` when ``path`` fails its manifest, naming the newest earlier
+    checkpoint of the same run that verifies."""
+    path = Path(path)
+    problems = manifest_problems(path)
+    if not problems:
+        return
+    root = path.parent
+    earlier = []
+    if root.name == "checkpoints":
+        me = _state_step(path)
+        earlier = [p for s, _, p in list_checkpoints(root) if p != path and (me is None or s <= me)]
+    good = next((p for p in reversed(earlier) if not manifest_problems(p)), None)
+    hint = (f"The previous good checkpoint is {good}; resume from it with --training.resume_from={good.name}"
+            if good is not None else "No earlier checkpoint of this run verifies")
+    raise CheckpointError(
+        f"Checkpoint {path} is damaged: {'; '.join(problems)}. {hint} "
+        "(or use --training.resume_from=latest, which skips damaged checkpoints)."
+    )
+
+
+def _state_step(path: Path) -> Optional[int]:
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_identity(path: Path, run_dir: Path, cfg) -> None:
+    """Refuse to resume from ``path`` unless the run that wrote it is the run ``cfg`` describes.
+
+    Both records are checked when present: the configuration saved inside the checkpoint (which
+    travels with it, so a checkpoint of another run or a run directory without config.json is
+    still checked) and the run directory's config.json. A checkpoint with neither cannot be
+    verified and is refused. What may differ is :data:`peftlab.runs.identity.VOLATILE`."""
+    from .runs.identity import VOLATILE, identity_diff
+
+    path, run_dir = Path(path), Path(run_dir)
+    records = []
+    if (path / CONFIG_FILE).is_file():
+        records.append((f"checkpoint {path}", path / CONFIG_FILE))
+    if (run_dir / "config.json").is_file():
+        records.append((f"run {run_dir}", run_dir / "config.json"))
+    if not records:
+        raise CheckpointError(
+            f"Cannot resume from {path}: neither the checkpoint nor {run_dir} records the configuration it was trained with, "
+            "so nothing shows that it belongs to this run (a different seed, model or rank would be rebuilt under it silently). "
+            "Resume a checkpoint written by this peftlab version, or start a new run."
+        )
+    may_change = ", ".join(v.rstrip(".") + (".*" if v.endswith(".") else "") for v in VOLATILE)
+    for who, f in records:
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"Cannot resume from {path}: {f} is unreadable ({e}).") from None
+        diff = identity_diff(old, cfg)
+        if diff:
+            raise PeftlabError(
+                f"Cannot resume from {path}: this configuration differs from the one the {who} was trained with "
+                f"({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}). Resume changes only {may_change}; "
+                "resume with the original settings, or start a new run directory for the new ones."
+            )
+
+
+def check_trainer_state(state: dict, path: Path, *, total_steps: Optional[int] = None,
+                        steps_per_epoch: Optional[int] = None) -> None:
+    """Sanity checks on a checkpoint's trainer state before a run continues from it: integer,
+    non-negative counters, a step within the run's length and a position within the epoch."""
+    problems = []
+    for key in ("global_step", "epoch", "step_in_epoch"):
+        v = state.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            problems.append(f"{key}={v!r} is not a non-negative integer")
+    if not problems:
+        gs, ep, se = state["global_step"], state["epoch"], state["step_in_epoch"]
+        if total_steps is not None and gs > total_steps:
+            problems.append(f"global_step={gs} is beyond this run's {total_steps} optimizer steps")
+        if steps_per_epoch is not None:
+            if se > steps_per_epoch:
+                problems.append(f"step_in_epoch={se} is beyond the {steps_per_epoch} optimizer steps of an epoch")
+            else:
+                expected = ep * steps_per_epoch + se
+                # a run cut by max_steps ends its last epoch early: there, global_step may fall short of it
+                ok = expected - steps_per_epoch < gs <= expected if state.get("epoch_end") and se == 0 and ep > 0 else gs == expected
+                if not ok:
+                    problems.append(f"global_step={gs} does not match epoch {ep} x {steps_per_epoch} steps + step_in_epoch {se} "
+                                    "(the data or batch settings differ from the run that saved it)")
+    if problems:
+        raise CheckpointError(
+            f"Checkpoint {path} has an inconsistent trainer state: {'; '.join(problems)}. It was edited or belongs to a run "
+            "with other data or batch settings; resume from another checkpoint or start a new run."
+        )
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """Make the checkpoint visible: fsync, then rename (replacing an older one of the same name)."""
-    _fsync_tree(tmp)
+    """Make the checkpoint visible: manifest, fsync, then rename (replacing an older one of the same name)."""
+    try:
+        write_manifest(tmp)
+        _fsync_tree(tmp)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(final, None, e) from None
     if final.exists():
         old = final.parent / f".old-{final.name}"
         if old.exists():
@@ -179,11 +425,35 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, int, Path]]:
     return sorted(out)
 
 
+def newest_valid(ckpt_root: Path, warn: bool = True) -> Optional[Path]:
+    """The newest complete checkpoint that verifies against its manifest; damaged newer ones are
+    skipped with a warning naming what is wrong."""
+    for _, _, p in reversed(list_checkpoints(ckpt_root)):
+        problems = manifest_problems(p)
+        if not problems:
+            return p
+        if warn:
+            import warnings
+
+            msg = f"checkpoint {p} is damaged ({'; '.join(problems)}); falling back to an earlier one"
+            if _log.handlers:
+                _log.warning(msg)
+            warnings.warn(msg, CheckpointWarning, stacklevel=2)
+    return None
+
+
 def resolve(resume_from: str, run_dir: Path) -> Optional[Path]:
-    """``latest`` -> newest complete checkpoint of the run (None if there is none); else a path."""
+    """``latest`` -> newest checkpoint of the run that verifies (None if there is none); else a path,
+    which must verify."""
     if resume_from == "latest":
-        cks = list_checkpoints(run_dir / "checkpoints")
-        return cks[-1][2] if cks else None
+        root = run_dir / "checkpoints"
+        found = newest_valid(root)
+        if found is None and list_checkpoints(root):
+            raise CheckpointError(
+                f"Every checkpoint under {root} is damaged (see the warnings above); none can be resumed. "
+                "Start a new run directory or pass --output.overwrite=true without resume_from."
+            )
+        return found
     p = Path(resume_from).expanduser()
     if not p.is_absolute() and not p.exists():
         p = run_dir / "checkpoints" / resume_from
@@ -193,11 +463,22 @@ def resolve(resume_from: str, run_dir: Path) -> Optional[Path]:
             f"training.resume_from={resume_from!r} is not a complete checkpoint directory. "
             f"Use `latest` or one of: {', '.join(have) or '(none in ' + str(run_dir / 'checkpoints') + ')'}."
         )
+    verify(p)
     return p
 
 
 def load(path: Path, rank: int = 0) -> dict[str, Any]:
-    """Read every part of a checkpoint (tensors with ``weights_only=True``)."""
+    """Read every part of a checkpoint (tensors with ``weights_only=True``) after verifying its manifest."""
+    path = Path(path)
+    verify(path)
+    try:
+        return _load(path, rank)
+    except (OSError, RuntimeError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged. "
+                              "Resume from an earlier checkpoint or use --training.resume_from=latest.") from None
+
+
+def _load(path: Path, rank: int) -> dict[str, Any]:
     out = {
         "model_state": load_file(str(path / "model_state.safetensors")),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
@@ -205,6 +486,18 @@ def load(path: Path, rank: int = 0) -> dict[str, Any]:
         "method_state": torch.load(path / "method_state.pt", weights_only=True, map_location="cpu"),
         "trainer_state": json.loads((path / STATE_FILE).read_text()),
     }
+    out["finite"] = bool(out["trainer_state"].pop("finite", True))  # written by write_main, not trainer fields
+    if not out["finite"] or not all_finite(out["model_state"]):
+        root = path.parent
+        me = _state_step(path)
+        good = next((p for s, _, p in reversed(list_checkpoints(root)) if p != path and (me is None or s <= me)
+                     and is_finite_checkpoint(p) and not manifest_problems(p)), None) if root.name == "checkpoints" else None
+        raise CheckpointError(
+            f"Checkpoint {path} holds non-finite (NaN/inf) weights: the run had diverged when it was saved, and training "
+            "would continue from garbage. "
+            + (f"Resume from the last finite checkpoint, {good}, with other settings in a new run." if good is not None
+               else "No finite checkpoint of this run is left; start a new run.")
+        )
     rng = path / f"rng-{rank}.pt"
     out["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
     sc = path / "scaler.pt"
@@ -212,10 +505,25 @@ def load(path: Path, rank: int = 0) -> dict[str, Any]:
     return out
 
 
+def is_finite_checkpoint(path: Path) -> bool:
+    """Whether a checkpoint's saved tensors were all finite (recorded at save; older checkpoints
+    without the record count as finite)."""
+    try:
+        return bool(json.loads((Path(path) / STATE_FILE).read_text()).get("finite", True))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def prune(ckpt_root: Path, keep: Optional[int]) -> None:
-    """Keep the newest ``keep`` step checkpoints; epoch checkpoints are always kept."""
+    """Keep the newest ``keep`` step checkpoints; epoch checkpoints are always kept, and so is the
+    newest checkpoint with finite weights when newer ones are not (a diverged run keeps a good one)."""
     if keep is None:
         return
-    steps = [c for c in list_checkpoints(ckpt_root) if c[2].name.startswith("step-")]
-    for _, _, p in steps[:-keep]:
+    cks = list_checkpoints(ckpt_root)
+    steps = [c for c in cks if c[2].name.startswith("step-")]
+    doomed = [p for _, _, p in steps[:-keep]] if keep > 0 else [p for _, _, p in steps]
+    last_finite = next((p for _, _, p in reversed(cks) if is_finite_checkpoint(p)), None)
+    for p in doomed:
+        if p == last_finite:
+            continue
         shutil.rmtree(p, ignore_errors=True)

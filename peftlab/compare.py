@@ -102,8 +102,8 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
     Args:
         config_path: base configuration (default: the study's, configs/demo/food_reviews_minilm.yaml).
         output_dir: one sub-directory per method plus compare.csv / compare.md and study.log.
-        methods: method names (default: every registered method except full); unknown names become
-            ``unavailable`` rows instead of errors, so a list written for a later version works.
+        methods: method names (default: every registered method except ``full``); an unknown
+            name is an error, raised before anything is built or trained.
         overrides: dotted-key overrides applied to every run.
         quick: the study's smoke scale: tiny subset and three steps per run (numbers mean nothing).
         out: where progress and the table are printed (default: the current sys.stdout).
@@ -115,6 +115,14 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
     from .studies.expand import expand
     from .studies.runner import read_events, sweep, trial_status
 
+    unknown = [m for m in (methods or []) if m not in METHODS]
+    if unknown:
+        from .config.machinery import suggest
+
+        raise PeftlabError(
+            f"compare --methods: unknown method(s) {', '.join(repr(m) for m in unknown)}."
+            f"{''.join(suggest(m, METHODS) for m in unknown)} Registered: {', '.join(method_order(list(METHODS)))}."
+        )
     out = out if out is not None else sys.stdout  # looked up per call, not bound at import
     output_dir = Path(output_dir).expanduser()
     spec, wanted = compare_study(config_path, methods, overrides, quick)

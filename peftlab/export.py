@@ -44,21 +44,37 @@ def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = Fals
     out = Path(output_dir) if output_dir else run.path / ("merged" if merge else "export")
     if out.exists():
         raise PeftlabError(f"{out} already exists; choose another --output-dir or delete it.")
+    # written under a hidden name and renamed into place when complete: a killed export leaves only
+    # the hidden folder, which the next export removes, never a half-written `out` that blocks it
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _export_into(run, staging, merge, which)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _export_into(run, out: Path, merge: bool, which: str) -> None:
     if which == "final" and not merge:
         for written in (run.adapter_dir, run.model_dir):
             if written.is_dir():
                 shutil.copytree(written, out)
-                return out
+                return
     from .runs import load_run
 
     loaded = load_run(run.path, which=which)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None, prefix=".export-") as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         written = loaded.method.export(loaded.model, Path(tmp), loaded.tokenizer)
         if not merge or not loaded.method.exports_adapter:
             if not written.is_dir():
                 raise PeftlabError(f"{loaded.method.name} wrote no model folder to export ({written.name}); see {run.path}.")
             shutil.copytree(written, out)
-            return out
+            return
         merged, _ = load_base(run.path)
         if (written / "adapter_config.json").is_file():
             from peft import PeftModel
@@ -67,7 +83,6 @@ def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = Fals
         # else: nothing survived (e.g. every SoRA gate pruned); the merged model is the base itself
         merged.save_pretrained(out, safe_serialization=True)
         loaded.tokenizer.save_pretrained(out)
-    return out
 
 
 def cmd_export(args, extra) -> int:

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoints import atomic_write_text
+from .checkpoints import atomic_write_text, strict_json_dumps
 from .errors import PeftlabError
 
 MB = 2**20
@@ -273,6 +273,9 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     bs = batch_size or cfg.training.batch_size
     sl = seq_len or (cfg.data.max_length if task == "classification" else cfg.data.block_size)
     base = build_model(cfg, task, num_labels)
+    from .models import check_positions
+
+    check_positions(base, sl, "--seq-len" if seq_len else ("data.max_length" if task == "classification" else "data.block_size"), cfg.model.name)
     batch = synthetic_batch(base, task, num_labels, bs, sl, cfg.training.seed, device)
 
     variants: list[tuple[str, Any]] = [("adamw", cfg.replace({"method": "full"})), ("configured", cfg)]
@@ -338,7 +341,7 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
                "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv"],
                "variants": [{**{k: v for k, v in r.items() if k not in ("per_param_state", "groups")},
                              "groups": [{k: v for k, v in g.items() if k != "names"} for g in r["groups"]]} for r in results]}
-    atomic_write_text(out_dir / "profile_summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out_dir / "profile_summary.json", strict_json_dumps(summary, indent=2))  # no bare NaN
     if echo:
         print(format_table(rows, adam["total_params"], cfg.model.name))
         print(f"\nfiles in {out_dir}: {', '.join(summary['files'])}")
@@ -370,6 +373,15 @@ def cmd_profile(args, extra: list[str]) -> int:
         ranks = [0]
     if any(r < 1 for r in ranks):
         raise PeftlabError(f"--ranks takes positive integers separated by commas (e.g. 4,8,16) or 'none', got {args.ranks!r}.")
+    for flag, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if v is not None and v < 1:
+            raise PeftlabError(f"{flag} must be a positive integer, got {v}.")
+    if args.output_dir:
+        from .config.sections import output_path_problem
+
+        problem = output_path_problem(args.output_dir)
+        if problem:
+            raise PeftlabError(f"--output-dir: {problem}")
     cfg = load_config(args.config, extra)
     run_profile(cfg, Path(args.output_dir) if args.output_dir else None, ranks, args.batch_size, args.seq_len)
     return 0

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoints import atomic_write_text
+from .checkpoints import atomic_write_text, strict_json_dumps
 
 LOSS_COLUMNS = ["epoch", "step", "train_loss", "learning_rate", "gpu_memory_mb", "sparsity"]
 
@@ -49,7 +49,9 @@ def git_commit() -> Optional[str]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(Path(path), json.dumps(data, indent=2, default=_json_default) + "\n")
+    """Write strict JSON atomically: NaN and +-inf become null (no bare NaN/Infinity that
+    other JSON readers reject), tensors and numpy numbers become plain numbers."""
+    atomic_write_text(Path(path), strict_json_dumps(data, indent=2) + "\n")
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:

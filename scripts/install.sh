@@ -24,5 +24,6 @@ fi
 python -m pip install -q -e ".[dev]"
 # galore-torch: reference implementation for a parity test of the full-SVD rSVD variant.
 # --no-deps: its declared dependencies pull bitsandbytes, which the test does not need.
-python -m pip install -q --no-deps galore-torch==1.0 || echo "galore-torch not installed; its parity test will be skipped"
+# A test dependency (the parity test fails without it), not an optional extra.
+python -m pip install -q --no-deps galore-torch==1.0
 python -c "import peftlab, torch; print(f'peftlab {peftlab.__version__} with torch {torch.__version__} installed')"

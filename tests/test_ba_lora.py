@@ -153,6 +153,54 @@ def test_importance_ranks_the_layer_with_the_larger_gradient(tmp_path):
     assert a.ranks == [5, 1] and a.total == 96
 
 
+def test_importance_score_by_hand_tells_weight_times_grad_from_grad():
+    W = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    G = torch.tensor([[0.5, 0.5], [-1.0, 2.0]])
+    # |W*G| = [[0.5, 1], [3, 0]] -> mean 1.125; mean|G| would be 1.0, |mean(W*G)| 0.875, mean|W| mean|G| 1.5
+    assert importance_score(W, G, "weight_grad") == pytest.approx(1.125, abs=1e-12)
+    assert importance_score(W, G, "grad_norm") == pytest.approx(5.5 ** 0.5, abs=1e-12)
+
+
+class _Compensated(torch.nn.Module):
+    """out = big(x) + small(x / 3) with small.W = 3 big.W: equal outputs, G_small = G_big / 3, so
+    mean|W*G| is equal for both while mean|G| and ||G|| are three times larger for big."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.big = torch.nn.Linear(8, 8, bias=False)
+        self.small = torch.nn.Linear(8, 8, bias=False)
+        with torch.no_grad():
+            self.small.weight.copy_(3 * self.big.weight)
+
+    def forward(self, x, y):
+        return torch.nn.functional.mse_loss(self.big(x) + self.small(x / 3), y)
+
+
+def test_importance_uses_weight_times_gradient_where_ba_lora_computes_it(tmp_path):
+    """Through BA-LoRA's phase-1 path: weight_grad scores the two modules equally (and gives equal
+    ranks), where a score of the gradient alone (mean|G| or ||G||) would favour `big` threefold."""
+    from peftlab.methods import METHODS, MethodContext
+
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randn(4, 8, generator=g), "y": torch.randn(4, 8, generator=g)} for _ in range(2)]
+    cfg = make_cfg(tmp_path, "cls", method="ba_lora", ba_lora__gradient_samples=8)
+    ctx = MethodContext(cfg=cfg, task="classification", target_modules=["big", "small"],
+                        train_batches=lambda: iter(batches), compute_loss=lambda m, b: m(b["input_ids"], b["y"]))
+    method = METHODS["ba_lora"](ctx)
+    model = _Compensated()
+    targets = method._targets(model)
+    grads, _ = method._accumulate_gradients(model, targets)
+    wg = {n: importance_score(targets[n].module.weight, grads[n], "weight_grad") for n in targets}
+    gn = {n: importance_score(targets[n].module.weight, grads[n], "grad_norm") for n in targets}
+    mean_abs_g = {n: float(grads[n].abs().mean()) for n in targets}
+    assert wg["big"] == pytest.approx(wg["small"], rel=1e-5)
+    assert gn["big"] == pytest.approx(3 * gn["small"], rel=1e-5)
+    assert mean_abs_g["big"] == pytest.approx(3 * mean_abs_g["small"], rel=1e-5)
+    a = allocate_ranks([wg["big"], wg["small"]], [16, 16], 16 * 6, 1, [8, 8])
+    assert a.ranks == [3, 3]
+
+
 # ------------------------------------------------------------------ warm start (phase 3)
 @pytest.mark.parametrize("init", ["svd", "pinv"])
 def test_warm_start_factors_point_along_minus_gradient(init):

@@ -64,7 +64,7 @@ def test_unmatched_targets_list_the_linear_layers(tmp_path):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     cfg = make_cfg(tmp_path, "lm", model__name=str(tmp_path / "no-such-model"))
-    with pytest.raises(PeftlabError, match="Could not load model"):
+    with pytest.raises(PeftlabError, match=r"model.name=.*no-such-model.*: the path .*no-such-model does not exist"):
         load_model(cfg, "causal_lm")
 
 

@@ -189,13 +189,13 @@ def test_compare_quick_runs_methods_and_resumes(tmp_path, capsys):
     from peftlab.cli import main
 
     out = tmp_path / "cmp"
-    argv = ["compare", "--quick", "--methods", "lora,dora,no_such_method", "--output-dir", str(out)]
+    argv = ["compare", "--quick", "--methods", "lora,dora", "--output-dir", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "no_such_method: not available" in text and "majority class" in text
+    assert "majority class" in text
     rows = {r["method"]: r for r in __import__("csv").DictReader(open(out / "compare.csv"))}
     assert rows["lora"]["status"] == rows["dora"]["status"] == "completed"
-    assert rows["no_such_method"]["status"] == "unavailable" and rows["majority class"]["status"] == "baseline"
+    assert rows["majority class"]["status"] == "baseline"
     # MiniLM: 6 layers x (query, value), each 384 -> 384: r * (384 + 384) per module; head 384*2 + 2 trains too
     lora_adapter = 8 * (384 + 384) * 12
     assert int(rows["lora"]["trainable_params"]) == lora_adapter + 384 * 2 + 2

@@ -216,6 +216,9 @@ def test_resume_refuses_another_process_count(tmp_path, run_train):
     data = json.loads(state.read_text())
     data["world_size"] = 2
     state.write_text(json.dumps(data))
+    from peftlab.checkpoints import write_manifest
+
+    write_manifest(state.parent)  # as a 2-process run would have signed it (an unsigned edit is "damaged")
     with pytest.raises(PeftlabError, match="written by 2 process"):
         run_train(make_cfg(tmp_path, "lm", training__max_steps=6, training__save_steps=3, training__resume_from="latest"))
 

@@ -11,7 +11,6 @@ table) -> :func:`collect.aggregate` (mean ± std and n over seeds) -> :mod:`tabl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -46,7 +45,9 @@ def analyze(study_dir, output_dir=None, baseline: bool = True) -> AnalysisResult
     ctx = PlotContext(study, agg, out, baseline=baselines[0] if len(baselines) == 1 else None)
     plots, plot_notes = make_plots(ctx)
     findings = check_all(ctx)
-    (out / "hypotheses.json").write_text(json.dumps([finding_dict(f) for f in findings], indent=2, default=str) + "\n")
+    from ..checkpoints import strict_json_dumps  # strict JSON: a NaN statistic is written as null
+
+    (out / "hypotheses.json").write_text(strict_json_dumps([finding_dict(f) for f in findings], indent=2) + "\n")
     tables["hypotheses.json"] = out / "hypotheses.json"
     notes = list(study.notes) + plot_notes
     show, _ = summary_frame(study, agg)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
 from ..errors import ConfigError
-from .machinery import build_section, section_help, suggest
+from .machinery import build_section, section_help, spellings, suggest
 from .sections import DataConfig, LoggingConfig, ModelConfig, OutputConfig, SystemConfig, TrainingConfig
 
 CORE_SECTIONS: dict[str, type] = {
@@ -74,8 +75,20 @@ class RunConfig:
         """A new validated config with dotted-key overrides applied (``{"lora.r": 4}``)."""
         raw = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(raw, key, value)
+            _override(raw, key, value)
         return config_from_dict(raw)
+
+
+def _override(raw: dict, key: str, value: Any) -> None:
+    """Set a dotted key, replacing every other spelling of it (``sora.lambda`` / ``sora.lambda_``)."""
+    sec, _, field = key.partition(".")
+    if field and "." not in field and isinstance(raw.get(sec), dict):
+        sections = all_sections()
+        if sec in sections:
+            for other in spellings(sections[sec], field):
+                if other != field:
+                    raw[sec].pop(other, None)
+    _set_dotted(raw, key, value)
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -126,15 +139,56 @@ def parse_overrides(args: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+class ConfigWarning(UserWarning):
+    """Something in a configuration that is legal but probably not meant."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(
+                        f"`{key}` appears twice in one mapping (lines {seen[key].start_mark.line + 1} and "
+                        f"{key_node.start_mark.line + 1}); YAML would silently keep only the last. Merge them into one."
+                    )
+                seen[key] = key_node
+            except TypeError:  # unhashable key: let PyYAML report it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
+        if p.exists():
+            raise ConfigError([f"config path {str(p)!r} is a directory, not a YAML file."])
         raise ConfigError([f"config file {str(p)!r} does not exist; check the path (configs live under configs/, e.g. configs/quickstart/lm_lora.yaml)."])
     try:
-        with open(p) as f:
-            data = yaml.safe_load(f) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8."]) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {p}: {e.strerror or e}."]) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe_load semantics
+    except _DuplicateKey as e:
+        raise ConfigError([f"{p}: {e}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
+    if data is None or data == {}:
+        warnings.warn(f"{p} is empty: every setting takes its default (method lora on model {ModelConfig().name}, "
+                      f"data {DataConfig().dataset}). Add sections (model:, data:, training: ...) or check the file.",
+                      ConfigWarning, stacklevel=2)
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{p} must hold a mapping of sections (model:, data:, training: ...), not {type(data).__name__}."])
     return data
@@ -170,6 +224,10 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         for name, sec in built.items():
             if name in checked and hasattr(sec, "validate"):
                 problems.extend(sec.validate())
+        for name, sec in built.items():
+            # a section may refuse settings that only mean something to its own method
+            if name not in checked and hasattr(sec, "validate_unused"):
+                problems.extend(sec.validate_unused(method))
         problems.extend(METHODS[method].validate_config(RunConfig(method, built)))
     if problems:
         raise ConfigError(problems)
@@ -184,8 +242,8 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict[
         if "." not in key and key != "method":
             sections = all_sections()
             raise ConfigError([f"override `--{key}` names no section; write --section.key=value.{suggest(key, [f'{s}.{k}' for s, c in sections.items() for k, *_ in section_help(c)] + ['method'])}"])
-        _set_dotted(raw, key, value)
+        _override(raw, key, value)
     return config_from_dict(raw)
 
 
-__all__ = ["RunConfig", "load_config", "config_from_dict", "parse_overrides", "register_section", "all_sections", "section_help"]
+__all__ = ["ConfigWarning", "RunConfig", "load_config", "config_from_dict", "parse_overrides", "register_section", "all_sections", "section_help"]

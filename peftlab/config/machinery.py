@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -136,21 +137,41 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _normalise_keys(cls: type, types_: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+def spellings(cls: type, key: str) -> list[str]:
+    """Every accepted spelling of the field that ``key`` names in section ``cls`` (itself included)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {a: f.name for f in fields.values() for a in f.metadata.get("aliases", ())}
+    name = aliases.get(key, key)
+    if name not in fields:
+        return [key]
+    return [name, *fields[name].metadata.get("aliases", ())]
+
+
+def _normalise_keys(cls: type, types_: dict[str, Any], raw: dict[str, Any], section: str = "",
+                    problems: list[str] | None = None) -> dict[str, Any]:
     """Map spellings onto field names: declared aliases (``aliases=("lambda",)`` in a
     field's metadata, for names Python cannot use) and nested mappings
     (``weight_reduction: {rank: 8}`` or ``--rsvd.weight_reduction.rank=8`` for the
     field ``weight_reduction_rank``)."""
     aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+
+    def put(field: str, given: str, value: Any) -> None:
+        if field in out and problems is not None:
+            problems.append(f"`{section}.{spelled[field]}` and `{section}.{given}` set the same key `{section}.{field}` "
+                            f"({out[field]!r} and {value!r}); keep one of them.")
+        out[field], spelled[field] = value, given
+
     for key, value in raw.items():
+        given = key
         if key in aliases:
             key = aliases[key]
         if key not in types_ and isinstance(value, dict) and any(f"{key}_{sub}" in types_ for sub in value):
             for sub, v in value.items():
-                out[f"{key}_{sub}"] = v
+                put(f"{key}_{sub}", f"{given}.{sub}", v)
             continue
-        out[key] = value
+        put(key, given, value)
     return out
 
 
@@ -158,7 +179,7 @@ def build_section(cls: type, section: str, raw: dict[str, Any], problems: list[s
     """Build a section dataclass from a raw mapping, appending problems instead of raising."""
     types_ = field_types(cls)
     kwargs: dict[str, Any] = {}
-    raw = _normalise_keys(cls, types_, raw)
+    raw = _normalise_keys(cls, types_, raw, section, problems)
     for key, value in raw.items():
         if key not in types_:
             problems.append(
@@ -170,6 +191,10 @@ def build_section(cls: type, section: str, raw: dict[str, Any], problems: list[s
             kwargs[key] = coerce(value, types_[key])
         except CoerceError as e:
             problems.append(f"`{section}.{key}`: {e}")
+            continue
+        if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
+            problems.append(f"`{section}.{key}` must be a finite number, got {kwargs[key]}.")
+            del kwargs[key]
     return cls(**kwargs)
 
 

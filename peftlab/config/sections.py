@@ -120,6 +120,13 @@ class TrainingConfig:
             p.append(f"`training.learning_rate` must be positive, got {self.learning_rate}.")
         if self.weight_decay < 0:
             p.append(f"`training.weight_decay` must be >= 0, got {self.weight_decay}.")
+        for k in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                p.append(f"`training.{k}` must be in [0, 1) (Adam's moment decay; typical 0.9 and 0.999), got {getattr(self, k)}.")
+        if not self.adam_epsilon > 0:
+            p.append(f"`training.adam_epsilon` must be positive (it keeps Adam's division finite; typical 1e-8), got {self.adam_epsilon}.")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            p.append(f"`training.eval_max_batches` must be at least 1, or null to evaluate on the whole validation set; got {self.eval_max_batches}.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             p.append(f"`training.max_grad_norm` must be positive or null, got {self.max_grad_norm}.")
         if self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
@@ -137,7 +144,40 @@ class OutputConfig:
     overwrite: bool = opt(False, "Delete an existing run directory instead of refusing to start.")
 
     def validate(self) -> list[str]:
-        return [] if self.dir.strip() else ["`output.dir` is empty; give the run directory."]
+        if not self.dir.strip():
+            return ["`output.dir` is empty; give the run directory."]
+        problem = output_path_problem(self.dir)
+        return [f"`output.dir`: {problem}"] if problem else []
+
+
+def output_path_problem(path: str) -> Optional[str]:
+    """Why a directory could not be created or written at ``path`` (None when it can): a file in the
+    way, a parent that is not a directory, no write permission, a read-only file system."""
+    import errno
+    import os
+    from pathlib import Path
+
+    p = Path(os.path.expanduser(path)).absolute()
+    if p.exists():
+        if not p.is_dir():
+            return f"{p} exists and is a file; choose a directory path."
+        probe = p
+    else:
+        probe = p.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{p} cannot be created: {probe} is a file, not a directory."
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{p} cannot be written: no write permission in {probe}. Choose a directory you can write to."
+    try:
+        st = os.statvfs(probe)
+        if st.f_flag & getattr(os, "ST_RDONLY", 1):
+            return f"{p} cannot be written: {probe} is on a read-only file system."
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            return f"{p} cannot be used: {e.strerror}."
+    return None
 
 
 @dataclass
@@ -163,6 +203,9 @@ class SystemConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "Mixed precision for the forward/backward pass.")
     compile: bool = opt(False, "Wrap the model with torch.compile.")
     num_threads: Optional[int] = opt(None, "CPU threads for torch (default: torch's own choice).")
+    fused_optimizer: Literal["auto", "on", "off"] = opt("auto", "torch's fused AdamW (one kernel for all tensors): auto = on CUDA only, on = wherever torch offers it, off.")
+    prefetch: Literal["auto", "on", "off"] = opt("auto", "Load the next batch while the GPU works and copy it from pinned memory without blocking: auto = on CUDA only.")
+    fused_cross_entropy: Literal["auto", "liger", "off"] = opt("off", "Causal LM loss without materialising the logits (Liger-Kernel's fused linear + cross-entropy; one CUDA process): liger = required, auto = when available, off.")
 
     def validate(self) -> list[str]:
         if self.num_threads is not None and self.num_threads < 1:

@@ -220,7 +220,7 @@ def prepare_token_bins(documents: Iterable[str], tokenizer, out_dir, val_fractio
         "source": source,
     }
     tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, out / "meta.json")  # written last: its presence marks a complete directory
     (out / INCOMPLETE).unlink()
     return {**meta, "peak_chunk_tokens": peak}

@@ -12,7 +12,7 @@ from ..errors import PeftlabError
 
 def iter_jsonl_documents(path: Path):
     """Stream the ``text`` field of each line of a JSON Lines file (used by token-bin preparation too)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes -> U+FFFD, counted by read_documents
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -36,6 +36,16 @@ def read_documents(path: Path) -> list[str]:
         docs = [path.read_text(encoding="utf-8", errors="replace")]
     if not any(d.strip() for d in docs):
         raise PeftlabError(f"{path} holds no text.")
+    bad = sum(d.count("\ufffd") for d in docs)
+    if bad:
+        import warnings
+
+        from .classification import DataWarning
+
+        n_docs = sum(1 for d in docs if "\ufffd" in d)
+        where = f"{n_docs} of {len(docs)} document(s)"
+        warnings.warn(f"{path} is not valid UTF-8: {bad} undecodable byte sequence(s) in {where}, read as U+FFFD. "
+                      "Re-save the file as UTF-8 to keep those characters.", DataWarning, stacklevel=2)
     return docs
 
 

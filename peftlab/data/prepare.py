@@ -112,6 +112,11 @@ def prepare(cfg, out_dir: Path, tokenizer: str = DEFAULT_TOKENIZER, val_fraction
         raise PeftlabError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}.")
     name = cfg.data.dataset
     out_dir = Path(out_dir).expanduser()
+    from ..config.sections import output_path_problem
+
+    problem = output_path_problem(str(out_dir))
+    if problem:  # before any tokenizing
+        raise PeftlabError(f"--output-dir: {problem}")
     if name in HUB_CORPORA:
         return _write_bins(_hub_corpus(name, HUB_CORPORA[name]), cfg, out_dir, tokenizer, val_fraction, chunk_docs, overwrite, progress)
     if name in DATASETS:

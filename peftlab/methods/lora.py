@@ -2,7 +2,8 @@
 
 LoRA (Hu et al., 2021): W' = W + (alpha / r) * B A with A (r x d_in), B (d_out x r), B = 0 at init.
 DoRA (Liu et al., 2024): W' = m * (W + s B A) / ||W + s B A||_row, magnitude m trained.
-LoRA+ (Hayou et al., 2024): B learns ``loraplus_lr_ratio`` times faster than A.
+LoRA+ (Hayou et al., 2024): B learns ``loraplus_lr_ratio`` times faster than A; as in peft's
+``create_loraplus_optimizer``, every 1-D trainable parameter (biases, DoRA magnitudes) takes B's rate.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class LoraSection:
     use_rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
     init: Literal["default", "gaussian"] = opt("default", "A's initialisation (B starts at zero either way): default = Kaiming-uniform, gaussian = N(0, 1/r).")
     loraplus_lr_ratio: float = opt(1.0, "LoRA+: learning rate of B divided by that of A (1 = plain LoRA; the paper suggests 16).")
+    dora_norm: Literal["auto", "factored", "peft"] = opt(
+        "auto", "DoRA's row norm ||W0 + s B A||: factored (from constant W0 row norms and a d_out x r cross term, no "
+        "d_out x d_in product), peft (peft's dense layer), auto = factored on CUDA, peft on CPU. Same function either way.")
 
     def validate(self) -> list[str]:
         p = []
@@ -134,7 +138,8 @@ class LoRA(Method):
                     b_params.update(id(p) for p in sub.parameters())
         groups: dict[str, dict] = {}
         for n, p in self.trainable_parameters(model):
-            is_b = id(p) in b_params
+            # as peft's create_loraplus_optimizer: B and every 1-D parameter (biases, DoRA magnitudes) at B's rate
+            is_b = id(p) in b_params or (ratio != 1.0 and p.ndim == 1)
             wd = 0.0 if p.ndim < 2 else t.weight_decay
             key = ("B" if is_b else "A") + ("_no_decay" if wd == 0.0 and t.weight_decay else "")
             g = groups.setdefault(key, {"params": [], "weight_decay": wd, "name": key, "lr_scale": ratio if is_b else 1.0})
@@ -152,7 +157,22 @@ class LoRA(Method):
 
 
 class DoRA(LoRA):
-    """Weight-decomposed LoRA via ``peft`` (``use_dora=True``); reads the ``lora`` section."""
+    """Weight-decomposed LoRA via ``peft`` (``use_dora=True``); reads the ``lora`` section.
+
+    On CUDA (``lora.dora_norm=auto``) peft's magnitude layers are swapped for
+    :class:`~peftlab.methods.dora_norm.FactoredDoraLayer`, which computes the same output
+    without forming ``W0 + s B A``.
+    """
 
     name = "dora"
     use_dora = True
+
+    def apply(self, model, *args, **kwargs):
+        from .dora_norm import install_factored_dora, use_factored
+
+        model = super().apply(model, *args, **kwargs)
+        acc = self.ctx.accelerator
+        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu"):
+            n = install_factored_dora(model)
+            self.ctx.log.info(f"dora: factored row norm in {n} layer(s) (lora.dora_norm={self.cfg.lora.dora_norm})")
+        return model

@@ -16,13 +16,13 @@ matched by ``rsvd.exclude`` use plain AdamW in the same optimizer. Options:
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
+from ..checkpoints import strict_json_dumps
 from ..config.machinery import opt
 from ..errors import PeftlabError
 from ..optim.projected_adam import ProjectedAdamW, top_svd
@@ -397,5 +397,5 @@ class RSVD(Method):
         finally:
             undensify(model, swapped)
         if self.reduced:
-            (target / "weight_reduction.json").write_text(json.dumps(self.reduced, indent=2))
+            (target / "weight_reduction.json").write_text(strict_json_dumps(self.reduced, indent=2))
         return target

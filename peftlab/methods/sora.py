@@ -249,7 +249,22 @@ class SoRA(LoRA):
     def build_optimizer(self, model):
         opt = super().build_optimizer(model)
         self._lr_ref = float(opt.param_groups[0]["lr"])
+        # The gates are not AdamW's parameters, so optimizer.zero_grad() would not clear their
+        # gradients; a step the fp16 grad scaler skips (inf/nan gradients) calls no method hook,
+        # and its inf/nan gate gradients would then reach the next gate step. Clear them with
+        # every zero_grad the loop makes, skipped step or not.
+        inner_zero_grad = opt.zero_grad
+
+        def zero_grad(set_to_none: bool = True) -> None:
+            inner_zero_grad(set_to_none=set_to_none)
+            self.clear_gate_grads()
+
+        opt.zero_grad = zero_grad
         return opt
+
+    def clear_gate_grads(self) -> None:
+        for g in self.gated:
+            g.gate.grad = None
 
     def loss_extra(self, model):
         if self.sc.l1_weight <= 0 or not self.gated:
@@ -281,6 +296,10 @@ class SoRA(LoRA):
                 p, grad = g.gate, g.gate.grad
                 if grad is None:  # the module took no part in this step
                     continue
+                if not bool(torch.isfinite(grad).all()):  # an overflow AdamW's grads escaped: never into the moments
+                    if self.ctx.log is not None:
+                        self.ctx.log.warning(f"step {self.steps + 1}: non-finite gate gradient in {g.name}; its gate step is skipped")
+                    continue
                 st = self.adam[g.param_name]
                 if st["exp_avg"].device != p.device:  # created before the model moved to its device
                     st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(p.device), st["exp_avg_sq"].to(p.device)
@@ -293,8 +312,7 @@ class SoRA(LoRA):
                 p.addcdiv_(m, denom, value=-eta / (1 - b1 ** k))
                 shrink(p.data, tau)
             self.steps += 1
-        for g in self.gated:
-            g.gate.grad = None
+        self.clear_gate_grads()
 
     # --- metrics -------------------------------------------------------------------
     def _pruned(self, g: GatedModule) -> torch.Tensor:
@@ -321,11 +339,31 @@ class SoRA(LoRA):
 
         Every pruned rank frees one column of B and one row of A, i.e. d_in + d_out
         parameters of its own module (not 2·hidden as the public code assumes); the gate
-        entries themselves disappear when folded into B.
+        entries themselves disappear when folded into B. A module pruned to rank 0 that the
+        export keeps with one inert rank (DoRA magnitude, trained bias) still holds that rank.
         """
         trainable = sum(p.numel() for _, p in self.trainable_parameters(model))
-        freed = sum(g.r + int(self._pruned(g).sum().item()) * (g.d_in + g.d_out) for g in self.gated)
+        freed = 0
+        inert = self._inert_modules(model)
+        for g in self.gated:
+            pruned = int(self._pruned(g).sum().item())
+            if pruned == g.r and g.name in inert:
+                pruned -= 1
+            freed += g.r + pruned * (g.d_in + g.d_out)
         return trainable, trainable - freed
+
+    def _inert_modules(self, model) -> set[str]:
+        """Modules pruned to rank 0 that the export keeps with one inert rank instead of dropping them:
+        all of them when DoRA's trained magnitude still rescales W or a trained bias (lora.bias
+        lora_only/all) still shifts it; else, when every module is pruned but the model has a trained
+        head (modules_to_save, classification), the first one, so that the adapter still carries the head."""
+        empty = [g.name for g in self.gated if bool(self._pruned(g).all())]
+        if self.use_dora or self.cfg.lora.bias != "none":
+            return set(empty)
+        peft_cfg = getattr(model, "peft_config", {}).get(ADAPTER)
+        if empty and len(empty) == len(self.gated) and getattr(peft_cfg, "modules_to_save", None):
+            return {empty[0]}
+        return set()
 
     # --- state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -386,8 +424,9 @@ class SoRA(LoRA):
         with ``A' = A[K_i]``, ``B' = B[:, K_i] · diag(g[K_i])``, ``rank_pattern = |K_i|`` and
         an ``alpha_pattern`` that keeps its scale s = α/r (α' = s·r', or s·√r' with rsLoRA),
         so B'A'·s equals B diag(g) A·s exactly. LoRA modules left with no rank are dropped
-        from the targets. A DoRA module with no rank is kept with one all-zero rank, because
-        its trained magnitude still rescales W (dropping it would change the outputs).
+        from the targets. A DoRA module with no rank, or one whose bias was trained
+        (``lora.bias`` lora_only/all), is kept with one all-zero rank, because its trained
+        magnitude or bias still changes W (dropping it would change the outputs).
         Also writes ``out_dir/allocation.json``.
         """
         from peft.utils import get_peft_model_state_dict
@@ -407,6 +446,7 @@ class SoRA(LoRA):
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
         targets: list[str] = []
+        inert = self._inert_modules(model)
         with torch.no_grad():
             for g in self.gated:
                 pre = f"{_PEFT_PREFIX}{g.name}."
@@ -417,11 +457,11 @@ class SoRA(LoRA):
                 if a_key not in saved or b_key not in saved:
                     raise PeftlabError(f"peft's saved state has no {a_key} / {b_key}; this peft version names adapter tensors differently.")
                 r_new = keep.numel()
-                if r_new == 0 and not self.use_dora:
+                if r_new == 0 and g.name not in inert:
                     for k in [k for k in saved if k.startswith(pre)]:
                         del saved[k]
                     continue
-                if r_new == 0:  # DoRA: keep the magnitude with one inert rank
+                if r_new == 0:  # DoRA magnitude, a trained bias or the head's carrier: keep one inert rank
                     A_new, B_new, r_new = torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1]), 1
                 else:
                     A_new = A[keep].clone()
@@ -440,7 +480,9 @@ class SoRA(LoRA):
         config.inference_mode = True
         target.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(str(target))
-        save_file({k: v.detach().contiguous().cpu() for k, v in saved.items()}, str(target / "adapter_model.safetensors"),
+        # clone: with lora.bias=all peft's state holds a modules_to_save head's bias under two names
+        # sharing memory, which safetensors refuses (peft's own save_pretrained clones them too)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in saved.items()}, str(target / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(target)

@@ -70,6 +70,57 @@ def _auto_cls(task: str):
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
+def known_names() -> list[str]:
+    """Every model name peftlab resolves without the hub (built-ins, offline assets, shipped configs)."""
+    from . import offline  # noqa: F401  (registers offline models/tokenizers)
+
+    return sorted({*TINY_MODELS, *OFFLINE_MODELS, *shipped_configs()})
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name or name.endswith(("/", ".json", ".safetensors", ".bin"))
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str) or isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
+    except Exception:  # noqa: BLE001 (an invalid repo id, an old huggingface_hub: not cached)
+        return False
+
+
+def check_name(name: str, what: str, key: str, extra: tuple[str, ...] = ()) -> None:
+    """Fail in seconds on a name that cannot load: a missing local path says so; a near-miss of a
+    known name is a typo (did-you-mean), and an unknown name fails at once when the hub cannot be
+    reached and it is not in the local Hugging Face cache (instead of a minute of retries)."""
+    from ..config.machinery import suggest
+
+    known = sorted({*known_names(), *extra})
+    if name in known or os.path.exists(os.path.expanduser(name)):
+        return
+    if _looks_like_path(name):
+        raise PeftlabError(f"{key}={name!r}: the path {os.path.abspath(os.path.expanduser(name))} does not exist. Check the path, "
+                           f"or use a name peftlab knows ({', '.join(known)}).")
+    import difflib
+
+    scratch = [n for n in shipped_configs() if n not in TINY_MODELS and n not in OFFLINE_MODELS]
+    listing = (f"Names peftlab knows: {', '.join(known)} (offline, {', '.join(scratch)} only with model.from_scratch=true); "
+               "or a local folder with config.json and weights.")
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    if close:
+        raise PeftlabError(f"{key}={name!r} is not a {what} peftlab knows. Did you mean `{close[0]}`? {listing}")
+    if _in_hub_cache(name):
+        return
+    from ..data import _hub_reachable
+
+    if not _hub_reachable():
+        raise PeftlabError(
+            f"{key}={name!r} is not a {what} peftlab knows, not an existing path, not in the Hugging Face cache, and the hub "
+            f"cannot be reached to look it up.{suggest(name, known)} {listing}"
+        )
+
+
 def _load_tokenizer(name: str, cfg_model, for_classification: bool):
     """Resolve ``data.tokenizer`` / the model's tokenizer, offline first."""
     from transformers import AutoTokenizer
@@ -82,6 +133,7 @@ def _load_tokenizer(name: str, cfg_model, for_classification: bool):
         return OFFLINE_TOKENIZERS[name]()
     if name in OFFLINE_MODELS:
         return AutoTokenizer.from_pretrained(str(OFFLINE_MODELS[name]()))
+    check_name(name, "tokenizer", "data.tokenizer", ("byte", *OFFLINE_TOKENIZERS))
     try:
         return AutoTokenizer.from_pretrained(name, revision=cfg_model.revision, trust_remote_code=cfg_model.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -136,6 +188,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
             hf_cfg = AutoConfig.for_model(model_type, **spec, **cls_kwargs)
             source = f"shipped config {path.name} (random weights)"
         else:
+            if name not in OFFLINE_MODELS:
+                check_name(name, "model", "model.name")
             local = OFFLINE_MODELS[name]() if name in OFFLINE_MODELS else name
             try:
                 hf_cfg = AutoConfig.from_pretrained(str(local), revision=m.revision, trust_remote_code=m.trust_remote_code, **cls_kwargs)
@@ -147,6 +201,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
             source = "config (random weights)"
         model = _auto_cls(task).from_config(hf_cfg)
     else:
+        if name not in OFFLINE_MODELS:
+            check_name(name, "model", "model.name")
         local = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
         if name in OFFLINE_MODELS and cfg.data.tokenizer is None:
             tok_name = name
@@ -154,7 +210,15 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
             model = _auto_cls(task).from_pretrained(
                 local, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=torch.float32, **cls_kwargs
             )
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001  truncated/mismatched weights raise safetensors/torch errors too
+            if not isinstance(e, (OSError, ValueError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+                raise
+            if os.path.isdir(local) and not isinstance(e, ValueError):
+                raise PeftlabError(
+                    f"Could not load the weights of model {name!r} from {local} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                    "The weight files are truncated, corrupted or belong to another architecture than its config.json; "
+                    "copy or download the model again."
+                ) from None
             hint = "" if os.path.exists(name) else " If you are offline, use a local folder, a built-in tiny model (tiny-gpt2, tiny-bert) or an offline model (smollm2-135m, minilm-l6)."
             raise PeftlabError(
                 f"Could not load model {name!r} as a {task} model ({type(e).__name__}: {str(e).splitlines()[0]}).{hint}"
@@ -171,6 +235,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
             f"The tokenizer has {len(tokenizer)} tokens but model {name!r} embeds only {emb.num_embeddings}. "
             "Pick the tokenizer that belongs to the model (leave data.tokenizer unset) or a model built for this tokenizer."
         )
+    need, key = (cfg.data.block_size, "data.block_size") if task == "causal_lm" else (cfg.data.max_length, "data.max_length")
+    check_positions(model, need, key, name)
     if m.dropout is not None:
         set_dropout(model, m.dropout)
     model_type = model.config.model_type
@@ -180,6 +246,17 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
     info = ModelInfo(name=name, model_type=model_type, task=task, target_modules=targets, builtin=builtin,
                      num_params=sum(p.numel() for p in model.parameters()), source=source)
     return model, tokenizer, info
+
+
+def check_positions(model, need: int, key: str, name: str) -> None:
+    """Refuse a sequence length above the positions the model embeds (an IndexError deep in torch otherwise)."""
+    positions = next((getattr(model.config, k) for k in ("n_positions", "max_position_embeddings")
+                      if isinstance(getattr(model.config, k, None), int)), None)
+    if positions is not None and need > positions:
+        raise PeftlabError(
+            f"{key}={need} is above the {positions} positions model {name!r} can attend to (its position embeddings end there). "
+            f"Lower {key if key.startswith('--') else '--' + key} to at most {positions}."
+        )
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:

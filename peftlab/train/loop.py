@@ -22,9 +22,12 @@ import torch
 
 from .. import checkpoints as ckpt
 from ..data.instruction import write_generations
+from . import guards
+from . import lock as run_lock
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
+from . import fast
 
 # The long-format per-module log: one row per (step, module, metric); runs with different module sets stack.
 MODULE_LOG_COLUMNS = ["step", "module", "metric", "value"]
@@ -98,9 +101,10 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
     has_run = (run_dir / "config.json").is_file()
     if run_dir.exists() and not run_dir.is_dir():
         raise PeftlabError(f"output.dir={str(run_dir)!r} exists and is a file; choose a directory path.")
+    run_lock.acquire(run_dir)  # one writer per run directory, held until train() returns; fails at once naming the holder
     if has_run and resume is None:
         if cfg.output.overwrite:
-            shutil.rmtree(run_dir)
+            run_lock.clear_dir(run_dir)
         else:
             raise PeftlabError(
                 f"{run_dir} already holds a run. Continue it with --training.resume_from=latest, choose another "
@@ -114,16 +118,8 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
                 f"{run_dir} holds a finished run but no checkpoint to resume from; resuming would train again from step 0 "
                 "and overwrite its results. Choose another --output.dir, or pass --output.overwrite=true to delete it."
             )
-        if ck is not None and has_run:
-            from ..runs.identity import identity_diff
-
-            old = json.loads((run_dir / "config.json").read_text())
-            diff = identity_diff(old, cfg)
-            if diff:
-                raise PeftlabError(
-                    f"Cannot resume {run_dir}: the configuration differs from the one it was started with ({'; '.join(diff[:5])}). "
-                    "Resume with the original settings, or start a new run directory."
-                )
+        if ck is not None:
+            ckpt.check_identity(ck, run_dir, cfg)  # the checkpoint's own config and the run's config.json
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, ck
 
@@ -228,8 +224,13 @@ class Trainer:
         log.info(f"trainable parameters: {trainable:,} ({100 * trainable / max(info.num_params, 1):.3f}% of {info.num_params:,})")
         self.scheduler = b.scheduler
         self.model, self.optimizer = acc.prepare(model, b.optimizer)
+        self.model = fast.drop_output_upcast(acc, self.model, acc.device)
         if cfg.system.compile:
             self.model = torch.compile(self.model)
+        self.losses = fast.DeviceLosses()
+        self.train_loss = fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task, acc.device, self.world,
+                                             cfg.system.compile)
+        self.prefetch = fast.prefetch_enabled(cfg.system.prefetch, acc.device)
         self.state = TrainerState()
         self.loss_log = CsvLog(self.run_dir / "loss_log.csv", LOSS_COLUMNS)
         self.module_log = CsvLog(self.run_dir / "module_metrics.csv", MODULE_LOG_COLUMNS)
@@ -266,8 +267,15 @@ class Trainer:
                               init_kwargs={"wandb": {"name": cfg.logging.run_name or self.run_dir.name}})
 
     def unwrapped(self) -> torch.nn.Module:
+        # accelerate's unwrap walks every module (about 1 ms on GPT-2); the loop asks several times a step,
+        # so the answer is kept until self.model is replaced
+        cached = self.__dict__.get("_unwrapped")
+        if cached is not None and cached[0] is self.model:
+            return cached[1]
         m = self.accelerator.unwrap_model(self.model)
-        return getattr(m, "_orig_mod", m)
+        m = getattr(m, "_orig_mod", m)
+        self._unwrapped = (self.model, m)
+        return m
 
     def _loss(self, model, batch: dict) -> torch.Tensor:
         with self.accelerator.autocast():
@@ -300,6 +308,7 @@ class Trainer:
                 f"Checkpoint {path} was written by {saved_world} process(es) but this run has {self.world}; the data position, "
                 "schedule and RNG depend on it. Resume with the same number of processes."
             )
+        ckpt.check_trainer_state(st, path, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.state = TrainerState(**st)
         if data["rng"] is None:
             raise PeftlabError(f"Checkpoint {path} has no RNG state for process {self.rank}; resume with the number of processes it was saved with.")
@@ -342,7 +351,7 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(path, tmp)
-        (tmp / "metrics.json").write_text(json.dumps({**row, "best_metric": best_name}, indent=2))
+        (tmp / "metrics.json").write_text(ckpt.strict_json_dumps({**row, "best_metric": best_name}, indent=2))
         ckpt.commit(tmp, best)
 
     def save_checkpoint(self, name: str) -> Path:
@@ -361,6 +370,7 @@ class Trainer:
                 method_state=self.method.state_dict(), trainer_state=self.state.to_dict(), scaler=acc.scaler,
             )
             write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
+            write_json(tmp / ckpt.CONFIG_FILE, self.cfg.to_dict())  # the identity travels with the checkpoint
             ckpt.commit(tmp, final)
             ckpt.prune(root, self.cfg.training.save_total_limit)
         acc.wait_for_everyone()
@@ -398,14 +408,15 @@ class Trainer:
         while st.global_step < self.total_steps:
             e = st.epoch
             epoch_t0 = time.time() - st.epoch_elapsed
-            stream = self.batches.epoch(e, start=st.step_in_epoch * accum)
+            stream = fast.device_batches(self.batches.epoch(e, start=st.step_in_epoch * accum),
+                                         lambda idx: self.collate([self.train_ds[i] for i in idx]), acc.device, self.prefetch)
             while st.step_in_epoch < self.steps_per_epoch and st.global_step < self.total_steps:
                 step_loss = torch.zeros((), device=acc.device)
                 for m in range(accum):
-                    batch = self._batch(self.train_ds, next(stream))
+                    batch = next(stream)
                     sync = m == accum - 1
                     with (contextlib.nullcontext() if sync or self.world == 1 else acc.no_sync(model)):
-                        loss = self._loss(model, batch)
+                        loss = self._loss(model, batch) if self.train_loss is None else self.train_loss(batch)
                         extra = self.method.loss_extra(self.unwrapped())
                         total = loss if extra is None else loss + extra
                         acc.backward(total / accum)
@@ -413,30 +424,30 @@ class Trainer:
                 self.method.before_clip(self.unwrapped())
                 if t.max_grad_norm is not None:
                     acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                opt.step()
+                fast.optimizer_step(opt)
                 lr = self.scheduler.get_last_lr()[0]
                 if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped a step with inf/nan grads
                     self.method.after_optimizer_step(self.unwrapped(), lr)
                     self.scheduler.step()
                 opt.zero_grad(set_to_none=True)
-                loss_val = acc.reduce(step_loss, "mean").item()
+                self.losses.append(acc.reduce(step_loss, "mean"))  # stays on the device until read below
                 st.global_step += 1
                 st.step_in_epoch += 1
-                st.epoch_loss_sum += loss_val
-                st.epoch_loss_count += 1
-                st.window_loss_sum += loss_val
-                st.window_count += 1
                 st.elapsed = time.time() - t_start
                 st.epoch_elapsed = time.time() - epoch_t0
-                extra_metrics = self.method.step_metrics(self.unwrapped())
-                if bar is not None:
-                    post = {"loss": f"{loss_val:.4f}", "lr": f"{lr:.2e}", "mem": f"{self._mem_mb():.0f}MB",
-                            **self.method.progress_fields(extra_metrics)}
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                if st.global_step % t.log_steps == 0:
-                    self._log_step(e, lr, extra_metrics)
                 epoch_end = st.step_in_epoch == self.steps_per_epoch or st.global_step == self.total_steps
+                saving = bool(t.save_steps and st.global_step % t.save_steps == 0)
+                if bar is not None:
+                    bar.update(1)
+                if st.global_step % t.log_steps == 0 or epoch_end or saving:
+                    loss_val = self._read_losses()  # the only host sync of the step, every log_steps
+                    extra_metrics = self.method.step_metrics(self.unwrapped())
+                    if bar is not None:
+                        post = {"loss": f"{loss_val:.4f}", "lr": f"{lr:.2e}", "mem": f"{self._mem_mb():.0f}MB",
+                                **self.method.progress_fields(extra_metrics)}
+                        bar.set_postfix(post, refresh=False)
+                    if st.global_step % t.log_steps == 0:
+                        self._log_step(e, lr, extra_metrics)
                 if t.save_steps and st.global_step % t.save_steps == 0 and not epoch_end:
                     st.epoch_end = False
                     self.save_checkpoint(f"step-{st.global_step}")
@@ -444,6 +455,18 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self._finish(time.time() - t_start, best_name)
+
+    def _read_losses(self) -> float:
+        """Add the losses kept on the device to the running sums, in step order; return the last."""
+        st, val = self.state, float("nan")
+        values = list(self.losses.flush())
+        guards.check_losses(self, values)  # non-finite loss or weights: stop naming the step, status diverged
+        for val in values:
+            st.epoch_loss_sum += val
+            st.epoch_loss_count += 1
+            st.window_loss_sum += val
+            st.window_count += 1
+        return val
 
     def _mem_mb(self) -> float:
         if self.accelerator.device.type == "cuda":
@@ -487,7 +510,7 @@ class Trainer:
         if self.cfg.logging.report_to:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=st.global_step)
         value = metrics[best_name]
-        improved = st.best_value is None or (value > st.best_value if higher else value < st.best_value)
+        improved = guards.improves(value, st.best_value, higher)  # a NaN evaluation is never best
         if improved:
             st.best_value, st.best_step = value, st.global_step
         st.epoch += 1
@@ -567,5 +590,8 @@ class Trainer:
 
 def train(cfg, console: bool = True) -> dict[str, Any]:
     """Train one run described by ``cfg`` and return its results_final dict."""
-    trainer = Trainer(cfg, console=console)
-    return trainer.run()
+    try:
+        trainer = Trainer(cfg, console=console)
+        return trainer.run()
+    finally:
+        run_lock.release(Path(cfg.output.dir))
