@@ -33,6 +33,14 @@ def _load(args, extra: list[str]):
         spec.execution.slurm = {**spec.execution.slurm, **slurm}
     output = Path(args.output_dir) if getattr(args, "output_dir", None) else None
     trials = expand(spec, output)
+    only = getattr(args, "only", None)
+    if only:
+        import fnmatch
+
+        pats = [p.strip() for p in only.split(",") if p.strip()]
+        trials = [t for t in trials if any(fnmatch.fnmatchcase(t.name, p) for p in pats)]
+        if not trials:
+            raise PeftlabError(f"--only {only!r} matches no run of the study; `peftlab sweep {getattr(args, 'study', '')} --dry-run` lists the names.")
     return spec, trials
 
 
@@ -121,6 +129,7 @@ def add_sweep(subparsers) -> None:
     p.add_argument("--engine", choices=["local", "slurm", "submitit-local"], default="local",
                    help="local (default): this machine; slurm: one Slurm job per run through submitit (--slurm.KEY=VALUE sets "
                         "submitit parameters); submitit-local: submitit's local executor, to try the Slurm path here")
+    p.add_argument("--only", default=None, help="comma-separated run names or patterns (d1000_*): run only these")
     p.add_argument("--skip-follow-ups", action="store_true", help="train only; leave out the study's follow-up steps (bounds, analyze)")
     p.add_argument("--retry-failed", action="store_true", help="retry runs that failed the same way too often")
     p.set_defaults(func=cmd_sweep)
@@ -135,6 +144,7 @@ def add_estimate(subparsers) -> None:
     e.add_argument("target", help="study YAML or run config YAML")
     e.add_argument("--preset-scale", default=None, help="scale of the study to estimate")
     e.add_argument("--output-dir", default=None, help="study directory (runs already done there count as zero)")
+    e.add_argument("--only", default=None, help="comma-separated run names or patterns: estimate only these")
     e.add_argument("--steps", type=int, default=4, help="optimizer steps timed per distinct configuration (default 4)")
     e.add_argument("--gpus", default=None, help="GPUs the sweep will use (the total is divided among them)")
     e.set_defaults(func=cmd_estimate, skip_follow_ups=True)

@@ -480,6 +480,7 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
     with StudyLock(study_dir):
         log = StudyLog(study_dir, out)
         rows = {r["name"]: r for r in plan(spec, trials, retry_failed)}
+        pos = {t.name: i for i, t in enumerate(trials, 1)}  # k of N among the runs of this sweep (--only may pick some)
         todo = [t for t in trials if rows[t.name]["status"] in ("new", "partial", "conflict")]
         # a done run still runs follow-ups it has not finished (e.g. bounds added to the study later)
         pending_followups = [t for t in trials if rows[t.name]["status"] == "done" and _followups_pending(spec, t, study_dir)]
@@ -491,11 +492,11 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
             st = rows[t.name]["status"]
             if st == "done" and t not in pending_followups:
                 summary.skipped += 1
-                log.say(f"[{t.index}/{len(trials)}] {t.name}: already done, skipped")
+                log.say(f"[{pos[t.name]}/{len(trials)}] {t.name}: already done, skipped")
             elif st == "gave-up":
                 summary.gave_up += 1
                 summary.failures.append(t.name)
-                log.say(f"[{t.index}/{len(trials)}] {t.name}: NOT retried, {rows[t.name]['detail']} (sweep with --retry-failed to try again)")
+                log.say(f"[{pos[t.name]}/{len(trials)}] {t.name}: NOT retried, {rows[t.name]['detail']} (sweep with --retry-failed to try again)")
                 log.event("end", run=t.name, index=t.index, identity=rows[t.name]["identity"], outcome="gave-up", error=rows[t.name]["detail"])
         if not _before_steps(spec, study_dir, log, summary):
             summary.seconds = time.time() - t_start
@@ -509,7 +510,7 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
             st = rows[trial.name]["status"]
             what = ("follow-up steps only (training was done)" if st == "done" else
                     f"command: peftlab train {job.config_path}" + (" --training.resume_from=latest" if st == "partial" else ""))
-            log.say(f"==== EXPERIMENT {trial.index}/{len(trials)}: {trial.name} ({st}{', resuming' if st == 'partial' else ''}) on {where} ====\n"
+            log.say(f"==== EXPERIMENT {pos[trial.name]}/{len(trials)}: {trial.name} ({st}{', resuming' if st == 'partial' else ''}) on {where} ====\n"
                     f"start: {_clock(time.time())}\n{what}")
             log.event("start", run=trial.name, index=trial.index, identity=job.identity, status=st, where=where,
                       config=job.config_path, run_dir=str(trial.run_dir))
@@ -530,7 +531,7 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
                       followups=res.followups, eta=eta)
 
         def on_submit(trial: Trial, job_id: str) -> None:
-            log.say(f"[{trial.index}/{len(trials)}] {trial.name}: submitted as job {job_id}")
+            log.say(f"[{pos[trial.name]}/{len(trials)}] {trial.name}: submitted as job {job_id}")
             log.event("submitted", run=trial.name, index=trial.index, job_id=job_id)
 
         executor.run(spec, jobs, study_dir, make_job, on_start, on_end, on_submit)
