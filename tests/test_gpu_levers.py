@@ -160,6 +160,7 @@ def test_output_upcast_kept_on_cpu_and_stripped_on_cuda():
 
     from peftlab.train.fast import drop_output_upcast
 
+    AcceleratorState._reset_state(True)  # an earlier test's Accelerator may have fixed the precision
     try:
         acc = Accelerator(cpu=True, mixed_precision="bf16")
         m = acc.prepare(torch.nn.Linear(3, 3))
@@ -180,6 +181,7 @@ def test_optimizer_step_fast_path_equals_accelerate_step():
 
     from peftlab.train.fast import optimizer_step
 
+    AcceleratorState._reset_state(True)
     try:
         results = []
         for fast_path in (False, True):
