@@ -1,4 +1,4 @@
-# Quickstart:  make demo   (install, then a real LoRA/DoRA/SoRA/BA-LoRA/rSVD comparison on CPU)
+# Quickstart:  make demo   (install, then a small study on CPU: every method on real data, a table and report.html)
 #              make test   (install, then the test suite)
 VENV ?= .venv
 ACT = . $(VENV)/bin/activate
@@ -9,7 +9,7 @@ install:
 	bash scripts/install_assets.sh
 
 demo: install
-	$(ACT) && peftlab compare --output-dir runs/compare
+	$(ACT) && peftlab sweep configs/studies/compare.yaml --preset-scale=cpu
 
 quickstart: install
 	$(ACT) && peftlab train configs/quickstart/lm_lora.yaml --output.overwrite=true
