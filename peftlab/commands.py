@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .cli import _EXTRA_COMMANDS
 
-_MODULES: list[str] = ["peftlab.export", "peftlab.data.prepare", "peftlab.profiling", "peftlab.compare"]
+_MODULES: list[str] = ["peftlab.export", "peftlab.data.prepare", "peftlab.profiling", "peftlab.compare", "peftlab.bounds.cli"]
 
 for _name in _MODULES:
     import importlib
