@@ -28,7 +28,7 @@ CORE_SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "system": SystemConfig,
 }
-# Method sections (lora, sora, ...) register themselves here.
+# Sections registered outside a method (older API; methods declare theirs in ``config_sections``).
 METHOD_SECTIONS: dict[str, type] = {}
 
 
@@ -38,13 +38,21 @@ def register_section(name: str, cls: type) -> None:
     METHOD_SECTIONS[name] = cls
 
 
+def method_sections() -> dict[str, type]:
+    """Every section declared by a registered method (``Method.config_sections``)."""
+    from ..methods import METHODS
+
+    out: dict[str, type] = {}
+    for m in METHODS.values():
+        for name, cls in m.config_sections.items():
+            if name in CORE_SECTIONS:
+                raise ValueError(f"method {m.name!r} declares config section {name!r}, which is a core section")
+            out.setdefault(name, cls)
+    return out
+
+
 def all_sections() -> dict[str, type]:
-    _ensure_methods_loaded()
-    return {**CORE_SECTIONS, **METHOD_SECTIONS}
-
-
-def _ensure_methods_loaded() -> None:
-    from .. import methods  # noqa: F401  (registers method sections)
+    return {**CORE_SECTIONS, **method_sections(), **METHOD_SECTIONS}
 
 
 class RunConfig:

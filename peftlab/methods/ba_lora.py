@@ -30,7 +30,7 @@ from ..config.machinery import opt
 from ..errors import PeftlabError
 from ..models import check_targets
 from .ba_lora_alloc import allocate_ranks, check_budget, feasible_budget_range, importance_score, uniform_rank, warm_start_factors
-from .lora import LoRA, lora_layers
+from .lora import LoRA, LoraSection, lora_layers
 
 
 @dataclass
@@ -86,7 +86,7 @@ class BALoRA(LoRA):
     """LoRA with per-module ranks allocated from gradient importance under a parameter budget."""
 
     name = "ba_lora"
-    sections = ("lora", "ba_lora")
+    config_sections = {"lora": LoraSection, "ba_lora": BaLoraSection}
     use_dora = False
 
     def __init__(self, ctx):
@@ -94,8 +94,27 @@ class BALoRA(LoRA):
         self.allocation: Optional[dict] = None
         self._ranks: dict[str, int] = {}
 
+    #: examples whose gradients rank the layers in `peftlab compare` (a quarter epoch of its demo is enough)
+    compare_gradient_samples = 256
+
+    @classmethod
+    def budget_overrides(cls, cfg, lora_params: int, r: int):
+        return ({"ba_lora.param_budget": lora_params, "ba_lora.gradient_samples": cls.compare_gradient_samples},
+                f"budget = LoRA's {lora_params:,} adapter parameters; ranks from {cls.compare_gradient_samples} examples' gradients")
+
+    @classmethod
+    def profile_info(cls, cfg):
+        return {"rank": cfg.ba_lora.base_rank, "in_place": False, "refresh_interval": 1}
+
+    def structure(self, model) -> dict:
+        """The allocated rank and alpha of every adapted module: with them, :meth:`apply` rebuilds
+        the adapter without the importance phase (phases 1-3 are data-dependent)."""
+        return {"method": self.name, "ranks": dict(self._ranks), "alphas": {n: self._alpha(r) for n, r in self._ranks.items()},
+                "use_warmstart": self.cfg.ba_lora.use_warmstart}
+
     # ------------------------------------------------------------------ apply
-    def apply(self, model):
+    def apply(self, model, structure=None):
+        self.check_structure(structure)
         ba, log = self.cfg.ba_lora, self.ctx.log
         check_targets(model, self.ctx.target_modules)
         targets = self._targets(model)
@@ -114,12 +133,15 @@ class BALoRA(LoRA):
         lo_b, hi_b = feasible_budget_range(costs, ba.min_rank, his)
         seconds = {"importance": 0.0, "allocation": 0.0, "warmstart": 0.0, "apply": 0.0}
 
-        resumed = self._resumed_allocation()
+        resumed = self._recorded_allocation(structure)
         grads: dict[str, torch.Tensor] = {}
         if resumed is not None:
+            if set(resumed.get("modules", {})) != set(names):
+                raise PeftlabError(f"The recorded BA-LoRA ranks cover modules {sorted(resumed.get('modules', {}))[:3]}... but the config "
+                                   f"targets {names[:3]}...; the run's config.json and its method.json/allocation.json do not belong together.")
             ranks = [int(resumed["modules"][n]["rank"]) for n in names]
-            log.info(f"[BA-LoRA] resuming: reusing the ranks of {self.ctx.run_dir / 'allocation.json'} (phases 1-3 skipped; "
-                     "the checkpoint holds the trained adapter)")
+            log.info(f"[BA-LoRA] reusing the ranks recorded in {'method.json' if structure is not None else 'allocation.json'} ("
+                     "phases 1-3 skipped, the checkpoint holds the trained adapter)")
             record = dict(resumed, resumed=True)
         else:
             t0 = time.perf_counter()
@@ -345,20 +367,32 @@ class BALoRA(LoRA):
         status = "within budget" if record["within_budget"] else "OVER BUDGET"
         log.info(f"  Total parameters: {record['total']:,} ({status}; budget {record['budget']:,}, leftover {record['leftover']:,})")
 
-    def _resumed_allocation(self) -> Optional[dict]:
-        """When the loop will resume a checkpoint, the ranks must be those it was trained with."""
-        t, run_dir = self.cfg.training, self.ctx.run_dir
+    def _recorded_allocation(self, structure: Optional[dict]) -> Optional[dict]:
+        """The allocation to rebuild instead of running phases 1-3: from ``structure`` (method.json)
+        or, for runs written before method.json existed, the run's allocation.json when resuming.
+        The importance record of allocation.json is kept when it is there (for the summary)."""
+        run_dir = self.ctx.run_dir
+        path = run_dir / "allocation.json" if run_dir is not None else None
+        stored = json.loads(path.read_text()) if path is not None and path.is_file() else None
+        if structure is not None:
+            if "ranks" not in structure:
+                raise PeftlabError("method.json of this ba_lora run has no `ranks`; it was not written by ba_lora.")
+            ranks = {n: int(r) for n, r in structure["ranks"].items()}
+            if stored is not None and {n: int(m["rank"]) for n, m in stored.get("modules", {}).items()} == ranks:
+                return stored
+            ba = self.cfg.ba_lora
+            return {"budget": ba.param_budget, "modules": {n: {"rank": r} for n, r in ranks.items()}}
+        t = self.cfg.training
         if t.resume_from is None or run_dir is None:
             return None
         from ..checkpoints import resolve
 
         if resolve(t.resume_from, run_dir) is None:
             return None
-        path = run_dir / "allocation.json"
-        if not path.is_file():
+        if stored is None:
             raise PeftlabError(f"Resuming a ba_lora run needs its allocation.json, which is missing from {run_dir}; "
                                "start a new run directory instead.")
-        return json.loads(path.read_text())
+        return stored
 
     # ----------------------------------------------------------------- state
     def state_dict(self):

@@ -55,10 +55,22 @@ class Method:
     """Base class: full-parameter AdamW behaviour, overridden piece by piece."""
 
     name: ClassVar[str] = ""
-    #: config sections this method reads (validated only when the method is chosen)
+    #: the config sections this method reads, name -> section dataclass; declared here, with the
+    #: method (a section shared by several methods, e.g. ``lora``, is declared by each of them).
+    #: Only these and the core sections are validated for, and decide the identity of, its runs.
+    config_sections: ClassVar[dict[str, type]] = {}
+    #: the names of ``config_sections`` (derived; kept for code that only needs the names)
     sections: ClassVar[tuple[str, ...]] = ()
     #: True when the result is an adapter in HF PEFT format
     exports_adapter: ClassVar[bool] = False
+    #: a wide per-module CSV kept for the seed plans: ``(file name, metric)`` writes
+    #: ``epoch, step, overall_<metric>, <one column per module>`` beside module_metrics.csv
+    wide_module_log: ClassVar[Optional[tuple[str, str]]] = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "config_sections" in cls.__dict__:
+            cls.sections = tuple(cls.config_sections)
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
@@ -70,12 +82,44 @@ class Method:
         """Problems with the run config that this method can see before any model exists."""
         return []
 
+    @classmethod
+    def budget_overrides(cls, cfg, lora_params: int, r: int) -> tuple[dict[str, Any], str]:
+        """How this method matches the budget of LoRA at rank ``r`` (``lora_params`` adapter
+        parameters) in ``peftlab compare``: dotted-key overrides and a one-line note."""
+        return {}, "section defaults"
+
+    @classmethod
+    def profile_info(cls, cfg) -> dict[str, Any]:
+        """What ``peftlab profile`` labels and assumes: ``rank`` (the rank the method is known by,
+        or None), ``in_place`` (apply only flips requires_grad, so the base can be shared) and
+        ``refresh_interval`` (optimizer steps between expensive refreshes, for amortised FLOPs)."""
+        return {"rank": None, "in_place": False, "refresh_interval": 1}
+
     # --- model and optimizer -------------------------------------------------------
-    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Return the model to train (wrapped or modified in place)."""
+    def apply(self, model: torch.nn.Module, structure: Optional[dict] = None) -> torch.nn.Module:
+        """Return the model to train (wrapped or modified in place).
+
+        With ``structure`` (what :meth:`structure` recorded for a trained run), rebuild exactly
+        that structure and skip every data-dependent phase: the weights come from a checkpoint.
+        """
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+
+    def structure(self, model: torch.nn.Module) -> dict[str, Any]:
+        """A JSON-serialisable record of everything :meth:`apply` needs to rebuild the adapted
+        model without data (ranks, pruned ranks, projector seeds ...); written as ``method.json``
+        in the run directory and in every checkpoint. Methods whose structure follows from the
+        config alone record only their name."""
+        return {"method": self.name}
+
+    def check_structure(self, structure: Optional[dict]) -> None:
+        """Reject a structure recorded by another method."""
+        if structure is not None and structure.get("method", self.name) != self.name:
+            from ..errors import PeftlabError
+
+            raise PeftlabError(f"method.json was written by method {structure.get('method')!r}, but this run's method is "
+                               f"{self.name!r}; the run directory's config.json and checkpoint do not belong together.")
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -113,8 +157,14 @@ class Method:
         """Cheap scalars for the progress bar and loss_log.csv (e.g. ``sparsity``)."""
         return {}
 
-    def module_metrics(self, model: torch.nn.Module) -> Optional[dict[str, float]]:
-        """Per-module values for sparsity_log.csv (None: the method writes no such file)."""
+    def progress_fields(self, metrics: dict[str, float]) -> dict[str, str]:
+        """Extra fields for the progress bar, from this step's :meth:`step_metrics`."""
+        return {}
+
+    def module_metrics(self, model: torch.nn.Module) -> Optional[dict[str, dict[str, float]]]:
+        """Per-module values ``{module: {metric: value}}`` for the long-format log
+        ``module_metrics.csv`` (step, module, metric, value), written every ``log_steps``.
+        None: the method has no per-module values."""
         return None
 
     def param_counts(self, model: torch.nn.Module) -> tuple[int, int]:
@@ -135,6 +185,12 @@ class Method:
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t)
+
+    def compressible_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors a compression bound must encode: what was learned, with everything that
+        follows from the config and seed left out. Default: the trainable tensors of
+        :meth:`model_state`."""
+        return self.model_state(model)
 
     def state_dict(self) -> dict[str, Any]:
         """Method-owned state (schedules, extra optimizers); plain tensors and numbers only."""

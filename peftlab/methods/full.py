@@ -7,3 +7,13 @@ from .base import Method
 
 class Full(Method):
     name = "full"
+    #: learning rate `peftlab compare` uses (every weight moves; the adapters' step is far too large)
+    compare_learning_rate = 2e-4
+
+    @classmethod
+    def budget_overrides(cls, cfg, lora_params: int, r: int):
+        return {"training.learning_rate": cls.compare_learning_rate}, f"every weight trains (reference); lr {cls.compare_learning_rate:g}"
+
+    @classmethod
+    def profile_info(cls, cfg):
+        return {"rank": None, "in_place": True, "refresh_interval": 1}

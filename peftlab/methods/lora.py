@@ -59,7 +59,7 @@ class LoRA(Method):
     """Low-rank adapters on the target modules; everything else frozen (heads trained)."""
 
     name = "lora"
-    sections = ("lora",)
+    config_sections = {"lora": LoraSection}
     exports_adapter = True
     use_dora = False
 
@@ -81,7 +81,34 @@ class LoRA(Method):
             alpha_pattern=alpha_pattern or {},
         )
 
-    def apply(self, model):
+    @classmethod
+    def budget_overrides(cls, cfg, lora_params: int, r: int):
+        if cls.use_dora:
+            return {"lora.r": r}, f"r={r} + one magnitude per output feature"
+        return {"lora.r": r}, f"r={r}: {lora_params:,} adapter parameters (+ head)"
+
+    @classmethod
+    def profile_info(cls, cfg):
+        return {"rank": cfg.lora.r, "in_place": False, "refresh_interval": 1}
+
+    def structure(self, model) -> dict:
+        """The adapted modules and their ranks (all ``lora.r`` here; BA-LoRA records its own)."""
+        return {"method": self.name, "r": self.cfg.lora.r, "modules": sorted(n for n, _ in lora_layers(model))}
+
+    def _check_modules(self, model, structure) -> None:
+        if structure is not None and "modules" in structure:
+            have = sorted(n for n, _ in lora_layers(model))
+            if have != sorted(structure["modules"]):
+                raise PeftlabError(f"method.json records adapters on {sorted(structure['modules'])[:3]}... but the config adapts "
+                                   f"{have[:3]}...; the run's config.json and checkpoint do not belong together.")
+
+    def apply(self, model, structure=None):
+        self.check_structure(structure)
+        model = self._inject(model)
+        self._check_modules(model, structure)
+        return model
+
+    def _inject(self, model):
         import warnings
 
         from peft import get_peft_model

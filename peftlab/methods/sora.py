@@ -34,7 +34,7 @@ import torch
 
 from ..config.machinery import opt
 from ..errors import PeftlabError
-from .lora import LoRA, lora_layers
+from .lora import LoRA, LoraSection, lora_layers
 from .sora_layers import GatedDoraLayer, GatedLoraA, reference_threshold_, soft_threshold_
 
 ADAPTER = "default"
@@ -126,9 +126,10 @@ class SoRA(LoRA):
     """LoRA with a proximally trained gate per rank; exports a pruned plain LoRA."""
 
     name = "sora"
-    sections = ("lora", "sora")
+    config_sections = {"lora": LoraSection, "sora": SoraSection}
     exports_adapter = True
     use_dora = False
+    wide_module_log = ("sparsity_log.csv", "sparsity")  # the seed's wide per-module file, beside module_metrics.csv
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -140,6 +141,10 @@ class SoRA(LoRA):
         self._lr_ref = self.cfg.training.learning_rate  # peak lr of AdamW's first group (set by build_optimizer)
 
     # --- configuration -------------------------------------------------------------
+    @classmethod
+    def budget_overrides(cls, cfg, lora_params: int, r: int):
+        return {"lora.r": r}, f"starts at r={r}; gates prune ranks, so effective <= trainable"
+
     @classmethod
     def validate_config(cls, cfg) -> list[str]:
         sc, p = cfg.sora, []
@@ -153,8 +158,8 @@ class SoRA(LoRA):
         return p
 
     # --- model ---------------------------------------------------------------------
-    def apply(self, model):
-        model = super().apply(model)
+    def apply(self, model, structure=None):
+        model = super().apply(model, structure)
         ids = {id(p): n for n, p in model.named_parameters()}
         layers = list(lora_layers(model))
         if not layers:
@@ -174,7 +179,36 @@ class SoRA(LoRA):
                                           layer.lora_B[ADAPTER].out_features))
         for g in self.gated:
             self.adam[g.param_name] = {"step": 0, "exp_avg": torch.zeros_like(g.gate.data), "exp_avg_sq": torch.zeros_like(g.gate.data)}
+        if structure is not None and "ranks" in structure and set(structure["ranks"]) != {g.name for g in self.gated}:
+            raise PeftlabError(f"method.json records gates on {sorted(structure['ranks'])[:3]}..., but the config adapts "
+                               f"{[g.name for g in self.gated][:3]}...; the run's config.json and checkpoint do not belong together.")
         return model
+
+    def structure(self, model) -> dict[str, Any]:
+        """Gated LoRA at rank ``lora.r`` on the adapted modules; the surviving (unpruned) ranks are
+        recorded for readers, the gates themselves are weights of the checkpoint."""
+        return {"method": self.name, "max_rank": self.cfg.lora.r, "prune_threshold": self.sc.prune_threshold,
+                "ranks": self.ranks(),
+                "kept_indices": {g.name: (~self._pruned(g)).nonzero().flatten().tolist() for g in self.gated}}
+
+    @torch.no_grad()
+    def compressible_state(self, model) -> dict[str, torch.Tensor]:
+        """What the pruned, folded adapter holds: per gated module ``A[K]`` and ``B[:, K] diag(g[K])``
+        over the surviving ranks ``K`` (gates folded into B, pruned ranks gone), plus every other
+        trainable tensor (e.g. a classification head, DoRA magnitudes)."""
+        out: dict[str, torch.Tensor] = {}
+        skip: set[int] = set()
+        for g in self.gated:
+            keep = (~self._pruned(g)).nonzero().flatten()
+            A = g.layer.lora_A[ADAPTER].weight
+            B = g.layer.lora_B[ADAPTER].weight
+            skip.update({id(A), id(B), id(g.gate)})
+            out[f"{g.name}.lora_A.weight"] = A.detach()[keep].clone()
+            out[f"{g.name}.lora_B.weight"] = (B.detach()[:, keep] * g.gate.detach()[keep].to(B.dtype)).clone()
+        for n, p in self.trainable_parameters(model):
+            if id(p) not in skip:
+                out[n] = p.detach().clone()
+        return out
 
     def _gate_ids(self) -> set[int]:
         return {id(g.gate) for g in self.gated}
@@ -271,9 +305,12 @@ class SoRA(LoRA):
         total = sum(g.r for g in self.gated)
         return {"sparsity": counts / max(total, 1), "lambda": float(self.current_lambda())}
 
-    def module_metrics(self, model) -> dict[str, float]:
+    def progress_fields(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"sparsity": f"{metrics['sparsity']:.3f}"} if "sparsity" in metrics else {}
+
+    def module_metrics(self, model) -> dict[str, dict[str, float]]:
         fr = torch.stack([self._pruned(g).float().mean() for g in self.gated]).tolist()
-        return {g.label: f for g, f in zip(self.gated, fr)}
+        return {g.label: {"sparsity": f} for g, f in zip(self.gated, fr)}
 
     def ranks(self) -> dict[str, int]:
         """Surviving rank of every adapted module (base-model module name -> r')."""

@@ -203,3 +203,14 @@ def check_targets(model, targets: list[str]) -> list[str]:
             "Set --model.target_modules to some of these."
         )
     return hits
+
+
+def load_tokenizer(cfg, task: str):
+    """The tokenizer :func:`load_model` gives ``cfg`` for ``task``, without building the model."""
+    from . import offline  # noqa: F401  (registers offline models/tokenizers)
+
+    name = cfg.data.tokenizer or ("byte" if cfg.model.name in TINY_MODELS else cfg.model.name)
+    tokenizer = _load_tokenizer(name, cfg.model, task == "classification")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

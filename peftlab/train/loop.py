@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,11 +24,9 @@ from .. import checkpoints as ckpt
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
-from .schedule import build_scheduler
 
-# Keys of the config that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("training.resume_from", "output.", "logging.", "training.save_steps", "training.save_total_limit",
-                     "training.log_steps")
+# The long-format per-module log: one row per (step, module, metric); runs with different module sets stack.
+MODULE_LOG_COLUMNS = ["step", "module", "metric", "value"]
 
 
 class EpochBatches:
@@ -93,20 +90,6 @@ def _device_choice(cfg) -> bool:
     return cfg.system.device == "cpu"
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        if k == "_meta":
-            continue
-        key = f"{prefix}{k}"
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, key + ".")
-        elif a != b and not any(key.startswith(r) for r in RESUMABLE_CHANGES):
-            out.append(f"{key}: {a!r} -> {b!r}")
-    return out
-
-
 def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
     """Check the run directory before any expensive work; return (run_dir, checkpoint to resume)."""
     run_dir = Path(cfg.output.dir).expanduser()
@@ -131,8 +114,10 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
                 "and overwrite its results. Choose another --output.dir, or pass --output.overwrite=true to delete it."
             )
         if ck is not None and has_run:
+            from ..runs.identity import identity_diff
+
             old = json.loads((run_dir / "config.json").read_text())
-            diff = _config_diff(old, cfg.to_dict())
+            diff = identity_diff(old, cfg)
             if diff:
                 raise PeftlabError(
                     f"Cannot resume {run_dir}: the configuration differs from the one it was started with ({'; '.join(diff[:5])}). "
@@ -140,6 +125,51 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
                 )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, ck
+
+
+@torch.no_grad()
+def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], device, *, autocast=contextlib.nullcontext,
+             rank: int = 0, world: int = 1, reduce=None) -> dict[str, float]:
+    """Validation metrics of ``model`` as the loop computes them (``val_loss`` averaged per
+    example in float64; accuracy and F1, or perplexity). ``rank``/``world``/``reduce`` split the
+    work across processes (``reduce`` is ``accelerator.reduce``); alone, leave them."""
+    t = cfg.training
+    was_training = model.training
+    model.eval()
+    bs = t.eval_batch_size or t.batch_size
+    n = len(val_ds)
+    # the cap is eval_max_batches x eval batch size examples in all, whatever the process count
+    limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches else n
+    idx = list(range(rank, limit, world))
+    batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    preds, labels = [], []
+    for b in batches:
+        batch = {k: v.to(device) for k, v in collate([val_ds[i] for i in b]).items()}
+        with autocast():
+            out = model(**batch)
+        k = batch["input_ids"].shape[0]
+        loss_sum += out.loss.double() * k
+        count += k
+        if task == "classification":
+            preds += out.logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+    if reduce is not None:
+        loss_sum, count = reduce(loss_sum, "sum"), reduce(count, "sum")
+    model.train(was_training)
+    val_loss = (loss_sum / count.clamp(min=1)).item()
+    metrics = {"val_loss": val_loss}
+    if task == "classification":
+        from accelerate.utils import gather_object
+
+        if world > 1:
+            preds, labels = gather_object(preds), gather_object(labels)
+        metrics["val_accuracy"] = accuracy(preds, labels)
+        metrics["val_f1"] = f1_score(preds, labels, num_labels)
+    else:
+        metrics["val_perplexity"] = perplexity(val_loss)
+    return metrics
 
 
 class Trainer:
@@ -178,66 +208,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
-        from ..data import build_datasets, load_raw
-        from ..methods import METHODS, MethodContext
-        from ..models import load_model
+        from ..build import build
 
         cfg, acc, log = self.cfg, self.accelerator, self.log
         t = cfg.training
-        torch.manual_seed(t.seed)
         log.info(f"peftlab run {self.run_dir} | method={cfg.method} model={cfg.model.name} data={cfg.data.dataset} "
                  f"| {self.world} process(es) on {acc.device}, precision {cfg.system.dtype}")
-        with acc.main_process_first():
-            raw = load_raw(cfg)
-        task = raw.task if cfg.model.task == "auto" else cfg.model.task
-        if task != raw.task:
-            raise PeftlabError(f"model.task={cfg.model.task} but dataset {cfg.data.dataset!r} is a {raw.task} dataset; leave model.task=auto or pick a matching dataset.")
-        self.task, self.raw = task, raw
-        self.num_labels = cfg.model.num_labels or raw.num_labels
-        if task == "classification" and raw.num_labels and self.num_labels < raw.num_labels:
-            raise PeftlabError(f"model.num_labels={self.num_labels} but dataset {cfg.data.dataset!r} has {raw.num_labels} classes; "
-                               "remove model.num_labels or raise it.")
-        self.best_metric()  # rejects a best_metric the task cannot compute, before the model is built
-        for k, v in raw.info.items():
-            log.info(f"data {k}: {v}")
-        model, tokenizer, info = load_model(cfg, task, self.num_labels)
-        self.tokenizer, self.model_info = tokenizer, info
-        log.info(f"model {info.name} ({info.model_type}, {info.num_params:,} parameters, {info.source}); targets {info.target_modules}")
-        self.train_ds, self.val_ds, self.collate = build_datasets(raw, tokenizer, cfg)
-        log.info(f"data: {len(self.train_ds):,} training and {len(self.val_ds):,} validation {'blocks' if task == 'causal_lm' else 'examples'}")
-
+        b = build(cfg, accelerator=acc, run_dir=self.run_dir, log=log, structure=self._resume_structure())
+        self.task, self.raw, self.num_labels = b.task, b.raw, b.num_labels
+        self.tokenizer, self.model_info, self.method = b.tokenizer, b.model_info, b.method
+        self.train_ds, self.val_ds, self.collate = b.train_ds, b.val_ds, b.collate
         self.batches = EpochBatches(len(self.train_ds), t.batch_size, t.seed, self.rank, self.world)
-        self.micro_per_epoch = len(self.batches) - len(self.batches) % t.gradient_accumulation_steps
-        self.steps_per_epoch = self.micro_per_epoch // t.gradient_accumulation_steps
-        if self.steps_per_epoch == 0:
-            need = t.batch_size * self.world * t.gradient_accumulation_steps
-            raise PeftlabError(
-                f"One optimizer step needs {need} training examples (batch_size {t.batch_size} x {self.world} process(es) x "
-                f"gradient_accumulation_steps {t.gradient_accumulation_steps}) but the training set has {len(self.train_ds)}. Lower the batch size."
-            )
-        self.total_steps = t.epochs * self.steps_per_epoch
-        if t.max_steps is not None:
-            self.total_steps = min(self.total_steps, t.max_steps)
-        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-
-        ctx = MethodContext(cfg=cfg, task=task, target_modules=info.target_modules, accelerator=acc,
-                            train_batches=self._importance_batches, compute_loss=self._loss, run_dir=self.run_dir, log=log,
-                            model_info=info)
-        self.method = METHODS[cfg.method](ctx)
-        torch.manual_seed(t.seed + 1)  # adapter init independent of how many draws the base model took
-        model = self.method.apply(model)
-        model.to(acc.device)
+        self.micro_per_epoch, self.steps_per_epoch = b.plan.micro_per_epoch, b.plan.steps_per_epoch
+        self.total_steps, self.num_epochs = b.plan.total_steps, b.plan.num_epochs
+        info, model = self.model_info, b.model
         trainable, effective = self.method.param_counts(model)
         self.param_counts = {"trainable_params": trainable, "effective_params": effective, "total_params": info.num_params}
         log.info(f"trainable parameters: {trainable:,} ({100 * trainable / max(info.num_params, 1):.3f}% of {info.num_params:,})")
-        optimizer = self.method.build_optimizer(model)
-        self.scheduler = build_scheduler(optimizer, self.total_steps, t)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = b.scheduler
+        self.model, self.optimizer = acc.prepare(model, b.optimizer)
         if cfg.system.compile:
             self.model = torch.compile(self.model)
         self.state = TrainerState()
         self.loss_log = CsvLog(self.run_dir / "loss_log.csv", LOSS_COLUMNS)
-        self.sparsity_log = CsvLog(self.run_dir / "sparsity_log.csv")
+        self.module_log = CsvLog(self.run_dir / "module_metrics.csv", MODULE_LOG_COLUMNS)
+        wide = self.method.wide_module_log
+        self.wide_log = CsvLog(self.run_dir / wide[0]) if wide else None
         self.memory_log = CsvLog(self.run_dir / "epoch_peak_memory.csv", ["epoch", "step", "peak_memory_mb", "memory_kind"])
         self.state.world_size = self.world
         if self.resume_ckpt is not None:
@@ -245,7 +241,7 @@ class Trainer:
             trainable, effective = self.method.param_counts(self.unwrapped())
             self.param_counts.update(trainable_params=trainable, effective_params=effective)
         elif acc.is_main_process:
-            for f in ("loss_log.csv", "sparsity_log.csv", "epoch_peak_memory.csv"):
+            for f in ("loss_log.csv", "module_metrics.csv", "epoch_peak_memory.csv", "method.json", *(wide[:1] if wide else ())):
                 (self.run_dir / f).unlink(missing_ok=True)
             if t.resume_from == "latest":
                 log.info("resume_from=latest: no complete checkpoint found, starting from the beginning")
@@ -262,6 +258,7 @@ class Trainer:
                     | {"from_checkpoint": self.resume_ckpt.name})
                 meta = old
             write_json(cfg_path, meta)
+            write_json(self.run_dir / "method.json", self.method.structure(self.unwrapped()))
         if cfg.logging.report_to:
             flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
             acc.init_trackers(cfg.logging.project, config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()},
@@ -279,10 +276,11 @@ class Trainer:
         b = self.collate([ds[i] for i in idx])
         return {k: v.to(self.accelerator.device) for k, v in b.items()}
 
-    def _importance_batches(self):
-        """Training micro-batches in a fixed order (epoch 0's order), for pre-training phases."""
-        for idx in EpochBatches(len(self.train_ds), self.cfg.training.batch_size, self.cfg.training.seed, self.rank, self.world).epoch(0):
-            yield self._batch(self.train_ds, idx)
+    def _resume_structure(self) -> Optional[dict]:
+        """The method structure recorded in the checkpoint to resume (None: fresh start or older run)."""
+        if self.resume_ckpt is None or not (self.resume_ckpt / "method.json").is_file():
+            return None
+        return json.loads((self.resume_ckpt / "method.json").read_text())
 
     # ------------------------------------------------------------ checkpoints
     def _restore(self, path: Path) -> None:
@@ -310,7 +308,9 @@ class Trainer:
             self._repair_best()
         if self.accelerator.is_main_process:
             self.loss_log.truncate_after(self.state.global_step)
-            self.sparsity_log.truncate_after(self.state.global_step)
+            self.module_log.truncate_after(self.state.global_step)
+            if self.wide_log is not None:
+                self.wide_log.truncate_after(self.state.global_step)
             self.memory_log.truncate_after(self.state.global_step)
         self.log.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} of the epoch)")
 
@@ -359,60 +359,22 @@ class Trainer:
                 tmp, model_state=self.method.model_state(self.unwrapped()), optimizer=self.optimizer, scheduler=self.scheduler,
                 method_state=self.method.state_dict(), trainer_state=self.state.to_dict(), scaler=acc.scaler,
             )
+            write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
             ckpt.commit(tmp, final)
             ckpt.prune(root, self.cfg.training.save_total_limit)
         acc.wait_for_everyone()
         return final
 
     # ------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        acc, t = self.accelerator, self.cfg.training
-        model = self.model
-        model.eval()
-        bs = t.eval_batch_size or t.batch_size
-        n = len(self.val_ds)
-        # the cap is eval_max_batches x eval batch size examples in all, whatever the process count
-        limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches else n
-        idx = list(range(self.rank, limit, self.world))
-        batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
-        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-        count = torch.zeros((), device=acc.device, dtype=torch.float64)
-        preds, labels = [], []
-        for b in batches:
-            batch = self._batch(self.val_ds, b)
-            with acc.autocast():
-                out = model(**batch)
-            k = batch["input_ids"].shape[0]
-            loss_sum += out.loss.double() * k
-            count += k
-            if self.task == "classification":
-                preds += out.logits.argmax(-1).tolist()
-                labels += batch["labels"].tolist()
-        loss_sum, count = acc.reduce(loss_sum, "sum"), acc.reduce(count, "sum")
-        model.train()
-        val_loss = (loss_sum / count.clamp(min=1)).item()
-        metrics = {"val_loss": val_loss}
-        if self.task == "classification":
-            from accelerate.utils import gather_object
-
-            if self.world > 1:
-                preds, labels = gather_object(preds), gather_object(labels)
-            metrics["val_accuracy"] = accuracy(preds, labels)
-            metrics["val_f1"] = f1_score(preds, labels, self.num_labels)
-        else:
-            metrics["val_perplexity"] = perplexity(val_loss)
-        return metrics
+        acc = self.accelerator
+        return evaluate(self.model, self.val_ds, self.collate, self.cfg, self.task, self.num_labels, acc.device,
+                        autocast=acc.autocast, rank=self.rank, world=self.world, reduce=acc.reduce)
 
     def best_metric(self) -> tuple[str, bool]:
-        name = self.cfg.training.best_metric
-        if name == "auto":
-            name = "val_accuracy" if self.task == "classification" else "val_loss"
-        if self.task == "causal_lm" and name in ("val_accuracy", "val_f1"):
-            raise PeftlabError(f"training.best_metric={name} needs a classification task; use val_loss or val_perplexity.")
-        if self.task == "classification" and name == "val_perplexity":
-            raise PeftlabError("training.best_metric=val_perplexity is for language modelling; use val_accuracy, val_f1 or val_loss.")
-        return name, name in ("val_accuracy", "val_f1")
+        from ..build import best_metric
+
+        return best_metric(self.cfg, self.task)
 
     # ------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
@@ -467,9 +429,8 @@ class Trainer:
                 st.epoch_elapsed = time.time() - epoch_t0
                 extra_metrics = self.method.step_metrics(self.unwrapped())
                 if bar is not None:
-                    post = {"loss": f"{loss_val:.4f}", "lr": f"{lr:.2e}", "mem": f"{self._mem_mb():.0f}MB"}
-                    if "sparsity" in extra_metrics:
-                        post["sparsity"] = f"{extra_metrics['sparsity']:.3f}"
+                    post = {"loss": f"{loss_val:.4f}", "lr": f"{lr:.2e}", "mem": f"{self._mem_mb():.0f}MB",
+                            **self.method.progress_fields(extra_metrics)}
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if st.global_step % t.log_steps == 0:
@@ -496,8 +457,14 @@ class Trainer:
             self.loss_log.write({"epoch": epoch + 1, "step": st.global_step, "train_loss": mean, "learning_rate": lr,
                                  "gpu_memory_mb": gpu_memory_mb(), "sparsity": extra.get("sparsity")})
             detail = self.method.module_metrics(self.unwrapped())
-            if detail is not None:
-                self.sparsity_log.write({"epoch": epoch + 1, "step": st.global_step, "overall_sparsity": extra.get("sparsity"), **detail})
+            if detail:
+                for module, values in detail.items():
+                    for metric, value in (values.items() if isinstance(values, dict) else [("value", values)]):
+                        self.module_log.write({"step": st.global_step, "module": module, "metric": metric, "value": value})
+                if self.wide_log is not None:
+                    metric = self.method.wide_module_log[1]
+                    self.wide_log.write({"epoch": epoch + 1, "step": st.global_step, f"overall_{metric}": extra.get(metric),
+                                         **{m: v.get(metric) if isinstance(v, dict) else v for m, v in detail.items()}})
         if self.cfg.logging.report_to:
             self.accelerator.log({"train_loss": mean, "learning_rate": lr, **extra}, step=st.global_step)
 
@@ -565,6 +532,7 @@ class Trainer:
             # extra work a method did before training (e.g. BA-LoRA phases 1-3), relative to training time
             ms["overhead_fraction_of_training"] = ms["overhead_s"] / st.elapsed
         if acc.is_main_process:
+            write_json(self.run_dir / "method.json", self.method.structure(self.unwrapped()))
             out = self.method.export(self.unwrapped(), self.run_dir, self.tokenizer)
             results["export"] = str(out)
             if self.model_info.builtin:

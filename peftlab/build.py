@@ -1,0 +1,232 @@
+"""One builder: configuration -> model, method, optimizer, data and step count.
+
+    built = build(cfg)                          # what `peftlab train` trains
+    built = build(cfg, data=False, task="causal_lm", num_labels=None,
+                  structure=json.load(open("RUN/method.json")), optimizer=False)   # no data at all
+    n = count_optimizer_steps(cfg)              # optimizer steps of the run, without training
+
+The trainer, ``load_run``, ``export``, ``profile`` and ``compare`` build through here, so the
+seeding conventions live in one place: ``torch.manual_seed(training.seed)`` before the base
+model (random weights, new heads), and ``torch.manual_seed(training.seed + 1)`` right before
+the method is applied, so an adapter's init does not depend on how many random draws the base
+model took. Built the same way, the same config gives the same numbers on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from .errors import PeftlabError
+
+
+@dataclass
+class StepPlan:
+    """How many micro-batches and optimizer steps a run takes."""
+
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+
+
+@dataclass
+class Built:
+    """Everything :func:`build` made. Data fields are None when built with ``data=False``,
+    ``optimizer``/``scheduler`` when built with ``optimizer=False``."""
+
+    cfg: Any
+    task: str
+    num_labels: Optional[int]
+    model: torch.nn.Module
+    tokenizer: Any
+    model_info: Any
+    method: Any
+    raw: Any = None
+    train_ds: Any = None
+    val_ds: Any = None
+    collate: Optional[Callable] = None
+    plan: Optional[StepPlan] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Any = None
+
+
+# ----------------------------------------------------------------------------- pieces
+def resolve_task(cfg, raw) -> tuple[str, Optional[int]]:
+    """(task, num_labels) of a run from its config and loaded dataset, or a clear error."""
+    task = raw.task if cfg.model.task == "auto" else cfg.model.task
+    if task != raw.task:
+        raise PeftlabError(f"model.task={cfg.model.task} but dataset {cfg.data.dataset!r} is a {raw.task} dataset; leave model.task=auto or pick a matching dataset.")
+    num_labels = cfg.model.num_labels or raw.num_labels
+    if task == "classification" and raw.num_labels and num_labels < raw.num_labels:
+        raise PeftlabError(f"model.num_labels={num_labels} but dataset {cfg.data.dataset!r} has {raw.num_labels} classes; "
+                           "remove model.num_labels or raise it.")
+    return task, num_labels
+
+
+def best_metric(cfg, task: str) -> tuple[str, bool]:
+    """(metric that picks best/, whether higher is better), or an error if the task cannot compute it."""
+    name = cfg.training.best_metric
+    if name == "auto":
+        name = "val_accuracy" if task == "classification" else "val_loss"
+    if task == "causal_lm" and name in ("val_accuracy", "val_f1"):
+        raise PeftlabError(f"training.best_metric={name} needs a classification task; use val_loss or val_perplexity.")
+    if task == "classification" and name == "val_perplexity":
+        raise PeftlabError("training.best_metric=val_perplexity is for language modelling; use val_accuracy, val_f1 or val_loss.")
+    return name, name in ("val_accuracy", "val_f1")
+
+
+def step_plan(n_train: int, cfg, world: int = 1) -> StepPlan:
+    """Optimizer steps of a run over ``n_train`` training examples (blocks) on ``world`` processes.
+
+    Mirrors the loop: an epoch has ``n_train // (batch_size * world)`` micro-batches, cut to a
+    whole number of accumulation windows; ``max_steps`` caps the total.
+    """
+    t = cfg.training
+    micro = n_train // (t.batch_size * world)
+    micro -= micro % t.gradient_accumulation_steps
+    per_epoch = micro // t.gradient_accumulation_steps
+    if per_epoch == 0:
+        need = t.batch_size * world * t.gradient_accumulation_steps
+        raise PeftlabError(
+            f"One optimizer step needs {need} training examples (batch_size {t.batch_size} x {world} process(es) x "
+            f"gradient_accumulation_steps {t.gradient_accumulation_steps}) but the training set has {n_train}. Lower the batch size."
+        )
+    total = t.epochs * per_epoch
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
+    return StepPlan(micro, per_epoch, total, math.ceil(total / per_epoch))
+
+
+def load_tokenizer(cfg, task: str):
+    """The run's tokenizer without building its model (the same choice ``load_model`` makes)."""
+    from .models import load_tokenizer as _load
+
+    return _load(cfg, task)
+
+
+def count_optimizer_steps(cfg, world_size: int = 1) -> int:
+    """The number of optimizer steps ``cfg`` trains for, without training.
+
+    Reads the dataset and tokenizes it (LM block counts depend on the tokenizer), builds no
+    model. Equal to ``results_final.json["global_step"]`` of the finished run.
+    """
+    from .data import build_datasets, load_raw
+
+    raw = load_raw(cfg)
+    task, _ = resolve_task(cfg, raw)
+    train_ds, _, _ = build_datasets(raw, load_tokenizer(cfg, task), cfg)
+    return step_plan(len(train_ds), cfg, world_size).total_steps
+
+
+def build_base(cfg, task: str, num_labels: Optional[int]):
+    """``(model, tokenizer, info)``: the base model as every run of ``cfg`` starts from it
+    (weights loaded, or random from ``training.seed`` for tiny / ``from_scratch`` models)."""
+    from .models import load_model
+
+    return load_model(cfg, task, num_labels)
+
+
+def make_method(cfg, task: str, target_modules: list[str], *, accelerator=None, train_batches=None, compute_loss=None,
+                run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None, model_info=None):
+    """An instance of ``cfg.method`` with its context (nothing applied yet)."""
+    from .methods import METHODS, MethodContext
+
+    ctx = MethodContext(cfg=cfg, task=task, target_modules=list(target_modules), accelerator=accelerator,
+                        train_batches=train_batches, compute_loss=compute_loss, run_dir=run_dir,
+                        log=log or logging.getLogger("peftlab"), model_info=model_info)
+    return METHODS[cfg.method](ctx)
+
+
+def apply_method(method, model: torch.nn.Module, structure: Optional[dict] = None) -> torch.nn.Module:
+    """Apply ``method`` with the adapter-init seed ``training.seed + 1``; with ``structure``,
+    rebuild that recorded structure and skip data-dependent phases."""
+    torch.manual_seed(method.cfg.training.seed + 1)  # adapter init independent of how many draws the base model took
+    if structure is None:
+        return method.apply(model)
+    return method.apply(model, structure=structure)
+
+
+# ----------------------------------------------------------------------------- the builder
+def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, data: bool = True,
+          structure: Optional[dict] = None, optimizer: bool = True, accelerator=None, device=None,
+          run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None,
+          train_batches: Optional[Callable[[], Iterable[dict]]] = None) -> Built:
+    """Build a run from its configuration.
+
+    Args:
+        cfg: the resolved RunConfig.
+        task, num_labels: needed when ``data=False`` (a run directory records them); with
+            data they come from the dataset.
+        data: load and tokenize the dataset (train/val sets, step plan). Without data, a method
+            with a data-dependent phase (BA-LoRA) needs ``structure``.
+        structure: a method structure record (``method.json``); rebuilds exactly it.
+        optimizer: also build the optimizer and LR scheduler (needs ``data`` for the step count).
+        accelerator: the run's ``accelerate.Accelerator`` (device, processes, autocast).
+        device: where the model goes when there is no accelerator (default CPU).
+        run_dir: the run directory, for method files (allocation.json ...).
+        log: logger for progress messages (default ``peftlab``, silent unless configured).
+        train_batches: override of the importance-phase batches (default: epoch 0's order).
+    """
+    from .data import build_datasets, load_raw
+
+    log = log or logging.getLogger("peftlab")
+    t = cfg.training
+    acc = accelerator
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    dev = acc.device if acc is not None else torch.device(device or "cpu")
+    torch.manual_seed(t.seed)
+    raw = None
+    if data:
+        with acc.main_process_first() if acc is not None else contextlib.nullcontext():
+            raw = load_raw(cfg)
+        task, num_labels = resolve_task(cfg, raw)
+        best_metric(cfg, task)  # rejects a best_metric the task cannot compute, before the model is built
+        for k, v in raw.info.items():
+            log.info(f"data {k}: {v}")
+    elif task is None:
+        raise ValueError("build(data=False) needs the task (causal_lm or classification)")
+    model, tokenizer, info = build_base(cfg, task, num_labels)
+    log.info(f"model {info.name} ({info.model_type}, {info.num_params:,} parameters, {info.source}); targets {info.target_modules}")
+    built = Built(cfg=cfg, task=task, num_labels=num_labels, model=model, tokenizer=tokenizer, model_info=info, method=None, raw=raw)
+    if data:
+        built.train_ds, built.val_ds, built.collate = build_datasets(raw, tokenizer, cfg)
+        log.info(f"data: {len(built.train_ds):,} training and {len(built.val_ds):,} validation {'blocks' if task == 'causal_lm' else 'examples'}")
+        built.plan = step_plan(len(built.train_ds), cfg, world)
+
+    def compute_loss(mdl, batch: dict) -> torch.Tensor:
+        with acc.autocast() if acc is not None else contextlib.nullcontext():
+            return mdl(**batch).loss
+
+    if train_batches is None and data:
+        from .train.loop import EpochBatches
+
+        def train_batches():
+            """Training micro-batches in a fixed order (epoch 0's order), for pre-training phases."""
+            for idx in EpochBatches(len(built.train_ds), t.batch_size, t.seed, rank, world).epoch(0):
+                b = built.collate([built.train_ds[i] for i in idx])
+                yield {k: v.to(dev) for k, v in b.items()}
+
+    method = make_method(cfg, task, info.target_modules, accelerator=acc, train_batches=train_batches,
+                         compute_loss=compute_loss, run_dir=run_dir, log=log, model_info=info)
+    model = apply_method(method, model, structure)
+    model.to(dev)
+    built.model, built.method = model, method
+    if optimizer:
+        if built.plan is None:
+            raise ValueError("build(optimizer=True) needs data=True (the schedule depends on the step count)")
+        from .train.schedule import build_scheduler
+
+        built.optimizer = method.build_optimizer(model)
+        built.scheduler = build_scheduler(built.optimizer, built.plan.total_steps, t)
+    return built
+
+
+__all__ = ["Built", "StepPlan", "build", "build_base", "make_method", "apply_method", "resolve_task", "best_metric",
+           "step_plan", "count_optimizer_steps", "load_tokenizer"]

@@ -1,0 +1,248 @@
+"""The run directory as a format, with one reader.
+
+    from peftlab.runs import RunDir, load_run
+
+    run = RunDir("runs/x")
+    run.results()["final"], run.history()["val_loss"], run.read_csv("loss_log.csv")
+    loaded = load_run("runs/x", which="final")      # or "best", "latest", "step-40", "epoch-2"
+    loaded.model(**batch)                            # eval mode, method applied, weights loaded
+
+``load_run`` needs nothing but the directory: the config (``config.json``), the method's
+structure record (``method.json`` in the checkpoint) and the checkpoint's trained tensors. The
+frozen base is rebuilt from the config and seed (or loaded by name, as training did); no
+training data is read. See docs/run-directory.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import PeftlabError
+from .identity import VOLATILE, fingerprint, identity_diff, identity_sections, run_identity
+
+
+class RunDir:
+    """Names every file of a run directory and reads them (None when a file is absent)."""
+
+    CONFIG = "config.json"
+    RESULTS = "results_final.json"
+    HISTORY = "training_history.json"
+    LOSS_LOG = "loss_log.csv"
+    MODULE_LOG = "module_metrics.csv"
+    SPARSITY_LOG = "sparsity_log.csv"
+    MEMORY_LOG = "epoch_peak_memory.csv"
+    ALLOCATION = "allocation.json"
+    GATING_TRACE = "gating_trace.csv"
+    BOUNDS = "bounds_metrics.json"
+    METHOD = "method.json"
+    TRAIN_LOG = "train.log"
+
+    def __init__(self, path):
+        self.path = Path(path).expanduser()
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ paths
+    config_path = property(lambda self: self.path / self.CONFIG)
+    results_path = property(lambda self: self.path / self.RESULTS)
+    history_path = property(lambda self: self.path / self.HISTORY)
+    loss_log_path = property(lambda self: self.path / self.LOSS_LOG)
+    module_log_path = property(lambda self: self.path / self.MODULE_LOG)
+    sparsity_log_path = property(lambda self: self.path / self.SPARSITY_LOG)
+    memory_log_path = property(lambda self: self.path / self.MEMORY_LOG)
+    allocation_path = property(lambda self: self.path / self.ALLOCATION)
+    gating_trace_path = property(lambda self: self.path / self.GATING_TRACE)
+    bounds_path = property(lambda self: self.path / self.BOUNDS)
+    method_path = property(lambda self: self.path / self.METHOD)
+    train_log_path = property(lambda self: self.path / self.TRAIN_LOG)
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    best_dir = property(lambda self: self.path / "best")
+    adapter_dir = property(lambda self: self.path / "adapter")
+    model_dir = property(lambda self: self.path / "model")
+    base_model_dir = property(lambda self: self.path / "base_model")
+
+    # ---------------------------------------------------------------- readers
+    @staticmethod
+    def _json(path: Path) -> Any:
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PeftlabError(f"{path} is not valid JSON ({e}); the file was damaged or is being written.") from None
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def require(self) -> "RunDir":
+        if not self.exists():
+            raise PeftlabError(f"{self.path} is not a peftlab run directory (no {self.CONFIG}); give the output.dir of a `peftlab train` run.")
+        return self
+
+    def config_dict(self) -> Optional[dict]:
+        """The resolved configuration as stored, without the ``_meta`` provenance."""
+        data = self._json(self.config_path)
+        if data is None:
+            return None
+        return {k: v for k, v in data.items() if k != "_meta"}
+
+    def meta(self) -> Optional[dict]:
+        """The ``_meta`` provenance of config.json (versions, git commit, task, num_labels, resumes ...)."""
+        data = self._json(self.config_path)
+        return None if data is None else data.get("_meta", {})
+
+    def config(self):
+        """A validated RunConfig: the run's core sections and its own method's sections (other
+        methods' sections are dropped), with keys this run predates filled from defaults."""
+        from ..config import config_from_dict
+
+        raw = self.config_dict()
+        if raw is None:
+            return None
+        method = raw.get("method", "lora")
+        keep = set(identity_sections(method)) if isinstance(method, str) else set()
+        return config_from_dict({k: v for k, v in raw.items() if k == "method" or k in keep})
+
+    def results(self) -> Optional[dict]:
+        return self._json(self.results_path)
+
+    def history(self) -> Optional[dict]:
+        return self._json(self.history_path)
+
+    def bounds(self) -> Optional[dict]:
+        return self._json(self.bounds_path)
+
+    def allocation(self) -> Optional[dict]:
+        return self._json(self.allocation_path)
+
+    def structure(self, checkpoint: Optional[Path] = None) -> Optional[dict]:
+        """The method's structure record: the checkpoint's ``method.json`` when given, else the run's."""
+        if checkpoint is not None and (Path(checkpoint) / self.METHOD).is_file():
+            return self._json(Path(checkpoint) / self.METHOD)
+        return self._json(self.method_path)
+
+    def read_csv(self, name: str):
+        """A CSV log of the run (``loss_log.csv``, ``module_metrics.csv`` ...) as a pandas DataFrame."""
+        import pandas as pd
+
+        path = self.path / name
+        if not path.is_file():
+            return None
+        return pd.read_csv(path)
+
+    def is_finished(self) -> bool:
+        res = self.results()
+        return bool(res) and res.get("status") == "completed"
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        from ..checkpoints import list_checkpoints
+
+        return [p for _, _, p in list_checkpoints(self.checkpoints_dir)]
+
+    def checkpoint(self, which: str = "final") -> Path:
+        """The checkpoint directory for ``which``: ``final`` (end of a finished run), ``latest``
+        (newest complete), ``best`` (best/), ``step-N`` or ``epoch-N``."""
+        from ..checkpoints import is_complete, list_checkpoints
+
+        self.require()
+        cks = list_checkpoints(self.checkpoints_dir)
+        names = [p.name for _, _, p in cks]
+        if which == "final":
+            if not self.is_finished():
+                raise PeftlabError(f"{self.path} has not finished training (no completed {self.RESULTS}); load which='latest' "
+                                   "for its newest checkpoint, or resume it with --training.resume_from=latest.")
+            step = int(self.results().get("global_step", -1))
+            at = [p for s, _, p in cks if s == step]
+            if not at:
+                raise PeftlabError(f"{self.path} has no checkpoint of its final step {step} (checkpoints: {', '.join(names) or 'none'}); "
+                                   "it was deleted. Load one of the others with which='step-N' / 'epoch-N'.")
+            return at[-1]  # the epoch checkpoint sorts after a step checkpoint of the same step
+        if which == "latest":
+            if not cks:
+                raise PeftlabError(f"{self.path} has no complete checkpoint under {self.checkpoints_dir}.")
+            return cks[-1][2]
+        if which == "best":
+            if not is_complete(self.best_dir):
+                raise PeftlabError(f"{self.path} has no best/ checkpoint (it is written at the first epoch end).")
+            return self.best_dir
+        p = self.checkpoints_dir / which
+        if not is_complete(p):
+            raise PeftlabError(f"which={which!r} is not a complete checkpoint of {self.path}. Use final, best, latest or one of: "
+                               f"{', '.join(names) or '(none)'}.")
+        return p
+
+
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt from its directory by :func:`load_run`."""
+
+    config: Any
+    model: Any
+    tokenizer: Any
+    method: Any
+    task: str
+    num_labels: Optional[int]
+    run: RunDir
+    checkpoint: Optional[Path]
+    device: Any = "cpu"
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics exactly as training computed them (reads the validation data)."""
+        import torch
+
+        from ..data import build_datasets, load_raw
+        from ..train.loop import evaluate
+
+        torch.manual_seed(self.config.training.seed)
+        raw = load_raw(self.config)
+        _, val_ds, collate = build_datasets(raw, self.tokenizer, self.config)
+        return evaluate(self.model, val_ds, collate, self.config, self.task, self.num_labels, torch.device(self.device))
+
+
+def load_run(path, which: str = "final", device: str = "cpu") -> LoadedRun:
+    """Rebuild a trained run: config, model (eval mode, method applied, weights of ``which``
+    loaded), tokenizer, method and task. Reads no training data and no network beyond what the
+    base model itself needs (a hub model loads as in training; tiny and ``from_scratch``
+    models are rebuilt from the config and seed).
+
+    Args:
+        path: the run directory.
+        which: ``final``, ``best``, ``latest``, ``step-N`` or ``epoch-N``.
+        device: where the model goes (``cpu``, ``cuda``, ``cuda:1`` ...).
+    """
+    import torch
+
+    from ..build import build
+
+    run = RunDir(path).require()
+    cfg = run.config()
+    meta = run.meta() or {}
+    checkpoint = run.checkpoint(which)
+    task = meta.get("task") or (cfg.model.task if cfg.model.task != "auto" else None)
+    if task is None:
+        raise PeftlabError(f"{run.config_path} does not record the task (_meta.task); the run predates load_run. "
+                           "Set model.task in its config.json to causal_lm or classification.")
+    num_labels = meta.get("num_labels") or cfg.model.num_labels
+    structure = run.structure(checkpoint)
+    if structure is None and cfg.method == "ba_lora" and run.allocation() is not None:
+        # runs written before method.json: BA-LoRA's ranks are in allocation.json
+        structure = {"method": "ba_lora", "ranks": {n: m["rank"] for n, m in run.allocation()["modules"].items()}}
+    built = build(cfg, task=task, num_labels=num_labels, data=False, structure=structure, optimizer=False,
+                  device=device, run_dir=None)
+    from safetensors.torch import load_file
+
+    model, method = built.model, built.method
+    method.load_model_state(model, load_file(str(checkpoint / "model_state.safetensors"), device=str(torch.device(device))))
+    method.load_state_dict(torch.load(checkpoint / "method_state.pt", weights_only=True, map_location="cpu"))
+    model.eval()
+    return LoadedRun(config=cfg, model=model, tokenizer=built.tokenizer, method=method, task=task, num_labels=num_labels,
+                     run=run, checkpoint=checkpoint, device=device)
+
+
+__all__ = ["RunDir", "LoadedRun", "load_run", "run_identity", "identity_diff", "identity_sections", "fingerprint", "VOLATILE"]
