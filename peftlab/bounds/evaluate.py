@@ -258,7 +258,7 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     context = bcfg.context_length or block or max_pos or 1024
     if max_pos:
         context = min(context, int(max_pos))
-    if bcfg.stride > context:
+    if bcfg.bound_type == "document_level" and bcfg.stride > context:
         raise PeftlabError(f"--bounds.stride={bcfg.stride} exceeds the context of {context} tokens; choose a stride of at most {context}.")
 
     state = compressible_state(method, model)
@@ -409,7 +409,7 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
 
     rd = RunDir(run_dir)
     run_cfg = rd.config()
-    task = getattr(getattr(run_cfg, "model", None), "task", "auto")
+    task = (rd.meta() or {}).get("task") or getattr(getattr(run_cfg, "model", None), "task", "auto")
     if task == "classification":
         raise PeftlabError(f"{run_dir} is a classification run; compression bounds here are for causal language models (next-token loss).")
     data_dir = resolve_data(bcfg, run_cfg)
