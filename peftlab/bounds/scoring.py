@@ -17,9 +17,11 @@ the last ``n_new`` predictions count towards unit ``unit``:
 * token level: unit ``p`` is the single prediction of ``train[p]`` from the ``C`` tokens
   before it (fewer at the start of the stream).
 
-Rows are sorted by length and packed into batches of about ``batch_tokens`` tokens
-(right-padded: with causal attention the padding after a row cannot change its
-predictions). Per-token losses are reduced to per-unit sums with ``index_add_`` on the
+Rows are sorted by length and packed into batches of about ``batch_tokens`` tokens,
+left-padded (with an attention mask and position ids when a batch mixes lengths) so that
+every row's counted predictions are its last columns: the LM head runs only on the last
+``max(n_new)`` positions of a batch (``logits_to_keep``), which for sliding windows and
+single tokens is most of the saving. Per-token losses are reduced to per-unit sums with ``index_add_`` on the
 device; there is no Python loop over tokens. The model is put in ``eval()`` mode (dropout
 off) and run under ``torch.inference_mode``.
 """
@@ -190,6 +192,20 @@ def _batches(rows: Rows, batch_tokens: int) -> list[np.ndarray]:
     return out
 
 
+_KEEP_UNSUPPORTED: set[type] = set()
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, keep: int, extra: dict) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (``logits_to_keep`` when the model accepts it,
+    which skips the LM head on the other positions; otherwise all positions)."""
+    if type(model) not in _KEEP_UNSUPPORTED:
+        try:
+            return model(input_ids=x, logits_to_keep=keep, **extra).logits
+        except TypeError:
+            _KEEP_UNSUPPORTED.add(type(model))
+    return model(input_ids=x, **extra).logits
+
+
 def score_rows(
     model: torch.nn.Module,
     tokens: np.ndarray,
@@ -232,18 +248,28 @@ def score_rows(
         for idx in _batches(rows, batch_tokens):
             start, length, n_new, unit = rows.start[idx], rows.length[idx], rows.n_new[idx], rows.unit[idx]
             T = int(length.max())
-            j = np.arange(T)[None, :]
-            pos = start[:, None] + j
-            valid = j < length[:, None]
-            x = take(np.where(valid, pos, -1))
-            y = take(np.where(valid, pos + 1, -1))
-            counted = valid & (j >= (length - n_new)[:, None])
+            keep = int(n_new.max())
+            # left padding: every row ends at column T-1, so the counted predictions are the last
+            # n_new columns and the LM head only runs on the last `keep` positions
+            pad = (T - length)[:, None]
+            col = np.arange(T)[None, :]
+            rel = col - pad  # position inside the row (negative: padding)
+            valid = rel >= 0
+            x = take(np.where(valid, start[:, None] + rel, -1))
+            kcol = np.arange(T - keep, T)[None, :]
+            counted = kcol >= (T - n_new)[:, None]
+            y = take(np.where(counted, start[:, None] + (kcol - pad) + 1, -1))
             x_t = torch.from_numpy(x).to(device)
             y_t = torch.from_numpy(y).to(device)
             m_t = torch.from_numpy(counted).to(device)
+            padded = bool((pad > 0).any())
+            extra = {}
+            if padded:
+                extra["attention_mask"] = torch.from_numpy(valid.astype(np.int64)).to(device)
+                extra["position_ids"] = torch.from_numpy(np.maximum(rel, 0)).to(device)
             with torch.inference_mode():
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = model(input_ids=x_t).logits
+                    logits = _forward(model, x_t, keep, extra)[:, -keep:]
                 sel = logits[m_t].float()  # (K, V): only the predictions that count
                 vocab = sel.shape[-1]
                 tgt = y_t[m_t]
