@@ -133,3 +133,21 @@ def test_sora_run_scores_the_pruned_quantized_adapter(tmp_path, bins, peftlab):
     # with 65,536 levels the quantized adapter is the trained one up to fp16 rounding: same loss
     qc = m["quantization_cost"]
     assert qc["quantized_unsmoothed_bpd"] == pytest.approx(qc["full_precision_unsmoothed_bpd"], abs=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "learned"])
+def test_sublora_run_compresses_w_and_gates(tmp_path, bins, peftlab, mode):
+    from peftlab.methods import METHODS
+
+    if "sublora" not in METHODS:
+        pytest.skip("the sublora method is not on this branch yet")
+    run = train_run(tmp_path, bins, method="sublora", sublora__intrinsic_dim=200, sublora__allocation_mode=mode,
+                    training__learning_rate=0.05)
+    r = peftlab("bounds", str(run), "--bounds.bound_type=token_level", "--bounds.num_docs=200", "--bounds.full_precision_units=50",
+                "--bounds.progress_bar=false")
+    assert r.returncode == 0, r.stderr
+    m = check_metrics(run)
+    assert m["method"] == "sublora"
+    # SubLoRA's message is w (d = 200 numbers), plus the per-layer gates in learned mode
+    assert m["compressed_tensors"] == (2 if mode == "learned" else 1)
+    assert m["compressed_numbers"] >= 200 and (m["compressed_numbers"] == 200) == (mode == "uniform")
