@@ -196,7 +196,7 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
     log.info(f"model {info.name} ({info.model_type}, {info.num_params:,} parameters, {info.source}); targets {info.target_modules}")
     built = Built(cfg=cfg, task=task, num_labels=num_labels, model=model, tokenizer=tokenizer, model_info=info, method=None, raw=raw)
     if data:
-        built.train_ds, built.val_ds, built.collate = build_datasets(raw, tokenizer, cfg)
+        built.train_ds, built.val_ds, built.collate = build_datasets(raw, tokenizer, cfg, model=model)
         log.info(f"data: {len(built.train_ds):,} training and {len(built.val_ds):,} validation {'blocks' if task == 'causal_lm' else 'examples'}")
         built.plan = step_plan(len(built.train_ds), cfg, world)
 

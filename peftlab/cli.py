@@ -55,38 +55,79 @@ def quiet_libraries() -> None:
         pass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning research toolkit.", epilog=EPILOG)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    t = sub.add_parser("train", help="train one run into its run directory", epilog=EPILOG)
+# Every subcommand: name -> ("module:function that adds its parser", one-line help).
+# Modules are imported only when their command runs, so `peftlab --help` imports no torch.
+# A new command is one row here; its module exposes ``add_command(subparsers)``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("peftlab.cli:add_train", "train one run into its run directory"),
+    "config": ("peftlab.cli:add_config", "show the resolved configuration, or every key with --keys"),
+    "data": ("peftlab.data.prepare:add_command", "prepare datasets: token bins (LM) or CSV splits (classification)"),
+    "profile": ("peftlab.profiling:add_command", "optimizer-state memory, memory breakdown and FLOPs of one training step vs AdamW"),
+    "export": ("peftlab.export:add_command", "write a run's adapter (HF PEFT format) or a merged model"),
+    "compare": ("peftlab.compare:add_command", "several methods on one task at matched budgets, one table"),
+    "bounds": ("peftlab.bounds.cli:add_command", "PAC-Bayes compression bound of a trained run (document-, sequence- or token-level)"),
+    "analyze": ("peftlab.analysis.cli:add_command", "tables, plots, hypothesis checks and an HTML report for a study directory"),
+}
+
+
+def add_train(sub) -> None:
+    t = sub.add_parser("train", help=COMMANDS["train"][1], epilog=EPILOG)
     t.add_argument("config", help="YAML config file")
     t.set_defaults(func=cmd_train)
-    c = sub.add_parser("config", help="show the resolved configuration, or every key with --keys", epilog=EPILOG)
+
+
+def add_config(sub) -> None:
+    c = sub.add_parser("config", help=COMMANDS["config"][1], epilog=EPILOG)
     c.add_argument("config", nargs="?", help="YAML config file (omit for defaults)")
     c.add_argument("--keys", action="store_true", help="list every section and key with its type, default and help")
     c.set_defaults(func=cmd_config)
-    for register in _EXTRA_COMMANDS:
+
+
+def _adder(spec: str):
+    import importlib
+
+    module, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module), func or "add_command")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (every command's with ``command="*"``),
+    the others appear in ``--help`` from the table alone."""
+    p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning research toolkit.", epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (spec, help_) in COMMANDS.items():
+        if command in (name, "*"):
+            _adder(spec)(sub)
+        else:
+            sub.add_parser(name, help=help_, add_help=False)
+    for register in _EXTRA_COMMANDS:  # older registration (peftlab.commands._MODULES); prefer a COMMANDS row
         register(sub)
     return p
 
 
-# Subcommands added by other modules: functions taking the subparsers object.
+# Subcommands registered through peftlab.commands (functions taking the subparsers object).
 _EXTRA_COMMANDS: list = []
 
 
 def _load_extra_commands() -> None:
-    from . import commands  # noqa: F401  (registers data/profile/export/... subcommands)
+    from . import commands  # noqa: F401  (modules listed in commands._MODULES, if any)
+
+
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_libraries()
+    argv = sys.argv[1:] if argv is None else list(argv)
     _load_extra_commands()
-    parser = build_parser()
+    command = _command_of(argv)
+    parser = build_parser(command if command in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    quiet_libraries()
     if extra and not getattr(args, "accepts_overrides", True):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

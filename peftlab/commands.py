@@ -1,14 +1,13 @@
-"""Registration point for subcommands that live next to their features
-(``data prepare``, ``profile``, ``export``, ``compare`` ...).
-
-Each feature module exposes ``add_command(subparsers)``; list it here.
+"""Older registration point for subcommands. New commands are one row of
+``peftlab.cli.COMMANDS`` (imported lazily); modules listed here are imported on every
+``peftlab`` call and expose ``add_command(subparsers)``.
 """
 
 from __future__ import annotations
 
 from .cli import _EXTRA_COMMANDS
 
-_MODULES: list[str] = ["peftlab.export", "peftlab.data.prepare", "peftlab.profiling", "peftlab.compare", "peftlab.bounds.cli"]
+_MODULES: list[str] = []
 
 for _name in _MODULES:
     import importlib

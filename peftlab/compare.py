@@ -10,7 +10,8 @@ process's maximum resident set) is its own. Runs whose ``results_final.json`` sa
 ``completed`` are not trained again, so an interrupted comparison resumes where it
 stopped. The table goes to the console, ``compare.csv`` and ``compare.md``.
 
-Budgets are matched to LoRA at rank ``r = lora.r`` of the base config: SoRA/SDoRA start
+Budgets are matched to LoRA at rank ``r = lora.r`` of the base config, as each method states
+in ``Method.budget_overrides`` (no method names are tested here): SoRA/SDoRA start
 at the same rank, BA-LoRA gets LoRA's adapter parameter count as its budget, DoRA adds
 its magnitude vectors, rSVD projects the gradients of *all* weights to rank ``r`` (it
 trains the full model; its optimizer state is what is low-rank), and ``full`` trains
@@ -20,7 +21,6 @@ everything. This module is deliberately small: the study runner (``peftlab sweep
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -34,10 +34,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "
 DEFAULT_OUTPUT = "runs/compare"
 # Order of the table; methods registered later and not listed here follow alphabetically.
 PREFERRED_ORDER = ["lora", "dora", "sora", "sdora", "ba_lora", "rsvd", "full", "sublora"]
-# Methods that update every weight need a much smaller step than adapters on a new head.
-OPT_IN = {"full"}  # not in the default set: it doubles the demo's time on a laptop CPU
-FULL_PARAMETER_LR = {"full": 2e-4, "rsvd": 1e-3}  # measured: 5e-5 / 1e-4 still predict the majority class after 60 steps
-BA_LORA_GRADIENT_SAMPLES = 256
 QUICK = {  # --quick: a smoke test of the whole pipeline in seconds, not a result
     "data.max_train_examples": 48, "data.max_val_examples": 32, "data.max_length": 32,
     "training.batch_size": 8, "training.max_steps": 3, "training.epochs": 1, "training.log_steps": 1,
@@ -61,18 +57,6 @@ def method_order(registered: list[str]) -> list[str]:
     return known + sorted(m for m in registered if m not in known)
 
 
-def _section_keys(section: str) -> set[str]:
-    from .config import all_sections
-
-    cls = all_sections().get(section)
-    return {f.name for f in dataclasses.fields(cls)} if cls is not None and dataclasses.is_dataclass(cls) else set()
-
-
-def _first_key(section: str, candidates: tuple[str, ...]) -> Optional[str]:
-    keys = _section_keys(section)
-    return next((f"{section}.{k}" for k in candidates if k in keys), None)
-
-
 def lora_adapter_params(model, targets: list[str], r: int) -> int:
     """Parameters of rank-``r`` LoRA on ``targets``: sum of r * (d_in + d_out) over adapted layers."""
     from .models import check_targets
@@ -87,13 +71,13 @@ def lora_adapter_params(model, targets: list[str], r: int) -> int:
 
 def budget_reference(cfg) -> dict[str, Any]:
     """LoRA's rank, adapter parameter count and the majority-class baseline of the base config."""
+    from .build import build_base, resolve_task
     from .data import load_raw
-    from .models import load_model
 
     raw = load_raw(cfg)
     if raw.task != "classification":
         raise PeftlabError(f"peftlab compare reports accuracy and F1, so it needs a classification dataset; {cfg.data.dataset!r} is {raw.task}.")
-    model, _, info = load_model(cfg, raw.task, cfg.model.num_labels or raw.num_labels)
+    model, _, info = build_base(cfg, *resolve_task(cfg, raw))
     r = cfg.lora.r
     ref = {"r": r, "lora_params": lora_adapter_params(model, info.target_modules, r), "targets": info.target_modules}
     labels = raw.val["label"]
@@ -106,86 +90,36 @@ def budget_reference(cfg) -> dict[str, Any]:
     return ref
 
 
-def plan_runs(methods: list[str], ref: dict[str, Any], output_dir: Path) -> list[PlannedRun]:
-    """Overrides per method that match LoRA's budget where the method has a budget knob."""
+def plan_runs(methods: list[str], ref: dict[str, Any], output_dir: Path, cfg=None) -> list[PlannedRun]:
+    """Overrides per method that match LoRA's budget, as each method states it
+    (``Method.budget_overrides``)."""
     r, budget = ref["r"], ref["lora_params"]
     from .methods import METHODS
 
     runs = []
     for m in methods:
-        ov: dict[str, Any] = {"method": m}
-        uses = tuple(getattr(METHODS.get(m), "sections", ()) or ())
-        if m == "lora":
-            note = f"r={r}: {budget:,} adapter parameters (+ head)"
-        elif m == "dora":
-            note = f"r={r} + one magnitude per output feature"
-        elif m in ("sora", "sdora"):
-            key = _first_key(m, ("r", "rank", "max_rank", "init_rank"))
-            if key:
-                ov[key] = r
-            if key or "lora" in uses:
-                note = f"starts at r={r}; gates prune ranks, so effective <= trainable"
-            else:
-                note = "section defaults (no rank key found)"
-        elif m == "ba_lora":
-            key = _first_key(m, ("param_budget", "budget", "target_params"))
-            if key:
-                ov[key] = budget
-            note = f"budget = LoRA's {budget:,} adapter parameters" if key else "section defaults (no budget key found)"
-            samples = _first_key(m, ("gradient_samples",))
-            if samples:  # the importance pass costs a backward per batch; a quarter epoch ranks layers well enough here
-                ov[samples] = BA_LORA_GRADIENT_SAMPLES
-                note += f"; ranks from {BA_LORA_GRADIENT_SAMPLES} examples' gradients"
-        elif m == "rsvd":
-            key = _first_key(m, ("rank", "r"))
-            if key:
-                ov[key] = r
-            note = (f"full-parameter: all weights train, gradients projected to rank {r}" if key
-                    else "full-parameter: all weights train (section defaults)")
-        elif m == "full":
-            note = "every weight trains (reference)"
-        else:
-            note = "section defaults"
-        if m in FULL_PARAMETER_LR:
-            ov["training.learning_rate"] = FULL_PARAMETER_LR[m]
-            note += f"; lr {FULL_PARAMETER_LR[m]:g}"
-        ov["output.dir"] = str(output_dir / m)
+        extra, note = METHODS[m].budget_overrides(cfg, budget, r)
+        ov: dict[str, Any] = {"method": m, **extra, "output.dir": str(output_dir / m)}
         runs.append(PlannedRun(m, ov, note, output_dir / m))
     return runs
 
 
 # ------------------------------------------------------------------------- running
-def _stored_config(run_dir: Path) -> Optional[dict]:
-    p = run_dir / "config.json"
-    if not p.is_file():
-        return None
-    data = json.loads(p.read_text())
-    data.pop("_meta", None)
-    return data
-
-
-def _comparable(d: dict) -> dict:
-    """The parts of a resolved config that decide a run's numbers (not where or how it logs)."""
-    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
-    d.pop("output", None)
-    d.pop("logging", None)
-    if isinstance(d.get("training"), dict):
-        for k in ("resume_from", "save_steps", "save_total_limit", "log_steps"):
-            d["training"].pop(k, None)
-    return d
-
-
 def finished_result(run_dir: Path, cfg) -> Optional[dict]:
     """results_final of a completed run with the same settings, else None.
 
     Raises:
         PeftlabError: the directory holds a run with other settings.
     """
-    done = run_dir / "results_final.json"
-    stored = _stored_config(run_dir)
-    if stored is not None and _comparable(stored) != _comparable(json.loads(json.dumps(cfg.to_dict()))):
+    from .runs import RunDir, identity_diff
+
+    run = RunDir(run_dir)
+    done = run.results_path
+    stored = run.config_dict()
+    diff = identity_diff(stored, cfg) if stored is not None else []
+    if diff:
         raise PeftlabError(
-            f"{run_dir} holds a run with other settings than this comparison asks for. Delete it, or give "
+            f"{run_dir} holds a run with other settings than this comparison asks for ({'; '.join(diff[:3])}). Delete it, or give "
             "another --output-dir."
         )
     if done.is_file():
@@ -257,14 +191,14 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
 
     registered = list(METHODS)
     # `full` is the slowest arm (every weight and its AdamW state); ask for it with --methods.
-    wanted = [m for m in method_order(registered) if m not in OPT_IN] if not methods else list(dict.fromkeys(methods))
+    wanted = [m for m in method_order(registered) if METHODS[m].compare_by_default] if not methods else list(dict.fromkeys(methods))
     available = [m for m in wanted if m in METHODS]
     print(f"peftlab compare: {base_cfg.model.name} on {base_cfg.data.dataset}; methods {', '.join(wanted)} -> {output_dir}", file=out)
     ref = budget_reference(base_cfg)
     maj = ref["majority"]
     print(f"LoRA reference: r={ref['r']} on {ref['targets']} = {ref['lora_params']:,} adapter parameters; "
           f"majority class ({maj['label']}) val accuracy {maj['val_accuracy']:.4f}", file=out)
-    planned = {p.method: p for p in plan_runs(available, ref, output_dir)}
+    planned = {p.method: p for p in plan_runs(available, ref, output_dir, base_cfg)}
 
     rows: list[dict[str, Any]] = []
     t_all = time.time()

@@ -1,64 +1,77 @@
 """``peftlab export RUN_DIR``: the trained result as an HF PEFT adapter or a merged model.
 
 Training already writes ``RUN_DIR/adapter`` (adapter methods) or ``RUN_DIR/model``
-(full fine-tuning). ``--merge`` folds the adapter into the base weights and writes a
-plain ``transformers`` model (``save_pretrained``, safetensors) that loads without peft.
+(full-parameter methods); plain ``export`` copies that. ``--merge`` folds the adapter into
+the base weights and writes a plain ``transformers`` model (``save_pretrained``, safetensors)
+that loads without peft. ``--which best|step-N|...`` exports another checkpoint than the
+final one. The run is rebuilt with :func:`peftlab.runs.load_run` and the base model with the
+run's own builder (from the config and seed, exactly as training built it), so runs on
+built-in tiny models and ``model.from_scratch`` runs, whose adapters name no loadable base,
+export and merge like any other.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import PeftlabError
 
 
-def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = False) -> Path:
-    run_dir = Path(run_dir)
-    meta_path = run_dir / "config.json"
-    if not meta_path.is_file():
-        raise PeftlabError(f"{run_dir} is not a peftlab run directory (no config.json).")
-    meta = json.loads(meta_path.read_text())
-    if not (run_dir / "results_final.json").is_file():
-        raise PeftlabError(f"{run_dir} has not finished training (no results_final.json); resume it with --training.resume_from=latest first.")
-    adapter, full = run_dir / "adapter", run_dir / "model"
-    out = Path(output_dir) if output_dir else run_dir / ("merged" if merge else "export")
+def load_base(run_dir, device: str = "cpu"):
+    """``(model, tokenizer)``: the base model of a run, built as its training built it (no
+    adapter), in eval mode; ``peft.PeftModel.from_pretrained(model, RUN/adapter)`` reloads the
+    exported adapter onto it."""
+    from .build import build_base
+    from .runs import RunDir
+
+    run = RunDir(run_dir).require()
+    cfg, meta = run.config(), run.meta() or {}
+    task = meta.get("task") or cfg.model.task
+    model, tokenizer, _ = build_base(cfg, task, meta.get("num_labels") or cfg.model.num_labels)
+    return model.to(device).eval(), tokenizer
+
+
+def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = False, which: str = "final") -> Path:
+    """Write the adapter (or full model) of ``which``, or with ``merge`` the merged model; return the folder."""
+    from .runs import RunDir
+
+    run = RunDir(run_dir).require()
+    if not run.is_finished():
+        raise PeftlabError(f"{run.path} has not finished training (no completed results_final.json); resume it with "
+                           "--training.resume_from=latest first.")
+    out = Path(output_dir) if output_dir else run.path / ("merged" if merge else "export")
     if out.exists():
         raise PeftlabError(f"{out} already exists; choose another --output-dir or delete it.")
-    if full.is_dir():
-        shutil.copytree(full, out)
-        return out
-    if not adapter.is_dir():
-        raise PeftlabError(f"{run_dir} has neither adapter/ nor model/ to export.")
-    if not merge:
-        shutil.copytree(adapter, out)
-        return out
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    if which == "final" and not merge:
+        for written in (run.adapter_dir, run.model_dir):
+            if written.is_dir():
+                shutil.copytree(written, out)
+                return out
+    from .runs import load_run
 
-    info = meta.get("_meta", {})
-    acfg = json.loads((adapter / "adapter_config.json").read_text())
-    base_path = acfg.get("base_model_name_or_path")
-    try:
-        if info.get("task") == "classification":
-            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=info.get("num_labels") or 2)
-        else:
-            base = AutoModelForCausalLM.from_pretrained(base_path)
-    except (OSError, ValueError) as e:
-        raise PeftlabError(f"Cannot load the base model {base_path!r} named in {adapter}/adapter_config.json ({type(e).__name__}); "
-                           "edit base_model_name_or_path to a local copy.") from None
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    try:
-        AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
-    except (OSError, ValueError):
-        pass
+    loaded = load_run(run.path, which=which)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None, prefix=".export-") as tmp:
+        written = loaded.method.export(loaded.model, Path(tmp), loaded.tokenizer)
+        if not merge or not loaded.method.exports_adapter:
+            if not written.is_dir():
+                raise PeftlabError(f"{loaded.method.name} wrote no model folder to export ({written.name}); see {run.path}.")
+            shutil.copytree(written, out)
+            return out
+        merged, _ = load_base(run.path)
+        if (written / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            merged = PeftModel.from_pretrained(merged, str(written)).merge_and_unload()
+        # else: nothing survived (e.g. every SoRA gate pruned); the merged model is the base itself
+        merged.save_pretrained(out, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(out)
     return out
 
 
 def cmd_export(args, extra) -> int:
-    out = export_run(Path(args.run_dir), Path(args.output_dir) if args.output_dir else None, args.merge)
+    out = export_run(Path(args.run_dir), Path(args.output_dir) if args.output_dir else None, args.merge, args.which)
     print(f"exported to {out}")
     return 0
 
@@ -68,4 +81,5 @@ def add_command(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--output-dir", default=None, help="where to write (default RUN_DIR/export or RUN_DIR/merged)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights (plain transformers model)")
+    p.add_argument("--which", default="final", help="checkpoint to export: final (default), best, latest, step-N or epoch-N")
     p.set_defaults(func=cmd_export, accepts_overrides=False)

@@ -165,27 +165,25 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
     """One real training step of ``vcfg.method`` on a copy of ``base``; returns every measurement."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .methods import METHODS, MethodContext
+    from .build import apply_method, make_method
+    from .methods import METHODS
     from .models import DEFAULT_TARGETS
 
     import logging
 
-    # full and plain rsvd only flip requires_grad, and lr = 0 leaves the weights as they were: the
-    # base model is reused; methods that wrap or replace modules work on a copy.
-    shared = vcfg.method == "full" or (vcfg.method == "rsvd" and vcfg.rsvd.weight_reduction_rank is None)
-    model = base if shared else copy.deepcopy(base)
+    info = METHODS[vcfg.method].profile_info(vcfg)
+    # methods that only flip requires_grad (full, plain rsvd) leave the weights as they were with lr = 0:
+    # the base model is reused; methods that wrap or replace modules work on a copy.
+    model = base if info["in_place"] else copy.deepcopy(base)
     targets = list(vcfg.model.target_modules or DEFAULT_TARGETS.get(model.config.model_type, ["q_proj", "v_proj"]))
 
     def compute_loss(mdl, b):
         return mdl(**b).loss
 
     with tempfile.TemporaryDirectory() as scratch:
-        ctx = MethodContext(cfg=vcfg, task=task, target_modules=targets, accelerator=None,
-                            train_batches=lambda: iter([batch] * 4), compute_loss=compute_loss, run_dir=Path(scratch),
-                            log=log or logging.getLogger("peftlab.profile"))
-        method = METHODS[vcfg.method](ctx)
-        torch.manual_seed(vcfg.training.seed + 1)
-        model = method.apply(model)
+        method = make_method(vcfg, task, targets, train_batches=lambda: iter([batch] * 4), compute_loss=compute_loss,
+                             run_dir=Path(scratch), log=log or logging.getLogger("peftlab.profile"))
+        model = apply_method(method, model)
         model.to(device)
         model.train()
         optimizer = method.build_optimizer(model)
@@ -225,7 +223,7 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
         with counter:
             optimizer.step()
         steady_flops = counter.get_total_flops()
-        interval = vcfg.rsvd.update_interval if vcfg.method == "rsvd" else 1
+        interval = info["refresh_interval"]
         groups = state_bytes_by_group(optimizer, names)
         params = {id(p): p for p in model.parameters()}
         out = {
@@ -252,13 +250,9 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
 
 
 def _rank_label(cfg) -> Optional[int]:
-    if cfg.method == "rsvd":
-        return cfg.rsvd.rank
-    sec = getattr(cfg, "lora", None) if cfg.method in ("lora", "dora") else getattr(cfg, cfg.method, None)
-    for key in ("r", "rank"):
-        if sec is not None and hasattr(sec, key):
-            return getattr(sec, key)
-    return None
+    from .methods import METHODS
+
+    return METHODS[cfg.method].profile_info(cfg)["rank"]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -284,13 +278,13 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     variants: list[tuple[str, Any]] = [("adamw", cfg.replace({"method": "full"})), ("configured", cfg)]
     for r in ranks:
         v = cfg.replace({"method": "rsvd", "rsvd.rank": r})
-        if not (cfg.method == "rsvd" and v.to_dict() == cfg.to_dict()):
+        if v.to_dict() != cfg.to_dict():  # the configured method is already this variant
             variants.append((f"rsvd_r{r}", v))
     results = []
     for label, vcfg in variants:
         res = profile_variant(base, vcfg, task, num_labels, batch, device)
         res["label"] = label
-        res["rank"] = _rank_label(vcfg) if vcfg.method != "full" else None
+        res["rank"] = _rank_label(vcfg)
         res["display"] = "adamw" if label == "adamw" else vcfg.method
         results.append(res)
     out_dir.mkdir(parents=True, exist_ok=True)

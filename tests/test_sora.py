@@ -17,15 +17,12 @@ from conftest import make_cfg
 
 def _build(tmp_path, kind="lm", method="sora", **over):
     """(cfg, method, peft model) built outside the loop, as the Trainer would build them."""
-    from peftlab.methods import METHODS, MethodContext
-    from peftlab.models import load_model
+    from peftlab.build import build
 
     cfg = make_cfg(tmp_path, kind, method=method, **over)
     task = "causal_lm" if kind == "lm" else "classification"
-    model, _, info = load_model(cfg, task, None if kind == "lm" else 2)
-    m = METHODS[method](MethodContext(cfg=cfg, task=task, target_modules=info.target_modules))
-    torch.manual_seed(cfg.training.seed + 1)
-    return cfg, m, m.apply(model)
+    b = build(cfg, task=task, num_labels=None if kind == "lm" else 2, data=False, optimizer=False)
+    return cfg, b.method, b.model
 
 
 def _base(cfg, kind="lm"):

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import make_cfg
 
@@ -101,19 +100,14 @@ def test_adapter_reloads_in_peft_with_identical_logits(tmp_path, run_train):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from peftlab.methods import METHODS, MethodContext
-    from peftlab.models import load_model
+    from peftlab.runs import load_run
 
     cfg = make_cfg(tmp_path, "cls", training__max_steps=5, model__dropout=0.0)
     run_train(cfg)
     run = tmp_path / "run"
-    # The model as trained: rebuild, apply LoRA, load the final trainable state from the last checkpoint.
-    model, tok, info = load_model(cfg, "classification", 2)
-    method = METHODS["lora"](MethodContext(cfg=cfg, task="classification", target_modules=info.target_modules))
-    trained = method.apply(model)
-    state = load_file(str(run / "checkpoints/epoch-1/model_state.safetensors"))
-    method.load_model_state(trained, state)
-    trained.eval()
+    # The model as trained, rebuilt from the run directory alone.
+    loaded = load_run(run)
+    trained, tok = loaded.model, loaded.tokenizer
     # The exported adapter, loaded by plain peft onto the saved base model.
     base = AutoModelForSequenceClassification.from_pretrained(run / "base_model")
     reloaded = PeftModel.from_pretrained(base, run / "adapter").eval()

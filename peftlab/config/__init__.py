@@ -145,6 +145,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     from ..methods import METHODS  # registry; imported lazily to avoid a cycle
 
     raw = copy.deepcopy(raw)
+    raw.pop("_meta", None)  # a run's config.json carries its provenance here; it is not configuration
     sections = all_sections()
     problems: list[str] = []
     method = raw.pop("method", "lora")

@@ -38,13 +38,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("lm-sample", "Task name (sst2, imdb, ag_news, tweet_eval, openwebtext, any hub name or name:config), a local file/folder or token-bin directory, a shipped sample (lm-sample, sst2-sample, imdb-sample, ag_news-sample, tweet_eval-sample), or an offline real dataset (food-reviews, python-docs).")
+    dataset: str = opt("lm-sample", "Task name (sst2, imdb, ag_news, tweet_eval, openwebtext, any hub name or name:config), a local file/folder or token-bin directory, a shipped sample (lm-sample, sst2-sample, imdb-sample, ag_news-sample, tweet_eval-sample, instruct-sample, chat-sample), or an offline real dataset (food-reviews, python-docs).")
     tokenizer: Optional[str] = opt(None, "Tokenizer name or path; defaults to the model's. `gpt2` is the genuine GPT-2 BPE.")
     data_dir: Optional[str] = opt(None, "Folder with local copies of a named task (<task>_dataset/<task>_train.csv ...).")
     text_column: Optional[str] = opt(None, "Text column of a CSV/JSON dataset; default `text` or the task's own.")
     text_pair_column: Optional[str] = opt(None, "Second text column for sentence-pair tasks.")
     label_column: Optional[str] = opt(None, "Label column of a CSV/JSON dataset; default `label`.")
-    max_length: int = opt(128, "Truncate classification inputs to this many tokens.")
+    max_length: int = opt(128, "Truncate classification inputs, and instruction/chat examples (or packed sequences), to this many tokens.")
     block_size: int = opt(128, "Tokens per training block for causal LM.")
     val_fraction: float = opt(0.1, "Fraction of train held out for validation when the data has no validation split.")
     train_samples: Optional[int] = opt(None, "k-shot: keep k training examples per class (stratified, seeded).")
@@ -52,6 +52,18 @@ class DataConfig:
     max_val_examples: Optional[int] = opt(None, "Keep at most this many validation examples.")
     clean_text: bool = opt(False, "TweetEval-style cleaning: HTML entities, tags, URLs -> [URL], @mentions -> [USER], whitespace.")
     split_seed: int = opt(42, "Seed for carving validation splits and k-shot subsets (independent of training.seed).")
+    # instruction tuning (peftlab/data/instruction.py, docs/instruction.md)
+    format: Literal["auto", "instruction", "chat"] = opt("auto", "Record format: `instruction` (instruction/input/output), `chat` (messages of role/content), or `auto` (decided by the data).")
+    instruction_column: str = opt("instruction", "Instruction field of instruction-format records.")
+    input_column: str = opt("input", "Optional input (context) field of instruction-format records.")
+    output_column: str = opt("output", "Response field of instruction-format records.")
+    messages_column: str = opt("messages", "Messages field of chat-format records (a list of {role, content}).")
+    system_prompt: Optional[str] = opt(None, "System message put before conversations that have none.")
+    chat_template: Literal["auto", "tokenizer", "default"] = opt("auto", "Prompt rendering: the tokenizer's chat template (`tokenizer`), peftlab's documented template (`default`), or the tokenizer's when it has one (`auto`).")
+    train_on_prompt: bool = opt(False, "Also learn prompt tokens; false masks them out of the loss (labels -100) so only responses are learned.")
+    packing: bool = opt(False, "Pack several instruction examples into one sequence of up to max_length tokens, without attention across examples.")
+    eval_generate: int = opt(0, "Write greedy generations for this many fixed validation prompts to generations/epoch-N.jsonl each epoch (0: off).")
+    eval_generate_max_new_tokens: int = opt(64, "Longest generation written by data.eval_generate.")
 
     def validate(self) -> list[str]:
         p = []
@@ -61,6 +73,8 @@ class DataConfig:
             p.append(f"`data.block_size` must be at least 2, got {self.block_size}.")
         if not 0.0 < self.val_fraction < 1.0:
             p.append(f"`data.val_fraction` must be between 0 and 1 (exclusive), got {self.val_fraction}.")
+        if self.eval_generate < 0 or self.eval_generate_max_new_tokens < 1:
+            p.append("`data.eval_generate` must be >= 0 and `data.eval_generate_max_new_tokens` >= 1.")
         for k in ("train_samples", "max_train_examples", "max_val_examples"):
             v = getattr(self, k)
             if v is not None and v < 1:

@@ -68,10 +68,13 @@ def load_raw(cfg) -> RawTask:
     """Resolve ``cfg.data.dataset`` into a :class:`RawTask` (cheap; no tokenization)."""
     from . import tasks  # noqa: F401  (registers named tasks and their samples)
     from . import offline  # noqa: F401  (registers food-reviews and python-docs)
+    from . import instruction  # registers instruct-sample and chat-sample; instruction/chat records
 
     name = cfg.data.dataset
     if name in DATASETS:
         raw = DATASETS[name](cfg)
+    elif (raw := instruction.maybe_load(name, cfg)) is not None:
+        pass
     else:
         path = Path(name).expanduser()
         hub = ""
@@ -181,13 +184,22 @@ def _is_document_jsonl(path: Path, cfg) -> bool:
 
 def postprocess(raw: RawTask, cfg) -> RawTask:
     """Carve a validation split if missing, subsample, k-shot (shared by every source)."""
+    from . import instruction
     from .splits import finalize_splits
 
+    if instruction.is_instruction(raw):
+        return instruction.finalize(raw, cfg)
+    instruction.check_options(raw, cfg)
     return finalize_splits(raw, cfg)
 
 
-def build_datasets(raw: RawTask, tokenizer, cfg):
-    """Tokenize ``raw`` into ``(train_dataset, val_dataset, collate_fn)``."""
+def build_datasets(raw: RawTask, tokenizer, cfg, model=None):
+    """Tokenize ``raw`` into ``(train_dataset, val_dataset, collate_fn)``; ``model`` (optional)
+    lets instruction packing check that the model keeps packed examples apart."""
+    from . import instruction
+
+    if instruction.is_instruction(raw):
+        return instruction.build(raw, tokenizer, cfg, model=model)
     if raw.task == "causal_lm":
         if hasattr(raw.train, "make_dataset"):  # token bins bring their own dataset
             for part in (raw.train, raw.val):

@@ -16,8 +16,16 @@ def _register(cls: type[Method], **sections: type) -> None:
     merged into ``cls.config_sections``."""
     if cls.name in METHODS:
         raise ValueError(f"method {cls.name!r} registered twice")
-    if sections:
-        cls.config_sections = {**cls.config_sections, **sections}
+    explicit = cls.__dict__.get("sections", ())  # the older API: section names in `sections`
+    if sections or any(n not in cls.config_sections for n in explicit):
+        known = {n: c for m in METHODS.values() for n, c in m.config_sections.items()}
+        merged = dict(cls.config_sections)
+        for n in explicit:
+            if n not in merged and n not in sections:
+                if n not in known:
+                    raise ValueError(f"method {cls.name!r} reads section {n!r}, which no method declares; put it in config_sections")
+                merged[n] = known[n]
+        cls.config_sections = {**merged, **sections}
         cls.sections = tuple(cls.config_sections)
     for other in METHODS.values():
         for name, sec in cls.config_sections.items():

@@ -112,6 +112,13 @@ class BALoRA(LoRA):
         return {"method": self.name, "ranks": dict(self._ranks), "alphas": {n: self._alpha(r) for n, r in self._ranks.items()},
                 "use_warmstart": self.cfg.ba_lora.use_warmstart}
 
+    @classmethod
+    def legacy_structure(cls, run_dir):
+        path = run_dir / "allocation.json"
+        if not path.is_file():
+            return None
+        return {"method": cls.name, "ranks": {n: int(m["rank"]) for n, m in json.loads(path.read_text())["modules"].items()}}
+
     # ------------------------------------------------------------------ apply
     def apply(self, model, structure=None):
         self.check_structure(structure)
@@ -171,6 +178,7 @@ class BALoRA(LoRA):
             seconds["allocation"] = time.perf_counter() - t0
             total_imp = sum(scores) or 1.0
             record = {
+                "method": self.name,
                 "budget": budget,
                 "budget_source": "param_budget" if ba.param_budget is not None else f"base_rank={ba.base_rank}",
                 "min_feasible_budget": lo_b,

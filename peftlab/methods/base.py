@@ -63,6 +63,8 @@ class Method:
     sections: ClassVar[tuple[str, ...]] = ()
     #: True when the result is an adapter in HF PEFT format
     exports_adapter: ClassVar[bool] = False
+    #: part of `peftlab compare`'s default set (False: only when asked for with --methods)
+    compare_by_default: ClassVar[bool] = True
     #: a wide per-module CSV kept for the seed plans: ``(file name, metric)`` writes
     #: ``epoch, step, overall_<metric>, <one column per module>`` beside module_metrics.csv
     wide_module_log: ClassVar[Optional[tuple[str, str]]] = None
@@ -112,6 +114,12 @@ class Method:
         in the run directory and in every checkpoint. Methods whose structure follows from the
         config alone record only their name."""
         return {"method": self.name}
+
+    @classmethod
+    def legacy_structure(cls, run_dir: Path) -> Optional[dict]:
+        """The structure of a run written before ``method.json`` existed, from its other files
+        (None: rebuild from the config alone)."""
+        return None
 
     def check_structure(self, structure: Optional[dict]) -> None:
         """Reject a structure recorded by another method."""

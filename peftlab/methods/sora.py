@@ -395,6 +395,9 @@ class SoRA(LoRA):
             "ranks": ranks,
             "labels": {g.name: g.label for g in self.gated},
             "kept_indices": {g.name: (~self._pruned(g)).nonzero().flatten().tolist() for g in self.gated},
+            # the schema every allocation.json shares: method + modules{name: {rank, ...}}
+            "modules": {g.name: {"rank": ranks[g.name], "max_rank": g.r, "label": g.label,
+                                 "kept_indices": (~self._pruned(g)).nonzero().flatten().tolist()} for g in self.gated},
         }
 
     def export(self, model, out_dir: Path, tokenizer=None) -> Path:

@@ -228,11 +228,25 @@ def _gpt2_from_files(folder: Path):
                              add_prefix_space=False, model_max_length=1024)
 
 
+def check_gpt2_tokenizer(tok, source: str):
+    """Return ``tok`` if it is the genuine GPT-2 BPE (50,257 tokens, ``<|endoftext|>`` = 50256), else raise."""
+    n, eot = len(tok), tok.eos_token_id
+    if n != 50257 or eot != 50256:
+        raise PeftlabError(
+            f"The GPT-2 tokenizer from {source} has {n} tokens and <|endoftext|> = {eot} (expected 50257 and 50256), "
+            f"so it is not the GPT-2 BPE. Install the offline copy with `{GPT2_BPE.pip_command()}` (or `{INSTALL_HINT}`); "
+            "see docs/offline-assets.md."
+        )
+    return tok
+
+
 def gpt2_tokenizer():
     """The genuine GPT-2 BPE tokenizer (50,257 tokens, ``<|endoftext|>`` = 50256), offline.
 
     Falls back to the hub's ``gpt2`` tokenizer only if the package is missing and the hub
-    (or the local HF cache) can provide it.
+    (or the local HF cache) can provide it. Whatever the source, the result is checked: offline,
+    ``from_pretrained("gpt2")`` can return an empty tokenizer instead of failing, which would
+    silently tokenize everything to end-of-text.
     """
     from transformers import GPT2TokenizerFast
 
@@ -240,16 +254,21 @@ def gpt2_tokenizer():
         folder = gpt2_tokenizer_dir()
     except PeftlabError as missing:
         try:
-            return GPT2TokenizerFast.from_pretrained("gpt2")
+            tok = GPT2TokenizerFast.from_pretrained("gpt2")
         except (OSError, ValueError):
             raise missing from None
+        try:
+            return check_gpt2_tokenizer(tok, "the Hugging Face hub (the offline package is not installed)")
+        except PeftlabError:
+            raise missing from None
     tok = GPT2TokenizerFast.from_pretrained(str(folder))
-    if len(tok) != 50257 or tok.eos_token_id != 50256:
+    try:
+        return check_gpt2_tokenizer(tok, str(folder))
+    except PeftlabError:
         raise PeftlabError(
             f"The GPT-2 tokenizer built from {folder} has {len(tok)} tokens and <|endoftext|> = {tok.eos_token_id} "
-            f"(expected 50257 and 50256). Delete {folder} and retry."
-        )
-    return tok
+            f"(expected 50257 and 50256). Delete {folder} and retry; if it persists reinstall `{GPT2_BPE.pip_command()} --force-reinstall`."
+        ) from None
 
 
 OFFLINE_MODELS["smollm2-135m"] = smollm2_dir
@@ -257,4 +276,4 @@ OFFLINE_MODELS["minilm-l6"] = minilm_dir
 OFFLINE_TOKENIZERS["gpt2"] = gpt2_tokenizer
 
 __all__ = ["ASSETS", "cache_root", "locate", "atomic_build", "convert_gguf", "smollm2_cache_dir", "smollm2_dir", "minilm_dir",
-           "gpt2_tokenizer_dir", "gpt2_tokenizer", "INSTALL_HINT"]
+           "gpt2_tokenizer_dir", "gpt2_tokenizer", "check_gpt2_tokenizer", "INSTALL_HINT"]

@@ -96,16 +96,21 @@ class RunDir:
         return None if data is None else data.get("_meta", {})
 
     def config(self):
-        """A validated RunConfig: the run's core sections and its own method's sections (other
-        methods' sections are dropped), with keys this run predates filled from defaults."""
+        """A validated RunConfig of the run, with keys this run predates filled from defaults.
+        Sections of other methods that no longer validate (renamed or removed keys) are
+        replaced by their defaults: only the core and the run's own sections must be valid."""
         from ..config import config_from_dict
+        from ..errors import ConfigError
 
         raw = self.config_dict()
         if raw is None:
             return None
-        method = raw.get("method", "lora")
-        keep = set(identity_sections(method)) if isinstance(method, str) else set()
-        return config_from_dict({k: v for k, v in raw.items() if k == "method" or k in keep})
+        try:
+            return config_from_dict(raw)
+        except ConfigError:
+            method = raw.get("method", "lora")
+            keep = set(identity_sections(method)) if isinstance(method, str) else set()
+            return config_from_dict({k: v for k, v in raw.items() if k == "method" or k in keep})
 
     def results(self) -> Optional[dict]:
         return self._json(self.results_path)
@@ -230,9 +235,10 @@ def load_run(path, which: str = "final", device: str = "cpu") -> LoadedRun:
                            "Set model.task in its config.json to causal_lm or classification.")
     num_labels = meta.get("num_labels") or cfg.model.num_labels
     structure = run.structure(checkpoint)
-    if structure is None and cfg.method == "ba_lora" and run.allocation() is not None:
-        # runs written before method.json: BA-LoRA's ranks are in allocation.json
-        structure = {"method": "ba_lora", "ranks": {n: m["rank"] for n, m in run.allocation()["modules"].items()}}
+    if structure is None:  # a run written before method.json existed
+        from ..methods import METHODS
+
+        structure = METHODS[cfg.method].legacy_structure(run.path)
     built = build(cfg, task=task, num_labels=num_labels, data=False, structure=structure, optimizer=False,
                   device=device, run_dir=None)
     from safetensors.torch import load_file

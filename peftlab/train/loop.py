@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .. import checkpoints as ckpt
+from ..data.instruction import write_generations
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
@@ -471,6 +472,8 @@ class Trainer:
     def _end_epoch(self, e: int, seconds: float, best_name: str, higher: bool) -> None:
         st, log, acc = self.state, self.log, self.accelerator
         metrics = self.evaluate()
+        if self.cfg.data.eval_generate and acc.is_main_process:  # instruction data: readable generations each epoch
+            write_generations(self.unwrapped(), self.tokenizer, self.val_ds, self.cfg, self.run_dir, e + 1)
         train_loss = st.epoch_loss_sum / max(st.epoch_loss_count, 1)
         trainable, effective = self.method.param_counts(self.unwrapped())
         self.param_counts.update(trainable_params=trainable, effective_params=effective)
@@ -550,9 +553,9 @@ class Trainer:
         if not hasattr(self.unwrapped(), "get_base_model"):  # only adapters point at a base model
             return
         # Save the original (unadapted) weights of the base architecture.
-        from ..models import load_model
+        from ..build import build_base
 
-        fresh, _, _ = load_model(self.cfg, self.task, self.num_labels)
+        fresh, _, _ = build_base(self.cfg, self.task, self.num_labels)
         fresh.save_pretrained(base, safe_serialization=True)
         self.tokenizer.save_pretrained(base)
         cfg_path = export_dir / "adapter_config.json"
