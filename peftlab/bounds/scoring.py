@@ -21,9 +21,10 @@ Rows are sorted by length and packed into batches of about ``batch_tokens`` toke
 left-padded (with an attention mask and position ids when a batch mixes lengths) so that
 every row's counted predictions are its last columns: the LM head runs only on the last
 ``max(n_new)`` positions of a batch (``logits_to_keep``), which for sliding windows and
-single tokens is most of the saving. Per-token losses are reduced to per-unit sums with ``index_add_`` on the
-device; there is no Python loop over tokens. The model is put in ``eval()`` mode (dropout
-off) and run under ``torch.inference_mode``.
+single tokens is most of the saving. Per-token losses are reduced to per-row sums on the
+device (a dense masked sum, deterministic on GPUs) and to per-unit sums on the host; there
+is no Python loop over tokens. The model is put in ``eval()`` mode (dropout off) and run
+under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -238,9 +239,9 @@ def score_rows(
     model.eval()
     take = _padded_stream(tokens, eot_id)
     A = len(alphas)
-    loss = torch.zeros(A + 1, num_units, dtype=torch.float64, device=device)
-    hits = torch.zeros(len(TOPK), num_units, dtype=torch.float64, device=device)
-    count = torch.zeros(num_units, dtype=torch.float64, device=device)
+    loss = np.zeros((A + 1, num_units))
+    hits = np.zeros((len(TOPK), num_units))
+    count = np.zeros(num_units)
     remaining = np.bincount(rows.unit, minlength=num_units)
     vocab = None
     bar = tqdm(total=num_units, desc=desc, unit="unit", disable=not progress, dynamic_ncols=True)
@@ -276,11 +277,14 @@ def score_rows(
                 lp = torch.log_softmax(sel, dim=-1).gather(-1, tgt[:, None])[:, 0]
                 per_tok = torch.cat([smoothed_nll_bits(lp, alphas, vocab), (-lp.double() / LN2)[None]], 0)  # (A+1, K)
                 top = topk_correct(sel, tgt, TOPK).double()  # (3, K)
-                row_of = torch.from_numpy(np.repeat(np.arange(len(idx)), counted.sum(1))).to(device)
-                unit_of = torch.from_numpy(unit).to(device)[row_of]
-                loss.index_add_(1, unit_of, per_tok)
-                hits.index_add_(1, unit_of, top)
-                count.index_add_(0, unit_of, torch.ones_like(unit_of, dtype=torch.float64))
+                # per-row sums by a dense masked reduction (deterministic on GPUs, unlike atomic
+                # scatter-adds), then rows -> units on the host (a few numbers per row)
+                dense = torch.zeros(A + 1 + len(TOPK), *m_t.shape, dtype=torch.float64, device=device)
+                dense[:, m_t] = torch.cat([per_tok, top], 0)
+                row_sums = dense.sum(-1).cpu().numpy()  # (A+1+3, B)
+            np.add.at(loss.T, unit, row_sums[:A + 1].T)
+            np.add.at(hits.T, unit, row_sums[A + 1:].T)
+            np.add.at(count, unit, counted.sum(1))
             before = int((remaining == 0).sum())
             np.subtract.at(remaining, unit, 1)
             bar.update(int((remaining == 0).sum()) - before)
@@ -288,7 +292,7 @@ def score_rows(
         bar.close()
     if vocab is None:
         raise PeftlabError("nothing to score: the sample holds no tokens.")
-    return UnitScores(loss.cpu().numpy(), hits.cpu().numpy(), count.cpu().numpy(), tuple(alphas), int(vocab))
+    return UnitScores(loss, hits, count, tuple(alphas), int(vocab))
 
 
 __all__ = [
