@@ -67,6 +67,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("peftlab.compare:add_command", "several methods on one task at matched budgets, one table"),
     "sweep": ("peftlab.studies.cli:add_sweep", "run a study: a grid of runs x seeds; finished runs skipped, interrupted ones resumed"),
     "estimate": ("peftlab.studies.cli:add_estimate", "time a few real optimizer steps; time per run and in total for a study or config"),
+    "bounds": ("peftlab.bounds.cli:add_command", "PAC-Bayes compression bound of a trained run (document-, sequence- or token-level)"),
     "analyze": ("peftlab.analysis.cli:add_command", "tables, plots, hypothesis checks and an HTML report for a study directory"),
 }
 

@@ -210,6 +210,27 @@ class SoRA(LoRA):
                 out[n] = p.detach().clone()
         return out
 
+    @torch.no_grad()
+    def load_compressible_state(self, model, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`compressible_state` (used by ``peftlab bounds`` to score the
+        quantized adapter): ``A[K]`` and the folded ``B[:, K]`` go back into the layers and the
+        surviving gates become 1, so ``B diag(g) A`` is the decoded product; pruned ranks keep
+        their zero gates."""
+        done: set[str] = set()
+        for g in self.gated:
+            keep = (~self._pruned(g)).nonzero().flatten()
+            A = g.layer.lora_A[ADAPTER].weight
+            B = g.layer.lora_B[ADAPTER].weight
+            ka, kb = f"{g.name}.lora_A.weight", f"{g.name}.lora_B.weight"
+            A[keep] = state[ka].to(A.device, A.dtype)
+            B[:, keep] = state[kb].to(B.device, B.dtype)
+            g.gate[keep] = 1.0
+            done.update((ka, kb))
+        params = dict(model.named_parameters())
+        for n, t in state.items():
+            if n not in done:
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+
     def _gate_ids(self) -> set[int]:
         return {id(g.gate) for g in self.gated}
 

@@ -1,0 +1,434 @@
+"""From a trained run to ``bounds_metrics.json``: compress, verify, score, bound.
+
+    metrics = run_bounds("runs/sublora", bounds_config(["--bounds.levels=11"]))
+
+Steps, in order (cheap checks first, so bad input fails before any model is built):
+
+1. check the bounds section, the run directory and the token bins (document level needs
+   ``eot_indices.npy`` and ``doc_lengths.npy``);
+2. rebuild the model with :func:`peftlab.runs.load_run`;
+3. take ``method.compressible_state(model)`` (SubLoRA: the subspace vector and gates;
+   other methods: their trainable adapter tensors), quantize it to ``L`` levels
+   (optionally refined by quantization-aware training), arithmetic-code the symbols,
+   decode them back and check the decoded vector is the quantized one;
+4. score a sample of units with the full-precision weights (the quantization's own
+   cost), load the *quantized* weights into the model and score the whole sample;
+5. compute the bound for every α, keep the best, add top-k error bounds, write JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..errors import PeftlabError
+from . import coding
+from . import formulas as F
+from .config import BoundsConfig
+from .quantize import Quantized, flatten_state, quantization_aware_training, quantize, unflatten_state
+from .scoring import (TOPK, Rows, document_rows, document_spans, num_sequences, sample_units, score_rows, sequence_rows,
+                      token_rows)
+
+PREPARE_HINT = "peftlab data prepare DATASET --output-dir DIR --tokenizer TOKENIZER"
+
+STATEMENTS = {
+    "document_level": (
+        "Upper bound, holding with probability >= 1-delta, on the expected smoothed per-token loss (bits per token, "
+        "averaged within a document) of the quantized model on a new document drawn from the same distribution as the "
+        "training documents (Lotfi et al. 2023, with subsampling)."
+    ),
+    "sequence_level": (
+        "Upper bound, holding with probability >= 1-delta, on the expected smoothed per-token loss (bits per token) of the "
+        "quantized model on a new context-length chunk drawn like the aligned training chunks (assumes the chunks are i.i.d.)."
+    ),
+    "token_level": (
+        "Upper bound, holding with probability >= 1-delta, on (1/m) * sum_i E[smoothed loss of token i | the training "
+        "tokens before it]: the average over the m training positions of the expected next-token loss (bits) under the data "
+        "distribution given the actual preceding context (Lotfi et al. 2024, martingale bound). It is not a bound on the "
+        "loss of a new document."
+    ),
+}
+
+
+# ------------------------------------------------------------------ data
+
+
+def resolve_data(bcfg: BoundsConfig, run_cfg: Any) -> Path:
+    """The token-bin directory of the training data, checked (files, document files)."""
+    from ..data.bins import INCOMPLETE
+
+    dataset = getattr(getattr(run_cfg, "data", None), "dataset", None)
+    tok = (getattr(run_cfg.data, "tokenizer", None) or getattr(run_cfg.model, "name", "TOKENIZER")) if run_cfg is not None else "TOKENIZER"
+    if bcfg.data is not None:
+        path = Path(bcfg.data).expanduser()
+        where = "--bounds.data"
+    else:
+        path = Path(str(dataset)).expanduser() if dataset else None
+        where = f"the run's data.dataset ({dataset!r})"
+        if path is None or not (path / "train.bin").is_file():
+            raise PeftlabError(
+                f"The run was trained on {dataset!r}, which is not a token-bin directory, so the bound has no training tokens to "
+                f"score. Write them with `peftlab data prepare {dataset} --output-dir DIR --tokenizer {tok}` and pass "
+                "--bounds.data=DIR (use the tokenizer the run used)."
+            )
+    if not path.is_dir():
+        raise PeftlabError(f"{where} names {str(path)!r}, which is not a directory; give a token-bin directory written by `{PREPARE_HINT}`.")
+    if not (path / "train.bin").is_file():
+        raise PeftlabError(f"{path} has no train.bin; write the token bins with `{PREPARE_HINT}` (DIR = {path}).")
+    if (path / INCOMPLETE).exists():
+        raise PeftlabError(f"{path} holds an interrupted preparation ({INCOMPLETE}); re-run `{PREPARE_HINT} --overwrite`.")
+    if bcfg.bound_type == "document_level":
+        for name in ("eot_indices.npy", "doc_lengths.npy"):
+            if not (path / name).is_file():
+                raise PeftlabError(
+                    f"A document-level bound needs {path / name}, which does not exist: documents are the spans between EOT "
+                    f"tokens of train.bin. Re-write the directory with `{PREPARE_HINT} --overwrite` (DIR = {path}), which "
+                    "writes eot_indices.npy and doc_lengths.npy, or choose --bounds.bound_type=sequence_level or token_level."
+                )
+    return path
+
+
+# ------------------------------------------------------------------ what is compressed
+
+
+def compressible_state(method: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors the bound encodes: the method's own choice, else its trainable tensors."""
+    fn = getattr(method, "compressible_state", None)
+    if fn is not None:
+        state = fn(model)
+    else:  # methods built before the shared API: every trainable tensor
+        params = method.trainable_parameters(model) if hasattr(method, "trainable_parameters") else [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad]
+        state = {n: p.detach().clone() for n, p in params}
+    return {k: v.detach() for k, v in state.items()}
+
+
+def load_state(method: Any, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put (quantized) values of the compressible tensors back into the model."""
+    fn = getattr(method, "load_compressible_state", None)
+    if fn is not None:
+        fn(model, state)
+        return
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    missing = [k for k in state if k not in named]
+    if missing:
+        raise PeftlabError(
+            f"cannot load the quantized tensors back: the model has no tensor named {missing[0]!r} ({len(missing)} missing). "
+            "The method's compressible_state() must name model parameters or the method must define load_compressible_state()."
+        )
+    with torch.no_grad():
+        for k, v in state.items():
+            if named[k].shape != v.shape:
+                raise PeftlabError(f"quantized tensor {k!r} has shape {tuple(v.shape)} but the model's is {tuple(named[k].shape)}.")
+            named[k].copy_(v.to(named[k].device, named[k].dtype))
+
+
+@dataclass
+class Compression:
+    quantized: Quantized
+    state: dict[str, torch.Tensor]  #: dequantized tensors, shaped like the originals
+    d: int
+    coded_bits: int
+    message_bits: float
+    prefix_bits: float
+    extra_bits: int
+    kl_nats: float
+    mse: float
+    max_abs: float
+
+
+def compress(state: dict[str, torch.Tensor], bcfg: BoundsConfig, refine: Optional[Callable[[Quantized], Quantized]] = None) -> Compression:
+    """Quantize, code, decode and check; the prior's code length and the KL term."""
+    vec = flatten_state(state)
+    d = int(vec.size)
+    if d < 2:
+        raise PeftlabError(f"the compressible state holds {d} number(s); there is nothing to compress for a bound.")
+    if not np.all(np.isfinite(vec)):
+        raise PeftlabError("the trained tensors hold NaN or infinite values; the run diverged and has no bound.")
+    q = quantize(vec, bcfg.levels, use_kmeans=bcfg.use_kmeans)
+    if refine is not None:
+        q = refine(q)
+        vec = None  # QAT changed the full-precision weights; the error below is against the refined ones
+    enc = coding.encode(q.symbols, q.levels)
+    decoded = coding.decode(enc)
+    if not np.array_equal(decoded, q.symbols):  # pragma: no cover - constriction guarantees this
+        raise RuntimeError("arithmetic decoding did not reproduce the quantized symbols")
+    values = q.codebook.astype(np.float32)[decoded]
+    message = F.message_length_bits(enc.num_bits, q.levels, d)
+    prefix = F.prefix_free_length(message)
+    extra = F.extra_bits(len(bcfg.alphas), bcfg.misc_extra_bits)
+    ref = flatten_state(state) if vec is None else vec
+    return Compression(
+        quantized=q, state=unflatten_state(values.astype(np.float64), state), d=d, coded_bits=enc.num_bits,
+        message_bits=message, prefix_bits=prefix, extra_bits=extra, kl_nats=F.kl_nats(prefix, extra),
+        mse=float(np.mean((values - ref) ** 2)), max_abs=float(np.max(np.abs(ref))),
+    )
+
+
+# ------------------------------------------------------------------ units
+
+
+@dataclass
+class Sample:
+    rows: Rows
+    units: np.ndarray  #: unique unit ids
+    weights: np.ndarray  #: multiplicity of each unit in the sample
+    m: int  #: units in the training data
+    n: int  #: sampled units (with repetitions)
+    sampled: bool
+
+
+def build_sample(bound_type: str, data_dir: Path, tokens: np.ndarray, context: int, bcfg: BoundsConfig) -> Sample:
+    N = len(tokens)
+    if bound_type == "document_level":
+        eot = np.load(data_dir / "eot_indices.npy", mmap_mode="r")
+        lengths = np.load(data_dir / "doc_lengths.npy", mmap_mode="r")
+        starts = document_spans(np.asarray(eot), np.asarray(lengths), N)
+        m = len(starts)
+        units, w, sampled = sample_units(m, bcfg.num_docs, bcfg.seed)
+        rows = document_rows(starts, np.asarray(lengths), units, context, bcfg.stride)
+    elif bound_type == "sequence_level":
+        m = num_sequences(N, context)
+        if m < 1:
+            raise PeftlabError(f"train.bin holds {N} tokens, fewer than one sequence of {context + 1}; lower --bounds.context_length.")
+        units, w, sampled = sample_units(m, bcfg.num_docs, bcfg.seed)
+        rows = sequence_rows(units, context)
+    else:
+        m = N
+        units, w, sampled = sample_units(m, bcfg.num_docs, bcfg.seed)
+        rows = token_rows(units, context)
+    return Sample(rows, units, w, m, int(w.sum()), sampled)
+
+
+def _subset_rows(rows: Rows, keep_units: np.ndarray) -> Rows:
+    """Rows of the units in ``keep_units`` (positions into the sample), renumbered 0..k-1."""
+    remap = -np.ones(int(rows.unit.max()) + 1 if len(rows) else 0, dtype=np.int64)
+    remap[keep_units] = np.arange(len(keep_units))
+    sel = remap[rows.unit] >= 0
+    return Rows(rows.start[sel], rows.length[sel], rows.n_new[sel], remap[rows.unit[sel]])
+
+
+# ------------------------------------------------------------------ the bound
+
+
+def _weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (x * w).sum(-1) / w.sum()
+
+
+def bound_table(unit_loss: np.ndarray, unit_err: np.ndarray, weights: np.ndarray, alphas, vocab: int, kl: float, m: int, n: int,
+                delta: float) -> dict[str, Any]:
+    """Per-α bounds, the best α, top-k error bounds (Δ = 1)."""
+    risks = _weighted_mean(unit_loss, weights)  # (A+1,)
+    rows = []
+    for i, a in enumerate(alphas):
+        dlt = F.smoothing_delta(a, vocab)
+        rows.append({"alpha": float(a), "empirical_bpd": float(risks[i]), "delta_range_bits": dlt,
+                     "bound_value": F.hoeffding_subsampled_bound(float(risks[i]), kl, m, n, delta, dlt)})
+    best = min(rows, key=lambda r: r["bound_value"])
+    errs = _weighted_mean(unit_err, weights)
+    topk = {}
+    for j, k in enumerate(TOPK):
+        topk[f"top{k}_error"] = float(errs[j])
+        topk[f"top{k}_error_bound"] = min(1.0, F.hoeffding_subsampled_bound(float(errs[j]), kl, m, n, delta, 1.0))
+    return {"per_alpha": rows, "best": best, "unsmoothed_bpd": float(risks[-1]), **topk}
+
+
+def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: BoundsConfig, data_dir: Path,
+                   device: torch.device, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Everything after loading: compress, score, bound. Returns the metrics dictionary."""
+    from ..data.bins import TokenBin
+
+    t0 = time.perf_counter()
+    tb = TokenBin(data_dir, "train")
+    tokens = tb.tokens()
+    eot_id = int(tb.meta["eot_token_id"])
+    model.eval()
+    model.to(device)
+
+    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    block = getattr(getattr(run_cfg, "data", None), "block_size", None) if run_cfg is not None else None
+    context = bcfg.context_length or block or max_pos or 1024
+    if max_pos:
+        context = min(context, int(max_pos))
+    if bcfg.bound_type == "document_level" and bcfg.stride > context:
+        raise PeftlabError(f"--bounds.stride={bcfg.stride} exceeds the context of {context} tokens; choose a stride of at most {context}.")
+
+    state = compressible_state(method, model)
+    if not state:
+        raise PeftlabError("the run's method exposes no compressible tensors (nothing was trained), so there is no compression bound.")
+    fp_state = {k: v.detach().clone() for k, v in state.items()}
+
+    refine = None
+    if bcfg.quant_iters > 0:
+        refine = _qat_refiner(model, state, tokens, context, bcfg, device, log)
+    comp = compress(state, bcfg, refine)
+    if refine is not None:  # QAT moved the full-precision weights; the fp baseline is the refined one
+        fp_state = compressible_state(method, model)
+        fp_state = {k: v.detach().clone() for k, v in fp_state.items()}
+    log(f"bounds: compressed {comp.d:,} numbers to {comp.message_bits:,.0f} bits "
+        f"({comp.coded_bits:,} coded + header), prefix-free {comp.prefix_bits:,.1f} bits, KL {comp.kl_nats:,.1f} nats")
+
+    sample = build_sample(bcfg.bound_type, data_dir, tokens, context, bcfg)
+    alphas = tuple(float(a) for a in bcfg.alphas)
+    autocast = torch.bfloat16 if (bcfg.dtype == "bf16" and device.type == "cuda") else None
+    kw = dict(eot_id=eot_id, alphas=alphas, device=device, batch_tokens=bcfg.batch_tokens, autocast_dtype=autocast,
+              progress=bcfg.progress_bar)
+    unit_name = {"document_level": "documents", "sequence_level": "sequences", "token_level": "tokens"}[bcfg.bound_type]
+
+    # the quantization's own cost: a seeded subset of the sample, full precision first
+    k = min(bcfg.full_precision_units, len(sample.units))
+    fp = None
+    subset = np.sort(np.random.default_rng(bcfg.seed + 1).permutation(len(sample.units))[:k]) if k else np.zeros(0, dtype=np.int64)
+    t_score = time.perf_counter()
+    if k:
+        load_state(method, model, fp_state)
+        fp = score_rows(model, tokens, _subset_rows(sample.rows, subset), k, desc=f"full precision ({unit_name})", **kw)
+    load_state(method, model, comp.state)  # the bound is about the quantized model
+    sc = score_rows(model, tokens, sample.rows, len(sample.units), desc=f"quantized ({unit_name})", **kw)
+    score_time = time.perf_counter() - t_score
+
+    loss, err = sc.unit_means()
+    vocab = sc.vocab_size
+    table = bound_table(loss, err, sample.weights, alphas, vocab, comp.kl_nats, sample.m, sample.n, bcfg.delta)
+    best = table["best"]
+    best_i = alphas.index(best["alpha"])
+    quant_cost: dict[str, Any] = {"units": int(k), "mse": comp.mse, "max_abs_full_precision": comp.max_abs}
+    if fp is not None:
+        fl, _ = fp.unit_means()
+        w = sample.weights[subset]
+        quant_cost.update({
+            "full_precision_bpd": float(_weighted_mean(fl[best_i], w)),
+            "quantized_bpd": float(_weighted_mean(loss[best_i, subset], w)),
+            "full_precision_unsmoothed_bpd": float(_weighted_mean(fl[-1], w)),
+            "quantized_unsmoothed_bpd": float(_weighted_mean(loss[-1, subset], w)),
+        })
+    threshold = math.log2(vocab)
+    wall = time.perf_counter() - t0
+    metrics = {
+        "bound_type": bcfg.bound_type,
+        "statement": STATEMENTS[bcfg.bound_type],
+        "bound_value": best["bound_value"],
+        "bound_units": "bits per token",
+        "empirical_bpd": best["empirical_bpd"],
+        "best_alpha": best["alpha"],
+        "delta_range_bits": best["delta_range_bits"],
+        "kl_divergence": comp.kl_nats,
+        "kl_divergence_units": "nats",
+        "compressed_size_bits": comp.message_bits,
+        "coded_symbol_bits": comp.coded_bits,
+        "prefix_message_len": comp.prefix_bits,
+        "extra_bits": comp.extra_bits,
+        "decode_verified": True,
+        "levels": comp.quantized.levels,
+        "use_kmeans": bcfg.use_kmeans,
+        "quant_iters": bcfg.quant_iters,
+        "compressed_numbers": comp.d,
+        "compressed_tensors": len(state),
+        "n": sample.n,
+        "n_unique": int(len(sample.units)),
+        "m": sample.m,
+        "subsampled": sample.sampled,
+        "delta": bcfg.delta,
+        "vocab_size": vocab,
+        "vacuous_threshold_bits": threshold,
+        "non_vacuous": bool(best["bound_value"] < threshold),
+        "unsmoothed_bpd": table["unsmoothed_bpd"],
+        **{key: table[key] for key in table if key.startswith("top")},
+        "per_alpha": table["per_alpha"],
+        "quantization_cost": quant_cost,
+        "context_length": context,
+        "stride": bcfg.stride if bcfg.bound_type == "document_level" else None,
+        "seed": bcfg.seed,
+        "tokens_scored": int(sc.tokens.sum()),
+        "scoring_time_s": score_time,
+        f"{unit_name}_per_second": len(sample.units) / max(score_time, 1e-9),
+        "wall_time_s": wall,
+        "device": str(device),
+        "data": str(data_dir),
+    }
+    return metrics
+
+
+def _qat_refiner(model, state, tokens, context, bcfg, device, log):
+    params = dict(model.named_parameters())
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise PeftlabError(
+            f"--bounds.quant_iters needs the compressible tensors to be model parameters; {missing[0]!r} is not. Use --bounds.quant_iters=0."
+        )
+    live = {k: params[k] for k in state}
+    rng = np.random.default_rng(bcfg.seed + 2)
+    N = len(tokens)
+    L = min(context, N - 1)
+
+    def loss_fn():
+        starts = rng.integers(0, N - L, size=8)
+        x = torch.from_numpy(np.stack([np.asarray(tokens[s:s + L + 1], dtype=np.int64) for s in starts])).to(device)
+        out = model(input_ids=x[:, :-1])
+        return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten())
+
+    def refine(q: Quantized) -> Quantized:
+        log(f"bounds: quantization-aware training, {bcfg.quant_iters} steps")
+        with torch.enable_grad():
+            return quantization_aware_training(live, q, loss_fn, bcfg.quant_iters, bcfg.quant_lr)
+
+    return refine
+
+
+# ------------------------------------------------------------------ the command
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PeftlabError("--bounds.device=cuda but no CUDA GPU is visible; use --bounds.device=cpu or auto.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_metrics(metrics: dict[str, Any], path: Path) -> None:
+    from ..checkpoints import atomic_write_text
+
+    atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+
+
+def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``peftlab bounds RUN_DIR``: check inputs, load the run, compute, write ``bounds_metrics.json``."""
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "config.json").is_file():
+        raise PeftlabError(f"{run_dir} is not a peftlab run directory (no config.json); give the output.dir of a finished `peftlab train`.")
+    from ..runs import RunDir, load_run
+
+    rd = RunDir(run_dir)
+    run_cfg = rd.config()
+    task = (rd.meta() or {}).get("task") or getattr(getattr(run_cfg, "model", None), "task", "auto")
+    if task == "classification":
+        raise PeftlabError(f"{run_dir} is a classification run; compression bounds here are for causal language models (next-token loss).")
+    data_dir = resolve_data(bcfg, run_cfg)
+    device = pick_device(bcfg.device)
+    if device.type == "cuda" and bcfg.dtype == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fast, deterministic run to run
+    loaded = load_run(run_dir, device=str(device))
+    if loaded.task != "causal_lm":
+        raise PeftlabError(f"{run_dir} holds a {loaded.task} model; compression bounds need a causal language model.")
+    from ..data.bins import TokenBin
+
+    if loaded.tokenizer is not None:
+        TokenBin(data_dir, "train").check_tokenizer(loaded.tokenizer)
+    metrics = compute_bounds(loaded.model, loaded.method, run_cfg, bcfg, data_dir, device, log)
+    metrics = {"run_dir": str(run_dir), "method": getattr(run_cfg, "method", None), **metrics}
+    out = Path(bcfg.output).expanduser() if bcfg.output else rd.bounds_path
+    write_metrics(metrics, out)
+    return metrics
+
+
+__all__ = ["run_bounds", "compute_bounds", "compress", "resolve_data", "compressible_state", "load_state", "bound_table",
+           "build_sample", "write_metrics", "STATEMENTS"]

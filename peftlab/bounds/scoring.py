@@ -1,0 +1,301 @@
+"""Score a causal LM on the units of a bound: documents, aligned sequences or tokens.
+
+All three levels reduce to *rows*: a row is one forward pass over ``length`` tokens of the
+training stream starting at global position ``start`` (position ``-1`` is a virtual
+end-of-text token in front of the first document, acting as beginning-of-text), of which
+the last ``n_new`` predictions count towards unit ``unit``:
+
+* document level: a document is the span between two EOT tokens of ``train.bin``
+  (its own EOT included, as ``doc_lengths.npy`` counts it); every one of its tokens is
+  predicted, the first from the previous document's EOT. A document longer than the
+  context is scored with a sliding window: windows start every ``stride`` tokens, each
+  predicts the tokens the previous one did not reach, so every token is predicted exactly
+  once with between ``context − stride`` and ``context`` tokens of context
+  (:func:`sliding_windows`).
+* sequence level: unit ``j`` is the aligned chunk ``train[jC : jC+C]`` predicting
+  ``train[jC+1 : jC+C+1]`` (the blocks a nanoGPT-style loader would form), ``C`` the context.
+* token level: unit ``p`` is the single prediction of ``train[p]`` from the ``C`` tokens
+  before it (fewer at the start of the stream).
+
+Rows are sorted by length and packed into batches of about ``batch_tokens`` tokens,
+left-padded (with an attention mask and position ids when a batch mixes lengths) so that
+every row's counted predictions are its last columns: the LM head runs only on the last
+``max(n_new)`` positions of a batch (``logits_to_keep``), which for sliding windows and
+single tokens is most of the saving. Per-token losses are reduced to per-row sums on the
+device (a dense masked sum, deterministic on GPUs) and to per-unit sums on the host; there
+is no Python loop over tokens. The model is put in ``eval()`` mode (dropout off) and run
+under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import PeftlabError
+from .formulas import smoothed_nll_bits, topk_correct, LN2
+
+TOPK = (1, 10, 100)
+
+
+# ------------------------------------------------------------------ units -> rows
+
+
+def sliding_windows(n_targets: int, context: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows over a sequence ``s[0..n_targets]`` whose targets are ``s[1..n_targets]``.
+
+    Returns ``(begin, end, n_new)``: window ``k`` feeds ``s[begin:end]`` (at most
+    ``context`` tokens) and counts its last ``n_new`` predictions, the targets
+    ``s[end-n_new+1 .. end]``. The windows tile ``1..n_targets`` exactly once.
+    """
+    if context < 1 or stride < 1:
+        raise ValueError(f"context and stride must be positive, got {context}, {stride}")
+    if stride > context:
+        raise ValueError(f"stride ({stride}) must not exceed the context ({context}): tokens would be skipped")
+    if n_targets <= context:
+        return np.array([0]), np.array([n_targets]), np.array([n_targets])
+    k = -(-(n_targets - context) // stride) + 1  # ceil((T - C) / stride) + 1 windows
+    begin = np.arange(k, dtype=np.int64) * stride
+    end = np.minimum(begin + context, n_targets)
+    prev = np.concatenate([[0], end[:-1]])
+    return begin, end, end - prev
+
+
+@dataclass
+class Rows:
+    """Forward passes to run: global start (−1 = virtual EOT), length, counted tail, unit."""
+
+    start: np.ndarray
+    length: np.ndarray
+    n_new: np.ndarray
+    unit: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+def document_spans(eot_indices: np.ndarray, doc_lengths: np.ndarray, n_tokens: int) -> np.ndarray:
+    """Start positions of the documents, checked against the EOT indices and lengths."""
+    eot = np.asarray(eot_indices, dtype=np.int64)
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    if eot.shape != lengths.shape or eot.ndim != 1 or eot.size == 0:
+        raise PeftlabError(
+            f"eot_indices.npy ({eot.shape}) and doc_lengths.npy ({lengths.shape}) must be 1-D arrays of the same, non-zero length; "
+            "re-run `peftlab data prepare` to rewrite them."
+        )
+    starts = eot - lengths + 1
+    ok = (lengths >= 1).all() and starts[0] == 0 and (starts[1:] == eot[:-1] + 1).all() and eot[-1] == n_tokens - 1
+    if not ok:
+        raise PeftlabError(
+            "eot_indices.npy and doc_lengths.npy do not describe consecutive documents of train.bin (each document must end "
+            "with its EOT and start right after the previous one); they belong to another train.bin. Re-run `peftlab data prepare`."
+        )
+    return starts
+
+
+def document_rows(starts: np.ndarray, lengths: np.ndarray, docs: np.ndarray, context: int, stride: int) -> Rows:
+    """Rows for documents ``docs`` (indices), unit ``i`` = ``docs[i]``'s position in ``docs``."""
+    out_s, out_l, out_n, out_u = [], [], [], []
+    lengths = np.asarray(lengths, dtype=np.int64)
+    for u, d in enumerate(np.asarray(docs, dtype=np.int64)):
+        # sequence s = [token before the document] + document; position j of s is global start-1+j
+        b, e, n = sliding_windows(int(lengths[d]), context, stride)
+        out_s.append(starts[d] - 1 + b)
+        out_l.append(e - b)
+        out_n.append(n)
+        out_u.append(np.full(len(b), u, dtype=np.int64))
+    cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return Rows(cat(out_s), cat(out_l), cat(out_n), cat(out_u))
+
+
+def sequence_rows(chunks: np.ndarray, context: int) -> Rows:
+    """Rows for aligned chunks: chunk ``j`` feeds ``train[jC : jC+C]`` and counts all ``C`` predictions."""
+    chunks = np.asarray(chunks, dtype=np.int64)
+    n = len(chunks)
+    return Rows(chunks * context, np.full(n, context, dtype=np.int64), np.full(n, context, dtype=np.int64), np.arange(n, dtype=np.int64))
+
+
+def token_rows(positions: np.ndarray, context: int) -> Rows:
+    """Rows for single tokens: ``train[p]`` predicted from up to ``context`` tokens before it."""
+    p = np.asarray(positions, dtype=np.int64)
+    start = np.maximum(p - context, -1)
+    n = len(p)
+    return Rows(start, p - start, np.ones(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+
+
+def num_sequences(n_tokens: int, context: int) -> int:
+    """Aligned chunks with a full set of ``context`` targets: ``⌊(N − 1) / C⌋``."""
+    return max((n_tokens - 1) // context, 0)
+
+
+def sample_units(m: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``n`` units drawn uniformly with replacement from ``m`` (seeded), as unique ids and multiplicities.
+
+    When ``n >= m`` every unit is taken once instead (the full empirical risk, no
+    sampling term). Returns ``(units, counts, sampled)``.
+    """
+    if n >= m:
+        return np.arange(m, dtype=np.int64), np.ones(m, dtype=np.int64), False
+    draw = np.random.default_rng(seed).integers(0, m, size=n)
+    units, counts = np.unique(draw, return_counts=True)
+    return units.astype(np.int64), counts.astype(np.int64), True
+
+
+# ------------------------------------------------------------------ scoring
+
+
+@dataclass
+class UnitScores:
+    """Per-unit sums: ``loss_bits`` is ``(len(alphas) + 1, U)`` (the last row unsmoothed), ``topk`` ``(3, U)``."""
+
+    loss_bits: np.ndarray
+    topk_correct: np.ndarray
+    tokens: np.ndarray
+    alphas: tuple[float, ...]
+    vocab_size: int
+
+    def unit_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-unit mean loss (bits/token) and top-k error."""
+        t = np.maximum(self.tokens, 1)
+        return self.loss_bits / t, 1.0 - self.topk_correct / t
+
+
+def _padded_stream(tokens: np.ndarray, eot_id: int):
+    """Index function: global position (−1 allowed) -> token id, on a memmap without copying it."""
+
+    def take(idx: np.ndarray) -> np.ndarray:
+        out = np.empty(idx.shape, dtype=np.int64)
+        virtual = idx < 0
+        out[virtual] = eot_id
+        out[~virtual] = tokens[idx[~virtual]]
+        return out
+
+    return take
+
+
+def _batches(rows: Rows, batch_tokens: int) -> list[np.ndarray]:
+    order = np.argsort(-rows.length, kind="stable")
+    out, cur, cur_len = [], [], 0
+    for i in order:
+        L = int(rows.length[i])
+        width = max(cur_len, L)
+        if cur and width * (len(cur) + 1) > batch_tokens:
+            out.append(np.array(cur))
+            cur, cur_len = [], 0
+            width = L
+        cur.append(i)
+        cur_len = width
+    if cur:
+        out.append(np.array(cur))
+    return out
+
+
+_KEEP_UNSUPPORTED: set[type] = set()
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, keep: int, extra: dict) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (``logits_to_keep`` when the model accepts it,
+    which skips the LM head on the other positions; otherwise all positions)."""
+    if type(model) not in _KEEP_UNSUPPORTED:
+        try:
+            return model(input_ids=x, logits_to_keep=keep, **extra).logits
+        except TypeError:
+            _KEEP_UNSUPPORTED.add(type(model))
+    return model(input_ids=x, **extra).logits
+
+
+def score_rows(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    rows: Rows,
+    num_units: int,
+    eot_id: int,
+    alphas: Sequence[float],
+    device: torch.device | str = "cpu",
+    batch_tokens: int = 8192,
+    autocast_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> UnitScores:
+    """Run the model over ``rows`` and sum losses and top-k hits per unit.
+
+    Args:
+        model: causal LM returning ``.logits`` of shape ``(B, T, V)``.
+        tokens: the training stream (a memmap is fine).
+        rows: forward passes, see :class:`Rows`.
+        num_units: number of units the rows belong to.
+        eot_id: token standing at virtual position −1.
+        alphas: smoothing grid.
+        batch_tokens: padded tokens per forward pass.
+        autocast_dtype: e.g. ``torch.bfloat16`` for mixed precision on a GPU (losses are
+            always computed from float32 log-probabilities).
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    model.eval()
+    take = _padded_stream(tokens, eot_id)
+    A = len(alphas)
+    loss = np.zeros((A + 1, num_units))
+    hits = np.zeros((len(TOPK), num_units))
+    count = np.zeros(num_units)
+    remaining = np.bincount(rows.unit, minlength=num_units)
+    vocab = None
+    bar = tqdm(total=num_units, desc=desc, unit="unit", disable=not progress, dynamic_ncols=True)
+    try:
+        for idx in _batches(rows, batch_tokens):
+            start, length, n_new, unit = rows.start[idx], rows.length[idx], rows.n_new[idx], rows.unit[idx]
+            T = int(length.max())
+            keep = int(n_new.max())
+            # left padding: every row ends at column T-1, so the counted predictions are the last
+            # n_new columns and the LM head only runs on the last `keep` positions
+            pad = (T - length)[:, None]
+            col = np.arange(T)[None, :]
+            rel = col - pad  # position inside the row (negative: padding)
+            valid = rel >= 0
+            x = take(np.where(valid, start[:, None] + rel, -1))
+            kcol = np.arange(T - keep, T)[None, :]
+            counted = kcol >= (T - n_new)[:, None]
+            y = take(np.where(counted, start[:, None] + (kcol - pad) + 1, -1))
+            x_t = torch.from_numpy(x).to(device)
+            y_t = torch.from_numpy(y).to(device)
+            m_t = torch.from_numpy(counted).to(device)
+            padded = bool((pad > 0).any())
+            extra = {}
+            if padded:
+                extra["attention_mask"] = torch.from_numpy(valid.astype(np.int64)).to(device)
+                extra["position_ids"] = torch.from_numpy(np.maximum(rel, 0)).to(device)
+            with torch.inference_mode():
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = _forward(model, x_t, keep, extra)[:, -keep:]
+                sel = logits[m_t].float()  # (K, V): only the predictions that count
+                vocab = sel.shape[-1]
+                tgt = y_t[m_t]
+                lp = torch.log_softmax(sel, dim=-1).gather(-1, tgt[:, None])[:, 0]
+                per_tok = torch.cat([smoothed_nll_bits(lp, alphas, vocab), (-lp.double() / LN2)[None]], 0)  # (A+1, K)
+                top = topk_correct(sel, tgt, TOPK).double()  # (3, K)
+                # per-row sums by a dense masked reduction (deterministic on GPUs, unlike atomic
+                # scatter-adds), then rows -> units on the host (a few numbers per row)
+                dense = torch.zeros(A + 1 + len(TOPK), *m_t.shape, dtype=torch.float64, device=device)
+                dense[:, m_t] = torch.cat([per_tok, top], 0)
+                row_sums = dense.sum(-1).cpu().numpy()  # (A+1+3, B)
+            np.add.at(loss.T, unit, row_sums[:A + 1].T)
+            np.add.at(hits.T, unit, row_sums[A + 1:].T)
+            np.add.at(count, unit, counted.sum(1))
+            before = int((remaining == 0).sum())
+            np.subtract.at(remaining, unit, 1)
+            bar.update(int((remaining == 0).sum()) - before)
+    finally:
+        bar.close()
+    if vocab is None:
+        raise PeftlabError("nothing to score: the sample holds no tokens.")
+    return UnitScores(loss, hits, count, tuple(alphas), int(vocab))
+
+
+__all__ = [
+    "TOPK", "sliding_windows", "Rows", "document_spans", "document_rows", "sequence_rows", "token_rows", "num_sequences",
+    "sample_units", "UnitScores", "score_rows",
+]
