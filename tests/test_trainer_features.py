@@ -1,0 +1,61 @@
+"""What researchers expect from a trainer (issue 16): resume a run from its own directory,
+test-split metrics, evaluation every N steps with early stopping, gradient checkpointing,
+portable exports. Tiny models, in-process, seconds each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftlab.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CLS = str(ROOT / "configs/quickstart/cls_lora.yaml")
+LM = str(ROOT / "configs/quickstart/lm_lora.yaml")
+SMALL = ["--logging.progress_bar=false", "--data.max_train_examples=64", "--data.max_val_examples=32"]
+
+
+def _results(run: Path) -> dict:
+    return json.loads((run / "results_final.json").read_text())
+
+
+def test_resume_run_dir_uses_the_runs_own_config(tmp_path, capsys):
+    run = tmp_path / "a"
+    assert main(["train", CLS, f"--output.dir={run}", "--training.max_steps=6", "--training.save_steps=2", "--method=dora",
+                 "--lora.r=2", *SMALL]) == 0
+    full = _results(run)
+    # simulate a kill after step 2: drop every checkpoint after it and the results
+    import shutil
+
+    from peftlab import checkpoints as ckpt
+
+    kept = ckpt.list_checkpoints(run / "checkpoints")
+    for step, _, path in kept:
+        if step > 2:
+            shutil.rmtree(path)
+    (run / "results_final.json").unlink()
+    # extra settings that would change the run are refused, naming the keys that may change
+    assert main(["train", "--resume", str(run), "--lora.r=16"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora.r" in err and "training.save_steps" in err
+    # a config file and --resume together are refused
+    assert main(["train", CLS, "--resume", str(run)]) == 2
+    # logging keys may change; the run continues from step 2 with DoRA r=2 and ends with the same numbers
+    assert main(["train", "--resume", str(run), "--training.log_steps=1"]) == 0
+    resumed = _results(run)
+    assert resumed["method"] == "dora" and resumed["global_step"] == 6
+    assert resumed["final"] == full["final"]
+    meta = json.loads((run / "config.json").read_text())["_meta"]
+    assert [r["from_checkpoint"] for r in meta["resumes"]] == ["step-2"]
+
+
+def test_run_config_json_is_a_config(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", CLS, f"--output.dir={a}", "--training.max_steps=3", "--lora.r=2", *SMALL]) == 0
+    assert main(["train", str(a / "config.json"), f"--output.dir={b}"]) == 0
+    assert _results(a)["final"] == _results(b)["final"]
+    # a run directory given as the config says what to do instead
+    assert main(["train", str(a)]) == 2
+    assert "--resume" in capsys.readouterr().err
