@@ -59,3 +59,33 @@ def test_run_config_json_is_a_config(tmp_path, capsys):
     # a run directory given as the config says what to do instead
     assert main(["train", str(a)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_default_device_joins_the_launchers_process_group(tmp_path, launcher):
+    """system.device=auto (the default, no --system.device) on two gloo processes: one run of world size 2."""
+    import os
+    import subprocess
+    import sys
+
+    port = str(_free_port())
+    head = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"],
+            "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]}[launcher]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    run = tmp_path / "run"
+    proc = subprocess.run([*head, "-m", "peftlab", "train", LM, f"--output.dir={run}", "--training.max_steps=3",
+                           "--training.batch_size=4", "--data.max_train_examples=60", "--data.max_val_examples=16",
+                           "--logging.progress_bar=false"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _results(run)
+    assert res["world_size"] == 2 and res["global_step"] == 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -88,7 +89,9 @@ def _device_choice(cfg) -> bool:
         raise PeftlabError("system.device=cuda but no CUDA GPU is visible; use --system.device=cpu or auto.")
     if cfg.system.dtype == "fp16" and (cfg.system.device == "cpu" or not torch.cuda.is_available()):
         raise PeftlabError("system.dtype=fp16 needs a CUDA GPU; on CPU use bf16 or fp32.")
-    return cfg.system.device == "cpu"
+    # auto without a GPU is CPU: Accelerator(cpu=True) is what joins a launcher's process group over gloo
+    # (with cpu=False and no CUDA, accelerate ignores torchrun's WORLD_SIZE and each process runs alone)
+    return cfg.system.device == "cpu" or (cfg.system.device == "auto" and not torch.cuda.is_available())
 
 
 def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
@@ -195,6 +198,12 @@ class Trainer:
         )
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched != self.world:  # several processes racing on one run directory would corrupt it
+            raise PeftlabError(
+                f"The launcher started {launched} processes but they did not join one process group (this one sees "
+                f"{self.world}, on {acc.device}); with system.device={cfg.system.device} check that every process can reach "
+                "the device, or pass --system.device=cpu to train on CPU over gloo.")
         self.run_dir, self.resume_ckpt = prepare_run_dir(cfg) if acc.is_main_process else (Path(cfg.output.dir).expanduser(), None)
         acc.wait_for_everyone()
         if not acc.is_main_process and t.resume_from is not None:
