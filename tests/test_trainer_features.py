@@ -89,3 +89,59 @@ def test_default_device_joins_the_launchers_process_group(tmp_path, launcher):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _results(run)
     assert res["world_size"] == 2 and res["global_step"] == 3
+
+
+def test_test_split_is_evaluated_once_with_the_best_checkpoint(tmp_path):
+    import torch
+
+    from peftlab.data import load_raw
+    from peftlab.runs import load_run
+    from peftlab.train.evaluation import make_test_dataset
+    from peftlab.train.loop import evaluate
+
+    run = tmp_path / "run"
+    assert main(["train", CLS, "--data.dataset=imdb-sample", f"--output.dir={run}", "--training.epochs=2",
+                 "--training.learning_rate=5e-3", *SMALL]) == 0
+    res = _results(run)
+    test = res["test"]
+    assert set(test) >= {"test_loss", "test_accuracy", "test_f1"} and test["examples"] == 100
+    assert test["step"] == res["best"]["step"]
+    assert "Test accuracy" in (run / "train.log").read_text()
+    # the numbers are those of best/'s weights on the test split
+    loaded = load_run(run, which="best")
+    raw = load_raw(loaded.config)
+    ds = make_test_dataset(raw, loaded.tokenizer, loaded.config)
+    from peftlab.data import classification_collate
+
+    again = evaluate(loaded.model, ds, classification_collate(loaded.tokenizer.pad_token_id), loaded.config, "classification",
+                     loaded.num_labels, torch.device("cpu"), prefix="test", cap=False)
+    for k in ("test_loss", "test_accuracy", "test_f1"):
+        assert again[k] == pytest.approx(test[k], abs=1e-6), k
+
+
+def test_lm_val_loss_is_token_weighted_over_supervised_tokens(tmp_path):
+    """Response-only labels: val_loss = sum of token losses / number of supervised tokens,
+    computed here one example at a time by hand."""
+    import torch
+
+    from peftlab.build import build
+    from peftlab.config import load_config
+    from peftlab.train.loop import evaluate
+
+    cfg = load_config(LM, {"data.dataset": "instruct-sample", "data.max_length": 512, "data.max_val_examples": 10, "data.max_train_examples": 16,
+                           "output.dir": str(tmp_path / "r"), "training.eval_batch_size": 4})
+    b = build(cfg, optimizer=False)
+    model = b.model.eval()
+    got = evaluate(model, b.val_ds, b.collate, cfg, "causal_lm", None, torch.device("cpu"))["val_loss"]
+    total, tokens, counts = 0.0, 0, set()
+    with torch.no_grad():
+        for i in range(len(b.val_ds)):
+            batch = b.collate([b.val_ds[i]])
+            logits = model(**batch).logits[0, :-1].double()
+            labels = batch["labels"][0, 1:]
+            keep = labels != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            tokens += int(keep.sum())
+            counts.add(int(keep.sum()))
+    assert len(counts) > 1  # examples supervise different numbers of tokens, so the weighting matters
+    assert got == pytest.approx(total / tokens, rel=2e-6)  # example-weighted batch means give 5.57524 vs 5.57546 here

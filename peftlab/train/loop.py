@@ -133,17 +133,20 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
 
 @torch.no_grad()
 def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], device, *, autocast=contextlib.nullcontext,
-             rank: int = 0, world: int = 1, reduce=None) -> dict[str, float]:
-    """Validation metrics of ``model`` as the loop computes them (``val_loss`` averaged per
-    example in float64; accuracy and F1, or perplexity). ``rank``/``world``/``reduce`` split the
-    work across processes (``reduce`` is ``accelerator.reduce``); alone, leave them."""
+             rank: int = 0, world: int = 1, reduce=None, prefix: str = "val", cap: bool = True) -> dict[str, float]:
+    """Validation metrics of ``model`` as the loop computes them, in float64: classification
+    ``val_loss`` is the mean over examples, with accuracy and F1; causal LM ``val_loss`` is the
+    mean over supervised tokens (sum of token losses / number of tokens with a label, across all
+    batches), with perplexity = exp(val_loss). ``rank``/``world``/``reduce`` split the work
+    across processes (``reduce`` is ``accelerator.reduce``); alone, leave them. ``prefix`` names
+    the metrics (``test`` for the test split); ``cap=False`` ignores training.eval_max_batches."""
     t = cfg.training
     was_training = model.training
     model.eval()
     bs = t.eval_batch_size or t.batch_size
     n = len(val_ds)
     # the cap is eval_max_batches x eval batch size examples in all, whatever the process count
-    limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches else n
+    limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches and cap else n
     idx = list(range(rank, limit, world))
     batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -153,9 +156,17 @@ def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], 
         batch = {k: v.to(device) for k, v in collate([val_ds[i] for i in b]).items()}
         with autocast():
             out = model(**batch)
-        k = batch["input_ids"].shape[0]
-        loss_sum += out.loss.double() * k
-        count += k
+        if task == "causal_lm" and "labels" in batch:
+            # token-weighted: every supervised token counts once, whatever its batch (response-only labels vary per batch)
+            shift = batch["labels"][:, 1:]
+            logits = out.logits[:, :-1]
+            loss_sum += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift.reshape(-1),
+                                                          ignore_index=-100, reduction="sum").double()
+            count += (shift != -100).sum()
+        else:
+            k = batch["input_ids"].shape[0]
+            loss_sum += out.loss.double() * k
+            count += k
         if task == "classification":
             preds += out.logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
@@ -163,16 +174,16 @@ def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], 
         loss_sum, count = reduce(loss_sum, "sum"), reduce(count, "sum")
     model.train(was_training)
     val_loss = (loss_sum / count.clamp(min=1)).item()
-    metrics = {"val_loss": val_loss}
+    metrics = {f"{prefix}_loss": val_loss}
     if task == "classification":
         from accelerate.utils import gather_object
 
         if world > 1:
             preds, labels = gather_object(preds), gather_object(labels)
-        metrics["val_accuracy"] = accuracy(preds, labels)
-        metrics["val_f1"] = f1_score(preds, labels, num_labels)
+        metrics[f"{prefix}_accuracy"] = accuracy(preds, labels)
+        metrics[f"{prefix}_f1"] = f1_score(preds, labels, num_labels)
     else:
-        metrics["val_perplexity"] = perplexity(val_loss)
+        metrics[f"{prefix}_perplexity"] = perplexity(val_loss)
     return metrics
 
 
@@ -549,12 +560,42 @@ class Trainer:
             results["export"] = str(out)
             if self.model_info.builtin:
                 self._save_base_model(out)
+        acc.wait_for_everyone()
+        test = self._evaluate_test()  # after the export: it loads best/'s weights into the model
+        if test:
+            results["test"] = test
+        if acc.is_main_process:
             write_json(self.run_dir / "results_final.json", results)
             self.log.info(f"done in {st.elapsed:.1f}s: " + ", ".join(f"{k}={v:.4f}" for k, v in results["final"].items()) + f"; results in {self.run_dir}")
         if self.cfg.logging.report_to:
             acc.end_training()
         acc.wait_for_everyone()
         return results
+
+    def _evaluate_test(self) -> Optional[dict]:
+        """Once, at the end: the test split (if the task has one) with best/'s weights."""
+        from safetensors.torch import load_file
+
+        from .evaluation import best_model_state, make_test_dataset
+
+        test_ds = make_test_dataset(self.raw, self.tokenizer, self.cfg, model=self.unwrapped())
+        if test_ds is None or len(test_ds) == 0:
+            return None
+        state = best_model_state(self.run_dir)
+        if state is None:
+            self.log.info("test split present but no best checkpoint to evaluate; skipped")
+            return None
+        self.method.load_model_state(self.unwrapped(), load_file(str(state)))
+        acc = self.accelerator
+        metrics = evaluate(self.model, test_ds, self.collate, self.cfg, self.task, self.num_labels, acc.device, autocast=acc.autocast,
+                           rank=self.rank, world=self.world, reduce=acc.reduce, prefix="test", cap=False)
+        out = {**metrics, "checkpoint": "best", "step": self.state.best_step, "examples": len(test_ds)}
+        shown = ", ".join(f"{k.replace('test_', 'test ')}={v:.4f}" for k, v in metrics.items())
+        if "test_accuracy" in metrics:
+            self.log.info(f"Test accuracy: {metrics['test_accuracy']:.4f} ({len(test_ds)} test examples, best checkpoint of step {self.state.best_step}; {shown})")
+        else:
+            self.log.info(f"Test perplexity: {metrics['test_perplexity']:.4f} ({len(test_ds)} test blocks, best checkpoint of step {self.state.best_step}; {shown})")
+        return out
 
     def _save_base_model(self, export_dir: Path) -> None:
         """Built-in tiny models have no hub copy: save the base so the adapter can be reloaded."""
