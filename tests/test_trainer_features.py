@@ -145,3 +145,29 @@ def test_lm_val_loss_is_token_weighted_over_supervised_tokens(tmp_path):
             counts.add(int(keep.sum()))
     assert len(counts) > 1  # examples supervise different numbers of tokens, so the weighting matters
     assert got == pytest.approx(total / tokens, rel=2e-6)  # example-weighted batch means give 5.57524 vs 5.57546 here
+
+
+def test_eval_steps_and_early_stopping_stop_a_run_that_does_not_improve(tmp_path):
+    """lr=1e-9: validation accuracy never changes, so with eval_steps=2 and patience 2 the
+    12-step run evaluates at steps 2, 4 (epoch end), 6 and stops there; best/ is step 2's."""
+    import csv
+
+    run = tmp_path / "run"
+    args = ["train", CLS, f"--output.dir={run}", "--training.epochs=3", "--training.eval_steps=2",
+            "--training.early_stopping_patience=2", "--training.learning_rate=1e-9", *SMALL]
+    assert main(args) == 0
+    res = _results(run)
+    assert res["global_step"] == 6  # of 12 planned
+    es = res["early_stopping"]
+    assert es["stopped"] and es["stopped_at_step"] == 6 and es["evaluations"] == 3 and es["evaluations_without_improvement"] == 2
+    assert res["best"]["step"] == 2
+    assert json.loads((run / "best" / "metrics.json").read_text())["step"] == 2
+    rows = list(csv.DictReader(open(run / "eval_log.csv")))
+    assert [(r["step"], r["kind"]) for r in rows] == [("2", "step"), ("4", "epoch"), ("6", "step")]
+    assert "early stopping at step 6" in (run / "train.log").read_text()
+    # resuming the stopped run trains nothing more
+    assert main(["train", "--resume", str(run)]) == 0
+    assert _results(run)["global_step"] == 6
+    # without patience the same run trains all 12 steps
+    assert main([*args[:2], f"--output.dir={tmp_path / 'full'}", *args[3:5], "--training.learning_rate=1e-9", *SMALL]) == 0
+    assert _results(tmp_path / "full")["global_step"] == 12 and not _results(tmp_path / "full")["early_stopping"]["stopped"]

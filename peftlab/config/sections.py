@@ -105,6 +105,9 @@ class TrainingConfig:
     eval_max_batches: Optional[int] = opt(None, "Evaluate on at most this many validation batches.")
     resume_from: Optional[str] = opt(None, "`latest` or a checkpoint directory to continue from.")
     best_metric: Literal["auto", "val_loss", "val_accuracy", "val_f1", "val_perplexity"] = opt("auto", "Metric that picks best/ (auto: accuracy for classification, loss for LM).")
+    eval_steps: int = opt(0, "Also evaluate every this many optimizer steps (0: only at epoch ends); best/ and early stopping follow these evaluations too.")
+    early_stopping_patience: Optional[int] = opt(None, "Stop after this many evaluations in a row without an improvement of best_metric (null: never stop early).")
+    early_stopping_min_delta: float = opt(0.0, "Smallest change of best_metric that counts as an improvement for early stopping.")
 
     def validate(self) -> list[str]:
         p = []
@@ -126,6 +129,12 @@ class TrainingConfig:
             p.append("`training.warmup_steps` must be >= 0 and `training.warmup_ratio` in [0, 1).")
         if self.save_steps < 0:
             p.append(f"`training.save_steps` must be >= 0, got {self.save_steps}.")
+        if self.eval_steps < 0:
+            p.append(f"`training.eval_steps` must be >= 0 (0: evaluate only at epoch ends), got {self.eval_steps}.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            p.append(f"`training.early_stopping_patience` must be at least 1 or null, got {self.early_stopping_patience}.")
+        if self.early_stopping_min_delta < 0:
+            p.append(f"`training.early_stopping_min_delta` must be >= 0, got {self.early_stopping_min_delta}.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             p.append(f"`training.save_total_limit` must be at least 1 or null, got {self.save_total_limit}.")
         return p

@@ -78,6 +78,12 @@ class TrainerState:
     best_step: Optional[int] = None
     history: dict = field(default_factory=dict)
     epoch_end: bool = False
+    # evaluations (epoch ends and every eval_steps) and early stopping, see early_stop.py
+    evaluations: int = 0
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    stopped_at_step: Optional[int] = None
+    last_eval: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -256,13 +262,14 @@ class Trainer:
         wide = self.method.wide_module_log
         self.wide_log = CsvLog(self.run_dir / wide[0]) if wide else None
         self.memory_log = CsvLog(self.run_dir / "epoch_peak_memory.csv", ["epoch", "step", "peak_memory_mb", "memory_kind"])
+        self.eval_log = CsvLog(self.run_dir / "eval_log.csv")  # one row per evaluation (epoch ends and eval_steps)
         self.state.world_size = self.world
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
             trainable, effective = self.method.param_counts(self.unwrapped())
             self.param_counts.update(trainable_params=trainable, effective_params=effective)
         elif acc.is_main_process:
-            for f in ("loss_log.csv", "module_metrics.csv", "epoch_peak_memory.csv", "method.json", *(wide[:1] if wide else ())):
+            for f in ("loss_log.csv", "module_metrics.csv", "epoch_peak_memory.csv", "eval_log.csv", "method.json", *(wide[:1] if wide else ())):
                 (self.run_dir / f).unlink(missing_ok=True)
             if t.resume_from == "latest":
                 log.info("resume_from=latest: no complete checkpoint found, starting from the beginning")
@@ -333,6 +340,7 @@ class Trainer:
             if self.wide_log is not None:
                 self.wide_log.truncate_after(self.state.global_step)
             self.memory_log.truncate_after(self.state.global_step)
+            self.eval_log.truncate_after(self.state.global_step)
         self.log.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} of the epoch)")
 
     def _repair_best(self) -> None:
@@ -348,7 +356,7 @@ class Trainer:
         if current == st.best_step:
             return
         for step, is_epoch, path in ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            if is_epoch and step == st.best_step:
+            if step == st.best_step:
                 hist = st.history
                 i = hist.get("step", []).index(step) if step in hist.get("step", []) else -1
                 row = {k: v[i] for k, v in hist.items()} if i >= 0 else {"step": step}
@@ -401,7 +409,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         acc, cfg, t, st, log = self.accelerator, self.cfg, self.cfg.training, self.state, self.log
         done_file = self.run_dir / "results_final.json"
-        if st.global_step >= self.total_steps and done_file.is_file():
+        if done_file.is_file() and (st.global_step >= self.total_steps or st.stopped_early
+                                    or json.loads(done_file.read_text()).get("early_stopping", {}).get("stopped")):
             log.info(f"run already finished ({st.global_step} steps); nothing to do")
             return json.loads(done_file.read_text())
         best_name, higher = self.best_metric()
@@ -415,7 +424,7 @@ class Trainer:
         model, opt, accum = self.model, self.optimizer, t.gradient_accumulation_steps
         model.train()
         t_start = time.time() - st.elapsed
-        while st.global_step < self.total_steps:
+        while st.global_step < self.total_steps and not st.stopped_early:
             e = st.epoch
             epoch_t0 = time.time() - st.epoch_elapsed
             stream = self.batches.epoch(e, start=st.step_in_epoch * accum)
@@ -457,9 +466,18 @@ class Trainer:
                 if st.global_step % t.log_steps == 0:
                     self._log_step(e, lr, extra_metrics)
                 epoch_end = st.step_in_epoch == self.steps_per_epoch or st.global_step == self.total_steps
-                if t.save_steps and st.global_step % t.save_steps == 0 and not epoch_end:
+                saved = False
+                if t.eval_steps and st.global_step % t.eval_steps == 0 and not epoch_end:
+                    saved = self._eval_point(e, best_name, higher)
+                if t.save_steps and st.global_step % t.save_steps == 0 and not epoch_end and not saved:
                     st.epoch_end = False
                     self.save_checkpoint(f"step-{st.global_step}")
+                if st.stopped_early:
+                    break
+            if st.stopped_early:
+                log.info(f"early stopping at step {st.global_step}: {st.evals_without_improvement} evaluations without an "
+                         f"improvement of {best_name} (patience {t.early_stopping_patience}); best {best_name}={st.best_value:.4f} at step {st.best_step}")
+                break
             self._end_epoch(e, time.time() - epoch_t0, best_name, higher)
         if bar is not None:
             bar.close()
@@ -507,9 +525,7 @@ class Trainer:
         if self.cfg.logging.report_to:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=st.global_step)
         value = metrics[best_name]
-        improved = st.best_value is None or (value > st.best_value if higher else value < st.best_value)
-        if improved:
-            st.best_value, st.best_step = value, st.global_step
+        improved = self._judge(e, metrics, best_name, higher, "epoch")
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_loss_sum, st.epoch_loss_count, st.epoch_elapsed = 0.0, 0, 0.0
@@ -527,11 +543,46 @@ class Trainer:
             self._copy_best(path, row, best_name)
             log.info(f"new best {best_name}={value:.4f} at step {st.global_step} -> {best}")
 
+    def _judge(self, e: int, metrics: dict, best_name: str, higher: bool, kind: str) -> bool:
+        """Record one evaluation (best/, early stopping, eval_log.csv); return whether it is a new best."""
+        from .early_stop import judge
+
+        st = self.state
+        improved = judge(st, metrics[best_name], higher, self.cfg.training)
+        st.last_eval = {"step": st.global_step, **metrics}
+        if self.accelerator.is_main_process:
+            self.eval_log.write({"epoch": e + 1, "step": st.global_step, "kind": kind, **metrics, "best_value": st.best_value,
+                                 "best_step": st.best_step, "evals_without_improvement": st.evals_without_improvement})
+        return improved
+
+    def _eval_point(self, e: int, best_name: str, higher: bool) -> bool:
+        """Evaluation every eval_steps inside an epoch; a new best is checkpointed and becomes best/.
+        Returns whether a checkpoint was written at this step."""
+        st, acc = self.state, self.accelerator
+        metrics = self.evaluate()
+        improved = self._judge(e, metrics, best_name, higher, "step")
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        self.log.info(f"step {st.global_step} evaluation: {shown}")
+        if self.cfg.logging.report_to:
+            acc.log(metrics, step=st.global_step)
+        if not improved:
+            return False
+        st.epoch_end = False
+        path = self.save_checkpoint(f"step-{st.global_step}")
+        if acc.is_main_process:
+            self._copy_best(path, {"epoch": e + 1, "step": st.global_step, **metrics}, best_name)
+            self.log.info(f"new best {best_name}={st.best_value:.4f} at step {st.global_step} -> {self.run_dir / 'best'}")
+        return True
+
     def _finish(self, wall: float, best_name: str) -> dict[str, Any]:
         acc, st = self.accelerator, self.state
         peak, kind = peak_memory_mb(acc.device.type)
         peak = max(peak, st.peak_memory_mb)
+        from .early_stop import summary as early_summary
+
         last = {k: v[-1] for k, v in st.history.items()} if st.history else {}
+        if st.last_eval and st.last_eval.get("step", -1) > last.get("step", -1):  # stopped early inside an epoch
+            last.update({k: v for k, v in st.last_eval.items() if k.startswith("val_")})
         results = {
             "status": "completed",
             "method": self.cfg.method,
@@ -543,6 +594,7 @@ class Trainer:
             "epochs": st.epoch,
             "final": {k: v for k, v in last.items() if k.startswith("val_") or k == "train_loss"},
             "best": {"metric": best_name, "value": st.best_value, "step": st.best_step},
+            "early_stopping": early_summary(st, self.cfg.training),
             **self.param_counts,
             "wall_time_s": st.elapsed,
             "peak_memory_mb": peak,
