@@ -16,7 +16,7 @@ EPILOG = "Overrides: any --section.key=value after the config file, e.g. --lora.
 # Keys a resumed run may change (where and how it logs and checkpoints); every other setting
 # comes from the run's own config.json. docs/training.md lists them.
 RESUMABLE_KEYS = ("training.resume_from", "training.log_steps", "training.save_steps", "training.save_total_limit",
-                  "logging.", "output.keep_checkpoints", "system.num_threads")
+                  "logging.", "output.keep_checkpoints", "system.num_threads", "model.gradient_checkpointing")
 
 
 def _resumable(key: str) -> bool:

@@ -171,3 +171,24 @@ def test_eval_steps_and_early_stopping_stop_a_run_that_does_not_improve(tmp_path
     # without patience the same run trains all 12 steps
     assert main([*args[:2], f"--output.dir={tmp_path / 'full'}", *args[3:5], "--training.learning_rate=1e-9", *SMALL]) == 0
     assert _results(tmp_path / "full")["global_step"] == 12 and not _results(tmp_path / "full")["early_stopping"]["stopped"]
+
+
+@pytest.mark.parametrize("method", ["lora", "sora", "full"])
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, method):
+    """Same config with and without activation checkpointing (dropout on): same losses and
+    adapter to float tolerance; and checkpointing really is on in the built model."""
+    import csv
+
+    from peftlab.build import build
+    from peftlab.config import load_config
+
+    common = [LM, "--training.max_steps=4", "--training.log_steps=1", "--lora.dropout=0.1", "--model.dropout=0.1",
+              f"--method={method}", "--data.max_train_examples=40", "--data.max_val_examples=8", "--logging.progress_bar=false"]
+    assert main(["train", *common, f"--output.dir={tmp_path / 'plain'}"]) == 0
+    assert main(["train", *common, f"--output.dir={tmp_path / 'gc'}", "--model.gradient_checkpointing=true"]) == 0
+    losses = [[float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "loss_log.csv"))] for d in ("plain", "gc")]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert _results(tmp_path / "plain")["final"]["val_loss"] == pytest.approx(_results(tmp_path / "gc")["final"]["val_loss"], abs=1e-6)
+    cfg = load_config(LM, {"model.gradient_checkpointing": True, "method": method, "output.dir": str(tmp_path / "x")})
+    model = build(cfg, optimizer=False).model
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
