@@ -192,3 +192,23 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, method):
     cfg = load_config(LM, {"model.gradient_checkpointing": True, "method": method, "output.dir": str(tmp_path / "x")})
     model = build(cfg, optimizer=False).model
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def test_checkpoint_retention_and_best_without_optimizer_state(tmp_path):
+    from peftlab.runs import load_run
+
+    lim, fin = tmp_path / "limit", tmp_path / "final"
+    common = [CLS, "--training.epochs=3", "--training.save_steps=1", "--training.save_total_limit=2", *SMALL]
+    assert main(["train", *common, f"--output.dir={lim}", "--output.keep_checkpoints=limit"]) == 0
+    names = sorted(p.name for p in (lim / "checkpoints").iterdir())
+    assert len(names) == 2 and "epoch-3" in names  # epoch checkpoints count toward the limit
+    best = lim / "best"
+    assert (best / "model_state.safetensors").is_file() and not (best / "optimizer.pt").exists()
+    step = json.loads((best / "metrics.json").read_text())["step"]
+    assert step == _results(lim)["best"]["step"]
+    assert load_run(lim, which="best").evaluate()["val_accuracy"] == pytest.approx(_results(lim)["best"]["value"])
+    assert main(["train", *common, f"--output.dir={fin}", "--output.keep_checkpoints=final_only"]) == 0
+    assert [p.name for p in (fin / "checkpoints").iterdir()] == ["epoch-3"]
+    assert [p.name for p in (fin / "best").iterdir()] == ["metrics.json"] and (fin / "adapter").is_dir()
+    again = load_run(fin, which="final").evaluate()
+    assert again["val_loss"] == pytest.approx(_results(fin)["final"]["val_loss"], abs=1e-6)

@@ -145,6 +145,7 @@ class TrainingConfig:
 class OutputConfig:
     dir: str = opt("runs/run", "The run directory.")
     overwrite: bool = opt(False, "Delete an existing run directory instead of refusing to start.")
+    keep_checkpoints: Literal["all", "limit", "final_only"] = opt("all", "Which checkpoints stay on disk: `all` (step checkpoints limited by training.save_total_limit, every epoch checkpoint kept), `limit` (epoch checkpoints count toward the limit too), `final_only` (like limit while training; a finished run keeps only its final checkpoint and exported adapter, best/ keeps its metrics.json).")
 
     def validate(self) -> list[str]:
         return [] if self.dir.strip() else ["`output.dir` is empty; give the run directory."]

@@ -369,7 +369,12 @@ class Trainer:
         tmp = self.run_dir / ".tmp-best"
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(path, tmp)
+        from .retention import BEST_FILES
+
+        tmp.mkdir()
+        for f in BEST_FILES:  # the weights and method state, not the optimizer: best/ is for loading, not resuming
+            if (path / f).is_file():
+                shutil.copy2(path / f, tmp / f)
         (tmp / "metrics.json").write_text(json.dumps({**row, "best_metric": best_name}, indent=2))
         ckpt.commit(tmp, best)
 
@@ -390,7 +395,9 @@ class Trainer:
             )
             write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
             ckpt.commit(tmp, final)
-            ckpt.prune(root, self.cfg.training.save_total_limit)
+            from .retention import prune
+
+            prune(root, self.cfg.training.save_total_limit, self.cfg.output.keep_checkpoints)
         acc.wait_for_everyone()
         return final
 
@@ -473,6 +480,9 @@ class Trainer:
                     st.epoch_end = False
                     self.save_checkpoint(f"step-{st.global_step}")
                 if st.stopped_early:
+                    if not saved:  # the final state of the run, for load_run(which="final") and an exact record
+                        st.epoch_end = False
+                        self.save_checkpoint(f"step-{st.global_step}")
                     break
             if st.stopped_early:
                 log.info(f"early stopping at step {st.global_step}: {st.evals_without_improvement} evaluations without an "
@@ -616,6 +626,11 @@ class Trainer:
         test = self._evaluate_test()  # after the export: it loads best/'s weights into the model
         if test:
             results["test"] = test
+        if acc.is_main_process and self.cfg.output.keep_checkpoints == "final_only":
+            from .retention import finish
+
+            removed = finish(self.run_dir, "final_only", st.global_step)
+            self.log.info(f"output.keep_checkpoints=final_only: removed {len(removed)} checkpoint(s)/best files; kept the final checkpoint and adapter")
         if acc.is_main_process:
             write_json(self.run_dir / "results_final.json", results)
             self.log.info(f"done in {st.elapsed:.1f}s: " + ", ".join(f"{k}={v:.4f}" for k, v in results["final"].items()) + f"; results in {self.run_dir}")
