@@ -212,3 +212,24 @@ def test_checkpoint_retention_and_best_without_optimizer_state(tmp_path):
     assert [p.name for p in (fin / "best").iterdir()] == ["metrics.json"] and (fin / "adapter").is_dir()
     again = load_run(fin, which="final").evaluate()
     assert again["val_loss"] == pytest.approx(_results(fin)["final"]["val_loss"], abs=1e-6)
+
+
+def test_exported_classifier_keeps_label_names_and_adapter_is_portable(tmp_path):
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / "run"
+    assert main(["train", CLS, "--data.dataset=imdb-sample", f"--output.dir={run}", "--training.max_steps=3", *SMALL]) == 0
+    names = json.loads((run / "config.json").read_text())["_meta"]["label_names"]
+    assert names and not names[0].startswith("LABEL_")
+    adapter_cfg = json.loads((run / "adapter/adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "base_model"  # relative to the run, not this machine's absolute path
+    assert main(["export", str(run), "--merge", "--output-dir", str(tmp_path / "merged")]) == 0
+    # the merged model keeps the dataset's class names wherever it is moved
+    shutil.move(str(tmp_path / "merged"), str(tmp_path / "moved"))
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "moved"))
+    assert merged.config.id2label == dict(enumerate(names))
+    assert merged.config.label2id == {n: i for i, n in enumerate(names)}
+    assert main(["export", str(run), "--which", "best", "--output-dir", str(tmp_path / "best_adapter")]) == 0
+    assert json.loads((tmp_path / "best_adapter/adapter_config.json").read_text())["base_model_name_or_path"] == "base_model"

@@ -249,6 +249,10 @@ class Trainer:
         self.micro_per_epoch, self.steps_per_epoch = b.plan.micro_per_epoch, b.plan.steps_per_epoch
         self.total_steps, self.num_epochs = b.plan.total_steps, b.plan.num_epochs
         info, model = self.model_info, b.model
+        if self.task == "classification":
+            from ..export import set_label_names
+
+            set_label_names(model, self.raw.label_names)  # saved/merged models name their classes
         trainable, effective = self.method.param_counts(model)
         self.param_counts = {"trainable_params": trainable, "effective_params": effective, "total_params": info.num_params}
         log.info(f"trainable parameters: {trainable:,} ({100 * trainable / max(info.num_params, 1):.3f}% of {info.num_params:,})")
@@ -620,8 +624,12 @@ class Trainer:
             write_json(self.run_dir / "method.json", self.method.structure(self.unwrapped()))
             out = self.method.export(self.unwrapped(), self.run_dir, self.tokenizer)
             results["export"] = str(out)
+            from ..export import make_adapter_portable
+
             if self.model_info.builtin:
                 self._save_base_model(out)
+            base = self.run_dir / "base_model"
+            make_adapter_portable(out, self.cfg, self.run_dir, base if base.is_dir() else None)
         acc.wait_for_everyone()
         test = self._evaluate_test()  # after the export: it loads best/'s weights into the model
         if test:
@@ -675,11 +683,7 @@ class Trainer:
         fresh, _, _ = build_base(self.cfg, self.task, self.num_labels)
         fresh.save_pretrained(base, safe_serialization=True)
         self.tokenizer.save_pretrained(base)
-        cfg_path = export_dir / "adapter_config.json"
-        if cfg_path.is_file():
-            data = json.loads(cfg_path.read_text())
-            data["base_model_name_or_path"] = str(base.resolve())
-            ckpt.atomic_write_text(cfg_path, json.dumps(data, indent=2))
+        # adapter_config.json names it relative to the run directory (make_adapter_portable, in _finish)
 
 
 def train(cfg, console: bool = True) -> dict[str, Any]:
