@@ -233,3 +233,20 @@ def test_exported_classifier_keeps_label_names_and_adapter_is_portable(tmp_path)
     assert merged.config.label2id == {n: i for i, n in enumerate(names)}
     assert main(["export", str(run), "--which", "best", "--output-dir", str(tmp_path / "best_adapter")]) == 0
     assert json.loads((tmp_path / "best_adapter/adapter_config.json").read_text())["base_model_name_or_path"] == "base_model"
+
+
+def test_refused_compare_keeps_the_previous_table(tmp_path):
+    import io
+
+    from peftlab.compare import compare
+
+    ov = {"data.max_train_examples": 64, "data.max_val_examples": 32, "training.max_steps": 2, "logging.progress_bar": False}
+    out = tmp_path / "cmp"
+    rows = compare(CLS, out, ["lora"], ov, console=False, out=io.StringIO())
+    assert rows[0]["status"] == "completed"
+    good = (out / "compare.csv").read_text()
+    # the same directory with another seed: the finished lora run is a different run, so it is refused
+    rows = compare(CLS, out, ["lora"], {**ov, "training.seed": 7}, console=False, out=io.StringIO())
+    assert rows[0]["status"] == "failed"
+    assert (out / "compare.csv").read_text() == good
+    assert "failed" in (out / "compare.incomplete.csv").read_text()
