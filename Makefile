@@ -16,6 +16,7 @@ quickstart: install
 	$(ACT) && peftlab train configs/quickstart/cls_lora.yaml --output.overwrite=true
 
 test: install
+	bash scripts/install_browser.sh
 	$(ACT) && python -m pytest -q
 
 test-fast: install

@@ -125,6 +125,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("peftlab.profiling:add_command", "optimizer-state memory, memory breakdown and FLOPs of one training step vs AdamW"),
     "export": ("peftlab.export:add_command", "write a run's adapter (HF PEFT format) or a merged model"),
     "compare": ("peftlab.compare:add_command", "several methods on one task at matched budgets, one table"),
+    "analyze": ("peftlab.analysis.cli:add_command", "tables, plots, hypothesis checks and an HTML report for a study directory"),
 }
 
 

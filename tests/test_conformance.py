@@ -37,6 +37,14 @@ CASES = {
                                     "training.learning_rate": 1e-3}, exact_export=False),
     "sora": Case("sora", overrides={"sora.lambda": 1.0, "sora.gate_lr": 0.05}, exact_export=False),
     "sdora": Case("sdora", "cls", overrides={"sora.lambda": 1.0, "sora.gate_lr": 0.05}, exact_export=False),
+    "sublora": Case("sublora", overrides={"sublora.intrinsic_dim": 64, "training.learning_rate": 0.05}),
+    "sublora-fixed": Case("sublora", overrides={"sublora.intrinsic_dim": 64, "sublora.allocation_mode": "fixed",
+                                                "sublora.allocation_ratio": 0.8, "sublora.projector": "hashed",
+                                                "training.learning_rate": 0.05}),
+    "sublora-learned": Case("sublora", overrides={"sublora.intrinsic_dim": 64, "sublora.allocation_mode": "learned",
+                                                  "sublora.gating_lr": 0.5, "training.learning_rate": 0.05}),
+    "sublora-learned-cls": Case("sublora", "cls", overrides={"sublora.intrinsic_dim": 32, "sublora.allocation_mode": "learned",
+                                                             "training.learning_rate": 0.05}),
 }
 
 COMMON = {"training.max_steps": 6, "training.save_steps": 2, "training.log_steps": 1, "training.batch_size": 4,
@@ -182,7 +190,7 @@ def test_export_reloads_with_identical_logits(trained, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dora", "sdora", "full"])
+@pytest.mark.parametrize("name", ["dora", "sdora", "full", "sublora-learned"])
 def test_two_process_gloo_parity(name, tmp_path):
     """The methods tests/test_distributed.py does not cover: 2 gloo processes = 1 process with twice the batch."""
     import csv

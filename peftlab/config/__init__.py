@@ -170,6 +170,10 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         for name, sec in built.items():
             if name in checked and hasattr(sec, "validate"):
                 problems.extend(sec.validate())
+        for name, sec in built.items():
+            # a section may refuse settings that only mean something to its own method
+            if name not in checked and hasattr(sec, "validate_unused"):
+                problems.extend(sec.validate_unused(method))
         problems.extend(METHODS[method].validate_config(RunConfig(method, built)))
     if problems:
         raise ConfigError(problems)

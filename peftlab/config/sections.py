@@ -174,6 +174,9 @@ class SystemConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "Mixed precision for the forward/backward pass.")
     compile: bool = opt(False, "Wrap the model with torch.compile.")
     num_threads: Optional[int] = opt(None, "CPU threads for torch (default: torch's own choice).")
+    fused_optimizer: Literal["auto", "on", "off"] = opt("auto", "torch's fused AdamW (one kernel for all tensors): auto = on CUDA only, on = wherever torch offers it, off.")
+    prefetch: Literal["auto", "on", "off"] = opt("auto", "Load the next batch while the GPU works and copy it from pinned memory without blocking: auto = on CUDA only.")
+    fused_cross_entropy: Literal["auto", "liger", "off"] = opt("off", "Causal LM loss without materialising the logits (Liger-Kernel's fused linear + cross-entropy; one CUDA process): liger = required, auto = when available, off.")
 
     def validate(self) -> list[str]:
         if self.num_threads is not None and self.num_threads < 1:

@@ -39,6 +39,7 @@ from .full import Full  # noqa: E402
 from .lora import DoRA, LoRA  # noqa: E402
 from .rsvd import RSVD  # noqa: E402
 from .sora import SDoRA, SoRA  # noqa: E402
+from .sublora import SubLoRA  # noqa: E402
 
 _register(Full)
 _register(LoRA)
@@ -47,5 +48,6 @@ _register(BALoRA)
 _register(RSVD)
 _register(SoRA)
 _register(SDoRA)
+_register(SubLoRA)
 
 __all__ = ["METHODS", "Method", "MethodContext"]

@@ -144,9 +144,13 @@ class Method:
         return [g for g in groups if g["params"]]
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        from ..train.fast import adamw_options
+
         t = self.cfg.training
+        groups = self.param_groups(model)
         return torch.optim.AdamW(
-            self.param_groups(model), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+            groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+            **adamw_options(self.cfg.system.fused_optimizer, groups),
         )
 
     # --- loop hooks ----------------------------------------------------------------

@@ -28,6 +28,9 @@ class LoraSection:
     use_rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
     init: Literal["default", "gaussian"] = opt("default", "A's initialisation (B starts at zero either way): default = Kaiming-uniform, gaussian = N(0, 1/r).")
     loraplus_lr_ratio: float = opt(1.0, "LoRA+: learning rate of B divided by that of A (1 = plain LoRA; the paper suggests 16).")
+    dora_norm: Literal["auto", "factored", "peft"] = opt(
+        "auto", "DoRA's row norm ||W0 + s B A||: factored (from constant W0 row norms and a d_out x r cross term, no "
+        "d_out x d_in product), peft (peft's dense layer), auto = factored on CUDA, peft on CPU. Same function either way.")
 
     def validate(self) -> list[str]:
         p = []
@@ -152,7 +155,22 @@ class LoRA(Method):
 
 
 class DoRA(LoRA):
-    """Weight-decomposed LoRA via ``peft`` (``use_dora=True``); reads the ``lora`` section."""
+    """Weight-decomposed LoRA via ``peft`` (``use_dora=True``); reads the ``lora`` section.
+
+    On CUDA (``lora.dora_norm=auto``) peft's magnitude layers are swapped for
+    :class:`~peftlab.methods.dora_norm.FactoredDoraLayer`, which computes the same output
+    without forming ``W0 + s B A``.
+    """
 
     name = "dora"
     use_dora = True
+
+    def apply(self, model, *args, **kwargs):
+        from .dora_norm import install_factored_dora, use_factored
+
+        model = super().apply(model, *args, **kwargs)
+        acc = self.ctx.accelerator
+        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu"):
+            n = install_factored_dora(model)
+            self.ctx.log.info(f"dora: factored row norm in {n} layer(s) (lora.dora_norm={self.cfg.lora.dora_norm})")
+        return model

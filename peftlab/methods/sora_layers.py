@@ -14,6 +14,8 @@ peft code path that calls ``lora_B(lora_A(x))`` (plain LoRA forward, DoRA's
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +53,15 @@ class GatedLoraA(nn.Linear):
 
 
 @torch.no_grad()
-def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: torch.Tensor, scaling: float,
-                  fan_in_fan_out: bool = False) -> torch.Tensor:
+def w0_row_sq_norm(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``||W_i||^2`` per output row of a base weight (stored ``d_in x d_out`` when ``fan_in_fan_out``), float32 or wider."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    return torch.linalg.vector_norm(weight, dim=0 if fan_in_fan_out else 1, dtype=acc).square()
+
+
+@torch.no_grad()
+def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: Optional[torch.Tensor], scaling: float,
+                  fan_in_fan_out: bool = False, base_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Row norms ``||W_i + s (B diag(g) A)_i||_2`` without forming a ``d_out x d_in`` matrix.
 
     With ``W`` (``d_out x d_in``; stored transposed when ``fan_in_fan_out``), ``A`` (``r x d_in``),
@@ -65,17 +74,23 @@ def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: 
     accumulates in at least float32. Rounding can make the squared norm slightly negative
     when the update cancels a row of W almost exactly: it is clamped at zero.
 
+    ``gate=None`` is plain DoRA (all gates 1). ``base_sq``, when given, is the constant
+    ``||W_i||^2`` (``(d_out,)``, float32 or wider) of a frozen ``W``, so that ``W`` is read once
+    per call (by ``W A^T``) instead of twice.
+
     Returns:
         ``(d_out,)`` tensor in ``weight``'s dtype (no gradient, as in DoRA section 4.3).
     """
     acc = torch.promote_types(weight.dtype, torch.float32)
-    Af, Bg = A.to(acc), B.to(acc) * gate.to(acc)
+    Af = A.to(acc)
+    Bg = B.to(acc) if gate is None else B.to(acc) * gate.to(acc)
     A_w = A.to(weight.dtype)  # W A^T in W's dtype (no up-cast copy of W), accumulated by the matmul
+    if base_sq is None:
+        base_sq = w0_row_sq_norm(weight, fan_in_fan_out)
+    base_sq = base_sq.to(acc)
     if fan_in_fan_out:  # weight is d_in x d_out (GPT-2 Conv1D)
-        base_sq = torch.linalg.vector_norm(weight, dim=0, dtype=acc).square()
         WAt = (A_w @ weight).T.to(acc)
     else:
-        base_sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
         WAt = (weight @ A_w.T).to(acc)
     gram = Af @ Af.T
     cross = (Bg * WAt).sum(dim=1)

@@ -26,6 +26,7 @@ from ..data.instruction import write_generations
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
+from . import fast
 
 # The long-format per-module log: one row per (step, module, metric); runs with different module sets stack.
 MODULE_LOG_COLUMNS = ["step", "module", "metric", "value"]
@@ -258,8 +259,13 @@ class Trainer:
         log.info(f"trainable parameters: {trainable:,} ({100 * trainable / max(info.num_params, 1):.3f}% of {info.num_params:,})")
         self.scheduler = b.scheduler
         self.model, self.optimizer = acc.prepare(model, b.optimizer)
+        self.model = fast.drop_output_upcast(acc, self.model, acc.device)
         if cfg.system.compile:
             self.model = torch.compile(self.model)
+        self.losses = fast.DeviceLosses()
+        self.train_loss = fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task, acc.device, self.world,
+                                             cfg.system.compile)
+        self.prefetch = fast.prefetch_enabled(cfg.system.prefetch, acc.device)
         self.state = TrainerState()
         self.loss_log = CsvLog(self.run_dir / "loss_log.csv", LOSS_COLUMNS)
         self.module_log = CsvLog(self.run_dir / "module_metrics.csv", MODULE_LOG_COLUMNS)
@@ -297,8 +303,15 @@ class Trainer:
                               init_kwargs={"wandb": {"name": cfg.logging.run_name or self.run_dir.name}})
 
     def unwrapped(self) -> torch.nn.Module:
+        # accelerate's unwrap walks every module (about 1 ms on GPT-2); the loop asks several times a step,
+        # so the answer is kept until self.model is replaced
+        cached = self.__dict__.get("_unwrapped")
+        if cached is not None and cached[0] is self.model:
+            return cached[1]
         m = self.accelerator.unwrap_model(self.model)
-        return getattr(m, "_orig_mod", m)
+        m = getattr(m, "_orig_mod", m)
+        self._unwrapped = (self.model, m)
+        return m
 
     def _loss(self, model, batch: dict) -> torch.Tensor:
         with self.accelerator.autocast():
@@ -438,14 +451,15 @@ class Trainer:
         while st.global_step < self.total_steps and not st.stopped_early:
             e = st.epoch
             epoch_t0 = time.time() - st.epoch_elapsed
-            stream = self.batches.epoch(e, start=st.step_in_epoch * accum)
+            stream = fast.device_batches(self.batches.epoch(e, start=st.step_in_epoch * accum),
+                                         lambda idx: self.collate([self.train_ds[i] for i in idx]), acc.device, self.prefetch)
             while st.step_in_epoch < self.steps_per_epoch and st.global_step < self.total_steps:
                 step_loss = torch.zeros((), device=acc.device)
                 for m in range(accum):
-                    batch = self._batch(self.train_ds, next(stream))
+                    batch = next(stream)
                     sync = m == accum - 1
                     with (contextlib.nullcontext() if sync or self.world == 1 else acc.no_sync(model)):
-                        loss = self._loss(model, batch)
+                        loss = self._loss(model, batch) if self.train_loss is None else self.train_loss(batch)
                         extra = self.method.loss_extra(self.unwrapped())
                         total = loss if extra is None else loss + extra
                         acc.backward(total / accum)
@@ -453,34 +467,33 @@ class Trainer:
                 self.method.before_clip(self.unwrapped())
                 if t.max_grad_norm is not None:
                     acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                opt.step()
+                fast.optimizer_step(opt)
                 lr = self.scheduler.get_last_lr()[0]
                 if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped a step with inf/nan grads
                     self.method.after_optimizer_step(self.unwrapped(), lr)
                     self.scheduler.step()
                 opt.zero_grad(set_to_none=True)
-                loss_val = acc.reduce(step_loss, "mean").item()
+                self.losses.append(acc.reduce(step_loss, "mean"))  # stays on the device until read below
                 st.global_step += 1
                 st.step_in_epoch += 1
-                st.epoch_loss_sum += loss_val
-                st.epoch_loss_count += 1
-                st.window_loss_sum += loss_val
-                st.window_count += 1
                 st.elapsed = time.time() - t_start
                 st.epoch_elapsed = time.time() - epoch_t0
-                extra_metrics = self.method.step_metrics(self.unwrapped())
-                if bar is not None:
-                    post = {"loss": f"{loss_val:.4f}", "lr": f"{lr:.2e}", "mem": f"{self._mem_mb():.0f}MB",
-                            **self.method.progress_fields(extra_metrics)}
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                if st.global_step % t.log_steps == 0:
-                    self._log_step(e, lr, extra_metrics)
                 epoch_end = st.step_in_epoch == self.steps_per_epoch or st.global_step == self.total_steps
-                saved = False
-                if t.eval_steps and st.global_step % t.eval_steps == 0 and not epoch_end:
-                    saved = self._eval_point(e, best_name, higher)
-                if t.save_steps and st.global_step % t.save_steps == 0 and not epoch_end and not saved:
+                saving = bool(t.save_steps and st.global_step % t.save_steps == 0)
+                evaluating = bool(t.eval_steps and st.global_step % t.eval_steps == 0 and not epoch_end)
+                if bar is not None:
+                    bar.update(1)
+                if st.global_step % t.log_steps == 0 or epoch_end or saving or evaluating:
+                    loss_val = self._read_losses()  # the only host sync of the step, every log_steps
+                    extra_metrics = self.method.step_metrics(self.unwrapped())
+                    if bar is not None:
+                        post = {"loss": f"{loss_val:.4f}", "lr": f"{lr:.2e}", "mem": f"{self._mem_mb():.0f}MB",
+                                **self.method.progress_fields(extra_metrics)}
+                        bar.set_postfix(post, refresh=False)
+                    if st.global_step % t.log_steps == 0:
+                        self._log_step(e, lr, extra_metrics)
+                saved = self._eval_point(e, best_name, higher) if evaluating else False
+                if saving and not epoch_end and not saved:
                     st.epoch_end = False
                     self.save_checkpoint(f"step-{st.global_step}")
                 if st.stopped_early:
@@ -496,6 +509,16 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self._finish(time.time() - t_start, best_name)
+
+    def _read_losses(self) -> float:
+        """Add the losses kept on the device to the running sums, in step order; return the last."""
+        st, val = self.state, float("nan")
+        for val in self.losses.flush():
+            st.epoch_loss_sum += val
+            st.epoch_loss_count += 1
+            st.window_loss_sum += val
+            st.window_count += 1
+        return val
 
     def _mem_mb(self) -> float:
         if self.accelerator.device.type == "cuda":

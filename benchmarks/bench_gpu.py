@@ -1,0 +1,412 @@
+"""peftlab's training path against the loop a researcher would write with HF PEFT, on one GPU.
+
+Every pair runs back to back in one process on the same GPU, same model (GPT-2-124M shape from
+the shipped config, random weights), same batch (8 x 1024 random GPT-2 tokens), same precision
+(fp32 weights, bf16 autocast), same dropout (the config's 0.1), no gradient clipping on either side:
+
+* baseline: ``peft.get_peft_model`` + a minimal loop (autocast forward, backward, fused
+  ``torch.optim.AdamW``, ``zero_grad``; no logging), eager and ``torch.compile``d; full fine-tuning
+  with the same loop; ``galore-torch``'s GaLoreAdamW (rank 128, gap 500) for rSVD-Adam.
+* peftlab: ``peftlab.train.loop.Trainer`` on token bins written here, the real ``train`` path
+  (data loading, logging every 10 steps, method hooks), timed between optimizer steps.
+
+Each case: ``--warmup`` steps, then ``--steps`` timed steps (host clock around a device
+synchronisation at both ends). Peak memory is ``torch.cuda.max_memory_allocated`` from just
+before the first step to the end of the timed window. MFU = tokens/s x FLOPs per token / peak,
+with FLOPs per token = c * N + 12 * L * d * T (N: weights of every matmul, the tied LM head
+included; c = 6 for full fine-tuning, 4 when base weights are frozen (no weight gradients);
+12 L d T: attention scores and values, forward and backward) and the peak the bf16 matmul rate
+measured here on an 8192^3 product.
+
+    python benchmarks/bench_gpu.py --out DIR [--cases lora,lora_c,...] [--steps 30] [--warmup 10]
+    torchrun --nproc_per_node=N benchmarks/bench_gpu.py --out DIR --cases lora_c   # scaling: peftlab rows, global tok/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BATCH, SEQ = 8, 1024
+
+
+# ---------------------------------------------------------------- helpers
+def sync():
+    torch.cuda.synchronize()
+
+
+def bf16_peak_tflops(n=8192, reps=10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def matmul_params(model) -> int:
+    """Weights that enter a matmul: Linear / Conv1D weights (the tied LM head counted once as a matmul)."""
+    from transformers.pytorch_utils import Conv1D
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and not type(m).__module__.startswith("peft"):
+            n += m.weight.numel()
+    return n
+
+
+def flops_per_token(n_matmul: int, layers: int, width: int, seq: int, full: bool) -> float:
+    return (6 if full else 4) * n_matmul + 12 * layers * width * seq
+
+
+def recompiles() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return -1
+
+
+def cleanup():
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        torch._dynamo.reset()
+    except Exception:
+        pass
+
+
+def write_bins(d: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        rng.integers(0, 50256, size=n, dtype=np.uint16).tofile(d / f"{split}.bin")
+    (d / "meta.json").write_text(json.dumps({"format": "peftlab-token-bins", "dtype": "uint16", "vocab_size": 50257,
+                                             "eot_token_id": 50256, "tokenizer": "gpt2", "train_tokens": n_train,
+                                             "val_tokens": n_val}))
+    return d
+
+
+def gpt2_config():
+    from transformers import AutoConfig
+
+    spec = json.loads((ROOT / "peftlab/models/configs/gpt2.json").read_text())
+    spec.pop("architectures", None)
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def import_galore():
+    """galore-torch's package __init__ imports its 8-bit variant (bitsandbytes); load only GaLoreAdamW."""
+    if "galore_torch.adamw" in sys.modules:
+        return sys.modules["galore_torch.adamw"].AdamW, sys.modules["galore_torch.galore_projector"].GaLoreProjector
+    spec = importlib.util.find_spec("galore_torch")
+    if spec is None:
+        return None
+    pkg = types.ModuleType("galore_torch")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["galore_torch"] = pkg
+    from galore_torch.adamw import AdamW as GaLoreAdamW
+    from galore_torch.galore_projector import GaLoreProjector
+
+    return GaLoreAdamW, GaLoreProjector
+
+
+# ------------------------------------------------------------- baselines
+def build_hf(kind: str, seed: int = 42):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(gpt2_config())
+    if kind in ("lora", "dora"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["c_attn"],
+                                                     task_type="CAUSAL_LM", use_dora=kind == "dora"))
+    return model.cuda()
+
+
+def run_minimal(model, opt, batches, warmup: int, steps: int, compile_: bool) -> dict:
+    """The minimal loop: autocast forward, backward, optimizer step, zero_grad; no logging."""
+    model.train()
+    fwd = torch.compile(model) if compile_ else model
+    torch.cuda.reset_peak_memory_stats()
+    t0 = g0 = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0, g0 = time.perf_counter(), recompiles()
+        x = batches[i % len(batches)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    dt = time.perf_counter() - t0
+    return {"step_ms": 1e3 * dt / steps, "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "new_graphs_after_warmup": recompiles() - g0 if compile_ else 0, "last_loss": float(loss)}
+
+
+def baseline(case: dict, batches, a) -> dict:
+    kind = case["kind"]
+    if kind == "galore":
+        GaLoreAdamW, _ = import_galore()
+        model = build_hf("full")
+        proj, rest = [], []
+        for n, p in model.named_parameters():
+            (proj if p.ndim == 2 and (".attn." in n or ".mlp." in n) else rest).append(p)
+        opt = GaLoreAdamW([{"params": rest}, {"params": proj, "rank": 128, "update_proj_gap": 500, "scale": 1.0,
+                                              "proj_type": "std"}], lr=1e-4)
+    else:
+        model = build_hf(kind)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    n_mm = matmul_params(model)
+    r = run_minimal(model, opt, batches, a.warmup, a.steps, case["compile"])
+    r["n_matmul"] = n_mm
+    del model, opt
+    cleanup()
+    return r
+
+
+# --------------------------------------------------------------- peftlab
+def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None) -> dict:
+    from peftlab.config import config_from_dict
+    from peftlab.train.loop import Trainer
+
+    method = case["method"]
+    raw = {
+        "method": method,
+        "model": {"name": "gpt2", "from_scratch": True, "target_modules": ["c_attn"]},
+        "data": {"dataset": str(bins), "block_size": SEQ, "tokenizer": "gpt2", "max_val_examples": BATCH},
+        "training": {"seed": 42, "epochs": 1, "max_steps": a.warmup + a.steps, "batch_size": BATCH, "learning_rate": 1e-4,
+                     "log_steps": 10, "save_steps": 0, "max_grad_norm": None, "eval_max_batches": 1},
+        "output": {"dir": f"/tmp/bench_gpu_runs/{case['name']}", "overwrite": True},
+        "logging": {"progress_bar": False},
+        "system": {"device": "cuda", "dtype": "bf16", "compile": case["compile"]},
+    }
+    if method in ("lora", "dora", "sora", "sdora"):
+        raw["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0}
+    if method == "rsvd":
+        raw["rsvd"] = {"rank": 128, "update_interval": 500}
+    for k, v in (extra or {}).items():
+        sec, key = k.split(".")
+        raw.setdefault(sec, {})[key] = v
+    cfg = config_from_dict(raw)
+    trainer = Trainer(cfg, console=False)
+    n_mm = matmul_params(trainer.unwrapped())
+    mark = {}
+    hook = trainer.method.after_optimizer_step
+
+    def timed(model, lr):
+        hook(model, lr)
+        s = trainer.state.global_step + 1  # state.global_step is incremented after this hook
+        if s == a.warmup:
+            sync()
+            mark["t0"], mark["g0"] = time.perf_counter(), recompiles()
+            if prof is not None:
+                prof.__enter__()
+        elif s == a.warmup + a.steps:
+            sync()
+            mark["t1"], mark["peak"], mark["g1"] = time.perf_counter(), torch.cuda.max_memory_allocated(), recompiles()
+            if prof is not None:
+                prof.__exit__(None, None, None)
+
+    trainer.method.after_optimizer_step = timed
+    torch.cuda.reset_peak_memory_stats()
+    res = trainer.run()
+    out = {"step_ms": 1e3 * (mark["t1"] - mark["t0"]) / a.steps, "peak_mb": mark["peak"] / 2**20,
+           "new_graphs_after_warmup": mark["g1"] - mark["g0"] if case["compile"] else 0,
+           "last_loss": res["final"].get("train_loss"), "n_matmul": n_mm,
+           "fused_ce": trainer.train_loss is not None,
+           "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__}
+    del trainer
+    cleanup()
+    return out
+
+
+# ------------------------------------------------------------ refresh
+def refresh_bench(a) -> list[dict]:
+    """One projector refresh over GPT-2's 48 block matrices: peftlab's randomized SVD vs GaLore's full SVD."""
+    from peftlab.optim.projected_adam import top_svd
+
+    gal = import_galore()
+    torch.manual_seed(0)
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12  # Conv1D weights are d_in x d_out
+    grads = [torch.randn(*s, device="cuda") @ torch.randn(s[1], s[1], device="cuda") / s[1] ** 0.5 for s in shapes]
+    rows = []
+
+    def timeit(fn, reps=3):
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t)
+        return 1e3 * best
+
+    g = torch.Generator().manual_seed(0)
+    rows.append({"refresh": "peftlab randomized (per-matrix loop)", "ms": timeit(lambda: [top_svd(x, 128, "randomized", generator=g) for x in grads])})
+    if gal is not None:
+        proj = gal[1](128, update_proj_gap=500)
+
+        def galore():
+            for x in grads:
+                proj.ortho_matrix = None
+                proj.project(x, 0)
+        rows.append({"refresh": "galore-torch full SVD", "ms": timeit(galore, reps=1)})
+    return rows
+
+
+# ------------------------------------------------------------------ main
+CASES = {
+    # name: (baseline spec or None, peftlab spec or None, compare-with)
+    "lora": ({"kind": "lora", "compile": False}, {"method": "lora", "compile": False}),
+    "lora_c": ({"kind": "lora", "compile": True}, {"method": "lora", "compile": True}),
+    "lora_c_liger": (None, {"method": "lora", "compile": True, "extra": {"system.fused_cross_entropy": "liger"}}),
+    "dora": ({"kind": "dora", "compile": False}, {"method": "dora", "compile": False}),
+    "dora_c": ({"kind": "dora", "compile": True}, {"method": "dora", "compile": True}),
+    "dora_c_liger": (None, {"method": "dora", "compile": True, "extra": {"system.fused_cross_entropy": "liger"}}),
+    "dora_c_peftnorm": (None, {"method": "dora", "compile": True, "extra": {"lora.dora_norm": "peft"}}),
+    "sora_c": (None, {"method": "sora", "compile": True}),
+    "sdora_c": (None, {"method": "sdora", "compile": True}),
+    "full": ({"kind": "full", "compile": False}, {"method": "full", "compile": False}),
+    "full_c": ({"kind": "full", "compile": True}, {"method": "full", "compile": True}),
+    "rsvd": ({"kind": "galore", "compile": False}, {"method": "rsvd", "compile": False}),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--peftlab-only", action="store_true", help="skip the baselines (peftlab rows only)")
+    ap.add_argument("--refresh", action="store_true", help="also time one projector refresh (peftlab vs GaLore)")
+    ap.add_argument("--profile", default="", help="comma-separated cases to profile with torch.profiler (peftlab side)")
+    a = ap.parse_args(argv)
+    # Under torchrun (several GPUs): peftlab rows only, one GPU per rank, rank 0 reports global tokens/s.
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        a.peftlab_only, a.refresh, a.profile = True, False, ""
+    out = Path(a.out) if rank == 0 else Path(f"/tmp/bench_gpu_rank{rank}")
+    out.mkdir(parents=True, exist_ok=True)
+    import peft
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "batch": BATCH, "seq": SEQ, "steps": a.steps, "warmup": a.warmup}
+    for mod in ("liger_kernel", "galore_torch"):
+        try:
+            from importlib.metadata import version
+
+            info[mod] = version(mod.replace("_", "-"))
+        except Exception:
+            info[mod] = None
+    info["bf16_peak_tflops"] = peak = bf16_peak_tflops()
+    print(json.dumps(info), flush=True)
+    bins = write_bins(Path(f"/tmp/bench_gpu_bins_rank{rank}"), n_train=SEQ * BATCH * (a.warmup + a.steps + 8) * 2, n_val=SEQ * BATCH * 2)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, 50256, (BATCH, SEQ), device="cuda", generator=g) for _ in range(4)]
+    cfg = gpt2_config()
+    L, d = cfg.n_layer, cfg.n_embd
+    rows = []
+    jl = open(out / "bench_gpu.jsonl", "a")
+    for name in a.cases.split(","):
+        base_spec, pl_spec = CASES[name]
+        full = name.startswith(("full", "rsvd"))
+        for side, spec in (("hf", base_spec), ("peftlab", pl_spec)):
+            if spec is None or (side == "hf" and a.peftlab_only):
+                continue
+            t = time.perf_counter()
+            try:
+                r = baseline(spec, batches, a) if side == "hf" else peftlab_run({"name": name, **spec}, bins, a, spec.get("extra"))
+            except Exception as e:  # record and go on: one failing lever must not lose the other rows
+                import traceback
+
+                traceback.print_exc()
+                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+                cleanup()
+            r.update(case=name, side=side, wall_s=time.perf_counter() - t)
+            if "step_ms" in r:
+                tok_s = world * BATCH * SEQ / (r["step_ms"] / 1e3)  # global: every rank runs BATCH x SEQ per step
+                r["world_size"] = world
+                fpt = flops_per_token(r["n_matmul"], L, d, SEQ, full)
+                r.update(tok_s=tok_s, flops_per_token=fpt, mfu=tok_s * fpt / (world * peak * 1e12))
+            rows.append(r)
+            jl.write(json.dumps(r) + "\n")
+            jl.flush()
+            print(json.dumps(r), flush=True)
+    for name in [c for c in a.profile.split(",") if c]:
+        _, spec = CASES[name]
+        from torch.profiler import ProfilerActivity, profile
+
+        small = argparse.Namespace(**{**vars(a), "warmup": 5, "steps": 5})
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        peftlab_run({"name": name + "_prof", **spec}, bins, small, spec.get("extra"), prof=prof)
+        ka = prof.key_averages()
+        table = ka.table(sort_by="cuda_time_total", row_limit=25) + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=15)
+        (out / f"profile_{name}.txt").write_text(table)
+        print(f"== profile {name} (peftlab, 5 steps after 5 warm-up steps)\n{table}", flush=True)
+        cleanup()
+    if a.refresh:
+        for r in refresh_bench(a):
+            r["case"] = "refresh"
+            rows.append(r)
+            jl.write(json.dumps(r) + "\n")
+            print(json.dumps(r), flush=True)
+    summary(rows, out)
+
+
+def summary(rows, out: Path):
+    by = {(r["case"], r.get("side")): r for r in rows if "case" in r}
+    lines = ["| case | HF PEFT / minimal loop | peftlab | peftlab / baseline tok/s | peak MB (base -> peftlab) | MFU (base, peftlab) | new graphs after warm-up |",
+             "|---|---|---|---|---|---|---|"]
+    for (case, side), r in by.items():
+        if side != "peftlab":
+            continue
+        b = by.get((case, "hf"))
+
+        def f(x):
+            return f"{x['step_ms']:.1f} ms ({x['tok_s'] / 1e3:.0f}k tok/s)" if x and "step_ms" in x else (x.get("error", "-") if x else "-")
+        ratio = f"{r['tok_s'] / b['tok_s']:.2f}x" if b and "tok_s" in b and "tok_s" in r else "-"
+        mem = f"{b['peak_mb']:.0f} -> {r['peak_mb']:.0f}" if b and "peak_mb" in b and "peak_mb" in r else (f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-")
+        mfu = f"{b['mfu'] * 100:.1f}%, {r['mfu'] * 100:.1f}%" if b and "mfu" in b and "mfu" in r else (f"-, {r['mfu'] * 100:.1f}%" if "mfu" in r else "-")
+        graphs = f"{b.get('new_graphs_after_warmup', '-') if b else '-'}, {r.get('new_graphs_after_warmup', '-')}"
+        lines.append(f"| {case} | {f(b)} | {f(r)} | {ratio} | {mem} | {mfu} | {graphs} |")
+    for r in rows:
+        if r.get("case") == "refresh":
+            lines.append(f"| refresh: {r['refresh']} | | {r['ms']:.1f} ms | | | | |")
+    text = "\n".join(lines)
+    (out / "bench_gpu_summary.md").write_text(text + "\n")
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,703 @@
+"""The seeds' plots, drawn from a collected study (matplotlib, Agg backend, PNG + SVG).
+
+Every plot function takes a :class:`PlotContext` and returns the stems it wrote, or raises
+:class:`Skip` with a one-line reason when the study lacks its data. Colours come from one
+palette keyed by arm (method plus its variant), so a method has the same colour in every
+figure. Figures are sized for a paper column or page (3.4 or 7 inches wide) with 8-9 pt text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .collect import SIZE_AXES, Study, layer_of, module_kind  # noqa: E402
+
+STYLE = {
+    "font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5, "legend.fontsize": 7.5, "xtick.labelsize": 8,
+    "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5, "axes.spines.top": False,
+    "axes.spines.right": False, "savefig.dpi": 200, "figure.dpi": 100, "lines.linewidth": 1.4, "lines.markersize": 5,
+    "svg.hashsalt": "peftlab", "legend.frameon": False,
+}
+# Okabe-Ito (colour-blind safe) first, then tab10 for studies with many arms.
+COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442",
+           *[matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab10").colors]]
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+METRIC_LABELS = {
+    "val_accuracy": "validation accuracy", "val_f1": "validation F1", "val_loss": "validation loss (nats/token)",
+    "val_perplexity": "validation perplexity", "train_loss": "training loss (nats)",
+}
+
+
+class Skip(Exception):
+    """The plot's data is absent; the message is the one-line note shown to the user."""
+
+
+@dataclass
+class PlotContext:
+    study: Study
+    agg: pd.DataFrame  # aggregate(study)
+    out_dir: Path
+    baseline: Optional[dict] = None  # majority-class baseline ({"val_accuracy": ..., "label": ...})
+    colours: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.colours = {a: COLOURS[i % len(COLOURS)] for i, a in enumerate(self.study.arms)}
+
+    def colour(self, arm: str) -> str:
+        return self.colours.get(arm, "#777777")
+
+    @property
+    def done(self) -> pd.DataFrame:
+        return self.study.completed
+
+    def save(self, fig, stem: str) -> str:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.out_dir / f"{stem}.png", bbox_inches="tight")
+        fig.savefig(self.out_dir / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None})
+        plt.close(fig)
+        return stem
+
+
+def _metric_label(m: str) -> str:
+    if m in METRIC_LABELS:
+        return METRIC_LABELS[m]
+    if m.startswith("val_loss") and False:  # pragma: no cover
+        return m
+    return m.replace("_", " ")
+
+
+def _legend(ax, **kw):
+    h, labels = ax.get_legend_handles_labels()
+    if h:
+        ax.legend(**kw)
+
+
+def _fmt_dim(d) -> str:
+    return f"{int(d)}" if float(d).is_integer() else f"{d:g}"
+
+
+def _log_x(ax, values) -> None:
+    """Log-scaled x axis with a few plain-number ticks, also when the data spans less than a decade."""
+    ax.set_xscale("log")
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if len(v) and v.max() / v.min() < 10:
+        ticks = np.geomspace(v.min(), v.max(), 3) if v.max() > v.min() else v[:1]
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+        pad = (v.max() / v.min()) ** 0.08 if v.max() > v.min() else 1.1
+        ax.set_xlim(v.min() / pad, v.max() * pad)
+    else:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+
+
+# ============================================================================ subspace allocation
+def _sublora(ctx: PlotContext, need_bounds: bool = True) -> pd.DataFrame:
+    df = ctx.done[ctx.done["method"] == "sublora"]
+    if df.empty:
+        raise Skip("no completed SubLoRA runs")
+    if "sublora.intrinsic_dim" not in df:
+        raise Skip("SubLoRA runs record no sublora.intrinsic_dim")
+    if need_bounds:
+        need = ["bounds.kl_divergence", "bounds.empirical_bpd", "bounds.bound_value"]
+        if any(c not in df for c in need) or df[need].isna().all().any():
+            raise Skip("no bounds_metrics.json in the SubLoRA runs (run `peftlab bounds RUN_DIR` on each)")
+        df = df.dropna(subset=need)
+    return df
+
+
+def _arm_stats(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    g = df.groupby("arm", sort=False)[cols]
+    mean, std, n = g.mean(), g.std(ddof=1), g.size()
+    out = mean.add_suffix("_mean").join(std.add_suffix("_std"))
+    out["n"] = n
+    return out
+
+
+def _ordered(ctx: PlotContext, arms) -> list[str]:
+    order = {a: i for i, a in enumerate(ctx.study.arms)}
+    return sorted(arms, key=lambda a: order.get(a, 1e9))
+
+
+def pareto_points(stats: pd.DataFrame, x: str, y: str) -> list[str]:
+    """Arms on the Pareto frontier of (x, y), both minimised: no other arm is at least as good in both and better in one."""
+    pts = {a: (r[f"{x}_mean"], r[f"{y}_mean"]) for a, r in stats.iterrows()}
+    front = []
+    for a, (px, py) in pts.items():
+        dominated = any((qx <= px and qy <= py) and (qx < px or qy < py) for b, (qx, qy) in pts.items() if b != a)
+        if not dominated:
+            front.append(a)
+    return sorted(front, key=lambda a: pts[a][0])
+
+
+def plot_pareto_frontier(ctx: PlotContext) -> list[str]:
+    df = _sublora(ctx)
+    out = []
+    for d, dd in df.groupby("sublora.intrinsic_dim"):
+        st = _arm_stats(dd, ["bounds.kl_divergence", "bounds.empirical_bpd"])
+        fig, ax = plt.subplots(figsize=(3.6, 2.9))
+        for arm in _ordered(ctx, st.index):
+            r = st.loc[arm]
+            ax.errorbar(r["bounds.kl_divergence_mean"], r["bounds.empirical_bpd_mean"],
+                        xerr=np.nan_to_num(r["bounds.kl_divergence_std"]), yerr=np.nan_to_num(r["bounds.empirical_bpd_std"]),
+                        fmt="o", capsize=2.5, color=ctx.colour(arm), label=f"{arm.replace('sublora ', '')} (n={int(r['n'])})")
+        front = pareto_points(st, "bounds.kl_divergence", "bounds.empirical_bpd")
+        fx = [st.loc[a, "bounds.kl_divergence_mean"] for a in front]
+        fy = [st.loc[a, "bounds.empirical_bpd_mean"] for a in front]
+        ax.plot(fx, fy, ls="--", marker="o", ms=11, mfc="none", mec="0.2", color="0.4", lw=0.9, zorder=0,
+                label="Pareto frontier (ringed)")
+        ax.set_xlabel("complexity: KL divergence (nats)")
+        ax.set_ylabel("empirical risk (bits per token)")
+        ax.set_title(f"Complexity vs risk, d = {_fmt_dim(d)} (mean ± std over seeds)")
+        _legend(ax, loc="best")
+        out.append(ctx.save(fig, f"pareto_frontier_d{_fmt_dim(d)}"))
+    return out
+
+
+def plot_compression_comparison(ctx: PlotContext) -> list[str]:
+    df = _sublora(ctx)
+    out = []
+    for d, dd in df.groupby("sublora.intrinsic_dim"):
+        fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.5))
+        arms = _ordered(ctx, dd["arm"].unique())
+        for arm in arms:
+            a = dd[dd["arm"] == arm]
+            lab = arm.replace("sublora ", "")
+            axes[0].scatter(a["bounds.kl_divergence"], a["bounds.empirical_bpd"], color=ctx.colour(arm), s=14, label=lab)
+            axes[1].scatter(a["bounds.kl_divergence"], a["bounds.bound_value"], color=ctx.colour(arm), s=14)
+        axes[0].set(xlabel="KL divergence (nats)", ylabel="empirical risk (bits/token)", title="complexity vs risk")
+        axes[1].set(xlabel="KL divergence (nats)", ylabel="PAC-Bayes bound (bits/token)", title="complexity vs bound")
+        ax = axes[2]
+        if "compressed_size_kb" in dd and dd["compressed_size_kb"].notna().any():
+            st = _arm_stats(dd, ["compressed_size_kb", "bounds.bound_value", "bounds.empirical_bpd"])
+            st = st.sort_values("compressed_size_kb_mean")
+            ax.plot(st["compressed_size_kb_mean"], st["bounds.bound_value_mean"], "-", color="0.35", lw=1, label="bound")
+            ax.plot(st["compressed_size_kb_mean"], st["bounds.empirical_bpd_mean"], "--", color="0.35", lw=1, label="empirical risk")
+            for arm, r in st.iterrows():
+                c = ctx.colour(arm)
+                ax.plot(r["compressed_size_kb_mean"], r["bounds.bound_value_mean"], "o", color=c)
+                ax.plot(r["compressed_size_kb_mean"], r["bounds.empirical_bpd_mean"], "s", mfc="white", color=c)
+            _log_x(ax, st["compressed_size_kb_mean"])
+            ax.set(xlabel="compressed size (KB, log scale)", ylabel="bits per token", title="size vs bound / risk")
+            _legend(ax, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no compressed_size_bits", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(arms), 5),
+                   bbox_to_anchor=(0.5, -0.08))
+        fig.suptitle(f"Compression and generalisation, d = {_fmt_dim(d)}", y=1.02)
+        fig.tight_layout()
+        out.append(ctx.save(fig, f"compression_comparison_d{_fmt_dim(d)}"))
+    return out
+
+
+def plot_allocation_grid(ctx: PlotContext) -> list[str]:
+    df = _sublora(ctx)
+    dims = sorted(df["sublora.intrinsic_dim"].unique())
+    arms = _ordered(ctx, df["arm"].unique())
+    uniform = next((a for a in arms if a.endswith("uniform")), None)
+    panels = [("bounds.empirical_bpd", "empirical risk (bits/token)"), ("bounds.bound_value", "PAC-Bayes bound (bits/token)"),
+              ("compressed_size_kb", "compressed size (KB)"), ("improvement", "bound improvement over uniform (%)")]
+    fig, axes = plt.subplots(2, 2, figsize=(7.2, 5.0))
+    width = 0.8 / max(len(arms), 1)
+    x = np.arange(len(dims))
+    for ax, (col, label) in zip(axes.flat, panels):
+        for i, arm in enumerate(arms):
+            means, stds = [], []
+            for d in dims:
+                a = df[(df["sublora.intrinsic_dim"] == d) & (df["arm"] == arm)]
+                if col == "improvement":
+                    u = df[(df["sublora.intrinsic_dim"] == d) & (df["arm"] == uniform)] if uniform else pd.DataFrame()
+                    if u.empty or a.empty:
+                        means.append(np.nan), stds.append(np.nan)
+                        continue
+                    ub = u["bounds.bound_value"].mean()
+                    vals = 100 * (ub - a["bounds.bound_value"]) / ub
+                else:
+                    vals = a[col] if col in a else pd.Series(dtype=float)
+                means.append(vals.mean())
+                stds.append(vals.std(ddof=1) if len(vals) > 1 else 0.0)
+            ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=np.nan_to_num(stds), capsize=2,
+                   color=ctx.colour(arm), label=arm.replace("sublora ", ""), error_kw={"lw": 0.8})
+        ax.set_xticks(x, [f"d = {_fmt_dim(d)}" for d in dims])
+        ax.set_ylabel(label)
+        if col == "improvement":
+            ax.axhline(0, color="0.3", lw=0.8)
+        elif col in df and df[col].notna().any():
+            lo = np.nanmin(df[col]) * 0.95
+            ax.set_ylim(bottom=lo if col != "compressed_size_kb" else 0)
+    axes[0, 0].set_title("empirical risk")
+    axes[0, 1].set_title("bound")
+    axes[1, 0].set_title("compressed size")
+    axes[1, 1].set_title("relative improvement (positive = better)")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=min(len(arms), 5), bbox_to_anchor=(0.5, -0.04))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return [ctx.save(fig, "allocation_comparison_grid")]
+
+
+def learned_gammas(ctx: PlotContext) -> pd.DataFrame:
+    """Final γ_ℓ of every learned-allocation SubLoRA run: columns d, seed, layer, gamma (from allocation.json,
+    else the last row of gating_trace.csv)."""
+    df = _sublora(ctx, need_bounds=False)
+    learned = df[df.get("sublora.allocation_mode") == "learned"] if "sublora.allocation_mode" in df else df.iloc[0:0]
+    rows = []
+    for r in learned.to_dict("records"):
+        run = ctx.study.run(r["run"])
+        for layer, g in gammas_of_run(run).items():
+            rows.append({"d": r["sublora.intrinsic_dim"], "seed": r["seed"], "layer": layer, "gamma": g, "run": r["run"]})
+    if not rows:
+        raise Skip("no learned-allocation SubLoRA runs with gates (allocation.json 'gammas' or gating_trace.csv)")
+    return pd.DataFrame(rows)
+
+
+GAMMA_KEYS = ("gammas", "gamma", "gates", "final_gammas", "gamma_per_layer")
+
+
+def _layer_from_name(name: str) -> Optional[int]:
+    li = layer_of(name)
+    if li is not None:
+        return li
+    nums = re.findall(r"\d+", name)
+    return int(nums[-1]) if nums else None
+
+
+def gammas_of_run(run) -> dict[int, float]:
+    """γ_ℓ by layer index; gates outside the numbered layers (e.g. the LM head) are left out."""
+    alloc = run.allocation or {}
+    for key in GAMMA_KEYS:
+        g = alloc.get(key)
+        if isinstance(g, list):
+            return {i: float(v) for i, v in enumerate(g)}
+        if isinstance(g, dict):
+            out = {}
+            for name, v in g.items():
+                li = _layer_from_name(str(name))
+                if li is not None and isinstance(v, (int, float)):
+                    out[li] = float(v)
+            if out:
+                return out
+    trace = run.csv("gating_trace.csv")
+    if trace is not None and len(trace):
+        last = trace.iloc[-1]
+        out = {}
+        for c in trace.columns:
+            if c in ("step", "epoch"):
+                continue
+            li = _layer_from_name(c)
+            if li is not None and pd.notna(last[c]):
+                out[li] = float(last[c])
+        return out
+    return {}
+
+
+def plot_gating_heatmaps(ctx: PlotContext) -> list[str]:
+    g = learned_gammas(ctx)
+    out = []
+    for d, gd in g.groupby("d"):
+        mat = gd.pivot_table(index="seed", columns="layer", values="gamma")
+        fig, ax = plt.subplots(figsize=(max(3.4, 0.42 * mat.shape[1] + 1.4), 0.42 * mat.shape[0] + 1.2))
+        im = ax.imshow(mat.values, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto")
+        ax.grid(False)
+        for (i, j), v in np.ndenumerate(mat.values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if abs(v - 0.5) > 0.3 else "black")
+        ax.set_xticks(range(mat.shape[1]), [str(c) for c in mat.columns])
+        ax.set_yticks(range(mat.shape[0]), [f"seed {s}" for s in mat.index])
+        ax.set_xlabel("transformer layer ℓ")
+        ax.set_title(f"Learned gates γ_ℓ, d = {_fmt_dim(d)} (1 = all to B, 0 = all to A)")
+        fig.colorbar(im, ax=ax, label="γ_ℓ (share of d for B)", fraction=0.05, pad=0.02)
+        out.append(ctx.save(fig, f"learned_gating_heatmap_d{_fmt_dim(d)}"))
+    return out
+
+
+def plot_gating_trend(ctx: PlotContext) -> list[str]:
+    g = learned_gammas(ctx)
+    arm = next((a for a in ctx.study.arms if a.endswith("learned")), None)
+    colour = ctx.colour(arm) if arm else "C0"
+    fig, ax = plt.subplots(figsize=(3.6, 2.7))
+    for i, (d, gd) in enumerate(g.groupby("d")):
+        s = gd.groupby("layer")["gamma"].agg(["mean", "std", "count"]).reset_index()
+        std = s["std"].fillna(0)
+        ls, mk = LINESTYLES[i % len(LINESTYLES)], MARKERS[i % len(MARKERS)]
+        ax.plot(s["layer"], s["mean"], ls=ls, marker=mk, color=colour, label=f"d = {_fmt_dim(d)} (n = {int(s['count'].max())} seeds)")
+        ax.fill_between(s["layer"], s["mean"] - std, s["mean"] + std, color=colour, alpha=0.15 if i == 0 else 0.08,
+                        hatch=None if i == 0 else "///", lw=0)
+    ax.axhline(0.5, ls="--", color="0.3", lw=0.9, label="equal split (γ = 0.5)")
+    ax.set_xlabel("transformer layer ℓ (depth)")
+    ax.set_ylabel("γ_ℓ (mean ± std over seeds)")
+    ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_title("Learned allocation vs depth")
+    _legend(ax, loc="best")
+    return [ctx.save(fig, "learned_gating_trend")]
+
+
+# ============================================================================ budget-aware ranks
+def ranks_of_run(run) -> dict[str, int]:
+    """Per-module ranks from allocation.json: BA-LoRA's ``modules.<name>.rank`` or SoRA's ``ranks``."""
+    alloc = run.allocation or {}
+    if isinstance(alloc.get("modules"), dict):
+        return {m: int(v["rank"]) for m, v in alloc["modules"].items() if isinstance(v, dict) and "rank" in v}
+    if isinstance(alloc.get("ranks"), dict):
+        return {m: int(v) for m, v in alloc["ranks"].items()}
+    return {}
+
+
+def plot_rank_heatmap(ctx: PlotContext) -> list[str]:
+    panels = []
+    for grp in ctx.agg.itertuples():
+        mats = []
+        for name in grp.runs:
+            ranks = ranks_of_run(ctx.study.run(name))
+            if ranks:
+                mats.append(pd.Series(ranks))
+        if mats:
+            mean = pd.concat(mats, axis=1).mean(axis=1)
+            panels.append((grp.label, grp.arm, mean, len(mats)))
+    if not panels:
+        raise Skip("no per-module ranks (allocation.json of BA-LoRA or SoRA runs)")
+    shown = panels[:6]
+    ncol = min(len(shown), 2)
+    nrow = math.ceil(len(shown) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.4 * nrow + 0.5), squeeze=False, layout="constrained")
+    vmax = max(float(p[2].max()) for p in shown)
+    im = None
+    for ax, (label, arm, ranks, n) in zip(axes.flat, shown):
+        tab = pd.DataFrame({"layer": [layer_of(m) for m in ranks.index], "kind": [module_kind(m) for m in ranks.index],
+                            "rank": ranks.values})
+        tab["layer"] = tab["layer"].fillna(-1).astype(int)
+        mat = tab.pivot_table(index="kind", columns="layer", values="rank")
+        im = ax.imshow(mat.values, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.grid(False)
+        for (i, j), v in np.ndenumerate(mat.values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=6.5, color="white" if v < 0.6 * vmax else "black")
+        ax.set_xticks(range(mat.shape[1]), [str(c) if c >= 0 else "other" for c in mat.columns])
+        ax.set_yticks(range(mat.shape[0]), [k.rsplit(".", 1)[-1] for k in mat.index])
+        ax.set_xlabel("layer")
+        ax.set_title(f"{label}" + (f"\n(mean of {n} seeds)" if n > 1 else ""), color=ctx.colour(arm))
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_axis_off()
+    fig.colorbar(im, ax=axes, label="rank per module", fraction=0.04, pad=0.02)
+    fig.suptitle("Rank allocation (modules × layers)")
+    return [ctx.save(fig, "rank_allocation_heatmap")]
+
+
+def _errorbar_by_arm(ctx: PlotContext, ax, x: str, y: str, agg: Optional[pd.DataFrame] = None, label_fmt=None):
+    agg = ctx.agg if agg is None else agg
+    for i, arm in enumerate(_ordered(ctx, agg["arm"].unique())):
+        a = agg[agg["arm"] == arm].dropna(subset=[f"{x}_mean", f"{y}_mean"]).sort_values(f"{x}_mean")
+        if a.empty:
+            continue
+        ax.errorbar(a[f"{x}_mean"], a[f"{y}_mean"], yerr=np.nan_to_num(a[f"{y}_std"].to_numpy(dtype=float)),
+                    fmt="-" + MARKERS[i % len(MARKERS)], capsize=2.5, color=ctx.colour(arm), label=arm)
+
+
+def plot_performance(ctx: PlotContext) -> list[str]:
+    m = ctx.study.main_metric
+    need = [f"{m}_mean", "trainable_params_mean"]
+    if any(c not in ctx.agg for c in need) or ctx.agg[need].dropna().empty:
+        raise Skip(f"no {m} with trainable_params in the completed runs")
+    fig, ax = plt.subplots(figsize=(3.6, 2.7))
+    _errorbar_by_arm(ctx, ax, "trainable_params", m)
+    x = ctx.agg["trainable_params_mean"].dropna()
+    if len(x) and x.max() / max(x.min(), 1) > 20:
+        ax.set_xscale("log")
+    if ctx.baseline and m in ctx.baseline:
+        ax.axhline(ctx.baseline[m], ls=":", color="0.3", lw=1, label=f"majority class ({ctx.baseline[m]:.3f})")
+    ax.set_xlabel("trainable parameters (count)")
+    ax.set_ylabel(_metric_label(m) + " (mean ± std)")
+    ax.set_title("Performance vs trainable parameters")
+    _legend(ax, loc="best")
+    return [ctx.save(fig, "performance_plot")]
+
+
+def _mean_curve(frames: list[pd.DataFrame], x: str, y: str) -> Optional[pd.DataFrame]:
+    frames = [f[[x, y]].dropna() for f in frames if f is not None and x in f and y in f]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return None
+    return pd.concat(frames).groupby(x)[y].agg(["mean", "std"]).reset_index()
+
+
+def _style_for(ctx: PlotContext, agg: pd.DataFrame):
+    """(colour, linestyle, marker) per group: colour by arm, style cycling within an arm."""
+    seen: dict[str, int] = {}
+    out = {}
+    for g in agg.itertuples():
+        k = seen.get(g.arm, 0)
+        seen[g.arm] = k + 1
+        out[g.label] = (ctx.colour(g.arm), LINESTYLES[k % len(LINESTYLES)], MARKERS[k % len(MARKERS)])
+    return out
+
+
+def plot_training_curves(ctx: PlotContext) -> list[str]:
+    m = ctx.study.main_metric
+    styles = _style_for(ctx, ctx.agg)
+    curves_step, curves_epoch = [], []
+    for g in ctx.agg.itertuples():
+        runs = [ctx.study.run(n) for n in g.runs]
+        c1 = _mean_curve([r.csv("loss_log.csv") for r in runs], "step", "train_loss")
+        hist = [pd.DataFrame(r.history) if r.history and all(isinstance(v, list) for v in r.history.values()) else None for r in runs]
+        hist = [h.assign(epoch=range(1, len(h) + 1)) if h is not None and "epoch" not in h else h for h in hist]
+        c2 = _mean_curve(hist, "epoch", m)
+        if c1 is not None:
+            curves_step.append((g.label, c1))
+        if c2 is not None:
+            curves_epoch.append((g.label, c2))
+    if not curves_step and not curves_epoch:
+        raise Skip("no loss_log.csv or training_history.json in the completed runs")
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.8))
+    for label, c in curves_step:
+        col, ls, _ = styles[label]
+        axes[0].plot(c["step"], c["mean"], ls=ls, color=col, label=label, lw=1.1)
+    axes[0].set(xlabel="optimizer step", ylabel="training loss (nats, mean over seeds)", title="training loss")
+    for label, c in curves_epoch:
+        col, ls, mk = styles[label]
+        axes[1].errorbar(c["epoch"], c["mean"], yerr=np.nan_to_num(c["std"].to_numpy(dtype=float)), ls=ls, marker=mk,
+                         color=col, capsize=2, label=label)
+    axes[1].set(xlabel="epoch", ylabel=_metric_label(m), title=f"{_metric_label(m)} per epoch")
+    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    handles, labels = (axes[0] if curves_step else axes[1]).get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return [ctx.save(fig, "training_curves")]
+
+
+# ============================================================================ sparse adapters
+def _sparsity_curve(run) -> Optional[pd.DataFrame]:
+    """Overall sparsity per step: sparsity_log.csv, else the long module log's mean, else loss_log's column."""
+    sp = run.csv("sparsity_log.csv")
+    if sp is not None and "overall_sparsity" in sp and sp["overall_sparsity"].notna().any():
+        return sp[["step", "overall_sparsity"]].rename(columns={"overall_sparsity": "sparsity"})
+    long = run.csv("module_metrics.csv")
+    if long is not None and {"step", "metric", "value"} <= set(long.columns):
+        s = long[long["metric"] == "sparsity"]
+        if len(s):
+            return s.groupby("step")["value"].mean().rename("sparsity").reset_index()
+    ll = run.csv("loss_log.csv")
+    if ll is not None and "sparsity" in ll and ll["sparsity"].notna().any():
+        return ll[["step", "sparsity"]]
+    return None
+
+
+def module_sparsity(run) -> dict[str, float]:
+    """Last logged sparsity of each module (long-format module_metrics.csv first, then sparsity_log.csv)."""
+    long = run.csv("module_metrics.csv")
+    if long is not None and {"step", "module", "metric", "value"} <= set(long.columns):
+        s = long[long["metric"] == "sparsity"]
+        if len(s):
+            last = s[s["step"] == s["step"].max()]
+            return dict(zip(last["module"], last["value"].astype(float)))
+    sp = run.csv("sparsity_log.csv")
+    if sp is not None and len(sp):
+        last = sp.iloc[-1]
+        return {c: float(last[c]) for c in sp.columns if c not in ("epoch", "step", "overall_sparsity")}
+    return {}
+
+
+def plot_sparsity_over_steps(ctx: PlotContext) -> list[str]:
+    styles = _style_for(ctx, ctx.agg)
+    curves = []
+    for g in ctx.agg.itertuples():
+        c = _mean_curve([_sparsity_curve(ctx.study.run(n)) for n in g.runs], "step", "sparsity")
+        if c is not None and c["mean"].notna().any():
+            curves.append((g.label, c))
+    if not curves:
+        raise Skip("no sparsity logs (sparse methods such as SoRA/SDoRA write them)")
+    fig, ax = plt.subplots(figsize=(3.6, 2.7))
+    for label, c in curves:
+        col, ls, _ = styles[label]
+        ax.plot(c["step"], 100 * c["mean"], ls=ls, color=col, label=label)
+        if c["std"].notna().any():
+            ax.fill_between(c["step"], 100 * (c["mean"] - c["std"]), 100 * (c["mean"] + c["std"]), color=col, alpha=0.12, lw=0)
+    ax.set(xlabel="optimizer step", ylabel="pruned gate entries (%)", title="Sparsity over training (per λ)")
+    _legend(ax, loc="best")
+    return [ctx.save(fig, "sparsity_over_steps")]
+
+
+def plot_layer_sparsity(ctx: PlotContext) -> list[str]:
+    rows = {}
+    for g in ctx.agg.itertuples():
+        vals = [module_sparsity(ctx.study.run(n)) for n in g.runs]
+        vals = [v for v in vals if v]
+        if vals:
+            rows[g.label] = pd.DataFrame(vals).mean()
+    if not rows:
+        raise Skip("no per-module sparsity (sparsity_log.csv or module_metrics.csv)")
+    mat = pd.DataFrame(rows).T
+    cols = sorted(mat.columns, key=lambda m: (layer_of(m) if layer_of(m) is not None else 1e9, module_kind(m)))
+    mat = mat[cols]
+    short = [f"L{layer_of(m)} {module_kind(m).rsplit('.', 1)[-1]}" if layer_of(m) is not None else m for m in cols]
+    fig, ax = plt.subplots(figsize=(max(3.6, 0.38 * len(cols) + 1.8), 0.36 * len(mat) + 1.4))
+    im = ax.imshow(100 * mat.values, cmap="magma_r", vmin=0, vmax=100, aspect="auto")
+    ax.grid(False)
+    for (i, j), v in np.ndenumerate(mat.values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6.5, color="white" if v > 0.5 else "black")
+    ax.set_xticks(range(len(cols)), short, rotation=60, ha="right")
+    ax.set_yticks(range(len(mat)), list(mat.index))
+    ax.set_xlabel("adapted module (layer, projection)")
+    ax.set_title("Final sparsity per module (% pruned)")
+    fig.colorbar(im, ax=ax, label="pruned (%)", fraction=0.04, pad=0.02)
+    return [ctx.save(fig, "layer_sparsity_heatmap")]
+
+
+def plot_metric_vs_effective(ctx: PlotContext) -> list[str]:
+    m = ctx.study.main_metric
+    agg = ctx.agg
+    need = [f"{m}_mean", "effective_params_mean", "trainable_params_mean"]
+    if any(c not in agg for c in need) or agg[need].dropna().empty:
+        raise Skip("no effective_params with the main metric")
+    if not (agg["effective_params_mean"] < agg["trainable_params_mean"]).any():
+        raise Skip("every run's effective parameters equal its trainable parameters (no sparse method)")
+    fig, ax = plt.subplots(figsize=(3.6, 2.7))
+    styles = _style_for(ctx, agg)
+    for g in agg.dropna(subset=need).itertuples():
+        col, _, mk = styles[g.label]
+        y, e, t = getattr(g, f"{m}_mean"), g.effective_params_mean, g.trainable_params_mean
+        yerr = getattr(g, f"{m}_std")
+        ax.errorbar([e], [y], yerr=[0 if pd.isna(yerr) else yerr], fmt=mk, color=col, capsize=2, label=g.label)
+        if e < t:
+            ax.plot([e, t], [y, y], ":", color=col, lw=0.8)
+            ax.plot([t], [y], mk, mfc="white", color=col, ms=4)
+    ax.set(xlabel="effective parameters (count; hollow = trainable)", ylabel=_metric_label(m),
+           title=f"{_metric_label(m)} vs effective parameters")
+    _legend(ax, loc="best")
+    return [ctx.save(fig, "metric_vs_effective_params")]
+
+
+# ============================================================================ gradient projection
+def _size_value(row, method: str):
+    key = SIZE_AXES.get(method)
+    v = row.get(key) if key else None
+    if method == "ba_lora" and (v is None or (isinstance(v, float) and math.isnan(v))):
+        v = row.get("ba_lora.base_rank")
+    return v
+
+
+def plot_optimizer_memory(ctx: PlotContext) -> list[str]:
+    df = ctx.done
+    if "optimizer_state_mb" not in df or df["optimizer_state_mb"].isna().all():
+        raise Skip("no optimizer_state_bytes in any method summary (rSVD runs record it)")
+    fig, ax = plt.subplots(figsize=(3.6, 2.7))
+    adam = []
+    for i, arm in enumerate(_ordered(ctx, df["arm"].unique())):
+        a = df[df["arm"] == arm]
+        method = a["method"].iloc[0]
+        key = SIZE_AXES.get(method)
+        if key is None or key not in a:
+            continue
+        if a["optimizer_state_mb"].notna().any():
+            y = a.groupby(key)["optimizer_state_mb"].mean()
+            ax.plot(y.index, y.values, "-" + MARKERS[i % len(MARKERS)], color=ctx.colour(arm), label=f"{arm} (measured)")
+            adam.extend(a["trainable_params"].dropna().tolist())
+        elif "trainable_params" in a:
+            # AdamW over the adapter: two fp32 moments per trainable parameter
+            y = a.groupby(key)["trainable_params"].mean() * 8 / 2**20
+            ax.plot(y.index, y.values, "--" + MARKERS[i % len(MARKERS)], color=ctx.colour(arm), label=f"{arm} (AdamW, 8 B/param)")
+    if adam:
+        mb = max(adam) * 8 / 2**20
+        ax.axhline(mb, ls=":", color="0.2", lw=1.1, label=f"Adam, full model ({mb:,.0f} MiB)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set(xlabel="rank r", ylabel="optimizer state (MiB, log scale)", title="Optimizer memory vs rank")
+    _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+    return [ctx.save(fig, "optimizer_memory_vs_rank")]
+
+
+def plot_peak_memory(ctx: PlotContext) -> list[str]:
+    agg = ctx.agg
+    if "peak_memory_mb_mean" not in agg or agg["peak_memory_mb_mean"].isna().all():
+        raise Skip("no peak_memory_mb in results_final.json")
+    agg = agg.dropna(subset=["peak_memory_mb_mean"])
+    kinds = ctx.done.get("peak_memory_kind", pd.Series(dtype=object)).dropna().unique()
+    what = {"cuda_max_allocated": "CUDA max allocated", "cpu_max_rss": "process max RSS"}
+    kind = ", ".join(what.get(k, k) for k in kinds) or "peak"
+    fig, ax = plt.subplots(figsize=(max(3.6, 0.32 * len(agg) + 1.2), 2.8))
+    x = np.arange(len(agg))
+    ax.bar(x, agg["peak_memory_mb_mean"], yerr=np.nan_to_num(agg["peak_memory_mb_std"].to_numpy(dtype=float)), capsize=2,
+           color=[ctx.colour(a) for a in agg["arm"]], error_kw={"lw": 0.8})
+    ax.set_xticks(x, list(agg["label"]), rotation=45, ha="right")
+    ax.set(ylabel=f"peak memory (MiB; {kind})", title="Peak memory per run configuration")
+    return [ctx.save(fig, "peak_memory")]
+
+
+def plot_loss_per_epoch(ctx: PlotContext) -> list[str]:
+    df = ctx.done
+    arms = []
+    for arm in _ordered(ctx, df["arm"].unique()):
+        a = df[df["arm"] == arm]
+        key = SIZE_AXES.get(a["method"].iloc[0])
+        if key and key in a and a[key].nunique() > 1:
+            arms.append((arm, key))
+    if not arms:
+        raise Skip("no method run at more than one rank")
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.4 * len(arms), 2.7), squeeze=False, sharey=True)
+    for ax, (arm, key) in zip(axes[0], arms):
+        a = df[df["arm"] == arm]
+        sizes = sorted(a[key].dropna().unique())
+        cmap = matplotlib.colors.LinearSegmentedColormap.from_list("arm", ["#dddddd", ctx.colour(arm)])
+        for k, size in enumerate(sizes):
+            runs = [ctx.study.run(n) for n in a[a[key] == size]["run"]]
+            hist = [pd.DataFrame(r.history) for r in runs if r.history]
+            hist = [h.assign(epoch=range(1, len(h) + 1)) if "epoch" not in h else h for h in hist]
+            col = cmap(0.35 + 0.65 * k / max(len(sizes) - 1, 1))
+            for y, ls in (("train_loss", "-"), ("val_loss", "--")):
+                c = _mean_curve(hist, "epoch", y)
+                if c is not None:
+                    ax.plot(c["epoch"], c["mean"], ls=ls, marker="o", ms=3, color=col,
+                            label=f"{key.split('.')[-1]}={size:g}" if ls == "-" else None)
+        ax.set(xlabel="epoch", title=f"{arm}: loss per epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, title="solid: train, dashed: validation")
+    axes[0][0].set_ylabel("loss (nats)")
+    fig.tight_layout()
+    return [ctx.save(fig, "loss_per_epoch_per_rank")]
+
+
+# ============================================================================ registry
+PLOTS: list[tuple[str, str, Callable[[PlotContext], list[str]]]] = [
+    ("subspace allocation", "pareto_frontier_d{d}", plot_pareto_frontier),
+    ("subspace allocation", "compression_comparison_d{d}", plot_compression_comparison),
+    ("subspace allocation", "allocation_comparison_grid", plot_allocation_grid),
+    ("subspace allocation", "learned_gating_heatmap_d{d}", plot_gating_heatmaps),
+    ("subspace allocation", "learned_gating_trend", plot_gating_trend),
+    ("budget-aware ranks", "rank_allocation_heatmap", plot_rank_heatmap),
+    ("budget-aware ranks", "performance_plot", plot_performance),
+    ("budget-aware ranks", "training_curves", plot_training_curves),
+    ("sparse adapters", "sparsity_over_steps", plot_sparsity_over_steps),
+    ("sparse adapters", "layer_sparsity_heatmap", plot_layer_sparsity),
+    ("sparse adapters", "metric_vs_effective_params", plot_metric_vs_effective),
+    ("gradient projection", "optimizer_memory_vs_rank", plot_optimizer_memory),
+    ("gradient projection", "peak_memory", plot_peak_memory),
+    ("gradient projection", "loss_per_epoch_per_rank", plot_loss_per_epoch),
+]
+
+
+def make_plots(ctx: PlotContext) -> tuple[list[tuple[str, str]], list[str]]:
+    """Draw every plot whose data exists. Returns ([(family, stem)], notes for the skipped ones)."""
+    done, notes = [], []
+    with plt.rc_context(STYLE):
+        for family, name, fn in PLOTS:
+            try:
+                for stem in fn(ctx):
+                    done.append((family, stem))
+            except Skip as e:
+                notes.append(f"{name}: skipped, {e}")
+            finally:
+                plt.close("all")
+    return done, notes

@@ -1,0 +1,174 @@
+"""What keeps the training loop from throttling a GPU, each piece with a CPU fallback.
+
+* :func:`adamw_options`: ``fused=True`` for ``torch.optim.AdamW`` when every parameter is a
+  floating CUDA tensor (``system.fused_optimizer``: ``auto`` = on CUDA only, so CPU numbers
+  stay those of torch's default implementation; ``on`` = wherever torch offers it; ``off``).
+* :class:`DeviceLosses`: per-step losses stay on the device and are read in one transfer
+  every ``log_steps`` (and before anything that needs them: epoch ends, checkpoints), so
+  the loop does not wait for the GPU each step. The host sums the read values in step
+  order with Python floats, exactly as a per-step ``.item()`` did: the numbers are
+  bit-identical.
+* :func:`device_batches`: collates the next micro-batch on the host while the GPU runs the
+  current one, and copies it from pinned memory with a non-blocking copy
+  (``system.prefetch``: ``auto`` = on CUDA, the plain synchronous path on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import PeftlabError
+
+
+def adamw_options(setting: str, params: Iterable[torch.Tensor]) -> dict:
+    """Keyword arguments for ``torch.optim.AdamW`` implementing ``system.fused_optimizer``."""
+    if setting == "off":
+        return {}
+    params = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    ok_dtype = all(p.is_floating_point() for p in params)
+    devices = {p.device.type for p in params}
+    if setting == "auto":
+        return {"fused": True} if params and ok_dtype and devices == {"cuda"} else {}
+    if setting == "on":
+        if not ok_dtype or not devices <= {"cuda", "cpu"}:
+            raise PeftlabError(
+                f"system.fused_optimizer=on but torch's fused AdamW does not support these parameters (devices {sorted(devices)}); "
+                "use system.fused_optimizer=auto.")
+        return {"fused": True} if params else {}
+    raise PeftlabError(f"system.fused_optimizer must be auto, on or off, got {setting!r}.")
+
+
+class DeviceLosses:
+    """Per-step losses kept as device tensors until :meth:`flush` reads them in one transfer."""
+
+    def __init__(self):
+        self._pending: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def append(self, loss: torch.Tensor) -> None:
+        self._pending.append(loss.detach().reshape(()))
+
+    def flush(self) -> list[float]:
+        """The pending losses as Python floats, in step order (one device-to-host copy)."""
+        if not self._pending:
+            return []
+        vals = torch.stack(self._pending).tolist() if len(self._pending) > 1 else [self._pending[0].item()]
+        self._pending.clear()
+        return vals
+
+
+def prefetch_enabled(setting: str, device: torch.device) -> bool:
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    return torch.device(device).type == "cuda"
+
+
+def device_batches(indices: Iterable[list[int]], load: Callable[[list[int]], dict], device: torch.device,
+                   prefetch: bool) -> Iterator[dict]:
+    """Yield ``load(idx)`` moved to ``device`` for each index list, in order.
+
+    With ``prefetch`` (and a CUDA device) each batch is pinned and copied non-blocking, and the
+    next one is loaded while the consumer works on the current one. Without, each batch is
+    loaded and copied when asked for (the plain path). Both yield the same batches.
+    """
+    device = torch.device(device)
+    if not prefetch or device.type != "cuda":
+        for idx in indices:
+            yield {k: v.to(device) for k, v in load(idx).items()}
+        return
+    ahead = None
+    for idx in indices:
+        b = {k: v.pin_memory().to(device, non_blocking=True) for k, v in load(idx).items()}
+        if ahead is not None:
+            yield ahead
+        ahead = b
+    if ahead is not None:
+        yield ahead
+
+
+def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch.device, world: int, compile_backbone: bool):
+    """A training-loss function ``f(batch) -> loss`` that never materialises the LM-head logits, or None.
+
+    ``system.fused_cross_entropy``: ``liger`` uses Liger-Kernel's fused linear + cross-entropy
+    (the logits of each chunk of tokens live only inside the kernel), ``auto`` does so when
+    Liger-Kernel imports, the device is CUDA, the task is causal LM on one process and the
+    head has no bias, ``off`` keeps ``model(**batch).loss``. Under autocast the hidden states
+    and head weight enter the kernel in the autocast dtype, as the head's matmul would.
+    The backbone is called directly (not through a DDP wrapper), hence one process only.
+    """
+    if setting == "off":
+        return None
+    why = None
+    if task != "causal_lm":
+        why = "the task is not causal LM"
+    elif torch.device(device).type != "cuda":
+        why = "the device is not CUDA"
+    elif world != 1:
+        why = "it runs on one process only (it bypasses the DDP wrapper)"
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    if why is None and (head is None or backbone is None or getattr(head, "bias", None) is not None):
+        why = "the model has no bias-free output embedding and backbone"
+    if why is None:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except Exception as e:  # ImportError, or a triton/torch mismatch at import
+            why = f"Liger-Kernel does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if why is not None:
+        if setting == "liger":
+            raise PeftlabError(f"system.fused_cross_entropy=liger cannot be used: {why}. Use system.fused_cross_entropy=auto or off "
+                               "(install liger-kernel for the fused kernel).")
+        return None
+    lce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    body = torch.compile(backbone) if compile_backbone else backbone
+
+    def loss(batch: dict) -> torch.Tensor:
+        h = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+        w = head.weight
+        if torch.is_autocast_enabled(h.device.type):
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dt), w.to(dt)
+        h = h[:, :-1].reshape(-1, h.shape[-1])
+        y = batch["labels"][:, 1:].reshape(-1)
+        return lce(w, h, y)
+
+    return loss
+
+
+def drop_output_upcast(accelerator, model: torch.nn.Module, device) -> torch.nn.Module:
+    """Remove accelerate's forward wrapper (autocast + every output cast to float32) on one CUDA process.
+
+    Under bf16/fp16 ``Accelerator.prepare`` wraps ``model.forward`` so that all outputs come
+    back in float32: for a causal LM that is an extra float32 copy of the logits
+    (batch x seq x vocab) on every step. The loop already runs each forward inside
+    ``accelerator.autocast()`` and the models compute their loss in float32, so the wrapper
+    only costs time and memory. CPU runs and several processes keep it (unchanged numbers).
+    """
+    if torch.device(device).type != "cuda" or accelerator.num_processes != 1 or "_original_forward" not in model.__dict__:
+        return model
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+
+def optimizer_step(optimizer) -> None:
+    """``optimizer.step()`` for an accelerate-wrapped optimizer, without its per-step package probes.
+
+    ``AcceleratedOptimizer.step`` looks up whether the LOMO package is installed twice on every
+    call (an importlib search, ~0.5 ms of host time). With no gradient scaler, no XLA and
+    gradients synchronised, all it then does is call the inner optimizer's ``step``, which this
+    does directly; anything else goes through accelerate.
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    state = getattr(optimizer, "accelerator_state", None)
+    grad_state = getattr(optimizer, "gradient_state", None)
+    if (inner is None or state is None or grad_state is None or getattr(optimizer, "scaler", None) is not None
+            or not grad_state.sync_gradients or getattr(state.distributed_type, "value", "") == "XLA"):
+        optimizer.step()
+        return
+    inner.step()
