@@ -250,3 +250,26 @@ def test_refused_compare_keeps_the_previous_table(tmp_path):
     assert rows[0]["status"] == "failed"
     assert (out / "compare.csv").read_text() == good
     assert "failed" in (out / "compare.incomplete.csv").read_text()
+
+
+def test_lm_test_split_from_a_local_folder_gives_test_perplexity(tmp_path):
+    """A folder with train/validation/test files: the test split is evaluated with best/'s
+    weights. With test = validation, test_loss equals the best validation loss exactly."""
+    import math
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    src = ROOT / "peftlab/data/samples/lm-sample"
+    shutil.copy(src / "train.jsonl", data / "train.jsonl")
+    shutil.copy(src / "validation.jsonl", data / "validation.jsonl")
+    shutil.copy(src / "validation.jsonl", data / "test.jsonl")
+    run = tmp_path / "run"
+    assert main(["train", LM, f"--data.dataset={data}", f"--output.dir={run}", "--training.epochs=2",
+                 "--data.max_train_examples=40", "--logging.progress_bar=false", "--training.learning_rate=1e-2"]) == 0
+    res = _results(run)
+    hist = json.loads((run / "training_history.json").read_text())
+    best_val = hist["val_loss"][hist["step"].index(res["best"]["step"])]
+    assert res["test"]["test_loss"] == pytest.approx(best_val, rel=1e-9)
+    assert res["test"]["test_perplexity"] == pytest.approx(math.exp(best_val))
+    assert "Test perplexity" in (run / "train.log").read_text()
