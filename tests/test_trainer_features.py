@@ -273,3 +273,29 @@ def test_lm_test_split_from_a_local_folder_gives_test_perplexity(tmp_path):
     assert res["test"]["test_loss"] == pytest.approx(best_val, rel=1e-9)
     assert res["test"]["test_perplexity"] == pytest.approx(math.exp(best_val))
     assert "Test perplexity" in (run / "train.log").read_text()
+
+
+def test_early_stopping_counters_survive_a_resume(tmp_path):
+    """Stopped at step 4 (patience 3, evaluations every step, nothing improves after step 1).
+    Cut back to the step-2 checkpoint and resumed, the run stops at step 4 again: the count of
+    evaluations without improvement came back from the checkpoint (reset, it would stop at 5)."""
+    import shutil
+
+    from peftlab import checkpoints as ckpt
+
+    a = tmp_path / "a"
+    args = [CLS, "--training.epochs=3", "--training.eval_steps=1", "--training.early_stopping_patience=3",
+            "--training.learning_rate=1e-9", "--training.save_steps=1", "--training.save_total_limit=10", *SMALL]
+    assert main(["train", *args, f"--output.dir={a}"]) == 0
+    ra = _results(a)
+    assert ra["early_stopping"]["stopped_at_step"] == 4
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    for step, _, path in ckpt.list_checkpoints(b / "checkpoints"):
+        if step > 2:
+            shutil.rmtree(path)
+    (b / "results_final.json").unlink()
+    assert main(["train", "--resume", str(b)]) == 0
+    rb = _results(b)
+    assert rb["early_stopping"] == ra["early_stopping"] and rb["best"] == ra["best"] and rb["final"] == ra["final"]
+    assert (a / "eval_log.csv").read_text() == (b / "eval_log.csv").read_text()
