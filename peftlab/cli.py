@@ -43,7 +43,7 @@ def resume_config(run_dir: str, extra: list[str]):
             f"--resume {run_dir} continues the run with its own configuration; it does not take "
             f"{', '.join('--' + k for k in refused)}. Only these may change on resume: "
             f"{', '.join(k + ('*' if k.endswith('.') else '') for k in RESUMABLE_KEYS)}. To train a different setting, start a new "
-            f"run from its config: peftlab train {cfg_path} --output.dir=NEW_DIR {' '.join('--' + k + '=...' for k in refused[:2])}")
+            f"run from its config: peftlab train {cfg_path} --output.dir=NEW_DIR {' '.join('--' + k + '=...' for k in refused if not k.startswith('output.'))[:200]}".rstrip())
     raw = json.loads(cfg_path.read_text())
     raw.setdefault("training", {})["resume_from"] = "latest"
     raw.setdefault("output", {})["dir"] = str(path)
