@@ -133,6 +133,18 @@ def build_base(cfg, task: str, num_labels: Optional[int]):
     return load_model(cfg, task, num_labels)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """``model.gradient_checkpointing=true``: activation checkpointing in the non-reentrant form,
+    which needs no input that requires grad (so it works with frozen bases and adapters) and
+    replays dropout's random state, so the numbers equal those without it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PeftlabError(f"model.gradient_checkpointing=true but {type(model).__name__} does not support gradient checkpointing; "
+                           "remove the setting or use a transformers model that does.")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a KV cache is useless in training and incompatible with checkpointing
+
+
 def make_method(cfg, task: str, target_modules: list[str], *, accelerator=None, train_batches=None, compute_loss=None,
                 run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None, model_info=None):
     """An instance of ``cfg.method`` with its context (nothing applied yet)."""
@@ -193,6 +205,8 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
     elif task is None:
         raise ValueError("build(data=False) needs the task (causal_lm or classification)")
     model, tokenizer, info = build_base(cfg, task, num_labels)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     log.info(f"model {info.name} ({info.model_type}, {info.num_params:,} parameters, {info.source}); targets {info.target_modules}")
     built = Built(cfg=cfg, task=task, num_labels=num_labels, model=model, tokenizer=tokenizer, model_info=info, method=None, raw=raw)
     if data:

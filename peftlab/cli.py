@@ -13,11 +13,68 @@ from .errors import PeftlabError
 EPILOG = "Overrides: any --section.key=value after the config file, e.g. --lora.r=16 --training.learning_rate=3e-4."
 
 
+# Keys a resumed run may change (where and how it logs and checkpoints); every other setting
+# comes from the run's own config.json. docs/training.md lists them.
+RESUMABLE_KEYS = ("training.resume_from", "training.log_steps", "training.save_steps", "training.save_total_limit",
+                  "logging.", "output.keep_checkpoints", "system.num_threads", "model.gradient_checkpointing")
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def resume_config(run_dir: str, extra: list[str]):
+    """The configuration that continues ``run_dir``: its own config.json, resumed from its newest
+    checkpoint, with only the keys of :data:`RESUMABLE_KEYS` open to overrides."""
+    import json
+    from pathlib import Path
+
+    from .config import _set_dotted, config_from_dict, parse_overrides
+
+    path = Path(run_dir).expanduser()
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise PeftlabError(f"--resume {run_dir}: no config.json there, so it is not a run directory. Give the directory that "
+                           "`peftlab train` wrote (the one holding config.json and checkpoints/).")
+    overrides = parse_overrides(extra)
+    refused = sorted(k for k in overrides if not _resumable(k))
+    if refused:
+        raise PeftlabError(
+            f"--resume {run_dir} continues the run with its own configuration; it does not take "
+            f"{', '.join('--' + k for k in refused)}. Only these may change on resume: "
+            f"{', '.join(k + ('*' if k.endswith('.') else '') for k in RESUMABLE_KEYS)}. To train a different setting, start a new "
+            f"run from its config: peftlab train {cfg_path} --output.dir=NEW_DIR {' '.join('--' + k + '=...' for k in refused if not k.startswith('output.'))[:200]}".rstrip())
+    raw = json.loads(cfg_path.read_text())
+    raw.setdefault("training", {})["resume_from"] = "latest"
+    raw.setdefault("output", {})["dir"] = str(path)
+    raw["output"]["overwrite"] = False
+    for k, v in overrides.items():
+        _set_dotted(raw, k, v)
+    return config_from_dict(raw)
+
+
 def cmd_train(args, extra: list[str]) -> int:
+    from pathlib import Path
+
     from .config import load_config
     from .train import train
 
-    cfg = load_config(args.config, extra)
+    if args.resume is not None:
+        if args.config is not None:
+            raise PeftlabError(f"give either a config file or --resume RUN_DIR, not both (got {args.config} and --resume "
+                               f"{args.resume}); --resume takes the run's own configuration from RUN_DIR/config.json.")
+        cfg = resume_config(args.resume, extra)
+    else:
+        if args.config is None:
+            raise PeftlabError("peftlab train needs a config file (e.g. configs/quickstart/cls_lora.yaml), or --resume RUN_DIR "
+                               "to continue a run. `peftlab config --keys` lists every setting.")
+        if Path(args.config).is_dir():
+            run = Path(args.config)
+            hint = (f"continue it with `peftlab train --resume {run}`, or train it again elsewhere with "
+                    f"`peftlab train {run / 'config.json'} --output.dir=NEW_DIR`") if (run / "config.json").is_file() else \
+                "give a YAML config file"
+            raise PeftlabError(f"{run} is a directory, not a config file; {hint}.")
+        cfg = load_config(args.config, extra)
     results = train(cfg)
     return 0 if results.get("status") == "completed" else 1
 
@@ -29,6 +86,9 @@ def cmd_config(args, extra: list[str]) -> int:
     from .config import all_sections, load_config, section_help
 
     if args.keys:
+        from .methods import METHODS
+
+        print(f"method (one of {', '.join(sorted(METHODS))}, default 'lora'): the fine-tuning method; its knobs live in the section of the same name.")
         for name, cls in all_sections().items():
             print(f"{name}:")
             for key, typ, default, help_ in section_help(cls):
@@ -72,9 +132,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _train_epilog() -> str:
+    from .config import CORE_SECTIONS, method_sections
+    from .methods import METHODS
+
+    return (f"{EPILOG}\n\nSections: {', '.join(CORE_SECTIONS)}; method sections: {', '.join(method_sections())}.\n"
+            f"method: one of {', '.join(sorted(METHODS))} (--method=dora).\n"
+            "Every key with its type, default and help: peftlab config --keys\n"
+            "Resume a run with its own configuration: peftlab train --resume RUN_DIR\n"
+            "Train a run's configuration again: peftlab train RUN_DIR/config.json --output.dir=NEW_DIR")
+
+
 def add_train(sub) -> None:
-    t = sub.add_parser("train", help=COMMANDS["train"][1], epilog=EPILOG)
-    t.add_argument("config", help="YAML config file")
+    t = sub.add_parser("train", help=COMMANDS["train"][1], epilog=_train_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       usage="peftlab train CONFIG [--section.key=value ...] | peftlab train --resume RUN_DIR [--resumable.key=value ...]")
+    t.add_argument("config", nargs="?", help="YAML config file, or a run's config.json")
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue RUN_DIR from its newest checkpoint with its own configuration (only logging and checkpoint keys may change)")
     t.set_defaults(func=cmd_train)
 
 
@@ -95,7 +170,10 @@ def _adder(spec: str):
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (every command's with ``command="*"``),
     the others appear in ``--help`` from the table alone."""
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning research toolkit.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"peftlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (spec, help_) in COMMANDS.items():
         if command in (name, "*"):

@@ -170,14 +170,21 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
             print(f"    {m}: failed: {err}", file=out)
     rows.append(_row("majority class", "baseline", {"final": maj, "trainable_params": 0, "effective_params": 0}, "",
                      f"always predicts {maj['label']}"))
-    write_tables(rows, output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ran = [r for r in rows if r["status"] not in ("baseline", "unavailable")]
+    complete = bool(ran) and all(r["status"] == "completed" for r in ran)
+    stem = "compare" if complete or not (output_dir / "compare.csv").is_file() else "compare.incomplete"
+    write_tables(rows, output_dir, stem)
+    if stem != "compare":
+        print(f"\nnot every run completed: the previous {output_dir / 'compare.csv'} is kept; this attempt's table is "
+              f"{output_dir / (stem + '.md')}", file=out)
     print("", file=out)
     print(markdown_table(rows, with_dirs=False), file=out)
     print(f"\nrun directories ({time.time() - t_all:.0f}s in all; study log {output_dir / 'study.log'}):", file=out)
     for r in rows:
         if r["run_dir"]:
             print(f"  {r['method']:<10} {r['run_dir']}", file=out)
-    print(f"table: {output_dir / 'compare.md'} and {output_dir / 'compare.csv'}", file=out)
+    print(f"table: {output_dir / (stem + '.md')} and {output_dir / (stem + '.csv')}", file=out)
     return rows
 
 
@@ -215,12 +222,14 @@ def markdown_table(rows: list[dict], with_dirs: bool = True) -> str:
     return "\n".join(lines)
 
 
-def write_tables(rows: list[dict], output_dir: Path) -> None:
+def write_tables(rows: list[dict], output_dir: Path, stem: str = "compare") -> None:
+    """``<stem>.csv`` and ``<stem>.md``. A comparison in which some run failed or was refused
+    writes ``compare.incomplete.*`` when a ``compare.csv`` exists, so it never replaces a good table."""
     from .checkpoints import atomic_write_text
     from .tracking import write_csv
 
-    write_csv(output_dir / "compare.csv", COLUMNS, rows)
-    atomic_write_text(output_dir / "compare.md", markdown_table(rows) + "\n")
+    write_csv(output_dir / f"{stem}.csv", COLUMNS, rows)
+    atomic_write_text(output_dir / f"{stem}.md", markdown_table(rows) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI

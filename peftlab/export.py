@@ -19,6 +19,53 @@ from pathlib import Path
 from .errors import PeftlabError
 
 
+def set_label_names(model, label_names) -> None:
+    """Give a classification model the dataset's class names (``id2label``/``label2id``), so a
+    saved or merged model says ``negative``/``positive`` instead of ``LABEL_0``/``LABEL_1``."""
+    config = getattr(model, "config", None)
+    if not label_names or config is None or not hasattr(config, "id2label"):
+        return
+    if len(label_names) != getattr(config, "num_labels", len(label_names)):
+        return  # a head wider than the dataset's classes (model.num_labels): keep the generic names
+    config.id2label = {i: str(n) for i, n in enumerate(label_names)}
+    config.label2id = {str(n): i for i, n in enumerate(label_names)}
+
+
+def portable_base_name(cfg, run_dir: Path, saved_base: Path | None = None) -> str:
+    """What an exported adapter records as ``base_model_name_or_path``: the hub name for hub
+    models, a path relative to the run directory for local folders and for the base saved
+    inside the run (built-in tiny models), peftlab's name for offline packaged models (rebuilt
+    by :func:`load_base`). Never an absolute path into this machine's environment."""
+    import os
+
+    from .models import OFFLINE_MODELS
+
+    name = cfg.model.name
+    if saved_base is not None:
+        return os.path.relpath(saved_base, run_dir)
+    if name in OFFLINE_MODELS:
+        return name
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.relpath(os.path.abspath(os.path.expanduser(name)), os.path.abspath(run_dir))
+    return name
+
+
+def make_adapter_portable(adapter_dir: Path, cfg, run_dir: Path, saved_base: Path | None = None) -> None:
+    """Rewrite ``adapter_config.json``'s ``base_model_name_or_path`` with :func:`portable_base_name`."""
+    import json
+
+    from .checkpoints import atomic_write_text
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = portable_base_name(cfg, Path(run_dir), saved_base)
+    if cfg.model.revision:
+        data["revision"] = cfg.model.revision
+    atomic_write_text(path, json.dumps(data, indent=2))
+
+
 def load_base(run_dir, device: str = "cpu"):
     """``(model, tokenizer)``: the base model of a run, built as its training built it (no
     adapter), in eval mode; ``peft.PeftModel.from_pretrained(model, RUN/adapter)`` reloads the
@@ -30,6 +77,8 @@ def load_base(run_dir, device: str = "cpu"):
     cfg, meta = run.config(), run.meta() or {}
     task = meta.get("task") or cfg.model.task
     model, tokenizer, _ = build_base(cfg, task, meta.get("num_labels") or cfg.model.num_labels)
+    if task == "classification":
+        set_label_names(model, meta.get("label_names"))
     return model.to(device).eval(), tokenizer
 
 
@@ -74,6 +123,8 @@ def _export_into(run, out: Path, merge: bool, which: str) -> None:
             if not written.is_dir():
                 raise PeftlabError(f"{loaded.method.name} wrote no model folder to export ({written.name}); see {run.path}.")
             shutil.copytree(written, out)
+            base = run.path / "base_model"
+            make_adapter_portable(out, loaded.config, run.path, base if base.is_dir() else None)
             return
         merged, _ = load_base(run.path)
         if (written / "adapter_config.json").is_file():
@@ -81,6 +132,8 @@ def _export_into(run, out: Path, merge: bool, which: str) -> None:
 
             merged = PeftModel.from_pretrained(merged, str(written)).merge_and_unload()
         # else: nothing survived (e.g. every SoRA gate pruned); the merged model is the base itself
+        if loaded.task == "classification":
+            set_label_names(merged, (run.meta() or {}).get("label_names"))
         merged.save_pretrained(out, safe_serialization=True)
         loaded.tokenizer.save_pretrained(out)
 

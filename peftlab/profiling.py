@@ -260,7 +260,11 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
                 seq_len: Optional[int] = None, device: Optional[str] = None, echo: bool = True) -> dict[str, Any]:
     """Profile ``cfg``'s method, AdamW and rSVD at ``ranks``; write the CSV files; return the measurements."""
     ranks = [4, 8, 16, 64, 128] if ranks is None else ranks
-    out_dir = Path(output_dir) if output_dir is not None else Path(cfg.output.dir) / "profile"
+    # default: a folder of its own under ./profiles, never inside a run directory (output.dir may name one)
+    out_dir = Path(output_dir) if output_dir is not None else Path("profiles") / f"{Path(cfg.output.dir).name}-{cfg.method}"
+    if (out_dir / "config.json").is_file() or (out_dir / "results_final.json").is_file():
+        raise PeftlabError(f"{out_dir} is a run directory; profile files go elsewhere. Pass another --output-dir "
+                           f"(default: profiles/<run name>-<method>).")
     dev = device or cfg.system.device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -344,6 +348,8 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     atomic_write_text(out_dir / "profile_summary.json", strict_json_dumps(summary, indent=2))  # no bare NaN
     if echo:
         print(format_table(rows, adam["total_params"], cfg.model.name))
+        print(format_breakdown(breakdown))
+        print(format_flops(flops_rows))
         print(f"\nfiles in {out_dir}: {', '.join(summary['files'])}")
     return {"rows": rows, "breakdown": breakdown, "flops": flops_rows, "summary": summary, "output_dir": out_dir}
 
@@ -361,6 +367,28 @@ def format_table(rows: list[dict], total_params: int, model: str) -> str:
         if r["group"] == "total":
             rk = "-" if r["rank"] is None else str(r["rank"])
             lines.append(f"{r['method']:<10} {rk:>5} {r['state_mb']:>10.2f} {r['savings_mb']:>11.2f} {r['savings_pct']:>10.2f}")
+    return "\n".join(lines)
+
+
+def format_breakdown(breakdown: list[dict]) -> str:
+    """The memory breakdown (memory_breakdown_*.csv) as a table: one row per method, MB per component."""
+    comps = list(dict.fromkeys(r["component"] for r in breakdown))
+    methods = list(dict.fromkeys((r["method"], r["rank"]) for r in breakdown))
+    lines = ["\nmemory breakdown of one training step (MB)", f"{'method':<10} {'rank':>5} " + " ".join(f"{c:>16}" for c in comps)]
+    for m, rk in methods:
+        vals = {r["component"]: r["mb"] for r in breakdown if (r["method"], r["rank"]) == (m, rk)}
+        lines.append(f"{m:<10} {'-' if rk is None else rk:>5} " + " ".join(f"{vals[c]:>16.2f}" if c in vals else f"{'-':>16}" for c in comps))
+    return "\n".join(lines)
+
+
+def format_flops(flops_rows: list[dict]) -> str:
+    """FLOPs per phase of one step (flops_profiler_stats.csv) as a table, in GFLOPs."""
+    phases = list(dict.fromkeys(r["phase"] for r in flops_rows))
+    methods = list(dict.fromkeys((r["method"], r["rank"]) for r in flops_rows))
+    lines = ["\nFLOPs of one training step (GFLOPs)", f"{'method':<10} {'rank':>5} " + " ".join(f"{p:>{max(14, len(p))}}" for p in phases)]
+    for m, rk in methods:
+        vals = {r["phase"]: r["gflops"] for r in flops_rows if (r["method"], r["rank"]) == (m, rk)}
+        lines.append(f"{m:<10} {'-' if rk is None else rk:>5} " + " ".join(f"{vals[p]:>{max(14, len(p))}.4f}" if p in vals else f"{'-':>{max(14, len(p))}}" for p in phases))
     return "\n".join(lines)
 
 
@@ -396,7 +424,7 @@ def add_command(subparsers) -> None:
         epilog="Overrides: any --section.key=value after the config file, e.g. --model.name=distilbert-base-uncased --model.from_scratch=true.",
     )
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--output-dir", default=None, help="where the files go (default: <output.dir>/profile)")
+    p.add_argument("--output-dir", default=None, help="where the files go (default: profiles/<name of output.dir>-<method>, outside any run directory)")
     p.add_argument("--ranks", default="4,8,16,64,128", help="rSVD ranks profiled beside the configured method ('none' to skip)")
     p.add_argument("--batch-size", type=int, default=None, help="synthetic batch size (default: training.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="synthetic sequence length (default: data.max_length or data.block_size)")

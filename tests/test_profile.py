@@ -4,6 +4,7 @@ against a hand count, and the files with their documented columns."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 from conftest import QUICK
 from peftlab.profiling import BREAKDOWN_COLUMNS, FLOPS_COLUMNS, OPTIMIZER_COLUMNS
@@ -61,15 +62,18 @@ def test_distilbert_adamw_anchor_and_rsvd_ranks(tmp_path, capsys):
     assert f[("adamw", "", "optimizer_step")] == 0
 
 
-def test_profile_files_and_columns_tiny(tmp_path):
+def test_profile_files_and_columns_tiny(tmp_path, monkeypatch, capsys):
     from peftlab.config import load_config
     from peftlab.profiling import run_profile
 
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(QUICK["cls"], {"method": "rsvd", "rsvd.rank": 4, "rsvd.weight_reduction_rank": 8,
                                      "output.dir": str(tmp_path / "run"), "training.batch_size": 2})
-    res = run_profile(cfg, ranks=[2], echo=False)
-    out = tmp_path / "run" / "profile"
-    assert res["output_dir"] == out
+    res = run_profile(cfg, ranks=[2], echo=True)
+    out = Path("profiles") / "run-rsvd"  # by default outside the run directory that output.dir names
+    assert res["output_dir"] == out and not (tmp_path / "run").exists()
+    printed = capsys.readouterr().out
+    assert "memory breakdown" in printed and "FLOPs of one training step" in printed and "optimizer_state" in printed
     for name, want in (("optimizer_memory_comparison.csv", OPTIMIZER_COLUMNS), ("memory_breakdown_r4.csv", BREAKDOWN_COLUMNS),
                        ("flops_profiler_stats.csv", FLOPS_COLUMNS)):
         cols, rows = _rows(out / name)

@@ -4,6 +4,7 @@ the four defects of issue 10 (each test here fails on the code before the fix)."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_defect2_from_scratch_run_exports_merged_model(tmp_path):
                    training__max_steps=3, data__max_train_examples=32, data__max_val_examples=8, training__batch_size=4)
     train(cfg, console=False)
     run = tmp_path / "run"
-    assert json.loads((run / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] in (None, "", str(arch))
+    assert json.loads((run / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] in (None, "", str(arch), os.path.relpath(arch, run))
     assert main(["export", str(run), "--merge", "--output-dir", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     loaded = load_run(run)

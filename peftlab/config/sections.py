@@ -22,6 +22,7 @@ class ModelConfig:
     dropout: Optional[float] = opt(None, "Override every dropout probability inside the base model (null keeps the architecture's own).")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub to run. Off unless you trust the repository.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of storing them (less memory, about a third more compute; same numbers).")
 
     def validate(self) -> list[str]:
         p = []
@@ -105,6 +106,9 @@ class TrainingConfig:
     eval_max_batches: Optional[int] = opt(None, "Evaluate on at most this many validation batches.")
     resume_from: Optional[str] = opt(None, "`latest` or a checkpoint directory to continue from.")
     best_metric: Literal["auto", "val_loss", "val_accuracy", "val_f1", "val_perplexity"] = opt("auto", "Metric that picks best/ (auto: accuracy for classification, loss for LM).")
+    eval_steps: int = opt(0, "Also evaluate every this many optimizer steps (0: only at epoch ends); best/ and early stopping follow these evaluations too.")
+    early_stopping_patience: Optional[int] = opt(None, "Stop after this many evaluations in a row without an improvement of best_metric (null: never stop early).")
+    early_stopping_min_delta: float = opt(0.0, "Smallest change of best_metric that counts as an improvement for early stopping.")
 
     def validate(self) -> list[str]:
         p = []
@@ -133,6 +137,12 @@ class TrainingConfig:
             p.append("`training.warmup_steps` must be >= 0 and `training.warmup_ratio` in [0, 1).")
         if self.save_steps < 0:
             p.append(f"`training.save_steps` must be >= 0, got {self.save_steps}.")
+        if self.eval_steps < 0:
+            p.append(f"`training.eval_steps` must be >= 0 (0: evaluate only at epoch ends), got {self.eval_steps}.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            p.append(f"`training.early_stopping_patience` must be at least 1 or null, got {self.early_stopping_patience}.")
+        if self.early_stopping_min_delta < 0:
+            p.append(f"`training.early_stopping_min_delta` must be >= 0, got {self.early_stopping_min_delta}.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             p.append(f"`training.save_total_limit` must be at least 1 or null, got {self.save_total_limit}.")
         return p
@@ -142,6 +152,7 @@ class TrainingConfig:
 class OutputConfig:
     dir: str = opt("runs/run", "The run directory.")
     overwrite: bool = opt(False, "Delete an existing run directory instead of refusing to start.")
+    keep_checkpoints: Literal["all", "limit", "final_only"] = opt("all", "Which checkpoints stay on disk: `all` (step checkpoints limited by training.save_total_limit, every epoch checkpoint kept), `limit` (epoch checkpoints count toward the limit too), `final_only` (like limit while training; a finished run keeps only its final checkpoint and exported adapter, best/ keeps its metrics.json).")
 
     def validate(self) -> list[str]:
         if not self.dir.strip():

@@ -158,15 +158,16 @@ def load_local(path: Path, cfg) -> RawTask:
             raise PeftlabError(
                 f"Folder {path} has no training file: expected train.csv/train.jsonl/..., <task>_train.csv, or .txt documents."
             )
-        train_f, val_f = files["train"], files.get("validation")
+        train_f, val_f, test_f = files["train"], files.get("validation"), files.get("test")
     else:
-        train_f, val_f = path, None
+        train_f, val_f, test_f = path, None, None
     if train_f.suffix.lower() == ".txt" or (train_f.suffix.lower() == ".jsonl" and _is_document_jsonl(train_f, cfg)):
         return RawTask("causal_lm", path.stem, read_documents(train_f), read_documents(val_f) if val_f else None,
-                       info={"source": str(path)})
+                       test=read_documents(test_f) if test_f else None, info={"source": str(path)})
     train_df = load_table(train_f)
     val_df = load_table(val_f) if val_f else None
-    return raw_classification_from_frames(path.stem, train_df, val_df, cfg, source=str(path))
+    test_df = load_table(test_f) if test_f else None
+    return raw_classification_from_frames(path.stem, train_df, val_df, cfg, source=str(path), test_df=test_df)
 
 
 def _is_document_jsonl(path: Path, cfg) -> bool:

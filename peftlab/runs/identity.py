@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 # Dotted keys (or section prefixes ending in '.') that may differ between a run and its resumption.
 VOLATILE = ("training.resume_from", "output.", "logging.", "training.save_steps", "training.save_total_limit",
-            "training.log_steps")
+            "training.log_steps", "model.gradient_checkpointing")
 
 
 def identity_sections(method: str) -> list[str]:

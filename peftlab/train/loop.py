@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,12 @@ class TrainerState:
     best_step: Optional[int] = None
     history: dict = field(default_factory=dict)
     epoch_end: bool = False
+    # evaluations (epoch ends and every eval_steps) and early stopping, see early_stop.py
+    evaluations: int = 0
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    stopped_at_step: Optional[int] = None
+    last_eval: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -91,7 +98,9 @@ def _device_choice(cfg) -> bool:
         raise PeftlabError("system.device=cuda but no CUDA GPU is visible; use --system.device=cpu or auto.")
     if cfg.system.dtype == "fp16" and (cfg.system.device == "cpu" or not torch.cuda.is_available()):
         raise PeftlabError("system.dtype=fp16 needs a CUDA GPU; on CPU use bf16 or fp32.")
-    return cfg.system.device == "cpu"
+    # auto without a GPU is CPU: Accelerator(cpu=True) is what joins a launcher's process group over gloo
+    # (with cpu=False and no CUDA, accelerate ignores torchrun's WORLD_SIZE and each process runs alone)
+    return cfg.system.device == "cpu" or (cfg.system.device == "auto" and not torch.cuda.is_available())
 
 
 def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
@@ -126,17 +135,20 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
 
 @torch.no_grad()
 def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], device, *, autocast=contextlib.nullcontext,
-             rank: int = 0, world: int = 1, reduce=None) -> dict[str, float]:
-    """Validation metrics of ``model`` as the loop computes them (``val_loss`` averaged per
-    example in float64; accuracy and F1, or perplexity). ``rank``/``world``/``reduce`` split the
-    work across processes (``reduce`` is ``accelerator.reduce``); alone, leave them."""
+             rank: int = 0, world: int = 1, reduce=None, prefix: str = "val", cap: bool = True) -> dict[str, float]:
+    """Validation metrics of ``model`` as the loop computes them, in float64: classification
+    ``val_loss`` is the mean over examples, with accuracy and F1; causal LM ``val_loss`` is the
+    mean over supervised tokens (sum of token losses / number of tokens with a label, across all
+    batches), with perplexity = exp(val_loss). ``rank``/``world``/``reduce`` split the work
+    across processes (``reduce`` is ``accelerator.reduce``); alone, leave them. ``prefix`` names
+    the metrics (``test`` for the test split); ``cap=False`` ignores training.eval_max_batches."""
     t = cfg.training
     was_training = model.training
     model.eval()
     bs = t.eval_batch_size or t.batch_size
     n = len(val_ds)
     # the cap is eval_max_batches x eval batch size examples in all, whatever the process count
-    limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches else n
+    limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches and cap else n
     idx = list(range(rank, limit, world))
     batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -146,9 +158,17 @@ def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], 
         batch = {k: v.to(device) for k, v in collate([val_ds[i] for i in b]).items()}
         with autocast():
             out = model(**batch)
-        k = batch["input_ids"].shape[0]
-        loss_sum += out.loss.double() * k
-        count += k
+        if task == "causal_lm" and "labels" in batch:
+            # token-weighted: every supervised token counts once, whatever its batch (response-only labels vary per batch)
+            shift = batch["labels"][:, 1:]
+            logits = out.logits[:, :-1]
+            loss_sum += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift.reshape(-1),
+                                                          ignore_index=-100, reduction="sum").double()
+            count += (shift != -100).sum()
+        else:
+            k = batch["input_ids"].shape[0]
+            loss_sum += out.loss.double() * k
+            count += k
         if task == "classification":
             preds += out.logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
@@ -156,16 +176,16 @@ def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], 
         loss_sum, count = reduce(loss_sum, "sum"), reduce(count, "sum")
     model.train(was_training)
     val_loss = (loss_sum / count.clamp(min=1)).item()
-    metrics = {"val_loss": val_loss}
+    metrics = {f"{prefix}_loss": val_loss}
     if task == "classification":
         from accelerate.utils import gather_object
 
         if world > 1:
             preds, labels = gather_object(preds), gather_object(labels)
-        metrics["val_accuracy"] = accuracy(preds, labels)
-        metrics["val_f1"] = f1_score(preds, labels, num_labels)
+        metrics[f"{prefix}_accuracy"] = accuracy(preds, labels)
+        metrics[f"{prefix}_f1"] = f1_score(preds, labels, num_labels)
     else:
-        metrics["val_perplexity"] = perplexity(val_loss)
+        metrics[f"{prefix}_perplexity"] = perplexity(val_loss)
     return metrics
 
 
@@ -191,6 +211,12 @@ class Trainer:
         )
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched != self.world:  # several processes racing on one run directory would corrupt it
+            raise PeftlabError(
+                f"The launcher started {launched} processes but they did not join one process group (this one sees "
+                f"{self.world}, on {acc.device}); with system.device={cfg.system.device} check that every process can reach "
+                "the device, or pass --system.device=cpu to train on CPU over gloo.")
         self.run_dir, self.resume_ckpt = prepare_run_dir(cfg) if acc.is_main_process else (Path(cfg.output.dir).expanduser(), None)
         acc.wait_for_everyone()
         if not acc.is_main_process and t.resume_from is not None:
@@ -219,6 +245,10 @@ class Trainer:
         self.micro_per_epoch, self.steps_per_epoch = b.plan.micro_per_epoch, b.plan.steps_per_epoch
         self.total_steps, self.num_epochs = b.plan.total_steps, b.plan.num_epochs
         info, model = self.model_info, b.model
+        if self.task == "classification":
+            from ..export import set_label_names
+
+            set_label_names(model, self.raw.label_names)  # saved/merged models name their classes
         trainable, effective = self.method.param_counts(model)
         self.param_counts = {"trainable_params": trainable, "effective_params": effective, "total_params": info.num_params}
         log.info(f"trainable parameters: {trainable:,} ({100 * trainable / max(info.num_params, 1):.3f}% of {info.num_params:,})")
@@ -237,13 +267,14 @@ class Trainer:
         wide = self.method.wide_module_log
         self.wide_log = CsvLog(self.run_dir / wide[0]) if wide else None
         self.memory_log = CsvLog(self.run_dir / "epoch_peak_memory.csv", ["epoch", "step", "peak_memory_mb", "memory_kind"])
+        self.eval_log = CsvLog(self.run_dir / "eval_log.csv")  # one row per evaluation (epoch ends and eval_steps)
         self.state.world_size = self.world
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
             trainable, effective = self.method.param_counts(self.unwrapped())
             self.param_counts.update(trainable_params=trainable, effective_params=effective)
         elif acc.is_main_process:
-            for f in ("loss_log.csv", "module_metrics.csv", "epoch_peak_memory.csv", "method.json", *(wide[:1] if wide else ())):
+            for f in ("loss_log.csv", "module_metrics.csv", "epoch_peak_memory.csv", "eval_log.csv", "method.json", *(wide[:1] if wide else ())):
                 (self.run_dir / f).unlink(missing_ok=True)
             if t.resume_from == "latest":
                 log.info("resume_from=latest: no complete checkpoint found, starting from the beginning")
@@ -322,6 +353,7 @@ class Trainer:
             if self.wide_log is not None:
                 self.wide_log.truncate_after(self.state.global_step)
             self.memory_log.truncate_after(self.state.global_step)
+            self.eval_log.truncate_after(self.state.global_step)
         self.log.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} of the epoch)")
 
     def _repair_best(self) -> None:
@@ -337,7 +369,7 @@ class Trainer:
         if current == st.best_step:
             return
         for step, is_epoch, path in ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            if is_epoch and step == st.best_step:
+            if step == st.best_step:
                 hist = st.history
                 i = hist.get("step", []).index(step) if step in hist.get("step", []) else -1
                 row = {k: v[i] for k, v in hist.items()} if i >= 0 else {"step": step}
@@ -350,7 +382,12 @@ class Trainer:
         tmp = self.run_dir / ".tmp-best"
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(path, tmp)
+        from .retention import BEST_FILES
+
+        tmp.mkdir()
+        for f in BEST_FILES:  # the weights and method state, not the optimizer: best/ is for loading, not resuming
+            if (path / f).is_file():
+                shutil.copy2(path / f, tmp / f)
         (tmp / "metrics.json").write_text(ckpt.strict_json_dumps({**row, "best_metric": best_name}, indent=2))
         ckpt.commit(tmp, best)
 
@@ -372,7 +409,9 @@ class Trainer:
             write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
             write_json(tmp / ckpt.CONFIG_FILE, self.cfg.to_dict())  # the identity travels with the checkpoint
             ckpt.commit(tmp, final)
-            ckpt.prune(root, self.cfg.training.save_total_limit)
+            from .retention import prune
+
+            prune(root, self.cfg.training.save_total_limit, self.cfg.output.keep_checkpoints)
         acc.wait_for_everyone()
         return final
 
@@ -391,7 +430,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         acc, cfg, t, st, log = self.accelerator, self.cfg, self.cfg.training, self.state, self.log
         done_file = self.run_dir / "results_final.json"
-        if st.global_step >= self.total_steps and done_file.is_file():
+        if done_file.is_file() and (st.global_step >= self.total_steps or st.stopped_early
+                                    or json.loads(done_file.read_text()).get("early_stopping", {}).get("stopped")):
             log.info(f"run already finished ({st.global_step} steps); nothing to do")
             return json.loads(done_file.read_text())
         best_name, higher = self.best_metric()
@@ -405,7 +445,7 @@ class Trainer:
         model, opt, accum = self.model, self.optimizer, t.gradient_accumulation_steps
         model.train()
         t_start = time.time() - st.elapsed
-        while st.global_step < self.total_steps:
+        while st.global_step < self.total_steps and not st.stopped_early:
             e = st.epoch
             epoch_t0 = time.time() - st.epoch_elapsed
             stream = fast.device_batches(self.batches.epoch(e, start=st.step_in_epoch * accum),
@@ -437,9 +477,10 @@ class Trainer:
                 st.epoch_elapsed = time.time() - epoch_t0
                 epoch_end = st.step_in_epoch == self.steps_per_epoch or st.global_step == self.total_steps
                 saving = bool(t.save_steps and st.global_step % t.save_steps == 0)
+                evaluating = bool(t.eval_steps and st.global_step % t.eval_steps == 0 and not epoch_end)
                 if bar is not None:
                     bar.update(1)
-                if st.global_step % t.log_steps == 0 or epoch_end or saving:
+                if st.global_step % t.log_steps == 0 or epoch_end or saving or evaluating:
                     loss_val = self._read_losses()  # the only host sync of the step, every log_steps
                     extra_metrics = self.method.step_metrics(self.unwrapped())
                     if bar is not None:
@@ -448,9 +489,19 @@ class Trainer:
                         bar.set_postfix(post, refresh=False)
                     if st.global_step % t.log_steps == 0:
                         self._log_step(e, lr, extra_metrics)
-                if t.save_steps and st.global_step % t.save_steps == 0 and not epoch_end:
+                saved = self._eval_point(e, best_name, higher) if evaluating else False
+                if saving and not epoch_end and not saved:
                     st.epoch_end = False
                     self.save_checkpoint(f"step-{st.global_step}")
+                if st.stopped_early:
+                    if not saved:  # the final state of the run, for load_run(which="final") and an exact record
+                        st.epoch_end = False
+                        self.save_checkpoint(f"step-{st.global_step}")
+                    break
+            if st.stopped_early:
+                log.info(f"early stopping at step {st.global_step}: {st.evals_without_improvement} evaluations without an "
+                         f"improvement of {best_name} (patience {t.early_stopping_patience}); best {best_name}={st.best_value:.4f} at step {st.best_step}")
+                break
             self._end_epoch(e, time.time() - epoch_t0, best_name, higher)
         if bar is not None:
             bar.close()
@@ -510,9 +561,7 @@ class Trainer:
         if self.cfg.logging.report_to:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=st.global_step)
         value = metrics[best_name]
-        improved = guards.improves(value, st.best_value, higher)  # a NaN evaluation is never best
-        if improved:
-            st.best_value, st.best_step = value, st.global_step
+        improved = self._judge(e, metrics, best_name, higher, "epoch")
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_loss_sum, st.epoch_loss_count, st.epoch_elapsed = 0.0, 0, 0.0
@@ -530,11 +579,46 @@ class Trainer:
             self._copy_best(path, row, best_name)
             log.info(f"new best {best_name}={value:.4f} at step {st.global_step} -> {best}")
 
+    def _judge(self, e: int, metrics: dict, best_name: str, higher: bool, kind: str) -> bool:
+        """Record one evaluation (best/, early stopping, eval_log.csv); return whether it is a new best."""
+        from .early_stop import judge
+
+        st = self.state
+        improved = judge(st, metrics[best_name], higher, self.cfg.training)
+        st.last_eval = {"step": st.global_step, **metrics}
+        if self.accelerator.is_main_process:
+            self.eval_log.write({"epoch": e + 1, "step": st.global_step, "kind": kind, **metrics, "best_value": st.best_value,
+                                 "best_step": st.best_step, "evals_without_improvement": st.evals_without_improvement})
+        return improved
+
+    def _eval_point(self, e: int, best_name: str, higher: bool) -> bool:
+        """Evaluation every eval_steps inside an epoch; a new best is checkpointed and becomes best/.
+        Returns whether a checkpoint was written at this step."""
+        st, acc = self.state, self.accelerator
+        metrics = self.evaluate()
+        improved = self._judge(e, metrics, best_name, higher, "step")
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        self.log.info(f"step {st.global_step} evaluation: {shown}")
+        if self.cfg.logging.report_to:
+            acc.log(metrics, step=st.global_step)
+        if not improved:
+            return False
+        st.epoch_end = False
+        path = self.save_checkpoint(f"step-{st.global_step}")
+        if acc.is_main_process:
+            self._copy_best(path, {"epoch": e + 1, "step": st.global_step, **metrics}, best_name)
+            self.log.info(f"new best {best_name}={st.best_value:.4f} at step {st.global_step} -> {self.run_dir / 'best'}")
+        return True
+
     def _finish(self, wall: float, best_name: str) -> dict[str, Any]:
         acc, st = self.accelerator, self.state
         peak, kind = peak_memory_mb(acc.device.type)
         peak = max(peak, st.peak_memory_mb)
+        from .early_stop import summary as early_summary
+
         last = {k: v[-1] for k, v in st.history.items()} if st.history else {}
+        if st.last_eval and st.last_eval.get("step", -1) > last.get("step", -1):  # stopped early inside an epoch
+            last.update({k: v for k, v in st.last_eval.items() if k.startswith("val_")})
         results = {
             "status": "completed",
             "method": self.cfg.method,
@@ -546,6 +630,7 @@ class Trainer:
             "epochs": st.epoch,
             "final": {k: v for k, v in last.items() if k.startswith("val_") or k == "train_loss"},
             "best": {"metric": best_name, "value": st.best_value, "step": st.best_step},
+            "early_stopping": early_summary(st, self.cfg.training),
             **self.param_counts,
             "wall_time_s": st.elapsed,
             "peak_memory_mb": peak,
@@ -561,14 +646,53 @@ class Trainer:
             write_json(self.run_dir / "method.json", self.method.structure(self.unwrapped()))
             out = self.method.export(self.unwrapped(), self.run_dir, self.tokenizer)
             results["export"] = str(out)
+            from ..export import make_adapter_portable
+
             if self.model_info.builtin:
                 self._save_base_model(out)
+            base = self.run_dir / "base_model"
+            make_adapter_portable(out, self.cfg, self.run_dir, base if base.is_dir() else None)
+        acc.wait_for_everyone()
+        test = self._evaluate_test()  # after the export: it loads best/'s weights into the model
+        if test:
+            results["test"] = test
+        if acc.is_main_process and self.cfg.output.keep_checkpoints == "final_only":
+            from .retention import finish
+
+            removed = finish(self.run_dir, "final_only", st.global_step)
+            self.log.info(f"output.keep_checkpoints=final_only: removed {len(removed)} checkpoint(s)/best files; kept the final checkpoint and adapter")
+        if acc.is_main_process:
             write_json(self.run_dir / "results_final.json", results)
             self.log.info(f"done in {st.elapsed:.1f}s: " + ", ".join(f"{k}={v:.4f}" for k, v in results["final"].items()) + f"; results in {self.run_dir}")
         if self.cfg.logging.report_to:
             acc.end_training()
         acc.wait_for_everyone()
         return results
+
+    def _evaluate_test(self) -> Optional[dict]:
+        """Once, at the end: the test split (if the task has one) with best/'s weights."""
+        from safetensors.torch import load_file
+
+        from .evaluation import best_model_state, make_test_dataset
+
+        test_ds = make_test_dataset(self.raw, self.tokenizer, self.cfg, model=self.unwrapped())
+        if test_ds is None or len(test_ds) == 0:
+            return None
+        state = best_model_state(self.run_dir)
+        if state is None:
+            self.log.info("test split present but no best checkpoint to evaluate; skipped")
+            return None
+        self.method.load_model_state(self.unwrapped(), load_file(str(state)))
+        acc = self.accelerator
+        metrics = evaluate(self.model, test_ds, self.collate, self.cfg, self.task, self.num_labels, acc.device, autocast=acc.autocast,
+                           rank=self.rank, world=self.world, reduce=acc.reduce, prefix="test", cap=False)
+        out = {**metrics, "checkpoint": "best", "step": self.state.best_step, "examples": len(test_ds)}
+        shown = ", ".join(f"{k.replace('test_', 'test ')}={v:.4f}" for k, v in metrics.items())
+        if "test_accuracy" in metrics:
+            self.log.info(f"Test accuracy: {metrics['test_accuracy']:.4f} ({len(test_ds)} test examples, best checkpoint of step {self.state.best_step}; {shown})")
+        else:
+            self.log.info(f"Test perplexity: {metrics['test_perplexity']:.4f} ({len(test_ds)} test blocks, best checkpoint of step {self.state.best_step}; {shown})")
+        return out
 
     def _save_base_model(self, export_dir: Path) -> None:
         """Built-in tiny models have no hub copy: save the base so the adapter can be reloaded."""
@@ -581,11 +705,7 @@ class Trainer:
         fresh, _, _ = build_base(self.cfg, self.task, self.num_labels)
         fresh.save_pretrained(base, safe_serialization=True)
         self.tokenizer.save_pretrained(base)
-        cfg_path = export_dir / "adapter_config.json"
-        if cfg_path.is_file():
-            data = json.loads(cfg_path.read_text())
-            data["base_model_name_or_path"] = str(base.resolve())
-            ckpt.atomic_write_text(cfg_path, json.dumps(data, indent=2))
+        # adapter_config.json names it relative to the run directory (make_adapter_portable, in _finish)
 
 
 def train(cfg, console: bool = True) -> dict[str, Any]:
