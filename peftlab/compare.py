@@ -84,7 +84,10 @@ def compare_study(config_path: Optional[str | Path] = None, methods: Optional[li
         spec.base = Path(config_path).expanduser()
         if not spec.base.is_file():
             raise PeftlabError(f"--config {str(config_path)!r} does not exist.")
-    spec.overrides = {**spec.overrides, "logging.progress_bar": False, **(overrides or {})}
+    overrides = dict(overrides or {})
+    if "training.seed" in overrides:  # the study's seeds list decides each run's seed
+        spec.seeds = [int(overrides.pop("training.seed"))]
+    spec.overrides = {**spec.overrides, "logging.progress_bar": False, **overrides}
     spec.study.run_name = "{arm}"  # OUTPUT_DIR/<method>/, as before studies
     if methods:
         wanted = list(dict.fromkeys(methods))

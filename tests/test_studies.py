@@ -65,6 +65,15 @@ def test_expansion_product_zip_arms_seeds_and_names(tmp_path):
     assert [t.index for t in trials] == list(range(1, 17))
 
 
+def test_training_seed_beside_a_seeds_list_is_an_error_not_ignored(tmp_path):
+    from peftlab.studies.expand import expand
+
+    spec = _spec(tmp_path, seeds=[1, 2])
+    spec.cli_overrides = {"training.seed": 7}  # `peftlab sweep FILE --training.seed=7`: would be silently overridden
+    with pytest.raises(ConfigError, match="training.seed is set in the command line but the study lists seeds"):
+        expand(spec)
+
+
 def test_duplicate_names_and_bad_templates_rejected(tmp_path):
     from peftlab.studies.expand import expand
 

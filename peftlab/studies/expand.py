@@ -95,6 +95,11 @@ def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Opt
     except ConfigError as e:
         raise ConfigError([f"base config with the study's overrides: {p}" for p in e.problems]) from None
     seeds = spec.seeds or [base_cfg.training.seed]
+    seed_setters = [where for where, ov in [("overrides", spec.overrides), ("the command line", spec.cli_overrides),
+                                            *[(f"arm {a.name}", a.overrides) for a in spec.arms]] if "training.seed" in ov]
+    if spec.seeds and seed_setters:
+        raise ConfigError([f"training.seed is set in {', '.join(seed_setters)} but the study lists seeds {list(spec.seeds)}, "
+                           "which decide every run's seed; change `seeds:` instead (e.g. --seeds in the study file)."])
     index = 0
     for point in grid_points(spec):
         for arm in arms:
