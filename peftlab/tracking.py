@@ -104,6 +104,15 @@ def setup_logger(run_dir: Path, main_process: bool, console: bool = True) -> log
     return log
 
 
+def close_logger() -> None:
+    """Detach and close the run logger's handlers (a finished run's train.log may be deleted
+    afterwards, e.g. the scratch run of ``peftlab estimate``; later logging must not write to it)."""
+    log = logging.getLogger("peftlab")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+
+
 class CsvLog:
     """An append-only CSV whose header is fixed by the first row (or given)."""
 

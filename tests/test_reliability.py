@@ -644,7 +644,10 @@ def test_copied_run_merges_onto_its_own_base_and_killed_export_does_not_block(tm
     run_train(make_cfg(tmp_path, training__max_steps=4))
     copy = tmp_path / "copy"
     shutil.copytree(orig, copy)
-    assert str(orig) in (copy / "adapter" / "adapter_config.json").read_text()
+    acfg = copy / "adapter" / "adapter_config.json"  # exports now record a run-relative base; an older run
+    data = json.loads(acfg.read_text())          # named the original run's base_model/ by absolute path
+    data["base_model_name_or_path"] = str(orig / "base_model")
+    acfg.write_text(json.dumps(data))
     run_train(make_cfg(tmp_path, training__max_steps=4, training__seed=5, output__overwrite=True))  # orig: another base
     (copy / ".merged.partial").mkdir()  # what a killed export leaves behind
     (copy / ".merged.partial" / "config.json").write_text("{")

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -61,6 +62,8 @@ def process_start_s() -> float:
 def probe(cfg, steps: int = 4) -> Probe:
     """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps."""
     from ..cli import quiet_libraries
+    from ..tracking import close_logger
+    from ..train import lock as run_lock
     from ..train.loop import Trainer
 
     quiet_libraries()
@@ -101,7 +104,11 @@ def probe(cfg, steps: int = 4) -> Probe:
 
         tr.evaluate, tr.save_checkpoint = timed_eval, timed_save
         t1 = time.perf_counter()
-        tr.run()
+        try:
+            tr.run()
+        finally:
+            run_lock.release(Path(pcfg.output.dir))
+            close_logger()  # the scratch run's train.log goes with the temporary directory
         t_end = time.perf_counter()
     dts = [b - a for a, b in zip([t1, *stamps[:-1]], stamps)]
     first = dts[0] if dts else 0.0

@@ -26,7 +26,7 @@ from ..data.instruction import write_generations
 from . import guards
 from . import lock as run_lock
 from ..errors import PeftlabError
-from ..tracking import LOSS_COLUMNS, CsvLog, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
+from ..tracking import LOSS_COLUMNS, CsvLog, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
 from .metrics import accuracy, f1_score, perplexity
 from . import fast
 
@@ -715,3 +715,4 @@ def train(cfg, console: bool = True) -> dict[str, Any]:
         return trainer.run()
     finally:
         run_lock.release(Path(cfg.output.dir))
+        close_logger()
