@@ -252,6 +252,14 @@ def test_refused_compare_keeps_the_previous_table(tmp_path):
     assert "failed" in (out / "compare.incomplete.csv").read_text()
 
 
+def test_max_test_examples_caps_or_skips_the_test_evaluation(tmp_path):
+    capped, skipped = tmp_path / "capped", tmp_path / "skipped"
+    assert main(["train", CLS, "--data.dataset=imdb-sample", f"--output.dir={capped}", "--data.max_test_examples=40", *SMALL]) == 0
+    assert _results(capped)["test"]["examples"] == 40
+    assert main(["train", CLS, "--data.dataset=imdb-sample", f"--output.dir={skipped}", "--data.max_test_examples=0", *SMALL]) == 0
+    assert not _results(skipped).get("test")
+
+
 def test_lm_test_split_from_a_local_folder_gives_test_perplexity(tmp_path):
     """A folder with train/validation/test files: the test split is evaluated with best/'s
     weights. With test = validation, test_loss equals the best validation loss exactly."""

@@ -51,6 +51,7 @@ class DataConfig:
     train_samples: Optional[int] = opt(None, "k-shot: keep k training examples per class (stratified, seeded).")
     max_train_examples: Optional[int] = opt(None, "Keep at most this many training examples (seeded subsample); for quick runs.")
     max_val_examples: Optional[int] = opt(None, "Keep at most this many validation examples.")
+    max_test_examples: Optional[int] = opt(None, "Keep at most this many test examples (seeded subsample) for the end-of-run test evaluation; 0 skips it.")
     clean_text: bool = opt(False, "TweetEval-style cleaning: HTML entities, tags, URLs -> [URL], @mentions -> [USER], whitespace.")
     split_seed: int = opt(42, "Seed for carving validation splits and k-shot subsets (independent of training.seed).")
     # instruction tuning (peftlab/data/instruction.py, docs/instruction.md)
@@ -80,6 +81,8 @@ class DataConfig:
             v = getattr(self, k)
             if v is not None and v < 1:
                 p.append(f"`data.{k}` must be a positive integer, got {v}.")
+        if self.max_test_examples is not None and self.max_test_examples < 0:
+            p.append(f"`data.max_test_examples` must be 0 (no test evaluation) or a positive integer, got {self.max_test_examples}.")
         return p
 
 

@@ -113,6 +113,9 @@ def finalize_splits(raw, cfg):
             info["k_shot"] = f"{d.train_samples} examples per class ({len(raw.train['label'])} in all, data.split_seed={d.split_seed})"
         if d.max_val_examples and len(raw.val["label"]) > d.max_val_examples:
             raw.val = _take(raw.val, _subsample(len(raw.val["label"]), d.max_val_examples, d.split_seed))
+        test = getattr(raw, "test", None)
+        if d.max_test_examples and isinstance(test, dict) and len(test.get("label", [])) > d.max_test_examples:
+            raw.test = _take(test, _subsample(len(test["label"]), d.max_test_examples, d.split_seed))
         info["train_size"], info["val_size"] = len(raw.train["label"]), len(raw.val["label"])
         info["train_class_counts"] = class_counts(raw.train["label"], raw.num_labels)
     elif d.train_samples:

@@ -177,15 +177,9 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> li
 
 
 def _fmt(s: float) -> str:
-    s = int(round(s))
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    if d:
-        return f"{d}d {h}h {m}m"
-    if h:
-        return f"{h}h {m}m"
-    return f"{m}m {s}s"
+    from .runner import _fmt_duration
+
+    return _fmt_duration(s)
 
 
 def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:

@@ -30,7 +30,7 @@ def split_size(raw) -> int:
 
 def make_test_dataset(raw, tokenizer, cfg, model=None) -> Optional[Any]:
     """The tokenized test split of ``raw`` built exactly as validation is (None without one)."""
-    if split_size(raw) == 0:
+    if split_size(raw) == 0 or cfg.data.max_test_examples == 0:
         return None
     from ..data import ClassificationDataset, LMBlockDataset, build_datasets
     from ..data.instruction import is_instruction
