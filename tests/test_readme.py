@@ -69,3 +69,14 @@ def test_one_run_lines_work_as_written(tmp_path, monkeypatch):
     assert main([*swap(again), *TINY]) == 0
     second = json.loads((tmp_path / "again" / "results_final.json").read_text())
     assert second["final"] == first["final"]  # same configuration and seed: the same numbers
+
+
+@pytest.mark.parametrize("argv", [["train"], ["config"], ["data", "prepare"], ["profile"], ["export"], ["compare"], ["sweep"],
+                                  ["estimate"], ["bounds"], ["analyze"]], ids=" ".join)
+def test_help_has_no_sphinx_markup(argv, capsys):
+    from peftlab.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = capsys.readouterr().out
+    assert text.strip() and not re.search(r":(mod|class|func|meth|attr):`|``", text), text

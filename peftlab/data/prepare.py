@@ -3,7 +3,7 @@
 - A language-modelling corpus (a registered LM dataset such as `lm-sample`, a local
   `.txt` / `.jsonl` file or folder, `openwebtext` or another text dataset on the
   hub) is tokenized, streaming, into `train.bin` / `val.bin` / `eot_indices.npy` /
-  `doc_lengths.npy` / `meta.json` (see :mod:`peftlab.data.bins`).
+  `doc_lengths.npy` / `meta.json` (format: docs/data.md).
 - A classification task (`sst2`, `imdb`, `ag_news`, `tweet_eval`, their
   `-sample` copies, a local table, a hub dataset with a label column) is written as
   `DIR/<task>_dataset/<task>_{train,validation,test}.csv`, the layout
