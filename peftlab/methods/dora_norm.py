@@ -20,9 +20,8 @@ the CPU, so CPU runs keep the numbers they always had. The swap keeps the magnit
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .sora_layers import DoraLinearLayer, dora_row_norm, w0_row_sq_norm
+from .sora_layers import DoraLinearLayer, dora_output, dora_row_norm, w0_row_sq_norm
 
 
 class FactoredDoraLayer(DoraLinearLayer):
@@ -47,15 +46,7 @@ class FactoredDoraLayer(DoraLinearLayer):
         weight = base_layer.weight
         norm = dora_row_norm(weight, lora_A.weight.detach(), lora_B.weight.detach(), None, scaling,
                              self.fan_in_fan_out, base_sq=self.base_sq)
-        mag_norm_scale = (self.weight / norm.to(self.weight.dtype)).view(1, -1)
-        lora_result = lora_B(lora_A(x))
-        if base_result is not None:
-            if base_layer.bias is not None:
-                base_result = base_result - base_layer.bias
-        else:
-            w = weight.T if self.fan_in_fan_out else weight
-            base_result = F.linear(x, w.to(x.dtype))
-        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+        return dora_output(self, x, norm, lora_A, lora_B, scaling, base_layer, base_result)
 
     def __repr__(self) -> str:
         return "peftlab.factored_dora." + torch.nn.Module.__repr__(self)

@@ -99,6 +99,24 @@ def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: 
     return sq.clamp_min(0.0).sqrt().to(weight.dtype)
 
 
+def dora_output(layer, x, norm, lora_A, lora_B, scaling, base_layer, base_result=None, cast_scale: bool = False):
+    """DoRA's layer output from the row norm: (m/‖W‖ − 1)·(W₀x) + (m/‖W‖)·s·B(A(x)), reusing peft's
+    base result (bias removed) when given. ``cast_scale`` casts m/‖W‖ to the input's dtype."""
+    mag_norm_scale = layer.weight / norm.to(layer.weight.dtype)
+    if cast_scale:
+        mag_norm_scale = mag_norm_scale.to(x.dtype)
+    mag_norm_scale = mag_norm_scale.view(1, -1)
+    lora_result = lora_B(lora_A(x))
+    if base_result is not None:
+        if base_layer.bias is not None:
+            base_result = base_result - base_layer.bias
+    else:
+        weight = base_layer.weight
+        w = weight.T if layer.fan_in_fan_out else weight
+        base_result = F.linear(x, w.to(x.dtype))
+    return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+
+
 class GatedDoraLayer(DoraLinearLayer):
     """DoRA's magnitude layer for a gated LoRA (SDoRA).
 
@@ -116,15 +134,7 @@ class GatedDoraLayer(DoraLinearLayer):
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default", **kwargs):
         weight = base_layer.weight
         norm = dora_row_norm(weight, lora_A.weight, lora_B.weight, lora_A.gate, scaling, self.fan_in_fan_out)
-        mag_norm_scale = (self.weight / norm.to(self.weight.dtype)).to(x.dtype).view(1, -1)
-        lora_result = lora_B(lora_A(x))
-        if base_result is not None:
-            if base_layer.bias is not None:
-                base_result = base_result - base_layer.bias
-        else:
-            w = weight.T if self.fan_in_fan_out else weight
-            base_result = F.linear(x, w.to(x.dtype))
-        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+        return dora_output(self, x, norm, lora_A, lora_B, scaling, base_layer, base_result, cast_scale=True)
 
     def __repr__(self) -> str:
         return "sora.gated_dora." + nn.Module.__repr__(self)
