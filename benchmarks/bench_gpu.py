@@ -146,17 +146,21 @@ def build_hf(kind: str, seed: int = 42):
     return model.cuda()
 
 
-def run_minimal(model, opt, batches, warmup: int, steps: int, compile_: bool) -> dict:
+def run_minimal(model, opt, batches, warmup: int, steps: int, compile_: bool, mode: str | None = None, prof=None) -> dict:
     """The minimal loop: autocast forward, backward, optimizer step, zero_grad; no logging."""
     model.train()
-    fwd = torch.compile(model) if compile_ else model
+    fwd = torch.compile(model, mode=mode) if compile_ else model
     torch.cuda.reset_peak_memory_stats()
     t0 = g0 = None
     for i in range(warmup + steps):
         if i == warmup:
             sync()
             t0, g0 = time.perf_counter(), recompiles()
+            if prof is not None:
+                prof.__enter__()
         x = batches[i % len(batches)]
+        if compile_ and mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fwd(input_ids=x, labels=x).loss
         loss.backward()
@@ -164,11 +168,13 @@ def run_minimal(model, opt, batches, warmup: int, steps: int, compile_: bool) ->
         opt.zero_grad(set_to_none=True)
     sync()
     dt = time.perf_counter() - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
     return {"step_ms": 1e3 * dt / steps, "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
             "new_graphs_after_warmup": recompiles() - g0 if compile_ else 0, "last_loss": float(loss)}
 
 
-def baseline(case: dict, batches, a) -> dict:
+def baseline(case: dict, batches, a, prof=None) -> dict:
     kind = case["kind"]
     if kind == "galore":
         GaLoreAdamW, _ = import_galore()
@@ -183,7 +189,7 @@ def baseline(case: dict, batches, a) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     n_mm = matmul_params(model)
-    r = run_minimal(model, opt, batches, a.warmup, a.steps, case["compile"])
+    r = run_minimal(model, opt, batches, a.warmup, a.steps, case["compile"], case.get("mode"), prof=prof)
     r["n_matmul"] = n_mm
     del model, opt
     cleanup()
@@ -291,6 +297,15 @@ CASES = {
     "dora_c": ({"kind": "dora", "compile": True}, {"method": "dora", "compile": True}),
     "dora_c_liger": (None, {"method": "dora", "compile": True, "extra": {"system.fused_cross_entropy": "liger"}}),
     "dora_c_peftnorm": (None, {"method": "dora", "compile": True, "extra": {"lora.dora_norm": "peft"}}),
+    # attribution of peftlab's levers (defaults: frozen_weights=auto, pad_vocab=auto, compile_mode=default)
+    "lora_nolev": (None, {"method": "lora", "compile": False, "extra": {"system.frozen_weights": "fp32", "system.pad_vocab": "off"}}),
+    "lora_c_nolev": (None, {"method": "lora", "compile": True, "extra": {"system.frozen_weights": "fp32", "system.pad_vocab": "off"}}),
+    "lora_c_nopad": (None, {"method": "lora", "compile": True, "extra": {"system.pad_vocab": "off"}}),
+    "lora_c_ro": ({"kind": "lora", "compile": True, "mode": "reduce-overhead"},
+                  {"method": "lora", "compile": True, "extra": {"system.compile_mode": "reduce-overhead"}}),
+    "lora_c_ma": ({"kind": "lora", "compile": True, "mode": "max-autotune-no-cudagraphs"},
+                  {"method": "lora", "compile": True, "extra": {"system.compile_mode": "max-autotune-no-cudagraphs"}}),
+    "dora_c_pl": (None, {"method": "dora", "compile": True}),
     "sora_c": (None, {"method": "sora", "compile": True}),
     "sdora_c": (None, {"method": "sdora", "compile": True}),
     "full": ({"kind": "full", "compile": False}, {"method": "full", "compile": False}),
@@ -363,17 +378,28 @@ def main(argv=None):
             jl.write(json.dumps(r) + "\n")
             jl.flush()
             print(json.dumps(r), flush=True)
-    for name in [c for c in a.profile.split(",") if c]:
-        _, spec = CASES[name]
+    for item in [c for c in a.profile.split(",") if c]:
+        # NAME profiles peftlab's side, hf:NAME the baseline's; only the timed steps are recorded
+        side, name = item.split(":") if ":" in item else ("peftlab", item)
+        spec = CASES[name][0 if side == "hf" else 1]
         from torch.profiler import ProfilerActivity, profile
 
-        small = argparse.Namespace(**{**vars(a), "warmup": 5, "steps": 5})
+        steps = 5
+        small = argparse.Namespace(**{**vars(a), "steps": steps})
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-        peftlab_run({"name": name + "_prof", **spec}, bins, small, spec.get("extra"), prof=prof)
+        t = time.perf_counter()
+        r = baseline(spec, batches, small, prof=prof) if side == "hf" else peftlab_run({"name": name + "_prof", **spec}, bins, small, spec.get("extra"), prof=prof)
         ka = prof.key_averages()
-        table = ka.table(sort_by="cuda_time_total", row_limit=25) + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=15)
-        (out / f"profile_{name}.txt").write_text(table)
-        print(f"== profile {name} (peftlab, 5 steps after 5 warm-up steps)\n{table}", flush=True)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time_total for e in kernels) / 1e3 / steps  # microseconds -> ms per step
+        head = (f"{side} {name}: {r['step_ms']:.1f} ms/step under the profiler; GPU kernels busy {busy:.1f} ms/step "
+                f"({len(kernels) / steps:.0f} kernels/step)")
+        table = head + "\n" + ka.table(sort_by="cuda_time_total", row_limit=30) + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=15)
+        (out / f"profile_{side}_{name}.txt").write_text(table)
+        print(f"== profile {side} {name} ({steps} steps after {a.warmup} warm-up steps)\n{table}", flush=True)
+        rows.append({"case": name, "side": side + "_profile", "step_ms_profiled": r["step_ms"], "gpu_busy_ms": busy,
+                     "kernels_per_step": len(kernels) / steps, "wall_s": time.perf_counter() - t})
+        jl.write(json.dumps(rows[-1]) + "\n")
         cleanup()
     if a.refresh:
         for r in refresh_bench(a):
@@ -403,6 +429,10 @@ def summary(rows, out: Path):
     for r in rows:
         if r.get("case") == "refresh":
             lines.append(f"| refresh: {r['refresh']} | | {r['ms']:.1f} ms | | | | |")
+    for r in rows:
+        if str(r.get("side", "")).endswith("_profile"):
+            lines.append(f"| profile {r['side'][:-8]} {r['case']}: {r['step_ms_profiled']:.1f} ms/step, GPU busy {r['gpu_busy_ms']:.1f} ms, "
+                         f"{r['kernels_per_step']:.0f} kernels | | | | | | |")
     text = "\n".join(lines)
     (out / "bench_gpu_summary.md").write_text(text + "\n")
     print(text, flush=True)

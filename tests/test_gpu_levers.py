@@ -201,3 +201,110 @@ def test_optimizer_step_fast_path_equals_accelerate_step():
         assert not torch.equal(results[1][0], start)  # the steps did move the weights
     finally:
         AcceleratorState._reset_state(True)
+
+
+def _tiny_gpt2_lora(vocab: int = 50):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=16, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_dropout=0.0))
+    for n, p in model.named_parameters():  # non-zero B so the adapters matter
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_frozen_weights_setting_is_cpu_safe_and_validated():
+    from peftlab.train.fast import frozen_cast_dtype
+
+    assert frozen_cast_dtype("auto", "cpu", "bf16") is None
+    assert frozen_cast_dtype("auto", "cuda", "bf16") is torch.bfloat16
+    assert frozen_cast_dtype("auto", "cuda", "fp32") is None  # no autocast: nothing to match
+    assert frozen_cast_dtype("compute", "cpu", "fp16") is torch.float16
+    assert frozen_cast_dtype("fp32", "cuda", "bf16") is None
+    with pytest.raises(PeftlabError, match="frozen_weights must be"):
+        frozen_cast_dtype("half", "cuda", "bf16")
+
+
+def test_cast_frozen_weights_gives_the_autocast_numbers_and_spares_trainable_and_tied():
+    model = _tiny_gpt2_lora()
+    x = torch.randint(0, 50, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(input_ids=x, labels=x)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    from peftlab.train.fast import cast_frozen_weights
+
+    moved = cast_frozen_weights(model, torch.bfloat16)
+    base = model.get_base_model()
+    # c_attn / c_proj / c_fc / mlp c_proj weights and biases of both blocks; not wte (tied to lm_head), wpe, layer norms
+    expected = sum(m.weight.numel() + m.bias.numel() for blk in base.transformer.h
+                   for m in (blk.attn.c_attn.base_layer, blk.attn.c_proj, blk.mlp.c_fc.base_layer, blk.mlp.c_proj))
+    assert moved == expected
+    assert base.transformer.wte.weight.dtype == torch.float32 and base.lm_head.weight is base.transformer.wte.weight
+    assert base.transformer.h[0].ln_1.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert sum(p.dtype == torch.bfloat16 for p in frozen) > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, ref_grads[n]), n
+
+
+def test_pad_lm_head_gives_the_same_logits_and_gradients():
+    from peftlab.train.fast import pad_lm_head, pad_vocab_enabled
+
+    assert not pad_vocab_enabled("auto", "cpu") and pad_vocab_enabled("auto", "cuda") and pad_vocab_enabled("on", "cpu")
+    ref_model = _tiny_gpt2_lora(vocab=50)
+    model = copy.deepcopy(ref_model)
+    assert pad_lm_head(model, multiple=64) == 64
+    assert pad_lm_head(model, multiple=64) is None  # already patched: not twice
+    head = model.get_base_model().lm_head
+    assert head.weight.shape == (50, 32)  # the parameter is untouched
+    x = torch.randint(0, 50, (2, 12))
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            a, b = ref_model(input_ids=x, labels=x), model(input_ids=x, labels=x)
+        assert b.logits.shape == a.logits.shape == (2, 12, 50)
+        torch.testing.assert_close(b.logits.float(), a.logits.float(), rtol=1e-6 if not autocast else 1e-2, atol=1e-6 if not autocast else 1e-2)
+    a = ref_model(input_ids=x, labels=x)
+    b = model(input_ids=x, labels=x)
+    a.loss.backward()
+    b.loss.backward()
+    for (n, p), q in zip(ref_model.named_parameters(), model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    # a head whose size is aligned already is left alone
+    assert pad_lm_head(_tiny_gpt2_lora(vocab=64), multiple=64) is None
+
+
+def test_training_with_the_levers_forced_on_cpu_matches_the_default(tmp_path):
+    """frozen_weights=compute changes no number under bf16 autocast; pad_vocab=on trains the same run."""
+    from peftlab.config import config_from_dict
+    from peftlab.train.loop import train
+
+    def run(name, **system):
+        raw = {"method": "lora", "model": {"name": "tiny-gpt2"}, "data": {"dataset": "lm-sample", "block_size": 32, "max_val_examples": 8},
+               "training": {"max_steps": 4, "batch_size": 4, "log_steps": 1, "save_steps": 0, "eval_max_batches": 1},
+               "lora": {"r": 4, "dropout": 0.0}, "output": {"dir": str(tmp_path / name)}, "logging": {"progress_bar": False},
+               "system": {"device": "cpu", "dtype": "bf16", **system}}
+        res = train(config_from_dict(raw), console=False)
+        log = (tmp_path / name / "train.log").read_text()
+        return (tmp_path / name / "loss_log.csv").read_text().splitlines(), res, log
+
+    ref_log, ref, text = run("ref")
+    assert "system.frozen_weights" not in text and "system.pad_vocab" not in text  # auto: off on CPU
+    cast_log, cast, text = run("cast", frozen_weights="compute")
+    assert "frozen matmul weights stored in bf16" in text
+    assert cast_log == ref_log and cast["final"] == ref["final"]
+    pad_log, pad, text = run("pad", pad_vocab="on")
+    assert "LM head computed at 320 columns" in text  # tiny-gpt2: V = 260
+    assert len(pad_log) == len(ref_log) and abs(pad["final"]["val_loss"] - ref["final"]["val_loss"]) < 1e-3

@@ -216,9 +216,13 @@ class SystemConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train; auto uses a GPU when there is one.")
     dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "Mixed precision for the forward/backward pass.")
     compile: bool = opt(False, "Wrap the model with torch.compile.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
+        "default", "torch.compile mode when system.compile is on: reduce-overhead adds CUDA graphs, max-autotune also searches matmul kernels (minutes of compile).")
     num_threads: Optional[int] = opt(None, "CPU threads for torch (default: torch's own choice).")
     fused_optimizer: Literal["auto", "on", "off"] = opt("auto", "torch's fused AdamW (one kernel for all tensors): auto = on CUDA only, on = wherever torch offers it, off.")
     prefetch: Literal["auto", "on", "off"] = opt("auto", "Load the next batch while the GPU works and copy it from pinned memory without blocking: auto = on CUDA only.")
+    frozen_weights: Literal["auto", "compute", "fp32"] = opt("auto", "Frozen matmul weights (Linear/Conv1D, not tied to an embedding) stored in the mixed-precision dtype, the values autocast would cast them to every step: auto = on CUDA with bf16/fp16, compute = wherever autocast is on, fp32 = keep float32.")
+    pad_vocab: Literal["auto", "on", "off"] = opt("auto", "Compute the LM head at a vocabulary padded to a multiple of 64 (zero rows, sliced off): fast GPU matmul kernels need aligned sizes (GPT-2's 50257 is not). auto = on CUDA.")
     fused_cross_entropy: Literal["auto", "liger", "off"] = opt("off", "Causal LM loss without materialising the logits (Liger-Kernel's fused linear + cross-entropy; one CUDA process): liger = required, auto = when available, off.")
 
     def validate(self) -> list[str]:

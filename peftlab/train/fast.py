@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -172,3 +172,96 @@ def optimizer_step(optimizer) -> None:
         optimizer.step()
         return
     inner.step()
+
+
+def _matmul_module_types() -> tuple[type, ...]:
+    types_: list[type] = [torch.nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types_.append(Conv1D)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return tuple(types_)
+
+
+def frozen_cast_dtype(setting: str, device, dtype: str) -> Optional[torch.dtype]:
+    """``system.frozen_weights`` -> the dtype to store frozen matmul weights in, or None to keep them."""
+    if setting not in ("auto", "compute", "fp32"):
+        raise PeftlabError(f"system.frozen_weights must be auto, compute or fp32, got {setting!r}.")
+    target = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    if setting == "fp32" or target is None:
+        return None
+    if setting == "auto" and torch.device(device).type != "cuda":
+        return None
+    return target
+
+
+@torch.no_grad()
+def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights and biases of every Linear / Conv1D in ``dtype``; return how many numbers moved.
+
+    Under autocast a frozen float32 weight is cast to the compute dtype at every use (autocast
+    caches only leaves that require grad), so each step reads 4 bytes and writes 2 per weight
+    and saves the cast copy for the backward pass. Stored in that dtype once, the matmuls see
+    exactly the values they saw before. Only parameters of the matmul modules themselves
+    are cast: trainable ones (adapters, heads, full fine-tuning) stay float32, and so does any
+    parameter shared with another module (a head tied to the input embedding: the embedding
+    lookup is not autocast, so casting it would change the residual stream).
+    """
+    mm_types = _matmul_module_types()
+    owners: dict[int, int] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    moved = 0
+    for mod in model.modules():
+        if not isinstance(mod, mm_types):
+            continue
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.requires_grad or owners[id(p)] > 1 or p.dtype != torch.float32:
+                continue
+            p.data = p.data.to(dtype)
+            moved += p.numel()
+    return moved
+
+
+def pad_vocab_enabled(setting: str, device) -> bool:
+    if setting not in ("auto", "on", "off"):
+        raise PeftlabError(f"system.pad_vocab must be auto, on or off, got {setting!r}.")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
+def pad_lm_head(model: torch.nn.Module, multiple: int = 64) -> Optional[int]:
+    """Make the output embedding compute its matmul at a vocabulary padded to ``multiple``; return the padded size.
+
+    GPU matmul libraries pick their fast kernels only for aligned sizes; GPT-2's head
+    (``d x 50257``) falls back to a slow kernel. The head's forward pads the (autocast-cast)
+    weight with zero rows, multiplies, and returns the first ``V`` columns: the same logits,
+    from a fast kernel. The parameter itself is untouched (state dicts, tying and exports see
+    the original), and nothing happens when the size is already aligned or the head is not a
+    plain ``nn.Linear``.
+    """
+    import types as _types
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or "forward" in head.__dict__:
+        return None
+    vocab = head.out_features
+    pad = (-vocab) % multiple
+    if pad == 0:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dt), w.to(dt)
+            b = b.to(dt) if b is not None else None
+        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
+        b = torch.nn.functional.pad(b, (0, pad)) if b is not None else None
+        return torch.nn.functional.linear(x, w, b)[..., :vocab]
+
+    head.forward = _types.MethodType(forward, head)
+    return vocab + pad

@@ -255,8 +255,12 @@ class Trainer:
         self.scheduler = b.scheduler
         self.model, self.optimizer = acc.prepare(model, b.optimizer)
         self.model = fast.drop_output_upcast(acc, self.model, acc.device)
+        self._speed_levers()
         if cfg.system.compile:
-            self.model = torch.compile(self.model)
+            mode = cfg.system.compile_mode
+            self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
+        self.cudagraphs = bool(cfg.system.compile and cfg.system.compile_mode in ("reduce-overhead", "max-autotune")
+                               and acc.device.type == "cuda")
         self.losses = fast.DeviceLosses()
         self.train_loss = fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task, acc.device, self.world,
                                              cfg.system.compile)
@@ -296,6 +300,19 @@ class Trainer:
             flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
             acc.init_trackers(cfg.logging.project, config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()},
                               init_kwargs={"wandb": {"name": cfg.logging.run_name or self.run_dir.name}})
+
+    def _speed_levers(self) -> None:
+        """The GPU levers that change how the model is stored or computed (docs/gpu-speed.md); off on CPU by default."""
+        cfg, acc, log = self.cfg, self.accelerator, self.log
+        dt = fast.frozen_cast_dtype(cfg.system.frozen_weights, acc.device, cfg.system.dtype)
+        if dt is not None and getattr(self.method, "frozen_cast_ok", True):
+            n = fast.cast_frozen_weights(self.unwrapped(), dt)
+            if n:
+                log.info(f"system.frozen_weights: {n:,} frozen matmul weights stored in {cfg.system.dtype} (the values autocast uses)")
+        if self.task == "causal_lm" and fast.pad_vocab_enabled(cfg.system.pad_vocab, acc.device):
+            padded = fast.pad_lm_head(self.unwrapped())
+            if padded:
+                log.info(f"system.pad_vocab: LM head computed at {padded} columns (zero rows, sliced off) for aligned GPU matmuls")
 
     def unwrapped(self) -> torch.nn.Module:
         # accelerate's unwrap walks every module (about 1 ms on GPT-2); the loop asks several times a step,
@@ -454,6 +471,8 @@ class Trainer:
                 step_loss = torch.zeros((), device=acc.device)
                 for m in range(accum):
                     batch = next(stream)
+                    if self.cudagraphs:  # a new step: outputs of the previous graph replay may be overwritten
+                        torch.compiler.cudagraph_mark_step_begin()
                     sync = m == accum - 1
                     with (contextlib.nullcontext() if sync or self.world == 1 else acc.no_sync(model)):
                         loss = self._loss(model, batch) if self.train_loss is None else self.train_loss(batch)
