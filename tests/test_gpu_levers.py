@@ -308,3 +308,15 @@ def test_training_with_the_levers_forced_on_cpu_matches_the_default(tmp_path):
     pad_log, pad, text = run("pad", pad_vocab="on")
     assert "LM head computed at 320 columns" in text  # tiny-gpt2: V = 260
     assert len(pad_log) == len(ref_log) and abs(pad["final"]["val_loss"] - ref["final"]["val_loss"]) < 1e-3
+
+
+def test_attention_kernel_setting_is_a_no_op_on_cpu_and_validated():
+    import contextlib
+
+    from peftlab.train.fast import attention_context
+
+    for s in ("auto", "default", "flash", "cudnn", "efficient"):
+        assert attention_context(s, "cpu") is contextlib.nullcontext
+    assert attention_context("default", "cuda") is contextlib.nullcontext
+    with pytest.raises(PeftlabError, match="attention_kernel must be"):
+        attention_context("xformers", "cpu")

@@ -265,3 +265,36 @@ def pad_lm_head(model: torch.nn.Module, multiple: int = 64) -> Optional[int]:
 
     head.forward = _types.MethodType(forward, head)
     return vocab + pad
+
+
+def attention_context(setting: str, device) -> Callable[[], "contextlib.AbstractContextManager"]:
+    """``system.attention_kernel`` -> a factory of the context the training forward runs in.
+
+    torch chooses a scaled-dot-product-attention kernel by a fixed priority; on Hopper GPUs it
+    picks cuDNN's, which benchmarks/bench_attention.py measured slower than flash attention for
+    decoder training shapes. ``flash``/``cudnn``/``efficient`` put that kernel first and keep the
+    others (math last) as fallbacks for inputs it does not support (an explicit mask, say).
+    Dropout inside attention draws its masks from the kernel's own random stream, so a different
+    kernel gives different (equally distributed) dropout masks. On CPU nothing changes.
+    """
+    import contextlib
+
+    if setting not in ("auto", "default", "flash", "cudnn", "efficient"):
+        raise PeftlabError(f"system.attention_kernel must be auto, default, flash, cudnn or efficient, got {setting!r}.")
+    if torch.device(device).type != "cuda" or setting == "default":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"auto": "flash", "flash": "flash", "cudnn": "cudnn", "efficient": "efficient"}[setting]
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    order = [names[first]] + [b for k, b in names.items() if k != first and k != "cudnn"] + [SDPBackend.MATH]
+    if first == "cudnn":
+        order = [names["cudnn"], names["flash"], names["efficient"], SDPBackend.MATH]
+
+    def ctx():
+        try:
+            return sdpa_kernel(order, set_priority=True)
+        except TypeError:  # torch without set_priority: only the listed kernels are allowed, in torch's order
+            return sdpa_kernel(order)
+
+    return ctx

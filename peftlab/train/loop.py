@@ -265,6 +265,7 @@ class Trainer:
         self.train_loss = fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task, acc.device, self.world,
                                              cfg.system.compile)
         self.prefetch = fast.prefetch_enabled(cfg.system.prefetch, acc.device)
+        self.attention = fast.attention_context(cfg.system.attention_kernel, acc.device)
         self.state = TrainerState()
         self.loss_log = CsvLog(self.run_dir / "loss_log.csv", LOSS_COLUMNS)
         self.module_log = CsvLog(self.run_dir / "module_metrics.csv", MODULE_LOG_COLUMNS)
@@ -475,7 +476,8 @@ class Trainer:
                         torch.compiler.cudagraph_mark_step_begin()
                     sync = m == accum - 1
                     with (contextlib.nullcontext() if sync or self.world == 1 else acc.no_sync(model)):
-                        loss = self._loss(model, batch) if self.train_loss is None else self.train_loss(batch)
+                        with self.attention():
+                            loss = self._loss(model, batch) if self.train_loss is None else self.train_loss(batch)
                         extra = self.method.loss_extra(self.unwrapped())
                         total = loss if extra is None else loss + extra
                         acc.backward(total / accum)
