@@ -23,11 +23,12 @@ BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBa
 
 
 def time_one(backend, q, k, v, p: float, reps: int) -> float:
-    ctx = sdpa_kernel([backend]) if backend is not None else torch.autocast("cuda", enabled=False)
+    import contextlib
+
     g = torch.randn_like(q)
 
-    def step():
-        with ctx:
+    def step():  # a fresh context each time: sdpa_kernel's context manager cannot be re-entered
+        with (sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         out.backward(g)
 

@@ -270,10 +270,11 @@ def pad_lm_head(model: torch.nn.Module, multiple: int = 64) -> Optional[int]:
 def attention_context(setting: str, device) -> Callable[[], "contextlib.AbstractContextManager"]:
     """``system.attention_kernel`` -> a factory of the context the training forward runs in.
 
-    torch chooses a scaled-dot-product-attention kernel by a fixed priority; on Hopper GPUs it
-    picks cuDNN's, which benchmarks/bench_attention.py measured slower than flash attention for
-    decoder training shapes. ``flash``/``cudnn``/``efficient`` put that kernel first and keep the
-    others (math last) as fallbacks for inputs it does not support (an explicit mask, say).
+    torch chooses a scaled-dot-product-attention kernel by a fixed priority (cuDNN's on an H100
+    with torch 2.11 for GPT-2's training shape); ``auto`` and ``default`` keep that choice.
+    ``flash``/``cudnn``/``efficient`` put that kernel first and keep the others (math last) as
+    fallbacks for inputs it does not support (an explicit mask, say); benchmarks/bench_attention.py
+    times each kernel on a shape.
     Dropout inside attention draws its masks from the kernel's own random stream, so a different
     kernel gives different (equally distributed) dropout masks. On CPU nothing changes.
     """
@@ -281,11 +282,11 @@ def attention_context(setting: str, device) -> Callable[[], "contextlib.Abstract
 
     if setting not in ("auto", "default", "flash", "cudnn", "efficient"):
         raise PeftlabError(f"system.attention_kernel must be auto, default, flash, cudnn or efficient, got {setting!r}.")
-    if torch.device(device).type != "cuda" or setting == "default":
+    if torch.device(device).type != "cuda" or setting in ("default", "auto"):
         return contextlib.nullcontext
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    first = {"auto": "flash", "flash": "flash", "cudnn": "cudnn", "efficient": "efficient"}[setting]
+    first = setting
     names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
     order = [names[first]] + [b for k, b in names.items() if k != first and k != "cudnn"] + [SDPBackend.MATH]
     if first == "cudnn":
