@@ -39,6 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))
+from gpu_shapes import SHAPE_CASES, run_shape  # noqa: E402  (DistilBERT and Qwen2.5-3B shapes: benchmarks/gpu_shapes.py)
 
 BATCH, SEQ = 8, 1024
 
@@ -314,13 +316,14 @@ CASES = {
     "full": ({"kind": "full", "compile": False}, {"method": "full", "compile": False}),
     "full_c": ({"kind": "full", "compile": True}, {"method": "full", "compile": True}),
     "rsvd": ({"kind": "galore", "compile": False}, {"method": "rsvd", "compile": False}),
+    **SHAPE_CASES,  # distilbert_lora[_c], qwen3b_{lora,dora}[_c]: own model, batch, data and FLOPs (gpu_shapes.py); not in the default --cases
 }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(c for c in CASES if c not in SHAPE_CASES))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--peftlab-only", action="store_true", help="skip the baselines (peftlab rows only)")
@@ -364,7 +367,10 @@ def main(argv=None):
                 continue
             t = time.perf_counter()
             try:
-                r = baseline(spec, batches, a) if side == "hf" else peftlab_run({"name": name, **spec}, bins, a, spec.get("extra"))
+                if "shape" in spec:
+                    r = run_shape(side, {"name": name, **spec}, a.warmup, a.steps, peak)
+                else:
+                    r = baseline(spec, batches, a) if side == "hf" else peftlab_run({"name": name, **spec}, bins, a, spec.get("extra"))
             except Exception as e:  # record and go on: one failing lever must not lose the other rows
                 import traceback
 
@@ -372,7 +378,7 @@ def main(argv=None):
                 r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
                 cleanup()
             r.update(case=name, side=side, wall_s=time.perf_counter() - t)
-            if "step_ms" in r:
+            if "step_ms" in r and "shape" not in spec:
                 tok_s = world * BATCH * SEQ / (r["step_ms"] / 1e3)  # global: every rank runs BATCH x SEQ per step
                 r["world_size"] = world
                 fpt = flops_per_token(r["n_matmul"], L, d, SEQ, full)
