@@ -58,6 +58,7 @@ class RsvdSection:
     exclude: list[str] = opt(list(DEFAULT_EXCLUDE), "fnmatch patterns of linear-module names whose weights use plain AdamW (default: task heads).")
     weight_reduction_rank: Optional[int] = opt(None, "Replace the weight_reduction_targets weights by frozen rank-k SVD factors before training (null: off).")
     weight_reduction_targets: Optional[list[str]] = opt(None, "fnmatch patterns of modules to reduce; default: the feed-forward (MLP) linear layers of the architecture.")
+    batched: Literal["auto", "on", "off"] = opt("auto", "Multi-tensor optimizer step and projector refresh (matrices of one shape stacked: batched matmuls, QR and SVD; fused AdamW for the rest): auto = on CUDA only, on, off (a loop per matrix). Same math, equal up to rounding.")
 
     def validate(self) -> list[str]:
         p = []
@@ -310,13 +311,13 @@ class RSVD(Method):
             self.param_groups(model), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
             update_interval=rc.update_interval, scale=rc.scale, svd=rc.svd, oversampling=rc.oversampling,
             power_iters=rc.power_iters, svt=rc.svt, svt_threshold=rc.svt_threshold, rank_fraction=rc.rank_fraction,
-            seed=t.seed,
+            seed=t.seed, batched=rc.batched,
         )
         if not self.projected_names:
             self.ctx.log.warning("rsvd: no weight is projected (every dense layer is excluded or reduced); this is plain AdamW.")
         else:
             self.ctx.log.info(f"rsvd: {len(self.projected_names)} weight matrices projected to rank <= {rc.rank} "
-                              f"({rc.svd} SVD every {rc.update_interval} steps, svt={rc.svt}); the rest use AdamW")
+                              f"({rc.svd} SVD every {rc.update_interval} steps, svt={rc.svt}, batched={rc.batched}); the rest use AdamW")
         return self.optimizer
 
     # --- loop hooks ----------------------------------------------------------------
