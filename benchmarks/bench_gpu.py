@@ -255,14 +255,19 @@ def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None)
 
 
 # ------------------------------------------------------------ refresh
-def refresh_bench(a) -> list[dict]:
-    """One projector refresh over GPT-2's 48 block matrices: peftlab's randomized SVD vs GaLore's full SVD."""
-    from peftlab.optim.projected_adam import top_svd
+def refresh_bench(a, device: str = "cuda", layers: int = 12) -> list[dict]:
+    """One projector refresh over GPT-2's 48 block matrices at rank 128: peftlab's randomized SVD as a
+    per-matrix loop and batched (one stack per shape), each bare and inside ProjectedAdamW (first step
+    minus a steady step, rsvd.batched off / on), next to GaLore's full SVD; plus where the batched
+    refresh spends its time (test-matrix draws on the host, range finder, small SVD)."""
+    from peftlab.optim import projected_adam as pa
 
     gal = import_galore()
     torch.manual_seed(0)
-    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12  # Conv1D weights are d_in x d_out
-    grads = [torch.randn(*s, device="cuda") @ torch.randn(s[1], s[1], device="cuda") / s[1] ** 0.5 for s in shapes]
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * layers  # Conv1D weights are d_in x d_out
+    grads = [torch.randn(*s, device=device) @ torch.randn(s[1], s[1], device=device) / s[1] ** 0.5 for s in shapes]
+    groups = {s: [g for g in grads if tuple(g.shape) == s] for s in dict.fromkeys(shapes)}
+    rank, over, iters = 128, 8, 2
     rows = []
 
     def timeit(fn, reps=3):
@@ -276,16 +281,61 @@ def refresh_bench(a) -> list[dict]:
             best = min(best, time.perf_counter() - t)
         return 1e3 * best
 
-    g = torch.Generator().manual_seed(0)
-    rows.append({"refresh": "peftlab randomized (per-matrix loop)", "ms": timeit(lambda: [top_svd(x, 128, "randomized", generator=g) for x in grads])})
+    def gens(k):
+        return [torch.Generator().manual_seed(pa._generator_seed(0, 0, i)) for i in range(k)]
+
+    def loop():  # seeded per matrix, as ProjectedAdamW does
+        for i, x in enumerate(grads):
+            pa.top_svd(x, rank, "randomized", over, iters, torch.Generator().manual_seed(pa._generator_seed(0, 0, i)))
+
+    def batched():
+        for s, xs in groups.items():
+            pa.randomized_svd_batched(torch.stack(xs), rank, over, iters, gens(len(xs)))
+
+    rows.append({"refresh": "peftlab randomized, per-matrix loop", "ms": timeit(loop)})
+    rows.append({"refresh": "peftlab randomized, batched per shape", "ms": timeit(batched)})
+    # the parts of the batched refresh
+    stacks = {s: torch.stack(xs) for s, xs in groups.items()}
+    ls = {s: min(rank + over, *s) for s in groups}
+    rows.append({"refresh": "  batched part: test matrices drawn on the host + copied",
+                 "ms": timeit(lambda: [pa.draw_test_matrices(s[1], ls[s], gens(len(x)), device) for s, x in stacks.items()])})
+    omegas = {s: pa.draw_test_matrices(s[1], ls[s], gens(len(x)), device) for s, x in stacks.items()}
+    rows.append({"refresh": "  batched part: range finder (bmm + batched QR)",
+                 "ms": timeit(lambda: [pa.range_finder_batched(x, omegas[s], iters) for s, x in stacks.items()])})
+    qs = {s: pa.range_finder_batched(x, omegas[s], iters) for s, x in stacks.items()}
+    rows.append({"refresh": "  batched part: small SVD of Q^T G (batched)",
+                 "ms": timeit(lambda: [pa.small_svd_batched(x, qs[s]) for s, x in stacks.items()])})
+    del stacks, omegas, qs
+
+    # inside the optimizer: first step (refresh + update) minus a steady step, loop vs batched
+    for mode in ("off", "on"):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+
+        def fresh():
+            opt = pa.ProjectedAdamW([{"params": params, "rank": rank}], lr=1e-4, update_interval=500, batched=mode)
+            for p, g in zip(params, grads):
+                p.grad = g
+            return opt
+
+        first = timeit(lambda: fresh().step())
+        opt = fresh()
+        opt.step()
+        steady = timeit(opt.step, reps=5)
+        rows.append({"refresh": f"ProjectedAdamW refresh (first step - steady step), batched={mode}", "ms": first - steady})
+        rows.append({"refresh": f"ProjectedAdamW steady step ({len(grads)} matrices, no refresh), batched={mode}", "ms": steady})
+        del params, opt
     if gal is not None:
-        proj = gal[1](128, update_proj_gap=500)
+        proj = gal[1](rank, update_proj_gap=500)
 
         def galore():
             for x in grads:
                 proj.ortho_matrix = None
                 proj.project(x, 0)
         rows.append({"refresh": "galore-torch full SVD", "ms": timeit(galore, reps=1)})
+    base = next((r["ms"] for r in rows if r["refresh"].startswith("galore")), None)
+    for r in rows:
+        if base and not r["refresh"].startswith(("galore", "  ", "ProjectedAdamW steady")):
+            r["galore_over_this"] = base / r["ms"]
     return rows
 
 
@@ -315,7 +365,8 @@ CASES = {
     "sdora_c": (None, {"method": "sdora", "compile": True}),
     "full": ({"kind": "full", "compile": False}, {"method": "full", "compile": False}),
     "full_c": ({"kind": "full", "compile": True}, {"method": "full", "compile": True}),
-    "rsvd": ({"kind": "galore", "compile": False}, {"method": "rsvd", "compile": False}),
+    "rsvd": ({"kind": "galore", "compile": False}, {"method": "rsvd", "compile": False}),  # rsvd.batched=auto: batched on CUDA
+    "rsvd_loop": (None, {"method": "rsvd", "compile": False, "extra": {"rsvd.batched": "off"}}),
     **SHAPE_CASES,  # distilbert_lora[_c], qwen3b_{lora,dora}[_c]: own model, batch, data and FLOPs (gpu_shapes.py); not in the default --cases
 }
 
@@ -437,7 +488,8 @@ def summary(rows, out: Path):
         lines.append(f"| {case} | {f(b)} | {f(r)} | {ratio} | {mem} | {mfu} | {graphs} |")
     for r in rows:
         if r.get("case") == "refresh":
-            lines.append(f"| refresh: {r['refresh']} | | {r['ms']:.1f} ms | | | | |")
+            ratio = f"GaLore / this: {r['galore_over_this']:.1f}x" if "galore_over_this" in r else ""
+            lines.append(f"| refresh: {r['refresh']} | | {r['ms']:.1f} ms | {ratio} | | | |")
     for r in rows:
         if str(r.get("side", "")).endswith("_profile"):
             lines.append(f"| profile {r['side'][:-8]} {r['case']}: {r['step_ms_profiled']:.1f} ms/step, GPU busy {r['gpu_busy_ms']:.1f} ms, "

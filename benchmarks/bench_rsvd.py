@@ -16,6 +16,9 @@ each variant it reports:
 * ``energy``: for randomized SVD, the gradient energy its rank-r subspace captures divided by the
   optimum (exact SVD's), ``||G P_rand^T||^2 / ||G P_exact^T||^2`` (1.0 = as good as exact);
 * ratios of time and memory to the AdamW baseline measured in the same run.
+
+``--batched both`` (the default) times every rSVD variant twice: the per-matrix loop
+(``rsvd.batched=off``) and the multi-tensor step and refresh (``on``; ``auto`` picks it on CUDA).
 """
 
 from __future__ import annotations
@@ -156,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--full-svd", action="store_true", help="also time exact SVD refreshes (slow on CPU)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batched", default="both", choices=["off", "on", "both"], help="ProjectedAdamW's loop (off), batched (on) or both")
     ap.add_argument("--weight-reduction", default="", help="ranks k for the weight-reduction cost on MiniLM-L6, e.g. 16,64,128")
     args = ap.parse_args(argv)
     if args.threads:
@@ -171,12 +175,15 @@ def main(argv=None) -> int:
     base = bench(lambda ps: torch.optim.AdamW(ps, lr=1e-3), grads, shp, device, args.steps, args.repeats)
     rows.append({"variant": "AdamW (torch)", "rank": "-", **base, "energy": None})
     variants = [("randomized", r) for r in ranks] + ([("full", r) for r in ranks] if args.full_svd else [])
+    modes = ["off", "on"] if args.batched == "both" else [args.batched]
     for kind, r in variants:
-        res = bench(lambda ps: ProjectedAdamW([{"params": ps, "rank": r}], lr=1e-3, svd=kind, oversampling=args.oversampling,
-                                              power_iters=args.power_iters, update_interval=args.interval),
-                    grads, shp, device, args.steps, args.repeats)
         e = energy_ratio([g.cpu() for g in grads], r, args.oversampling, args.power_iters) if kind == "randomized" else 1.0
-        rows.append({"variant": f"rSVD-Adam ({kind})", "rank": r, **res, "energy": e})
+        for mode in modes:
+            res = bench(lambda ps: ProjectedAdamW([{"params": ps, "rank": r}], lr=1e-3, svd=kind, oversampling=args.oversampling,
+                                                  power_iters=args.power_iters, update_interval=args.interval, batched=mode),
+                        grads, shp, device, args.steps, args.repeats)
+            label = f"rSVD-Adam ({kind}{', batched' if mode == 'on' else ', loop' if len(modes) > 1 else ''})"
+            rows.append({"variant": label, "rank": r, **res, "energy": e})
     for row in rows:
         row["amortized_ms"] = row["step_ms"] + (row["refresh_ms"] - row["step_ms"]) / args.interval if row["rank"] != "-" else row["step_ms"]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
