@@ -305,6 +305,29 @@ def refresh_bench(a, device: str = "cuda", layers: int = 12) -> list[dict]:
     qs = {s: pa.range_finder_batched(x, omegas[s], iters) for s, x in stacks.items()}
     rows.append({"refresh": "  batched part: small SVD of Q^T G (batched)",
                  "ms": timeit(lambda: [pa.small_svd_batched(x, qs[s]) for s, x in stacks.items()])})
+    # not used by the optimizer, timed to show what a next step could gain: the four shape groups'
+    # range finders on four CUDA streams, and other ways to decompose the small l x n matrices
+    if device == "cuda":
+        try:
+            streams = [torch.cuda.Stream() for _ in stacks]
+
+            def concurrent():
+                main = torch.cuda.current_stream()
+                for st, (s, x) in zip(streams, stacks.items()):
+                    st.wait_stream(main)
+                    with torch.cuda.stream(st):
+                        pa.range_finder_batched(x, omegas[s], iters)
+                for st in streams:
+                    main.wait_stream(st)
+            rows.append({"refresh": "  (not used) range finders of the 4 shapes on 4 CUDA streams", "ms": timeit(concurrent)})
+            smalls = {s: torch.bmm(qs[s].transpose(1, 2), x) for s, x in stacks.items()}
+            for label, fn in (("torch.linalg.svd driver=gesvd", lambda b: torch.linalg.svd(b, full_matrices=False, driver="gesvd")),
+                              ("QR of (Q^T G)^T, then SVD of the l x l factor", lambda b: torch.linalg.svd(torch.linalg.qr(b.transpose(1, 2)).R)),
+                              ("eigh of the l x l Gram matrix (fp32)", lambda b: torch.linalg.eigh(torch.bmm(b, b.transpose(1, 2))))):
+                rows.append({"refresh": f"  (not used) small SVD alternative: {label}", "ms": timeit(lambda: [fn(b) for b in smalls.values()])})
+            del smalls
+        except Exception as e:  # informational rows: never lose the others
+            rows.append({"refresh": "  (not used) alternatives failed", "ms": float("nan"), "error": repr(e)[:200]})
     del stacks, omegas, qs
 
     # inside the optimizer: first step (refresh + update) minus a steady step, loop vs batched
