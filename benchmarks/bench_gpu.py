@@ -244,11 +244,14 @@ def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None)
     trainer.method.after_optimizer_step = timed
     torch.cuda.reset_peak_memory_stats()
     res = trainer.run()
+    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     out = {"step_ms": 1e3 * (mark["t1"] - mark["t0"]) / a.steps, "peak_mb": mark["peak"] / 2**20,
            "new_graphs_after_warmup": mark["g1"] - mark["g0"] if case["compile"] else 0,
            "last_loss": res["final"].get("train_loss"), "n_matmul": n_mm,
            "fused_ce": trainer.train_loss is not None,
-           "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__}
+           "optimizer": type(inner).__name__}
+    if hasattr(inner, "use_batched"):  # rSVD-Adam: which path ran
+        out["rsvd_batched"] = inner.use_batched()
     del trainer
     cleanup()
     return out

@@ -217,3 +217,26 @@ def test_config_switch_reaches_the_optimizer(tmp_path):
     method = RSVD(MethodContext(cfg=cfg, task="classification", target_modules=[]))
     opt = method.build_optimizer(method.apply(model))
     assert opt.batched == "on" and opt.use_batched()
+
+
+def test_training_run_batched_on_cpu_follows_the_loop(tmp_path, run_train):
+    """The whole `train` path with rsvd.batched=on (forced on CPU) against the default loop: same SVT
+    ranks in svt_ranks.csv, final weights equal to rounding."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from conftest import make_cfg
+
+    over = dict(method="rsvd", rsvd__rank=4, rsvd__update_interval=3, rsvd__svt="fixed_rank", rsvd__svt_threshold=0.3,
+                training__max_steps=8, training__learning_rate=1e-3, training__weight_decay=0.01)
+    run_train(make_cfg(tmp_path / "loop", "cls", **over))
+    run_train(make_cfg(tmp_path / "batched", "cls", rsvd__batched="on", **over))
+    a, b = tmp_path / "loop" / "run", tmp_path / "batched" / "run"
+    rows_a = list(csv.DictReader(open(a / "svt_ranks.csv")))
+    rows_b = list(csv.DictReader(open(b / "svt_ranks.csv")))
+    assert rows_a == rows_b and len(rows_a) == 3
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

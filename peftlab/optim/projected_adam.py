@@ -188,7 +188,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         params: parameters or param-group dicts.
         seed: seeds the randomized SVD test matrices together with the step and parameter index.
         batched: ``off`` (a Python loop per parameter, the reference), ``on`` (multi-tensor step,
-            see below) or ``auto`` (``on`` when every parameter with a gradient is on CUDA).
+            see below) or ``auto`` (``on`` when every parameter is on CUDA).
 
     The batched step groups projected matrices by shape, dtype, device, rank and step and does
     each group at once: one refresh per group (stacked gradients, batched matmuls, one batched
@@ -336,8 +336,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         """Whether :meth:`step` takes the batched path: ``batched`` resolved for the parameters' devices."""
         if self.batched != "auto":
             return self.batched == "on"
-        devices = {p.device.type for g in self.param_groups for p in g["params"] if p.grad is not None}
-        return devices == {"cuda"}
+        return {p.device.type for g in self.param_groups for p in g["params"]} == {"cuda"}
 
     def _step_batched(self) -> None:
         refresh: dict[tuple, list] = {}
