@@ -18,6 +18,11 @@ For a weight ``W`` of shape ``(m, n)`` with gradient ``G``:
 
 Parameters of groups without ``rank`` are updated by plain AdamW (same formulas, no projection).
 
+``batched="on"`` (``auto``: on CUDA) does the same math group-wise instead of in a Python loop per
+parameter: matrices of one shape share one batched randomized SVD per refresh (each still with its
+own seeded test matrix) and batched matmuls per step; the moments use ``torch._foreach_*`` ops and
+the unprojected parameters torch's fused AdamW kernel. See :class:`ProjectedAdamW`.
+
 Everything the optimizer needs to continue is a plain tensor in ``self.state`` (``step``,
 ``exp_avg``, ``exp_avg_sq``, ``proj``), so ``state_dict()`` loads with ``torch.load(...,
 weights_only=True)`` and a resumed run takes the same steps. The random test matrix of the
