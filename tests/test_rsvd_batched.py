@@ -21,7 +21,7 @@ def _decaying(m, n, rank, gen, dtype=torch.float32):
 
 
 def _run(batched, steps=8, *, dtype=torch.float32, svd="randomized", svt="none", interval=3, skip=True, fused_cpu=False,
-         wd=0.1, state=None, start=0):
+         wd=0.1, state=None, start=0, matmul="bmm"):
     """Projected and plain parameters trained on fixed gradients. ``skip``: one matrix has no
     gradient at step 1, so its step count lags the others of its shape (a separate bucket)."""
     gen = torch.Generator().manual_seed(0)
@@ -32,6 +32,7 @@ def _run(batched, steps=8, *, dtype=torch.float32, svd="randomized", svt="none",
                          lr=1e-2, weight_decay=wd, update_interval=interval, oversampling=3, seed=5, batched=batched)
     if fused_cpu:
         opt._fused_devices = ("cpu",)
+    opt._matmul = matmul
     if state is not None:
         opt.load_state_dict(state)
         with torch.no_grad():
@@ -97,14 +98,15 @@ def test_default_float32_randomized_svd_is_unchanged():
 
 
 # ----------------------------------------------------------------------------- the step
+@pytest.mark.parametrize("matmul", ["bmm", "mm"])
 @pytest.mark.parametrize("svd,svt", [("randomized", "none"), ("randomized", "fixed_rank"), ("randomized", "rank_fraction"),
                                      ("full", "none"), ("full", "fixed_rank")])
-def test_batched_step_matches_loop(svd, svt):
+def test_batched_step_matches_loop(svd, svt, matmul):
     """Refreshes at steps 0, 3, 6 (and a lagging matrix), SVT ranks that differ within one shape,
     weight decay, plain AdamW groups: the batched optimizer follows the loop to rounding and picks
     the same ranks at the same refreshes."""
     ref, opt_ref, ranks_ref = _run("off", svd=svd, svt=svt)
-    got, opt, ranks = _run("on", svd=svd, svt=svt)
+    got, opt, ranks = _run("on", svd=svd, svt=svt, matmul=matmul)
     assert opt.use_batched() and not opt_ref.use_batched()
     assert ranks == ranks_ref
     if svt != "none":
@@ -122,9 +124,10 @@ def test_batched_step_matches_loop(svd, svt):
         _close([s["exp_avg"], s["exp_avg_sq"]], [s_ref["exp_avg"], s_ref["exp_avg_sq"]])
 
 
-def test_batched_step_matches_loop_in_float64_parameters():
+@pytest.mark.parametrize("matmul", ["bmm", "mm"])  # "mm" falls back to bmm for non-fp32 weights
+def test_batched_step_matches_loop_in_float64_parameters(matmul):
     ref, _, ranks_ref = _run("off", dtype=torch.float64, svt="fixed_rank")
-    got, opt, ranks = _run("on", dtype=torch.float64, svt="fixed_rank")
+    got, opt, ranks = _run("on", dtype=torch.float64, svt="fixed_rank", matmul=matmul)
     assert ranks == ranks_ref
     assert all(p.dtype == torch.float64 for p in got)
     _close(got, ref, rtol=1e-6, atol=1e-7)  # projectors are float32 on both paths
@@ -185,15 +188,17 @@ def _checkpoint(params, opt, tmp_path, name):
     return torch.load(tmp_path / name, weights_only=True)
 
 
-@pytest.mark.parametrize("first,second", [("on", "on"), ("off", "on"), ("on", "off")])
+@pytest.mark.parametrize("first,second", [("on", "on"), ("off", "on"), ("on", "off"), ("mm", "mm")])
 def test_resume_across_paths(tmp_path, first, second):
     """A checkpoint from either path loads into either path (same state format). Batched -> batched
     resumes bit for bit; across paths the run continues to rounding."""
     kw = dict(svt="rank_fraction", interval=3)
-    full, _, ranks_full = _run(second, steps=10, **kw)
-    part, opt, _ = _run(first, steps=4, **kw)
+    mode = {"mm": ("on", "mm")}
+    (first, mm1), (second, mm2) = mode.get(first, (first, "bmm")), mode.get(second, (second, "bmm"))
+    full, _, ranks_full = _run(second, steps=10, matmul=mm2, **kw)
+    part, opt, _ = _run(first, steps=4, matmul=mm1, **kw)
     state = _checkpoint(part, opt, tmp_path, "opt.pt")
-    resumed, opt2, ranks2 = _run(second, steps=10, state=state, start=4, **kw)  # refreshes at 6 and 9 after the resume
+    resumed, opt2, ranks2 = _run(second, steps=10, state=state, start=4, matmul=mm2, **kw)  # refreshes at 6 and 9 after the resume
     assert ranks2 == ranks_full[4:]
     if first == second:
         assert all(torch.equal(a, b) for a, b in zip(resumed, full))

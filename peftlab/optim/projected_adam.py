@@ -336,6 +336,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ batched
     _fused_devices = ("cuda",)  # where unprojected parameters take torch's fused AdamW kernel (tests add "cpu")
+    _matmul = "bmm"  # projected groups: "bmm" (stacked) or "mm" (a GEMM per matrix, fused update); see _projected_update
 
     def use_batched(self) -> bool:
         """Whether :meth:`step` takes the batched path: ``batched`` resolved for the parameters' devices."""
@@ -431,37 +432,57 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 self.last_refresh[index] = k
 
     def _projected_update(self, group: dict, items: list[tuple], t: int) -> None:
-        """One Adam step for matrices of one shape, dtype, device, rank and step count."""
+        """One Adam step for matrices of one shape, dtype, device, rank and step count.
+
+        ``_matmul = "bmm"``: projections as one ``torch.bmm`` over the stacked group. ``"mm"`` (for
+        float32 weights): one GEMM per matrix without stacking, and the back-projection, weight
+        decay and update fused into one ``addmm_`` per weight (less memory traffic, more launches).
+        The moments use ``torch._foreach_*`` ops either way."""
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         params = [p for p, _, _ in items]
         states = [st for _, st, _ in items]
-        m, n = items[0][2].shape
+        grads = [g for _, _, g in items]
+        m, n = grads[0].shape
         right = m >= n
         dtype = params[0].dtype
-        proj = torch.stack([st["proj"] for st in states])  # (B, r, n) or (B, m, r), fp32
-        grads = torch.stack([g for _, _, g in items]).float()
-        low = (torch.bmm(grads, proj.transpose(1, 2)) if right else torch.bmm(proj.transpose(1, 2), grads)).to(dtype)
-        del grads
-        lows = list(low.unbind(0))
+        per_matrix = self._matmul == "mm" and dtype == torch.float32
+        projs = [st["proj"] for st in states]  # (r, n) or (m, r), fp32
+        if per_matrix:
+            lows = [g.float() @ pr.T if right else pr.T @ g.float() for g, pr in zip(grads, projs)]
+        else:
+            proj = torch.stack(projs)
+            stacked = torch.stack(grads).float()
+            low = (torch.bmm(stacked, proj.transpose(1, 2)) if right else torch.bmm(proj.transpose(1, 2), stacked)).to(dtype)
+            del stacked
+            lows = list(low.unbind(0))
         exp_avg = [st["exp_avg"] for st in states]
         exp_avg_sq = [st["exp_avg_sq"] for st in states]
         torch._foreach_lerp_(exp_avg, lows, 1 - beta1)
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, lows, lows, value=1 - beta2)
-        del low, lows
+        del lows
         bc1 = 1 - beta1**t
         bc2_sqrt = math.sqrt(1 - beta2**t)
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
-        normed = torch.stack(torch._foreach_div(exp_avg, denom)).float()
+        normed = torch._foreach_div(exp_avg, denom)
         del denom
+        alpha = -(lr / bc1) * group["scale"]
+        if per_matrix:
+            for p, nm, pr in zip(params, normed, projs):
+                if right:
+                    p.addmm_(nm, pr, beta=1 - lr * wd, alpha=alpha)
+                else:
+                    p.addmm_(pr, nm, beta=1 - lr * wd, alpha=alpha)
+            return
+        normed = torch.stack(normed).float()
         update = (torch.bmm(normed, proj) if right else torch.bmm(proj, normed)).to(dtype)
         del normed
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, list(update.unbind(0)), alpha=-(lr / bc1) * group["scale"])
+        torch._foreach_add_(params, list(update.unbind(0)), alpha=alpha)
 
     def _plain_update(self, group: dict, items: list[tuple], t: int) -> None:
         """AdamW for unprojected tensors of one device, dtype and step count: torch's fused kernel
