@@ -223,6 +223,8 @@ def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None)
         raw.setdefault(sec, {})[key] = v
     cfg = config_from_dict(raw)
     trainer = Trainer(cfg, console=False)
+    for k, v in case.get("optimizer_attrs", {}).items():  # e.g. ProjectedAdamW's private _matmul variant
+        setattr(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, k, v)
     n_mm = matmul_params(trainer.unwrapped())
     mark = {}
     hook = trainer.method.after_optimizer_step
@@ -396,6 +398,7 @@ CASES = {
     "full_c": ({"kind": "full", "compile": True}, {"method": "full", "compile": True}),
     "rsvd": ({"kind": "galore", "compile": False}, {"method": "rsvd", "compile": False}),  # rsvd.batched=auto: batched on CUDA
     "rsvd_loop": (None, {"method": "rsvd", "compile": False, "extra": {"rsvd.batched": "off"}}),
+    "rsvd_mm": (None, {"method": "rsvd", "compile": False, "optimizer_attrs": {"_matmul": "mm"}}),  # batched, GEMM per matrix
     **SHAPE_CASES,  # distilbert_lora[_c], qwen3b_{lora,dora}[_c]: own model, batch, data and FLOPs (gpu_shapes.py); not in the default --cases
 }
 
