@@ -20,6 +20,8 @@ Loop hooks (see :mod:`peftlab.methods.base`): gates are excluded from AdamW; the
 the gate Adam + threshold in ``after_optimizer_step``, which also clears the gate gradients
 (the loop's ``zero_grad`` only clears what AdamW holds). The gate optimizer's moments, step
 counts and the λ-schedule position are in :meth:`SoRA.state_dict` (plain tensors and ints).
+With ``sora.fast_path`` (``auto``: on CUDA) the gate step runs as one flat update over all
+gates on the device, without host synchronisation (:mod:`peftlab.methods.sora_fast`).
 """
 
 from __future__ import annotations
