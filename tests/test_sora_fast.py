@@ -236,3 +236,53 @@ def test_fast_path_through_the_loop_matches_per_gate_path(tmp_path, run_train, m
     assert "flat gate step on the device" in (tmp_path / "on/run/train.log").read_text()
     assert "flat gate step" not in (tmp_path / "off/run/train.log").read_text()
     assert 0 < res["on"]["method_summary"]["sparsity"] == res["off"]["method_summary"]["sparsity"] < 1
+
+
+# ----------------------------------------------------------------- on a GPU (skipped without one)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("method", ["sora", "sdora"])
+def test_cuda_flat_step_matches_per_gate_step_and_never_synchronises(tmp_path, method):
+    cfg, slow, ms, fast, mf = _pair(tmp_path, method=method, sora__lambda_=2.0, sora__gate_lr=0.1)
+    ms.cuda(), mf.cuda()
+    x = {k: v.cuda() for k, v in _inputs("lm").items()}
+    lr = cfg.training.learning_rate
+    for k in range(4):
+        for model, m in ((ms, slow), (mf, fast)):
+            model(**x, labels=x["input_ids"]).loss.backward()
+            if k == 2:
+                m.gated[0].gate.grad[0] = float("inf")
+            if m is fast and k > 0:  # the first step builds the flat state; after that no host read at all
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    m.after_optimizer_step(model, lr)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            elif m is slow and k == 1:  # the detector works: the per-gate step reads isfinite() back
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    with pytest.raises(RuntimeError):
+                        m.after_optimizer_step(model, lr)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                m.after_optimizer_step(model, lr)
+            else:
+                m.after_optimizer_step(model, lr)
+        for a, b in zip(_gates(slow), _gates(fast)):
+            assert b.is_cuda
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+            assert torch.equal(a == 0, b == 0)
+    assert fast.state_dict()["adam"].keys() == slow.state_dict()["adam"].keys()
+    for n, st in slow.state_dict()["adam"].items():
+        assert fast.state_dict()["adam"][n]["step"] == st["step"]
+
+
+@cuda
+def test_cuda_training_run_chooses_the_fast_path_under_auto(tmp_path, run_train):
+    res = run_train(make_cfg(tmp_path, method="sdora", training__max_steps=6, system__device="cuda", system__dtype="bf16"))
+    log = (tmp_path / "run/train.log").read_text(encoding="utf-8")
+    assert "sdora: flat gate step on the device, cached" in log and "(sora.fast_path=auto)" in log
+    assert res["method_summary"]["gate_steps"] == 6
