@@ -38,6 +38,10 @@ def _pair(tmp_path, method="sora", kind="lm", double=True, **over):
             model.double()
             for st in m.adam.values():
                 st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].double(), st["exp_avg_sq"].double()
+        for g in fast.gated:  # SDoRA's cached ||W0||² was taken from the float32 weights
+            mag = g.layer.lora_magnitude_vector["default"] if fast.use_dora else None
+            if mag is not None:
+                mag.refresh_base_norm(g.layer.get_base_layer().weight)
     return cfg, slow, ms, fast, mf
 
 
@@ -45,7 +49,7 @@ def _gates(m):
     return [g.gate.detach().clone() for g in m.gated]
 
 
-@pytest.mark.parametrize("variant", ["soft", "reference", "no_multiply_lr", "schedule"])
+@pytest.mark.parametrize("variant", ["soft", "reference", "no_multiply_lr", "schedule", "sdora"])
 def test_flat_gate_step_equals_per_gate_step_float64(tmp_path, variant, caplog):
     # Adam moves a gate by at most about gate_lr * lr / lr0 per step; the threshold is larger, so
     # gates shrink and zeros stay zero: the sparsity pattern grows over the steps
@@ -57,7 +61,7 @@ def test_flat_gate_step_equals_per_gate_step_float64(tmp_path, variant, caplog):
     if variant == "schedule":
         over.update(sora__lambda_schedule="linear", sora__lambda_=1.0, sora__max_lambda=3.0, sora__lambda_num=4,
                     sora__lambda_interval=2)
-    cfg, slow, ms, fast, mf = _pair(tmp_path, **over)
+    cfg, slow, ms, fast, mf = _pair(tmp_path, method="sdora" if variant == "sdora" else "sora", **over)
     assert len(slow.gated) >= 2
     x = _inputs("lm")
     lr0 = cfg.training.learning_rate
