@@ -20,6 +20,8 @@ Loop hooks (see :mod:`peftlab.methods.base`): gates are excluded from AdamW; the
 the gate Adam + threshold in ``after_optimizer_step``, which also clears the gate gradients
 (the loop's ``zero_grad`` only clears what AdamW holds). The gate optimizer's moments, step
 counts and the λ-schedule position are in :meth:`SoRA.state_dict` (plain tensors and ints).
+With ``sora.fast_path`` (``auto``: on CUDA) the gate step runs as one flat update over all
+gates on the device, without host synchronisation (:mod:`peftlab.methods.sora_fast`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from ..config.machinery import opt
 from ..errors import PeftlabError
 from .lora import LoRA, LoraSection, lora_layers
+from .sora_fast import FlatGateStep, use_fast_path
 from .sora_layers import GatedDoraLayer, GatedLoraA, reference_threshold_, soft_threshold_
 
 ADAPTER = "default"
@@ -55,6 +58,11 @@ class SoraSection:
     reference_threshold: bool = opt(False, "Reproduce the public code's in-place sequential thresholding, which also zeroes entries in (ξ, 2ξ). Off = true soft-thresholding.")
     l1_weight: float = opt(0.0, "Weight of an optional L1 term l1_weight · Σ|g| / (number of gate entries) added to the loss (the public code's sparse_lambda).")
     prune_threshold: float = opt(1e-6, "A gate entry counts as pruned when |g| < prune_threshold (sparsity, effective parameters, export).")
+    fast_path: Literal["auto", "on", "off"] = opt(
+        "auto", "GPU path: all gates in one flat Adam + threshold step on the device with no host synchronisation "
+        "(non-finite gate gradients are counted there and reported at the next log step), one-tensor L1 term and fp16 "
+        "unscale, and SDoRA's constant ||W0||² per row cached. auto = on CUDA, off on CPU (CPU numbers unchanged); on; off. "
+        "Same function either way.")
 
     def validate(self) -> list[str]:
         p = []
@@ -139,6 +147,8 @@ class SoRA(LoRA):
         self.steps = 0  # gate steps taken (drives the λ schedule)
         self.adam: dict[str, dict[str, Any]] = {}  # param_name -> {"step", "exp_avg", "exp_avg_sq"}
         self._lr_ref = self.cfg.training.learning_rate  # peak lr of AdamW's first group (set by build_optimizer)
+        self.fast = False  # sora.fast_path, decided in apply() from the device
+        self._flat: Optional[FlatGateStep] = None  # built at the first fast gate step
 
     # --- configuration -------------------------------------------------------------
     @classmethod
@@ -160,6 +170,8 @@ class SoRA(LoRA):
     # --- model ---------------------------------------------------------------------
     def apply(self, model, structure=None):
         model = super().apply(model, structure)
+        acc = self.ctx.accelerator
+        self.fast = use_fast_path(self.sc.fast_path, acc.device if acc is not None else "cpu")
         ids = {id(p): n for n, p in model.named_parameters()}
         layers = list(lora_layers(model))
         if not layers:
@@ -173,12 +185,16 @@ class SoRA(LoRA):
             gated_A = GatedLoraA(A, gate)
             layer.lora_A[ADAPTER] = gated_A
             if self.use_dora:
-                layer.lora_magnitude_vector[ADAPTER] = GatedDoraLayer.from_dora(layer.lora_magnitude_vector[ADAPTER])
+                base_weight = layer.get_base_layer().weight if self.fast else None  # fast: cache ||W0||² per row
+                layer.lora_magnitude_vector[ADAPTER] = GatedDoraLayer.from_dora(layer.lora_magnitude_vector[ADAPTER], base_weight)
             param_name = ids.get(id(A.weight), f"{full}.lora_A.{ADAPTER}.weight").rsplit(".", 1)[0] + ".gate"
             self.gated.append(GatedModule(name, labels[name], param_name, layer, gated_A.gate, A.in_features,
                                           layer.lora_B[ADAPTER].out_features))
         for g in self.gated:
             self.adam[g.param_name] = {"step": 0, "exp_avg": torch.zeros_like(g.gate.data), "exp_avg_sq": torch.zeros_like(g.gate.data)}
+        if self.fast and self.ctx.log is not None:
+            self.ctx.log.info(f"{self.name}: flat gate step on the device{', cached ||W0||² per row' if self.use_dora else ''} "
+                              f"(sora.fast_path={self.sc.fast_path})")
         if structure is not None and "ranks" in structure and set(structure["ranks"]) != {g.name for g in self.gated}:
             raise PeftlabError(f"method.json records gates on {sorted(structure['ranks'])[:3]}..., but the config adapts "
                                f"{[g.name for g in self.gated][:3]}...; the run's config.json and checkpoint do not belong together.")
@@ -290,7 +306,10 @@ class SoRA(LoRA):
     def loss_extra(self, model):
         if self.sc.l1_weight <= 0 or not self.gated:
             return None
-        total = sum(g.gate.abs().sum() for g in self.gated)
+        if self.fast:  # one concatenated tensor instead of two kernels per gate
+            total = torch.cat([g.gate.reshape(-1) for g in self.gated]).abs().sum()
+        else:
+            total = sum(g.gate.abs().sum() for g in self.gated)
         return self.sc.l1_weight * total / sum(g.r for g in self.gated)
 
     def before_clip(self, model) -> None:
@@ -298,6 +317,12 @@ class SoRA(LoRA):
         acc = self.ctx.accelerator
         scaler = getattr(acc, "scaler", None) if acc is not None else None
         if scaler is not None and scaler.is_enabled():
+            grads = [g.gate.grad for g in self.gated if g.gate.grad is not None]
+            scale = getattr(scaler, "_get_scale_async", None)
+            scale = scale() if self.fast and scale is not None else None
+            if scale is not None and grads:  # the scale stays on the device: no host read per step
+                torch._foreach_mul_(grads, scale.double().reciprocal().to(grads[0].dtype))
+                return
             inv = 1.0 / scaler.get_scale()
             for g in self.gated:
                 if g.gate.grad is not None:
@@ -312,6 +337,12 @@ class SoRA(LoRA):
             b1, b2, eps = t.adam_beta1, t.adam_beta2, t.adam_epsilon
             eta = self._gate_step_size(lr)
             tau = self.threshold(lr)
+            flat = self._flat_step()
+            if flat is not None:
+                flat.step(eta, tau, (b1, b2), eps, self.sc.reference_threshold)
+                self.steps += 1
+                self.clear_gate_grads()
+                return
             shrink = reference_threshold_ if self.sc.reference_threshold else soft_threshold_
             for g in self.gated:
                 p, grad = g.gate, g.gate.grad
@@ -335,11 +366,32 @@ class SoRA(LoRA):
             self.steps += 1
         self.clear_gate_grads()
 
+    def _flat_step(self) -> Optional[FlatGateStep]:
+        """The flat gate step of the fast path (None: per-gate step), rebuilt if the gates moved."""
+        if not self.fast:
+            return None
+        gates = [g.gate for g in self.gated]
+        if self._flat is not None and self._flat.matches(gates):
+            return self._flat
+        if not FlatGateStep.supports(gates):
+            return None
+        if self._flat is not None:  # e.g. the model moved: carry the step counts over
+            self._flat.sync_steps()
+        self._flat = FlatGateStep(gates, [self.adam[g.param_name] for g in self.gated])
+        return self._flat
+
     # --- metrics -------------------------------------------------------------------
     def _pruned(self, g: GatedModule) -> torch.Tensor:
         return g.gate.detach().abs() < self.sc.prune_threshold
 
     def step_metrics(self, model) -> dict[str, float]:
+        if self._flat is not None:  # the fast path counts non-finite gate gradients on the device
+            skipped = self._flat.read_skipped()
+            if skipped and self.ctx.log is not None:
+                for g, n in zip(self.gated, skipped):
+                    if n:
+                        self.ctx.log.warning(f"up to step {self.steps}: non-finite gate gradient in {g.name} on {n} step(s) "
+                                             "since the last log; those gate steps were skipped")
         counts = torch.stack([self._pruned(g).sum() for g in self.gated]).sum().item() if self.gated else 0
         total = sum(g.r for g in self.gated)
         return {"sparsity": counts / max(total, 1), "lambda": float(self.current_lambda())}
@@ -388,6 +440,8 @@ class SoRA(LoRA):
 
     # --- state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self._flat is not None:
+            self._flat.sync_steps()
         return {
             "steps": self.steps,
             "lambda_index": self.lambda_index(),
@@ -406,6 +460,8 @@ class SoRA(LoRA):
             s["step"] = int(saved["step"])
             s["exp_avg"].copy_(saved["exp_avg"])
             s["exp_avg_sq"].copy_(saved["exp_avg_sq"])
+        if self._flat is not None:  # rebuilt from the loaded states at the next gate step
+            self._flat = None
 
     # --- results -------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

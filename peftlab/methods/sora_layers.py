@@ -123,17 +123,30 @@ class GatedDoraLayer(DoraLinearLayer):
     Same output as peft's ``DoraLinearLayer`` (``(m / ||W + s ΔV||_row - 1) * W x +
     m / ||.||_row * s * B diag(g) A x``, norm detached per DoRA section 4.3), but the row
     norm comes from :func:`dora_row_norm` instead of the dense ``W + s B A``.
+
+    Built with ``base_weight`` (``sora.fast_path``), the constant ``||W0_i||^2`` is kept in a
+    non-persistent buffer ``base_sq`` (not in any state dict; :meth:`refresh_base_norm` recomputes
+    it if ``W0`` is changed in place) instead of being recomputed from ``W0`` at every forward.
+    The value is the same either way (the same function of the same frozen weight).
     """
 
     @classmethod
-    def from_dora(cls, layer: "DoraLinearLayer") -> "GatedDoraLayer":
+    def from_dora(cls, layer: "DoraLinearLayer", base_weight: Optional[torch.Tensor] = None) -> "GatedDoraLayer":
         new = cls(fan_in_fan_out=layer.fan_in_fan_out)
         new.weight = layer.weight  # the magnitude vector m: same Parameter
+        if base_weight is not None:
+            new.register_buffer("base_sq", w0_row_sq_norm(base_weight.detach(), layer.fan_in_fan_out), persistent=False)
         return new
+
+    @torch.no_grad()
+    def refresh_base_norm(self, base_weight: torch.Tensor) -> None:
+        if getattr(self, "base_sq", None) is not None:
+            self.base_sq = w0_row_sq_norm(base_weight, self.fan_in_fan_out).to(self.base_sq.device)
 
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default", **kwargs):
         weight = base_layer.weight
-        norm = dora_row_norm(weight, lora_A.weight, lora_B.weight, lora_A.gate, scaling, self.fan_in_fan_out)
+        norm = dora_row_norm(weight, lora_A.weight, lora_B.weight, lora_A.gate, scaling, self.fan_in_fan_out,
+                             base_sq=getattr(self, "base_sq", None))
         return dora_output(self, x, norm, lora_A, lora_B, scaling, base_layer, base_result, cast_scale=True)
 
     def __repr__(self) -> str:
