@@ -148,16 +148,44 @@ def build_hf(kind: str, seed: int = 42):
     return model.cuda()
 
 
+class GcTimer:
+    """Time spent in Python's garbage collector (all generations) while ``active``."""
+
+    def __init__(self):
+        import gc
+
+        self.active, self.ms, self.count, self._t = False, 0.0, 0, None
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase, info):
+        if not self.active:
+            return
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.ms += 1e3 * (time.perf_counter() - self._t)
+            self.count += 1
+            self._t = None
+
+    def close(self):
+        import gc
+
+        if self._cb in gc.callbacks:
+            gc.callbacks.remove(self._cb)
+
+
 def run_minimal(model, opt, batches, warmup: int, steps: int, compile_: bool, mode: str | None = None, prof=None) -> dict:
     """The minimal loop: autocast forward, backward, optimizer step, zero_grad; no logging."""
     model.train()
     fwd = torch.compile(model, mode=mode) if compile_ else model
     torch.cuda.reset_peak_memory_stats()
     t0 = g0 = None
+    gct = GcTimer()
     for i in range(warmup + steps):
         if i == warmup:
             sync()
             t0, g0 = time.perf_counter(), recompiles()
+            gct.active = True
             if prof is not None:
                 prof.__enter__()
         x = batches[i % len(batches)]
@@ -170,9 +198,10 @@ def run_minimal(model, opt, batches, warmup: int, steps: int, compile_: bool, mo
         opt.zero_grad(set_to_none=True)
     sync()
     dt = time.perf_counter() - t0
+    gct.close()
     if prof is not None:
         prof.__exit__(None, None, None)
-    return {"step_ms": 1e3 * dt / steps, "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+    return {"gc_ms": gct.ms, "gc_collections": gct.count, "step_ms": 1e3 * dt / steps, "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
             "new_graphs_after_warmup": recompiles() - g0 if compile_ else 0, "last_loss": float(loss)}
 
 
@@ -227,6 +256,7 @@ def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None)
         setattr(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, k, v)
     n_mm = matmul_params(trainer.unwrapped())
     mark = {}
+    gct = GcTimer()
     hook = trainer.method.after_optimizer_step
 
     def timed(model, lr):
@@ -235,11 +265,13 @@ def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None)
         if s == a.warmup:
             sync()
             mark["t0"], mark["g0"] = time.perf_counter(), recompiles()
+            gct.active = True
             if prof is not None:
                 prof.__enter__()
         elif s == a.warmup + a.steps:
             sync()
             mark["t1"], mark["peak"], mark["g1"] = time.perf_counter(), torch.cuda.max_memory_allocated(), recompiles()
+            gct.active = False
             if prof is not None:
                 prof.__exit__(None, None, None)
 
@@ -247,7 +279,8 @@ def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None)
     torch.cuda.reset_peak_memory_stats()
     res = trainer.run()
     inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    out = {"step_ms": 1e3 * (mark["t1"] - mark["t0"]) / a.steps, "peak_mb": mark["peak"] / 2**20,
+    gct.close()
+    out = {"gc_ms": gct.ms, "gc_collections": gct.count, "step_ms": 1e3 * (mark["t1"] - mark["t0"]) / a.steps, "peak_mb": mark["peak"] / 2**20,
            "new_graphs_after_warmup": mark["g1"] - mark["g0"] if case["compile"] else 0,
            "last_loss": res["final"].get("train_loss"), "n_matmul": n_mm,
            "fused_ce": trainer.train_loss is not None,
@@ -389,6 +422,7 @@ CASES = {
     "lora_c_ma": ({"kind": "lora", "compile": True, "mode": "max-autotune-no-cudagraphs"},
                   {"method": "lora", "compile": True, "extra": {"system.compile_mode": "max-autotune-no-cudagraphs"}}),
     "dora_c_pl": (None, {"method": "dora", "compile": True}),
+    "lora_c_gcoff": (None, {"method": "lora", "compile": True, "extra": {"system.gc_control": "off"}}),
     "lora_c_attn_flash": (None, {"method": "lora", "compile": True, "extra": {"system.attention_kernel": "flash"}}),
     "lora_c_attn_efficient": (None, {"method": "lora", "compile": True, "extra": {"system.attention_kernel": "efficient"}}),
     "lora_c_attn_cudnn": (None, {"method": "lora", "compile": True, "extra": {"system.attention_kernel": "cudnn"}}),

@@ -330,3 +330,37 @@ def test_attention_kernel_setting_is_a_no_op_on_cpu_and_validated():
     assert attention_context("default", "cuda") is contextlib.nullcontext
     with pytest.raises(PeftlabError, match="attention_kernel must be"):
         attention_context("xformers", "cpu")
+
+
+def test_gc_control_freezes_after_the_first_step_and_restores_python_settings():
+    import gc
+
+    from peftlab.train.fast import GcControl
+
+    assert not GcControl("auto", "cpu", 10).on and GcControl("auto", "cuda", 10).on
+    with pytest.raises(PeftlabError, match="gc_control must be"):
+        GcControl("sometimes", "cpu", 10)
+    off = GcControl("off", "cpu", 10)
+    off.step(1)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    ctl = GcControl("on", "cpu", 2)
+    was = gc.isenabled()
+    try:
+        ctl.step(1)
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        import weakref
+
+        class Node:
+            pass
+
+        node = Node()
+        node.me = node  # a reference cycle made during training
+        alive = weakref.ref(node)
+        del node
+        ctl.step(3)  # not a collection step (every=2) and automatic collection is off: still there
+        assert alive() is not None
+        ctl.step(4)  # a young-generation collection frees it
+        assert alive() is None
+    finally:
+        ctl.close()
+    assert gc.isenabled() == was and gc.get_freeze_count() == 0

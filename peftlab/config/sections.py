@@ -224,6 +224,7 @@ class SystemConfig:
     frozen_weights: Literal["auto", "compute", "fp32"] = opt("auto", "Frozen matmul weights (Linear/Conv1D, not tied to an embedding) stored in the mixed-precision dtype, the values autocast would cast them to every step: auto = on CUDA with bf16/fp16, compute = wherever autocast is on, fp32 = keep float32.")
     pad_vocab: Literal["auto", "on", "off"] = opt("auto", "Compute the LM head at a vocabulary padded to a multiple of 64 (zero rows, sliced off): fast GPU matmul kernels need aligned sizes (GPT-2's 50257 is not). auto = on CUDA.")
     attention_kernel: Literal["auto", "default", "flash", "cudnn", "efficient"] = opt("auto", "Scaled-dot-product-attention kernel for the training forward on CUDA: default = torch's own priority, flash / cudnn / efficient = prefer that kernel (others stay allowed as fallbacks), auto = cudnn first on Hopper or newer GPUs, torch's choice elsewhere (docs/gpu-speed.md has the measurements).")
+    gc_control: Literal["auto", "on", "off"] = opt("auto", "Python garbage collection during training: on = freeze the objects that exist after the first step (model, compiled graphs) and collect only young objects every log_steps, so no full collection pauses the GPU's feed; auto = on CUDA; off = Python's automatic collection.")
     fused_cross_entropy: Literal["auto", "liger", "off"] = opt("off", "Causal LM loss without materialising the logits (Liger-Kernel's fused linear + cross-entropy; one CUDA process): liger = required, auto = when available, off.")
 
     def validate(self) -> list[str]:

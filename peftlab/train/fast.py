@@ -306,3 +306,46 @@ def attention_context(setting: str, device) -> Callable[[], "contextlib.Abstract
             return sdpa_kernel(order)
 
     return ctx
+
+
+class GcControl:
+    """``system.gc_control``: no full garbage collection in the middle of training steps.
+
+    After ``torch.compile`` the Python heap holds millions of objects (FX graphs, guards, the
+    model), and each of Python's automatic full collections walks all of them, a pause of
+    tens of milliseconds that the GPU waits through. With the control on, the objects that
+    exist after the first step are frozen (``gc.freeze``: never scanned again), automatic
+    collection is off, and the young generations are collected every ``log_steps`` steps,
+    which frees the cyclic garbage a step makes. :meth:`close` restores Python's settings.
+    Nothing here changes a number; ``auto`` turns it on for CUDA only.
+    """
+
+    def __init__(self, setting: str, device, every: int):
+        if setting not in ("auto", "on", "off"):
+            raise PeftlabError(f"system.gc_control must be auto, on or off, got {setting!r}.")
+        self.on = setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+        self.every = max(1, int(every))
+        self._was_enabled = None
+
+    def step(self, global_step: int) -> None:
+        import gc
+
+        if not self.on:
+            return
+        if self._was_enabled is None:  # after the first step: compiled graphs and caches exist now
+            self._was_enabled = gc.isenabled()
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif global_step % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        import gc
+
+        if self._was_enabled is None:
+            return
+        gc.unfreeze()
+        if self._was_enabled:
+            gc.enable()
+        self._was_enabled = None

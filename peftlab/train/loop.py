@@ -266,6 +266,7 @@ class Trainer:
                                              cfg.system.compile)
         self.prefetch = fast.prefetch_enabled(cfg.system.prefetch, acc.device)
         self.attention = fast.attention_context(cfg.system.attention_kernel, acc.device)
+        self.gc = fast.GcControl(cfg.system.gc_control, acc.device, cfg.training.log_steps)
         self.state = TrainerState()
         self.loss_log = CsvLog(self.run_dir / "loss_log.csv", LOSS_COLUMNS)
         self.module_log = CsvLog(self.run_dir / "module_metrics.csv", MODULE_LOG_COLUMNS)
@@ -446,6 +447,13 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
+        """Train to the end (or resume to it) and return the results_final dict."""
+        try:
+            return self._run()
+        finally:
+            self.gc.close()  # Python's garbage collection as it was, also after an error
+
+    def _run(self) -> dict[str, Any]:
         acc, cfg, t, st, log = self.accelerator, self.cfg, self.cfg.training, self.state, self.log
         done_file = self.run_dir / "results_final.json"
         if done_file.is_file() and (st.global_step >= self.total_steps or st.stopped_early
@@ -494,6 +502,7 @@ class Trainer:
                 self.losses.append(acc.reduce(step_loss, "mean"))  # stays on the device until read below
                 st.global_step += 1
                 st.step_in_epoch += 1
+                self.gc.step(st.global_step)
                 st.elapsed = time.time() - t_start
                 st.epoch_elapsed = time.time() - epoch_t0
                 epoch_end = st.step_in_epoch == self.steps_per_epoch or st.global_step == self.total_steps
