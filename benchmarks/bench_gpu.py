@@ -422,7 +422,7 @@ CASES = {
     "lora_c_ma": ({"kind": "lora", "compile": True, "mode": "max-autotune-no-cudagraphs"},
                   {"method": "lora", "compile": True, "extra": {"system.compile_mode": "max-autotune-no-cudagraphs"}}),
     "dora_c_pl": (None, {"method": "dora", "compile": True}),
-    "lora_c_gcoff": (None, {"method": "lora", "compile": True, "extra": {"system.gc_control": "off"}}),
+    "lora_c_gcon": (None, {"method": "lora", "compile": True, "extra": {"system.gc_control": "on"}}),
     "lora_c_attn_flash": (None, {"method": "lora", "compile": True, "extra": {"system.attention_kernel": "flash"}}),
     "lora_c_attn_efficient": (None, {"method": "lora", "compile": True, "extra": {"system.attention_kernel": "efficient"}}),
     "lora_c_attn_cudnn": (None, {"method": "lora", "compile": True, "extra": {"system.attention_kernel": "cudnn"}}),

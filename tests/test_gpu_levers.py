@@ -328,6 +328,7 @@ def test_attention_kernel_setting_is_a_no_op_on_cpu_and_validated():
     for s in ("auto", "default", "flash", "cudnn", "efficient"):
         assert attention_context(s, "cpu") is contextlib.nullcontext
     assert attention_context("default", "cuda") is contextlib.nullcontext
+    assert attention_context("auto", "cuda") is contextlib.nullcontext
     with pytest.raises(PeftlabError, match="attention_kernel must be"):
         attention_context("xformers", "cpu")
 

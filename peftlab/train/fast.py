@@ -271,11 +271,9 @@ def attention_context(setting: str, device) -> Callable[[], "contextlib.Abstract
     """``system.attention_kernel`` -> a factory of the context the training forward runs in.
 
     torch chooses a scaled-dot-product-attention kernel by a fixed priority (cuDNN's on an H100
-    with torch 2.11 for GPT-2's training shape); ``default`` keeps that choice. ``auto`` sets the
-    priority explicitly with cuDNN first on Hopper and newer GPUs: the same kernels, but the
-    compiled GPT-2 LoRA step measured 22.6-23.4 ms with it against 23.1-34.2 ms without, on the
-    lent H100 (BENCHMARKS.md; the host-side cause was not pinned down), and torch's choice on
-    older GPUs. ``flash``/``cudnn``/``efficient`` put that kernel first and keep the others (math last) as
+    with torch 2.11 for GPT-2's training shape, which benchmarks/bench_attention.py measured the
+    fastest of the four there); ``auto`` and ``default`` keep that choice.
+    ``flash``/``cudnn``/``efficient`` put that kernel first and keep the others (math last) as
     fallbacks for inputs it does not support (an explicit mask, say); benchmarks/bench_attention.py
     times each kernel on a shape.
     Dropout inside attention draws its masks from the kernel's own random stream, so a different
@@ -285,12 +283,8 @@ def attention_context(setting: str, device) -> Callable[[], "contextlib.Abstract
 
     if setting not in ("auto", "default", "flash", "cudnn", "efficient"):
         raise PeftlabError(f"system.attention_kernel must be auto, default, flash, cudnn or efficient, got {setting!r}.")
-    if torch.device(device).type != "cuda" or setting == "default":
+    if torch.device(device).type != "cuda" or setting in ("default", "auto"):
         return contextlib.nullcontext
-    if setting == "auto":  # cuDNN's kernel first on Hopper and newer, where it was measured; elsewhere torch's choice
-        if torch.cuda.get_device_capability(torch.device(device)) < (9, 0):
-            return contextlib.nullcontext
-        setting = "cudnn"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     first = setting
@@ -323,7 +317,7 @@ class GcControl:
     def __init__(self, setting: str, device, every: int):
         if setting not in ("auto", "on", "off"):
             raise PeftlabError(f"system.gc_control must be auto, on or off, got {setting!r}.")
-        self.on = setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+        self.on = setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")  # the default is off
         self.every = max(1, int(every))
         self._was_enabled = None
 
