@@ -445,6 +445,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--peftlab-only", action="store_true", help="skip the baselines (peftlab rows only)")
     ap.add_argument("--refresh", action="store_true", help="also time one projector refresh (peftlab vs GaLore)")
+    ap.add_argument("--cprofile", default="", help="comma-separated cases (hf:NAME for the baseline) to run under Python's cProfile")
     ap.add_argument("--profile", default="", help="comma-separated cases to profile with torch.profiler (peftlab side)")
     a = ap.parse_args(argv)
     # Under torchrun (several GPUs): peftlab rows only, one GPU per rank, rank 0 reports global tokens/s.
@@ -504,6 +505,24 @@ def main(argv=None):
             jl.write(json.dumps(r) + "\n")
             jl.flush()
             print(json.dumps(r), flush=True)
+    for item in [c for c in a.cprofile.split(",") if c]:
+        # Python's cProfile over the timed steps: where the host's time per step goes
+        import cProfile
+        import io
+        import pstats
+
+        side, name = item.split(":") if ":" in item else ("peftlab", item)
+        spec = CASES[name][0 if side == "hf" else 1]
+        prof = cProfile.Profile()
+        r = baseline(spec, batches, a, prof=prof) if side == "hf" else peftlab_run({"name": name + "_cprof", **spec}, bins, a, spec.get("extra"), prof=prof)
+        buf = io.StringIO()
+        st = pstats.Stats(prof, stream=buf)
+        buf.write(f"{side} {name}: {r['step_ms']:.1f} ms/step under cProfile, {a.steps} steps\n")
+        st.sort_stats("tottime").print_stats(35)
+        st.sort_stats("cumulative").print_stats(45)
+        (out / f"cprofile_{side}_{name}.txt").write_text(buf.getvalue())
+        print(buf.getvalue()[:6000], flush=True)
+        cleanup()
     for item in [c for c in a.profile.split(",") if c]:
         # NAME profiles peftlab's side, hf:NAME the baseline's; only the timed steps are recorded
         side, name = item.split(":") if ":" in item else ("peftlab", item)
