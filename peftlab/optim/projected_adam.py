@@ -292,47 +292,51 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if self.use_batched():
             self._step_batched()
             return loss
-        index = -1
-        for group in self.param_groups:
+        for _, group, index, p, grad, state, step in self._live_params():
             beta1, beta2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             projected = group["rank"] is not None
+            if projected:
+                if step % group["update_interval"] == 0 or "proj" not in state:
+                    self.last_refresh[index] = self._refresh(group, state, grad, step, index)
+                g = self.project(grad, state["proj"]).to(p.dtype)
+            else:
+                g = grad
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            state["step"] += 1
+            t = step + 1
+            exp_avg.lerp_(g, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bc1 = 1 - beta1**t
+            bc2_sqrt = math.sqrt(1 - beta2**t)
+            denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            if projected:
+                update = self.project_back(exp_avg / denom, state["proj"], p.shape).to(p.dtype)
+                p.add_(update, alpha=-(lr / bc1) * group["scale"])
+            else:
+                p.addcdiv_(exp_avg, denom, value=-(lr / bc1))
+        return loss
+
+    def _live_params(self):
+        """``(group index, group, parameter index, p, grad, state, step)`` for every parameter with a gradient,
+        its step counter created on first use; the index counts every parameter (the refresh seeds use it)."""
+        index = -1
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("ProjectedAdamW does not support sparse gradients")
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0)
-                step = int(state["step"].item())
-                if projected:
-                    if step % group["update_interval"] == 0 or "proj" not in state:
-                        self.last_refresh[index] = self._refresh(group, state, grad, step, index)
-                    g = self.project(grad, state["proj"]).to(p.dtype)
-                else:
-                    g = grad
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                t = step + 1
-                exp_avg.lerp_(g, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bc1 = 1 - beta1**t
-                bc2_sqrt = math.sqrt(1 - beta2**t)
-                denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                if projected:
-                    update = self.project_back(exp_avg / denom, state["proj"], p.shape).to(p.dtype)
-                    p.add_(update, alpha=-(lr / bc1) * group["scale"])
-                else:
-                    p.addcdiv_(exp_avg, denom, value=-(lr / bc1))
-        return loss
+                yield gi, group, index, p, p.grad, state, int(state["step"].item())
 
     # ------------------------------------------------------------------ batched
     _fused_devices = ("cuda",)  # where unprojected parameters take torch's fused AdamW kernel (tests add "cpu")
@@ -349,30 +353,18 @@ class ProjectedAdamW(torch.optim.Optimizer):
         projected_items: list[tuple] = []
         plain: dict[tuple, list] = {}
         steps: list[torch.Tensor] = []
-        index = -1
-        for gi, group in enumerate(self.param_groups):
+        for gi, group, index, p, grad, state, step in self._live_params():
             projected = group["rank"] is not None
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("ProjectedAdamW does not support sparse gradients")
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-                step = int(state["step"].item())
-                steps.append(state["step"])
-                if projected:
-                    if step % group["update_interval"] == 0 or "proj" not in state:
-                        refresh.setdefault((gi, tuple(grad.shape), grad.dtype, grad.device), []).append((index, state, grad, step))
-                    projected_items.append((gi, p, state, grad, step))
-                else:
-                    if "exp_avg" not in state:
-                        state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                    plain.setdefault((gi, p.device, p.dtype, grad.dtype, step), []).append((p, state, grad))
+            steps.append(state["step"])
+            if projected:
+                if step % group["update_interval"] == 0 or "proj" not in state:
+                    refresh.setdefault((gi, tuple(grad.shape), grad.dtype, grad.device), []).append((index, state, grad, step))
+                projected_items.append((gi, p, state, grad, step))
+            else:
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                plain.setdefault((gi, p.device, p.dtype, grad.dtype, step), []).append((p, state, grad))
         if refresh:
             self._refresh_batched(refresh)
             self.last_refresh = dict(sorted(self.last_refresh.items()))
