@@ -127,10 +127,16 @@ def test_offline_data_goes_through_peftlab_data_layer(tmp_path):
 
 @pytest.mark.parametrize("case", ["distilbert_lora", "qwen3b_lora", "qwen3b_dora"])
 def test_tiny_case_runs_both_sides_on_cpu(case, tmp_path):
+    from accelerate.state import AcceleratorState
+
     base, pl = gs.SHAPE_CASES[case]
-    rows = {side: gs.run_shape(side, {"name": case, **spec}, warmup=1, steps=2, peak_tflops=1.0, device="cpu", tiny=True,
-                               workdir=tmp_path)
-            for side, spec in (("hf", base), ("peftlab", pl))}
+    AcceleratorState._reset_state(True)  # peftlab's side trains in bf16: an earlier test's Accelerator may have fixed fp32
+    try:
+        rows = {side: gs.run_shape(side, {"name": case, **spec}, warmup=1, steps=2, peak_tflops=1.0, device="cpu", tiny=True,
+                                   workdir=tmp_path)
+                for side, spec in (("hf", base), ("peftlab", pl))}
+    finally:
+        AcceleratorState._reset_state(True)  # and later tests train in fp32
     s = gs.shape_spec(base["shape"], tiny=True)
     for side, r in rows.items():
         assert r["step_ms"] > 0 and math.isfinite(r["last_loss"]), (side, r)
