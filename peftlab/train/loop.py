@@ -307,7 +307,7 @@ class Trainer:
         """The GPU levers that change how the model is stored or computed (docs/gpu-speed.md); off on CPU by default."""
         cfg, acc, log = self.cfg, self.accelerator, self.log
         dt = fast.frozen_cast_dtype(cfg.system.frozen_weights, acc.device, cfg.system.dtype)
-        if dt is not None and getattr(self.method, "frozen_cast_ok", True):
+        if dt is not None:
             n = fast.cast_frozen_weights(self.unwrapped(), dt)
             if n:
                 log.info(f"system.frozen_weights: {n:,} frozen matmul weights stored in {cfg.system.dtype} (the values autocast uses)")
