@@ -35,7 +35,8 @@ def write_run(run_dir: Path, method: str, overrides: dict[str, Any], *, task: st
               trainable: int, effective: Optional[int] = None, wall: float = 10.0, peak: float = 500.0,
               epochs: int = 3, steps_per_epoch: int = 20, summary: Optional[dict] = None,
               extra_sections: Optional[dict] = None, bounds: Optional[dict] = None, allocation: Optional[dict] = None,
-              module_values: Optional[dict[str, float]] = None, finished: bool = True) -> Path:
+              module_values: Optional[dict[str, float]] = None, finished: bool = True,
+              test: Optional[dict[str, float]] = None) -> Path:
     """One run directory. ``final`` is the last epoch's metrics; earlier epochs are made worse by a known amount."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = _config(method, {**overrides, "output.dir": str(run_dir)}, extra_sections)
@@ -90,7 +91,7 @@ def write_run(run_dir: Path, method: str, overrides: dict[str, Any], *, task: st
                      "value": final.get("val_accuracy", final.get("val_loss")), "step": step},
             "trainable_params": trainable, "effective_params": effective, "total_params": 10 * trainable,
             "wall_time_s": wall, "peak_memory_mb": peak, "peak_memory_kind": "cpu_max_rss", "world_size": 1,
-            "method_summary": summary or {}})
+            "method_summary": summary or {}, **({"test": {**test, "checkpoint": "best", "step": step}} if test else {})})
     return run_dir
 
 

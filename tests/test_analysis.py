@@ -91,6 +91,27 @@ def test_grouping_splits_on_any_non_seed_key(tmp_path):
     assert any("killed (incomplete)" in n for n in study.notes)  # ...and said so
 
 
+def test_test_split_metrics_reach_the_tables(tmp_path):
+    """results_final.json's end-of-run test metrics (best checkpoint) are aggregated and shown next to validation."""
+    import pandas as pd
+
+    for seed, acc in ((1, 0.80), (2, 0.84)):
+        F.write_run(tmp_path / "runs" / f"lora_s{seed}", "lora", {"training.seed": seed}, task="classification",
+                    final={"val_accuracy": 0.9, "val_loss": 0.3}, trainable=10, test={"test_accuracy": acc, "test_loss": 0.5})
+    F.write_run(tmp_path / "runs" / "dora_s1", "dora", {"training.seed": 1}, task="classification",
+                final={"val_accuracy": 0.9, "val_loss": 0.3}, trainable=12)  # no test split: an empty cell, not a failure
+    res = analyze(tmp_path / "runs", tmp_path / "out")
+    agg = aggregate(collect(tmp_path / "runs"))
+    g = _group(agg, method="lora")
+    assert g["test_accuracy_mean"] == pytest.approx(0.82) and g["test_accuracy_std"] == pytest.approx(np.std([0.80, 0.84], ddof=1))
+    assert np.isnan(_group(agg, method="dora")["test_accuracy_mean"])
+    md = (tmp_path / "out" / "summary_table.md").read_text()
+    assert "test accuracy" in md and "0.820 ± 0.028" in md
+    comp = pd.read_csv(tmp_path / "out" / "comparison_table.csv")
+    assert "test_accuracy_mean" in comp.columns
+    assert res is not None
+
+
 def test_fmt_pm_rounds_to_the_spread():
     assert fmt_pm(4.2, 0.1) == "4.20 ± 0.10" == fmt_pm(4.2, 0.09999999999999964)
     assert fmt_pm(0.8234, 0.0123) == "0.823 ± 0.012"

@@ -266,6 +266,9 @@ def collect(root) -> Study:
         for m in RESULT_METRICS:
             if m in final:
                 row[m] = final[m]
+        for k, v in (res.get("test") or {}).items():  # the end-of-run test split, evaluated with best/'s weights
+            if k.startswith("test_") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                row[k] = v
         best = res.get("best") or {}
         if best.get("value") is not None:
             row[f"best_{best.get('metric')}"] = best["value"]

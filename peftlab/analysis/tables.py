@@ -19,12 +19,14 @@ from .collect import SIZE_AXES, VARIANT_KEYS, Study, group_columns, short_name
 # (column, header) in display order; a column appears when any group has a value for it.
 SUMMARY_METRICS = [
     ("val_accuracy", "accuracy"), ("val_f1", "F1"), ("val_loss", "val. loss"), ("val_perplexity", "perplexity"),
+    ("test_accuracy", "test accuracy"), ("test_f1", "test F1"), ("test_perplexity", "test perplexity"),
     ("bounds.empirical_bpd", "BPD"), ("bounds.kl_divergence", "KL (nats)"), ("bounds.bound_value", "bound (bits)"),
     ("compressed_size_kb", "size (KB)"), ("trainable_params", "trainable params"), ("effective_params", "effective params"),
     ("summary.sparsity", "sparsity"), ("optimizer_state_mb", "optimizer state (MiB)"), ("wall_time_s", "wall time (s)"),
     ("peak_memory_mb", "peak memory (MiB)"),
 ]
-COMPARISON_METRICS = ["val_accuracy", "val_f1", "val_loss", "val_perplexity", "bounds.bound_value", "trainable_params",
+COMPARISON_METRICS = ["val_accuracy", "val_f1", "val_loss", "val_perplexity", "test_accuracy", "test_f1", "test_perplexity",
+                      "bounds.bound_value", "trainable_params",
                       "effective_params", "wall_time_s", "peak_memory_mb"]
 LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "<": r"\textless{}",
