@@ -354,3 +354,32 @@ def test_two_processes_per_run_through_torchrun(tmp_path, monkeypatch):
     assert summary.ok, (tmp_path / "study/.study/output/_s1.out").read_text()[-3000:]
     res = json.loads((tmp_path / "study/_s1/results_final.json").read_text())
     assert res["status"] == "completed" and res["world_size"] == 2
+
+
+def test_estimate_counts_only_what_a_partial_run_has_left(tmp_path, monkeypatch):
+    """A killed run resumes at its newest checkpoint: the estimate charges the remaining steps and epoch ends."""
+    import json as _json
+
+    from peftlab.config import config_from_dict
+    from peftlab.studies import estimate as E
+
+    monkeypatch.setattr(E, "process_start_s", lambda: 2.0)
+    cfg = config_from_dict({"method": "lora", "training": {"save_steps": 0}})
+    p = E.Probe(setup_s=10.0, first_step_s=3.0, step_s=1.0, eval_s=5.0, save_s=1.0, finish_s=4.0, steps=100, epochs=4, steps_timed=4)
+    full = E.run_seconds(cfg, p)
+    assert full == pytest.approx(2 + 10 + 3 + 99 * 1 + 4 * (5 + 1) + 4)  # the formula of the module docstring
+    assert E.run_seconds(cfg, p, 0) == full
+    # resumed after step 60 (epoch ends at 25, 50, 75, 100): 40 steps and 2 epoch ends are left
+    assert E.run_seconds(cfg, p, 60) == pytest.approx(2 + 10 + 3 + 39 * 1 + 2 * (5 + 1) + 4)
+    # every step done, results missing: only the end of the run
+    assert E.run_seconds(cfg, p, 100) == pytest.approx(2 + 10 + 5 + 1 + 4)
+    # the newest complete checkpoint gives the resume step; incomplete ones do not count
+    run = tmp_path / "run"
+    for name, step, complete in (("step-20", 20, True), ("epoch-2", 50, True), ("step-70", 70, False)):
+        d = run / "checkpoints" / name
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(_json.dumps({"global_step": step, "epoch_end": name.startswith("epoch")}))
+        if complete:
+            (d / "model_state.safetensors").write_bytes(b"")
+    assert E.resume_step(run) == 50
+    assert E.resume_step(tmp_path / "nothing") == 0

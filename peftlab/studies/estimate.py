@@ -12,7 +12,9 @@ run's epoch end does. Per step it records a timestamp (a wrapper around the meth
       + epochs x (evaluation + epoch checkpoint) + step checkpoints x save + final export
 
 ``steps`` comes from :func:`peftlab.build.count_optimizer_steps` (no training). Runs
-already done in the study directory count zero.
+already done in the study directory count zero. A partial run (killed, or stopped) counts
+only what is left after its newest complete checkpoint, where ``--resume`` would start:
+its remaining steps, the epoch ends among them and the setup of the resumed process.
 """
 
 from __future__ import annotations
@@ -129,19 +131,34 @@ def _refresh_interval(cfg) -> Optional[int]:
     return None
 
 
-def run_seconds(cfg, p: Probe) -> float:
+def run_seconds(cfg, p: Probe, done_steps: int = 0) -> float:
+    """Seconds to train the run from optimizer step ``done_steps`` (a resumed run) to its end."""
     steps = p.steps
-    total = process_start_s() + p.setup_s + p.first_step_s + max(steps - 1, 0) * p.step_s
+    done = min(max(int(done_steps), 0), steps)
+    left = steps - done
+    if left == 0:  # only the end of the run (evaluation, export) is missing
+        return process_start_s() + p.setup_s + p.eval_s + p.save_s + p.finish_s
+    total = process_start_s() + p.setup_s + p.first_step_s + max(left - 1, 0) * p.step_s
     interval = _refresh_interval(cfg)
-    if interval:
-        total += max(math.ceil(steps / interval) - 1, 0) * max(p.first_step_s - p.step_s, 0.0)
+    if interval:  # refreshes at steps 0, interval, 2 interval, ...; a resumed run starts with one
+        refreshes = len(range(math.ceil(done / interval) * interval, steps, interval)) + (1 if done % interval else 0)
+        total += max(refreshes - 1, 0) * max(p.first_step_s - p.step_s, 0.0)
+    steps_per_epoch = math.ceil(steps / max(p.epochs, 1))
+    epoch_ends = len({min(e * steps_per_epoch, steps) for e in range(1, p.epochs + 1)} - set(range(0, done + 1)))
     save_steps = cfg.training.save_steps
     n_step_saves = 0
     if save_steps:
-        steps_per_epoch = math.ceil(steps / max(p.epochs, 1))
-        n_step_saves = sum(1 for s in range(save_steps, steps + 1, save_steps) if s % steps_per_epoch and s != steps)
-    total += p.epochs * (p.eval_s + p.save_s) + n_step_saves * p.save_s + p.finish_s
+        n_step_saves = sum(1 for s in range(save_steps, steps + 1, save_steps) if s > done and s % steps_per_epoch and s != steps)
+    total += epoch_ends * (p.eval_s + p.save_s) + n_step_saves * p.save_s + p.finish_s
     return total
+
+
+def resume_step(run_dir: Path) -> int:
+    """The optimizer step a resumed run starts from: that of its newest complete checkpoint (0 if none)."""
+    from ..checkpoints import list_checkpoints
+
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1][0] if found else 0
 
 
 def _distinct_key(cfg) -> str:
@@ -172,7 +189,9 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> li
         if key not in probes:
             print(f"timing {steps} steps of {t.name} ({len(probes) + 1} distinct configuration(s) so far) ...", file=out, flush=True)
             probes[key] = probe(t.cfg, steps)
-        rows.append({"name": t.name, "status": status, "seconds": run_seconds(t.cfg, probes[key]), "probe": probes[key]})
+        done = resume_step(t.run_dir) if status == "partial" else 0
+        rows.append({"name": t.name, "status": status, "seconds": run_seconds(t.cfg, probes[key], done), "probe": probes[key],
+                     "done_steps": done})
     return rows
 
 
@@ -192,7 +211,10 @@ def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
         if p is None:
             print(f"{r['name']:<{w}} : {'':>7} {'':>8} {'':>10}   done (0s)", file=out)
             continue
-        print(f"{r['name']:<{w}} : {p.steps:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {_fmt(r['seconds']):>10}", file=out)
+        done = r.get("done_steps") or 0
+        left = f"{p.steps - done}/{p.steps}" if done else f"{p.steps}"
+        print(f"{r['name']:<{w}} : {left:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {_fmt(r['seconds']):>10}"
+              + (f"   (resumes at step {done})" if done else ""), file=out)
     total = sum(r["seconds"] for r in rows)
     wall = total / max(slots, 1)
     print("-" * (w + 44), file=out)
