@@ -292,6 +292,25 @@ def peftlab_run(case: dict, bins: Path, a, extra: dict | None = None, prof=None)
     return out
 
 
+def kernel_gaps(intervals: list[tuple[float, float]], start: float, end: float, top: int = 10) -> dict:
+    """Idle time of the GPU between ``start`` and ``end`` given kernel ``(begin, end)`` intervals (any unit).
+
+    Overlapping kernels (several streams) are merged first; the result has the busy and idle
+    totals and the ``top`` longest idle gaps as ``(offset from start, length)``.
+    """
+    merged: list[list[float]] = []
+    for b, e in sorted((max(b, start), min(e, end)) for b, e in intervals if e > start and b < end):
+        if merged and b <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([b, e])
+    busy = sum(e - b for b, e in merged)
+    edges = [start] + [x for iv in merged for x in iv] + [end]
+    gaps = [(edges[i] - start, edges[i + 1] - edges[i]) for i in range(0, len(edges), 2) if edges[i + 1] > edges[i]]
+    gaps.sort(key=lambda g: -g[1])
+    return {"busy": busy, "idle": (end - start) - busy, "gaps": gaps[:top], "n_gaps": len(gaps)}
+
+
 # ------------------------------------------------------------ refresh
 def refresh_bench(a, device: str = "cuda", layers: int = 12) -> list[dict]:
     """One projector refresh over GPT-2's 48 block matrices at rank 128: peftlab's randomized SVD as a
@@ -445,6 +464,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--peftlab-only", action="store_true", help="skip the baselines (peftlab rows only)")
     ap.add_argument("--refresh", action="store_true", help="also time one projector refresh (peftlab vs GaLore)")
+    ap.add_argument("--gaps", default="", help="comma-separated cases (hf:NAME for the baseline): the GPU's idle time and longest gaps in the timed window")
     ap.add_argument("--cprofile", default="", help="comma-separated cases (hf:NAME for the baseline) to run under Python's cProfile")
     ap.add_argument("--profile", default="", help="comma-separated cases to profile with torch.profiler (peftlab side)")
     a = ap.parse_args(argv)
@@ -452,7 +472,7 @@ def main(argv=None):
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        a.peftlab_only, a.refresh, a.profile = True, False, ""
+        a.peftlab_only, a.refresh, a.profile, a.gaps, a.cprofile = True, False, "", "", ""
     out = Path(a.out) if rank == 0 else Path(f"/tmp/bench_gpu_rank{rank}")
     out.mkdir(parents=True, exist_ok=True)
     import peft
@@ -505,6 +525,24 @@ def main(argv=None):
             jl.write(json.dumps(r) + "\n")
             jl.flush()
             print(json.dumps(r), flush=True)
+    for item in [c for c in a.gaps.split(",") if c]:
+        # the GPU's idle gaps in the timed window: CUDA activity only (little profiler overhead on the host)
+        from torch.profiler import ProfilerActivity, profile
+
+        side, name = item.split(":") if ":" in item else ("peftlab", item)
+        spec = CASES[name][0 if side == "hf" else 1]
+        prof = profile(activities=[ProfilerActivity.CUDA])
+        r = baseline(spec, batches, a, prof=prof) if side == "hf" else peftlab_run({"name": name + "_gaps", **spec}, bins, a, spec.get("extra"), prof=prof)
+        ks = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if ks:
+            g = kernel_gaps(ks, min(b for b, _ in ks), max(e for _, e in ks))
+            row = {"case": name, "side": side + "_gaps", "step_ms": r["step_ms"], "gpu_busy_ms": g["busy"] / 1e3 / a.steps,
+                   "gpu_idle_ms": g["idle"] / 1e3 / a.steps, "gaps": g["n_gaps"],
+                   "longest_gaps_us": [[round(o), round(length)] for o, length in g["gaps"]]}
+            rows.append(row)
+            jl.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+        cleanup()
     for item in [c for c in a.cprofile.split(",") if c]:
         # Python's cProfile over the timed steps: where the host's time per step goes
         import cProfile
@@ -576,6 +614,9 @@ def summary(rows, out: Path):
             ratio = f"GaLore / this: {r['galore_over_this']:.1f}x" if "galore_over_this" in r else ""
             lines.append(f"| refresh: {r['refresh']} | | {r['ms']:.1f} ms | {ratio} | | | |")
     for r in rows:
+        if str(r.get("side", "")).endswith("_gaps"):
+            lines.append(f"| GPU gaps {r['side'][:-5]} {r['case']}: {r['step_ms']:.1f} ms/step, busy {r['gpu_busy_ms']:.1f} ms, "
+                         f"idle {r['gpu_idle_ms']:.1f} ms in {r['gaps']} gaps | | | | | | |")
         if str(r.get("side", "")).endswith("_profile"):
             lines.append(f"| profile {r['side'][:-8]} {r['case']}: {r['step_ms_profiled']:.1f} ms/step, GPU busy {r['gpu_busy_ms']:.1f} ms, "
                          f"{r['kernels_per_step']:.0f} kernels | | | | | | |")

@@ -155,3 +155,13 @@ def test_bench_gpu_has_the_cases_outside_its_default_run():
 
     for name in gs.SHAPE_CASES:
         assert bench_gpu.CASES[name] == gs.SHAPE_CASES[name]
+
+
+def test_kernel_gaps_merges_streams_and_ranks_idle_gaps():
+    from bench_gpu import kernel_gaps
+
+    # kernels on two streams overlap in [2, 5]; idle: [0, 1), (5, 9), (10, 10.5); window [0, 10.5]
+    g = kernel_gaps([(1, 4), (2, 5), (9, 10)], 0, 10.5, top=2)
+    assert g["busy"] == 5 and g["idle"] == 5.5 and g["n_gaps"] == 3
+    assert g["gaps"] == [(5, 4), (0, 1)]  # (offset from the start, length), longest first
+    assert kernel_gaps([], 0, 3)["idle"] == 3
