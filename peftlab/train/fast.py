@@ -61,12 +61,15 @@ class DeviceLosses:
         return vals
 
 
+def auto_on(setting: str, device, key: str) -> bool:
+    """An ``auto``/``on``/``off`` switch: ``auto`` is on for a CUDA device only (CPU numbers stay as they were)."""
+    if setting not in ("auto", "on", "off"):
+        raise PeftlabError(f"{key} must be auto, on or off, got {setting!r}.")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
 def prefetch_enabled(setting: str, device: torch.device) -> bool:
-    if setting == "on":
-        return True
-    if setting == "off":
-        return False
-    return torch.device(device).type == "cuda"
+    return auto_on(setting, device, "system.prefetch")
 
 
 def device_batches(indices: Iterable[list[int]], load: Callable[[list[int]], dict], device: torch.device,
@@ -227,9 +230,7 @@ def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
 
 def pad_vocab_enabled(setting: str, device) -> bool:
-    if setting not in ("auto", "on", "off"):
-        raise PeftlabError(f"system.pad_vocab must be auto, on or off, got {setting!r}.")
-    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+    return auto_on(setting, device, "system.pad_vocab")
 
 
 def pad_lm_head(model: torch.nn.Module, multiple: int = 64) -> Optional[int]:
@@ -315,9 +316,7 @@ class GcControl:
     """
 
     def __init__(self, setting: str, device, every: int):
-        if setting not in ("auto", "on", "off"):
-            raise PeftlabError(f"system.gc_control must be auto, on or off, got {setting!r}.")
-        self.on = setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")  # the default is off
+        self.on = auto_on(setting, device, "system.gc_control")  # the config's default is off
         self.every = max(1, int(every))
         self._was_enabled = None
 
