@@ -23,11 +23,9 @@ pruning never deletes the last finite checkpoint in favour of non-finite ones.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -39,11 +37,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import PeftlabError
+from .io import _NO_SPACE, _fsync_dir, _fsync_tree, disk_full_error, strict_json_dumps
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"  # the configuration of the run that wrote the checkpoint
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}  # a full disk or quota
 
 _log = logging.getLogger("peftlab")
 
@@ -54,44 +52,6 @@ class CheckpointWarning(UserWarning):
 
 class CheckpointError(PeftlabError):
     """A checkpoint that is damaged (fails its manifest) or inconsistent (trainer state)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file via a temporary file and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in _NO_SPACE:
-            raise
-        tmp.unlink(missing_ok=True)
-        raise disk_full_error(path, len(text.encode()), e) from None
 
 
 def python_rng_state() -> dict:
@@ -151,32 +111,6 @@ def _fault_point(tmp: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def disk_full_error(path: Path, need_bytes: Optional[int], e: OSError) -> PeftlabError:
-    """A clear error for a save that ran out of space (or quota): the path, the free and needed space."""
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-        free_s = f"{_human(free)} free"
-    except OSError:
-        free_s = "free space unknown"
-    need = f"; this save needs about {_human(need_bytes)}" if need_bytes else ""
-    return PeftlabError(
-        f"No space left on the device while writing {path} ({e.strerror or e}; {free_s} on {probe}{need}). "
-        "Free some space (older runs, checkpoints: lower training.save_total_limit) or choose another output.dir, "
-        "then continue with --training.resume_from=latest."
-    )
-
-
 def write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_state: dict, trainer_state: dict,
                scaler=None) -> None:
     try:
@@ -210,29 +144,6 @@ def all_finite(tensors: dict) -> bool:
         if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
             return False
     return True
-
-
-def to_strict_json(o: Any) -> Any:
-    """A copy of ``o`` that ``json.dumps(..., allow_nan=False)`` accepts: NaN and +-inf become None
-    (JSON null), tensors and numpy scalars become Python numbers, paths strings."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: to_strict_json(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [to_strict_json(v) for v in o]
-    if o is None or isinstance(o, (str, bool, int)):
-        return o
-    if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
-        return to_strict_json(o.tolist())
-    if hasattr(o, "item"):
-        return to_strict_json(o.item())
-    return str(o)
-
-
-def strict_json_dumps(data: Any, **kw: Any) -> str:
-    """JSON text with no bare NaN/Infinity (RFC 8259): non-finite numbers are written as null."""
-    return json.dumps(to_strict_json(data), allow_nan=False, **kw)
 
 
 def _sha256(path: Path) -> str:

@@ -120,7 +120,7 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
 
     unknown = [m for m in (methods or []) if m not in METHODS]
     if unknown:
-        from .config.machinery import suggest
+        from .options import suggest
 
         raise PeftlabError(
             f"compare --methods: unknown method(s) {', '.join(repr(m) for m in unknown)}."
@@ -228,8 +228,8 @@ def markdown_table(rows: list[dict], with_dirs: bool = True) -> str:
 def write_tables(rows: list[dict], output_dir: Path, stem: str = "compare") -> None:
     """``<stem>.csv`` and ``<stem>.md``. A comparison in which some run failed or was refused
     writes ``compare.incomplete.*`` when a ``compare.csv`` exists, so it never replaces a good table."""
-    from .checkpoints import atomic_write_text
-    from .tracking import write_csv
+    from .io import atomic_write_text
+    from .io import write_csv
 
     write_csv(output_dir / f"{stem}.csv", COLUMNS, rows)
     atomic_write_text(output_dir / f"{stem}.md", markdown_table(rows) + "\n")

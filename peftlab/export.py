@@ -54,7 +54,7 @@ def make_adapter_portable(adapter_dir: Path, cfg, run_dir: Path, saved_base: Pat
     """Rewrite ``adapter_config.json``'s ``base_model_name_or_path`` with :func:`portable_base_name`."""
     import json
 
-    from .checkpoints import atomic_write_text
+    from .io import atomic_write_text
 
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoints import atomic_write_text, strict_json_dumps
+from .io import atomic_write_text, strict_json_dumps
 from .errors import PeftlabError
 
 MB = 2**20
@@ -355,7 +355,7 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    from .tracking import write_csv
+    from .io import write_csv
 
     write_csv(path, columns, rows)
 
@@ -405,7 +405,7 @@ def cmd_profile(args, extra: list[str]) -> int:
         if v is not None and v < 1:
             raise PeftlabError(f"{flag} must be a positive integer, got {v}.")
     if args.output_dir:
-        from .config.sections import output_path_problem
+        from .io import output_path_problem
 
         problem = output_path_problem(args.output_dir)
         if problem:

@@ -7,7 +7,6 @@ if the run had never stopped.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -18,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoints import atomic_write_text, strict_json_dumps
 
 LOSS_COLUMNS = ["epoch", "step", "train_loss", "learning_rate", "gpu_memory_mb", "sparsity"]
 
@@ -46,32 +44,6 @@ def git_commit() -> Optional[str]:
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write strict JSON atomically: NaN and +-inf become null (no bare NaN/Infinity that
-    other JSON readers reject), tensors and numpy numbers become plain numbers."""
-    atomic_write_text(Path(path), strict_json_dumps(data, indent=2) + "\n")
-
-
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Write a whole table atomically (empty cell for None); for result tables, not append logs."""
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
-    atomic_write_text(Path(path), buf.getvalue())
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 class _TqdmHandler(logging.Handler):
@@ -111,55 +83,6 @@ def close_logger() -> None:
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
-
-
-class CsvLog:
-    """An append-only CSV whose header is fixed by the first row (or given)."""
-
-    def __init__(self, path: Path, columns: Optional[list[str]] = None):
-        self.path = Path(path)
-        self.columns = columns
-
-    def truncate_after(self, step: int) -> None:
-        """Keep rows with ``step <= step`` (and drop a torn last line); used on resume."""
-        if not self.path.is_file():
-            return
-        with open(self.path, newline="") as f:
-            lines = f.read().splitlines(keepends=True)
-        if not lines:
-            return
-        header = next(csv.reader([lines[0]]))
-        self.columns = header
-        keep = [lines[0] if lines[0].endswith("\n") else lines[0] + "\n"]
-        si = header.index("step")
-        for line in lines[1:]:
-            if not line.endswith("\n"):
-                break  # torn write
-            row = next(csv.reader([line]))
-            if len(row) != len(header):
-                break
-            if int(row[si]) <= step:
-                keep.append(line)
-        atomic_write_text(self.path, "".join(keep))
-
-    def write(self, row: dict[str, Any]) -> None:
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        if self.columns is None:
-            self.columns = list(row)
-        with open(self.path, "a", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            if new:
-                w.writerow(self.columns)
-            w.writerow([_fmt(row.get(c)) for c in self.columns])
-            f.flush()
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.8g}"
-    return str(v)
 
 
 def run_metadata(cfg, world_size: int) -> dict[str, Any]:

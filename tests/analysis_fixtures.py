@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from peftlab.config import config_from_dict
-from peftlab.tracking import LOSS_COLUMNS, CsvLog, write_json
+from peftlab.tracking import LOSS_COLUMNS
+from peftlab.io import CsvLog, write_json
 
 N_LAYERS = 6
 SEEDS = (42, 123, 999)

@@ -176,7 +176,7 @@ def test_openwebtext_asks_for_prepare(tmp_path):
 
 
 def test_hub_name_detection():
-    from peftlab.data import _looks_like_hub_name
+    from peftlab.hub import looks_like_name as _looks_like_hub_name
 
     assert _looks_like_hub_name("tweet_eval:sentiment") and _looks_like_hub_name("stanfordnlp/imdb")
     assert not _looks_like_hub_name("/no/such/file.csv")

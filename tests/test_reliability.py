@@ -105,7 +105,7 @@ def test_trainer_state_sanity_checks(tmp_path):
 
 # ------------------------------------------------------ point 1 (outside the loop): JSON, pruning
 def test_write_json_is_strict(tmp_path):
-    from peftlab.tracking import write_json
+    from peftlab.io import write_json
 
     write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": torch.tensor(-math.inf), "d": 2.5})
     text = (tmp_path / "x.json").read_text()
@@ -280,11 +280,11 @@ def test_typo_model_name_fails_fast_with_did_you_mean(tmp_path):
 
 
 def test_unknown_names_and_missing_paths(tmp_path, monkeypatch):
-    from peftlab import data
+    from peftlab import data, hub
     from peftlab.errors import PeftlabError
     from peftlab.models import check_name
 
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: False)
     with pytest.raises(PeftlabError, match=r"model.name='someone/nothing-like-it' is not a model peftlab knows, not an existing path, not in the Hugging Face cache, and the hub cannot be reached"):
         check_name("someone/nothing-like-it", "model", "model.name")
     with pytest.raises(PeftlabError, match=r"data.tokenizer='./no/such/tok': the path .*no/such/tok does not exist"):

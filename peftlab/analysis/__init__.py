@@ -45,7 +45,7 @@ def analyze(study_dir, output_dir=None, baseline: bool = True) -> AnalysisResult
     ctx = PlotContext(study, agg, out, baseline=baselines[0] if len(baselines) == 1 else None)
     plots, plot_notes = make_plots(ctx)
     findings = check_all(ctx)
-    from ..checkpoints import strict_json_dumps  # strict JSON: a NaN statistic is written as null
+    from ..io import strict_json_dumps
 
     (out / "hypotheses.json").write_text(strict_json_dumps([finding_dict(f) for f in findings], indent=2) + "\n")
     tables["hypotheses.json"] = out / "hypotheses.json"

@@ -194,7 +194,7 @@ def comparison_frame(study: Study, agg: pd.DataFrame, baselines: list[dict]) -> 
 
 
 def write_tables(study: Study, agg: pd.DataFrame, out_dir: Path, baselines: Optional[list[dict]] = None) -> dict[str, Path]:
-    from ..tracking import write_csv
+    from ..io import write_csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
     show, num = summary_frame(study, agg)

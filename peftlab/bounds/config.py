@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Optional
 
-from ..config.machinery import build_section, opt, suggest
+from ..options import build_section, opt, suggest
 from ..errors import ConfigError
 from .formulas import DEFAULT_ALPHAS
 

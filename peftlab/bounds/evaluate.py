@@ -395,7 +395,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def write_metrics(metrics: dict[str, Any], path: Path) -> None:
-    from ..checkpoints import atomic_write_text
+    from ..io import atomic_write_text
 
     atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 

@@ -14,7 +14,7 @@ through the gather, to the centroids (both updated by SGD).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch

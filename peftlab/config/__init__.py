@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import ConfigError
-from .machinery import build_section, section_help, spellings, suggest
+from ..options import build_section, section_help, spellings, suggest
 from .sections import DataConfig, LoggingConfig, ModelConfig, OutputConfig, SystemConfig, TrainingConfig
 
 CORE_SECTIONS: dict[str, type] = {

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .machinery import opt
+from ..options import opt
+from ..io import output_path_problem
 
 
 @dataclass
@@ -162,36 +163,6 @@ class OutputConfig:
             return ["`output.dir` is empty; give the run directory."]
         problem = output_path_problem(self.dir)
         return [f"`output.dir`: {problem}"] if problem else []
-
-
-def output_path_problem(path: str) -> Optional[str]:
-    """Why a directory could not be created or written at ``path`` (None when it can): a file in the
-    way, a parent that is not a directory, no write permission, a read-only file system."""
-    import errno
-    import os
-    from pathlib import Path
-
-    p = Path(os.path.expanduser(path)).absolute()
-    if p.exists():
-        if not p.is_dir():
-            return f"{p} exists and is a file; choose a directory path."
-        probe = p
-    else:
-        probe = p.parent
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not probe.is_dir():
-            return f"{p} cannot be created: {probe} is a file, not a directory."
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{p} cannot be written: no write permission in {probe}. Choose a directory you can write to."
-    try:
-        st = os.statvfs(probe)
-        if st.f_flag & getattr(os, "ST_RDONLY", 1):
-            return f"{p} cannot be written: {probe} is on a read-only file system."
-    except OSError as e:
-        if e.errno != errno.ENOSYS:
-            return f"{p} cannot be used: {e.strerror}."
-    return None
 
 
 @dataclass

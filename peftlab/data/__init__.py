@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 from ..errors import PeftlabError
 from .classification import ClassificationDataset, classification_collate, load_table, raw_classification_from_frames
 from .lm import LMBlockDataset, lm_collate, read_documents
+from .. import hub
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 
@@ -77,56 +78,27 @@ def load_raw(cfg) -> RawTask:
         pass
     else:
         path = Path(name).expanduser()
-        hub = ""
-        if not path.exists() and _looks_like_hub_name(name):
+        hub_note = ""
+        if not path.exists() and hub.looks_like_name(name):
             import difflib
 
             # A near-miss of a known name is a typo, not a hub dataset: say so at once.
             if not difflib.get_close_matches(name, list(DATASETS), n=1, cutoff=0.8):
-                if _hub_reachable():
+                if hub.reachable():
                     from .tasks import load_hub_classification
 
                     return postprocess(load_hub_classification(name, cfg), cfg)
-                hub = " The Hugging Face hub cannot be reached, so it was not looked up there."
+                hub_note = " The Hugging Face hub cannot be reached, so it was not looked up there."
         if not path.exists():
-            from ..config.machinery import suggest
+            from ..options import suggest
 
             raise PeftlabError(
-                f"data.dataset={name!r} is neither a known dataset nor an existing path.{suggest(name, DATASETS)}{hub} "
+                f"data.dataset={name!r} is neither a known dataset nor an existing path.{suggest(name, DATASETS)}{hub_note} "
                 f"Known datasets: {', '.join(sorted(DATASETS))}; or give a local .txt/.jsonl (language modelling) or "
                 ".csv/.json/.jsonl/.parquet file with text and label columns (classification)."
             )
         raw = load_local(path, cfg)
     return postprocess(raw, cfg)
-
-
-def _looks_like_hub_name(name: str) -> bool:
-    """``owner/name``, ``name`` or ``name:config`` with no path-like or file-like parts."""
-    import re
-
-    if re.search(r"\.(csv|tsv|json|jsonl|parquet|txt|bin)$", name, re.I):
-        return False
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?", name) is not None
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether to call ``datasets.load_dataset`` for a hub name: one quick connection to the
-    hub, so that an offline machine fails at once instead of after ``datasets``' retries.
-    True without a probe behind an HTTP(S) proxy, and in offline mode (``HF_DATASETS_OFFLINE``
-    / ``HF_HUB_OFFLINE``), where ``datasets`` reads its cache."""
-    import os
-    import socket
-
-    if any(os.environ.get(k, "0").lower() not in ("0", "", "false", "no") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
-        return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
-        return True
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _split_files(path: Path) -> dict[str, Path]:

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import PeftlabError
 from . import SAMPLES_DIR, RawTask, register_dataset
+from .. import hub
 
 FORMATS = ("instruction", "chat")
 ROLES = ("system", "user", "assistant")
@@ -270,9 +271,8 @@ def load_local(path: Path, fmt: str, cfg) -> RawTask:
 
 def load_hub(name: str, fmt: str, cfg) -> RawTask:
     """A hub dataset (``name`` or ``name:config``): its train split, and validation (or test) when present."""
-    from . import _hub_reachable
 
-    if not _hub_reachable():
+    if not hub.reachable():
         raise PeftlabError(f"data.dataset={name!r} is not a local path and the Hugging Face hub cannot be reached; "
                            "give a local .jsonl/.json/.parquet file or use a shipped sample (instruct-sample, chat-sample).")
     import datasets
@@ -292,7 +292,6 @@ def load_hub(name: str, fmt: str, cfg) -> RawTask:
 def maybe_load(name: str, cfg) -> Optional[RawTask]:
     """The instruction/chat RawTask for ``data.dataset`` when it is one (explicit
     ``data.format``, or a local file whose records look like it), else None."""
-    from . import _looks_like_hub_name
 
     fmt = cfg.data.format
     path = Path(name).expanduser()
@@ -303,7 +302,7 @@ def maybe_load(name: str, cfg) -> Optional[RawTask]:
         if fmt is None:
             return None
         return load_local(path, fmt, cfg)
-    if fmt != "auto" and _looks_like_hub_name(name):
+    if fmt != "auto" and hub.looks_like_name(name):
         return load_hub(name, fmt, cfg)
     return None
 

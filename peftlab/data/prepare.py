@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 
 from ..errors import PeftlabError
 from .lm import iter_jsonl_documents
+from .. import hub
 
 DEFAULT_TOKENIZER = "gpt2"
 DEFAULT_VAL_FRACTION = 0.1
@@ -112,7 +113,7 @@ def prepare(cfg, out_dir: Path, tokenizer: str = DEFAULT_TOKENIZER, val_fraction
         raise PeftlabError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}.")
     name = cfg.data.dataset
     out_dir = Path(out_dir).expanduser()
-    from ..config.sections import output_path_problem
+    from ..io import output_path_problem
 
     problem = output_path_problem(str(out_dir))
     if problem:  # before any tokenizing
@@ -139,11 +140,10 @@ def prepare(cfg, out_dir: Path, tokenizer: str = DEFAULT_TOKENIZER, val_fraction
         from . import load_local
 
         return _write_csvs(load_local(path, cfg), path.stem, out_dir, overwrite)
-    from . import _hub_reachable, _looks_like_hub_name
 
-    if _looks_like_hub_name(name) and _hub_reachable():
+    if hub.looks_like_name(name) and hub.reachable():
         return _prepare_from_hub(name, cfg, out_dir, tokenizer, val_fraction, chunk_docs, overwrite, progress)
-    from ..config.machinery import suggest
+    from ..options import suggest
 
     raise PeftlabError(
         f"Cannot prepare {name!r}: it is neither a registered dataset, nor an existing path, nor a reachable hub dataset."
@@ -182,9 +182,8 @@ def _local_corpus(path: Path, cfg, split_files) -> Optional[_Corpus]:
 def _stream_hub(path: str, config: Optional[str], split: str = "train"):
     import datasets
 
-    from . import _hub_reachable
 
-    if not _hub_reachable():
+    if not hub.reachable():
         raise PeftlabError(f"Could not stream {path!r}: the Hugging Face hub cannot be reached (a cached copy loads with HF_DATASETS_OFFLINE=1). Offline? Save the corpus as "
                            ".jsonl ({\"text\": ...} per line) and prepare that file.")
     try:

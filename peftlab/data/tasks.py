@@ -17,6 +17,7 @@ from typing import Optional
 from ..errors import PeftlabError
 from . import SAMPLES_DIR, RawTask, _split_files, register_dataset
 from .classification import load_table, raw_classification_from_frames
+from .. import hub
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,8 @@ def _hub_load(path: str, config: Optional[str], hint: str):
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise PeftlabError("Loading datasets from the hub needs the `datasets` package: pip install datasets") from None
-    from . import _hub_reachable
 
-    if not _hub_reachable():  # fail at once rather than after the datasets library's retries
+    if not hub.reachable():  # fail at once rather than after the datasets library's retries
         raise PeftlabError(f"Could not load {path!r} from the Hugging Face hub: the hub cannot be reached (a cached copy loads with HF_DATASETS_OFFLINE=1). {hint}")
     try:
         return datasets.load_dataset(path, config) if config else datasets.load_dataset(path)

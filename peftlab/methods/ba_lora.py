@@ -26,7 +26,7 @@ from typing import Literal, Optional
 
 import torch
 
-from ..config.machinery import opt
+from ..options import opt
 from ..errors import PeftlabError
 from ..models import check_targets
 from .ba_lora_alloc import allocate_ranks, check_budget, feasible_budget_range, importance_score, uniform_rank, warm_start_factors
@@ -237,7 +237,7 @@ class BALoRA(LoRA):
         self.allocation = record
         acc = self.ctx.accelerator
         if self.ctx.run_dir is not None and (acc is None or acc.is_main_process) and resumed is None:
-            from ..tracking import write_json
+            from ..io import write_json
 
             write_json(self.ctx.run_dir / "allocation.json", record)
 

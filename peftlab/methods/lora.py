@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 import torch
 
-from ..config.machinery import opt
+from ..options import opt
 from ..errors import PeftlabError
 from ..models import check_targets
 from .base import Method

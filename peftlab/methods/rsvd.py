@@ -22,8 +22,8 @@ from typing import Literal, Optional
 
 import torch
 
-from ..checkpoints import strict_json_dumps
-from ..config.machinery import opt
+from ..io import strict_json_dumps
+from ..options import opt
 from ..errors import PeftlabError
 from ..optim.projected_adam import ProjectedAdamW, top_svd
 from .base import Method
@@ -322,7 +322,7 @@ class RSVD(Method):
 
     # --- loop hooks ----------------------------------------------------------------
     def _rank_log(self):
-        from ..tracking import CsvLog
+        from ..io import CsvLog
 
         if self.rank_log is None and self.ctx.run_dir is not None:
             cols = ["step", "mean_rank", "state_mb", *self.projected_names.values()]

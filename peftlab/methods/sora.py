@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ..config.machinery import opt
+from ..options import opt
 from ..errors import PeftlabError
 from .lora import LoRA, LoraSection, lora_layers
 from .sora_fast import FlatGateStep, use_fast_path
@@ -509,7 +509,7 @@ class SoRA(LoRA):
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        from ..tracking import write_json
+        from ..io import write_json
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

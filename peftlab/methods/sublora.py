@@ -44,7 +44,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ..config.machinery import opt
+from ..options import opt
 from ..errors import PeftlabError
 from .base import Method
 from .lora import LoraSection
@@ -516,7 +516,7 @@ class SubLoRA(Method):
 
     def _trace_log(self):
         from ..runs import RunDir
-        from ..tracking import CsvLog
+        from ..io import CsvLog
 
         if self._trace is None:
             path = RunDir(self.ctx.run_dir).gating_trace_path
@@ -636,7 +636,7 @@ class SubLoRA(Method):
         from safetensors.torch import save_file
 
         from ..runs import RunDir
-        from ..tracking import write_json
+        from ..io import write_json
 
         out_dir = Path(out_dir)
         model.materialise()

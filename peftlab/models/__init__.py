@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import PeftlabError
+from .. import hub
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -81,20 +82,11 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name or name.endswith(("/", ".json", ".safetensors", ".bin"))
 
 
-def _in_hub_cache(name: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str) or isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
-    except Exception:  # noqa: BLE001 (an invalid repo id, an old huggingface_hub: not cached)
-        return False
-
-
 def check_name(name: str, what: str, key: str, extra: tuple[str, ...] = ()) -> None:
     """Fail in seconds on a name that cannot load: a missing local path says so; a near-miss of a
     known name is a typo (did-you-mean), and an unknown name fails at once when the hub cannot be
     reached and it is not in the local Hugging Face cache (instead of a minute of retries)."""
-    from ..config.machinery import suggest
+    from ..options import suggest
 
     known = sorted({*known_names(), *extra})
     if name in known or os.path.exists(os.path.expanduser(name)):
@@ -110,11 +102,10 @@ def check_name(name: str, what: str, key: str, extra: tuple[str, ...] = ()) -> N
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
     if close:
         raise PeftlabError(f"{key}={name!r} is not a {what} peftlab knows. Did you mean `{close[0]}`? {listing}")
-    if _in_hub_cache(name):
+    if hub.in_cache(name):
         return
-    from ..data import _hub_reachable
 
-    if not _hub_reachable():
+    if not hub.reachable():
         raise PeftlabError(
             f"{key}={name!r} is not a {what} peftlab knows, not an existing path, not in the Hugging Face cache, and the hub "
             f"cannot be reached to look it up.{suggest(name, known)} {listing}"

@@ -37,7 +37,7 @@ def _volatile(key: str) -> bool:
 def _from_dict(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(identity, problems) of a stored config mapping: own sections only, defaults filled in."""
     from ..config import all_sections
-    from ..config.machinery import build_section
+    from ..options import build_section
 
     raw = {k: v for k, v in raw.items() if k != "_meta"}
     method = raw.get("method", "lora")

@@ -383,7 +383,7 @@ def format_table(rows: list[dict]) -> str:
 def _write_config(path: Path, cfg) -> None:
     import yaml
 
-    from ..checkpoints import atomic_write_text
+    from ..io import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# written by peftlab sweep; `peftlab train` on this file reruns the trial by hand\n"

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ..config.machinery import build_section, opt, suggest
+from ..options import build_section, opt, suggest
 from ..errors import ConfigError
 
 

@@ -13,7 +13,7 @@ evaluation from ever becoming ``best``.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -72,7 +72,7 @@ def check_losses(trainer, losses: list[float]) -> None:
 def diverge(trainer, what: str, step: Optional[int] = None) -> None:
     """Record the divergence in results_final.json and raise :class:`Diverged`."""
     from .. import checkpoints as ckpt
-    from ..tracking import write_json
+    from ..io import write_json
 
     st, cfg = trainer.state, trainer.cfg
     step = st.global_step if step is None else step

@@ -26,9 +26,11 @@ from ..data.instruction import write_generations
 from . import guards
 from . import lock as run_lock
 from ..errors import PeftlabError
-from ..tracking import LOSS_COLUMNS, CsvLog, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger, write_json
+from ..tracking import LOSS_COLUMNS, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger
+from ..io import CsvLog, write_json
 from .metrics import accuracy, f1_score, perplexity
 from . import fast
+from ..io import strict_json_dumps
 
 # The long-format per-module log: one row per (step, module, metric); runs with different module sets stack.
 MODULE_LOG_COLUMNS = ["step", "module", "metric", "value"]
@@ -407,7 +409,7 @@ class Trainer:
         for f in BEST_FILES:  # the weights and method state, not the optimizer: best/ is for loading, not resuming
             if (path / f).is_file():
                 shutil.copy2(path / f, tmp / f)
-        (tmp / "metrics.json").write_text(ckpt.strict_json_dumps({**row, "best_metric": best_name}, indent=2))
+        (tmp / "metrics.json").write_text(strict_json_dumps({**row, "best_metric": best_name}, indent=2))
         ckpt.commit(tmp, best)
 
     def save_checkpoint(self, name: str) -> Path:
