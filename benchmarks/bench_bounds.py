@@ -70,7 +70,7 @@ def main() -> int:
     from peftlab.bounds.config import bounds_config
     from peftlab.bounds.evaluate import compressible_state, compute_bounds
     from peftlab.build import build
-    from peftlab.cli import quiet_libraries
+    from peftlab.tracking import quiet_libraries
     from peftlab.config import load_config
     from peftlab.methods import METHODS
 

@@ -37,7 +37,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from peftlab.cli import quiet_libraries
+    from peftlab.tracking import quiet_libraries
     from peftlab.config import load_config
     from peftlab.data import build_datasets, load_raw
     from peftlab.data.packing import padding_per_epoch

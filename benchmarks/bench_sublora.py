@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
-    from peftlab.cli import quiet_libraries
+    from peftlab.tracking import quiet_libraries
 
     quiet_libraries()
     runs = {"lora": build("lora", args)}

@@ -219,7 +219,7 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
             return mdl(**batch).loss
 
     if train_batches is None and data:
-        from .train.loop import EpochBatches
+        from .data.batches import EpochBatches
 
         def train_batches():
             """Training micro-batches in a fixed order (epoch 0's order), for pre-training phases."""
@@ -235,7 +235,7 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
     if optimizer:
         if built.plan is None:
             raise ValueError("build(optimizer=True) needs data=True (the schedule depends on the step count)")
-        from .train.schedule import build_scheduler
+        from .optim.schedule import build_scheduler
 
         built.optimizer = method.build_optimizer(model)
         built.scheduler = build_scheduler(built.optimizer, built.plan.total_steps, t)

@@ -218,42 +218,6 @@ def _state_step(path: Path) -> Optional[int]:
         return None
 
 
-def check_identity(path: Path, run_dir: Path, cfg) -> None:
-    """Refuse to resume from ``path`` unless the run that wrote it is the run ``cfg`` describes.
-
-    Both records are checked when present: the configuration saved inside the checkpoint (which
-    travels with it, so a checkpoint of another run or a run directory without config.json is
-    still checked) and the run directory's config.json. A checkpoint with neither cannot be
-    verified and is refused. What may differ is :data:`peftlab.runs.identity.VOLATILE`."""
-    from .runs.identity import VOLATILE, identity_diff
-
-    path, run_dir = Path(path), Path(run_dir)
-    records = []
-    if (path / CONFIG_FILE).is_file():
-        records.append((f"checkpoint {path}", path / CONFIG_FILE))
-    if (run_dir / "config.json").is_file():
-        records.append((f"run {run_dir}", run_dir / "config.json"))
-    if not records:
-        raise CheckpointError(
-            f"Cannot resume from {path}: neither the checkpoint nor {run_dir} records the configuration it was trained with, "
-            "so nothing shows that it belongs to this run (a different seed, model or rank would be rebuilt under it silently). "
-            "Resume a checkpoint written by this peftlab version, or start a new run."
-        )
-    may_change = ", ".join(v.rstrip(".") + (".*" if v.endswith(".") else "") for v in VOLATILE)
-    for who, f in records:
-        try:
-            old = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"Cannot resume from {path}: {f} is unreadable ({e}).") from None
-        diff = identity_diff(old, cfg)
-        if diff:
-            raise PeftlabError(
-                f"Cannot resume from {path}: this configuration differs from the one the {who} was trained with "
-                f"({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}). Resume changes only {may_change}; "
-                "resume with the original settings, or start a new run directory for the new ones."
-            )
-
-
 def check_trainer_state(state: dict, path: Path, *, total_steps: Optional[int] = None,
                         steps_per_epoch: Optional[int] = None) -> None:
     """Sanity checks on a checkpoint's trainer state before a run continues from it: integer,

@@ -63,7 +63,7 @@ def budget_reference(cfg) -> dict[str, Any]:
     labels = raw.val["label"]
     counts = [labels.count(c) for c in range(raw.num_labels)]
     major = max(range(len(counts)), key=counts.__getitem__)
-    from .train.metrics import f1_score
+    from .evaluation import f1_score
 
     ref["majority"] = {"label": (raw.label_names or [str(major)])[major], "val_accuracy": counts[major] / len(labels),
                        "val_f1": f1_score([major] * len(labels), labels, raw.num_labels)}

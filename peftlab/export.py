@@ -17,53 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import PeftlabError
-
-
-def set_label_names(model, label_names) -> None:
-    """Give a classification model the dataset's class names (``id2label``/``label2id``), so a
-    saved or merged model says ``negative``/``positive`` instead of ``LABEL_0``/``LABEL_1``."""
-    config = getattr(model, "config", None)
-    if not label_names or config is None or not hasattr(config, "id2label"):
-        return
-    if len(label_names) != getattr(config, "num_labels", len(label_names)):
-        return  # a head wider than the dataset's classes (model.num_labels): keep the generic names
-    config.id2label = {i: str(n) for i, n in enumerate(label_names)}
-    config.label2id = {str(n): i for i, n in enumerate(label_names)}
-
-
-def portable_base_name(cfg, run_dir: Path, saved_base: Path | None = None) -> str:
-    """What an exported adapter records as ``base_model_name_or_path``: the hub name for hub
-    models, a path relative to the run directory for local folders and for the base saved
-    inside the run (built-in tiny models), peftlab's name for offline packaged models (rebuilt
-    by :func:`load_base`). Never an absolute path into this machine's environment."""
-    import os
-
-    from .models import OFFLINE_MODELS
-
-    name = cfg.model.name
-    if saved_base is not None:
-        return os.path.relpath(saved_base, run_dir)
-    if name in OFFLINE_MODELS:
-        return name
-    if os.path.isdir(os.path.expanduser(name)):
-        return os.path.relpath(os.path.abspath(os.path.expanduser(name)), os.path.abspath(run_dir))
-    return name
-
-
-def make_adapter_portable(adapter_dir: Path, cfg, run_dir: Path, saved_base: Path | None = None) -> None:
-    """Rewrite ``adapter_config.json``'s ``base_model_name_or_path`` with :func:`portable_base_name`."""
-    import json
-
-    from .io import atomic_write_text
-
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        return
-    data = json.loads(path.read_text())
-    data["base_model_name_or_path"] = portable_base_name(cfg, Path(run_dir), saved_base)
-    if cfg.model.revision:
-        data["revision"] = cfg.model.revision
-    atomic_write_text(path, json.dumps(data, indent=2))
+from .models.hf import make_adapter_portable, set_label_names
 
 
 def load_base(run_dir, device: str = "cpu"):
@@ -71,7 +25,7 @@ def load_base(run_dir, device: str = "cpu"):
     adapter), in eval mode; ``peft.PeftModel.from_pretrained(model, RUN/adapter)`` reloads the
     exported adapter onto it."""
     from .build import build_base
-    from .runs import RunDir
+    from .rundir import RunDir
 
     run = RunDir(run_dir).require()
     cfg, meta = run.config(), run.meta() or {}
@@ -84,7 +38,7 @@ def load_base(run_dir, device: str = "cpu"):
 
 def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = False, which: str = "final") -> Path:
     """Write the adapter (or full model) of ``which``, or with ``merge`` the merged model; return the folder."""
-    from .runs import RunDir
+    from .rundir import RunDir
 
     run = RunDir(run_dir).require()
     if not run.is_finished():
@@ -138,16 +92,3 @@ def _export_into(run, out: Path, merge: bool, which: str) -> None:
         loaded.tokenizer.save_pretrained(out)
 
 
-def cmd_export(args, extra) -> int:
-    out = export_run(Path(args.run_dir), Path(args.output_dir) if args.output_dir else None, args.merge, args.which)
-    print(f"exported to {out}")
-    return 0
-
-
-def add_command(sub) -> None:
-    p = sub.add_parser("export", help="write a run's adapter (HF PEFT format) or a merged model")
-    p.add_argument("run_dir")
-    p.add_argument("--output-dir", default=None, help="where to write (default RUN_DIR/export or RUN_DIR/merged)")
-    p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights (plain transformers model)")
-    p.add_argument("--which", default="final", help="checkpoint to export: final (default), best, latest, step-N or epoch-N")
-    p.set_defaults(func=cmd_export, accepts_overrides=False)

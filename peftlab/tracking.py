@@ -123,3 +123,19 @@ def gpu_memory_mb() -> float:
     import torch
 
     return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a peftlab user (progress bars of file
+    writes, deprecation notes about transformers internals)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass

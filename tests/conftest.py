@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import peftlab.methods  # noqa: F401  (registers the methods that configs are validated against)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/quickstart/cls_lora.yaml"}
@@ -20,7 +21,7 @@ def make_cfg(tmp_path: Path, kind: str = "lm", **overrides):
 
     ``overrides`` use dotted keys with ``__`` for the dot: ``lora__r=4``.
     """
-    from peftlab.cli import quiet_libraries
+    from peftlab.tracking import quiet_libraries
     from peftlab.config import load_config
 
     quiet_libraries()

@@ -13,14 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import make_cfg
 from peftlab.errors import ConfigError, PeftlabError
-from peftlab.methods.ba_lora_alloc import (
-    allocate_ranks,
-    feasible_budget_range,
-    importance_score,
-    proportional_targets,
-    uniform_rank,
-    warm_start_factors,
-)
+from peftlab.methods.ba_lora.alloc import allocate_ranks, feasible_budget_range, importance_score, proportional_targets, uniform_rank, warm_start_factors
 
 # tiny-bert adapts query and value of 2 layers: 4 modules of 64 x 64, d_in + d_out = 128 each.
 BERT_COSTS = 4 * 128

@@ -91,7 +91,7 @@ def test_every_method_has_a_case():
 
 
 def test_run_directory_records_structure(trained):
-    from peftlab.runs import RunDir
+    from peftlab.rundir import RunDir
 
     case, cfg, run_dir, results = trained
     run = RunDir(run_dir)
@@ -144,7 +144,8 @@ def test_load_run_reproduces_final_val_loss_exactly(trained):
 
 def test_structure_round_trips_without_data(trained, monkeypatch):
     import peftlab.data as data
-    from peftlab.runs import RunDir, load_run
+    from peftlab.rundir import RunDir
+    from peftlab.runs import load_run
 
     case, cfg, run_dir, results = trained
 

@@ -16,8 +16,9 @@ import torch
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.dora_norm import FactoredDoraLayer, install_factored_dora, use_factored
-from peftlab.methods.sora_layers import dora_row_norm, w0_row_sq_norm
-from peftlab.train.fast import DeviceLosses, adamw_options, device_batches, fused_lm_loss, prefetch_enabled
+from peftlab.methods.sora.layers import dora_row_norm, w0_row_sq_norm
+from peftlab.train.fast import DeviceLosses, device_batches, fused_lm_loss, prefetch_enabled
+from peftlab.optim.adamw import adamw_options
 
 
 def _dense_norm(W, A, B, s, fan_in_fan_out):

@@ -621,13 +621,14 @@ def test_resume_without_config_json_still_checks_the_checkpoint(saved_run, tmp_p
 
 def test_checkpoint_without_any_config_record_is_refused(saved_run, tmp_path):
     from peftlab import checkpoints as ckpt
+    from peftlab.runs.identity import check_identity
 
     run = _copy(saved_run, tmp_path)
     ck = run / "checkpoints" / "step-8"
     (ck / "config.json").unlink()
     ckpt.write_manifest(ck)
     with pytest.raises(ckpt.CheckpointError, match=r"Cannot resume from .*step-8: neither the checkpoint nor .* records the configuration"):
-        ckpt.check_identity(ck, tmp_path / "elsewhere", make_cfg(tmp_path))
+        check_identity(ck, tmp_path / "elsewhere", make_cfg(tmp_path))
 
 
 # ------------------------------------------------------ points 4, 5: export of a copied run

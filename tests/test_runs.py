@@ -158,7 +158,7 @@ def test_count_optimizer_steps_matches_training(lora_run, tmp_path):
 
 
 def test_run_dir_readers(lora_run):
-    from peftlab.runs import RunDir
+    from peftlab.rundir import RunDir
 
     cfg, run_dir, res = lora_run
     run = RunDir(run_dir)
@@ -182,7 +182,7 @@ def test_run_dir_readers(lora_run):
 
 
 def test_sora_writes_long_format_module_log_and_seed_wide_log(tmp_path):
-    from peftlab.runs import RunDir
+    from peftlab.rundir import RunDir
     from peftlab.train import train
 
     cfg = make_cfg(tmp_path, "lm", method="sora", sora__lambda=1.0, training__max_steps=4, training__log_steps=2,

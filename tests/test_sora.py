@@ -61,7 +61,7 @@ def _csv(path):
 
 
 def test_soft_threshold_and_reference_thresholding_by_hand():
-    from peftlab.methods.sora_layers import reference_threshold_, soft_threshold_
+    from peftlab.methods.sora.layers import reference_threshold_, soft_threshold_
 
     x = torch.tensor([-3.0, -1.5, -0.5, 0.0, 0.25, 1.0, 1.25, 2.0, 2.5])
     # sign(x) * max(|x| - 1, 0), worked by hand
@@ -107,7 +107,7 @@ def test_proximal_gate_step_equals_hand_computed_adam_then_threshold(tmp_path, r
 
 def test_lambda_schedule_and_validation(tmp_path):
     from peftlab.errors import ConfigError
-    from peftlab.methods.sora import SoraSection, lambda_values
+    from peftlab.methods.sora.method import SoraSection, lambda_values
 
     lin = lambda_values(SoraSection(lambda_=0.1, lambda_schedule="linear", max_lambda=0.5, lambda_num=5, lambda_interval=2))
     assert lin == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
@@ -168,7 +168,7 @@ def test_lambda_zero_sora_run_equals_lora_run(tmp_path, run_train):
 
 
 def test_sdora_norm_matches_dense_float64():
-    from peftlab.methods.sora_layers import dora_row_norm
+    from peftlab.methods.sora.layers import dora_row_norm
 
     g = torch.Generator().manual_seed(3)
     W, A, B = torch.randn(40, 24, generator=g), torch.randn(6, 24, generator=g), torch.randn(40, 6, generator=g)

@@ -216,7 +216,7 @@ def test_fast_path_checkpoint_roundtrip_continues_identically(tmp_path):
 
 
 def test_auto_is_the_per_gate_path_on_cpu(tmp_path):
-    from peftlab.methods.sora_fast import use_fast_path
+    from peftlab.methods.sora.fast import use_fast_path
 
     assert use_fast_path("auto", "cuda") and use_fast_path("auto", torch.device("cuda", 0))
     assert not use_fast_path("auto", "cpu") and use_fast_path("on", "cpu") and not use_fast_path("off", "cuda")

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_cfg
 from peftlab.errors import ConfigError, PeftlabError
-from peftlab.methods.projectors import DENSE_MAX_ENTRIES, PROJECTORS, make_projector
+from peftlab.methods.sublora.projectors import DENSE_MAX_ENTRIES, PROJECTORS, make_projector
 
 
 def _build(tmp_path, structure=None, **over):
@@ -120,7 +120,7 @@ def test_fixed_mode_touches_A_only_through_PA_and_B_through_PB(tmp_path):
 
 
 def test_fixed_ratio_rounding_matches_seed_table():
-    from peftlab.methods.sublora import split_dims
+    from peftlab.methods.sublora.method import split_dims
 
     assert split_dims(1000, 0.8) == (200, 800)
     assert split_dims(2000, 0.2) == (1600, 400)

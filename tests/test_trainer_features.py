@@ -96,8 +96,8 @@ def test_test_split_is_evaluated_once_with_the_best_checkpoint(tmp_path):
 
     from peftlab.data import load_raw
     from peftlab.runs import load_run
-    from peftlab.train.evaluation import make_test_dataset
-    from peftlab.train.loop import evaluate
+    from peftlab.evaluation import make_test_dataset
+    from peftlab.evaluation import evaluate
 
     run = tmp_path / "run"
     assert main(["train", CLS, "--data.dataset=imdb-sample", f"--output.dir={run}", "--training.epochs=2",
@@ -126,7 +126,7 @@ def test_lm_val_loss_is_token_weighted_over_supervised_tokens(tmp_path):
 
     from peftlab.build import build
     from peftlab.config import load_config
-    from peftlab.train.loop import evaluate
+    from peftlab.evaluation import evaluate
 
     cfg = load_config(LM, {"data.dataset": "instruct-sample", "data.max_length": 512, "data.max_val_examples": 10, "data.max_train_examples": 16,
                            "output.dir": str(tmp_path / "r"), "training.eval_batch_size": 4})

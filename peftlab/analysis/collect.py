@@ -22,12 +22,10 @@ import pandas as pd
 
 from ..errors import PeftlabError
 from .reader import open_run
+from ..runs.identity import is_volatile
 
 # Sections every run reads; method sections are relevant only to their own methods.
 CORE_SECTIONS = ("method", "model", "data", "training", "system")
-# Keys that never make two runs different experiments.
-IGNORED_PREFIXES = ("output.", "logging.", "training.resume_from", "training.save_steps", "training.save_total_limit",
-                    "training.log_steps", "system.num_threads")
 # Method-specific keys that name a variant of the method (an "arm", one colour in every
 # plot) rather than a size along a budget axis; used only when they vary in the study.
 VARIANT_KEYS = {
@@ -198,7 +196,7 @@ def _varying(runs: list[Run]) -> list[str]:
                 keys.append(k)
     out = []
     for k in keys:
-        if k.startswith(IGNORED_PREFIXES):
+        if is_volatile(k):
             continue
         # compared only among the runs whose method reads the key (a LoRA run has no rsvd.rank)
         values = {json.dumps(r.config[k], sort_keys=True, default=str) for r in runs if k in r.config}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runs import RunDir
+from ..rundir import RunDir
 
 
 def open_run(path) -> RunDir:

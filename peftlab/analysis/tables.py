@@ -159,7 +159,7 @@ def majority_baselines(study: Study) -> list[dict[str, Any]]:
         try:
             from ..config import config_from_dict
             from ..data import load_raw
-            from ..train.metrics import f1_score
+            from ..evaluation import f1_score
 
             raw_cfg: dict[str, Any] = {"method": "lora", "data": {k.split(".", 1)[1]: v for k, v in data.items()}}
             if r.config.get("model.num_labels") is not None:

@@ -405,7 +405,8 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.json").is_file():
         raise PeftlabError(f"{run_dir} is not a peftlab run directory (no config.json); give the output.dir of a finished `peftlab train`.")
-    from ..runs import RunDir, load_run
+    from ..rundir import RunDir
+    from ..runs import load_run
 
     rd = RunDir(run_dir)
     run_cfg = rd.config()

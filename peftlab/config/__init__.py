@@ -29,31 +29,54 @@ CORE_SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "system": SystemConfig,
 }
-# Sections registered outside a method (older API; methods declare theirs in ``config_sections``).
-METHOD_SECTIONS: dict[str, type] = {}
+# The method registry. Each method registers itself here (``peftlab/methods/__init__.py`` calls
+# :func:`register_method` for the built-in ones), declaring its own config sections, so this
+# floor never imports the methods: a config is validated against whatever is registered.
+METHODS: dict[str, type] = {}
 
 
-def register_section(name: str, cls: type) -> None:
-    if name in CORE_SECTIONS or (name in METHOD_SECTIONS and METHOD_SECTIONS[name] is not cls):
-        raise ValueError(f"config section {name!r} is already registered")
-    METHOD_SECTIONS[name] = cls
+def register_method(cls: type) -> None:
+    """Add a method class (``name``, ``config_sections``, ``validate_config``) to :data:`METHODS`.
+
+    Its sections must not shadow a core section nor another method's section of the same name
+    declared with a different class."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    for name, sec in cls.config_sections.items():
+        if name in CORE_SECTIONS:
+            raise ValueError(f"method {cls.name!r} declares config section {name!r}, which is a core section")
+        for other in METHODS.values():
+            if other.config_sections.get(name, sec) is not sec:
+                raise ValueError(f"config section {name!r} of method {cls.name!r} is already declared with another "
+                                 f"class by {other.name!r}")
+    cls.sections = tuple(cls.config_sections)
+    METHODS[cls.name] = cls
+
+
+def _methods() -> dict[str, type]:
+    if not METHODS:
+        raise RuntimeError("no method is registered: import peftlab.methods (which registers the built-in methods) "
+                           "before reading a configuration")
+    return METHODS
 
 
 def method_sections() -> dict[str, type]:
     """Every section declared by a registered method (``Method.config_sections``)."""
-    from ..methods import METHODS
-
     out: dict[str, type] = {}
-    for m in METHODS.values():
+    for m in _methods().values():
         for name, cls in m.config_sections.items():
-            if name in CORE_SECTIONS:
-                raise ValueError(f"method {m.name!r} declares config section {name!r}, which is a core section")
             out.setdefault(name, cls)
     return out
 
 
+def identity_sections(method: str) -> list[str]:
+    """The sections that decide the numbers of a run of ``method`` (core first, then its own)."""
+    own = list(METHODS[method].config_sections) if method in METHODS else []
+    return list(CORE_SECTIONS) + [s for s in own if s not in CORE_SECTIONS]
+
+
 def all_sections() -> dict[str, type]:
-    return {**CORE_SECTIONS, **method_sections(), **METHOD_SECTIONS}
+    return {**CORE_SECTIONS, **method_sections()}
 
 
 class RunConfig:
@@ -196,8 +219,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Validate a nested mapping into a :class:`RunConfig`, reporting all problems at once."""
-    from ..methods import METHODS  # registry; imported lazily to avoid a cycle
-
+    METHODS = _methods()
     raw = copy.deepcopy(raw)
     raw.pop("_meta", None)  # a run's config.json carries its provenance here; it is not configuration
     sections = all_sections()
@@ -246,4 +268,4 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict[
     return config_from_dict(raw)
 
 
-__all__ = ["ConfigWarning", "RunConfig", "load_config", "config_from_dict", "parse_overrides", "register_section", "all_sections", "section_help"]
+__all__ = ["ConfigWarning", "RunConfig", "load_config", "config_from_dict", "parse_overrides", "register_method", "METHODS", "identity_sections", "all_sections", "section_help"]

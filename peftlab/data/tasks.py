@@ -173,9 +173,25 @@ def _needs_prepare(name: str):
     return load
 
 
-def _register_corpora() -> None:
-    from .prepare import HUB_CORPORA
 
+
+@dataclass(frozen=True)
+class HubCorpus:
+    path: str
+    config: Optional[str]
+    text_column: str
+    documents: Optional[int]  # for the progress bar
+    val_fraction: float
+
+
+# Language-modelling corpora on the hub, streamed (never downloaded whole into memory).
+HUB_CORPORA = {
+    # nanoGPT's data/openwebtext/prepare.py holds out 0.05% of the documents for validation.
+    "openwebtext": HubCorpus("Skylion007/openwebtext", None, "text", 8_013_769, 0.0005),
+}
+
+
+def _register_corpora() -> None:
     for corpus in HUB_CORPORA:
         register_dataset(corpus)(_needs_prepare(corpus))
 

@@ -144,7 +144,7 @@ class Method:
         return [g for g in groups if g["params"]]
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        from ..train.fast import adamw_options
+        from ..optim.adamw import adamw_options
 
         t = self.cfg.training
         groups = self.param_groups(model)

@@ -8,7 +8,7 @@ two ``d_out x d_in`` temporaries and a ``d_in x d_in x r`` product per layer and
     ||W0_i + s (B A)_i||^2 = ||W0_i||^2 + 2 s B_i . (W0 A^T)_i + s^2 B_i (A A^T) B_i^T
 
 needs only ``W0 A^T`` (``d_out x r``) and the Gram matrix ``A A^T`` (``r x r``); see
-:func:`peftlab.methods.sora_layers.dora_row_norm`. The norm stays detached from the graph
+:func:`peftlab.methods.sora.layers.dora_row_norm`. The norm stays detached from the graph
 (DoRA section 4.3), exactly as in peft, and the layer's output formula is peft's.
 
 ``lora.dora_norm`` chooses: ``peft`` keeps peft's layer, ``factored`` swaps in
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .sora_layers import DoraLinearLayer, dora_output, dora_row_norm, w0_row_sq_norm
+from .sora.layers import DoraLinearLayer, dora_output, dora_row_norm, w0_row_sq_norm
 
 
 class FactoredDoraLayer(DoraLinearLayer):

@@ -14,31 +14,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Mapping
 
-# Dotted keys (or section prefixes ending in '.') that may differ between a run and its resumption.
+from ..checkpoints import CONFIG_FILE, CheckpointError
+from ..config import _set_dotted, all_sections, config_from_dict, identity_sections, parse_overrides
+from ..errors import PeftlabError
+from ..options import build_section
+
+# The one list of settings that do not define a run: dotted keys, or section prefixes ending in
+# '.'. They may change when a run is resumed (``peftlab train --resume RUN --KEY=...``), two runs
+# that differ only in them are the same run to the study runner, and analysis never treats
+# them as a study's varying settings. docs/training.md lists them.
 VOLATILE = ("training.resume_from", "output.", "logging.", "training.save_steps", "training.save_total_limit",
-            "training.log_steps", "model.gradient_checkpointing")
+            "training.log_steps", "model.gradient_checkpointing", "system.num_threads")
 
 
-def identity_sections(method: str) -> list[str]:
-    """The sections that decide the numbers of a run of ``method`` (core first)."""
-    from ..config import CORE_SECTIONS
-    from ..methods import METHODS
-
-    own = list(METHODS[method].config_sections) if method in METHODS else []
-    return list(CORE_SECTIONS) + [s for s in own if s not in CORE_SECTIONS]
-
-
-def _volatile(key: str) -> bool:
+def is_volatile(key: str) -> bool:
+    """Whether ``key`` (``section.key``) is one of :data:`VOLATILE`."""
     return any(key == v or (v.endswith(".") and key.startswith(v)) for v in VOLATILE)
 
 
 def _from_dict(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(identity, problems) of a stored config mapping: own sections only, defaults filled in."""
-    from ..config import all_sections
-    from ..options import build_section
-
     raw = {k: v for k, v in raw.items() if k != "_meta"}
     method = raw.get("method", "lora")
     sections = all_sections()
@@ -47,7 +45,7 @@ def _from_dict(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for name in identity_sections(method) if isinstance(method, str) else []:
         value = raw.get(name)
         sec = build_section(sections[name], name, dict(value) if isinstance(value, dict) else {}, problems)
-        out[name] = {k: v for k, v in dataclasses.asdict(sec).items() if not _volatile(f"{name}.{k}")}
+        out[name] = {k: v for k, v in dataclasses.asdict(sec).items() if not is_volatile(f"{name}.{k}")}
     return out, problems
 
 
@@ -60,7 +58,7 @@ def run_identity(cfg) -> dict[str, Any]:
     out: dict[str, Any] = {"method": cfg.method}
     for name in identity_sections(cfg.method):
         sec = getattr(cfg, name)
-        out[name] = {k: v for k, v in dataclasses.asdict(sec).items() if not _volatile(f"{name}.{k}")}
+        out[name] = {k: v for k, v in dataclasses.asdict(sec).items() if not is_volatile(f"{name}.{k}")}
     return out
 
 
@@ -95,4 +93,64 @@ def identity_diff(old_cfg_dict: Mapping[str, Any], new_cfg) -> list[str]:
     return diff
 
 
-__all__ = ["VOLATILE", "identity_sections", "run_identity", "identity_diff", "fingerprint"]
+__all__ = ["VOLATILE", "is_volatile", "check_identity", "resume_config", "identity_sections", "run_identity", "identity_diff", "fingerprint"]
+
+
+def check_identity(path: Path, run_dir: Path, cfg) -> None:
+    """Refuse to resume from ``path`` unless the run that wrote it is the run ``cfg`` describes.
+
+    Both records are checked when present: the configuration saved inside the checkpoint (which
+    travels with it, so a checkpoint of another run or a run directory without config.json is
+    still checked) and the run directory's config.json. A checkpoint with neither cannot be
+    verified and is refused. What may differ is :data:`peftlab.runs.identity.VOLATILE`."""
+    path, run_dir = Path(path), Path(run_dir)
+    records = []
+    if (path / CONFIG_FILE).is_file():
+        records.append((f"checkpoint {path}", path / CONFIG_FILE))
+    if (run_dir / "config.json").is_file():
+        records.append((f"run {run_dir}", run_dir / "config.json"))
+    if not records:
+        raise CheckpointError(
+            f"Cannot resume from {path}: neither the checkpoint nor {run_dir} records the configuration it was trained with, "
+            "so nothing shows that it belongs to this run (a different seed, model or rank would be rebuilt under it silently). "
+            "Resume a checkpoint written by this peftlab version, or start a new run."
+        )
+    may_change = ", ".join(v.rstrip(".") + (".*" if v.endswith(".") else "") for v in VOLATILE)
+    for who, f in records:
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"Cannot resume from {path}: {f} is unreadable ({e}).") from None
+        diff = identity_diff(old, cfg)
+        if diff:
+            raise PeftlabError(
+                f"Cannot resume from {path}: this configuration differs from the one the {who} was trained with "
+                f"({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}). Resume changes only {may_change}; "
+                "resume with the original settings, or start a new run directory for the new ones."
+            )
+
+
+def resume_config(run_dir: str, extra: list[str]):
+    """The configuration that continues ``run_dir``: its own config.json, resumed from its newest
+    checkpoint, with only the keys of :data:`VOLATILE` open to overrides (``extra``: the command
+    line's ``--section.key=value`` words)."""
+    path = Path(run_dir).expanduser()
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise PeftlabError(f"--resume {run_dir}: no config.json there, so it is not a run directory. Give the directory that "
+                           "`peftlab train` wrote (the one holding config.json and checkpoints/).")
+    overrides = parse_overrides(extra)
+    refused = sorted(k for k in overrides if not is_volatile(k))
+    if refused:
+        raise PeftlabError(
+            f"--resume {run_dir} continues the run with its own configuration; it does not take "
+            f"{', '.join('--' + k for k in refused)}. Only these may change on resume: "
+            f"{', '.join(k + ('*' if k.endswith('.') else '') for k in VOLATILE)}. To train a different setting, start a new "
+            f"run from its config: peftlab train {cfg_path} --output.dir=NEW_DIR {' '.join('--' + k + '=...' for k in refused if not k.startswith('output.'))[:200]}".rstrip())
+    raw = json.loads(cfg_path.read_text())
+    raw.setdefault("training", {})["resume_from"] = "latest"
+    raw.setdefault("output", {})["dir"] = str(path)
+    raw["output"]["overwrite"] = False
+    for k, v in overrides.items():
+        _set_dotted(raw, k, v)
+    return config_from_dict(raw)

@@ -63,7 +63,7 @@ def process_start_s() -> float:
 
 def probe(cfg, steps: int = 4) -> Probe:
     """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps."""
-    from ..cli import quiet_libraries
+    from ..tracking import quiet_libraries
     from ..tracking import close_logger
     from ..train import lock as run_lock
     from ..train.loop import Trainer

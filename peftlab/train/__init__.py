@@ -1,5 +1,6 @@
 """The training loop (``Trainer``) and its pieces: batching, schedules, metrics."""
 
-from .loop import EpochBatches, Trainer, train
+from ..data.batches import EpochBatches
+from .loop import Trainer, train
 
 __all__ = ["Trainer", "train", "EpochBatches"]

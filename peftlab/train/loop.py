@@ -28,40 +28,14 @@ from . import lock as run_lock
 from ..errors import PeftlabError
 from ..tracking import LOSS_COLUMNS, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger
 from ..io import CsvLog, write_json
-from .metrics import accuracy, f1_score, perplexity
 from . import fast
 from ..io import strict_json_dumps
+from ..data.batches import EpochBatches
+from ..evaluation import evaluate
+from ..runs.identity import check_identity
 
 # The long-format per-module log: one row per (step, module, metric); runs with different module sets stack.
 MODULE_LOG_COLUMNS = ["step", "module", "metric", "value"]
-
-
-class EpochBatches:
-    """Deterministic, shardable batching.
-
-    The order of epoch ``e`` is a permutation drawn from a generator seeded with
-    ``(seed, e)``, independent of the number of processes. Micro-batch ``b`` of the
-    epoch is the global chunk ``perm[b*B*W:(b+1)*B*W]`` and process ``r`` takes its
-    ``r``-th slice of ``B``: a run on W processes with batch B sees exactly the global
-    batches of a 1-process run with batch B*W. The last incomplete chunk is dropped.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
-        self.n, self.B, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world, shuffle
-
-    def __len__(self) -> int:
-        return self.n // (self.B * self.world)
-
-    def epoch(self, e: int, start: int = 0):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + e)
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
-        G = self.B * self.world
-        for b in range(start, len(self)):
-            chunk = perm[b * G:(b + 1) * G]
-            yield chunk[self.rank * self.B:(self.rank + 1) * self.B]
 
 
 @dataclass
@@ -130,65 +104,9 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
                 "and overwrite its results. Choose another --output.dir, or pass --output.overwrite=true to delete it."
             )
         if ck is not None:
-            ckpt.check_identity(ck, run_dir, cfg)  # the checkpoint's own config and the run's config.json
+            check_identity(ck, run_dir, cfg)  # the checkpoint's own config and the run's config.json
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, ck
-
-
-@torch.no_grad()
-def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], device, *, autocast=contextlib.nullcontext,
-             rank: int = 0, world: int = 1, reduce=None, prefix: str = "val", cap: bool = True) -> dict[str, float]:
-    """Validation metrics of ``model`` as the loop computes them, in float64: classification
-    ``val_loss`` is the mean over examples, with accuracy and F1; causal LM ``val_loss`` is the
-    mean over supervised tokens (sum of token losses / number of tokens with a label, across all
-    batches), with perplexity = exp(val_loss). ``rank``/``world``/``reduce`` split the work
-    across processes (``reduce`` is ``accelerator.reduce``); alone, leave them. ``prefix`` names
-    the metrics (``test`` for the test split); ``cap=False`` ignores training.eval_max_batches."""
-    t = cfg.training
-    was_training = model.training
-    model.eval()
-    bs = t.eval_batch_size or t.batch_size
-    n = len(val_ds)
-    # the cap is eval_max_batches x eval batch size examples in all, whatever the process count
-    limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches and cap else n
-    idx = list(range(rank, limit, world))
-    batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    count = torch.zeros((), device=device, dtype=torch.float64)
-    preds, labels = [], []
-    for b in batches:
-        batch = {k: v.to(device) for k, v in collate([val_ds[i] for i in b]).items()}
-        with autocast():
-            out = model(**batch)
-        if task == "causal_lm" and "labels" in batch:
-            # token-weighted: every supervised token counts once, whatever its batch (response-only labels vary per batch)
-            shift = batch["labels"][:, 1:]
-            logits = out.logits[:, :-1]
-            loss_sum += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift.reshape(-1),
-                                                          ignore_index=-100, reduction="sum").double()
-            count += (shift != -100).sum()
-        else:
-            k = batch["input_ids"].shape[0]
-            loss_sum += out.loss.double() * k
-            count += k
-        if task == "classification":
-            preds += out.logits.argmax(-1).tolist()
-            labels += batch["labels"].tolist()
-    if reduce is not None:
-        loss_sum, count = reduce(loss_sum, "sum"), reduce(count, "sum")
-    model.train(was_training)
-    val_loss = (loss_sum / count.clamp(min=1)).item()
-    metrics = {f"{prefix}_loss": val_loss}
-    if task == "classification":
-        from accelerate.utils import gather_object
-
-        if world > 1:
-            preds, labels = gather_object(preds), gather_object(labels)
-        metrics[f"{prefix}_accuracy"] = accuracy(preds, labels)
-        metrics[f"{prefix}_f1"] = f1_score(preds, labels, num_labels)
-    else:
-        metrics[f"{prefix}_perplexity"] = perplexity(val_loss)
-    return metrics
 
 
 class Trainer:
@@ -248,7 +166,7 @@ class Trainer:
         self.total_steps, self.num_epochs = b.plan.total_steps, b.plan.num_epochs
         info, model = self.model_info, b.model
         if self.task == "classification":
-            from ..export import set_label_names
+            from ..models.hf import set_label_names
 
             set_label_names(model, self.raw.label_names)  # saved/merged models name their classes
         trainable, effective = self.method.param_counts(model)
@@ -678,7 +596,7 @@ class Trainer:
             write_json(self.run_dir / "method.json", self.method.structure(self.unwrapped()))
             out = self.method.export(self.unwrapped(), self.run_dir, self.tokenizer)
             results["export"] = str(out)
-            from ..export import make_adapter_portable
+            from ..models.hf import make_adapter_portable
 
             if self.model_info.builtin:
                 self._save_base_model(out)
@@ -705,7 +623,7 @@ class Trainer:
         """Once, at the end: the test split (if the task has one) with best/'s weights."""
         from safetensors.torch import load_file
 
-        from .evaluation import best_model_state, make_test_dataset
+        from ..evaluation import best_model_state, make_test_dataset
 
         test_ds = make_test_dataset(self.raw, self.tokenizer, self.cfg, model=self.unwrapped())
         if test_ds is None or len(test_ds) == 0:

@@ -16,8 +16,8 @@ SWEEP_EPILOG = ("Examples:\n"
 
 def _load(args, extra: list[str]):
     from ..config import parse_overrides
-    from .expand import expand
-    from .spec import load_study
+    from ..studies.expand import expand
+    from ..studies.spec import load_study
 
     spec = load_study(getattr(args, "study", None) or args.target, args.preset_scale, follow_ups=not getattr(args, "skip_follow_ups", False))
     slurm = {}
@@ -54,7 +54,7 @@ def _gpus(arg: str | None) -> list[str] | None:
 
 
 def make_executor(args, spec):
-    from .executors import LocalExecutor, SubmititExecutor
+    from ..studies.executors import LocalExecutor, SubmititExecutor
 
     if args.engine == "local":
         return LocalExecutor(_gpus(args.gpus), spec.execution.processes_per_run)
@@ -64,7 +64,7 @@ def make_executor(args, spec):
 
 
 def cmd_sweep(args, extra: list[str]) -> int:
-    from .runner import format_table, plan, sweep
+    from ..studies.runner import format_table, plan, sweep
 
     spec, trials = _load(args, extra)
     if args.dry_run:
@@ -87,8 +87,8 @@ def cmd_sweep(args, extra: list[str]) -> int:
 
 
 def cmd_estimate(args, extra: list[str]) -> int:
-    from .estimate import estimate_config, estimate_study, print_estimate
-    from .spec import is_study_file
+    from ..studies.estimate import estimate_config, estimate_study, print_estimate
+    from ..studies.spec import is_study_file
 
     if is_study_file(args.target):
         spec, trials = _load(args, extra)

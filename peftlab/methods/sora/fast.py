@@ -1,6 +1,6 @@
 """SoRA's gate step for GPUs: every gate in one flat update on the device, no host synchronisation.
 
-The per-gate step of :meth:`peftlab.methods.sora.SoRA.after_optimizer_step` runs about a dozen
+The per-gate step of :meth:`peftlab.methods.sora.method.SoRA.after_optimizer_step` runs about a dozen
 small kernels per adapted module and reads ``isfinite(grad).all()`` back to the host for each
 one: on GPT-2 (12 gates) that is some 150 kernel launches and 12 device synchronisations per
 optimizer step, and each synchronisation drains the GPU queue the loop has built up.

@@ -7,7 +7,7 @@ import sys
 
 
 def cmd_analyze(args, extra: list[str]) -> int:
-    from . import analyze
+    from ..analysis import analyze
 
     res = analyze(args.study_dir, args.output_dir, baseline=not args.no_baseline)
     t = res.study.table

@@ -1,7 +1,7 @@
 """BA-LoRA: budget-aware LoRA ranks from gradient importance, with an optional warm start.
 
 ``apply`` runs four phases before training (seed 002; closest published method: GoRA, He et
-al. 2025, arXiv:2502.12171; math in :mod:`peftlab.methods.ba_lora_alloc`, docs/ba_lora.md):
+al. 2025, arXiv:2502.12171; math in :mod:`peftlab.methods.ba_lora.alloc`, docs/ba_lora.md):
 
 1. importance: average the loss gradient of every target weight over ``gradient_samples``
    training examples (no optimizer step; all-reduced across processes) and score each module;
@@ -26,11 +26,11 @@ from typing import Literal, Optional
 
 import torch
 
-from ..options import opt
-from ..errors import PeftlabError
-from ..models import check_targets
-from .ba_lora_alloc import allocate_ranks, check_budget, feasible_budget_range, importance_score, uniform_rank, warm_start_factors
-from .lora import LoRA, LoraSection, lora_layers
+from ...options import opt
+from ...errors import PeftlabError
+from ...models import check_targets
+from .alloc import allocate_ranks, check_budget, feasible_budget_range, importance_score, uniform_rank, warm_start_factors
+from ..lora import LoRA, LoraSection, lora_layers
 
 
 @dataclass
@@ -237,7 +237,7 @@ class BALoRA(LoRA):
         self.allocation = record
         acc = self.ctx.accelerator
         if self.ctx.run_dir is not None and (acc is None or acc.is_main_process) and resumed is None:
-            from ..io import write_json
+            from ...io import write_json
 
             write_json(self.ctx.run_dir / "allocation.json", record)
 
@@ -393,7 +393,7 @@ class BALoRA(LoRA):
         t = self.cfg.training
         if t.resume_from is None or run_dir is None:
             return None
-        from ..checkpoints import resolve
+        from ...checkpoints import resolve
 
         if resolve(t.resume_from, run_dir) is None:
             return None

@@ -45,7 +45,7 @@ from typing import Literal
 
 import torch
 
-from ..errors import PeftlabError
+from ...errors import PeftlabError
 
 ProjectorKind = Literal["kron", "hashed", "dense"]
 PROJECTORS = ("kron", "hashed", "dense")

@@ -12,7 +12,7 @@ removed, the gate is folded into B (B' = B[:, kept] · diag(g[kept])), and the r
 plain HF PEFT LoRA (or DoRA) adapter with per-module ``rank_pattern`` / ``alpha_pattern``.
 
 SDoRA: the same gate inside DoRA (W' = m ⊙ (W + s B diag(g) A) / ‖W + s B diag(g) A‖_row);
-the row norm is computed from Gram terms (:func:`~peftlab.methods.sora_layers.dora_row_norm`)
+the row norm is computed from Gram terms (:func:`~peftlab.methods.sora.layers.dora_row_norm`)
 instead of the dense d_out × d_in matrix.
 
 Loop hooks (see :mod:`peftlab.methods.base`): gates are excluded from AdamW; their gradient
@@ -21,7 +21,7 @@ the gate Adam + threshold in ``after_optimizer_step``, which also clears the gat
 (the loop's ``zero_grad`` only clears what AdamW holds). The gate optimizer's moments, step
 counts and the λ-schedule position are in :meth:`SoRA.state_dict` (plain tensors and ints).
 With ``sora.fast_path`` (``auto``: on CUDA) the gate step runs as one flat update over all
-gates on the device, without host synchronisation (:mod:`peftlab.methods.sora_fast`).
+gates on the device, without host synchronisation (:mod:`peftlab.methods.sora.fast`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ..options import opt
-from ..errors import PeftlabError
-from .lora import LoRA, LoraSection, lora_layers
-from .sora_fast import FlatGateStep, use_fast_path
-from .sora_layers import GatedDoraLayer, GatedLoraA, reference_threshold_, soft_threshold_
+from ...options import opt
+from ...errors import PeftlabError
+from ..lora import LoRA, LoraSection, lora_layers
+from .fast import FlatGateStep, use_fast_path
+from .layers import GatedDoraLayer, GatedLoraA, reference_threshold_, soft_threshold_
 
 ADAPTER = "default"
 _PEFT_PREFIX = "base_model.model."
@@ -509,7 +509,7 @@ class SoRA(LoRA):
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        from ..io import write_json
+        from ...io import write_json
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import BoundsConfig, bounds_config
+from ..bounds.config import BoundsConfig, bounds_config
 
 EXAMPLE = ("Example: peftlab bounds runs/sublora --bounds.bound_type=document_level --bounds.levels=11 "
            "--bounds.data=data/openwebtext --bounds.use_kmeans")
@@ -24,7 +24,7 @@ def _bare_flags(extra: list[str]) -> list[str]:
 
 
 def cmd_bounds(args, extra: list[str]) -> int:
-    from .evaluate import run_bounds
+    from ..bounds.evaluate import run_bounds
 
     bcfg = bounds_config(_bare_flags(extra))
     m = run_bounds(args.run_dir, bcfg)

@@ -44,10 +44,10 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ..options import opt
-from ..errors import PeftlabError
-from .base import Method
-from .lora import LoraSection
+from ...options import opt
+from ...errors import PeftlabError
+from ..base import Method
+from ..lora import LoraSection
 from .projectors import derive_seed, make_projector
 
 ADAPTER = "default"
@@ -431,8 +431,8 @@ class SubLoRA(Method):
 
         from peft import LoraConfig, get_peft_model
 
-        from ..models import check_targets
-        from .lora import peft_task_type
+        from ...models import check_targets
+        from ..lora import peft_task_type
 
         sc = dict(structure) if structure is not None else self.settings()
         if sc.get("method", self.name) != self.name:
@@ -515,8 +515,8 @@ class SubLoRA(Method):
                                      **{f"gamma_{g}": float(v) for g, v in zip(model.groups, model.gates().tolist())}})
 
     def _trace_log(self):
-        from ..runs import RunDir
-        from ..io import CsvLog
+        from ...rundir import RunDir
+        from ...io import CsvLog
 
         if self._trace is None:
             path = RunDir(self.ctx.run_dir).gating_trace_path
@@ -635,8 +635,8 @@ class SubLoRA(Method):
         """``adapter/``: plain peft LoRA with θ₀ + P·w materialised; ``subspace/``: (w, φ, structure)."""
         from safetensors.torch import save_file
 
-        from ..runs import RunDir
-        from ..io import write_json
+        from ...rundir import RunDir
+        from ...io import write_json
 
         out_dir = Path(out_dir)
         model.materialise()

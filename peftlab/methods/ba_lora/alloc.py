@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import PeftlabError
+from ...errors import PeftlabError
 
 #: Row norm of peft's default LoRA A (Kaiming-uniform with a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in)),
 #: so E||row||^2 = d_in * 1/(3 d_in) = 1/3). The SVD warm start gives A rows of this norm.
