@@ -23,7 +23,13 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from .data import build_datasets, load_raw
+from .data.batches import EpochBatches
 from .errors import PeftlabError
+from .methods import METHODS, MethodContext
+from .models import load_model
+from .models import load_tokenizer as _load
+from .optim.schedule import build_scheduler
 
 
 @dataclass
@@ -106,7 +112,6 @@ def step_plan(n_train: int, cfg, world: int = 1) -> StepPlan:
 
 def load_tokenizer(cfg, task: str):
     """The run's tokenizer without building its model (the same choice ``load_model`` makes)."""
-    from .models import load_tokenizer as _load
 
     return _load(cfg, task)
 
@@ -117,7 +122,6 @@ def count_optimizer_steps(cfg, world_size: int = 1) -> int:
     Reads the dataset and tokenizes it (LM block counts depend on the tokenizer), builds no
     model. Equal to ``results_final.json["global_step"]`` of the finished run.
     """
-    from .data import build_datasets, load_raw
 
     raw = load_raw(cfg)
     task, _ = resolve_task(cfg, raw)
@@ -128,7 +132,6 @@ def count_optimizer_steps(cfg, world_size: int = 1) -> int:
 def build_base(cfg, task: str, num_labels: Optional[int]):
     """``(model, tokenizer, info)``: the base model as every run of ``cfg`` starts from it
     (weights loaded, or random from ``training.seed`` for tiny / ``from_scratch`` models)."""
-    from .models import load_model
 
     return load_model(cfg, task, num_labels)
 
@@ -148,7 +151,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def make_method(cfg, task: str, target_modules: list[str], *, accelerator=None, train_batches=None, compute_loss=None,
                 run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None, model_info=None):
     """An instance of ``cfg.method`` with its context (nothing applied yet)."""
-    from .methods import METHODS, MethodContext
 
     ctx = MethodContext(cfg=cfg, task=task, target_modules=list(target_modules), accelerator=accelerator,
                         train_batches=train_batches, compute_loss=compute_loss, run_dir=run_dir,
@@ -186,7 +188,6 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
         log: logger for progress messages (default ``peftlab``, silent unless configured).
         train_batches: override of the importance-phase batches (default: epoch 0's order).
     """
-    from .data import build_datasets, load_raw
 
     log = log or logging.getLogger("peftlab")
     t = cfg.training
@@ -219,7 +220,6 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
             return mdl(**batch).loss
 
     if train_batches is None and data:
-        from .data.batches import EpochBatches
 
         def train_batches():
             """Training micro-batches in a fixed order (epoch 0's order), for pre-training phases."""
@@ -235,7 +235,6 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
     if optimizer:
         if built.plan is None:
             raise ValueError("build(optimizer=True) needs data=True (the schedule depends on the step count)")
-        from .optim.schedule import build_scheduler
 
         built.optimizer = method.build_optimizer(model)
         built.scheduler = build_scheduler(built.optimizer, built.plan.total_steps, t)

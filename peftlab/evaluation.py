@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
 from .data import ClassificationDataset, LMBlockDataset, build_datasets
 from .data.instruction import is_instruction
 

@@ -16,16 +16,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .build import build_base
 from .errors import PeftlabError
 from .models.hf import make_adapter_portable, set_label_names
+from .rundir import RunDir
+from .runs import load_run
 
 
 def load_base(run_dir, device: str = "cpu"):
     """``(model, tokenizer)``: the base model of a run, built as its training built it (no
     adapter), in eval mode; ``peft.PeftModel.from_pretrained(model, RUN/adapter)`` reloads the
     exported adapter onto it."""
-    from .build import build_base
-    from .rundir import RunDir
 
     run = RunDir(run_dir).require()
     cfg, meta = run.config(), run.meta() or {}
@@ -38,7 +39,6 @@ def load_base(run_dir, device: str = "cpu"):
 
 def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = False, which: str = "final") -> Path:
     """Write the adapter (or full model) of ``which``, or with ``merge`` the merged model; return the folder."""
-    from .rundir import RunDir
 
     run = RunDir(run_dir).require()
     if not run.is_finished():
@@ -68,7 +68,6 @@ def _export_into(run, out: Path, merge: bool, which: str) -> None:
             if written.is_dir():
                 shutil.copytree(written, out)
                 return
-    from .runs import load_run
 
     loaded = load_run(run.path, which=which)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:

@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 from .errors import PeftlabError
 
-
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}  # a full disk or quota
 
 

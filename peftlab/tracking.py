@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-
 LOSS_COLUMNS = ["epoch", "step", "train_loss", "learning_rate", "gpu_memory_mb", "sparsity"]
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Optional
 
-from ..options import build_section, opt, suggest
+from ..config import parse_overrides
 from ..errors import ConfigError
+from ..options import build_section, opt, suggest
 from .formulas import DEFAULT_ALPHAS
 
 
@@ -73,7 +74,6 @@ class BoundsConfig:
 
 def bounds_config(overrides: dict[str, Any] | Iterable[str] = ()) -> BoundsConfig:
     """Build and validate the section from ``{"bounds.levels": 11}`` or ``["--bounds.levels=11"]``."""
-    from ..config import parse_overrides
 
     ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     problems: list[str] = []

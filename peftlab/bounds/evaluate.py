@@ -28,13 +28,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ..data.bins import INCOMPLETE, TokenBin
 from ..errors import PeftlabError
+from ..io import atomic_write_text
+from ..rundir import RunDir
+from ..runs import load_run
 from . import coding
 from . import formulas as F
 from .config import BoundsConfig
 from .quantize import Quantized, flatten_state, quantization_aware_training, quantize, unflatten_state
-from .scoring import (TOPK, Rows, document_rows, document_spans, num_sequences, sample_units, score_rows, sequence_rows,
-                      token_rows)
+from .scoring import TOPK, Rows, document_rows, document_spans, num_sequences, sample_units, score_rows, sequence_rows, token_rows
 
 PREPARE_HINT = "peftlab data prepare DATASET --output-dir DIR --tokenizer TOKENIZER"
 
@@ -62,7 +65,6 @@ STATEMENTS = {
 
 def resolve_data(bcfg: BoundsConfig, run_cfg: Any) -> Path:
     """The token-bin directory of the training data, checked (files, document files)."""
-    from ..data.bins import INCOMPLETE
 
     dataset = getattr(getattr(run_cfg, "data", None), "dataset", None)
     tok = (getattr(run_cfg.data, "tokenizer", None) or getattr(run_cfg.model, "name", "TOKENIZER")) if run_cfg is not None else "TOKENIZER"
@@ -244,7 +246,6 @@ def bound_table(unit_loss: np.ndarray, unit_err: np.ndarray, weights: np.ndarray
 def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: BoundsConfig, data_dir: Path,
                    device: torch.device, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Everything after loading: compress, score, bound. Returns the metrics dictionary."""
-    from ..data.bins import TokenBin
 
     t0 = time.perf_counter()
     tb = TokenBin(data_dir, "train")
@@ -395,8 +396,6 @@ def pick_device(name: str) -> torch.device:
 
 
 def write_metrics(metrics: dict[str, Any], path: Path) -> None:
-    from ..io import atomic_write_text
-
     atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
 
@@ -405,8 +404,6 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.json").is_file():
         raise PeftlabError(f"{run_dir} is not a peftlab run directory (no config.json); give the output.dir of a finished `peftlab train`.")
-    from ..rundir import RunDir
-    from ..runs import load_run
 
     rd = RunDir(run_dir)
     run_cfg = rd.config()
@@ -420,7 +417,6 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     loaded = load_run(run_dir, device=str(device))
     if loaded.task != "causal_lm":
         raise PeftlabError(f"{run_dir} holds a {loaded.task} model; compression bounds need a causal language model.")
-    from ..data.bins import TokenBin
 
     if loaded.tokenizer is not None:
         TokenBin(data_dir, "train").check_tokenizer(loaded.tokenizer)

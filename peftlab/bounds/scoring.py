@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import PeftlabError
-from .formulas import smoothed_nll_bits, topk_correct, LN2
+from .formulas import LN2, smoothed_nll_bits, topk_correct
 
 TOPK = (1, 10, 100)
 

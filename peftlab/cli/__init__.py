@@ -4,8 +4,6 @@ paragraph and exit with status 2."""
 
 from __future__ import annotations
 
-
-
 import argparse
 import importlib
 import os

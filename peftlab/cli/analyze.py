@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..analysis import analyze
+
 
 def cmd_analyze(args, extra: list[str]) -> int:
-    from ..analysis import analyze
-
     res = analyze(args.study_dir, args.output_dir, baseline=not args.no_baseline)
     t = res.study.table
     out = sys.stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..bounds.config import BoundsConfig, bounds_config
+from ..bounds.evaluate import run_bounds
+from ..config import section_help
 
 EXAMPLE = ("Example: peftlab bounds runs/sublora --bounds.bound_type=document_level --bounds.levels=11 "
            "--bounds.data=data/openwebtext --bounds.use_kmeans")
@@ -24,8 +26,6 @@ def _bare_flags(extra: list[str]) -> list[str]:
 
 
 def cmd_bounds(args, extra: list[str]) -> int:
-    from ..bounds.evaluate import run_bounds
-
     bcfg = bounds_config(_bare_flags(extra))
     m = run_bounds(args.run_dir, bcfg)
     verdict = "non-vacuous" if m["non_vacuous"] else "vacuous"
@@ -39,8 +39,6 @@ def cmd_bounds(args, extra: list[str]) -> int:
 
 
 def add_command(subparsers) -> None:
-    from ..config import section_help
-
     keys = "\n".join(f"  --bounds.{k} ({t}, default {d!r}): {h}" for k, t, d, h in section_help(BoundsConfig))
     p = subparsers.add_parser(
         "bounds", help="PAC-Bayes compression bound of a trained run (document-, sequence- or token-level)",

@@ -5,7 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..config import load_config, parse_overrides
 from ..errors import PeftlabError
+from ..studies.estimate import estimate_config, estimate_study, print_estimate
+from ..studies.executors import LocalExecutor, SubmititExecutor
+from ..studies.expand import expand
+from ..studies.runner import format_table, plan, sweep
+from ..studies.spec import is_study_file, load_study
 
 SWEEP_EPILOG = ("Examples:\n"
                 "  peftlab sweep configs/studies/compare.yaml --preset-scale=cpu --dry-run\n"
@@ -15,10 +21,6 @@ SWEEP_EPILOG = ("Examples:\n"
 
 
 def _load(args, extra: list[str]):
-    from ..config import parse_overrides
-    from ..studies.expand import expand
-    from ..studies.spec import load_study
-
     spec = load_study(getattr(args, "study", None) or args.target, args.preset_scale, follow_ups=not getattr(args, "skip_follow_ups", False))
     slurm = {}
     ov = {}
@@ -54,8 +56,6 @@ def _gpus(arg: str | None) -> list[str] | None:
 
 
 def make_executor(args, spec):
-    from ..studies.executors import LocalExecutor, SubmititExecutor
-
     if args.engine == "local":
         return LocalExecutor(_gpus(args.gpus), spec.execution.processes_per_run)
     if args.gpus:
@@ -64,8 +64,6 @@ def make_executor(args, spec):
 
 
 def cmd_sweep(args, extra: list[str]) -> int:
-    from ..studies.runner import format_table, plan, sweep
-
     spec, trials = _load(args, extra)
     if args.dry_run:
         rows = plan(spec, trials, args.retry_failed)
@@ -87,16 +85,12 @@ def cmd_sweep(args, extra: list[str]) -> int:
 
 
 def cmd_estimate(args, extra: list[str]) -> int:
-    from ..studies.estimate import estimate_config, estimate_study, print_estimate
-    from ..studies.spec import is_study_file
-
     if is_study_file(args.target):
         spec, trials = _load(args, extra)
         rows = estimate_study(spec, trials, steps=args.steps, slots=max(len(_gpus(args.gpus) or [None]) // spec.execution.processes_per_run, 1))
     else:
         if args.preset_scale:
             raise PeftlabError("--preset-scale applies to study files; this is a run config.")
-        from ..config import load_config
 
         cfg = load_config(args.target, extra)
         rows = estimate_config(cfg, steps=args.steps)

@@ -3,8 +3,6 @@ resolved configuration or every key."""
 
 from __future__ import annotations
 
-
-
 import argparse
 from pathlib import Path
 

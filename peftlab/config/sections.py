@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..options import opt
 from ..io import output_path_problem
+from ..options import opt
 
 
 @dataclass

@@ -15,47 +15,18 @@ dataset on the Hugging Face hub (``name`` or ``name:config``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
 
+from .. import hub
 from ..errors import PeftlabError
+from ..options import suggest
+from . import instruction, offline, tasks  # noqa: F401  (each registers its datasets in DATASETS)
+from .bins import is_bin_dir, load_token_bins
 from .classification import ClassificationDataset, classification_collate, load_table, raw_classification_from_frames
 from .lm import LMBlockDataset, lm_collate, read_documents
-from .. import hub
-
-SAMPLES_DIR = Path(__file__).parent / "samples"
-
-
-@dataclass
-class RawTask:
-    """Untokenized splits of one task.
-
-    For ``causal_lm``: ``train``/``val`` are lists of documents (str), or, for token bins,
-    a :class:`peftlab.data.bins.TokenBin`. For ``classification``: ``train``/``val`` are
-    dicts with ``text`` (list[str]), optional ``text_pair`` and ``label`` (list[int]).
-    """
-
-    task: str
-    name: str
-    train: Any
-    val: Any
-    num_labels: Optional[int] = None
-    label_names: Optional[list[str]] = None
-    test: Any = None
-    info: dict = field(default_factory=dict)
-
-
-# name -> loader(cfg) -> RawTask. Named tasks, samples and offline datasets register here.
-DATASETS: dict[str, Callable[[Any], RawTask]] = {}
-
-
-def register_dataset(name: str):
-    def deco(fn):
-        DATASETS[name] = fn
-        return fn
-
-    return deco
+from .raw import DATASETS, SAMPLES_DIR, RawTask, _split_files, register_dataset
+from .splits import finalize_splits
+from .tasks import load_hub_classification
 
 
 @register_dataset("lm-sample")
@@ -67,9 +38,6 @@ def _lm_sample(cfg) -> RawTask:
 
 def load_raw(cfg) -> RawTask:
     """Resolve ``cfg.data.dataset`` into a :class:`RawTask` (cheap; no tokenization)."""
-    from . import tasks  # noqa: F401  (registers named tasks and their samples)
-    from . import offline  # noqa: F401  (registers food-reviews and python-docs)
-    from . import instruction  # registers instruct-sample and chat-sample; instruction/chat records
 
     name = cfg.data.dataset
     if name in DATASETS:
@@ -85,12 +53,10 @@ def load_raw(cfg) -> RawTask:
             # A near-miss of a known name is a typo, not a hub dataset: say so at once.
             if not difflib.get_close_matches(name, list(DATASETS), n=1, cutoff=0.8):
                 if hub.reachable():
-                    from .tasks import load_hub_classification
 
                     return postprocess(load_hub_classification(name, cfg), cfg)
                 hub_note = " The Hugging Face hub cannot be reached, so it was not looked up there."
         if not path.exists():
-            from ..options import suggest
 
             raise PeftlabError(
                 f"data.dataset={name!r} is neither a known dataset nor an existing path.{suggest(name, DATASETS)}{hub_note} "
@@ -101,22 +67,8 @@ def load_raw(cfg) -> RawTask:
     return postprocess(raw, cfg)
 
 
-def _split_files(path: Path) -> dict[str, Path]:
-    """Find train/validation/test files in a folder by name."""
-    found: dict[str, Path] = {}
-    for f in sorted(path.iterdir()):
-        if not f.is_file() or f.suffix.lower() not in (".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv"):
-            continue
-        stem = f.stem.lower()
-        for split, keys in (("train", ("train",)), ("validation", ("validation", "valid", "val", "dev")), ("test", ("test",))):
-            if any(stem == k or stem.endswith("_" + k) or stem.endswith("-" + k) for k in keys):
-                found.setdefault(split, f)
-    return found
-
-
 def load_local(path: Path, cfg) -> RawTask:
     """Load a local file or folder, deciding LM vs classification by its contents."""
-    from .bins import is_bin_dir, load_token_bins
 
     if is_bin_dir(path):
         return load_token_bins(path, cfg)
@@ -157,8 +109,6 @@ def _is_document_jsonl(path: Path, cfg) -> bool:
 
 def postprocess(raw: RawTask, cfg) -> RawTask:
     """Carve a validation split if missing, subsample, k-shot (shared by every source)."""
-    from . import instruction
-    from .splits import finalize_splits
 
     if instruction.is_instruction(raw):
         return instruction.finalize(raw, cfg)
@@ -169,7 +119,6 @@ def postprocess(raw: RawTask, cfg) -> RawTask:
 def build_datasets(raw: RawTask, tokenizer, cfg, model=None):
     """Tokenize ``raw`` into ``(train_dataset, val_dataset, collate_fn)``; ``model`` (optional)
     lets instruction packing check that the model keeps packed examples apart."""
-    from . import instruction
 
     if instruction.is_instruction(raw):
         return instruction.build(raw, tokenizer, cfg, model=model)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import PeftlabError
+from .raw import RawTask
 
 FORMAT = "peftlab-token-bins"
 FORMAT_VERSION = 1
@@ -388,7 +389,6 @@ class BinBlockDataset(torch.utils.data.Dataset):
 
 def load_token_bins(path: Path, cfg):
     """A :class:`~peftlab.data.RawTask` for a prepared directory (train.bin + meta.json)."""
-    from . import RawTask
 
     train, val = TokenBin(path, "train"), TokenBin(path, "val")
     info = {"source": f"token bins {path}", "train_tokens": train.describe(), "val_tokens": f"{val.n_tokens:,}"}

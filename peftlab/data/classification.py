@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import PeftlabError
+from .raw import RawTask
 
 DEFAULT_TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet")
 _INT_RE = re.compile(r"[+-]?\d+(\.0*)?")
@@ -101,7 +102,6 @@ def _pick_text_column(df, wanted: Optional[str], where: str) -> str:
 def raw_classification_from_frames(name: str, train_df, val_df, cfg, source: str = "", num_labels: Optional[int] = None,
                                    label_names: Optional[list[str]] = None, test_df=None):
     """Build a classification RawTask from pandas frames, validating columns and labels."""
-    from . import RawTask
 
     d = cfg.data
     label_col = d.label_column or "label"

@@ -32,9 +32,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import PeftlabError
-from . import SAMPLES_DIR, RawTask, register_dataset
 from .. import hub
+from ..errors import PeftlabError
+from .packing import accepts_position_ids, pack_examples, padding_per_epoch, prepare_model_for_packing
+from .raw import SAMPLES_DIR, RawTask, _split_files, register_dataset
+from .splits import _subsample, stratified_split
 
 FORMATS = ("instruction", "chat")
 ROLES = ("system", "user", "assistant")
@@ -132,7 +134,6 @@ def read_records(path: Path) -> list:
 def sniff_format(path: Path, cfg) -> Optional[str]:
     """``chat`` / ``instruction`` when the first record of a local file has the configured
     messages / instruction+output fields, else None (the file is something else)."""
-    from . import _split_files
 
     path = Path(path)
     if path.is_dir():
@@ -257,8 +258,6 @@ def _raw(name: str, fmt: str, train_rows: list, val_rows: Optional[list], cfg, s
 
 
 def load_local(path: Path, fmt: str, cfg) -> RawTask:
-    from . import _split_files
-
     if path.is_dir():
         files = _split_files(path)
         if "train" not in files:
@@ -326,7 +325,6 @@ def is_instruction(raw: RawTask) -> bool:
 
 def finalize(raw: RawTask, cfg) -> RawTask:
     """Validation carving and subsampling (seeded by ``data.split_seed``) for instruction data."""
-    from .splits import _subsample, stratified_split
 
     d = cfg.data
     fmt = raw.info["format"]
@@ -487,7 +485,6 @@ def encode_split(records: list[dict], tokenizer, cfg, split: str, train_on_promp
 
 def build(raw: RawTask, tokenizer, cfg, model: Optional[torch.nn.Module] = None):
     """``(train_dataset, val_dataset, collate)`` for instruction/chat data (see module doc)."""
-    from .packing import pack_examples, padding_per_epoch, prepare_model_for_packing
 
     d, t = cfg.data, cfg.training
     if tokenizer.pad_token_id is None:
@@ -530,8 +527,6 @@ def build(raw: RawTask, tokenizer, cfg, model: Optional[torch.nn.Module] = None)
 
 
 def _accepts_pos(model) -> bool:
-    from .packing import accepts_position_ids
-
     return accepts_position_ids(model)
 
 

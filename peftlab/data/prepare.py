@@ -20,10 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..errors import PeftlabError
-from .lm import iter_jsonl_documents
 from .. import hub
-from .tasks import HUB_CORPORA, HubCorpus
+from ..errors import PeftlabError
+from ..io import output_path_problem
+from ..models import _load_tokenizer
+from ..options import suggest
+from . import DATASETS, _is_document_jsonl, _split_files, load_local
+from .bins import is_bin_dir, prepare_token_bins
+from .lm import iter_jsonl_documents
+from .tasks import HUB_CORPORA, TASKS, HubCorpus, load_hub_classification
 
 DEFAULT_TOKENIZER = "gpt2"
 DEFAULT_VAL_FRACTION = 0.1
@@ -47,15 +52,11 @@ class _Corpus:
 def prepare(cfg, out_dir: Path, tokenizer: str = DEFAULT_TOKENIZER, val_fraction: Optional[float] = None, chunk_docs: int = 1024,
             overwrite: bool = False, progress: bool = True) -> str:
     """Write token bins or CSV splits for ``cfg.data.dataset`` into ``out_dir``; returns a summary."""
-    from . import DATASETS, _split_files
-    from . import tasks  # noqa: F401  (registers named tasks and samples)
-    from . import offline  # noqa: F401  (registers food-reviews, python-docs)
 
     if val_fraction is not None and not 0.0 < val_fraction < 1.0:
         raise PeftlabError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}.")
     name = cfg.data.dataset
     out_dir = Path(out_dir).expanduser()
-    from ..io import output_path_problem
 
     problem = output_path_problem(str(out_dir))
     if problem:  # before any tokenizing
@@ -72,20 +73,17 @@ def prepare(cfg, out_dir: Path, tokenizer: str = DEFAULT_TOKENIZER, val_fraction
         return _write_bins(corpus, cfg, out_dir, tokenizer, val_fraction, chunk_docs, overwrite, progress)
     path = Path(name).expanduser()
     if path.exists():
-        from .bins import is_bin_dir
 
         if is_bin_dir(path):
             raise PeftlabError(f"{path} already holds token bins (train.bin); train on it with --data.dataset={path}.")
         corpus = _local_corpus(path, cfg, _split_files)
         if corpus is not None:
             return _write_bins(corpus, cfg, out_dir, tokenizer, val_fraction, chunk_docs, overwrite, progress)
-        from . import load_local
 
         return _write_csvs(load_local(path, cfg), path.stem, out_dir, overwrite)
 
     if hub.looks_like_name(name) and hub.reachable():
         return _prepare_from_hub(name, cfg, out_dir, tokenizer, val_fraction, chunk_docs, overwrite, progress)
-    from ..options import suggest
 
     raise PeftlabError(
         f"Cannot prepare {name!r}: it is neither a registered dataset, nor an existing path, nor a reachable hub dataset."
@@ -102,7 +100,6 @@ def _iter_file(path: Path) -> Iterator[str]:
 
 def _local_corpus(path: Path, cfg, split_files) -> Optional[_Corpus]:
     """A streaming corpus for a local LM source, or None when it is a classification table."""
-    from . import _is_document_jsonl
 
     def is_docs(f: Path) -> bool:
         return f.suffix.lower() == ".txt" or (f.suffix.lower() == ".jsonl" and _is_document_jsonl(f, cfg))
@@ -153,7 +150,6 @@ def _prepare_from_hub(name, cfg, out_dir, tokenizer, val_fraction, chunk_docs, o
         raise PeftlabError(f"Hub dataset {name!r} has an empty train split.")
     label = cfg.data.label_column or "label"
     if label in first:
-        from .tasks import load_hub_classification
 
         return _write_csvs(load_hub_classification(name, cfg), path.split("/")[-1], out_dir, overwrite)
     text = cfg.data.text_column or "text"
@@ -167,13 +163,6 @@ def _prepare_from_hub(name, cfg, out_dir, tokenizer, val_fraction, chunk_docs, o
 
 
 def _write_bins(corpus: _Corpus, cfg, out_dir: Path, tokenizer_name: str, val_fraction, chunk_docs, overwrite, progress) -> str:
-    from ..models import _load_tokenizer
-    from .bins import prepare_token_bins
-
-    try:
-        from ..models import offline  # noqa: F401  (registers offline tokenizers such as gpt2)
-    except ImportError:
-        pass
     if any((out_dir / f).exists() for f in ("meta.json", "train.bin", "val.bin")) and not overwrite:
         raise PeftlabError(f"{out_dir} already holds prepared token bins; pass --overwrite to replace them or choose another --output-dir.")
     tok = _load_tokenizer(tokenizer_name, cfg.model, False)
@@ -193,7 +182,6 @@ def _write_csvs(raw, name: str, out_dir: Path, overwrite: bool) -> str:
     """``out_dir/<task>_dataset/<task>_{train,validation,test}.csv`` with the task's own columns."""
     import pandas as pd
 
-    from .tasks import TASKS
 
     task = name[: -len("-sample")] if name.endswith("-sample") and name[: -len("-sample")] in TASKS else name
     spec = TASKS.get(task)

@@ -6,6 +6,7 @@ import random
 from collections import defaultdict
 
 from ..errors import PeftlabError
+from .clean import clean_texts
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -66,7 +67,6 @@ def _subsample(n: int, m: int, seed: int) -> list[int]:
 
 def apply_cleaning(raw) -> None:
     """TweetEval-style cleaning (:mod:`peftlab.data.clean`) of every text field, in place."""
-    from .clean import clean_texts
 
     if raw.task == "classification":
         for split in (raw.train, raw.val, raw.test):

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import PeftlabError
-from . import SAMPLES_DIR, RawTask, _split_files, register_dataset
-from .classification import load_table, raw_classification_from_frames
 from .. import hub
+from ..errors import PeftlabError
+from .classification import load_table, raw_classification_from_frames
+from .raw import SAMPLES_DIR, RawTask, _split_files, register_dataset
 
 
 @dataclass(frozen=True)

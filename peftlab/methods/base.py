@@ -23,6 +23,9 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 
+from ..errors import PeftlabError
+from ..optim.adamw import adamw_options
+
 
 @dataclass
 class MethodContext:
@@ -124,7 +127,6 @@ class Method:
     def check_structure(self, structure: Optional[dict]) -> None:
         """Reject a structure recorded by another method."""
         if structure is not None and structure.get("method", self.name) != self.name:
-            from ..errors import PeftlabError
 
             raise PeftlabError(f"method.json was written by method {structure.get('method')!r}, but this run's method is "
                                f"{self.name!r}; the run directory's config.json and checkpoint do not belong together.")
@@ -144,8 +146,6 @@ class Method:
         return [g for g in groups if g["params"]]
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        from ..optim.adamw import adamw_options
-
         t = self.cfg.training
         groups = self.param_groups(model)
         return torch.optim.AdamW(

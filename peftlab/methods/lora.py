@@ -14,10 +14,11 @@ from typing import Literal, Optional
 
 import torch
 
-from ..options import opt
 from ..errors import PeftlabError
 from ..models import check_targets
+from ..options import opt
 from .base import Method
+from .dora_norm import install_factored_dora, use_factored
 
 
 @dataclass
@@ -168,8 +169,6 @@ class DoRA(LoRA):
     use_dora = True
 
     def apply(self, model, *args, **kwargs):
-        from .dora_norm import install_factored_dora, use_factored
-
         model = super().apply(model, *args, **kwargs)
         acc = self.ctx.accelerator
         if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu"):

@@ -22,10 +22,10 @@ from typing import Literal, Optional
 
 import torch
 
-from ..io import strict_json_dumps
-from ..options import opt
 from ..errors import PeftlabError
+from ..io import CsvLog, strict_json_dumps
 from ..optim.projected_adam import ProjectedAdamW, top_svd
+from ..options import opt
 from .base import Method
 
 DEFAULT_EXCLUDE = ["*classifier*", "*pooler*", "*lm_head*", "*score*"]
@@ -322,8 +322,6 @@ class RSVD(Method):
 
     # --- loop hooks ----------------------------------------------------------------
     def _rank_log(self):
-        from ..io import CsvLog
-
         if self.rank_log is None and self.ctx.run_dir is not None:
             cols = ["step", "mean_rank", "state_mb", *self.projected_names.values()]
             path = Path(self.ctx.run_dir) / "svt_ranks.csv"

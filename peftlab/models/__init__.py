@@ -11,12 +11,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..errors import PeftlabError
 from .. import hub
+from ..errors import PeftlabError
+from ..options import suggest
+from . import offline  # noqa: F401  (registers the offline models and tokenizers)
+from .registry import OFFLINE_MODELS, OFFLINE_TOKENIZERS
+from .tokenizers import byte_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -44,10 +48,6 @@ DEFAULT_TARGETS = {
     "opt": ["q_proj", "v_proj"],
 }
 
-# Real models available offline through the package registries: name -> resolver
-# returning a local directory (filled in by peftlab.models.offline).
-OFFLINE_MODELS: dict[str, Callable[[], Path]] = {}
-
 
 @dataclass
 class ModelInfo:
@@ -73,7 +73,6 @@ def _auto_cls(task: str):
 
 def known_names() -> list[str]:
     """Every model name peftlab resolves without the hub (built-ins, offline assets, shipped configs)."""
-    from . import offline  # noqa: F401  (registers offline models/tokenizers)
 
     return sorted({*TINY_MODELS, *OFFLINE_MODELS, *shipped_configs()})
 
@@ -86,7 +85,6 @@ def check_name(name: str, what: str, key: str, extra: tuple[str, ...] = ()) -> N
     """Fail in seconds on a name that cannot load: a missing local path says so; a near-miss of a
     known name is a typo (did-you-mean), and an unknown name fails at once when the hub cannot be
     reached and it is not in the local Hugging Face cache (instead of a minute of retries)."""
-    from ..options import suggest
 
     known = sorted({*known_names(), *extra})
     if name in known or os.path.exists(os.path.expanduser(name)):
@@ -116,7 +114,6 @@ def _load_tokenizer(name: str, cfg_model, for_classification: bool):
     """Resolve ``data.tokenizer`` / the model's tokenizer, offline first."""
     from transformers import AutoTokenizer
 
-    from .tokenizers import byte_tokenizer
 
     if name in ("byte", *TINY_MODELS):
         return byte_tokenizer(for_classification)
@@ -134,10 +131,6 @@ def _load_tokenizer(name: str, cfg_model, for_classification: bool):
         ) from None
 
 
-# Tokenizers available offline by name (filled in by peftlab.models.offline).
-OFFLINE_TOKENIZERS: dict[str, Callable] = {}
-
-
 def load_model(cfg, task: str, num_labels: Optional[int] = None):
     """Build or load the model named by ``cfg.model`` for ``task``.
 
@@ -151,7 +144,6 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
     """
     from transformers import AutoConfig
 
-    from . import offline  # noqa: F401  (registers offline models/tokenizers)
 
     m = cfg.model
     name = m.name
@@ -275,7 +267,6 @@ def check_targets(model, targets: list[str]) -> list[str]:
 
 def load_tokenizer(cfg, task: str):
     """The tokenizer :func:`load_model` gives ``cfg`` for ``task``, without building the model."""
-    from . import offline  # noqa: F401  (registers offline models/tokenizers)
 
     name = cfg.data.tokenizer or ("byte" if cfg.model.name in TINY_MODELS else cfg.model.name)
     tokenizer = _load_tokenizer(name, cfg.model, task == "classification")

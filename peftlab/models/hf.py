@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..io import atomic_write_text
-from . import OFFLINE_MODELS
+from .registry import OFFLINE_MODELS
 
 
 def set_label_names(model, label_names) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import PeftlabError
-from . import OFFLINE_MODELS, OFFLINE_TOKENIZERS
+from .registry import OFFLINE_MODELS, OFFLINE_TOKENIZERS
 
 INSTALL_HINT = "bash scripts/install_assets.sh"
 log = logging.getLogger("peftlab")

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..build import build
+from ..data import build_datasets, load_raw
 from ..errors import PeftlabError
+from ..evaluation import evaluate
+from ..methods import METHODS
 from ..rundir import RunDir
 
 
@@ -29,8 +33,6 @@ class LoadedRun:
         """Validation metrics exactly as training computed them (reads the validation data)."""
         import torch
 
-        from ..data import build_datasets, load_raw
-        from ..evaluation import evaluate
 
         torch.manual_seed(self.config.training.seed)
         raw = load_raw(self.config)
@@ -51,7 +53,6 @@ def load_run(path, which: str = "final", device: str = "cpu") -> LoadedRun:
     """
     import torch
 
-    from ..build import build
 
     run = RunDir(path).require()
     cfg = run.config()
@@ -64,7 +65,6 @@ def load_run(path, which: str = "final", device: str = "cpu") -> LoadedRun:
     num_labels = meta.get("num_labels") or cfg.model.num_labels
     structure = run.structure(checkpoint)
     if structure is None:  # a run written before method.json existed
-        from ..methods import METHODS
 
         structure = METHODS[cfg.method].legacy_structure(run.path)
     built = build(cfg, task=task, num_labels=num_labels, data=False, structure=structure, optimizer=False,

@@ -17,7 +17,9 @@ from typing import Optional
 
 import torch
 
+from .. import checkpoints as ckpt
 from ..errors import PeftlabError
+from ..io import write_json
 
 
 class Diverged(PeftlabError):
@@ -71,8 +73,6 @@ def check_losses(trainer, losses: list[float]) -> None:
 
 def diverge(trainer, what: str, step: Optional[int] = None) -> None:
     """Record the divergence in results_final.json and raise :class:`Diverged`."""
-    from .. import checkpoints as ckpt
-    from ..io import write_json
 
     st, cfg = trainer.state, trainer.cfg
     step = st.global_step if step is None else step

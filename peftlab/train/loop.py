@@ -22,17 +22,20 @@ from typing import Any, Optional
 import torch
 
 from .. import checkpoints as ckpt
-from ..data.instruction import write_generations
-from . import guards
-from . import lock as run_lock
-from ..errors import PeftlabError
-from ..tracking import LOSS_COLUMNS, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger
-from ..io import CsvLog, write_json
-from . import fast
-from ..io import strict_json_dumps
+from ..build import best_metric, build, build_base
 from ..data.batches import EpochBatches
-from ..evaluation import evaluate
+from ..data.instruction import write_generations
+from ..errors import PeftlabError
+from ..evaluation import best_model_state, evaluate, make_test_dataset
+from ..io import CsvLog, strict_json_dumps, write_json
+from ..models.hf import make_adapter_portable, set_label_names
 from ..runs.identity import check_identity
+from ..tracking import LOSS_COLUMNS, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger
+from . import fast, guards
+from . import lock as run_lock
+from .early_stop import judge
+from .early_stop import summary as early_summary
+from .retention import BEST_FILES, finish, prune
 
 # The long-format per-module log: one row per (step, module, metric); runs with different module sets stack.
 MODULE_LOG_COLUMNS = ["step", "module", "metric", "value"]
@@ -151,8 +154,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
-        from ..build import build
-
         cfg, acc, log = self.cfg, self.accelerator, self.log
         t = cfg.training
         log.info(f"peftlab run {self.run_dir} | method={cfg.method} model={cfg.model.name} data={cfg.data.dataset} "
@@ -166,7 +167,6 @@ class Trainer:
         self.total_steps, self.num_epochs = b.plan.total_steps, b.plan.num_epochs
         info, model = self.model_info, b.model
         if self.task == "classification":
-            from ..models.hf import set_label_names
 
             set_label_names(model, self.raw.label_names)  # saved/merged models name their classes
         trainable, effective = self.method.param_counts(model)
@@ -321,7 +321,6 @@ class Trainer:
         tmp = self.run_dir / ".tmp-best"
         if tmp.exists():
             shutil.rmtree(tmp)
-        from .retention import BEST_FILES
 
         tmp.mkdir()
         for f in BEST_FILES:  # the weights and method state, not the optimizer: best/ is for loading, not resuming
@@ -348,7 +347,6 @@ class Trainer:
             write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
             write_json(tmp / ckpt.CONFIG_FILE, self.cfg.to_dict())  # the identity travels with the checkpoint
             ckpt.commit(tmp, final)
-            from .retention import prune
 
             prune(root, self.cfg.training.save_total_limit, self.cfg.output.keep_checkpoints)
         acc.wait_for_everyone()
@@ -361,8 +359,6 @@ class Trainer:
                         autocast=acc.autocast, rank=self.rank, world=self.world, reduce=acc.reduce)
 
     def best_metric(self) -> tuple[str, bool]:
-        from ..build import best_metric
-
         return best_metric(self.cfg, self.task)
 
     # ------------------------------------------------------------------- loop
@@ -531,7 +527,6 @@ class Trainer:
 
     def _judge(self, e: int, metrics: dict, best_name: str, higher: bool, kind: str) -> bool:
         """Record one evaluation (best/, early stopping, eval_log.csv); return whether it is a new best."""
-        from .early_stop import judge
 
         st = self.state
         improved = judge(st, metrics[best_name], higher, self.cfg.training)
@@ -564,7 +559,6 @@ class Trainer:
         acc, st = self.accelerator, self.state
         peak, kind = peak_memory_mb(acc.device.type)
         peak = max(peak, st.peak_memory_mb)
-        from .early_stop import summary as early_summary
 
         last = {k: v[-1] for k, v in st.history.items()} if st.history else {}
         if st.last_eval and st.last_eval.get("step", -1) > last.get("step", -1):  # stopped early inside an epoch
@@ -596,7 +590,6 @@ class Trainer:
             write_json(self.run_dir / "method.json", self.method.structure(self.unwrapped()))
             out = self.method.export(self.unwrapped(), self.run_dir, self.tokenizer)
             results["export"] = str(out)
-            from ..models.hf import make_adapter_portable
 
             if self.model_info.builtin:
                 self._save_base_model(out)
@@ -607,7 +600,6 @@ class Trainer:
         if test:
             results["test"] = test
         if acc.is_main_process and self.cfg.output.keep_checkpoints == "final_only":
-            from .retention import finish
 
             removed = finish(self.run_dir, "final_only", st.global_step)
             self.log.info(f"output.keep_checkpoints=final_only: removed {len(removed)} checkpoint(s)/best files; kept the final checkpoint and adapter")
@@ -623,7 +615,6 @@ class Trainer:
         """Once, at the end: the test split (if the task has one) with best/'s weights."""
         from safetensors.torch import load_file
 
-        from ..evaluation import best_model_state, make_test_dataset
 
         test_ds = make_test_dataset(self.raw, self.tokenizer, self.cfg, model=self.unwrapped())
         if test_ds is None or len(test_ds) == 0:
@@ -650,7 +641,6 @@ class Trainer:
         if not hasattr(self.unwrapped(), "get_base_model"):  # only adapters point at a base model
             return
         # Save the original (unadapted) weights of the base architecture.
-        from ..build import build_base
 
         fresh, _, _ = build_base(self.cfg, self.task, self.num_labels)
         fresh.save_pretrained(base, safe_serialization=True)

@@ -26,11 +26,13 @@ from typing import Literal, Optional
 
 import torch
 
-from ...options import opt
+from ...checkpoints import resolve
 from ...errors import PeftlabError
+from ...io import write_json
 from ...models import check_targets
-from .alloc import allocate_ranks, check_budget, feasible_budget_range, importance_score, uniform_rank, warm_start_factors
+from ...options import opt
 from ..lora import LoRA, LoraSection, lora_layers
+from .alloc import allocate_ranks, check_budget, feasible_budget_range, importance_score, uniform_rank, warm_start_factors
 
 
 @dataclass
@@ -237,7 +239,6 @@ class BALoRA(LoRA):
         self.allocation = record
         acc = self.ctx.accelerator
         if self.ctx.run_dir is not None and (acc is None or acc.is_main_process) and resumed is None:
-            from ...io import write_json
 
             write_json(self.ctx.run_dir / "allocation.json", record)
 
@@ -393,7 +394,6 @@ class BALoRA(LoRA):
         t = self.cfg.training
         if t.resume_from is None or run_dir is None:
             return None
-        from ...checkpoints import resolve
 
         if resolve(t.resume_from, run_dir) is None:
             return None

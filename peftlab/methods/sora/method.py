@@ -34,8 +34,9 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ...options import opt
 from ...errors import PeftlabError
+from ...io import write_json
+from ...options import opt
 from ..lora import LoRA, LoraSection, lora_layers
 from .fast import FlatGateStep, use_fast_path
 from .layers import GatedDoraLayer, GatedLoraA, reference_threshold_, soft_threshold_
@@ -509,7 +510,6 @@ class SoRA(LoRA):
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        from ...io import write_json
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

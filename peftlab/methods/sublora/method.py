@@ -44,10 +44,13 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ...options import opt
 from ...errors import PeftlabError
+from ...io import CsvLog, write_json
+from ...models import check_targets
+from ...options import opt
+from ...rundir import RunDir
 from ..base import Method
-from ..lora import LoraSection
+from ..lora import LoraSection, peft_task_type
 from .projectors import derive_seed, make_projector
 
 ADAPTER = "default"
@@ -431,8 +434,6 @@ class SubLoRA(Method):
 
         from peft import LoraConfig, get_peft_model
 
-        from ...models import check_targets
-        from ..lora import peft_task_type
 
         sc = dict(structure) if structure is not None else self.settings()
         if sc.get("method", self.name) != self.name:
@@ -515,9 +516,6 @@ class SubLoRA(Method):
                                      **{f"gamma_{g}": float(v) for g, v in zip(model.groups, model.gates().tolist())}})
 
     def _trace_log(self):
-        from ...rundir import RunDir
-        from ...io import CsvLog
-
         if self._trace is None:
             path = RunDir(self.ctx.run_dir).gating_trace_path
             self._trace = CsvLog(path)
@@ -635,8 +633,6 @@ class SubLoRA(Method):
         """``adapter/``: plain peft LoRA with θ₀ + P·w materialised; ``subspace/``: (w, φ, structure)."""
         from safetensors.torch import save_file
 
-        from ...rundir import RunDir
-        from ...io import write_json
 
         out_dir = Path(out_dir)
         model.materialise()
