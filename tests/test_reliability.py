@@ -310,8 +310,8 @@ def test_truncated_local_weights_are_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------ point 10: SoRA / SDoRA
 def test_fp16_skipped_step_leaves_no_gate_gradient_behind(tmp_path):
-    """The loop calls no method hook on a step the grad scaler skips, only zero_grad; an inf gate
-    gradient left from it must not reach the next gate step's Adam moments."""
+    """On a step the grad scaler skips the loop calls only zero_grad and ``after_zero_grad`` (no
+    other hook); an inf gate gradient left from it must not reach the next gate step's Adam moments."""
     from test_sora import _build, _inputs
 
     cfg, m, model = _build(tmp_path, "lm")
@@ -320,6 +320,7 @@ def test_fp16_skipped_step_leaves_no_gate_gradient_behind(tmp_path):
     for g in m.gated:  # the overflowed step: every gradient inf, scaler skips, loop only zero_grads
         g.gate.grad = torch.full_like(g.gate, float("inf"))
     opt.zero_grad(set_to_none=True)
+    m.after_zero_grad(model)
     assert all(g.gate.grad is None for g in m.gated)
     model(**x, labels=x["input_ids"]).loss.backward()  # the next, healthy step
     opt.step()
@@ -529,12 +530,13 @@ def test_resume_from_non_finite_weights_is_refused(saved_run, tmp_path):
 
 
 def test_nan_evaluation_is_never_best():
-    from peftlab.train.guards import improves
+    from peftlab.train.early_stop import beats
 
-    assert not improves(float("nan"), None, higher=False)
-    assert not improves(float("nan"), 1.0, higher=True)
-    assert improves(2.0, float("nan"), higher=False)
-    assert improves(0.5, 1.0, higher=False) and not improves(1.5, 1.0, higher=False)
+    assert not beats(float("nan"), None, higher=False)
+    assert not beats(float("nan"), 1.0, higher=True)
+    assert beats(2.0, float("nan"), higher=False)
+    assert beats(0.5, 1.0, higher=False) and not beats(1.5, 1.0, higher=False)
+    assert not beats(0.95, 1.0, higher=False, min_delta=0.1) and beats(0.85, 1.0, higher=False, min_delta=0.1)
 
 
 # ------------------------------------------------------------------- point 2: one writer

@@ -233,25 +233,45 @@ def test_every_shipped_config_validates(path):
     load_config(path)
 
 
-def test_older_registration_style_still_declares_sections(monkeypatch):
-    """`sections = ("lora", "x")` + `_register(cls, x=Section)` (the API before config_sections) keeps working."""
+def test_register_method_declares_its_sections_and_refuses_clashes(monkeypatch):
+    """A method registers into the config floor's registry with its own sections (sharing
+    another method's section class is fine); a clashing or core section name is refused."""
     from dataclasses import dataclass
 
-    import peftlab.methods as methods
+    import peftlab.config as config
+    from peftlab.config import all_sections, config_from_dict
+    from peftlab.methods import METHODS
     from peftlab.methods.base import Method
 
     @dataclass
     class XSection:
         k: int = 1
 
+    lora_section = METHODS["lora"].config_sections["lora"]
+
     class X(Method):
         name = "x_method"
-        sections = ("lora", "x")
+        config_sections = {"lora": lora_section, "x": XSection}
 
-    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
-    methods._register(X, x=XSection)
-    assert X.config_sections == {"lora": methods.METHODS["lora"].config_sections["lora"], "x": XSection}
-    assert X.sections == ("lora", "x")
+    monkeypatch.setattr(config, "METHODS", dict(config.METHODS))
+    config.register_method(X)
+    assert X.sections == ("lora", "x") and all_sections()["x"] is XSection
+    assert config_from_dict({"method": "x_method", "x": {"k": 3}}).x.k == 3
+
+    class Clash(Method):
+        name = "clash"
+        config_sections = {"x": lora_section}
+
+    class Core(Method):
+        name = "core"
+        config_sections = {"training": XSection}
+
+    with pytest.raises(ValueError, match="already declared"):
+        config.register_method(Clash)
+    with pytest.raises(ValueError, match="core section"):
+        config.register_method(Core)
+    with pytest.raises(ValueError, match="registered twice"):
+        config.register_method(X)
 
 
 def test_method_sections_come_from_the_methods():

@@ -306,3 +306,23 @@ def test_checkpoint_roundtrip_restores_gates_and_gate_optimizer(tmp_path, run_tr
     keep = ("epoch", "step", "train_loss", "learning_rate", "sparsity")  # not gpu_memory_mb: it differs on a GPU
     assert [{k: r[k] for k in keep} for r in _csv(tmp_path / "resumed/loss_log.csv")] == [{k: r[k] for k in keep} for r in loss_before]
     assert (tmp_path / "resumed/sparsity_log.csv").read_text() == sparsity_before
+
+
+def test_loop_calls_after_zero_grad_every_step_and_it_clears_the_gates(tmp_path, run_train, monkeypatch):
+    """The method hook replaces SoRA's former patch of ``optimizer.zero_grad``: the loop calls it
+    once per optimizer step, also where ``after_optimizer_step`` did not run (as on a step the fp16
+    scaler skips, made here by turning that hook off), and it leaves no gate gradient."""
+    from peftlab.methods.sora.method import SoRA
+
+    calls = []
+    inner = SoRA.after_zero_grad
+
+    def counted(self, model):
+        had = sum(g.gate.grad is not None for g in self.gated)
+        inner(self, model)
+        calls.append((had, sum(g.gate.grad is not None for g in self.gated)))
+
+    monkeypatch.setattr(SoRA, "after_zero_grad", counted)
+    monkeypatch.setattr(SoRA, "after_optimizer_step", lambda self, model, lr: None)
+    run_train(make_cfg(tmp_path, method="sora", sora__gate_lr=0.05, training__max_steps=4))
+    assert len(calls) == 4 and all(had > 0 and left == 0 for had, left in calls)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import methods  # noqa: F401  (registers the built-in methods that configs are validated against)
 from ..config import load_config, parse_overrides
 from ..data.prepare import DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, prepare
 from ..data.prepare import __doc__ as PREPARE_DOC

@@ -8,6 +8,7 @@ sees, and may hook into the loop. The loop calls, in order, for every optimizer 
     clip_grad_norm_ -> optimizer.step()
     method.after_optimizer_step(model, lr)             e.g. SoRA's proximal gate step
     scheduler.step(); optimizer.zero_grad()
+    method.after_zero_grad(model)                      e.g. SoRA clears its gate gradients
 
 Adding a method: one module under ``peftlab/methods`` with a subclass of
 :class:`Method` (and its config section dataclass), plus one line in
@@ -163,6 +164,10 @@ class Method:
 
     def after_optimizer_step(self, model: torch.nn.Module, lr: float) -> None:
         """Right after ``optimizer.step()``, before the scheduler moves the learning rate."""
+
+    def after_zero_grad(self, model: torch.nn.Module) -> None:
+        """Right after the loop's ``optimizer.zero_grad()``, on every step, including one the fp16
+        grad scaler skipped (which calls no other hook): clear gradients the optimizer does not hold."""
 
     # --- metrics -------------------------------------------------------------------
     def step_metrics(self, model: torch.nn.Module) -> dict[str, float]:

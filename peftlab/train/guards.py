@@ -6,8 +6,8 @@ writes ``results_final.json`` with ``status: diverged`` (the step, what went non
 likely cause, the last finite checkpoint to resume from) and raises :class:`Diverged`, a
 :class:`~peftlab.errors.PeftlabError`, so ``peftlab train`` exits non-zero with that message.
 Nothing is exported after a divergence, and since losses and weights are checked before
-every save no checkpoint with non-finite weights is ever written; :func:`improves` keeps a NaN
-evaluation from ever becoming ``best``.
+every save no checkpoint with non-finite weights is ever written;
+:func:`peftlab.train.early_stop.beats` keeps a NaN evaluation from ever becoming ``best``.
 """
 
 from __future__ import annotations
@@ -28,15 +28,6 @@ class Diverged(PeftlabError):
     def __init__(self, message: str, *, step: int, what: str, checkpoint: Optional[str]):
         super().__init__(message)
         self.step, self.what, self.checkpoint = step, what, checkpoint
-
-
-def improves(value: Optional[float], best: Optional[float], higher: bool) -> bool:
-    """Whether an evaluation ``value`` beats ``best``; a non-finite value never does."""
-    if value is None or not math.isfinite(float(value)):
-        return False
-    if best is None or not math.isfinite(float(best)):
-        return True
-    return value > best if higher else value < best
 
 
 def _finite_params(params) -> bool:

@@ -3,7 +3,7 @@
 Read top to bottom, a batch goes: sampler -> collate -> device -> forward (autocast)
 -> backward (no gradient sync until the last micro-batch of an accumulation window)
 -> method.before_clip -> clip -> optimizer.step -> method.after_optimizer_step
--> scheduler.step -> zero_grad. Everything that decides the numbers (model init,
+-> scheduler.step -> zero_grad -> method.after_zero_grad. Everything that decides the numbers (model init,
 dropout, data order) is seeded, and every piece of it is checkpointed, so a killed
 run resumed from its last checkpoint ends with the same numbers as one never stopped.
 """
@@ -415,6 +415,7 @@ class Trainer:
                     self.method.after_optimizer_step(self.unwrapped(), lr)
                     self.scheduler.step()
                 opt.zero_grad(set_to_none=True)
+                self.method.after_zero_grad(self.unwrapped())
                 self.losses.append(acc.reduce(step_loss, "mean"))  # stays on the device until read below
                 st.global_step += 1
                 st.step_in_epoch += 1

@@ -17,8 +17,8 @@ instead of the dense d_out × d_in matrix.
 
 Loop hooks (see :mod:`peftlab.methods.base`): gates are excluded from AdamW; their gradient
 (unscaled in ``before_clip`` under fp16, clipped together with all other gradients) drives
-the gate Adam + threshold in ``after_optimizer_step``, which also clears the gate gradients
-(the loop's ``zero_grad`` only clears what AdamW holds). The gate optimizer's moments, step
+the gate Adam + threshold in ``after_optimizer_step``; ``after_zero_grad`` clears the gate gradients
+(the loop's ``zero_grad`` only clears what AdamW holds), skipped fp16 steps included. The gate optimizer's moments, step
 counts and the λ-schedule position are in :meth:`SoRA.state_dict` (plain tensors and ints).
 With ``sora.fast_path`` (``auto``: on CUDA) the gate step runs as one flat update over all
 gates on the device, without host synchronisation (:mod:`peftlab.methods.sora.fast`).
@@ -287,18 +287,13 @@ class SoRA(LoRA):
     def build_optimizer(self, model):
         opt = super().build_optimizer(model)
         self._lr_ref = float(opt.param_groups[0]["lr"])
-        # The gates are not AdamW's parameters, so optimizer.zero_grad() would not clear their
-        # gradients; a step the fp16 grad scaler skips (inf/nan gradients) calls no method hook,
-        # and its inf/nan gate gradients would then reach the next gate step. Clear them with
-        # every zero_grad the loop makes, skipped step or not.
-        inner_zero_grad = opt.zero_grad
-
-        def zero_grad(set_to_none: bool = True) -> None:
-            inner_zero_grad(set_to_none=set_to_none)
-            self.clear_gate_grads()
-
-        opt.zero_grad = zero_grad
         return opt
+
+    def after_zero_grad(self, model) -> None:
+        # The gates are not AdamW's parameters, so optimizer.zero_grad() does not clear their
+        # gradients; a step the fp16 grad scaler skips (inf/nan gradients) calls no other hook, and
+        # its inf/nan gate gradients would then reach the next gate step.
+        self.clear_gate_grads()
 
     def clear_gate_grads(self) -> None:
         for g in self.gated:
