@@ -5,7 +5,7 @@ judged here. ``best/`` follows any strict improvement of ``training.best_metric`
 stopping counts the evaluations in a row whose value did not beat the best one by more
 than ``training.early_stopping_min_delta`` and stops the run when that count reaches
 ``training.early_stopping_patience`` (the rule of HF Trainer's EarlyStoppingCallback). The
-counters live in :class:`~peftlab.train.loop.TrainerState`, so they survive a resume.
+counters live in :class:`~peftlab.train.checkpointing.TrainerState`, so they survive a resume.
 """
 
 from __future__ import annotations

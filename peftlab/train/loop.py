@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,48 +25,17 @@ from ..data.batches import EpochBatches
 from ..data.instruction import write_generations
 from ..errors import PeftlabError
 from ..evaluation import best_model_state, evaluate, make_test_dataset
-from ..io import CsvLog, strict_json_dumps, write_json
+from ..io import CsvLog, write_json
 from ..models.hf import make_adapter_portable, set_label_names
-from ..runs.identity import check_identity
 from ..tracking import LOSS_COLUMNS, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger
 from . import fast, guards
 from . import lock as run_lock
+from .checkpointing import TrainerState, copy_best, finish, prepare_run_dir, prune, repair_best
 from .early_stop import judge
 from .early_stop import summary as early_summary
-from .retention import BEST_FILES, finish, prune
 
 # The long-format per-module log: one row per (step, module, metric); runs with different module sets stack.
 MODULE_LOG_COLUMNS = ["step", "module", "metric", "value"]
-
-
-@dataclass
-class TrainerState:
-    """Everything about progress that a checkpoint must restore (JSON-serialisable)."""
-
-    global_step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_loss_count: int = 0
-    window_loss_sum: float = 0.0
-    window_count: int = 0
-    elapsed: float = 0.0
-    epoch_elapsed: float = 0.0
-    peak_memory_mb: float = 0.0
-    world_size: int = 1
-    best_value: Optional[float] = None
-    best_step: Optional[int] = None
-    history: dict = field(default_factory=dict)
-    epoch_end: bool = False
-    # evaluations (epoch ends and every eval_steps) and early stopping, see early_stop.py
-    evaluations: int = 0
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    stopped_at_step: Optional[int] = None
-    last_eval: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def _device_choice(cfg) -> bool:
@@ -80,36 +47,6 @@ def _device_choice(cfg) -> bool:
     # auto without a GPU is CPU: Accelerator(cpu=True) is what joins a launcher's process group over gloo
     # (with cpu=False and no CUDA, accelerate ignores torchrun's WORLD_SIZE and each process runs alone)
     return cfg.system.device == "cpu" or (cfg.system.device == "auto" and not torch.cuda.is_available())
-
-
-def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
-    """Check the run directory before any expensive work; return (run_dir, checkpoint to resume)."""
-    run_dir = Path(cfg.output.dir).expanduser()
-    resume = cfg.training.resume_from
-    has_run = (run_dir / "config.json").is_file()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PeftlabError(f"output.dir={str(run_dir)!r} exists and is a file; choose a directory path.")
-    run_lock.acquire(run_dir)  # one writer per run directory, held until train() returns; fails at once naming the holder
-    if has_run and resume is None:
-        if cfg.output.overwrite:
-            run_lock.clear_dir(run_dir)
-        else:
-            raise PeftlabError(
-                f"{run_dir} already holds a run. Continue it with --training.resume_from=latest, choose another "
-                "--output.dir, or pass --output.overwrite=true to delete it."
-            )
-    ck = None
-    if resume is not None:
-        ck = ckpt.resolve(resume, run_dir)
-        if ck is None and (run_dir / "results_final.json").is_file() and not cfg.output.overwrite:
-            raise PeftlabError(
-                f"{run_dir} holds a finished run but no checkpoint to resume from; resuming would train again from step 0 "
-                "and overwrite its results. Choose another --output.dir, or pass --output.overwrite=true to delete it."
-            )
-        if ck is not None:
-            check_identity(ck, run_dir, cfg)  # the checkpoint's own config and the run's config.json
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, ck
 
 
 class Trainer:
@@ -285,7 +222,9 @@ class Trainer:
         ckpt.set_torch_rng_state(data["rng"])
         ckpt.set_python_rng_state(rng)
         if self.accelerator.is_main_process:
-            self._repair_best()
+            repaired = repair_best(self.run_dir, self.state, self.best_metric()[0])
+            if repaired is not None:
+                self.log.info(f"restored best/ from {repaired.name} (an earlier run stopped before copying it)")
         if self.accelerator.is_main_process:
             self.loss_log.truncate_after(self.state.global_step)
             self.module_log.truncate_after(self.state.global_step)
@@ -294,40 +233,6 @@ class Trainer:
             self.memory_log.truncate_after(self.state.global_step)
             self.eval_log.truncate_after(self.state.global_step)
         self.log.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} of the epoch)")
-
-    def _repair_best(self) -> None:
-        """A kill between committing epoch-N and copying it to best/ leaves best/ stale: redo the copy."""
-        for leftover in (".tmp-best", ".old-best"):
-            if (self.run_dir / leftover).exists():
-                shutil.rmtree(self.run_dir / leftover, ignore_errors=True)
-        st = self.state
-        if st.best_step is None:
-            return
-        best_metrics = self.run_dir / "best" / "metrics.json"
-        current = json.loads(best_metrics.read_text()).get("step") if best_metrics.is_file() else None
-        if current == st.best_step:
-            return
-        for step, is_epoch, path in ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            if step == st.best_step:
-                hist = st.history
-                i = hist.get("step", []).index(step) if step in hist.get("step", []) else -1
-                row = {k: v[i] for k, v in hist.items()} if i >= 0 else {"step": step}
-                self._copy_best(path, row, self.best_metric()[0])
-                self.log.info(f"restored best/ from {path.name} (an earlier run stopped before copying it)")
-                return
-
-    def _copy_best(self, path: Path, row: dict, best_name: str) -> None:
-        best = self.run_dir / "best"
-        tmp = self.run_dir / ".tmp-best"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-        tmp.mkdir()
-        for f in BEST_FILES:  # the weights and method state, not the optimizer: best/ is for loading, not resuming
-            if (path / f).is_file():
-                shutil.copy2(path / f, tmp / f)
-        (tmp / "metrics.json").write_text(strict_json_dumps({**row, "best_metric": best_name}, indent=2))
-        ckpt.commit(tmp, best)
 
     def save_checkpoint(self, name: str) -> Path:
         acc = self.accelerator
@@ -523,7 +428,7 @@ class Trainer:
         path = self.save_checkpoint(f"epoch-{e + 1}")
         if improved and acc.is_main_process:
             best = self.run_dir / "best"
-            self._copy_best(path, row, best_name)
+            copy_best(self.run_dir, path, row, best_name)
             log.info(f"new best {best_name}={value:.4f} at step {st.global_step} -> {best}")
 
     def _judge(self, e: int, metrics: dict, best_name: str, higher: bool, kind: str) -> bool:
@@ -552,7 +457,7 @@ class Trainer:
         st.epoch_end = False
         path = self.save_checkpoint(f"step-{st.global_step}")
         if acc.is_main_process:
-            self._copy_best(path, {"epoch": e + 1, "step": st.global_step, **metrics}, best_name)
+            copy_best(self.run_dir, path, {"epoch": e + 1, "step": st.global_step, **metrics}, best_name)
             self.log.info(f"new best {best_name}={st.best_value:.4f} at step {st.global_step} -> {self.run_dir / 'best'}")
         return True
 
