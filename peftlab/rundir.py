@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoints import is_complete, list_checkpoints
-from .config import config_from_dict, identity_sections
+from .config import DEFAULT_METHOD, config_from_dict, identity_sections
 from .errors import ConfigError, PeftlabError
 
 
@@ -101,7 +101,7 @@ class RunDir:
         try:
             return config_from_dict(raw)
         except ConfigError:
-            method = raw.get("method", "lora")
+            method = raw.get("method", DEFAULT_METHOD)
             keep = set(identity_sections(method)) if isinstance(method, str) else set()
             return config_from_dict({k: v for k, v in raw.items() if k == "method" or k in keep})
 

@@ -33,6 +33,8 @@ CORE_SECTIONS: dict[str, type] = {
 # :func:`register_method` for the built-in ones), declaring its own config sections, so this
 # floor never imports the methods: a config is validated against whatever is registered.
 METHODS: dict[str, type] = {}
+# The method of a configuration that names none.
+DEFAULT_METHOD = "lora"
 
 
 def register_method(cls: type) -> None:
@@ -224,10 +226,10 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     raw.pop("_meta", None)  # a run's config.json carries its provenance here; it is not configuration
     sections = all_sections()
     problems: list[str] = []
-    method = raw.pop("method", "lora")
+    method = raw.pop("method", DEFAULT_METHOD)
     if not isinstance(method, str) or method not in METHODS:
         problems.append(f"unknown method {method!r}.{suggest(str(method), METHODS)} Available: {', '.join(sorted(METHODS))}.")
-        method = "lora"
+        method = DEFAULT_METHOD
     built: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in sections:
@@ -268,4 +270,4 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict[
     return config_from_dict(raw)
 
 
-__all__ = ["ConfigWarning", "RunConfig", "load_config", "config_from_dict", "parse_overrides", "register_method", "METHODS", "identity_sections", "all_sections", "section_help"]
+__all__ = ["DEFAULT_METHOD", "ConfigWarning", "RunConfig", "load_config", "config_from_dict", "parse_overrides", "register_method", "METHODS", "identity_sections", "all_sections", "section_help"]

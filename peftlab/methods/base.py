@@ -59,6 +59,8 @@ class Method:
     """Base class: full-parameter AdamW behaviour, overridden piece by piece."""
 
     name: ClassVar[str] = ""
+    #: the learning-rate range a divergence message suggests for this method
+    typical_learning_rate: ClassVar[str] = "1e-4 to 1e-3"
     #: the config sections this method reads, name -> section dataclass; declared here, with the
     #: method (a section shared by several methods, e.g. ``lora``, is declared by each of them).
     #: Only these and the core sections are validated for, and decide the identity of, its runs.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..checkpoints import CONFIG_FILE, CheckpointError
-from ..config import _set_dotted, all_sections, config_from_dict, identity_sections, parse_overrides
+from ..config import DEFAULT_METHOD, _set_dotted, all_sections, config_from_dict, identity_sections, parse_overrides
 from ..errors import PeftlabError
 from ..options import build_section
 
@@ -38,7 +38,7 @@ def is_volatile(key: str) -> bool:
 def _from_dict(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(identity, problems) of a stored config mapping: own sections only, defaults filled in."""
     raw = {k: v for k, v in raw.items() if k != "_meta"}
-    method = raw.get("method", "lora")
+    method = raw.get("method", DEFAULT_METHOD)
     sections = all_sections()
     out: dict[str, Any] = {"method": method}
     problems: list[str] = []

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .. import checkpoints as ckpt
+from ..config import METHODS
 from ..errors import PeftlabError
 from ..io import write_json
 
@@ -37,7 +38,7 @@ def _finite_params(params) -> bool:
 
 def likely_cause(cfg) -> str:
     t, s = cfg.training, cfg.system
-    typical = "1e-5 to 1e-4" if cfg.method == "full" else "1e-4 to 1e-3"
+    typical = METHODS[cfg.method].typical_learning_rate
     parts = [f"the learning rate (training.learning_rate={t.learning_rate:g}) is too high for method {cfg.method}: "
              f"lower it (typical: {typical})"]
     if t.max_grad_norm is None:
