@@ -7,6 +7,8 @@ from .base import Method
 
 class Full(Method):
     name = "full"
+    display_name = "full fine-tuning"
+    table_rank = 70
     compare_by_default = False  # the slowest arm (every weight and its AdamW state) doubles the demo's time on a laptop CPU
     #: learning rate `peftlab compare` uses (every weight moves; the adapters' step is far too large)
     compare_learning_rate = 2e-4
