@@ -206,13 +206,13 @@ def test_hypotheses_stated_with_numbers(analysed):
 
 
 def test_ba_lora_paired_with_lora_of_the_same_dataset(tmp_path):
-    from peftlab.analysis.hypotheses import ba_lora_vs_lora
+    from peftlab.analysis.hypotheses import equal_budget
     from peftlab.analysis.plots import PlotContext
 
     F.make_budget_study(tmp_path / "sst2", dataset="sst2-sample")
     F.make_budget_study(tmp_path / "imdb", dataset="imdb-sample", acc_shift=-0.3)  # same gains, other level
     study = collect(tmp_path)
-    found = ba_lora_vs_lora(PlotContext(study, aggregate(study), tmp_path))
+    found = equal_budget(PlotContext(study, aggregate(study), tmp_path))
     assert len(found) == 4  # 2 budgets x 2 datasets, each paired within its dataset
     for f in found:
         assert f.numbers["mean_gain"] == pytest.approx(0.02)  # a cross-dataset pair would be off by 0.3
