@@ -15,8 +15,10 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from ..build import build_base, lora_adapter_params, resolve_task
 from ..config import config_from_dict
 from ..data import load_raw
+from ..errors import PeftlabError
 from ..evaluation import f1_score
 from ..io import atomic_write_text, write_csv
 from ..methods import METHODS, table_order
@@ -153,6 +155,18 @@ def majority_class(raw) -> dict[str, Any]:
     major = max(range(len(counts)), key=counts.__getitem__)
     return {"label": (raw.label_names or [str(major)])[major], "val_accuracy": counts[major] / len(labels),
             "val_f1": f1_score([major] * len(labels), labels, raw.num_labels), "n_val": len(labels)}
+
+
+def compare_reference(cfg) -> dict[str, Any]:
+    """The reference of ``peftlab compare``'s table for its base config: LoRA's rank ``r``, its adapter
+    parameter count on the run's targets, the targets, and the majority-class baseline."""
+    raw = load_raw(cfg)
+    if raw.task != "classification":
+        raise PeftlabError(f"peftlab compare reports accuracy and F1, so it needs a classification dataset; {cfg.data.dataset!r} is {raw.task}.")
+    model, _, info = build_base(cfg, *resolve_task(cfg, raw))
+    r = cfg.lora.r
+    return {"r": r, "lora_params": lora_adapter_params(model, info.target_modules, r), "targets": info.target_modules,
+            "majority": majority_class(raw)}
 
 
 def majority_baselines(study: Study) -> list[dict[str, Any]]:
