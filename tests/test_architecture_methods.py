@@ -24,8 +24,8 @@ GENERIC = ["train", "build.py", "export.py", "bounds", "analysis", "studies", "e
 PENDING = [
     'peftlab/train/guards.py:49: typical = "1e-5 to 1e-4" if cfg.method == "full" else "1e-4 to 1e-3"',
     'peftlab/studies/expand.py:117: if spec.budget.match == "lora":',
-    'peftlab/studies/spec.py:65: match: Literal["none", "lora"] = opt("none", "lora: every run gets the parameter budget of '
-    'LoRA at rank r on the same targets; each method says how it matches (Method.budget_overrides).")',
+    ('peftlab/studies/spec.py:65: match: Literal["none", "lora"] = opt("none", "lora: every run gets the parameter budget of '
+     'LoRA at rank r on the same targets; each method says how it matches (Method.budget_overrides).")'),
     'peftlab/runs/identity.py:41: method = raw.get("method", "lora")',
     'peftlab/profiling.py:285: variants: list[tuple[str, Any]] = [("adamw", cfg.replace({"method": "full"})), ("configured", cfg)]',
     'peftlab/profiling.py:287: v = cfg.replace({"method": "rsvd", "rsvd.rank": r})',
