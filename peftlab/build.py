@@ -27,7 +27,7 @@ from .data import build_datasets, load_raw
 from .data.batches import EpochBatches
 from .errors import PeftlabError
 from .methods import METHODS, MethodContext
-from .models import load_model
+from .models import check_targets, load_model
 from .models import load_tokenizer as _load
 from .optim.schedule import build_scheduler
 
@@ -134,6 +134,17 @@ def build_base(cfg, task: str, num_labels: Optional[int]):
     (weights loaded, or random from ``training.seed`` for tiny / ``from_scratch`` models)."""
 
     return load_model(cfg, task, num_labels)
+
+
+def lora_adapter_params(model: torch.nn.Module, targets: list[str], r: int) -> int:
+    """Parameters of rank-``r`` LoRA on ``targets``: the sum of r * (d_in + d_out) over the adapted
+    layers (the budget ``peftlab compare`` and budget-matched studies match every method to)."""
+    total = 0
+    for name in check_targets(model, targets):
+        w = model.get_submodule(name).weight
+        # nn.Linear stores (d_out, d_in), GPT-2's Conv1D (d_in, d_out); the sum is the same.
+        total += r * (w.shape[0] + w.shape[1])
+    return total
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

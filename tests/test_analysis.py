@@ -206,13 +206,13 @@ def test_hypotheses_stated_with_numbers(analysed):
 
 
 def test_ba_lora_paired_with_lora_of_the_same_dataset(tmp_path):
-    from peftlab.analysis.hypotheses import ba_lora_vs_lora
+    from peftlab.analysis.hypotheses import equal_budget
     from peftlab.analysis.plots import PlotContext
 
     F.make_budget_study(tmp_path / "sst2", dataset="sst2-sample")
     F.make_budget_study(tmp_path / "imdb", dataset="imdb-sample", acc_shift=-0.3)  # same gains, other level
     study = collect(tmp_path)
-    found = ba_lora_vs_lora(PlotContext(study, aggregate(study), tmp_path))
+    found = equal_budget(PlotContext(study, aggregate(study), tmp_path))
     assert len(found) == 4  # 2 budgets x 2 datasets, each paired within its dataset
     for f in found:
         assert f.numbers["mean_gain"] == pytest.approx(0.02)  # a cross-dataset pair would be off by 0.3
@@ -267,3 +267,24 @@ def test_majority_baseline_row_for_classification(analysed):
     base = comp[comp["method"] == "baseline"]
     assert len(base) == 1 and 0.5 <= float(base["val_accuracy_mean"].iloc[0]) < 1
     assert (comp[comp["method"] != "baseline"]["n"] == 3).all()
+
+
+def test_method_knowledge_comes_from_the_method_class(tmp_path, monkeypatch):
+    """Order, short names and H4's pairing are the method classes' attributes, not names in analysis/."""
+    from peftlab.analysis.hypotheses import equal_budget
+    from peftlab.analysis.plots import PlotContext
+    from peftlab.methods import METHODS, table_order
+
+    assert table_order(["sublora", "full", "lora", "zzz_new", "ba_lora"]) == ["lora", "ba_lora", "full", "sublora", "zzz_new"]
+    F.make_budget_study(tmp_path / "b")
+    study = collect(tmp_path / "b")
+    assert study.arms == ["lora", "ba_lora"]
+    monkeypatch.setattr(METHODS["lora"], "short_names", {"lora.r": "rank"})
+    monkeypatch.setattr(METHODS["ba_lora"], "table_rank", 5)  # before LoRA now
+    study = collect(tmp_path / "b")
+    agg = aggregate(study)
+    assert study.arms == ["ba_lora", "lora"]
+    assert "lora rank=4" in set(agg["label"])
+    assert equal_budget(PlotContext(study, agg, tmp_path))
+    monkeypatch.setattr(METHODS["ba_lora"], "equal_budget_rival", None)
+    assert equal_budget(PlotContext(study, agg, tmp_path)) == []

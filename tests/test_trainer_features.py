@@ -238,7 +238,7 @@ def test_exported_classifier_keeps_label_names_and_adapter_is_portable(tmp_path)
 def test_refused_compare_keeps_the_previous_table(tmp_path):
     import io
 
-    from peftlab.compare import compare
+    from peftlab.cli.compare import compare
 
     ov = {"data.max_train_examples": 64, "data.max_val_examples": 32, "training.max_steps": 2, "logging.progress_bar": False}
     out = tmp_path / "cmp"

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..io import strict_json_dumps
 from .collect import Study, aggregate, collect
+from .hypotheses import check_all, finding_dict
+from .plots import PlotContext, make_plots
+from .report import write_report
+from .tables import comparison_frame, majority_baselines, summary_frame, write_tables
 
 
 @dataclass
@@ -31,11 +36,6 @@ class AnalysisResult:
 
 def analyze(study_dir, output_dir=None, baseline: bool = True) -> AnalysisResult:
     """Analyse every run under ``study_dir`` into ``output_dir`` (default ``study_dir/analysis``)."""
-    from .hypotheses import check_all, finding_dict
-    from .plots import PlotContext, make_plots
-    from .report import write_report
-    from .tables import comparison_frame, majority_baselines, summary_frame, write_tables
-
     study = collect(study_dir)
     out = Path(output_dir).expanduser() if output_dir else study.root / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -45,8 +45,6 @@ def analyze(study_dir, output_dir=None, baseline: bool = True) -> AnalysisResult
     ctx = PlotContext(study, agg, out, baseline=baselines[0] if len(baselines) == 1 else None)
     plots, plot_notes = make_plots(ctx)
     findings = check_all(ctx)
-    from ..io import strict_json_dumps
-
     (out / "hypotheses.json").write_text(strict_json_dumps([finding_dict(f) for f in findings], indent=2) + "\n")
     tables["hypotheses.json"] = out / "hypotheses.json"
     notes = list(study.notes) + plot_notes

@@ -5,6 +5,11 @@ as ``lora.r``), the final results, the method summary (``summary.<key>``) and th
 compression bounds (``bounds.<key>``). Runs that differ only in seed keys (any key whose
 last part ends in ``seed``) form a group; :func:`aggregate` gives mean, sample standard
 deviation (ddof = 1) and n per group.
+
+Every read of a run directory goes through the shared reader, :class:`peftlab.rundir.RunDir`
+(:func:`open_run`); nothing here names a run-directory file. What is known per method (its
+size axes, variant keys, short names, order) comes from the method classes' attributes
+(docs/analysis.md); nothing here names a method.
 """
 
 from __future__ import annotations
@@ -21,32 +26,74 @@ import numpy as np
 import pandas as pd
 
 from ..errors import PeftlabError
-from .reader import open_run
+from ..methods import METHODS, table_key, table_order
+from ..rundir import RunDir
+from ..runs import identity_sections
 from ..runs.identity import is_volatile
 
 # Sections every run reads; method sections are relevant only to their own methods.
 CORE_SECTIONS = ("method", "model", "data", "training", "system")
-# Method-specific keys that name a variant of the method (an "arm", one colour in every
-# plot) rather than a size along a budget axis; used only when they vary in the study.
-VARIANT_KEYS = {
-    "sublora": ("sublora.allocation_mode", "sublora.allocation_ratio"),
-    "rsvd": ("rsvd.svt", "rsvd.weight_reduction_rank"),
-    "ba_lora": ("ba_lora.uniform_ranks", "ba_lora.use_warmstart", "ba_lora.warmstart_init"),
-}
 # Directory names inside a run directory that are never runs themselves.
 NOT_RUNS = {"analysis", "checkpoints", "best", "adapter", "base_model", "model", "__pycache__"}
-# Keys copied into the table even when constant: the axes the seeds' plots are drawn along.
-AXIS_KEYS = ("lora.r", "sora.lambda_", "sublora.intrinsic_dim", "sublora.allocation_mode", "sublora.allocation_ratio",
-             "rsvd.rank", "rsvd.svt", "ba_lora.param_budget", "ba_lora.base_rank", "data.train_samples")
-# The "rank" or budget axis of each method (labels, memory and loss-per-rank plots).
-SIZE_AXES = {
-    "lora": "lora.r", "dora": "lora.r", "sora": "lora.r", "sdora": "lora.r", "rsvd": "rsvd.rank",
-    "ba_lora": "ba_lora.param_budget", "sublora": "sublora.intrinsic_dim",
-}
+# Keys copied into the table even when constant, besides the methods' ``axis_keys``.
+COMMON_AXIS_KEYS = ("data.train_samples",)
+# Short names of keys no method declares (the methods' own are their ``short_names``).
+COMMON_SHORT_NAMES = {"data.train_samples": "shots", "training.learning_rate": "lr"}
 RESULT_METRICS = ("val_accuracy", "val_f1", "val_loss", "val_perplexity", "train_loss")
-METHOD_ORDER = ("lora", "dora", "sora", "sdora", "ba_lora", "rsvd", "full", "sublora")
-SUBLORA_MODE_ORDER = ("uniform", "fixed", "learned")
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|block)\.(\d+)(?:\.|$)")
+
+
+def open_run(path) -> RunDir:
+    """The run-directory reader every read of analysis goes through."""
+    return RunDir(Path(path))
+
+
+# ----------------------------------------------------------------- what the methods declare
+def _registered() -> list[type]:
+    return [METHODS[m] for m in table_order(METHODS)]
+
+
+def variant_keys() -> list[str]:
+    """Every method's ``variant_keys`` (config keys that name an arm rather than a size)."""
+    return list(dict.fromkeys(k for cls in _registered() for k in cls.variant_keys))
+
+
+def axis_keys() -> tuple[str, ...]:
+    """Keys copied into the table even when constant: the methods' ``axis_keys`` and the common ones."""
+    return tuple(dict.fromkeys([*(k for cls in _registered() for k in cls.axis_keys), *COMMON_AXIS_KEYS]))
+
+
+def size_axes(method) -> tuple[str, ...]:
+    """The method's ``size_axes`` (empty for a method without a size or not registered here)."""
+    cls = METHODS.get(method)
+    return cls.size_axes if cls is not None else ()
+
+
+def foreign_size_axis(key: str, method) -> bool:
+    """``key`` is the size of some method but not of ``method``, which has a size of its own
+    (LoRA's ``lora.r`` in a SubLoRA run): not worth naming for ``method``'s runs."""
+    own = size_axes(method)
+    return bool(own) and key not in own and any(key in cls.size_axes for cls in _registered())
+
+
+def allocation_of(method) -> Optional[dict[str, str]]:
+    """The method's ``allocation_arms`` (None: it has no allocation experiment)."""
+    cls = METHODS.get(method)
+    return cls.allocation_arms if cls is not None else None
+
+
+def allocation_method() -> Optional[type]:
+    """The first method, in table order, with an allocation experiment (``allocation_arms``)."""
+    return next((cls for cls in _registered() if cls.allocation_arms), None)
+
+
+def _shared_sections() -> set[str]:
+    """Config sections declared by more than one registered method (LoRA's, read by its variants)."""
+    seen: dict[str, int] = {}
+    for cls in METHODS.values():
+        for s in cls.config_sections:
+            seen[s] = seen.get(s, 0) + 1
+    return {s for s, n in seen.items() if n > 1}
 
 
 def is_seed_key(key: str) -> bool:
@@ -80,13 +127,10 @@ def module_kind(module: str) -> str:
 
 def method_sections(method: str) -> set[str]:
     """Config sections a run of ``method`` reads: the core sections plus the method's ``config_sections``."""
-    from ..methods import METHODS
-    from ..runs import identity_sections
-
     if method in METHODS:
         return set(identity_sections(method))
-    # a method this checkout does not know (a newer run): its own section and LoRA's
-    return {*CORE_SECTIONS, method, "lora"}
+    # a method this checkout does not know (a newer run): its own section and the shared ones (LoRA's)
+    return {*CORE_SECTIONS, method, *_shared_sections()}
 
 
 @dataclass
@@ -208,22 +252,23 @@ def _varying(runs: list[Run]) -> list[str]:
 def arm_label(config: dict[str, Any], variant_keys: list[str]) -> str:
     """The run's arm: its method plus the method-variant keys that vary in the study."""
     method = str(config.get("method", "?"))
+    alloc = allocation_of(method) or {}
     parts = [method]
     for k in variant_keys:
         if k.split(".", 1)[0] not in method_sections(method) or k not in config:
             continue
         v = config[k]
         short = k.split(".", 1)[1]
-        if k == "sublora.allocation_ratio" and config.get("sublora.allocation_mode") != "fixed":
-            continue
-        if k == "sublora.allocation_mode":
+        if k == alloc.get("ratio") and config.get(alloc["mode"]) != alloc["fixed"]:
+            continue  # the split ratio means something only for fixed splits
+        if k == alloc.get("mode"):
             parts.append(str(v))
         elif isinstance(v, bool):
             parts.append(short if v else f"no {short}")
         elif v is None:
             continue
-        elif k == "sublora.allocation_ratio":
-            parts.append(f"ρ={v:g}")
+        elif k == alloc.get("ratio"):
+            parts.append(f"{short_name(k)}={v:g}")
         else:
             parts.append(f"{short}={v}")
     return " ".join(parts)
@@ -246,20 +291,22 @@ def collect(root) -> Study:
             notes.append(f"skipped {p}: unreadable ({e})")
     varying = _varying(runs)
     group_keys = [k for k in varying if not is_seed_key(k)]
-    variant_keys = [k for m in VARIANT_KEYS.values() for k in m if k in varying]
+    variants = [k for k in variant_keys() if k in varying]
+    axes = axis_keys()
     rows = []
     for r in runs:
         res = r.results or {}
         hist = r.history or {}
         row: dict[str, Any] = {"run": r.name, "status": res.get("status", "incomplete" if hist else "not started"),
-                               "method": r.method, "arm": arm_label(r.config, variant_keys),
+                               "method": r.method, "arm": arm_label(r.config, variants),
                                "seed": r.config.get("training.seed"), "task": res.get("task") or r.meta.get("task"),
                                "dataset": r.config.get("data.dataset"), "model": r.config.get("model.name")}
-        for k in [*varying, *AXIS_KEYS]:
+        for k in [*varying, *axes]:
             if k in r.config:
                 row[k] = r.config[k]
-        if r.config.get("sublora.allocation_mode") not in (None, "fixed") and "sublora.allocation_ratio" in row:
-            row["sublora.allocation_ratio"] = None  # the ratio means nothing outside fixed mode
+        alloc = allocation_of(r.method)
+        if alloc and r.config.get(alloc["mode"]) not in (None, alloc["fixed"]) and alloc["ratio"] in row:
+            row[alloc["ratio"]] = None  # the ratio means nothing outside fixed mode
         final = res.get("final") or {k: v[-1] for k, v in hist.items() if isinstance(v, list) and v}
         for m in RESULT_METRICS:
             if m in final:
@@ -299,12 +346,17 @@ def collect(root) -> Study:
 
 
 def _arm_sort_key(config: dict, arm: str) -> tuple:
+    """Method (table order), then an allocation experiment's arms: equal split, fixed splits by
+    decreasing ratio, learned gates."""
     method = str(config.get("method"))
-    m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    mode = config.get("sublora.allocation_mode")
-    mo = SUBLORA_MODE_ORDER.index(mode) if mode in SUBLORA_MODE_ORDER else 0
-    ratio = config.get("sublora.allocation_ratio") if mode == "fixed" else 0
-    return (m, method, mo, -(ratio or 0), arm)
+    alloc = allocation_of(method)
+    mo, ratio = 0, 0
+    if alloc:
+        modes = (alloc["uniform"], alloc["fixed"], alloc["learned"])
+        mode = config.get(alloc["mode"])
+        mo = modes.index(mode) if mode in modes else 0
+        ratio = config.get(alloc["ratio"]) if mode == alloc["fixed"] else 0
+    return (*table_key(method), mo, -(ratio or 0), arm)
 
 
 def _natural(v) -> tuple:
@@ -334,30 +386,29 @@ def numeric_columns(df: pd.DataFrame, exclude: list[str]) -> list[str]:
     return out
 
 
-SHORT_NAMES = {"lora.r": "r", "sora.lambda_": "λ", "sublora.intrinsic_dim": "d", "sublora.allocation_ratio": "ρ",
-               "rsvd.rank": "rank", "ba_lora.param_budget": "budget", "data.train_samples": "shots",
-               "training.learning_rate": "lr"}
-
-
 def short_name(key: str) -> str:
-    return SHORT_NAMES.get(key, key.split(".", 1)[-1] if "." in key else key)
+    """A key's name in labels and table heads: a method's ``short_names``, else the key without its section."""
+    for cls in _registered():
+        if key in cls.short_names:
+            return cls.short_names[key]
+    return COMMON_SHORT_NAMES.get(key, key.split(".", 1)[-1] if "." in key else key)
 
 
 def group_label(row, study: Study) -> str:
     """Readable name of a group: its arm plus the other non-seed keys that vary (``lora r=8``)."""
     get = row.get  # a dict or a pandas Series
     parts = [str(get("arm"))]
-    arm_keys = {k for m in VARIANT_KEYS.values() for k in m} | {"method"}
+    arm_keys = {*variant_keys(), "method"}
     method = get("method")
-    size = SIZE_AXES.get(method)
-    if method == "ba_lora" and get("ba_lora.param_budget") is None:
-        size = "ba_lora.base_rank"  # the budget is base_rank x LoRA's per-rank size
+    axes = size_axes(method)
+    # the first size the group has a value for (BA-LoRA without a budget: its base rank), else the last
+    size = next((k for k in axes if get(k) is not None), axes[-1]) if axes else None
     keys = list(study.group_keys)
     if size and size not in keys:
         keys.insert(0, size)  # a method's own size is always named, even when constant
     for k in keys:
-        if k in arm_keys or (k == "lora.r" and size not in (None, "lora.r")):
-            continue  # lora.r is not the size of rsvd/ba_lora/sublora runs
+        if k in arm_keys or foreign_size_axis(k, method):
+            continue  # another method's size (LoRA's rank in a SubLoRA run) is not this group's
         v = get(k)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
@@ -374,7 +425,8 @@ def aggregate(study: Study) -> pd.DataFrame:
     keys = group_columns(study)
     if df.empty:
         return pd.DataFrame(columns=keys + ["method", "n", "seeds", "label", "runs"])
-    metrics = numeric_columns(df, keys + list(AXIS_KEYS) + study.varying)
+    axes = axis_keys()
+    metrics = numeric_columns(df, keys + list(axes) + study.varying)
     out = []
     for gk, g in df.groupby(keys, dropna=False, sort=False):
         gk = gk if isinstance(gk, tuple) else (gk,)
@@ -383,7 +435,7 @@ def aggregate(study: Study) -> pd.DataFrame:
         row["method"] = g["method"].iloc[0]
         row["n"] = len(g)
         row["seeds"] = ",".join(str(s) for s in g["seed"].tolist())
-        for k in AXIS_KEYS:  # constant within the group (else they would be group keys)
+        for k in axes:  # constant within the group (else they would be group keys)
             if k in g and k not in row:
                 v = g[k].iloc[0]
                 row[k] = None if isinstance(v, float) and math.isnan(v) else v

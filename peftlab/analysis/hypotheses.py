@@ -3,7 +3,8 @@
 Each check returns a :class:`Finding` (or None when the study has nothing to test): a verdict
 ("supported", "not supported", "inconclusive"), one paragraph of text, and the numbers behind it.
 Seeds are the unit of replication: a test over fewer than :data:`MIN_SEEDS` seeds is reported
-but called inconclusive.
+but called inconclusive. Which runs a check reads comes from the method classes: H1-H3 from the
+method with ``allocation_arms``, H4 from each method with an ``equal_budget_rival``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .collect import Study
+from ..methods import METHODS, table_order
+from .collect import Study, allocation_method
 from .plots import PlotContext, Skip, learned_gammas
 
 MIN_SEEDS = 3  # fewer than this: too few seeds to conclude
@@ -38,19 +40,23 @@ def _p(p: float) -> str:
 def fixed_vs_uniform(ctx: PlotContext) -> list[Finding]:
     """H1: does a fixed A/B split dominate the equal (uniform) split on the (KL, empirical BPD) plane?"""
     df = ctx.done
-    need = {"bounds.kl_divergence", "bounds.empirical_bpd", "sublora.allocation_mode"}
+    cls = allocation_method()
+    if cls is None:
+        return []
+    alloc = cls.allocation_arms
+    need = {"bounds.kl_divergence", "bounds.empirical_bpd", alloc["mode"]}
     if "method" not in df or not need <= set(df.columns):
         return []
-    df = df[(df["method"] == "sublora")].dropna(subset=["bounds.kl_divergence", "bounds.empirical_bpd"])
+    df = df[(df["method"] == cls.name)].dropna(subset=["bounds.kl_divergence", "bounds.empirical_bpd"])
     out = []
-    for d, dd in df.groupby("sublora.intrinsic_dim"):
-        uni = dd[dd["sublora.allocation_mode"] == "uniform"]
-        fixed = dd[dd["sublora.allocation_mode"] == "fixed"]
+    for d, dd in df.groupby(alloc["dim"]):
+        uni = dd[dd[alloc["mode"]] == alloc["uniform"]]
+        fixed = dd[dd[alloc["mode"]] == alloc["fixed"]]
         if uni.empty or fixed.empty:
             continue
         ukl, ubpd = uni["bounds.kl_divergence"].mean(), uni["bounds.empirical_bpd"].mean()
         parts, dominating, significant, nmin = [], [], [], len(uni)
-        for ratio, f in fixed.groupby("sublora.allocation_ratio"):
+        for ratio, f in fixed.groupby(alloc["ratio"]):
             fkl, fbpd = f["bounds.kl_divergence"].mean(), f["bounds.empirical_bpd"].mean()
             dom = fkl <= ukl and fbpd <= ubpd and (fkl < ukl or fbpd < ubpd)
             nmin = min(nmin, len(f))
@@ -170,48 +176,72 @@ def _context_keys(study: Study) -> list[str]:
     return [k for k in study.group_keys if k.startswith(("data.", "model."))]
 
 
-def ba_lora_vs_lora(ctx: PlotContext) -> list[Finding]:
-    """H4: BA-LoRA beats LoRA at an equal parameter budget: paired over seeds (paired t-test on the main metric)."""
+def equal_budget_pairs() -> list[tuple[type, type]]:
+    """(method, its ``equal_budget_rival``) for every registered method that names one, in table order."""
+    return [(METHODS[m], METHODS[METHODS[m].equal_budget_rival]) for m in table_order(METHODS)
+            if METHODS[m].equal_budget_rival in METHODS]
+
+
+def needs_text() -> str:
+    """What the checks need, in words (said when none of them applies)."""
+    alloc = allocation_method()
+    needs = ([f"{alloc.display_name} bounds", "learned gates"] if alloc else []) + [
+        f"{m.display_name} beside {rival.display_name}" for m, rival in equal_budget_pairs()]
+    return ", ".join(needs[:-1]) + (", or " if len(needs) > 1 else "") + (needs[-1] if needs else "a method that states them")
+
+
+def equal_budget(ctx: PlotContext) -> list[Finding]:
+    """H4: each method with an ``equal_budget_rival`` beats it at an equal parameter budget (BA-LoRA vs LoRA)."""
+    out = []
+    for cls, rival in equal_budget_pairs():
+        out.extend(beats_rival(ctx, cls, rival))
+    return out
+
+
+def beats_rival(ctx: PlotContext, cls: type, rival: type) -> list[Finding]:
+    """H4 for one pair: paired over seeds (paired t-test on the main metric), each group of ``cls``
+    against the group of ``rival`` within 5 % of its trainable parameters, in the same data and model setting."""
     df = ctx.done
-    if "method" not in df or not {"lora", "ba_lora"} <= set(df["method"]):
+    if "method" not in df or not {rival.name, cls.name} <= set(df["method"]):
         return []
+    hypothesis = f"H4 {cls.display_name} beats {rival.display_name} at equal budget"
     metric = ctx.study.main_metric
     higher = metric in ("val_accuracy", "val_f1")
     ctx_keys = _context_keys(ctx.study)
     agg = ctx.agg
     out = []
-    for rec in agg[agg["method"] == "ba_lora"].to_dict("records"):
-        ba = SimpleNamespace(**{k: v for k, v in rec.items() if k.isidentifier()})
-        cands = agg[agg["method"] == "lora"]
+    for rec in agg[agg["method"] == cls.name].to_dict("records"):
+        me = SimpleNamespace(**{k: v for k, v in rec.items() if k.isidentifier()})
+        cands = agg[agg["method"] == rival.name]
         for k in ctx_keys:  # same data and model settings (dotted keys: read from the record, not attributes)
             cands = cands[cands[k] == rec.get(k)] if k in cands else cands
-        if cands.empty or pd.isna(ba.trainable_params_mean):
+        if cands.empty or pd.isna(me.trainable_params_mean):
             continue
-        rel = (cands["trainable_params_mean"] - ba.trainable_params_mean).abs() / ba.trainable_params_mean
+        rel = (cands["trainable_params_mean"] - me.trainable_params_mean).abs() / me.trainable_params_mean
         best = rel.idxmin()
-        if rel[best] > 0.05:  # no LoRA run within 5 % of the budget
+        if rel[best] > 0.05:  # no group of the rival within 5 % of the budget
             continue
-        lo = cands.loc[best]
-        ba_runs = df[df["run"].isin(ba.runs)].set_index("seed")[metric]
-        lo_runs = df[df["run"].isin(lo["runs"])].set_index("seed")[metric]
-        seeds = sorted(set(ba_runs.index) & set(lo_runs.index))
-        diff = np.array([ba_runs[s] - lo_runs[s] for s in seeds], dtype=float)
+        rv = cands.loc[best]
+        me_runs = df[df["run"].isin(me.runs)].set_index("seed")[metric]
+        rv_runs = df[df["run"].isin(rv["runs"])].set_index("seed")[metric]
+        seeds = sorted(set(me_runs.index) & set(rv_runs.index))
+        diff = np.array([me_runs[s] - rv_runs[s] for s in seeds], dtype=float)
         if not higher:
-            diff = -diff  # positive = BA-LoRA better
+            diff = -diff  # positive = the method better than its rival
         n = len(diff)
-        numbers = {"ba_lora": ba.label, "lora": lo["label"], "metric": metric, "n_pairs": n,
-                   "ba_lora_params": ba.trainable_params_mean, "lora_params": lo["trainable_params_mean"]}
+        numbers = {cls.name: me.label, rival.name: rv["label"], "metric": metric, "n_pairs": n,
+                   f"{cls.name}_params": me.trainable_params_mean, f"{rival.name}_params": rv["trainable_params_mean"]}
         if n == 0:
-            out.append(Finding("H4 BA-LoRA beats LoRA at equal budget", "inconclusive",
-                               f"{ba.label} and {lo['label']} share no seed, so they cannot be paired.", numbers))
+            out.append(Finding(hypothesis, "inconclusive",
+                               f"{me.label} and {rv['label']} share no seed, so they cannot be paired.", numbers))
             continue
         mean, sd = float(diff.mean()), float(diff.std(ddof=1)) if n > 1 else float("nan")
         numbers.update(mean_gain=mean, std_gain=sd)
         gain = f"mean gain {mean:+.4f} {metric} (std {sd:.4f} over {n} paired seeds)" if n > 1 else f"gain {mean:+.4f} {metric} (1 seed)"
-        setting = (f"{ba.label} vs {lo['label']} ({int(round(ba.trainable_params_mean)):,} vs "
-                   f"{int(round(lo['trainable_params_mean'])):,} trainable parameters)")
+        setting = (f"{me.label} vs {rv['label']} ({int(round(me.trainable_params_mean)):,} vs "
+                   f"{int(round(rv['trainable_params_mean'])):,} trainable parameters)")
         if n >= 2 and sd > 0:
-            t = stats.ttest_rel(ba_runs[seeds], lo_runs[seeds])
+            t = stats.ttest_rel(me_runs[seeds], rv_runs[seeds])
             p = float(t.pvalue)
             numbers.update(t=float(t.statistic) * (1 if higher else -1), p=p)
             gain += f", paired t-test {_p(p)}"
@@ -224,16 +254,16 @@ def ba_lora_vs_lora(ctx: PlotContext) -> list[Finding]:
         if n < MIN_SEEDS:
             verdict, text = "inconclusive", f"{setting}: {gain}; with {n} paired seed(s) there are too few seeds to conclude."
         elif p < ALPHA and mean > 0:
-            verdict, text = "supported", f"{setting}: BA-LoRA is better, {gain}."
+            verdict, text = "supported", f"{setting}: {cls.display_name} is better, {gain}."
         elif p < ALPHA:
-            verdict, text = "not supported", f"{setting}: BA-LoRA is worse, {gain}."
+            verdict, text = "not supported", f"{setting}: {cls.display_name} is worse, {gain}."
         else:
             verdict, text = "not supported", f"{setting}: no significant difference, {gain}."
-        out.append(Finding("H4 BA-LoRA beats LoRA at equal budget", verdict, text, numbers))
+        out.append(Finding(hypothesis, verdict, text, numbers))
     return out
 
 
-CHECKS = [fixed_vs_uniform, gammas_differ, gamma_depth_trend, ba_lora_vs_lora]
+CHECKS = [fixed_vs_uniform, gammas_differ, gamma_depth_trend, equal_budget]
 
 
 def check_all(ctx: PlotContext) -> list[Finding]:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .collect import SIZE_AXES, Study, layer_of, module_kind  # noqa: E402
+from .collect import Study, allocation_method, layer_of, module_kind, size_axes  # noqa: E402
 
 STYLE = {
     "font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5, "legend.fontsize": 7.5, "xtick.labelsize": 8,
@@ -104,18 +104,28 @@ def _log_x(ax, values) -> None:
 
 
 # ============================================================================ subspace allocation
-def _sublora(ctx: PlotContext, need_bounds: bool = True) -> pd.DataFrame:
-    df = ctx.done[ctx.done["method"] == "sublora"]
+def _allocation(ctx: PlotContext, need_bounds: bool = True) -> tuple[pd.DataFrame, type]:
+    """The completed runs of the method with an allocation experiment (``Method.allocation_arms``), and the method."""
+    cls = allocation_method()
+    if cls is None:
+        raise Skip("no registered method has an allocation experiment (Method.allocation_arms)")
+    alloc = cls.allocation_arms
+    df = ctx.done[ctx.done["method"] == cls.name]
     if df.empty:
-        raise Skip("no completed SubLoRA runs")
-    if "sublora.intrinsic_dim" not in df:
-        raise Skip("SubLoRA runs record no sublora.intrinsic_dim")
+        raise Skip(f"no completed {cls.display_name} runs")
+    if alloc["dim"] not in df:
+        raise Skip(f"{cls.display_name} runs record no {alloc['dim']}")
     if need_bounds:
         need = ["bounds.kl_divergence", "bounds.empirical_bpd", "bounds.bound_value"]
         if any(c not in df for c in need) or df[need].isna().all().any():
-            raise Skip("no bounds_metrics.json in the SubLoRA runs (run `peftlab bounds RUN_DIR` on each)")
+            raise Skip(f"no bounds_metrics.json in the {cls.display_name} runs (run `peftlab bounds RUN_DIR` on each)")
         df = df.dropna(subset=need)
-    return df
+    return df, cls
+
+
+def _short_arm(cls: type, arm: str) -> str:
+    """An allocation arm's name without its method ("uniform", "fixed ρ=0.5") for legends."""
+    return arm.replace(f"{cls.name} ", "")
 
 
 def _arm_stats(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
@@ -143,16 +153,17 @@ def pareto_points(stats: pd.DataFrame, x: str, y: str) -> list[str]:
 
 
 def plot_pareto_frontier(ctx: PlotContext) -> list[str]:
-    df = _sublora(ctx)
+    df, cls = _allocation(ctx)
+    alloc = cls.allocation_arms
     out = []
-    for d, dd in df.groupby("sublora.intrinsic_dim"):
+    for d, dd in df.groupby(alloc["dim"]):
         st = _arm_stats(dd, ["bounds.kl_divergence", "bounds.empirical_bpd"])
         fig, ax = plt.subplots(figsize=(3.6, 2.9))
         for arm in _ordered(ctx, st.index):
             r = st.loc[arm]
             ax.errorbar(r["bounds.kl_divergence_mean"], r["bounds.empirical_bpd_mean"],
                         xerr=np.nan_to_num(r["bounds.kl_divergence_std"]), yerr=np.nan_to_num(r["bounds.empirical_bpd_std"]),
-                        fmt="o", capsize=2.5, color=ctx.colour(arm), label=f"{arm.replace('sublora ', '')} (n={int(r['n'])})")
+                        fmt="o", capsize=2.5, color=ctx.colour(arm), label=f"{_short_arm(cls, arm)} (n={int(r['n'])})")
         front = pareto_points(st, "bounds.kl_divergence", "bounds.empirical_bpd")
         fx = [st.loc[a, "bounds.kl_divergence_mean"] for a in front]
         fy = [st.loc[a, "bounds.empirical_bpd_mean"] for a in front]
@@ -167,14 +178,15 @@ def plot_pareto_frontier(ctx: PlotContext) -> list[str]:
 
 
 def plot_compression_comparison(ctx: PlotContext) -> list[str]:
-    df = _sublora(ctx)
+    df, cls = _allocation(ctx)
+    alloc = cls.allocation_arms
     out = []
-    for d, dd in df.groupby("sublora.intrinsic_dim"):
+    for d, dd in df.groupby(alloc["dim"]):
         fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.5))
         arms = _ordered(ctx, dd["arm"].unique())
         for arm in arms:
             a = dd[dd["arm"] == arm]
-            lab = arm.replace("sublora ", "")
+            lab = _short_arm(cls, arm)
             axes[0].scatter(a["bounds.kl_divergence"], a["bounds.empirical_bpd"], color=ctx.colour(arm), s=14, label=lab)
             axes[1].scatter(a["bounds.kl_divergence"], a["bounds.bound_value"], color=ctx.colour(arm), s=14)
         axes[0].set(xlabel="KL divergence (nats)", ylabel="empirical risk (bits/token)", title="complexity vs risk")
@@ -204,10 +216,12 @@ def plot_compression_comparison(ctx: PlotContext) -> list[str]:
 
 
 def plot_allocation_grid(ctx: PlotContext) -> list[str]:
-    df = _sublora(ctx)
-    dims = sorted(df["sublora.intrinsic_dim"].unique())
+    df, cls = _allocation(ctx)
+    alloc = cls.allocation_arms
+    dim = alloc["dim"]
+    dims = sorted(df[dim].unique())
     arms = _ordered(ctx, df["arm"].unique())
-    uniform = next((a for a in arms if a.endswith("uniform")), None)
+    uniform = next((a for a in arms if a.endswith(alloc["uniform"])), None)
     panels = [("bounds.empirical_bpd", "empirical risk (bits/token)"), ("bounds.bound_value", "PAC-Bayes bound (bits/token)"),
               ("compressed_size_kb", "compressed size (KB)"), ("improvement", "bound improvement over uniform (%)")]
     fig, axes = plt.subplots(2, 2, figsize=(7.2, 5.0))
@@ -217,9 +231,9 @@ def plot_allocation_grid(ctx: PlotContext) -> list[str]:
         for i, arm in enumerate(arms):
             means, stds = [], []
             for d in dims:
-                a = df[(df["sublora.intrinsic_dim"] == d) & (df["arm"] == arm)]
+                a = df[(df[dim] == d) & (df["arm"] == arm)]
                 if col == "improvement":
-                    u = df[(df["sublora.intrinsic_dim"] == d) & (df["arm"] == uniform)] if uniform else pd.DataFrame()
+                    u = df[(df[dim] == d) & (df["arm"] == uniform)] if uniform else pd.DataFrame()
                     if u.empty or a.empty:
                         means.append(np.nan), stds.append(np.nan)
                         continue
@@ -230,7 +244,7 @@ def plot_allocation_grid(ctx: PlotContext) -> list[str]:
                 means.append(vals.mean())
                 stds.append(vals.std(ddof=1) if len(vals) > 1 else 0.0)
             ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=np.nan_to_num(stds), capsize=2,
-                   color=ctx.colour(arm), label=arm.replace("sublora ", ""), error_kw={"lw": 0.8})
+                   color=ctx.colour(arm), label=_short_arm(cls, arm), error_kw={"lw": 0.8})
         ax.set_xticks(x, [f"d = {_fmt_dim(d)}" for d in dims])
         ax.set_ylabel(label)
         if col == "improvement":
@@ -248,17 +262,19 @@ def plot_allocation_grid(ctx: PlotContext) -> list[str]:
 
 
 def learned_gammas(ctx: PlotContext) -> pd.DataFrame:
-    """Final γ_ℓ of every learned-allocation SubLoRA run: columns d, seed, layer, gamma (from allocation.json,
-    else the last row of gating_trace.csv)."""
-    df = _sublora(ctx, need_bounds=False)
-    learned = df[df.get("sublora.allocation_mode") == "learned"] if "sublora.allocation_mode" in df else df.iloc[0:0]
+    """Final γ_ℓ of every learned-allocation run (``allocation_arms``): columns d, seed, layer, gamma (from
+    allocation.json, else the last row of gating_trace.csv)."""
+    df, cls = _allocation(ctx, need_bounds=False)
+    alloc = cls.allocation_arms
+    mode = alloc["mode"]
+    learned = df[df.get(mode) == alloc["learned"]] if mode in df else df.iloc[0:0]
     rows = []
     for r in learned.to_dict("records"):
         run = ctx.study.run(r["run"])
         for layer, g in gammas_of_run(run).items():
-            rows.append({"d": r["sublora.intrinsic_dim"], "seed": r["seed"], "layer": layer, "gamma": g, "run": r["run"]})
+            rows.append({"d": r[alloc["dim"]], "seed": r["seed"], "layer": layer, "gamma": g, "run": r["run"]})
     if not rows:
-        raise Skip("no learned-allocation SubLoRA runs with gates (allocation.json 'gammas' or gating_trace.csv)")
+        raise Skip(f"no learned-allocation {cls.display_name} runs with gates (allocation.json 'gammas' or gating_trace.csv)")
     return pd.DataFrame(rows)
 
 
@@ -324,7 +340,8 @@ def plot_gating_heatmaps(ctx: PlotContext) -> list[str]:
 
 def plot_gating_trend(ctx: PlotContext) -> list[str]:
     g = learned_gammas(ctx)
-    arm = next((a for a in ctx.study.arms if a.endswith("learned")), None)
+    learned = allocation_method().allocation_arms["learned"]  # learned_gammas found the method
+    arm = next((a for a in ctx.study.arms if a.endswith(learned)), None)
     colour = ctx.colour(arm) if arm else "C0"
     fig, ax = plt.subplots(figsize=(3.6, 2.7))
     for i, (d, gd) in enumerate(g.groupby("d")):
@@ -580,12 +597,10 @@ def plot_metric_vs_effective(ctx: PlotContext) -> list[str]:
 
 
 # ============================================================================ gradient projection
-def _size_value(row, method: str):
-    key = SIZE_AXES.get(method)
-    v = row.get(key) if key else None
-    if method == "ba_lora" and (v is None or (isinstance(v, float) and math.isnan(v))):
-        v = row.get("ba_lora.base_rank")
-    return v
+def _size_axis(method) -> Optional[str]:
+    """The method's (first) size axis, the x of its memory and loss-per-rank curves."""
+    axes = size_axes(method)
+    return axes[0] if axes else None
 
 
 def plot_optimizer_memory(ctx: PlotContext) -> list[str]:
@@ -596,8 +611,7 @@ def plot_optimizer_memory(ctx: PlotContext) -> list[str]:
     adam = []
     for i, arm in enumerate(_ordered(ctx, df["arm"].unique())):
         a = df[df["arm"] == arm]
-        method = a["method"].iloc[0]
-        key = SIZE_AXES.get(method)
+        key = _size_axis(a["method"].iloc[0])
         if key is None or key not in a:
             continue
         if a["optimizer_state_mb"].notna().any():
@@ -641,7 +655,7 @@ def plot_loss_per_epoch(ctx: PlotContext) -> list[str]:
     arms = []
     for arm in _ordered(ctx, df["arm"].unique()):
         a = df[df["arm"] == arm]
-        key = SIZE_AXES.get(a["method"].iloc[0])
+        key = _size_axis(a["method"].iloc[0])
         if key and key in a and a[key].nunique() > 1:
             arms.append((arm, key))
     if not arms:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .collect import Study
-from .hypotheses import Finding
+from .hypotheses import Finding, needs_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -89,7 +89,7 @@ def write_report(study: Study, out_dir: Path, summary_show: pd.DataFrame, compar
         parts.append("</ul>")
     else:
         parts.append("<p class='meta'>None of the seeds' hypotheses applies to the runs of this study "
-                     "(they need SubLoRA bounds, learned gates, or BA-LoRA beside LoRA).</p>")
+                     f"(they need {html.escape(needs_text())}).</p>")
     parts.append("<h2>Summary (mean ± std over seeds)</h2>" + _table_html(summary_show))
     parts.append("<h2>Comparison</h2>" + _table_html(_round(comparison)))
     parts.append("<h2>Plots</h2>")

@@ -1,4 +1,5 @@
-"""Tables: the per-group summary (CSV, booktabs LaTeX, Markdown) and the method comparison CSV.
+"""Tables: the per-group summary (CSV, booktabs LaTeX, Markdown), the method comparison CSV, the
+majority-class baseline, and the one-table-per-task comparison of ``peftlab compare``.
 
 Numbers are written as ``mean ± std`` rounded to the precision the spread supports (two
 significant digits of the standard deviation); the CSV files keep full-precision mean and
@@ -14,7 +15,14 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from .collect import SIZE_AXES, VARIANT_KEYS, Study, group_columns, short_name
+from ..build import build_base, lora_adapter_params, resolve_task
+from ..config import config_from_dict
+from ..data import load_raw
+from ..errors import PeftlabError
+from ..evaluation import f1_score
+from ..io import atomic_write_text, write_csv
+from ..methods import METHODS, table_order
+from .collect import Study, foreign_size_axis, group_columns, short_name, variant_keys
 
 # (column, header) in display order; a column appears when any group has a value for it.
 SUMMARY_METRICS = [
@@ -81,13 +89,13 @@ def summary_frame(study: Study, agg: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
     keys = [k for k in group_columns(study) if k in agg]
     metrics = [(c, h) for c, h in SUMMARY_METRICS if f"{c}_mean" in agg and agg[f"{c}_mean"].notna().any()]
     show, num = pd.DataFrame(), pd.DataFrame()
-    variant = {k for ks in VARIANT_KEYS.values() for k in ks}
+    variant = set(variant_keys())
     for k in keys:
         name = "method" if k == "arm" else short_name(k)
         if k not in variant:  # variant keys are already spelled out in the arm's name
             vals = [fmt_number(v) if not isinstance(v, str) else v for v in agg[k]]
-            if k == "lora.r":  # not the size of rsvd / ba_lora / sublora runs: blank there
-                vals = [v if SIZE_AXES.get(m, "lora.r") == "lora.r" else "" for v, m in zip(vals, agg["method"])]
+            # another method's size (LoRA's rank in a BA-LoRA or SubLoRA run): blank there
+            vals = [v if not foreign_size_axis(k, m) else "" for v, m in zip(vals, agg["method"])]
             show[name] = vals
         num[name] = agg[k].values
     show["n"] = agg["n"].values
@@ -126,16 +134,39 @@ def _numeric_col(s: pd.Series) -> bool:
     return s.map(lambda v: isinstance(v, (int, float)) or (isinstance(v, str) and v[:1].isdigit())).all()
 
 
-def to_markdown(show: pd.DataFrame) -> str:
+def to_markdown(show: pd.DataFrame, align_numbers: bool = True, pipe: str = "\\|") -> str:
+    """A Markdown table; numeric columns right-aligned (``align_numbers``), ``|`` in a cell written as ``pipe``."""
     def cell(v) -> str:
-        return (fmt_number(v) if not isinstance(v, str) else v).replace("|", "\\|").replace("\n", " ")
+        return (fmt_number(v) if not isinstance(v, str) else v).replace("|", pipe).replace("\n", " ")
 
     cols = list(show.columns)
     lines = ["| " + " | ".join(cell(c) for c in cols) + " |",
-             "| " + " | ".join("---:" if _numeric_col(show[c]) else "---" for c in cols) + " |"]
+             "| " + " | ".join("---:" if align_numbers and _numeric_col(show[c]) else "---" for c in cols) + " |"]
     for _, row in show.iterrows():
         lines.append("| " + " | ".join(cell(v) for v in row.values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def majority_class(raw) -> dict[str, Any]:
+    """The majority-class baseline of a classification dataset (``peftlab.data.load_raw``'s result):
+    its label, and the validation accuracy and macro F1 of always predicting it."""
+    labels = list(raw.val["label"])
+    counts = [labels.count(c) for c in range(raw.num_labels)]
+    major = max(range(len(counts)), key=counts.__getitem__)
+    return {"label": (raw.label_names or [str(major)])[major], "val_accuracy": counts[major] / len(labels),
+            "val_f1": f1_score([major] * len(labels), labels, raw.num_labels), "n_val": len(labels)}
+
+
+def compare_reference(cfg) -> dict[str, Any]:
+    """The reference of ``peftlab compare``'s table for its base config: LoRA's rank ``r``, its adapter
+    parameter count on the run's targets, the targets, and the majority-class baseline."""
+    raw = load_raw(cfg)
+    if raw.task != "classification":
+        raise PeftlabError(f"peftlab compare reports accuracy and F1, so it needs a classification dataset; {cfg.data.dataset!r} is {raw.task}.")
+    model, _, info = build_base(cfg, *resolve_task(cfg, raw))
+    r = cfg.lora.r
+    return {"r": r, "lora_params": lora_adapter_params(model, info.target_modules, r), "targets": info.target_modules,
+            "majority": majority_class(raw)}
 
 
 def majority_baselines(study: Study) -> list[dict[str, Any]]:
@@ -157,20 +188,12 @@ def majority_baselines(study: Study) -> list[dict[str, Any]]:
             continue
         seen[key] = data
         try:
-            from ..config import config_from_dict
-            from ..data import load_raw
-            from ..evaluation import f1_score
-
-            raw_cfg: dict[str, Any] = {"method": "lora", "data": {k.split(".", 1)[1]: v for k, v in data.items()}}
+            # any method will do: only the data section (and the label count) is read
+            raw_cfg: dict[str, Any] = {"method": table_order(METHODS)[0], "data": {k.split(".", 1)[1]: v for k, v in data.items()}}
             if r.config.get("model.num_labels") is not None:
                 raw_cfg["model"] = {"num_labels": r.config["model.num_labels"]}
             raw = load_raw(config_from_dict(raw_cfg))
-            labels = list(raw.val["label"])
-            counts = [labels.count(c) for c in range(raw.num_labels)]
-            major = max(range(len(counts)), key=counts.__getitem__)
-            out.append({"dataset": data.get("data.dataset"), "label": (raw.label_names or [str(major)])[major],
-                        "val_accuracy": counts[major] / len(labels),
-                        "val_f1": f1_score([major] * len(labels), labels, raw.num_labels), "n_val": len(labels)})
+            out.append({"dataset": data.get("data.dataset"), **majority_class(raw)})
         except Exception as e:  # a baseline is a courtesy: never fail the analysis for it
             study.notes.append(f"majority-class baseline for {data.get('data.dataset')!r} not computed: {str(e).splitlines()[0][:160]}")
     return out
@@ -194,8 +217,6 @@ def comparison_frame(study: Study, agg: pd.DataFrame, baselines: list[dict]) -> 
 
 
 def write_tables(study: Study, agg: pd.DataFrame, out_dir: Path, baselines: Optional[list[dict]] = None) -> dict[str, Path]:
-    from ..io import write_csv
-
     out_dir.mkdir(parents=True, exist_ok=True)
     show, num = summary_frame(study, agg)
     paths = {}
@@ -218,3 +239,49 @@ def write_tables(study: Study, agg: pd.DataFrame, out_dir: Path, baselines: Opti
     runs = study.table.drop(columns=[c for c in study.table.columns if c.startswith("_")])
     csv("runs.csv", runs)
     return paths
+
+
+# ------------------------------------------------------------------ peftlab compare's table
+COMPARE_COLUMNS = ["method", "status", "trainable_params", "effective_params", "val_accuracy", "val_f1", "wall_time_s",
+                   "peak_memory_mb", "run_dir", "note"]
+COMPARE_HEADS = {"method": "method", "status": "status", "trainable_params": "trainable params",
+                 "effective_params": "effective params", "val_accuracy": "val accuracy", "val_f1": "val F1",
+                 "wall_time_s": "wall time (s)", "peak_memory_mb": "peak memory (MB)", "run_dir": "run directory", "note": "note"}
+
+
+def compare_row(method: str, status: str, res: Optional[dict], run_dir, note: str) -> dict[str, Any]:
+    """One row of the comparison (the columns of compare.csv) from a run's results_final.json."""
+    res = res or {}
+    final = res.get("final", {})
+    return {"method": method, "status": status, "trainable_params": res.get("trainable_params"),
+            "effective_params": res.get("effective_params"), "val_accuracy": final.get("val_accuracy"),
+            "val_f1": final.get("val_f1"), "wall_time_s": res.get("wall_time_s"), "peak_memory_mb": res.get("peak_memory_mb"),
+            "run_dir": str(run_dir) if run_dir else "", "note": note}
+
+
+def compare_cell(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if key in ("trainable_params", "effective_params"):
+        return f"{int(v):,}"
+    if key in ("val_accuracy", "val_f1"):
+        return f"{v:.4f}"
+    if key == "wall_time_s":
+        return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+    if key == "peak_memory_mb":
+        return f"{v:.0f}"
+    return str(v)
+
+
+def compare_markdown(rows: list[dict], with_dirs: bool = True) -> str:
+    """The comparison as a Markdown table (no trailing newline); ``|`` in a note is written ``/``."""
+    cols = [c for c in COMPARE_COLUMNS if with_dirs or c != "run_dir"]
+    show = pd.DataFrame([[compare_cell(c, r[c]) for c in cols] for r in rows], columns=[COMPARE_HEADS[c] for c in cols])
+    return to_markdown(show, align_numbers=False, pipe="/").rstrip("\n")
+
+
+def write_compare_tables(rows: list[dict], output_dir: Path, stem: str = "compare") -> None:
+    """``<stem>.csv`` and ``<stem>.md`` (``peftlab compare`` writes a comparison in which some run failed
+    or was refused as ``compare.incomplete.*`` when a ``compare.csv`` exists: it never replaces a good table)."""
+    write_csv(output_dir / f"{stem}.csv", COMPARE_COLUMNS, rows)
+    atomic_write_text(output_dir / f"{stem}.md", compare_markdown(rows) + "\n")

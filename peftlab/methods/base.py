@@ -75,10 +75,42 @@ class Method:
     #: ``epoch, step, overall_<metric>, <one column per module>`` beside module_metrics.csv
     wide_module_log: ClassVar[Optional[tuple[str, str]]] = None
 
+    # --- what tables, plots and hypothesis checks know of the method (docs/analysis.md) ----
+    # Generic code (analysis, compare) reads these instead of testing the method's name.
+    #: how tables, plots and hypothesis texts write the method ("BA-LoRA"); a class that does not
+    #: set its own gets its ``name``
+    display_name: ClassVar[str] = ""
+    #: place in every table, plot legend and ``peftlab compare`` (smaller first, see
+    #: :func:`peftlab.methods.table_order`); None: after the ranked methods, alphabetically.
+    #: Not inherited: a class that does not set its own is unranked.
+    table_rank: ClassVar[Optional[int]] = None
+    #: the config key of the method's size along a budget axis (group labels, memory and
+    #: loss-per-rank plots); with several, the first the run has a value for is the size
+    #: (BA-LoRA: its parameter budget, else its base rank). Empty: no size axis.
+    size_axes: ClassVar[tuple[str, ...]] = ()
+    #: config keys copied into the study table even when constant: the axes its plots are drawn along
+    axis_keys: ClassVar[tuple[str, ...]] = ()
+    #: short names of its config keys in labels and table heads (``{"lora.r": "r"}``); a key not
+    #: listed is written without its section
+    short_names: ClassVar[dict[str, str]] = {}
+    #: config keys that name a variant of the method (an arm: one colour in every plot) rather than
+    #: a size, in the order they are written in the arm's name; used only when they vary in a study
+    variant_keys: ClassVar[tuple[str, ...]] = ()
+    #: the allocation experiment of the subspace-allocation plots and hypotheses H1-H3: the config
+    #: keys ``dim`` (subspace dimension), ``mode`` (allocation mode) and ``ratio`` (the fixed split),
+    #: and the mode values ``uniform`` (the equal split), ``fixed`` and ``learned`` (gates)
+    allocation_arms: ClassVar[Optional[dict[str, str]]] = None
+    #: a method this one is compared with at an equal parameter budget, paired over seeds (H4)
+    equal_budget_rival: ClassVar[Optional[str]] = None
+
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "config_sections" in cls.__dict__:
             cls.sections = tuple(cls.config_sections)
+        if "display_name" not in cls.__dict__:
+            cls.display_name = cls.name
+        if "table_rank" not in cls.__dict__:
+            cls.table_rank = None
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx

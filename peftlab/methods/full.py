@@ -8,6 +8,8 @@ from .base import Method
 class Full(Method):
     name = "full"
     typical_learning_rate = "1e-5 to 1e-4"  # every weight moves
+    display_name = "full fine-tuning"
+    table_rank = 70
     compare_by_default = False  # the slowest arm (every weight and its AdamW state) doubles the demo's time on a laptop CPU
     #: learning rate `peftlab compare` uses (every weight moves; the adapters' step is far too large)
     compare_learning_rate = 2e-4

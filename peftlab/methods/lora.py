@@ -67,6 +67,11 @@ class LoRA(Method):
     config_sections = {"lora": LoraSection}
     exports_adapter = True
     use_dora = False
+    display_name = "LoRA"
+    table_rank = 10
+    size_axes = ("lora.r",)
+    axis_keys = ("lora.r",)
+    short_names = {"lora.r": "r"}
 
     def peft_config(self, rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None):
         from peft import LoraConfig
@@ -167,6 +172,8 @@ class DoRA(LoRA):
 
     name = "dora"
     use_dora = True
+    display_name = "DoRA"
+    table_rank = 20
 
     def apply(self, model, *args, **kwargs):
         model = super().apply(model, *args, **kwargs)

@@ -201,6 +201,12 @@ class RSVD(Method):
 
     name = "rsvd"
     config_sections = {"rsvd": RsvdSection}
+    display_name = "rSVD"
+    table_rank = 60
+    size_axes = ("rsvd.rank",)
+    axis_keys = ("rsvd.rank", "rsvd.svt")
+    short_names = {"rsvd.rank": "rank"}
+    variant_keys = ("rsvd.svt", "rsvd.weight_reduction_rank")
     compare_learning_rate = 1e-3  # measured: 1e-4 still predicts the majority class after 60 steps of the compare demo
 
     def __init__(self, ctx):

@@ -90,6 +90,13 @@ class BALoRA(LoRA):
     name = "ba_lora"
     config_sections = {"lora": LoraSection, "ba_lora": BaLoraSection}
     use_dora = False
+    display_name = "BA-LoRA"
+    table_rank = 50
+    size_axes = ("ba_lora.param_budget", "ba_lora.base_rank")  # no budget: base_rank x LoRA's per-rank size
+    axis_keys = ("ba_lora.param_budget", "ba_lora.base_rank")
+    short_names = {"ba_lora.param_budget": "budget"}
+    variant_keys = ("ba_lora.uniform_ranks", "ba_lora.use_warmstart", "ba_lora.warmstart_init")
+    equal_budget_rival = "lora"
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -139,6 +139,10 @@ class SoRA(LoRA):
     exports_adapter = True
     use_dora = False
     wide_module_log = ("sparsity_log.csv", "sparsity")  # the seed's wide per-module file, beside module_metrics.csv
+    display_name = "SoRA"
+    table_rank = 30
+    axis_keys = ("lora.r", "sora.lambda_")
+    short_names = {"sora.lambda_": "λ"}
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -569,3 +573,5 @@ class SDoRA(SoRA):
 
     name = "sdora"
     use_dora = True
+    display_name = "SDoRA"
+    table_rank = 40

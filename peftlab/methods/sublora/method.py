@@ -384,6 +384,14 @@ class SubLoRA(Method):
     name = "sublora"
     config_sections = {"lora": LoraSection, "sublora": SubloraSection}
     exports_adapter = True
+    display_name = "SubLoRA"
+    table_rank = 80
+    size_axes = ("sublora.intrinsic_dim",)
+    axis_keys = ("sublora.intrinsic_dim", "sublora.allocation_mode", "sublora.allocation_ratio")
+    short_names = {"sublora.intrinsic_dim": "d", "sublora.allocation_ratio": "ρ"}
+    variant_keys = ("sublora.allocation_mode", "sublora.allocation_ratio")
+    allocation_arms = {"dim": "sublora.intrinsic_dim", "mode": "sublora.allocation_mode", "ratio": "sublora.allocation_ratio",
+                       "uniform": "uniform", "fixed": "fixed", "learned": "learned"}
 
     def __init__(self, ctx):
         super().__init__(ctx)
