@@ -74,6 +74,28 @@ def test_resume_with_a_changed_setting_is_still_refused(lora_run, tmp_path):
         Trainer(cfg.replace({"output.dir": str(copy), "training.resume_from": "latest", "lora.alpha": 4.0}), console=False)
 
 
+def test_resume_with_num_threads_continues_the_run(lora_run, tmp_path, capsys):
+    """`peftlab train --resume RUN --system.num_threads=1` is documented as allowed: the CLI took it,
+    then the identity check at resume refused it (exit 2) because the two lists of keys that do not
+    define a run disagreed. One list (runs.identity.VOLATILE) now serves both."""
+    from peftlab.cli import main
+    from peftlab.runs.identity import VOLATILE
+
+    cfg, run_dir, res = lora_run
+    assert "system.num_threads" in VOLATILE
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "results_final.json").unlink()
+    for ck in ("step-4", "epoch-1"):  # interrupted after step 2: resume really trains steps 3 and 4
+        shutil.rmtree(copy / "checkpoints" / ck, ignore_errors=True)
+    assert main(["train", "--resume", str(copy), "--system.num_threads=1"]) == 0, capsys.readouterr().err
+    out = json.loads((copy / "results_final.json").read_text())
+    assert out["final"] == res["final"]
+    # a key that defines the run is still refused, before any work
+    assert main(["train", "--resume", str(copy), "--lora.r=4"]) == 2
+    assert "does not take --lora.r" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ defect 2: from_scratch merge
 def test_defect2_from_scratch_run_exports_merged_model(tmp_path):
     """A `model.from_scratch` run names no loadable base (base_model_name_or_path: null, or a
