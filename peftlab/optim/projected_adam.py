@@ -49,6 +49,20 @@ def _generator_seed(seed: int, step: int, index: int) -> int:
     return ((int(seed) * 1_000_003 + int(step)) * 100_003 + int(index)) % (2**63 - 1)
 
 
+def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular vectors with a sign fixed by the data: each row of ``vh`` (and the matching column
+    of ``u``) is flipped so that its entry of largest magnitude is positive. Works on stacks.
+
+    An SVD is unique only up to the sign of each pair (u_i, v_i), and LAPACK builds choose it
+    differently for a matrix and for the same matrix inside a batch; Adam's moments carried over a
+    projector refresh are not sign-invariant, so without this the batched and per-matrix paths
+    (and two torch builds) drift apart after the first refresh."""
+    idx = vh.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.sign(torch.gather(vh, -1, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign.transpose(-1, -2), vh * sign
+
+
 def randomized_svd(a: torch.Tensor, k: int, oversampling: int = 8, power_iters: int = 2,
                    generator: Optional[torch.Generator] = None,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,7 +76,7 @@ def randomized_svd(a: torch.Tensor, k: int, oversampling: int = 8, power_iters: 
     Returns:
         ``(U, S, Vh)`` with shapes ``(m, l)``, ``(l,)``, ``(l, n)``, in ``dtype`` (float32; float64
         for reference checks: ``Omega`` is still drawn in float32), singular values in decreasing
-        order. Callers keep the first ``k``.
+        order, signs by :func:`canonical_signs`. Callers keep the first ``k``.
     """
     a = a.to(dtype)
     m, n = a.shape
@@ -75,7 +89,8 @@ def randomized_svd(a: torch.Tensor, k: int, oversampling: int = 8, power_iters: 
         z = torch.linalg.qr(a.T @ q).Q
         q = torch.linalg.qr(a @ z).Q
     ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
-    return q @ ub, s, vh
+    u, vh = canonical_signs(q @ ub, vh)
+    return u, s, vh
 
 
 def top_svd(a: torch.Tensor, k: int, kind: str = "randomized", oversampling: int = 8, power_iters: int = 2,
@@ -119,9 +134,11 @@ def range_finder_batched(a: torch.Tensor, omega: torch.Tensor, power_iters: int 
 
 
 def small_svd_batched(a: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(U, S, Vh)`` of every ``a[i]`` from its range basis ``q[i]``: one batched SVD of ``Q^T a``."""
+    """``(U, S, Vh)`` of every ``a[i]`` from its range basis ``q[i]``: one batched SVD of ``Q^T a``,
+    signs by :func:`canonical_signs` (as :func:`randomized_svd`)."""
     ub, s, vh = torch.linalg.svd(torch.bmm(q.transpose(1, 2), a), full_matrices=False)
-    return torch.bmm(q, ub), s, vh
+    u, vh = canonical_signs(torch.bmm(q, ub), vh)
+    return u, s, vh
 
 
 def randomized_svd_batched(a: torch.Tensor, k: int, oversampling: int = 8, power_iters: int = 2,
