@@ -146,7 +146,7 @@ def test_budget_matching_follows_each_method_and_study_keys_win(tmp_path):
 
 def test_real_lora_budget_count_on_tiny_gpt2(tmp_path):
     from peftlab.config import load_config
-    from peftlab.studies._compat import lora_params
+    from peftlab.studies.budget import lora_params
 
     cfg = load_config(LM, TINY)
     # tiny-gpt2: 2 layers x c_attn (64 -> 192): r * (64 + 192) per layer

@@ -30,7 +30,8 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import _compat
+from ..build import count_optimizer_steps
+from ..runs.identity import run_identity
 
 
 @dataclass
@@ -75,7 +76,7 @@ def probe(cfg, steps: int = 4) -> Probe:
         t0 = time.perf_counter()
         tr = Trainer(pcfg, console=False)
         setup = time.perf_counter() - t0
-        full_steps = _compat.count_optimizer_steps(cfg)
+        full_steps = count_optimizer_steps(cfg)
         epochs = math.ceil(full_steps / tr.steps_per_epoch)
         n = max(1, min(steps, tr.total_steps))
         tr.total_steps = n
@@ -162,7 +163,7 @@ def resume_step(run_dir: Path) -> int:
 
 
 def _distinct_key(cfg) -> str:
-    ident = _compat.run_identity(cfg)
+    ident = run_identity(cfg)
     ident = json.loads(json.dumps(ident, default=str))
     if isinstance(ident.get("training"), dict):
         ident["training"].pop("seed", None)

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..config import load_config
 from ..errors import ConfigError
+from .budget import budget_overrides, lora_params
 from .spec import StudySpec
 
 _FIELD = re.compile(r"\{([^{}]+)\}")
@@ -81,11 +83,8 @@ def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Opt
         ConfigError: a run config is invalid, a name template names an unknown key, or two
             runs get the same name.
     """
-    from ..config import load_config
-    from . import _compat
-
     study_dir = Path(output_dir).expanduser() if output_dir is not None else spec.output_dir
-    lora_params_fn = lora_params_fn or _compat.lora_params
+    lora_params_fn = lora_params_fn or lora_params
     budget_cache = {} if budget_cache is None else budget_cache
     arms = spec.arms or [None]
     problems: list[str] = []
@@ -119,7 +118,7 @@ def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Opt
                     key = (cfg.model.name, cfg.data.dataset, tuple(cfg.model.target_modules or ()), r)
                     if key not in budget_cache:
                         budget_cache[key] = lora_params_fn(cfg, r)
-                    b_ov, note = _compat.budget_overrides(cfg, budget_cache[key], r)
+                    b_ov, note = budget_overrides(cfg, budget_cache[key], r)
                     b_ov = {k: v for k, v in b_ov.items() if k not in ov}  # what the study sets itself wins
                     if b_ov:
                         try:

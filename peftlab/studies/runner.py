@@ -16,7 +16,7 @@ Files in the study directory::
 Why killing the sweep at any moment is safe: a run's status is read from its run
 directory (``config.json`` + ``results_final.json``) under the run's lock right before it
 starts, never from the log; a run whose directory holds a ``config.json`` with the same
-identity (:func:`peftlab.studies._compat.run_identity`) resumes with
+identity (:func:`peftlab.runs.run_identity`) resumes with
 ``--training.resume_from=latest`` (the loop's own SIGKILL-safe checkpoints), and one with
 other settings is refused rather than mis-attributed. The training process dies with the
 sweep (Linux parent-death signal) and holds the run's lock while it lives.
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import PeftlabError
-from . import _compat
+from ..runs.identity import fingerprint, identity_diff
 from .expand import Trial
 from .spec import StudySpec
 
@@ -55,7 +55,7 @@ def trial_status(cfg, run_dir: Path) -> tuple[str, str]:
         stored = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return "conflict", f"unreadable config.json ({e})"
-    diff = _compat.identity_diff(stored, cfg)
+    diff = identity_diff(stored, cfg)
     if diff:
         return "conflict", "holds a run with other settings: " + "; ".join(diff[:4])
     res = run_dir / "results_final.json"
@@ -349,7 +349,7 @@ def plan(spec: StudySpec, trials: list[Trial], retry_failed: bool = False) -> li
     rows = []
     for t in trials:
         status, detail = trial_status(t.cfg, t.run_dir)
-        ident = _compat.identity_hash(t.cfg)
+        ident = fingerprint(t.cfg)
         if status != "done" and not retry_failed:
             err = gave_up(events, t.name, ident, spec.execution.max_attempts_same_error)
             if err is not None:
@@ -429,7 +429,7 @@ def make_job(spec: StudySpec, trial: Trial, study_dir: Path, gpus: Optional[list
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     return TrialJob(name=trial.name, index=trial.index, config_path=str(cfg_path), run_dir=str(trial.run_dir), study_dir=str(study_dir),
-                    identity=_compat.identity_hash(trial.cfg), launcher=launcher_prefix(spec, gpus), env=env,
+                    identity=fingerprint(trial.cfg), launcher=launcher_prefix(spec, gpus), env=env,
                     followups=[_substitute(s, mapping) for s in spec.follow_up.per_run], cwd=os.getcwd())
 
 
@@ -565,7 +565,7 @@ def results_table(trials: list[Trial]) -> str:
 
 
 def _followups_pending(spec: StudySpec, trial: Trial, study_dir: Path) -> bool:
-    ident = _compat.identity_hash(trial.cfg)
+    ident = fingerprint(trial.cfg)
     return any(not (study_dir / STATE_DIR / "followups" / f"{trial.name}.{i}.{ident}.done").is_file()
                for i in range(len(spec.follow_up.per_run)))
 

@@ -1,34 +1,16 @@
-"""The shared pieces studies rely on (CONTRACT.md): run identity, budget matching, step
-counts — thin wrappers over :mod:`peftlab.runs`, ``Method.budget_overrides`` and
-:mod:`peftlab.build`, so that the study runner decides "same run?" exactly as resume does.
-"""
+"""Budget matching (``budget.match``): the reference parameter count every run of a study is
+matched to, and each method's own way of meeting it (``Method.budget_overrides``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-
-def run_identity(cfg) -> dict:
-    """The settings that decide a run's numbers (``peftlab.runs.run_identity``)."""
-    from ..runs import run_identity as shared
-
-    return shared(cfg)
+from ..data import load_raw
+from ..errors import PeftlabError
+from ..methods import METHODS
+from ..models import check_targets, load_model
 
 
-def identity_diff(old_cfg_dict: dict, new_cfg) -> list[str]:
-    """``key: old -> new`` for every identity setting that differs (empty: the same run)."""
-    from ..runs import identity_diff as shared
-
-    return shared(old_cfg_dict, new_cfg)
-
-
-def identity_hash(cfg) -> str:
-    from ..runs.identity import fingerprint
-
-    return fingerprint(cfg)
-
-
-# ------------------------------------------------------------------------ budgets
 def lora_params(cfg, r: int) -> int:
     """Adapter parameters of rank-``r`` LoRA on the run's target modules (sum of r*(d_in+d_out)).
 
@@ -36,15 +18,10 @@ def lora_params(cfg, r: int) -> int:
     (``model.from_scratch``); the task comes from the dataset when it can be read, else
     each head is tried (the adapted layers do not depend on it).
     """
-    from ..errors import PeftlabError
-    from ..models import check_targets, load_model
-
     task = None if cfg.model.task == "auto" else cfg.model.task
     num_labels = cfg.model.num_labels
     if task is None:
         try:
-            from ..data import load_raw
-
             raw = load_raw(cfg)
             task, num_labels = raw.task, num_labels or raw.num_labels
         except PeftlabError:
@@ -69,14 +46,5 @@ def lora_params(cfg, r: int) -> int:
 
 def budget_overrides(cfg, lora_budget: int, r: int) -> tuple[dict[str, Any], str]:
     """Overrides that put ``cfg``'s method at LoRA rank ``r``'s budget, and a note, as the method states."""
-    from ..methods import METHODS
-
     ov, note = METHODS[cfg.method].budget_overrides(cfg, lora_budget, r)
     return dict(ov or {}), str(note or "")
-
-
-def count_optimizer_steps(cfg) -> int:
-    """Optimizer steps of a run without training (``peftlab.build.count_optimizer_steps``)."""
-    from ..build import count_optimizer_steps as shared
-
-    return shared(cfg)
