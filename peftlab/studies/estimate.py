@@ -32,6 +32,8 @@ from typing import Any, Optional
 
 from ..build import count_optimizer_steps
 from ..runs.identity import run_identity
+from .log import fmt_duration
+from .trial import trial_status
 
 
 @dataclass
@@ -176,8 +178,6 @@ def estimate_config(cfg, steps: int = 4, name: Optional[str] = None) -> list[dic
 
 
 def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> list[dict[str, Any]]:
-    from .runner import trial_status
-
     out = out if out is not None else sys.stdout
     probes: dict[str, Probe] = {}
     rows = []
@@ -196,12 +196,6 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> li
     return rows
 
 
-def _fmt(s: float) -> str:
-    from .runner import _fmt_duration
-
-    return _fmt_duration(s)
-
-
 def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
     """Seed 003's layout: one line per run, a TOTAL, and the expected completion time."""
     out = out if out is not None else sys.stdout
@@ -214,11 +208,11 @@ def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
             continue
         done = r.get("done_steps") or 0
         left = f"{p.steps - done}/{p.steps}" if done else f"{p.steps}"
-        print(f"{r['name']:<{w}} : {left:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {_fmt(r['seconds']):>10}"
+        print(f"{r['name']:<{w}} : {left:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {fmt_duration(r['seconds']):>10}"
               + (f"   (resumes at step {done})" if done else ""), file=out)
     total = sum(r["seconds"] for r in rows)
     wall = total / max(slots, 1)
     print("-" * (w + 44), file=out)
-    print(f"{'TOTAL':<{w}} : {'':>28}   ~ {_fmt(total):>10}" + (f" ({_fmt(wall)} on {slots} slots)" if slots > 1 else ""), file=out)
+    print(f"{'TOTAL':<{w}} : {'':>28}   ~ {fmt_duration(total):>10}" + (f" ({fmt_duration(wall)} on {slots} slots)" if slots > 1 else ""), file=out)
     print(f"Expected completion if started now: {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(time.time() + wall))}", file=out)
     return total
