@@ -153,11 +153,28 @@ def test_real_lora_budget_count_on_tiny_gpt2(tmp_path):
     assert lora_params(cfg, 4) == 2 * 4 * (64 + 192)
 
 
+def test_follow_up_steps_must_name_a_command_of_the_table(tmp_path):
+    from peftlab.cli.table import COMMANDS
+    from peftlab.studies.spec import load_study
+
+    study = _write(tmp_path, follow_up={"per_run": ["bouns {run_dir}"], "study": ["peftlab analyze {study_dir}"]},
+                   scales={"cpu": {"follow_up": {"study": ["analyse {study_dir}"]}}})
+    with pytest.raises(ConfigError, match=r"`follow_up.per_run\[0\]`: 'bouns' is not a peftlab command in this installation\. "
+                                          r"Did you mean `bounds`"):
+        load_study(study, commands=set(COMMANDS))
+    with pytest.raises(ConfigError, match="'analyse' is not a peftlab command"):  # a scale's own follow-ups too
+        load_study(_write(tmp_path, "ok.yaml", scales={"cpu": {"follow_up": {"study": ["analyse {study_dir}"]}}}), "cpu",
+                   commands=set(COMMANDS))
+    assert load_study(study).follow_up.per_run == ["bouns {run_dir}"]  # no command table given: not checked
+    assert load_study(study, follow_ups=False, commands=set(COMMANDS)).follow_up.per_run == []
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_study_validates(path):
     from peftlab.methods import METHODS
     from peftlab.studies.expand import expand
-    from peftlab.studies.spec import known_commands, load_study
+    from peftlab.cli.table import COMMANDS
+    from peftlab.studies.spec import load_study
 
     raw = yaml.safe_load(path.read_text())
     methods = {a["overrides"].get("method") for a in raw.get("arms", []) if "method" in a.get("overrides", {})}
@@ -170,7 +187,7 @@ def test_every_shipped_study_validates(path):
     for sc in spec.scales.values():
         steps += [s for k in ("before", "per_run", "study") for s in (sc.follow_up or {}).get(k, [])]
     pending = {"bounds"}  # a command of another issue: checked exactly once it is installed
-    have = known_commands()
+    have = set(COMMANDS)
     for step in steps:
         cmd = step.split()[0]
         assert cmd in have or cmd in pending, f"{path.name}: follow-up {step!r} names no command"

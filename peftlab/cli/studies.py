@@ -12,6 +12,7 @@ from ..studies.executors import LocalExecutor, SubmititExecutor
 from ..studies.expand import expand
 from ..studies.runner import format_table, plan, sweep
 from ..studies.spec import is_study_file, load_study
+from .table import COMMANDS
 
 SWEEP_EPILOG = ("Examples:\n"
                 "  peftlab sweep configs/studies/compare.yaml --preset-scale=cpu --dry-run\n"
@@ -21,7 +22,8 @@ SWEEP_EPILOG = ("Examples:\n"
 
 
 def _load(args, extra: list[str]):
-    spec = load_study(getattr(args, "study", None) or args.target, args.preset_scale, follow_ups=not getattr(args, "skip_follow_ups", False))
+    spec = load_study(getattr(args, "study", None) or args.target, args.preset_scale,
+                      follow_ups=not getattr(args, "skip_follow_ups", False), commands=set(COMMANDS))
     slurm = {}
     ov = {}
     for k, v in parse_overrides(extra).items():

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
+
 from ..options import build_section, opt, suggest
 from ..errors import ConfigError
 
@@ -113,7 +115,7 @@ class StudySpec:
     scales: dict[str, ScaleSection]
     path: Optional[Path] = None
     scale: Optional[str] = None
-    check_commands: bool = True
+    commands: Optional[set[str]] = None  # the valid follow-up commands; None: follow-ups are not checked
     cli_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # --section.key=value of `peftlab sweep`: win over the file
 
     @property
@@ -160,8 +162,8 @@ class StudySpec:
                 arm.overrides = {**arm.overrides, **ov}
         if sc.follow_up is not None:
             out.follow_up = _section(FollowUpSection, f"scales.{scale}.follow_up", sc.follow_up, problems)
-            if self.check_commands:
-                problems.extend(check_follow_ups(out.follow_up))
+            if self.commands is not None:
+                problems.extend(check_follow_ups(out.follow_up, self.commands))
         if problems:
             raise ConfigError(problems)
         out.study.output_dir = sc.output_dir or f"{self.output_dir}-{scale}"
@@ -196,11 +198,11 @@ def _section(cls: type, name: str, raw: Any, problems: list[str]) -> Any:
     return build_section(cls, name, raw, problems)
 
 
-def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, check_commands: bool = True) -> StudySpec:
+def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: Optional[set[str]] = None) -> StudySpec:
     """Validate a study mapping; every problem is collected and raised once.
 
-    ``check_commands=False`` skips checking that follow-up steps name installed commands
-    (``peftlab sweep --skip-follow-ups``)."""
+    ``commands``: the names of the ``peftlab`` commands follow-up steps may run (the CLI passes
+    its command table); None skips checking the follow-up steps."""
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
@@ -263,8 +265,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, check_comma
     if budget.r is not None and budget.r < 1:
         problems.append(f"`budget.r` must be at least 1, got {budget.r}.")
     follow = _section(FollowUpSection, "follow_up", raw.get("follow_up"), problems)
-    if check_commands:
-        problems.extend(check_follow_ups(follow))
+    if commands is not None:
+        problems.extend(check_follow_ups(follow, commands))
     execution = _section(ExecutionSection, "execution", raw.get("execution"), problems)
     if execution.processes_per_run < 1:
         problems.append(f"`execution.processes_per_run` must be at least 1, got {execution.processes_per_run}.")
@@ -284,27 +286,12 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, check_comma
     if problems:
         raise ConfigError([f"{path}: {p}" if path else p for p in problems])
     return StudySpec(study=study, base=base_path, overrides=overrides, grid=grid, arms=arms, seeds=seeds, budget=budget,
-                     follow_up=follow, execution=execution, scales=scales, path=path, check_commands=check_commands)
+                     follow_up=follow, execution=execution, scales=scales, path=path, commands=commands)
 
 
-def known_commands() -> set[str]:
-    """Names of the registered ``peftlab`` subcommands (follow-up steps must be one of them)."""
-    from .. import cli
-
-    names = set(getattr(cli, "COMMANDS", {}))
-    if not names:  # an installation without the command table: ask argparse
-        import argparse
-
-        parser = cli.build_parser()
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                names = set(action.choices)
-    return names
-
-
-def check_follow_ups(follow: FollowUpSection) -> list[str]:
+def check_follow_ups(follow: FollowUpSection, commands: set[str]) -> list[str]:
+    """Problems with the follow-up steps: each must split into words and name one of ``commands``."""
     problems = []
-    commands = None
     for kind in ("before", "per_run", "study"):
         for i, step in enumerate(getattr(follow, kind)):
             try:
@@ -317,7 +304,6 @@ def check_follow_ups(follow: FollowUpSection) -> list[str]:
                 continue
             if words[0] == "peftlab":
                 words = words[1:]
-            commands = commands if commands is not None else known_commands()
             if not words or words[0] not in commands:
                 name = words[0] if words else ""
                 problems.append(f"`follow_up.{kind}[{i}]`: {name!r} is not a peftlab command in this installation.{suggest(name, commands)} "
@@ -325,12 +311,12 @@ def check_follow_ups(follow: FollowUpSection) -> list[str]:
     return problems
 
 
-def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool = True) -> StudySpec:
+def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool = True,
+               commands: Optional[set[str]] = None) -> StudySpec:
     """Read and validate a study file, optionally at a named scale (``--preset-scale``).
 
-    ``follow_ups=False`` drops the follow-up steps (and does not check their commands)."""
-    import yaml
-
+    ``commands``: the ``peftlab`` commands follow-up steps may name (None: not checked).
+    ``follow_ups=False`` drops the follow-up steps (and does not check them)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError([f"study file {str(p)!r} does not exist; shipped studies live in configs/studies/ (e.g. configs/studies/compare.yaml)."])
@@ -340,7 +326,7 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
         raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{p} must be a mapping (study:, base:, grid:, arms:, seeds: ...), not {type(raw).__name__}."])
-    spec = spec_from_dict(raw, p.resolve(), check_commands=follow_ups).at_scale(scale)
+    spec = spec_from_dict(raw, p.resolve(), commands=commands if follow_ups else None).at_scale(scale)
     if not follow_ups:
         spec.follow_up = FollowUpSection()
     return spec
@@ -348,8 +334,6 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
 
 def is_study_file(path: str | Path) -> bool:
     """True when a YAML file looks like a study (has a `study:` or `grid:`/`arms:` section)."""
-    import yaml
-
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
