@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
 import sys
 from pathlib import Path
 
@@ -39,8 +41,6 @@ def _load(args, extra: list[str]):
     trials = expand(spec, output)
     only = getattr(args, "only", None)
     if only:
-        import fnmatch
-
         pats = [p.strip() for p in only.split(",") if p.strip()]
         trials = [t for t in trials if any(fnmatch.fnmatchcase(t.name, p) for p in pats)]
         if not trials:
@@ -107,8 +107,6 @@ def add_command(subparsers) -> None:
 
 
 def add_sweep(subparsers) -> None:
-    import argparse
-
     p = subparsers.add_parser(
         "sweep", help="run a study: a grid of runs x seeds, skipping finished runs and resuming interrupted ones",
         description="Expand a study file (configs/studies/*.yaml) into runs and train each in its own process. Finished runs are "

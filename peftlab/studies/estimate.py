@@ -26,12 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from ..build import count_optimizer_steps
+from ..checkpoints import list_checkpoints
+from ..methods import METHODS
 from ..runs.identity import run_identity
+from ..tracking import close_logger, quiet_libraries
+from ..train import lock as run_lock
+from ..train.loop import Trainer
 from .log import fmt_duration
 from .trial import trial_status
 
@@ -66,11 +71,6 @@ def process_start_s() -> float:
 
 def probe(cfg, steps: int = 4) -> Probe:
     """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps."""
-    from ..tracking import quiet_libraries
-    from ..tracking import close_logger
-    from ..train import lock as run_lock
-    from ..train.loop import Trainer
-
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="peftlab-estimate-") as tmp:
         pcfg = cfg.replace({"output.dir": f"{tmp}/run", "training.save_steps": 0, "training.resume_from": None,
@@ -125,8 +125,6 @@ def probe(cfg, steps: int = 4) -> Probe:
 
 def _refresh_interval(cfg) -> Optional[int]:
     """`update_interval` of the run's own method section, if it has one (periodic work such as rSVD's SVDs)."""
-    from ..methods import METHODS
-
     for sec in getattr(METHODS.get(cfg.method), "sections", ()) or ():
         v = getattr(getattr(cfg, sec, None), "update_interval", None)
         if isinstance(v, int) and v > 0:
@@ -158,8 +156,6 @@ def run_seconds(cfg, p: Probe, done_steps: int = 0) -> float:
 
 def resume_step(run_dir: Path) -> int:
     """The optimizer step a resumed run starts from: that of its newest complete checkpoint (0 if none)."""
-    from ..checkpoints import list_checkpoints
-
     found = list_checkpoints(Path(run_dir) / "checkpoints")
     return found[-1][0] if found else 0
 
