@@ -146,11 +146,16 @@ def test_budget_matching_follows_each_method_and_study_keys_win(tmp_path):
 
 def test_real_lora_budget_count_on_tiny_gpt2(tmp_path):
     from peftlab.config import load_config
-    from peftlab.studies.budget import lora_params
+    from peftlab.studies.budget import reference_params
 
     cfg = load_config(LM, TINY)
     # tiny-gpt2: 2 layers x c_attn (64 -> 192): r * (64 + 192) per layer
-    assert lora_params(cfg, 4) == 2 * 4 * (64 + 192)
+    assert reference_params(cfg, 4, "lora") == 2 * 4 * (64 + 192)
+
+
+def test_budget_match_names_a_registered_method(tmp_path):
+    with pytest.raises(ConfigError, match=r"`budget.match` 'lorra' is neither none nor a method\. Did you mean `lora`"):
+        _spec(tmp_path, budget={"match": "lorra"})
 
 
 def test_follow_up_steps_must_name_a_command_of_the_table(tmp_path):
@@ -199,6 +204,29 @@ def test_every_shipped_study_validates(path):
         assert 0 < len(small) <= 12
     if path.stem == "subspace_allocation":
         assert len(full) == 30 and full[0].name == "d1000_uniform_r0.5_seed42"
+
+
+def test_study_code_names_no_method():
+    """Generic code names no method: what a study needs of one comes from the registry and the
+    method class (budget_params, budget_rank, budget_overrides, config_sections)."""
+    import ast
+    import re
+
+    from peftlab.methods import METHODS
+
+    names = set(METHODS) | {sec for m in METHODS.values() for sec in m.config_sections}
+    english = {"full"}  # also a word: only a string that is the name (or a dotted key under it) counts
+    word = re.compile(r"(?i)(?<![A-Za-z0-9_])(" + "|".join(sorted(names - english)) + r")(?![A-Za-z0-9_])")
+    bad = []
+    for path in [*sorted((ROOT / "peftlab/studies").glob("*.py")), ROOT / "peftlab/cli/studies.py"]:
+        text = path.read_text()
+        for i, line in enumerate(text.splitlines(), 1):
+            for m in word.finditer(line):
+                bad.append(f"{path.relative_to(ROOT)}:{i}: {m.group(0)!r} in {line.strip()}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split(".")[0] in english:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not bad, "method names in generic study code:\n" + "\n".join(bad)
 
 
 # ------------------------------------------------------------------------ running

@@ -1,5 +1,9 @@
-"""Budget matching (``budget.match``): the reference parameter count every run of a study is
-matched to, and each method's own way of meeting it (``Method.budget_overrides``)."""
+"""Budget matching (``budget: {match: <method>, r: R}``): every run of a study gets the parameter
+budget of the reference method at rank R on the same target modules, and meets it its own way.
+
+What a budget is and how a method meets one is the method's to say (``Method.budget_params``,
+``Method.budget_rank``, ``Method.budget_overrides``); this module only builds the shapes.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ from ..methods import METHODS
 from ..models import check_targets, load_model
 
 
-def lora_params(cfg, r: int) -> int:
-    """Adapter parameters of rank-``r`` LoRA on the run's target modules (sum of r*(d_in+d_out)).
+def target_shapes(cfg) -> list[tuple[int, int]]:
+    """The weight shapes of the run's target modules.
 
     Only shapes matter, so the architecture is built without its weights where possible
     (``model.from_scratch``); the task comes from the dataset when it can be read, else
@@ -34,17 +38,24 @@ def lora_params(cfg, r: int) -> int:
             except Exception as e:  # noqa: BLE001 - try the next way of building the shapes
                 errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            total = 0
-            for name in check_targets(model, info.target_modules):
-                w = model.get_submodule(name).weight
-                total += r * (w.shape[0] + w.shape[1])  # Linear (out, in) and GPT-2 Conv1D (in, out) sum alike
-            return total
-    raise PeftlabError(f"budget matching needs the shapes of {cfg.model.name!r} to count LoRA rank-{r} parameters, and the "
-                       f"model could not be built here ({errors[-1] if errors else 'no attempt'}). Make the model available "
-                       "(hub access or a local copy), or set budget.match: none.")
+            # nn.Linear stores (d_out, d_in), GPT-2's Conv1D (d_in, d_out)
+            return [tuple(model.get_submodule(name).weight.shape) for name in check_targets(model, info.target_modules)]
+    raise PeftlabError(f"budget matching needs the shapes of {cfg.model.name!r}'s target modules, and the model could not be "
+                       f"built here ({errors[-1] if errors else 'no attempt'}). Make the model available (hub access or a "
+                       "local copy), or set budget.match: none.")
 
 
-def budget_overrides(cfg, lora_budget: int, r: int) -> tuple[dict[str, Any], str]:
-    """Overrides that put ``cfg``'s method at LoRA rank ``r``'s budget, and a note, as the method states."""
-    ov, note = METHODS[cfg.method].budget_overrides(cfg, lora_budget, r)
+def reference_params(cfg, r: int, reference: str) -> int:
+    """The budget of method ``reference`` at rank ``r`` on the run's target modules."""
+    return METHODS[reference].budget_params(target_shapes(cfg), r)
+
+
+def reference_rank(cfg, reference: str) -> Any:
+    """The rank of the reference method in ``cfg`` (``budget.r`` unset), or None when it has none."""
+    return METHODS[reference].budget_rank(cfg)
+
+
+def budget_overrides(cfg, budget: int, r: int) -> tuple[dict[str, Any], str]:
+    """Overrides that put ``cfg``'s method at the reference's rank-``r`` budget, and a note, as the method states."""
+    ov, note = METHODS[cfg.method].budget_overrides(cfg, budget, r)
     return dict(ov or {}), str(note or "")

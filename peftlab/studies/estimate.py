@@ -1,14 +1,14 @@
 """``peftlab estimate``: how long a study (or one run) will take on this device.
 
 For each distinct configuration (runs that differ only in seed share one), a probe builds
-the real run (model, data, method — BA-LoRA's importance phase and any other work a
-method does before training included, in the time it takes) in a scratch directory and
+the real run (model, data, method — any work a method does before training, such as a
+data-dependent initialisation, included in the time it takes) in a scratch directory and
 trains a few real optimizer steps through the real loop, then evaluates and saves as a
 run's epoch end does. Per step it records a timestamp (a wrapper around the method's
 ``after_optimizer_step`` hook). A run's estimate is::
 
     process start + setup + first step + (steps - 1) x median step
-      + (refreshes - 1) x (first step - median step)      methods with `update_interval` (rSVD)
+      + (refreshes - 1) x (first step - median step)      methods with `update_interval` (periodic refreshes)
       + epochs x (evaluation + epoch checkpoint) + step checkpoints x save + final export
 
 ``steps`` comes from :func:`peftlab.build.count_optimizer_steps` (no training). Runs
@@ -124,7 +124,7 @@ def probe(cfg, steps: int = 4) -> Probe:
 
 
 def _refresh_interval(cfg) -> Optional[int]:
-    """`update_interval` of the run's own method section, if it has one (periodic work such as rSVD's SVDs)."""
+    """`update_interval` of the run's own method section, if it has one (periodic work such as a projection's SVDs)."""
     for sec in getattr(METHODS.get(cfg.method), "sections", ()) or ():
         v = getattr(getattr(cfg, sec, None), "update_interval", None)
         if isinstance(v, int) and v > 0:

@@ -1,24 +1,26 @@
 """The study file: a YAML description of many runs, validated like run configs.
 
     study:
-      name: subspace_allocation
-      output_dir: runs/studies/subspace_allocation
-      run_name: "d{sublora.intrinsic_dim}_{arm}_seed{seed}"
-    base: ../examples/lm_sublora.yaml     # a run config, relative to this file (null: defaults)
-    overrides: {training.epochs: 1}       # dotted keys, applied to every run
+      name: learning_rates
+      output_dir: runs/studies/learning_rates
+      run_name: "lr{training.learning_rate}_{arm}_seed{seed}"
+    base: base/my_run.yaml                      # a run config, relative to this file (null: defaults)
+    overrides: {training.epochs: 1}             # dotted keys, applied to every run
     grid:
-      product: {sublora.intrinsic_dim: [1000, 2000]}   # every combination
-      zip: {lora.r: [4, 8], lora.alpha: [8, 16]}        # walked together (equal lengths)
-    arms:                                              # named variants with their own overrides
-      - {name: uniform, overrides: {sublora.allocation_mode: uniform}}
-    seeds: [42, 123, 999]                              # training.seed of each run
-    budget: {match: lora, r: 8}                        # each method matches LoRA rank r's parameter count
+      product: {training.learning_rate: [1e-4, 3e-4]}          # every combination
+      zip: {training.batch_size: [8, 16], training.warmup_ratio: [0.0, 0.1]}   # walked together (equal lengths)
+    arms:                                       # named variants with their own overrides
+      - {name: a, overrides: {method: <a method>}}
+    seeds: [42, 123, 999]                       # training.seed of each run
+    budget: {match: <a method>, r: 8}           # every run gets that method's parameter count at rank r
     follow_up:
       per_run: ["bounds {run_dir} --bounds.bound_type=document_level"]
       study: ["analyze {study_dir} --output-dir {study_dir}/analysis"]
     execution: {processes_per_run: 1, launcher: accelerate}
-    scales:                                            # --preset-scale=cpu: a small variant
+    scales:                                     # --preset-scale=cpu: a small variant
       cpu: {overrides: {model.name: tiny-gpt2}, seeds: [42]}
+
+The shipped studies are in configs/studies/ (docs/studies.md).
 
 Every section is a typed dataclass built by the same machinery as run configs, so an
 unknown key gets "Did you mean ...?" and every problem is reported at once
@@ -37,8 +39,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ..options import build_section, opt, suggest
 from ..errors import ConfigError
+from ..methods import METHODS
+from ..options import build_section, opt, suggest
 
 
 @dataclass
@@ -46,7 +49,7 @@ class StudySection:
     name: str = opt("", "Name of the study (recorded in each run's provenance).")
     description: str = opt("", "One line on what the study asks.")
     output_dir: Optional[str] = opt(None, "Study directory: one run directory per run, study.log, study.jsonl (default runs/studies/<name>).")
-    run_name: str = opt("{arm}_seed{seed}", "Run-name template: {seed}, {arm}, {index}, {study} or any dotted config key, e.g. d{sublora.intrinsic_dim}_seed{seed}.")
+    run_name: str = opt("{arm}_seed{seed}", "Run-name template: {seed}, {arm}, {index}, {study}, {method} or any dotted config key, e.g. lr{training.learning_rate}_seed{seed}.")
 
 
 @dataclass
@@ -58,14 +61,14 @@ class GridSection:
 @dataclass
 class ArmSection:
     name: str = opt("", "Name of the arm ({arm} in run names).")
-    overrides: dict = opt({}, "Dotted-key overrides of this arm, e.g. {method: dora, training.learning_rate: 1e-4}.")
+    overrides: dict = opt({}, "Dotted-key overrides of this arm, e.g. {method: <name>, training.learning_rate: 1e-4}.")
     description: str = opt("", "One line on what the arm is.")
 
 
 @dataclass
 class BudgetSection:
-    match: Literal["none", "lora"] = opt("none", "lora: every run gets the parameter budget of LoRA at rank r on the same targets; each method says how it matches (Method.budget_overrides).")
-    r: Optional[int] = opt(None, "The reference LoRA rank (default: lora.r of each run's config).")
+    match: str = opt("none", "none, or the method whose parameter budget at rank r on the same targets every run gets (Method.budget_params); each method says how it meets it (Method.budget_overrides).")
+    r: Optional[int] = opt(None, "The reference rank (default: the reference method's own rank in each run's config, Method.budget_rank).")
 
 
 @dataclass
@@ -185,7 +188,7 @@ def _check_dotted(mapping: Any, where: str, problems: list[str]) -> dict:
         return {}
     for k in mapping:
         if not isinstance(k, str) or ("." not in k and k != "method"):
-            problems.append(f"`{where}` key {k!r} is not a dotted config key; write section.key (e.g. lora.r) or `method`.")
+            problems.append(f"`{where}` key {k!r} is not a dotted config key; write section.key (e.g. training.seed) or `method`.")
     return dict(mapping)
 
 
@@ -262,6 +265,9 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: O
         elif len(set(seeds)) != len(seeds):
             problems.append(f"`seeds` lists a seed twice: {seeds}.")
     budget = _section(BudgetSection, "budget", raw.get("budget"), problems)
+    if budget.match != "none" and budget.match not in METHODS:
+        problems.append(f"`budget.match` {budget.match!r} is neither none nor a method.{suggest(str(budget.match), METHODS)} "
+                        f"Methods: {', '.join(sorted(METHODS))}.")
     if budget.r is not None and budget.r < 1:
         problems.append(f"`budget.r` must be at least 1, got {budget.r}.")
     follow = _section(FollowUpSection, "follow_up", raw.get("follow_up"), problems)
