@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..build import count_optimizer_steps
 from ..checkpoints import list_checkpoints
@@ -69,15 +69,17 @@ def process_start_s() -> float:
     return _START_COST
 
 
-def probe(cfg, steps: int = 4) -> Probe:
-    """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps."""
+def probe(cfg, steps: int = 4, clock: Callable[[], float] = time.perf_counter) -> Probe:
+    """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps.
+
+    ``clock`` gives the seconds every timing is read from (a test passes a simulated one)."""
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="peftlab-estimate-") as tmp:
         pcfg = cfg.replace({"output.dir": f"{tmp}/run", "training.save_steps": 0, "training.resume_from": None,
                             "logging.progress_bar": False, "logging.report_to": [], "output.overwrite": True})
-        t0 = time.perf_counter()
+        t0 = clock()
         tr = Trainer(pcfg, console=False)
-        setup = time.perf_counter() - t0
+        setup = clock() - t0
         full_steps = count_optimizer_steps(cfg)
         epochs = math.ceil(full_steps / tr.steps_per_epoch)
         n = max(1, min(steps, tr.total_steps))
@@ -87,34 +89,34 @@ def probe(cfg, steps: int = 4) -> Probe:
 
         def timed_hook(model, lr):
             hook(model, lr)
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
         tr.method.after_optimizer_step = timed_hook
         timings = {"eval": 0.0, "save": 0.0}
         evaluate, save = tr.evaluate, tr.save_checkpoint
 
         def timed_eval():
-            a = time.perf_counter()
+            a = clock()
             try:
                 return evaluate()
             finally:
-                timings["eval"] += time.perf_counter() - a
+                timings["eval"] += clock() - a
 
         def timed_save(name):
-            a = time.perf_counter()
+            a = clock()
             try:
                 return save(name)
             finally:
-                timings["save"] += time.perf_counter() - a
+                timings["save"] += clock() - a
 
         tr.evaluate, tr.save_checkpoint = timed_eval, timed_save
-        t1 = time.perf_counter()
+        t1 = clock()
         try:
             tr.run()
         finally:
             run_lock.release(Path(pcfg.output.dir))
             close_logger()  # the scratch run's train.log goes with the temporary directory
-        t_end = time.perf_counter()
+        t_end = clock()
     dts = [b - a for a, b in zip([t1, *stamps[:-1]], stamps)]
     first = dts[0] if dts else 0.0
     steady = statistics.median(dts[1:]) if len(dts) > 1 else first
@@ -168,12 +170,14 @@ def _distinct_key(cfg) -> str:
     return json.dumps(ident, sort_keys=True)
 
 
-def estimate_config(cfg, steps: int = 4, name: Optional[str] = None) -> list[dict[str, Any]]:
-    p = probe(cfg, steps)
+def estimate_config(cfg, steps: int = 4, name: Optional[str] = None,
+                    clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
+    p = probe(cfg, steps, clock)
     return [{"name": name or str(cfg.output.dir), "status": "new", "seconds": run_seconds(cfg, p), "probe": p}]
 
 
-def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> list[dict[str, Any]]:
+def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
+                   clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
     out = out if out is not None else sys.stdout
     probes: dict[str, Probe] = {}
     rows = []
@@ -185,7 +189,7 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> li
         key = _distinct_key(t.cfg)
         if key not in probes:
             print(f"timing {steps} steps of {t.name} ({len(probes) + 1} distinct configuration(s) so far) ...", file=out, flush=True)
-            probes[key] = probe(t.cfg, steps)
+            probes[key] = probe(t.cfg, steps, clock)
         done = resume_step(t.run_dir) if status == "partial" else 0
         rows.append({"name": t.name, "status": status, "seconds": run_seconds(t.cfg, probes[key], done), "probe": probes[key],
                      "done_steps": done})
