@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from ..studies.executors import LocalExecutor, SubmititExecutor
 from ..studies.expand import expand
 from ..studies.runner import format_table, plan, sweep
 from ..studies.spec import is_study_file, load_study
+from .table import COMMANDS
 
 SWEEP_EPILOG = ("Examples:\n"
                 "  peftlab sweep configs/studies/compare.yaml --preset-scale=cpu --dry-run\n"
@@ -21,7 +24,8 @@ SWEEP_EPILOG = ("Examples:\n"
 
 
 def _load(args, extra: list[str]):
-    spec = load_study(getattr(args, "study", None) or args.target, args.preset_scale, follow_ups=not getattr(args, "skip_follow_ups", False))
+    spec = load_study(getattr(args, "study", None) or args.target, args.preset_scale,
+                      follow_ups=not getattr(args, "skip_follow_ups", False), commands=set(COMMANDS))
     slurm = {}
     ov = {}
     for k, v in parse_overrides(extra).items():
@@ -37,8 +41,6 @@ def _load(args, extra: list[str]):
     trials = expand(spec, output)
     only = getattr(args, "only", None)
     if only:
-        import fnmatch
-
         pats = [p.strip() for p in only.split(",") if p.strip()]
         trials = [t for t in trials if any(fnmatch.fnmatchcase(t.name, p) for p in pats)]
         if not trials:
@@ -105,8 +107,6 @@ def add_command(subparsers) -> None:
 
 
 def add_sweep(subparsers) -> None:
-    import argparse
-
     p = subparsers.add_parser(
         "sweep", help="run a study: a grid of runs x seeds, skipping finished runs and resuming interrupted ones",
         description="Expand a study file (configs/studies/*.yaml) into runs and train each in its own process. Finished runs are "

@@ -129,6 +129,19 @@ class Method:
         return {}, "section defaults"
 
     @classmethod
+    def budget_rank(cls, cfg) -> Optional[int]:
+        """The rank of this method's budget when a study matches every run to it (``budget.match:
+        <this method>``) without ``budget.r``: the rank it is known by in ``cfg`` (None: none)."""
+        return cls.profile_info(cfg).get("rank")
+
+    @classmethod
+    def budget_params(cls, shapes: list[tuple[int, int]], r: int) -> int:
+        """This method's parameter budget at rank ``r`` on adapted weights of these shapes, the count
+        every method's :meth:`budget_overrides` receives when a study matches to it: by default a
+        pair of rank-``r`` factors per weight, r * (d_in + d_out)."""
+        return sum(r * (a + b) for a, b in shapes)
+
+    @classmethod
     def profile_info(cls, cfg) -> dict[str, Any]:
         """What ``peftlab profile`` labels and assumes: ``rank`` (the rank the method is known by,
         or None), ``in_place`` (apply only flips requires_grad, so the base can be shared) and

@@ -1,14 +1,14 @@
 """``peftlab estimate``: how long a study (or one run) will take on this device.
 
 For each distinct configuration (runs that differ only in seed share one), a probe builds
-the real run (model, data, method — BA-LoRA's importance phase and any other work a
-method does before training included, in the time it takes) in a scratch directory and
+the real run (model, data, method — any work a method does before training, such as a
+data-dependent initialisation, included in the time it takes) in a scratch directory and
 trains a few real optimizer steps through the real loop, then evaluates and saves as a
 run's epoch end does. Per step it records a timestamp (a wrapper around the method's
 ``after_optimizer_step`` hook). A run's estimate is::
 
     process start + setup + first step + (steps - 1) x median step
-      + (refreshes - 1) x (first step - median step)      methods with `update_interval` (rSVD)
+      + (refreshes - 1) x (first step - median step)      methods with `update_interval` (periodic refreshes)
       + epochs x (evaluation + epoch checkpoint) + step checkpoints x save + final export
 
 ``steps`` comes from :func:`peftlab.build.count_optimizer_steps` (no training). Runs
@@ -26,11 +26,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-from . import _compat
+from ..build import count_optimizer_steps
+from ..checkpoints import list_checkpoints
+from ..methods import METHODS
+from ..runs.identity import run_identity
+from ..tracking import close_logger, quiet_libraries
+from ..train import lock as run_lock
+from ..train.loop import Trainer
+from .log import fmt_duration
+from .trial import trial_status
 
 
 @dataclass
@@ -61,21 +69,18 @@ def process_start_s() -> float:
     return _START_COST
 
 
-def probe(cfg, steps: int = 4) -> Probe:
-    """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps."""
-    from ..tracking import quiet_libraries
-    from ..tracking import close_logger
-    from ..train import lock as run_lock
-    from ..train.loop import Trainer
+def probe(cfg, steps: int = 4, clock: Callable[[], float] = time.perf_counter) -> Probe:
+    """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps.
 
+    ``clock`` gives the seconds every timing is read from (a test passes a simulated one)."""
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="peftlab-estimate-") as tmp:
         pcfg = cfg.replace({"output.dir": f"{tmp}/run", "training.save_steps": 0, "training.resume_from": None,
                             "logging.progress_bar": False, "logging.report_to": [], "output.overwrite": True})
-        t0 = time.perf_counter()
+        t0 = clock()
         tr = Trainer(pcfg, console=False)
-        setup = time.perf_counter() - t0
-        full_steps = _compat.count_optimizer_steps(cfg)
+        setup = clock() - t0
+        full_steps = count_optimizer_steps(cfg)
         epochs = math.ceil(full_steps / tr.steps_per_epoch)
         n = max(1, min(steps, tr.total_steps))
         tr.total_steps = n
@@ -84,34 +89,34 @@ def probe(cfg, steps: int = 4) -> Probe:
 
         def timed_hook(model, lr):
             hook(model, lr)
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
         tr.method.after_optimizer_step = timed_hook
         timings = {"eval": 0.0, "save": 0.0}
         evaluate, save = tr.evaluate, tr.save_checkpoint
 
         def timed_eval():
-            a = time.perf_counter()
+            a = clock()
             try:
                 return evaluate()
             finally:
-                timings["eval"] += time.perf_counter() - a
+                timings["eval"] += clock() - a
 
         def timed_save(name):
-            a = time.perf_counter()
+            a = clock()
             try:
                 return save(name)
             finally:
-                timings["save"] += time.perf_counter() - a
+                timings["save"] += clock() - a
 
         tr.evaluate, tr.save_checkpoint = timed_eval, timed_save
-        t1 = time.perf_counter()
+        t1 = clock()
         try:
             tr.run()
         finally:
             run_lock.release(Path(pcfg.output.dir))
             close_logger()  # the scratch run's train.log goes with the temporary directory
-        t_end = time.perf_counter()
+        t_end = clock()
     dts = [b - a for a, b in zip([t1, *stamps[:-1]], stamps)]
     first = dts[0] if dts else 0.0
     steady = statistics.median(dts[1:]) if len(dts) > 1 else first
@@ -121,9 +126,7 @@ def probe(cfg, steps: int = 4) -> Probe:
 
 
 def _refresh_interval(cfg) -> Optional[int]:
-    """`update_interval` of the run's own method section, if it has one (periodic work such as rSVD's SVDs)."""
-    from ..methods import METHODS
-
+    """`update_interval` of the run's own method section, if it has one (periodic work such as a projection's SVDs)."""
     for sec in getattr(METHODS.get(cfg.method), "sections", ()) or ():
         v = getattr(getattr(cfg, sec, None), "update_interval", None)
         if isinstance(v, int) and v > 0:
@@ -155,28 +158,26 @@ def run_seconds(cfg, p: Probe, done_steps: int = 0) -> float:
 
 def resume_step(run_dir: Path) -> int:
     """The optimizer step a resumed run starts from: that of its newest complete checkpoint (0 if none)."""
-    from ..checkpoints import list_checkpoints
-
     found = list_checkpoints(Path(run_dir) / "checkpoints")
     return found[-1][0] if found else 0
 
 
 def _distinct_key(cfg) -> str:
-    ident = _compat.run_identity(cfg)
+    ident = run_identity(cfg)
     ident = json.loads(json.dumps(ident, default=str))
     if isinstance(ident.get("training"), dict):
         ident["training"].pop("seed", None)
     return json.dumps(ident, sort_keys=True)
 
 
-def estimate_config(cfg, steps: int = 4, name: Optional[str] = None) -> list[dict[str, Any]]:
-    p = probe(cfg, steps)
+def estimate_config(cfg, steps: int = 4, name: Optional[str] = None,
+                    clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
+    p = probe(cfg, steps, clock)
     return [{"name": name or str(cfg.output.dir), "status": "new", "seconds": run_seconds(cfg, p), "probe": p}]
 
 
-def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> list[dict[str, Any]]:
-    from .runner import trial_status
-
+def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
+                   clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
     out = out if out is not None else sys.stdout
     probes: dict[str, Probe] = {}
     rows = []
@@ -188,17 +189,11 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None) -> li
         key = _distinct_key(t.cfg)
         if key not in probes:
             print(f"timing {steps} steps of {t.name} ({len(probes) + 1} distinct configuration(s) so far) ...", file=out, flush=True)
-            probes[key] = probe(t.cfg, steps)
+            probes[key] = probe(t.cfg, steps, clock)
         done = resume_step(t.run_dir) if status == "partial" else 0
         rows.append({"name": t.name, "status": status, "seconds": run_seconds(t.cfg, probes[key], done), "probe": probes[key],
                      "done_steps": done})
     return rows
-
-
-def _fmt(s: float) -> str:
-    from .runner import _fmt_duration
-
-    return _fmt_duration(s)
 
 
 def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
@@ -213,11 +208,11 @@ def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
             continue
         done = r.get("done_steps") or 0
         left = f"{p.steps - done}/{p.steps}" if done else f"{p.steps}"
-        print(f"{r['name']:<{w}} : {left:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {_fmt(r['seconds']):>10}"
+        print(f"{r['name']:<{w}} : {left:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {fmt_duration(r['seconds']):>10}"
               + (f"   (resumes at step {done})" if done else ""), file=out)
     total = sum(r["seconds"] for r in rows)
     wall = total / max(slots, 1)
     print("-" * (w + 44), file=out)
-    print(f"{'TOTAL':<{w}} : {'':>28}   ~ {_fmt(total):>10}" + (f" ({_fmt(wall)} on {slots} slots)" if slots > 1 else ""), file=out)
+    print(f"{'TOTAL':<{w}} : {'':>28}   ~ {fmt_duration(total):>10}" + (f" ({fmt_duration(wall)} on {slots} slots)" if slots > 1 else ""), file=out)
     print(f"Expected completion if started now: {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(time.time() + wall))}", file=out)
     return total

@@ -5,7 +5,7 @@
   ``execution.processes_per_run`` GPUs when a run spans several).
 * :class:`SubmititExecutor` — Slurm through ``submitit`` (``cluster="slurm"``), or
   submitit's local executor (``cluster="local"``) to try the same path on one machine.
-  Each run is one job; the job runs :func:`peftlab.studies.runner.execute_trial`, which
+  Each run is one job; the job runs :func:`peftlab.studies.trial.execute_trial`, which
   takes the run's lock, checks the run directory and resumes or skips exactly as a local
   sweep does; the job id goes to study.log.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import PeftlabError
+from .trial import STATE_DIR, TrialResult, execute_trial
 
 
 class LocalExecutor:
@@ -44,8 +45,6 @@ class LocalExecutor:
         return f"this machine, {self.slots} slot(s) of GPU(s) " + " | ".join(",".join(s or []) for s in self.slot_gpus)
 
     def run(self, spec, trials, study_dir: Path, make_job, on_start, on_end, on_submit) -> None:
-        from .runner import execute_trial
-
         free: "queue.Queue[Optional[list[str]]]" = queue.Queue()
         for s in self.slot_gpus:
             free.put(s)
@@ -91,8 +90,6 @@ class SubmititExecutor:
 
     def run(self, spec, trials, study_dir: Path, make_job, on_start, on_end, on_submit) -> None:
         import submitit
-
-        from .runner import STATE_DIR, TrialResult, execute_trial
 
         folder = study_dir / STATE_DIR / "submitit" / "%j"
         ex = submitit.AutoExecutor(folder=str(folder), cluster=self.cluster)

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..config import load_config
 from ..errors import ConfigError
+from .budget import budget_overrides, reference_params, reference_rank
 from .spec import StudySpec
 
 _FIELD = re.compile(r"\{([^{}]+)\}")
@@ -77,15 +79,17 @@ def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Opt
            lora_params_fn: Optional[Callable[[Any, int], int]] = None) -> list[Trial]:
     """The study's trials, each with a validated run config; every problem is raised at once.
 
+    ``lora_params_fn(cfg, r)`` counts the reference budget at rank ``r`` (default: the method
+    ``budget.match`` names, :func:`.budget.reference_params`); ``budget_cache`` keeps the counts
+    by (model, dataset, targets, r) across calls.
+
     Raises:
         ConfigError: a run config is invalid, a name template names an unknown key, or two
             runs get the same name.
     """
-    from ..config import load_config
-    from . import _compat
-
     study_dir = Path(output_dir).expanduser() if output_dir is not None else spec.output_dir
-    lora_params_fn = lora_params_fn or _compat.lora_params
+    reference = spec.budget.match
+    count = lora_params_fn or (lambda c, r: reference_params(c, r, reference))
     budget_cache = {} if budget_cache is None else budget_cache
     arms = spec.arms or [None]
     problems: list[str] = []
@@ -114,12 +118,15 @@ def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Opt
                     problems.extend(f"{label}: {p}" for p in e.problems)
                     continue
                 b_ov, note = {}, ""
-                if spec.budget.match == "lora":
-                    r = spec.budget.r or cfg.lora.r
+                if reference != "none":
+                    r = spec.budget.r or reference_rank(cfg, reference)
+                    if not r:
+                        problems.append(f"{label}: budget.match {reference!r} has no rank of its own in this run's config; set budget.r.")
+                        continue
                     key = (cfg.model.name, cfg.data.dataset, tuple(cfg.model.target_modules or ()), r)
                     if key not in budget_cache:
-                        budget_cache[key] = lora_params_fn(cfg, r)
-                    b_ov, note = _compat.budget_overrides(cfg, budget_cache[key], r)
+                        budget_cache[key] = count(cfg, r)
+                    b_ov, note = budget_overrides(cfg, budget_cache[key], r)
                     b_ov = {k: v for k, v in b_ov.items() if k not in ov}  # what the study sets itself wins
                     if b_ov:
                         try:
@@ -133,7 +140,7 @@ def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Opt
                     name = render_name(spec.study.run_name, values, cfg.to_dict())
                 except KeyError as e:
                     raise ConfigError([f"`study.run_name` {spec.study.run_name!r} names {e.args[0]!r}, which is neither a config key "
-                                       "nor one of seed, arm, index, study, method; use a dotted key such as {lora.r}."]) from None
+                                       "nor one of seed, arm, index, study, method; use a dotted key such as {training.learning_rate}."]) from None
                 except (ValueError, TypeError) as e:
                     raise ConfigError([f"`study.run_name` {spec.study.run_name!r} cannot be filled for {label}: {e}."]) from None
                 if not name or _BAD_NAME.search(name):

@@ -1,24 +1,26 @@
 """The study file: a YAML description of many runs, validated like run configs.
 
     study:
-      name: subspace_allocation
-      output_dir: runs/studies/subspace_allocation
-      run_name: "d{sublora.intrinsic_dim}_{arm}_seed{seed}"
-    base: ../examples/lm_sublora.yaml     # a run config, relative to this file (null: defaults)
-    overrides: {training.epochs: 1}       # dotted keys, applied to every run
+      name: learning_rates
+      output_dir: runs/studies/learning_rates
+      run_name: "lr{training.learning_rate}_{arm}_seed{seed}"
+    base: base/my_run.yaml                      # a run config, relative to this file (null: defaults)
+    overrides: {training.epochs: 1}             # dotted keys, applied to every run
     grid:
-      product: {sublora.intrinsic_dim: [1000, 2000]}   # every combination
-      zip: {lora.r: [4, 8], lora.alpha: [8, 16]}        # walked together (equal lengths)
-    arms:                                              # named variants with their own overrides
-      - {name: uniform, overrides: {sublora.allocation_mode: uniform}}
-    seeds: [42, 123, 999]                              # training.seed of each run
-    budget: {match: lora, r: 8}                        # each method matches LoRA rank r's parameter count
+      product: {training.learning_rate: [1e-4, 3e-4]}          # every combination
+      zip: {training.batch_size: [8, 16], training.warmup_ratio: [0.0, 0.1]}   # walked together (equal lengths)
+    arms:                                       # named variants with their own overrides
+      - {name: a, overrides: {method: <a method>}}
+    seeds: [42, 123, 999]                       # training.seed of each run
+    budget: {match: <a method>, r: 8}           # every run gets that method's parameter count at rank r
     follow_up:
       per_run: ["bounds {run_dir} --bounds.bound_type=document_level"]
       study: ["analyze {study_dir} --output-dir {study_dir}/analysis"]
     execution: {processes_per_run: 1, launcher: accelerate}
-    scales:                                            # --preset-scale=cpu: a small variant
+    scales:                                     # --preset-scale=cpu: a small variant
       cpu: {overrides: {model.name: tiny-gpt2}, seeds: [42]}
+
+The shipped studies are in configs/studies/ (docs/studies.md).
 
 Every section is a typed dataclass built by the same machinery as run configs, so an
 unknown key gets "Did you mean ...?" and every problem is reported at once
@@ -35,8 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ..options import build_section, opt, suggest
+import yaml
+
 from ..errors import ConfigError
+from ..methods import METHODS
+from ..options import build_section, opt, suggest
 
 
 @dataclass
@@ -44,7 +49,7 @@ class StudySection:
     name: str = opt("", "Name of the study (recorded in each run's provenance).")
     description: str = opt("", "One line on what the study asks.")
     output_dir: Optional[str] = opt(None, "Study directory: one run directory per run, study.log, study.jsonl (default runs/studies/<name>).")
-    run_name: str = opt("{arm}_seed{seed}", "Run-name template: {seed}, {arm}, {index}, {study} or any dotted config key, e.g. d{sublora.intrinsic_dim}_seed{seed}.")
+    run_name: str = opt("{arm}_seed{seed}", "Run-name template: {seed}, {arm}, {index}, {study}, {method} or any dotted config key, e.g. lr{training.learning_rate}_seed{seed}.")
 
 
 @dataclass
@@ -56,14 +61,14 @@ class GridSection:
 @dataclass
 class ArmSection:
     name: str = opt("", "Name of the arm ({arm} in run names).")
-    overrides: dict = opt({}, "Dotted-key overrides of this arm, e.g. {method: dora, training.learning_rate: 1e-4}.")
+    overrides: dict = opt({}, "Dotted-key overrides of this arm, e.g. {method: <name>, training.learning_rate: 1e-4}.")
     description: str = opt("", "One line on what the arm is.")
 
 
 @dataclass
 class BudgetSection:
-    match: Literal["none", "lora"] = opt("none", "lora: every run gets the parameter budget of LoRA at rank r on the same targets; each method says how it matches (Method.budget_overrides).")
-    r: Optional[int] = opt(None, "The reference LoRA rank (default: lora.r of each run's config).")
+    match: str = opt("none", "none, or the method whose parameter budget at rank r on the same targets every run gets (Method.budget_params); each method says how it meets it (Method.budget_overrides).")
+    r: Optional[int] = opt(None, "The reference rank (default: the reference method's own rank in each run's config, Method.budget_rank).")
 
 
 @dataclass
@@ -113,7 +118,7 @@ class StudySpec:
     scales: dict[str, ScaleSection]
     path: Optional[Path] = None
     scale: Optional[str] = None
-    check_commands: bool = True
+    commands: Optional[set[str]] = None  # the valid follow-up commands; None: follow-ups are not checked
     cli_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # --section.key=value of `peftlab sweep`: win over the file
 
     @property
@@ -160,8 +165,8 @@ class StudySpec:
                 arm.overrides = {**arm.overrides, **ov}
         if sc.follow_up is not None:
             out.follow_up = _section(FollowUpSection, f"scales.{scale}.follow_up", sc.follow_up, problems)
-            if self.check_commands:
-                problems.extend(check_follow_ups(out.follow_up))
+            if self.commands is not None:
+                problems.extend(check_follow_ups(out.follow_up, self.commands))
         if problems:
             raise ConfigError(problems)
         out.study.output_dir = sc.output_dir or f"{self.output_dir}-{scale}"
@@ -183,7 +188,7 @@ def _check_dotted(mapping: Any, where: str, problems: list[str]) -> dict:
         return {}
     for k in mapping:
         if not isinstance(k, str) or ("." not in k and k != "method"):
-            problems.append(f"`{where}` key {k!r} is not a dotted config key; write section.key (e.g. lora.r) or `method`.")
+            problems.append(f"`{where}` key {k!r} is not a dotted config key; write section.key (e.g. training.seed) or `method`.")
     return dict(mapping)
 
 
@@ -196,11 +201,11 @@ def _section(cls: type, name: str, raw: Any, problems: list[str]) -> Any:
     return build_section(cls, name, raw, problems)
 
 
-def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, check_commands: bool = True) -> StudySpec:
+def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: Optional[set[str]] = None) -> StudySpec:
     """Validate a study mapping; every problem is collected and raised once.
 
-    ``check_commands=False`` skips checking that follow-up steps name installed commands
-    (``peftlab sweep --skip-follow-ups``)."""
+    ``commands``: the names of the ``peftlab`` commands follow-up steps may run (the CLI passes
+    its command table); None skips checking the follow-up steps."""
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
@@ -260,11 +265,14 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, check_comma
         elif len(set(seeds)) != len(seeds):
             problems.append(f"`seeds` lists a seed twice: {seeds}.")
     budget = _section(BudgetSection, "budget", raw.get("budget"), problems)
+    if budget.match != "none" and budget.match not in METHODS:
+        problems.append(f"`budget.match` {budget.match!r} is neither none nor a method.{suggest(str(budget.match), METHODS)} "
+                        f"Methods: {', '.join(sorted(METHODS))}.")
     if budget.r is not None and budget.r < 1:
         problems.append(f"`budget.r` must be at least 1, got {budget.r}.")
     follow = _section(FollowUpSection, "follow_up", raw.get("follow_up"), problems)
-    if check_commands:
-        problems.extend(check_follow_ups(follow))
+    if commands is not None:
+        problems.extend(check_follow_ups(follow, commands))
     execution = _section(ExecutionSection, "execution", raw.get("execution"), problems)
     if execution.processes_per_run < 1:
         problems.append(f"`execution.processes_per_run` must be at least 1, got {execution.processes_per_run}.")
@@ -284,27 +292,12 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, check_comma
     if problems:
         raise ConfigError([f"{path}: {p}" if path else p for p in problems])
     return StudySpec(study=study, base=base_path, overrides=overrides, grid=grid, arms=arms, seeds=seeds, budget=budget,
-                     follow_up=follow, execution=execution, scales=scales, path=path, check_commands=check_commands)
+                     follow_up=follow, execution=execution, scales=scales, path=path, commands=commands)
 
 
-def known_commands() -> set[str]:
-    """Names of the registered ``peftlab`` subcommands (follow-up steps must be one of them)."""
-    from .. import cli
-
-    names = set(getattr(cli, "COMMANDS", {}))
-    if not names:  # an installation without the command table: ask argparse
-        import argparse
-
-        parser = cli.build_parser()
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                names = set(action.choices)
-    return names
-
-
-def check_follow_ups(follow: FollowUpSection) -> list[str]:
+def check_follow_ups(follow: FollowUpSection, commands: set[str]) -> list[str]:
+    """Problems with the follow-up steps: each must split into words and name one of ``commands``."""
     problems = []
-    commands = None
     for kind in ("before", "per_run", "study"):
         for i, step in enumerate(getattr(follow, kind)):
             try:
@@ -317,7 +310,6 @@ def check_follow_ups(follow: FollowUpSection) -> list[str]:
                 continue
             if words[0] == "peftlab":
                 words = words[1:]
-            commands = commands if commands is not None else known_commands()
             if not words or words[0] not in commands:
                 name = words[0] if words else ""
                 problems.append(f"`follow_up.{kind}[{i}]`: {name!r} is not a peftlab command in this installation.{suggest(name, commands)} "
@@ -325,12 +317,12 @@ def check_follow_ups(follow: FollowUpSection) -> list[str]:
     return problems
 
 
-def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool = True) -> StudySpec:
+def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool = True,
+               commands: Optional[set[str]] = None) -> StudySpec:
     """Read and validate a study file, optionally at a named scale (``--preset-scale``).
 
-    ``follow_ups=False`` drops the follow-up steps (and does not check their commands)."""
-    import yaml
-
+    ``commands``: the ``peftlab`` commands follow-up steps may name (None: not checked).
+    ``follow_ups=False`` drops the follow-up steps (and does not check them)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError([f"study file {str(p)!r} does not exist; shipped studies live in configs/studies/ (e.g. configs/studies/compare.yaml)."])
@@ -340,7 +332,7 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
         raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{p} must be a mapping (study:, base:, grid:, arms:, seeds: ...), not {type(raw).__name__}."])
-    spec = spec_from_dict(raw, p.resolve(), check_commands=follow_ups).at_scale(scale)
+    spec = spec_from_dict(raw, p.resolve(), commands=commands if follow_ups else None).at_scale(scale)
     if not follow_ups:
         spec.follow_up = FollowUpSection()
     return spec
@@ -348,8 +340,6 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
 
 def is_study_file(path: str | Path) -> bool:
     """True when a YAML file looks like a study (has a `study:` or `grid:`/`arms:` section)."""
-    import yaml
-
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
