@@ -22,9 +22,6 @@ GENERIC = ["train", "build.py", "export.py", "bounds", "analysis", "studies", "e
 # "path:line: source line"; it matches on path and source line, so that an edit above it does not
 # break the test (the line number is the one the hit had when it was listed).
 PENDING = [
-    'peftlab/studies/expand.py:117: if spec.budget.match == "lora":',
-    ('peftlab/studies/spec.py:65: match: Literal["none", "lora"] = opt("none", "lora: every run gets the parameter budget of '
-     'LoRA at rank r on the same targets; each method says how it matches (Method.budget_overrides).")'),
     'peftlab/profiling.py:285: variants: list[tuple[str, Any]] = [("adamw", cfg.replace({"method": "full"})), ("configured", cfg)]',
     'peftlab/profiling.py:287: v = cfg.replace({"method": "rsvd", "rsvd.rank": r})',
 ]
