@@ -45,7 +45,7 @@ CASES = {
 }
 BOUNDED = ("lora", "sublora", "sublora-fixed", "sublora-learned")
 VOLATILE_WORDS = ("time", "wall", "memory", "seconds", "_mb", "mib", "per_s", "throughput", "date", "path", "dir",
-                  "host", "version", "started", "finished")
+                  "host", "version", "started", "finished", "overhead")
 
 
 def _scrub(obj):
