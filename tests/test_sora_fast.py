@@ -286,7 +286,11 @@ def test_cuda_flat_step_matches_per_gate_step_and_never_synchronises(tmp_path, m
 
 @cuda
 def test_cuda_training_run_chooses_the_fast_path_under_auto(tmp_path, run_train):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # an earlier test's Accelerator fixed fp32; this run is bf16
     res = run_train(make_cfg(tmp_path, method="sdora", training__max_steps=6, system__device="cuda", system__dtype="bf16"))
     log = (tmp_path / "run/train.log").read_text(encoding="utf-8")
     assert "sdora: flat gate step on the device, cached" in log and "(sora.fast_path=auto)" in log
     assert res["method_summary"]["gate_steps"] == 6
+    AcceleratorState._reset_state(True)  # and later tests train in fp32
