@@ -17,14 +17,20 @@ the last ``n_new`` predictions count towards unit ``unit``:
 * token level: unit ``p`` is the single prediction of ``train[p]`` from the ``C`` tokens
   before it (fewer at the start of the stream).
 
-Rows are sorted by length and packed into batches of about ``batch_tokens`` tokens,
-left-padded (with an attention mask and position ids when a batch mixes lengths) so that
-every row's counted predictions are its last columns: the LM head runs only on the last
-``max(n_new)`` positions of a batch (``logits_to_keep``), which for sliding windows and
-single tokens is most of the saving. Per-token losses are reduced to per-row sums on the
-device (a dense masked sum, deterministic on GPUs) and to per-unit sums on the host; there
-is no Python loop over tokens. The model is put in ``eval()`` mode (dropout off) and run
-under ``torch.inference_mode``.
+Rows are sorted by length and packed into batches of about ``batch_tokens`` tokens. The
+default layout pads on the right: every row starts at column 0, and causal attention alone
+keeps a row's real tokens from seeing the padding after them, so no attention mask and no
+position ids are passed and the fused (flash / memory-efficient) attention kernels run; a
+mask would send SDPA to its slow path. The LM head runs only on the columns from the first
+counted prediction of the batch to its end (``logits_to_keep``), which for sliding windows
+and single tokens is most of the saving. ``layout="left"`` is the earlier layout (left
+padding, an attention mask and position ids when a batch mixes lengths), kept as the
+reference the tests compare against. Per-token losses are reduced to per-row sums on the
+device (a dense masked sum, deterministic on GPUs); inputs go to the device from pinned
+memory without blocking and the row sums stay there until the end, so the host never waits
+for the GPU inside the loop; per-unit sums are formed on the host. There is no Python loop
+over tokens. The model is put in ``eval()`` mode (dropout off) and run under
+``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -219,6 +225,7 @@ def score_rows(
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = True,
     desc: str = "scoring",
+    layout: str = "right",
 ) -> UnitScores:
     """Run the model over ``rows`` and sum losses and top-k hits per unit.
 
@@ -232,7 +239,12 @@ def score_rows(
         batch_tokens: padded tokens per forward pass.
         autocast_dtype: e.g. ``torch.bfloat16`` for mixed precision on a GPU (losses are
             always computed from float32 log-probabilities).
+        layout: ``right`` (padding after each row, causal attention without a mask; the
+            default) or ``left`` (the earlier layout with an attention mask; same numbers up
+            to the attention kernel's rounding).
     """
+    if layout not in ("right", "left"):
+        raise ValueError(f"layout must be 'right' or 'left', got {layout!r}")
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -245,51 +257,71 @@ def score_rows(
     remaining = np.bincount(rows.unit, minlength=num_units)
     vocab = None
     bar = tqdm(total=num_units, desc=desc, unit="unit", disable=not progress, dynamic_ncols=True)
+    pin = device.type == "cuda"
+
+    def to_device(a: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(a)
+        return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
+
+    pending: list[tuple[np.ndarray, torch.Tensor]] = []  # (units of the rows, per-row sums on the device)
     try:
         for idx in _batches(rows, batch_tokens):
             start, length, n_new, unit = rows.start[idx], rows.length[idx], rows.n_new[idx], rows.unit[idx]
             T = int(length.max())
-            keep = int(n_new.max())
-            # left padding: every row ends at column T-1, so the counted predictions are the last
-            # n_new columns and the LM head only runs on the last `keep` positions
-            pad = (T - length)[:, None]
             col = np.arange(T)[None, :]
-            rel = col - pad  # position inside the row (negative: padding)
-            valid = rel >= 0
-            x = take(np.where(valid, start[:, None] + rel, -1))
-            kcol = np.arange(T - keep, T)[None, :]
-            counted = kcol >= (T - n_new)[:, None]
-            y = take(np.where(counted, start[:, None] + (kcol - pad) + 1, -1))
-            x_t = torch.from_numpy(x).to(device)
-            y_t = torch.from_numpy(y).to(device)
-            m_t = torch.from_numpy(counted).to(device)
-            padded = bool((pad > 0).any())
             extra = {}
-            if padded:
-                extra["attention_mask"] = torch.from_numpy(valid.astype(np.int64)).to(device)
-                extra["position_ids"] = torch.from_numpy(np.maximum(rel, 0)).to(device)
+            if layout == "left":
+                # every row ends at column T-1, so the counted predictions are the last n_new columns
+                keep = int(n_new.max())
+                pad = (T - length)[:, None]
+                rel = col - pad  # position inside the row (negative: padding)
+                valid = rel >= 0
+                kcol = np.arange(T - keep, T)[None, :]
+                counted = kcol >= (T - n_new)[:, None]
+                target = start[:, None] + (kcol - pad) + 1
+                if bool((pad > 0).any()):
+                    extra["attention_mask"] = to_device(valid.astype(np.int64))
+                    extra["position_ids"] = to_device(np.maximum(rel, 0))
+            else:
+                # every row starts at column 0; its counted predictions are columns [length-n_new, length)
+                first = length - n_new
+                keep = T - int(first.min())
+                valid = col < length[:, None]
+                kcol = np.arange(T - keep, T)[None, :]
+                counted = (kcol >= first[:, None]) & (kcol < length[:, None])
+                target = start[:, None] + kcol + 1
+                rel = col
+            x = take(np.where(valid, start[:, None] + rel, -1))
+            y = take(np.where(counted, target, -1))  # (B, keep); -1 (virtual EOT) where nothing counts
+            # the counted predictions as flat indices known on the host: selecting them by index
+            # (not by a boolean mask, whose result size the host would have to wait for) keeps
+            # the loop free of device-to-host synchronisation
+            flat = np.flatnonzero(counted.ravel())
+            x_t, f_t, tgt = to_device(x), to_device(flat), to_device(y.ravel()[flat])
             with torch.inference_mode():
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = _forward(model, x_t, keep, extra)[:, -keep:]
-                sel = logits[m_t].float()  # (K, V): only the predictions that count
-                vocab = sel.shape[-1]
-                tgt = y_t[m_t]
+                vocab = logits.shape[-1]
+                sel = logits.reshape(-1, vocab).index_select(0, f_t).float()  # (K, V): only the predictions that count
                 lp = torch.log_softmax(sel, dim=-1).gather(-1, tgt[:, None])[:, 0]
                 per_tok = torch.cat([smoothed_nll_bits(lp, alphas, vocab), (-lp.double() / LN2)[None]], 0)  # (A+1, K)
                 top = topk_correct(sel, tgt, TOPK).double()  # (3, K)
                 # per-row sums by a dense masked reduction (deterministic on GPUs, unlike atomic
-                # scatter-adds), then rows -> units on the host (a few numbers per row)
-                dense = torch.zeros(A + 1 + len(TOPK), *m_t.shape, dtype=torch.float64, device=device)
-                dense[:, m_t] = torch.cat([per_tok, top], 0)
-                row_sums = dense.sum(-1).cpu().numpy()  # (A+1+3, B)
-            np.add.at(loss.T, unit, row_sums[:A + 1].T)
-            np.add.at(hits.T, unit, row_sums[A + 1:].T)
+                # scatter-adds); they stay on the device until the end (no host sync per batch)
+                dense = torch.zeros(A + 1 + len(TOPK), counted.size, dtype=torch.float64, device=device)
+                dense[:, f_t] = torch.cat([per_tok, top], 0)
+                pending.append((unit, dense.view(-1, *counted.shape).sum(-1)))  # (A+1+3, B)
             np.add.at(count, unit, counted.sum(1))
             before = int((remaining == 0).sum())
             np.subtract.at(remaining, unit, 1)
             bar.update(int((remaining == 0).sum()) - before)
     finally:
         bar.close()
+    if pending:
+        units = np.concatenate([u for u, _ in pending])
+        row_sums = torch.cat([s for _, s in pending], 1).cpu().numpy()  # one transfer for the whole sample
+        np.add.at(loss.T, units, row_sums[:A + 1].T)
+        np.add.at(hits.T, units, row_sums[A + 1:].T)
     if vocab is None:
         raise PeftlabError("nothing to score: the sample holds no tokens.")
     return UnitScores(loss, hits, count, tuple(alphas), int(vocab))
