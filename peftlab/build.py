@@ -15,6 +15,7 @@ model took. Built the same way, the same config gives the same numbers on CPU.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ import torch
 
 from .data import build_datasets, load_raw
 from .data.batches import EpochBatches
+from .data.tasks import TASKS
 from .errors import PeftlabError
 from .methods import METHODS, MethodContext
-from .models import check_targets, load_model
+from .models import CONFIG_DIR, TINY_MODELS, _auto_cls, check_targets, load_model
 from .models import load_tokenizer as _load
 from .optim.schedule import build_scheduler
 
@@ -147,6 +149,53 @@ def lora_adapter_params(model: torch.nn.Module, targets: list[str], r: int) -> i
     return total
 
 
+def task_from_names(cfg) -> tuple[str, int]:
+    """``(task, num_labels)`` without loading data where the names tell (``model.task``, named
+    tasks, LM corpora); otherwise the dataset's own task (classification when it cannot be read).
+    For commands that build no data (``profile``); a training run uses :func:`resolve_task`."""
+    name = cfg.data.dataset
+    base = name[: -len("-sample")] if name.endswith("-sample") else name
+    if cfg.model.task != "auto":
+        task = cfg.model.task
+    elif base in TASKS:  # the dataset decides, as in training
+        task = "classification"
+    elif base in ("lm", "openwebtext", "python-docs") or name.endswith((".txt", ".bin")):
+        task = "causal_lm"
+    elif name == "food-reviews":
+        task = "classification"
+    else:
+        try:
+            task = load_raw(cfg).task
+        except PeftlabError:
+            task = "classification"
+    labels = cfg.model.num_labels or (TASKS[base].num_labels if base in TASKS else 2)
+    return task, labels
+
+
+def build_bare_base(cfg, task: str, num_labels: Optional[int]) -> torch.nn.Module:
+    """The architecture of ``cfg.model`` alone, for commands that need no tokenizer (``profile``):
+    built from its config (no tokenizer, no download) for the built-in tiny models and for
+    ``model.from_scratch`` with a shipped config, random weights from ``training.seed``; any
+    other model as :func:`build_base` loads it."""
+    from transformers import AutoConfig  # heavy optional library: lazily, as in models
+
+    m = cfg.model
+    torch.manual_seed(cfg.training.seed)
+    kwargs = {"num_labels": num_labels} if task == "classification" else {}
+    spec = None
+    if m.name in TINY_MODELS:
+        spec = dict(TINY_MODELS[m.name])
+        spec.pop("task")
+    elif m.from_scratch and (CONFIG_DIR / f"{m.name}.json").is_file():
+        spec = json.loads((CONFIG_DIR / f"{m.name}.json").read_text())
+        spec.pop("architectures", None)
+    if spec is None:
+        model, _, _ = build_base(cfg, task, num_labels)
+        return model
+    model_type = spec.pop("model_type")
+    return _auto_cls(task).from_config(AutoConfig.for_model(model_type, **spec, **kwargs))
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """``model.gradient_checkpointing=true``: activation checkpointing in the non-reentrant form,
     which needs no input that requires grad (so it works with frozen bases and adapters) and
@@ -252,5 +301,5 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
     return built
 
 
-__all__ = ["Built", "StepPlan", "build", "build_base", "make_method", "apply_method", "resolve_task", "best_metric",
+__all__ = ["Built", "StepPlan", "build", "build_base", "build_bare_base", "task_from_names", "make_method", "apply_method", "resolve_task", "best_metric",
            "step_plan", "count_optimizer_steps", "load_tokenizer"]

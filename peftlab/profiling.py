@@ -24,15 +24,19 @@ documented in docs/rsvd.md.
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from .io import atomic_write_text, strict_json_dumps
+from .build import apply_method, build_bare_base, make_method, task_from_names
 from .errors import PeftlabError
+from .io import atomic_write_text, strict_json_dumps, write_csv
+from .methods import METHODS
+from .models import DEFAULT_TARGETS, check_positions
 
 MB = 2**20
 OPTIMIZER_COLUMNS = ["method", "rank", "group", "params", "moment_bytes", "projector_bytes", "other_bytes", "state_bytes",
@@ -43,56 +47,7 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 PROJECTOR_KEYS = ("proj",)
 
 
-# ----------------------------------------------------------------------------- model and batch
-def infer_task(cfg) -> tuple[str, int]:
-    """(task, num_labels) without loading data when the names tell (tiny models, named tasks)."""
-    from .data.tasks import TASKS
-
-    name = cfg.data.dataset
-    base = name[: -len("-sample")] if name.endswith("-sample") else name
-    if cfg.model.task != "auto":
-        task = cfg.model.task
-    elif base in TASKS:  # the dataset decides, as in training
-        task = "classification"
-    elif base in ("lm", "openwebtext", "python-docs") or name.endswith((".txt", ".bin")):
-        task = "causal_lm"
-    elif name == "food-reviews":
-        task = "classification"
-    else:
-        from .data import load_raw
-
-        try:
-            task = load_raw(cfg).task
-        except PeftlabError:
-            task = "classification"
-    labels = cfg.model.num_labels or (TASKS[base].num_labels if base in TASKS else 2)
-    return task, labels
-
-
-def build_model(cfg, task: str, num_labels: int) -> torch.nn.Module:
-    """The architecture of ``cfg.model``; built from a config (no tokenizer, no download) for the
-    built-in tiny models and ``model.from_scratch`` with a shipped config, else loaded."""
-    from transformers import AutoConfig
-
-    from .models import CONFIG_DIR, TINY_MODELS, _auto_cls, load_model
-
-    m = cfg.model
-    torch.manual_seed(cfg.training.seed)
-    kwargs = {"num_labels": num_labels} if task == "classification" else {}
-    spec = None
-    if m.name in TINY_MODELS:
-        spec = dict(TINY_MODELS[m.name])
-        spec.pop("task")
-    elif m.from_scratch and (CONFIG_DIR / f"{m.name}.json").is_file():
-        spec = json.loads((CONFIG_DIR / f"{m.name}.json").read_text())
-        spec.pop("architectures", None)
-    if spec is None:
-        model, _, _ = load_model(cfg, task, num_labels)
-        return model
-    model_type = spec.pop("model_type")
-    return _auto_cls(task).from_config(AutoConfig.for_model(model_type, **spec, **kwargs))
-
-
+# ----------------------------------------------------------------------------- batch
 def synthetic_batch(model, task: str, num_labels: int, batch_size: int, seq_len: int, seed: int, device) -> dict:
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
@@ -163,14 +118,6 @@ class SavedTensorBytes:
 
 def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, batch: dict, device, log=None) -> dict[str, Any]:
     """One real training step of ``vcfg.method`` on a copy of ``base``; returns every measurement."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .build import apply_method, make_method
-    from .methods import METHODS
-    from .models import DEFAULT_TARGETS
-
-    import logging
-
     info = METHODS[vcfg.method].profile_info(vcfg)
     # methods that only flip requires_grad (full, plain rsvd) leave the weights as they were with lr = 0:
     # the base model is reused; methods that wrap or replace modules work on a copy.
@@ -250,8 +197,6 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
 
 
 def _rank_label(cfg) -> Optional[int]:
-    from .methods import METHODS
-
     return METHODS[cfg.method].profile_info(cfg)["rank"]
 
 
@@ -273,12 +218,10 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     device = torch.device(dev)
     if cfg.system.num_threads:
         torch.set_num_threads(cfg.system.num_threads)
-    task, num_labels = infer_task(cfg)
+    task, num_labels = task_from_names(cfg)
     bs = batch_size or cfg.training.batch_size
     sl = seq_len or (cfg.data.max_length if task == "classification" else cfg.data.block_size)
-    base = build_model(cfg, task, num_labels)
-    from .models import check_positions
-
+    base = build_bare_base(cfg, task, num_labels)
     check_positions(base, sl, "--seq-len" if seq_len else ("data.max_length" if task == "classification" else "data.block_size"), cfg.model.name)
     batch = synthetic_batch(base, task, num_labels, bs, sl, cfg.training.seed, device)
 
@@ -315,7 +258,7 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
                  "savings_mb": round((adam["state_bytes"] - res["state_bytes"]) / MB, 2),
                  "savings_pct": round(100 * (1 - res["state_bytes"] / adam["state_bytes"]), 2) if adam["state_bytes"] else None}
         rows.append(total)
-    _write_csv(out_dir / "optimizer_memory_comparison.csv", OPTIMIZER_COLUMNS, rows)
+    write_csv(out_dir / "optimizer_memory_comparison.csv", OPTIMIZER_COLUMNS, rows)
 
     conf = results[1]
     rank = conf["rank"]
@@ -331,14 +274,14 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
             breakdown.append({"method": res["display"], "rank": res["rank"], "component": "peak_allocated",
                               "bytes": res["cuda_peak_bytes"], "mb": round(res["cuda_peak_bytes"] / MB, 2), "source": "cuda"})
     breakdown_name = f"memory_breakdown_r{rank}.csv" if rank is not None else f"memory_breakdown_{cfg.method}.csv"
-    _write_csv(out_dir / breakdown_name, BREAKDOWN_COLUMNS, breakdown)
+    write_csv(out_dir / breakdown_name, BREAKDOWN_COLUMNS, breakdown)
 
     flops_rows = []
     for res in results:
         for phase, f in res["flops"].items():
             flops_rows.append({"method": res["display"], "rank": res["rank"], "phase": phase,
                                "gflops": round(f / 1e9, 4), "flops": round(f), "batch_size": bs, "seq_len": sl})
-    _write_csv(out_dir / "flops_profiler_stats.csv", FLOPS_COLUMNS, flops_rows)
+    write_csv(out_dir / "flops_profiler_stats.csv", FLOPS_COLUMNS, flops_rows)
 
     summary = {"model": cfg.model.name, "task": task, "num_labels": num_labels, "device": str(device), "batch_size": bs,
                "seq_len": sl, "total_params": adam["total_params"], "method": cfg.method,
@@ -352,12 +295,6 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
         print(format_flops(flops_rows))
         print(f"\nfiles in {out_dir}: {', '.join(summary['files'])}")
     return {"rows": rows, "breakdown": breakdown, "flops": flops_rows, "summary": summary, "output_dir": out_dir}
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    from .io import write_csv
-
-    write_csv(path, columns, rows)
 
 
 def format_table(rows: list[dict], total_params: int, model: str) -> str:

@@ -3,7 +3,8 @@ from its run directory alone (``load_run``) with exactly its final val_loss, rec
 that round-trips without data, and exports an adapter/model that reloads with identical logits.
 
 A new method joins with one line in CASES (``test_every_method_has_a_case`` insists).
-One short run per case is shared by all checks (module-scoped fixture).
+One short run per case is shared by all checks (module-scoped fixture). The 2-process (gloo)
+parity of the methods is tests/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -188,38 +189,3 @@ def test_export_reloads_with_identical_logits(trained, tmp_path):
     # another checkpoint than the final one exports too (rebuilt by load_run)
     mid = export_run(run_dir, tmp_path / "mid", which="step-2")
     assert any(mid.iterdir())
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["dora", "sdora", "full", "sublora-learned"])
-def test_two_process_gloo_parity(name, tmp_path):
-    """The methods tests/test_distributed.py does not cover: 2 gloo processes = 1 process with twice the batch."""
-    import csv
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    case = CASES[name]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parent.parent
-    config = root / ("configs/quickstart/lm_lora.yaml" if case.kind == "lm" else "configs/quickstart/cls_lora.yaml")
-    ov = {**COMMON, **case.overrides, "method": case.method, "model.dropout": 0, "lora.dropout": 0.0,
-          "logging.progress_bar": False, "system.device": "cpu", "data.max_train_examples": 64}
-    args = [f"--{k}={'null' if v is None else v}" for k, v in ov.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "peftlab",
-                          "train", str(config), *args, f"--output.dir={tmp_path / 'two'}", "--training.batch_size=2"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "peftlab", "train", str(config), *args, f"--output.dir={tmp_path / 'one'}",
-                          "--training.batch_size=4"], env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-
-    def losses(run):
-        with open(run / "loss_log.csv") as f:
-            return [float(r["train_loss"]) for r in csv.DictReader(f)]
-
-    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)

@@ -259,12 +259,11 @@ def test_empty_texts_and_undecodable_bytes_are_counted(tmp_path):
 
 
 # ------------------------------------------------------- points 6, 8: model names and weights
-def test_typo_model_name_fails_fast_with_did_you_mean(tmp_path):
-    import subprocess
-    import sys
+def test_typo_model_name_fails_fast_with_did_you_mean(tmp_path, capsys):
     import time
 
     from conftest import QUICK
+    from peftlab.cli import main
     from peftlab.errors import PeftlabError
     from peftlab.models import load_model
 
@@ -273,10 +272,12 @@ def test_typo_model_name_fails_fast_with_did_you_mean(tmp_path):
     with pytest.raises(PeftlabError, match=r"model.name='tiny-gtp2' is not a model peftlab knows. Did you mean `tiny-gpt2`\?"):
         load_model(cfg, "causal_lm")
     assert time.time() - t0 < 10, "a typo must fail in seconds, not after the hub's retries"
-    out = subprocess.run([sys.executable, "-m", "peftlab", "train", str(QUICK["lm"]), "--model.name=tiny-gtp2",
-                          f"--output.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "is not a model peftlab knows. Did you mean `tiny-gpt2`?" in " ".join(out.stderr.split())
+    capsys.readouterr()
+    # the command line in process: an error escaping main() as a traceback would fail the test here
+    assert main(["train", str(QUICK["lm"]), "--model.name=tiny-gtp2", f"--output.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "is not a model peftlab knows. Did you mean `tiny-gpt2`?" in " ".join(err.split())
 
 
 def test_unknown_names_and_missing_paths(tmp_path, monkeypatch):
@@ -486,22 +487,21 @@ def test_non_utf8_text_data_is_counted_not_a_traceback(tmp_path):
 
 
 # --------------------------------------------------------------- point 1: divergence in the loop
-def test_nan_run_stops_with_status_diverged_and_keeps_a_finite_checkpoint(tmp_path):
+def test_nan_run_stops_with_status_diverged_and_keeps_a_finite_checkpoint(tmp_path, capsys):
     """`--method=full --training.learning_rate=1e6` used to train to the end on NaN, prune every finite
     checkpoint and exit 0."""
-    import subprocess
-    import sys
-
     from conftest import QUICK
     from peftlab import checkpoints as ckpt
+    from peftlab.cli import main
 
     run = tmp_path / "run"
-    base = [sys.executable, "-m", "peftlab", "train", str(QUICK["lm"]), f"--output.dir={run}", "--method=full",
+    base = ["train", str(QUICK["lm"]), f"--output.dir={run}", "--method=full",
             "--training.max_steps=12", "--training.save_steps=1", "--training.save_total_limit=1",
             "--data.max_train_examples=80", "--logging.progress_bar=false"]
-    out = subprocess.run(base + ["--training.learning_rate=1e6"], capture_output=True, text=True, timeout=600)
-    err = " ".join(out.stderr.split())
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    rc = main(base + ["--training.learning_rate=1e6"])  # in process: a traceback would fail the test here
+    stderr = capsys.readouterr().err
+    err = " ".join(stderr.split())
+    assert rc != 0 and "Traceback" not in stderr
     assert "Training diverged at step" in err and "Likely cause: the learning rate (training.learning_rate=1e+06) is too high" in err
     res = json.loads((run / "results_final.json").read_text())
     assert res["status"] == "diverged" and res["diverged"]["step"] >= 1
@@ -541,26 +541,33 @@ def test_nan_evaluation_is_never_best():
 
 # ------------------------------------------------------------------- point 2: one writer
 @pytest.mark.slow
-def test_second_writer_on_a_running_directory_fails_at_once_naming_the_holder(tmp_path):
+def test_second_writer_on_a_running_directory_fails_at_once_naming_the_holder(tmp_path, capsys):
     import platform
     import subprocess
     import sys
     import time
 
     from conftest import QUICK
+    from peftlab.cli import main
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "peftlab", "train", str(QUICK["lm"]), f"--output.dir={run}", "--training.max_steps=100000",
-           "--training.epochs=1000", "--logging.progress_bar=false", "--data.max_train_examples=40"]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = ["train", str(QUICK["lm"]), f"--output.dir={run}", "--training.max_steps=100000",
+            "--training.epochs=1000", "--logging.progress_bar=false", "--data.max_train_examples=40"]
+    # the first writer is another process; the second, in this process, is refused by its lock
+    first = subprocess.Popen([sys.executable, "-m", "peftlab", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while not (run / "train.log").is_file() and first.poll() is None and time.time() < deadline:
+        # started: train.log and config.json written (the in-process second writer is quick enough to
+        # come between the two)
+        while not ((run / "train.log").is_file() and (run / "config.json").is_file()) and first.poll() is None \
+                and time.time() < deadline:
             time.sleep(0.1)
         assert first.poll() is None, "the first run should still be training"
-        second = subprocess.run(cmd + ["--training.resume_from=latest"], capture_output=True, text=True, timeout=300)
-        err = " ".join(second.stderr.split())
-        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        capsys.readouterr()
+        rc = main(argv + ["--training.resume_from=latest"])  # in process: a traceback would fail the test here
+        stderr = capsys.readouterr().err
+        err = " ".join(stderr.split())
+        assert rc == 2 and "Traceback" not in stderr, stderr
         assert f"is in use by another peftlab run: process {first.pid} on host {platform.node()}" in err
         assert first.poll() is None and (run / "config.json").is_file()  # the first run was not disturbed
     finally:

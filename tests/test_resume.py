@@ -1,5 +1,8 @@
 """Resume after SIGKILL ends with exactly the numbers of an uninterrupted run; an
-interrupted checkpoint save never looks complete. Real subprocesses, real kills."""
+interrupted checkpoint save never looks complete. The runs that are killed are real
+subprocesses, killed for real; the others (the reference run, the resumes) go through the same
+``peftlab train`` command line in the test's process (``peftlab.cli.main``), which saves the
+seconds of imports a process costs."""
 
 from __future__ import annotations
 
@@ -20,8 +23,19 @@ COMMON = ["--training.epochs=2", "--training.save_steps=4", "--training.log_step
           "--data.max_train_examples=120", "--training.batch_size=4", "--lora.dropout=0.1", "--training.save_total_limit=2"]
 
 
+def _argv(run_dir: Path, *extra: str) -> list[str]:
+    return ["train", CFG, f"--output.dir={run_dir}", *COMMON, *extra]
+
+
 def _cmd(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "peftlab", "train", CFG, f"--output.dir={run_dir}", *COMMON, *extra]
+    return [sys.executable, "-m", "peftlab", *_argv(run_dir, *extra)]
+
+
+def _train_here(run_dir: Path, *extra: str) -> int:
+    """``peftlab train`` in this process (the test machine has one thread per process, as the subprocesses)."""
+    from peftlab.cli import main
+
+    return main(_argv(run_dir, *extra))
 
 
 def _env(**kw):
@@ -37,7 +51,7 @@ def _final(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(_cmd(run), check=True, env=_env(), capture_output=True)
+    assert _train_here(run) == 0
     return run
 
 
@@ -65,8 +79,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, reference
     proc.wait()
     assert target.is_dir(), "the run should have reached step 8 before being killed"
     assert not (run / "results_final.json").exists()
-    out = subprocess.run(_cmd(run, "--training.resume_from=latest"), env=_env(), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert _train_here(run, "--training.resume_from=latest") == 0
     assert "resumed from" in (run / "train.log").read_text()
     _assert_same_run(reference, run)
 
@@ -82,8 +95,7 @@ def test_kill_during_checkpoint_save_leaves_last_good_one(tmp_path, reference):
     from peftlab.checkpoints import resolve
 
     assert resolve("latest", run).name == "step-8"
-    out = subprocess.run(_cmd(run, "--training.resume_from=latest"), env=_env(), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert _train_here(run, "--training.resume_from=latest") == 0
     assert not (ck / ".tmp-step-12").exists()
     _assert_same_run(reference, run)
 
@@ -94,6 +106,5 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     before = (run / "results_final.json").read_text()
-    out = subprocess.run(_cmd(run, "--training.resume_from=latest"), env=_env(), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert _train_here(run, "--training.resume_from=latest") == 0
     assert (run / "results_final.json").read_text() == before
