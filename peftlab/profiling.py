@@ -225,11 +225,13 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     check_positions(base, sl, "--seq-len" if seq_len else ("data.max_length" if task == "classification" else "data.block_size"), cfg.model.name)
     batch = synthetic_batch(base, task, num_labels, bs, sl, cfg.training.seed, device)
 
-    variants: list[tuple[str, Any]] = [("adamw", cfg.replace({"method": "full"})), ("configured", cfg)]
-    for r in ranks:
-        v = cfg.replace({"method": "rsvd", "rsvd.rank": r})
-        if v.to_dict() != cfg.to_dict():  # the configured method is already this variant
-            variants.append((f"rsvd_r{r}", v))
+    reference = next(m for m in METHODS.values() if m.profile_reference)
+    variants: list[tuple[str, Any]] = [("adamw", cfg.replace({"method": reference.name})), ("configured", cfg)]
+    for swept in (m for m in METHODS.values() if m.profile_rank_key):
+        for r in ranks:
+            v = cfg.replace({"method": swept.name, swept.profile_rank_key: r})
+            if v.to_dict() != cfg.to_dict():  # the configured method is already this variant
+                variants.append((f"{swept.name}_r{r}", v))
     results = []
     for label, vcfg in variants:
         res = profile_variant(base, vcfg, task, num_labels, batch, device)

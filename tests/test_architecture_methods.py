@@ -17,14 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # The generic packages and modules (relative to peftlab/).
 GENERIC = ["train", "build.py", "export.py", "bounds", "analysis", "studies", "evaluation.py", "runs", "profiling.py", "cli"]
 
-# Hits that other work in progress removes (issue 29). This list must go to empty: remove an entry
-# when its hit is gone (a stale entry fails too), and never add one. An entry is
+# Known hits still to be removed: empty since issue 29, and it stays empty (never add one; a stale
+# entry fails too). An entry is
 # "path:line: source line"; it matches on path and source line, so that an edit above it does not
 # break the test (the line number is the one the hit had when it was listed).
-PENDING = [
-    'peftlab/profiling.py:285: variants: list[tuple[str, Any]] = [("adamw", cfg.replace({"method": "full"})), ("configured", cfg)]',
-    'peftlab/profiling.py:287: v = cfg.replace({"method": "rsvd", "rsvd.rank": r})',
-]
+PENDING: list[str] = []
 
 
 def method_names() -> set[str]:

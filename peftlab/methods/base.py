@@ -61,6 +61,11 @@ class Method:
     name: ClassVar[str] = ""
     #: the learning-rate range a divergence message suggests for this method
     typical_learning_rate: ClassVar[str] = "1e-4 to 1e-3"
+    #: ``peftlab profile``: the method measured as the full-AdamW reference (one method sets it)
+    profile_reference: ClassVar[bool] = False
+    #: ``peftlab profile --ranks``: the config key of the rank this method is profiled at, one
+    #: variant per rank (None: the method is not swept)
+    profile_rank_key: ClassVar[Optional[str]] = None
     #: the config sections this method reads, name -> section dataclass; declared here, with the
     #: method (a section shared by several methods, e.g. ``lora``, is declared by each of them).
     #: Only these and the core sections are validated for, and decide the identity of, its runs.

@@ -8,6 +8,7 @@ from .base import Method
 class Full(Method):
     name = "full"
     typical_learning_rate = "1e-5 to 1e-4"  # every weight moves
+    profile_reference = True  # `peftlab profile` compares every method with full AdamW
     display_name = "full fine-tuning"
     table_rank = 70
     compare_by_default = False  # the slowest arm (every weight and its AdamW state) doubles the demo's time on a laptop CPU

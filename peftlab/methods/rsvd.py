@@ -200,6 +200,7 @@ class RSVD(Method):
     """Full-parameter training with rSVD-Adam (+ SVT, + weight reduction); exports the full model."""
 
     name = "rsvd"
+    profile_rank_key = "rsvd.rank"  # `peftlab profile --ranks` sweeps rSVD-Adam's rank
     config_sections = {"rsvd": RsvdSection}
     display_name = "rSVD"
     table_rank = 60
