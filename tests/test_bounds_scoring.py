@@ -157,3 +157,27 @@ def test_token_rows_score_matches_document_scoring_for_short_documents():
     doc = score_rows(model, tokens, document_rows(np.array([0]), np.array([10]), np.array([0]), 32, 32), 1, EOT, (0.01,),
                      progress=False)
     assert sc.loss_bits[0].sum() == pytest.approx(doc.loss_bits[0, 0], rel=1e-5)
+
+
+@pytest.mark.parametrize("level", ["document", "token"])
+def test_right_padded_layout_matches_the_masked_left_padded_one(level):
+    """The default layout (right padding, causal attention, no mask) gives the numbers of the
+    earlier masked left-padded layout, on batches that mix row lengths and counted tails."""
+    lengths = [3, 20, 31, 45, 70, 2, 9, 64]
+    tokens, eot, lens = make_stream(lengths)
+    model = tiny_lm()
+    if level == "document":
+        rows = document_rows(document_spans(eot, lens, len(tokens)), lens, np.arange(len(lengths)), context=16, stride=6)
+        n_units = len(lengths)
+    else:
+        rows = token_rows(np.arange(1, len(tokens), 7), 16)
+        n_units = len(rows)
+    assert len(set(rows.length.tolist())) > 1 and len(set(rows.n_new.tolist())) > 1 or level == "token"
+    alphas = (0.001, 0.1)
+    right = score_rows(model, tokens, rows, n_units, EOT, alphas, batch_tokens=64, progress=False)
+    left = score_rows(model, tokens, rows, n_units, EOT, alphas, batch_tokens=64, progress=False, layout="left")
+    np.testing.assert_allclose(right.loss_bits, left.loss_bits, rtol=1e-6)
+    np.testing.assert_array_equal(right.topk_correct, left.topk_correct)
+    np.testing.assert_array_equal(right.tokens, left.tokens)
+    with pytest.raises(ValueError, match="layout must be"):
+        score_rows(model, tokens, rows, n_units, EOT, alphas, progress=False, layout="middle")
