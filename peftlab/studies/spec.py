@@ -182,6 +182,25 @@ def _resolve_path(p: str, study_path: Optional[Path]) -> Path:
     return path
 
 
+_CONTROL = {chr(c) for c in range(32)} | {chr(127)}
+
+
+def name_problem(what: str, name: Any) -> Optional[str]:
+    """Why ``name`` cannot name a directory of the study (None when it can): run, arm, study and
+    scale names become path components, so ``.``, ``..``, a leading dot (hidden, and ``.study``
+    is the study's own state), path separators and control characters are refused."""
+    if not isinstance(name, str):
+        return f"{what} {name!r} must be a string."
+    if name in (".", "..") or name.startswith("."):
+        return (f"{what} {name!r} would name a path outside the study directory or a hidden one (.study holds the "
+                "study's state); names may not be `.` or `..` or start with a dot. Rename it, e.g. with letters and digits.")
+    bad = sorted({c for c in name if c in ("/", "\\") or c in _CONTROL})
+    if bad:
+        return (f"{what} {name!r} holds {', '.join(repr(c) for c in bad)}: path separators and control characters do not "
+                "belong in a name that becomes a directory. Rename it (letters, digits, . _ + = -).")
+    return None
+
+
 def _check_dotted(mapping: Any, where: str, problems: list[str]) -> dict:
     if not isinstance(mapping, dict):
         problems.append(f"`{where}` must be a mapping of dotted keys to values (e.g. {{training.seed: 1}}), got {mapping!r}.")
@@ -215,6 +234,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: O
         study.name = path.stem
     if not study.name:
         problems.append("`study.name` is missing; name the study (it is recorded in every run's provenance).")
+    elif (bad := name_problem("`study.name`", study.name)) is not None:
+        problems.append(bad)  # the default study directory is runs/studies/<name>
     base = raw.get("base")
     base_path = None
     if base is not None:
@@ -246,6 +267,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: O
         arm = _section(ArmSection, f"arms[{i}]", a, problems)
         if not arm.name:
             problems.append(f"`arms[{i}]` has no name; every arm needs one ({{arm}} in run names).")
+        elif (bad := name_problem(f"`arms[{i}].name`", arm.name)) is not None:
+            problems.append(bad)
         _check_dotted(arm.overrides, f"arms[{i}].overrides", problems)
         clash = sorted(set(arm.overrides) & (set(grid.product) | set(grid.zip)))
         if clash:
@@ -284,6 +307,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: O
         problems.append(f"`scales` must map a scale name to its changes, e.g. {{cpu: {{seeds: [42]}}}}, got {raw_scales!r}.")
         raw_scales = {}
     for name, sc in raw_scales.items():
+        if (bad := name_problem("scale name", name)) is not None:
+            problems.append(bad)  # the scale's default study directory is <study dir>-<scale>
         scale = _section(ScaleSection, f"scales.{name}", sc, problems)
         _check_dotted(scale.overrides, f"scales.{name}.overrides", problems)
         if scale.base is not None and not _resolve_path(scale.base, path).is_file():

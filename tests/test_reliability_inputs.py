@@ -1,0 +1,128 @@
+"""Bad input and damaged files (issue 26, classes 2, 4, 5, 7, 8): every case is a clear
+PeftlabError (exit 2 at the CLI) or the documented behaviour, never a traceback or a silent
+wrong answer. No training here: each case stops at validation or works on written files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab.errors import ConfigError, PeftlabError
+
+ROOT = Path(__file__).resolve().parent.parent
+LM = str(ROOT / "configs/quickstart/lm_lora.yaml")
+TINY = {"training.max_steps": 4, "training.epochs": 1, "training.log_steps": 1, "training.save_steps": 0,
+        "data.max_train_examples": 64, "data.max_val_examples": 16, "logging.progress_bar": False}
+
+
+def _raw(tmp_path, **raw) -> dict:
+    base = {"study": {"name": "t", "output_dir": str(tmp_path / "study"), "run_name": "{arm}_s{seed}"}, "base": LM,
+            "overrides": dict(TINY)}
+    base.update(raw)
+    return base
+
+
+def _spec(tmp_path, **raw):
+    from peftlab.studies.spec import spec_from_dict
+
+    return spec_from_dict(_raw(tmp_path, **raw))
+
+
+# ------------------------------------------------------------ 2. paths stay inside the study
+@pytest.mark.parametrize("arm", ["..", ".", "a/b", "..\\x", "tab\there", ".study"])
+def test_arm_names_that_would_leave_the_study_directory_are_refused_at_load(tmp_path, arm):
+    with pytest.raises(ConfigError, match=r"arms\[0\]\.name` .*(outside the study directory|path separators and control)"):
+        _spec(tmp_path, arms=[{"name": arm, "overrides": {"method": "lora"}}], seeds=[1])
+
+
+@pytest.mark.parametrize("template", [".", "..", "{arm}"])
+def test_run_names_dot_and_dotdot_are_refused_before_anything_is_written(tmp_path, template):
+    from peftlab.studies.expand import expand
+
+    spec = _spec(tmp_path, study={"name": "t", "output_dir": str(tmp_path / "study"), "run_name": template},
+                 arms=[{"name": "a", "overrides": {"method": "lora"}}] if template == "{arm}" else [], seeds=[1])
+    if template == "{arm}":  # an arm named .. is caught at load; here the template makes `..` from a grid value
+        spec.study.run_name = "{logging.project}"
+        spec.grid.product = {"logging.project": [".."]}
+    with pytest.raises(ConfigError, match=r"run name of run 1 .* outside the study directory or a hidden one.*study\.run_name"):
+        expand(spec)
+    assert not (tmp_path / "study").exists() and not (tmp_path / "study.log").exists()
+
+
+def test_run_directory_symlinked_out_of_the_study_is_refused(tmp_path):
+    from peftlab.studies.expand import expand
+
+    spec = _spec(tmp_path, arms=[{"name": "a", "overrides": {"method": "lora"}}], seeds=[1])
+    (tmp_path / "study").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "study" / "a_s1").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"resolves to .*elsewhere, outside the study directory"):
+        expand(spec)
+
+
+def test_study_and_scale_names_are_checked_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"`study.name` '\.\.' would name a path outside"):
+        _spec(tmp_path, study={"name": "..", "run_name": "{arm}_s{seed}"})
+    with pytest.raises(ConfigError, match=r"scale name '\.\./up' would name a path outside"):
+        _spec(tmp_path, scales={"../up": {"seeds": [1]}})
+
+
+# ------------------------------------------------------------ 4. sweeps and failures
+def _events(sd: Path, *records: dict) -> None:
+    sd.mkdir(parents=True, exist_ok=True)
+    with open(sd / "study.jsonl", "a") as f:
+        for r in records:
+            f.write(json.dumps({"event": "end", "time": 0, **r}) + "\n")
+
+
+def test_a_run_reported_as_given_up_stays_given_up_at_the_next_sweep(tmp_path):
+    from peftlab.studies.expand import expand
+    from peftlab.studies.runner import fingerprint, plan
+
+    spec = _spec(tmp_path, seeds=[1], execution={"max_attempts_same_error": 2})
+    (t,) = expand(spec)
+    ident = fingerprint(t.cfg)
+    err = "error: no_such_layer"
+    _events(t.run_dir.parent, {"run": t.name, "identity": ident, "outcome": "failed", "error": err},
+            {"run": t.name, "identity": ident, "outcome": "failed", "error": err})
+    assert plan(spec, [t])[0]["status"] == "gave-up"
+    # the sweep that did not retry it records outcome gave-up; the sweep after it must not retry it either
+    _events(t.run_dir.parent, {"run": t.name, "identity": ident, "outcome": "gave-up", "error": f"failed 2x with: {err}"})
+    (row,) = plan(spec, [t])
+    assert row["status"] == "gave-up" and err in row["detail"]
+    assert plan(spec, [t], retry_failed=True)[0]["status"] == "new"
+
+
+def test_a_diverged_run_is_not_resumed_by_the_next_sweep(tmp_path):
+    from peftlab.studies.expand import expand
+    from peftlab.studies.runner import SweepSummary, execute_trial, make_job, plan, sweep
+
+    spec = _spec(tmp_path, seeds=[1])
+    (t,) = expand(spec)
+    t.run_dir.mkdir(parents=True)
+    (t.run_dir / "config.json").write_text(json.dumps(t.cfg.to_dict()))
+    (t.run_dir / "checkpoints" / "step-2").mkdir(parents=True)
+    (t.run_dir / "results_final.json").write_text(json.dumps(
+        {"status": "diverged", "diverged": {"step": 3, "what": "the training loss is nan"}}))
+    for retry in (False, True):
+        (row,) = plan(spec, [t], retry_failed=retry)
+        assert row["status"] == "diverged"
+        assert "diverged at step 3: the training loss is nan; not trained again" in row["detail"]
+    res = execute_trial(make_job(spec, t, t.run_dir.parent))  # a racing worker does not train it either
+    assert res.outcome == "diverged" and not res.trained
+
+    class NoRun:  # the sweep must hand nothing to the executor
+        slots = 1
+
+        def describe(self):
+            return "test"
+
+        def run(self, spec, jobs, *a):
+            assert jobs == []
+
+    summary = sweep(spec, [t], NoRun(), out=open(tmp_path / "out.txt", "w"))
+    assert isinstance(summary, SweepSummary) and not summary.ok and summary.failures == [t.name]
+    assert "NOT retried, diverged at step 3" in (t.run_dir.parent / "study.log").read_text()
