@@ -126,3 +126,25 @@ def test_a_diverged_run_is_not_resumed_by_the_next_sweep(tmp_path):
     summary = sweep(spec, [t], NoRun(), out=open(tmp_path / "out.txt", "w"))
     assert isinstance(summary, SweepSummary) and not summary.ok and summary.failures == [t.name]
     assert "NOT retried, diverged at step 3" in (t.run_dir.parent / "study.log").read_text()
+
+
+# ------------------------------------------------------------ 7. bad records
+def test_chat_record_starting_with_the_assistant_is_counted_not_a_crash(tmp_path):
+    from conftest import make_cfg
+    from peftlab.data.instruction import encode_split, normalize
+    from peftlab.models.tokenizers import byte_tokenizer
+
+    cfg = make_cfg(tmp_path, "lm")
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    first = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "yo"}]}
+    norm, bad = normalize([good, first, good], "chat", cfg, "train")
+    assert len(norm) == 2 and bad.count == 1
+    assert "1 of 3 train records skipped (1 starts with an assistant message" in bad.summary()
+    assert "#1 starts with an assistant message" in bad.summary()
+    enc, bad2, _ = encode_split(norm, byte_tokenizer(), cfg, "train", False)  # what crashed with ValueError before
+    assert len(enc) == 2 and bad2.count == 0
+    with pytest.raises(PeftlabError, match=r"Every train record of 'x' is unusable: 1 of 1 .*starts with an assistant message"):
+        normalize([first], "chat", cfg, "train")[1].check("x")
+    sys_cfg = make_cfg(tmp_path, "lm", data__system_prompt="Be brief.")  # a system message first: rendered and kept
+    assert len(normalize([first], "chat", sys_cfg, "train")[0]) == 1

@@ -235,6 +235,9 @@ def normalize(rows: list, fmt: str, cfg, split: str) -> tuple[list[dict], BadRec
             continue
         if conv[0]["role"] != "system":
             conv = system + conv
+        if conv[0]["role"] == "assistant":  # nothing before the first response to condition it on (or to render)
+            bad.add(i, "starts with an assistant message (no user or system message before it)", row)
+            continue
         out.append({"messages": conv, "alpaca": None})
     return out, bad
 
