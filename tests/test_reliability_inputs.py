@@ -5,6 +5,8 @@ wrong answer. No training here: each case stops at validation or works on writte
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,65 @@ def test_chat_record_starting_with_the_assistant_is_counted_not_a_crash(tmp_path
         normalize([first], "chat", cfg, "train")[1].check("x")
     sys_cfg = make_cfg(tmp_path, "lm", data__system_prompt="Be brief.")  # a system message first: rendered and kept
     assert len(normalize([first], "chat", sys_cfg, "train")[0]) == 1
+
+
+# ------------------------------------------------------------ 8. silent wrong output
+def test_one_non_numeric_val_loss_is_missing_for_that_run_only(tmp_path):
+    import analysis_fixtures as F
+    from peftlab.analysis.collect import aggregate, collect
+
+    for seed, loss in ((1, 0.5), (2, 0.7), (3, 0.9)):
+        F.write_run(tmp_path / f"lora_seed{seed}", "lora", {"training.seed": seed}, task="language_modeling",
+                    final={"train_loss": 0.4, "val_loss": loss}, trainable=100)
+    p = tmp_path / "lora_seed3" / "results_final.json"
+    res = json.loads(p.read_text())
+    res["final"]["val_loss"] = "oops"
+    p.write_text(json.dumps(res))
+    study = collect(tmp_path)
+    t = study.table.set_index("run")
+    assert t.loc["lora_seed1", "val_loss"] == 0.5 and t.loc["lora_seed2", "val_loss"] == 0.7
+    assert t.loc["lora_seed3", "val_loss"] is None or math.isnan(t.loc["lora_seed3", "val_loss"])
+    assert any(re.search(r"run lora_seed3: val_loss is 'oops', not a number; treated as missing for this run only", n)
+               for n in study.notes), study.notes
+    (row,) = aggregate(study).to_dict("records")
+    assert row["n"] == 3 and row["val_loss_mean"] == pytest.approx(0.6) and row["val_loss_std"] == pytest.approx(0.02 ** 0.5)
+    assert row["train_loss_mean"] == pytest.approx(0.4)  # the other columns of that run are kept
+
+
+def test_an_infinite_perplexity_is_a_divergence_not_completed(tmp_path, run_train):
+    from conftest import make_cfg
+    from peftlab.train.guards import Diverged
+
+    cfg = make_cfg(tmp_path, method="full", training__learning_rate=10.0)  # used to end "completed", perplexity inf
+    with pytest.raises(Diverged, match=r"Training diverged at step 12 \(epoch 1\): the evaluation gave val_perplexity=inf "
+                                       r"\(val_loss=.*\)\. Likely cause: the learning rate"):
+        run_train(cfg)
+    res = json.loads((tmp_path / "run" / "results_final.json").read_text())
+    assert res["status"] == "diverged" and "val_perplexity=inf" in res["diverged"]["what"]
+
+
+def test_empty_study_file_is_refused(tmp_path, capsys):
+    from peftlab.cli import main
+
+    for text in ("", "# nothing yet\n", "{}\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        assert main(["sweep", str(tmp_path / "empty.yaml"), "--dry-run"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert re.search(r"study file .*empty\.yaml is empty; a study names at least its runs", err), err
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_estimate_needs_at_least_one_step(tmp_path, capsys, steps):
+    from peftlab.cli import main
+
+    assert main(["estimate", LM, "--steps", steps]) == 2
+    assert f"estimate --steps {steps}: the number of optimizer steps to time must be at least 1" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("methods", [",", "", " , "])
+def test_compare_methods_naming_no_method_is_refused(tmp_path, capsys, methods):
+    from peftlab.cli import main
+
+    assert main(["compare", "--methods", methods, "--output-dir", str(tmp_path / "cmp")]) == 2
+    assert "names no method; give comma-separated names" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "cmp").exists()

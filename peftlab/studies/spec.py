@@ -352,9 +352,12 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
     if not p.is_file():
         raise ConfigError([f"study file {str(p)!r} does not exist; shipped studies live in configs/studies/ (e.g. configs/studies/compare.yaml)."])
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
+    if raw is None or raw == {}:
+        raise ConfigError([f"study file {p} is empty; a study names at least its runs (base:, grid:, arms: or seeds:), "
+                           "see configs/studies/ for examples. An empty file would plan one run with every default."])
     if not isinstance(raw, dict):
         raise ConfigError([f"{p} must be a mapping (study:, base:, grid:, arms:, seeds: ...), not {type(raw).__name__}."])
     spec = spec_from_dict(raw, p.resolve(), commands=commands if follow_ups else None).at_scale(scale)
