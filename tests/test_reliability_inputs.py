@@ -212,3 +212,59 @@ def test_compare_methods_naming_no_method_is_refused(tmp_path, capsys, methods):
     assert main(["compare", "--methods", methods, "--output-dir", str(tmp_path / "cmp")]) == 2
     assert "names no method; give comma-separated names" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "cmp").exists()
+
+
+# ------------------------------------------------------------ 5. encodings
+LATIN1 = "caf\u00e9 na\u00efve\n".encode("latin-1")
+
+
+def test_read_text_names_the_file_and_the_encoding(tmp_path):
+    from peftlab.io import read_text
+
+    p = tmp_path / "a.csv"
+    p.write_bytes(b"text,label\n" + LATIN1)
+    with pytest.raises(PeftlabError, match=r"data file .*a\.csv is not valid UTF-8: byte 0xe9 on line 2 .*iconv -f LATIN1 -t UTF-8"):
+        read_text(p, "data file")
+    assert read_text(p, errors="replace").count("\ufffd") == 2
+    for enc, name in (("utf-16", "UTF-16"), ("utf-32", "UTF-32"), ("utf-16-le", "UTF-16 or UTF-32 \\(no byte-order mark\\)")):
+        p.write_bytes("text,label\nhello,1\n".encode(enc))
+        with pytest.raises(PeftlabError, match=rf"a\.csv is encoded as {name}, but peftlab reads text files as UTF-8"):
+            read_text(p, "data file", errors="replace")
+    p.write_text("text,label\nh\u00e9llo,1\n", encoding="utf-8")
+    assert read_text(p) == "text,label\nh\u00e9llo,1\n"
+
+
+def test_utf16_csv_names_its_encoding_not_a_field_count(tmp_path):
+    from peftlab.data.classification import load_table
+
+    p = tmp_path / "train.csv"
+    p.write_bytes(("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20))).encode("utf-16"))
+    with pytest.raises(PeftlabError, match=r"data file .*train\.csv is encoded as UTF-16, but peftlab reads text files as UTF-8"):
+        load_table(p)
+
+
+@pytest.mark.parametrize("kind", ["study", "estimate", "instruction_jsonl", "instruction_json", "lm_jsonl", "prepare"])
+def test_non_utf8_inputs_are_clear_errors(tmp_path, capsys, kind):
+    from peftlab.cli import main
+
+    if kind in ("study", "estimate"):
+        p = tmp_path / "study.yaml"
+        p.write_bytes(b"study: {name: caf\xe9}\nseeds: [1]\n")
+        argv = ["sweep", str(p), "--dry-run"] if kind == "study" else ["estimate", str(p)]
+        what = "study file" if kind == "study" else "YAML file"
+    elif kind.startswith("instruction"):
+        p = tmp_path / ("chat.jsonl" if kind == "instruction_jsonl" else "chat.json")
+        rec = b'{"instruction": "Say caf\xe9", "output": "ok"}'
+        p.write_bytes(rec + b"\n" if kind == "instruction_jsonl" else b"[" + rec + b"]")
+        argv = ["train", LM, f"--data.dataset={p}", f"--output.dir={tmp_path / 'run'}", "--data.format=instruction"]
+        what = "instruction data file"
+    else:
+        p = tmp_path / "docs.jsonl"
+        p.write_bytes('{"text": "hello"}\n'.encode("utf-16"))
+        argv = (["train", LM, f"--data.dataset={p}", f"--output.dir={tmp_path / 'run'}"] if kind == "lm_jsonl" else
+                ["data", "prepare", str(p), "--output-dir", str(tmp_path / "bins")])
+        what = "data file"
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err
+    assert re.search(rf"{what} .*{re.escape(p.name)} (is not valid UTF-8: byte 0xe9 on line 1|is encoded as UTF-16)", err), err

@@ -296,10 +296,13 @@ def results_table(trials: list[Trial]) -> str:
     for t in trials:
         p = t.run_dir / "results_final.json"
         try:
-            res = json.loads(p.read_text()) if p.is_file() else {}
-        except (OSError, json.JSONDecodeError):
+            res = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+        except (OSError, ValueError):  # bad JSON or not UTF-8
             res = {}
-        final = {k: v for k, v in (res.get("final") or {}).items() if isinstance(v, (int, float)) and k != "train_loss"}
+        if not isinstance(res, dict):
+            res = {}
+        final = res.get("final") if isinstance(res.get("final"), dict) else {}
+        final = {k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "train_loss"}
         metrics = " ".join(f"{k}={v:.4f}" for k, v in final.items()) or "-"
         params = f"{res['trainable_params']:,}" if isinstance(res.get("trainable_params"), int) else "-"
         wall = f"{res['wall_time_s']:.0f}s" if isinstance(res.get("wall_time_s"), (int, float)) else "-"

@@ -39,7 +39,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PeftlabError
+from ..io import read_text
 from ..methods import METHODS
 from ..options import build_section, opt, suggest
 
@@ -352,7 +353,9 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
     if not p.is_file():
         raise ConfigError([f"study file {str(p)!r} does not exist; shipped studies live in configs/studies/ (e.g. configs/studies/compare.yaml)."])
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(read_text(p, "study file"))
+    except PeftlabError as e:
+        raise ConfigError([str(e)]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
     if raw is None or raw == {}:
@@ -367,9 +370,10 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
 
 
 def is_study_file(path: str | Path) -> bool:
-    """True when a YAML file looks like a study (has a `study:` or `grid:`/`arms:` section)."""
+    """True when a YAML file looks like a study (has a `study:` or `grid:`/`arms:` section).
+    A file that is not UTF-8 is a :class:`PeftlabError` naming its encoding (whatever it holds)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml.safe_load(read_text(Path(path), "YAML file")) or {}
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(raw, dict) and any(k in raw for k in ("study", "grid", "arms", "seeds", "scales"))

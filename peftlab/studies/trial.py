@@ -38,17 +38,19 @@ def trial_status(cfg, run_dir: Path) -> tuple[str, str]:
     if not cfg_path.is_file():
         return "new", ""
     try:
-        stored = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        stored = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         return "conflict", f"unreadable config.json ({e})"
+    if not isinstance(stored, dict):
+        return "conflict", f"config.json holds a JSON {type(stored).__name__}, not a run's configuration"
     diff = identity_diff(stored, cfg)
     if diff:
         return "conflict", "holds a run with other settings: " + "; ".join(diff[:4])
     res = run_dir / "results_final.json"
     if res.is_file():
         try:
-            final = json.loads(res.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            final = json.loads(res.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             final = None
         status = final.get("status") if isinstance(final, dict) else None
         if status == "completed":
