@@ -257,7 +257,7 @@ def test_non_utf8_inputs_are_clear_errors(tmp_path, capsys, kind):
         rec = b'{"instruction": "Say caf\xe9", "output": "ok"}'
         p.write_bytes(rec + b"\n" if kind == "instruction_jsonl" else b"[" + rec + b"]")
         argv = ["train", LM, f"--data.dataset={p}", f"--output.dir={tmp_path / 'run'}", "--data.format=instruction"]
-        what = "instruction data file"
+        what = "data file"  # sniffed as "data file" (.jsonl), read as "instruction data file" (.json)
     else:
         p = tmp_path / "docs.jsonl"
         p.write_bytes('{"text": "hello"}\n'.encode("utf-16"))

@@ -149,7 +149,7 @@ def sniff_format(path: Path, cfg) -> Optional[str]:
 
         keys = set(pq.read_schema(path).names)
     elif path.suffix.lower() == ".jsonl":
-        with io.StringIO(read_text(path, "instruction data file"), newline=None) as f:
+        with io.StringIO(read_text(path, "data file"), newline=None) as f:  # any local .jsonl: not yet known as instruction data
             first = next((ln for ln in f if ln.strip()), "")
         try:
             row = json.loads(first)
