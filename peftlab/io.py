@@ -1,10 +1,12 @@
-"""Ground floor: files written safely. Atomic text and strict JSON, whole CSV tables, append-only
-CSV logs, the disk-full error and the check that an output directory can be written.
+"""Ground floor: files written safely and text read clearly. Atomic text and strict JSON, whole CSV
+tables, append-only CSV logs, the disk-full error, the check that an output directory can be
+written, and :func:`read_text`, the UTF-8 reader whose errors name the file and its encoding.
 
 No peftlab imports but :mod:`peftlab.errors`."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import errno
 import io
@@ -204,3 +206,57 @@ def output_path_problem(path: str) -> Optional[str]:
         if e.errno != errno.ENOSYS:
             return f"{p} cannot be used: {e.strerror}."
     return None
+
+
+# ------------------------------------------------------------------------------ reading text
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # before UTF-16: FF FE 00 00 starts with FF FE
+         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def foreign_encoding(head: bytes) -> Optional[str]:
+    """The encoding the first bytes of a file reveal when it is UTF-16 or UTF-32 (a byte-order mark,
+    or NUL bytes between the characters), else None. Plain UTF-8 and ASCII never hold NUL."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return name
+    sample = head[:4096]
+    if sample and sample.count(0) * 4 >= len(sample):
+        return "UTF-16 or UTF-32 (no byte-order mark)"
+    return None
+
+
+def _encoding_error(path: Path, what: str, encoding: str) -> PeftlabError:
+    return PeftlabError(f"{what} {path} is encoded as {encoding}, but peftlab reads text files as UTF-8. Convert it, e.g. "
+                        f"`iconv -f {encoding.split()[0]} -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`, or save it as UTF-8 "
+                        "from your editor or spreadsheet, and give the converted file.")
+
+
+def check_text_head(path: Path, what: str = "file") -> None:
+    """Refuse a UTF-16/UTF-32 file from its first bytes (for readers that stream a file line by line)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    enc = foreign_encoding(head)
+    if enc is not None:
+        raise _encoding_error(path, what, enc)
+
+
+def read_text(path: Path, what: str = "file", errors: str = "strict") -> str:
+    """A whole text file read as UTF-8, for every reader of user files.
+
+    A UTF-16 or UTF-32 file is a :class:`PeftlabError` naming the file and the encoding. With
+    ``errors="strict"`` so is invalid UTF-8, naming the line and byte; ``errors="replace"`` reads
+    stray bad bytes as U+FFFD (for data readers that count them). ``what`` names the file in the
+    message ("study file", "instruction data file", ...)."""
+    path = Path(path)
+    data = path.read_bytes()
+    enc = foreign_encoding(data[:4096])
+    if enc is not None:
+        raise _encoding_error(path, what, enc)
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PeftlabError(f"{what} {path} is not valid UTF-8: byte 0x{data[e.start]:02x} on line {line} (offset {e.start}) "
+                           "cannot be decoded; peftlab reads text files as UTF-8. Convert the file (e.g. a Latin-1 file with "
+                           f"`iconv -f LATIN1 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`) or remove that byte.") from None

@@ -222,6 +222,16 @@ def _number(v: Any) -> Any:
     return v
 
 
+def _measured(v: Any, key: str, run: str, notes: list[str]) -> Any:
+    """``v`` when it is a number or null (missing); anything else is noted and becomes missing for
+    this run only, so one bad value does not turn the whole column into text (and out of the tables)."""
+    if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return v
+    notes.append(f"run {run}: {key} is {v!r}, not a number; treated as missing for this run only "
+                 "(its results_final.json or training_history.json was edited or damaged).")
+    return None
+
+
 def _scalars(d: Optional[dict], prefix: str) -> dict[str, Any]:
     if not d:
         return {}
@@ -310,17 +320,17 @@ def collect(root) -> Study:
         final = res.get("final") or {k: v[-1] for k, v in hist.items() if isinstance(v, list) and v}
         for m in RESULT_METRICS:
             if m in final:
-                row[m] = final[m]
+                row[m] = _measured(final[m], m, r.name, notes)
         for k, v in (res.get("test") or {}).items():  # the end-of-run test split, evaluated with best/'s weights
             if k.startswith("test_") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 row[k] = v
         best = res.get("best") or {}
         if best.get("value") is not None:
-            row[f"best_{best.get('metric')}"] = best["value"]
+            row[f"best_{best.get('metric')}"] = _measured(best["value"], f"best.value ({best.get('metric')})", r.name, notes)
         for k in ("trainable_params", "effective_params", "total_params", "wall_time_s", "peak_memory_mb", "peak_memory_kind",
                   "global_step", "epochs"):
             if k in res:
-                row[k] = res[k]
+                row[k] = res[k] if k == "peak_memory_kind" else _measured(res[k], k, r.name, notes)
         if "trainable_params" not in row and hist.get("trainable_params"):
             row["trainable_params"] = hist["trainable_params"][-1]
             row["effective_params"] = (hist.get("effective_params") or hist["trainable_params"])[-1]

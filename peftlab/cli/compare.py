@@ -148,7 +148,10 @@ def compare(config_path: Optional[str | Path] = None, output_dir: str | Path = D
 
 
 def cmd_compare(args, extra: list[str]) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    if methods == []:  # `--methods ,` or `--methods ""`: not "every method"
+        raise PeftlabError(f"compare --methods {args.methods!r} names no method; give comma-separated names, e.g. "
+                           "--methods lora,dora, or leave --methods out to compare every default method.")
     try:
         rows = compare(args.config, args.output_dir, methods, parse_overrides(extra), quick=args.quick)
     except KeyboardInterrupt:

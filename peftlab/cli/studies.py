@@ -87,6 +87,9 @@ def cmd_sweep(args, extra: list[str]) -> int:
 
 
 def cmd_estimate(args, extra: list[str]) -> int:
+    if args.steps < 1:
+        raise PeftlabError(f"estimate --steps {args.steps}: the number of optimizer steps to time must be at least 1 "
+                           "(default 4; more steps give a steadier per-step time).")
     if is_study_file(args.target):
         spec, trials = _load(args, extra)
         rows = estimate_study(spec, trials, steps=args.steps, slots=max(len(_gpus(args.gpus) or [None]) // spec.execution.processes_per_run, 1))

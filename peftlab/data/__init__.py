@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import hub
 from ..errors import PeftlabError
+from ..io import check_text_head
 from ..options import suggest
 from . import instruction, offline, tasks  # noqa: F401  (each registers its datasets in DATASETS)
 from .bins import is_bin_dir, load_token_bins
@@ -97,7 +98,8 @@ def load_local(path: Path, cfg) -> RawTask:
 def _is_document_jsonl(path: Path, cfg) -> bool:
     import json
 
-    with open(path) as f:
+    check_text_head(path, "data file")
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes later in the file are counted by the readers
         first = f.readline()
     try:
         row = json.loads(first)

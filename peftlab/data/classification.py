@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import PeftlabError
+from ..io import read_text
 from .raw import RawTask
 
 DEFAULT_TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet")
@@ -41,7 +42,7 @@ def load_table(path: Path):
     text = None
     if suf in (".csv", ".tsv", ".json", ".jsonl"):
         # undecodable bytes become U+FFFD and the rows holding them are reported, instead of a traceback
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        text = read_text(path, "data file", errors="replace")  # UTF-16/32: an error naming it
     try:
         if suf == ".csv":
             df = pd.read_csv(io.StringIO(text))

@@ -24,6 +24,7 @@ any response character. Unless ``data.train_on_prompt``, every other token has l
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import torch
 
 from .. import hub
 from ..errors import PeftlabError
+from ..io import read_text
 from .packing import accepts_position_ids, pack_examples, padding_per_epoch, prepare_model_for_packing
 from .raw import SAMPLES_DIR, RawTask, _split_files, register_dataset
 from .splits import _subsample, stratified_split
@@ -103,7 +105,7 @@ def read_records(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with io.StringIO(read_text(path, "instruction data file"), newline=None) as f:  # newlines as open() reads them
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -114,7 +116,7 @@ def read_records(path: Path) -> list:
         return rows
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path, "instruction data file"))
         except json.JSONDecodeError as e:
             raise PeftlabError(f"{path} is not valid JSON ({e}); give a list of records or use JSON Lines (.jsonl).") from None
         if isinstance(data, dict):
@@ -147,7 +149,7 @@ def sniff_format(path: Path, cfg) -> Optional[str]:
 
         keys = set(pq.read_schema(path).names)
     elif path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with io.StringIO(read_text(path, "data file"), newline=None) as f:  # any local .jsonl: not yet known as instruction data
             first = next((ln for ln in f if ln.strip()), "")
         try:
             row = json.loads(first)
@@ -235,6 +237,9 @@ def normalize(rows: list, fmt: str, cfg, split: str) -> tuple[list[dict], BadRec
             continue
         if conv[0]["role"] != "system":
             conv = system + conv
+        if conv[0]["role"] == "assistant":  # nothing before the first response to condition it on (or to render)
+            bad.add(i, "starts with an assistant message (no user or system message before it)", row)
+            continue
         out.append({"messages": conv, "alpaca": None})
     return out, bad
 

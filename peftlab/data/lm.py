@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 
 from ..errors import PeftlabError
+from ..io import check_text_head, read_text
 from .classification import DataWarning
 
 
 def iter_jsonl_documents(path: Path):
     """Stream the ``text`` field of each line of a JSON Lines file (used by token-bin preparation too)."""
+    check_text_head(path, "text data file")  # UTF-16/32: named, not read as garbage
     with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes -> U+FFFD, counted by read_documents
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -34,7 +36,7 @@ def read_documents(path: Path) -> list[str]:
     if path.suffix.lower() == ".jsonl":
         docs = list(iter_jsonl_documents(path))
     else:
-        docs = [path.read_text(encoding="utf-8", errors="replace")]
+        docs = [read_text(path, "text data file", errors="replace")]
     if not any(d.strip() for d in docs):
         raise PeftlabError(f"{path} holds no text.")
     bad = sum(d.count("\ufffd") for d in docs)

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 from .. import hub
 from ..errors import PeftlabError
-from ..io import output_path_problem
+from ..io import output_path_problem, read_text
 from ..models import _load_tokenizer
 from ..options import suggest
 from . import DATASETS, _is_document_jsonl, _split_files, load_local
@@ -95,7 +95,7 @@ def _iter_file(path: Path) -> Iterator[str]:
     if path.suffix.lower() == ".jsonl":
         yield from iter_jsonl_documents(path)
     else:  # a .txt file is one document, as in peftlab.data.lm.read_documents
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield read_text(path, "text data file", errors="replace")
 
 
 def _local_corpus(path: Path, cfg, split_files) -> Optional[_Corpus]:
@@ -114,7 +114,7 @@ def _local_corpus(path: Path, cfg, split_files) -> Optional[_Corpus]:
         return _Corpus(path.name, _iter_file(files["train"]), val, source=str(path))
     txt = sorted(path.rglob("*.txt"))
     if txt:  # a folder of documents, read one at a time
-        return _Corpus(path.name, (p.read_text(encoding="utf-8", errors="replace") for p in txt), total=len(txt), source=str(path))
+        return _Corpus(path.name, (read_text(p, "text data file", errors="replace") for p in txt), total=len(txt), source=str(path))
     raise PeftlabError(f"Folder {path} has no training file (train.jsonl, <name>_train.csv, ...) and no .txt documents.")
 
 

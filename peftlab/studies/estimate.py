@@ -183,8 +183,8 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
     rows = []
     for t in trials:
         status, _ = trial_status(t.cfg, t.run_dir)
-        if status == "done":
-            rows.append({"name": t.name, "status": "done", "seconds": 0.0, "probe": None})
+        if status in ("done", "diverged"):  # a diverged run is not trained again
+            rows.append({"name": t.name, "status": status, "seconds": 0.0, "probe": None})
             continue
         key = _distinct_key(t.cfg)
         if key not in probes:
@@ -204,7 +204,7 @@ def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
     for r in rows:
         p = r["probe"]
         if p is None:
-            print(f"{r['name']:<{w}} : {'':>7} {'':>8} {'':>10}   done (0s)", file=out)
+            print(f"{r['name']:<{w}} : {'':>7} {'':>8} {'':>10}   {r['status']} (0s)", file=out)
             continue
         done = r.get("done_steps") or 0
         left = f"{p.steps - done}/{p.steps}" if done else f"{p.steps}"

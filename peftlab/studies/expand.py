@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from ..config import load_config
 from ..errors import ConfigError
 from .budget import budget_overrides, reference_params, reference_rank
-from .spec import StudySpec
+from .spec import StudySpec, name_problem
 
 _FIELD = re.compile(r"\{([^{}]+)\}")
 _BAD_NAME = re.compile(r"[^A-Za-z0-9._+=-]")
@@ -73,6 +73,15 @@ def render_name(template: str, values: dict[str, Any], cfg_dict: dict[str, Any])
         return format(v, fmt) if fmt else str(v)
 
     return _FIELD.sub(sub, template)
+
+
+def _outside(study_dir: Path, name: str) -> Optional[str]:
+    """Why run directory ``name`` would not lie inside ``study_dir`` once resolved (a symlink out), or None."""
+    root = study_dir.resolve()
+    where = (root / name).resolve()
+    if where == root or root not in where.parents:
+        return f"run directory {study_dir / name} resolves to {where}, outside the study directory {root}."
+    return None
 
 
 def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Optional[dict] = None,
@@ -146,6 +155,10 @@ def expand(spec: StudySpec, output_dir: Optional[Path] = None, budget_cache: Opt
                 if not name or _BAD_NAME.search(name):
                     problems.append(f"run name {name!r} of {label} has characters that do not belong in a directory name "
                                     "(allowed: letters, digits, . _ + = -); change `study.run_name`.")
+                    continue
+                bad = name_problem(f"run name of {label}", name) or _outside(study_dir, name)
+                if bad is not None:
+                    problems.append(f"{bad} The name comes from `study.run_name` {spec.study.run_name!r}; change it.")
                     continue
                 run_dir = study_dir / name
                 cfg = cfg.replace({"output.dir": str(run_dir)})

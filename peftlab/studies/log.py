@@ -70,8 +70,13 @@ def read_events(study_dir: Path) -> list[dict]:
 
 
 def gave_up(events: list[dict], name: str, identity: str, max_same: int) -> Optional[str]:
-    """The error when the run's last ``max_same`` attempts (same settings) failed identically."""
-    ends = [e for e in events if e.get("event") == "end" and e.get("run") == name and e.get("identity") == identity]
+    """The error when the run's last ``max_same`` attempts (same settings) failed identically.
+
+    A sweep that did not retry a run records an ``end`` with outcome ``gave-up``; that is no
+    attempt, so it neither counts nor breaks the run of failures before it (the next sweep does
+    not retry the run either; ``--retry-failed`` does)."""
+    ends = [e for e in events if e.get("event") == "end" and e.get("run") == name and e.get("identity") == identity
+            and e.get("outcome") != "gave-up"]
     tail = []
     for e in reversed(ends):
         if e.get("outcome") != "failed":

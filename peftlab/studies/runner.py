@@ -88,13 +88,16 @@ def varying(trial: Trial, spec: StudySpec) -> dict[str, Any]:
 
 
 def plan(spec: StudySpec, trials: list[Trial], retry_failed: bool = False) -> list[dict[str, Any]]:
-    """The run table: one row per trial with its status (done, partial, new, conflict, gave-up)."""
+    """The run table: one row per trial with its status (done, partial, new, conflict, gave-up, diverged).
+
+    A diverged run is never trained again (not even with ``retry_failed``: resuming it resumes the
+    divergence); a run that failed the same way too often is ``gave-up`` unless ``retry_failed``."""
     events = read_events(spec_dir(spec, trials))
     rows = []
     for t in trials:
         status, detail = trial_status(t.cfg, t.run_dir)
         ident = fingerprint(t.cfg)
-        if status != "done" and not retry_failed:
+        if status not in ("done", "diverged") and not retry_failed:
             err = gave_up(events, t.name, ident, spec.execution.max_attempts_same_error)
             if err is not None:
                 status, detail = "gave-up", f"failed {spec.execution.max_attempts_same_error}x with: {err}"
@@ -231,6 +234,11 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
             if st == "done" and t not in pending_followups:
                 summary.skipped += 1
                 log.say(f"[{pos[t.name]}/{len(trials)}] {t.name}: already done, skipped")
+            elif st == "diverged":
+                summary.gave_up += 1
+                summary.failures.append(t.name)
+                log.say(f"[{pos[t.name]}/{len(trials)}] {t.name}: NOT retried, {rows[t.name]['detail']}")
+                log.event("end", run=t.name, index=t.index, identity=rows[t.name]["identity"], outcome="diverged", error=rows[t.name]["detail"])
             elif st == "gave-up":
                 summary.gave_up += 1
                 summary.failures.append(t.name)
@@ -288,10 +296,13 @@ def results_table(trials: list[Trial]) -> str:
     for t in trials:
         p = t.run_dir / "results_final.json"
         try:
-            res = json.loads(p.read_text()) if p.is_file() else {}
-        except (OSError, json.JSONDecodeError):
+            res = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+        except (OSError, ValueError):  # bad JSON or not UTF-8
             res = {}
-        final = {k: v for k, v in (res.get("final") or {}).items() if isinstance(v, (int, float)) and k != "train_loss"}
+        if not isinstance(res, dict):
+            res = {}
+        final = res.get("final") if isinstance(res.get("final"), dict) else {}
+        final = {k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "train_loss"}
         metrics = " ".join(f"{k}={v:.4f}" for k, v in final.items()) or "-"
         params = f"{res['trainable_params']:,}" if isinstance(res.get("trainable_params"), int) else "-"
         wall = f"{res['wall_time_s']:.0f}s" if isinstance(res.get("wall_time_s"), (int, float)) else "-"

@@ -39,7 +39,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PeftlabError
+from ..io import read_text
 from ..methods import METHODS
 from ..options import build_section, opt, suggest
 
@@ -182,6 +183,25 @@ def _resolve_path(p: str, study_path: Optional[Path]) -> Path:
     return path
 
 
+_CONTROL = {chr(c) for c in range(32)} | {chr(127)}
+
+
+def name_problem(what: str, name: Any) -> Optional[str]:
+    """Why ``name`` cannot name a directory of the study (None when it can): run, arm, study and
+    scale names become path components, so ``.``, ``..``, a leading dot (hidden, and ``.study``
+    is the study's own state), path separators and control characters are refused."""
+    if not isinstance(name, str):
+        return f"{what} {name!r} must be a string."
+    if name in (".", "..") or name.startswith("."):
+        return (f"{what} {name!r} would name a path outside the study directory or a hidden one (.study holds the "
+                "study's state); names may not be `.` or `..` or start with a dot. Rename it, e.g. with letters and digits.")
+    bad = sorted({c for c in name if c in ("/", "\\") or c in _CONTROL})
+    if bad:
+        return (f"{what} {name!r} holds {', '.join(repr(c) for c in bad)}: path separators and control characters do not "
+                "belong in a name that becomes a directory. Rename it (letters, digits, . _ + = -).")
+    return None
+
+
 def _check_dotted(mapping: Any, where: str, problems: list[str]) -> dict:
     if not isinstance(mapping, dict):
         problems.append(f"`{where}` must be a mapping of dotted keys to values (e.g. {{training.seed: 1}}), got {mapping!r}.")
@@ -215,6 +235,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: O
         study.name = path.stem
     if not study.name:
         problems.append("`study.name` is missing; name the study (it is recorded in every run's provenance).")
+    elif (bad := name_problem("`study.name`", study.name)) is not None:
+        problems.append(bad)  # the default study directory is runs/studies/<name>
     base = raw.get("base")
     base_path = None
     if base is not None:
@@ -246,6 +268,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: O
         arm = _section(ArmSection, f"arms[{i}]", a, problems)
         if not arm.name:
             problems.append(f"`arms[{i}]` has no name; every arm needs one ({{arm}} in run names).")
+        elif (bad := name_problem(f"`arms[{i}].name`", arm.name)) is not None:
+            problems.append(bad)
         _check_dotted(arm.overrides, f"arms[{i}].overrides", problems)
         clash = sorted(set(arm.overrides) & (set(grid.product) | set(grid.zip)))
         if clash:
@@ -284,6 +308,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: O
         problems.append(f"`scales` must map a scale name to its changes, e.g. {{cpu: {{seeds: [42]}}}}, got {raw_scales!r}.")
         raw_scales = {}
     for name, sc in raw_scales.items():
+        if (bad := name_problem("scale name", name)) is not None:
+            problems.append(bad)  # the scale's default study directory is <study dir>-<scale>
         scale = _section(ScaleSection, f"scales.{name}", sc, problems)
         _check_dotted(scale.overrides, f"scales.{name}.overrides", problems)
         if scale.base is not None and not _resolve_path(scale.base, path).is_file():
@@ -327,9 +353,14 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
     if not p.is_file():
         raise ConfigError([f"study file {str(p)!r} does not exist; shipped studies live in configs/studies/ (e.g. configs/studies/compare.yaml)."])
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(read_text(p, "study file"))
+    except PeftlabError as e:
+        raise ConfigError([str(e)]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
+    if raw is None or raw == {}:
+        raise ConfigError([f"study file {p} is empty; a study names at least its runs (base:, grid:, arms: or seeds:), "
+                           "see configs/studies/ for examples. An empty file would plan one run with every default."])
     if not isinstance(raw, dict):
         raise ConfigError([f"{p} must be a mapping (study:, base:, grid:, arms:, seeds: ...), not {type(raw).__name__}."])
     spec = spec_from_dict(raw, p.resolve(), commands=commands if follow_ups else None).at_scale(scale)
@@ -339,9 +370,10 @@ def load_study(path: str | Path, scale: Optional[str] = None, follow_ups: bool =
 
 
 def is_study_file(path: str | Path) -> bool:
-    """True when a YAML file looks like a study (has a `study:` or `grid:`/`arms:` section)."""
+    """True when a YAML file looks like a study (has a `study:` or `grid:`/`arms:` section).
+    A file that is not UTF-8 is a :class:`PeftlabError` naming its encoding (whatever it holds)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml.safe_load(read_text(Path(path), "YAML file")) or {}
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(raw, dict) and any(k in raw for k in ("study", "grid", "arms", "seeds", "scales"))

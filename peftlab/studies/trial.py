@@ -30,24 +30,35 @@ TRIAL_ENV = "PEFTLAB_STUDY_TRIAL"  # JSON provenance read by peftlab.tracking.ru
 
 # ------------------------------------------------------------------------- status
 def trial_status(cfg, run_dir: Path) -> tuple[str, str]:
-    """(``done`` | ``partial`` | ``new`` | ``conflict``, detail) of a run directory for ``cfg``."""
+    """(``done`` | ``partial`` | ``new`` | ``conflict`` | ``diverged``, detail) of a run directory for ``cfg``.
+
+    ``diverged``: its results_final.json says the run diverged; resuming it would resume into the
+    same divergence, so a sweep never trains it again (the detail says where and what to change)."""
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         return "new", ""
     try:
-        stored = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        stored = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         return "conflict", f"unreadable config.json ({e})"
+    if not isinstance(stored, dict):
+        return "conflict", f"config.json holds a JSON {type(stored).__name__}, not a run's configuration"
     diff = identity_diff(stored, cfg)
     if diff:
         return "conflict", "holds a run with other settings: " + "; ".join(diff[:4])
     res = run_dir / "results_final.json"
     if res.is_file():
         try:
-            if json.loads(res.read_text()).get("status") == "completed":
-                return "done", ""
-        except (OSError, json.JSONDecodeError):
-            pass
+            final = json.loads(res.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            final = None
+        status = final.get("status") if isinstance(final, dict) else None
+        if status == "completed":
+            return "done", ""
+        if status == "diverged":
+            d = final.get("diverged") if isinstance(final.get("diverged"), dict) else {}
+            return "diverged", (f"diverged at step {d.get('step', '?')}: {d.get('what', 'non-finite values')}; not trained again with "
+                                f"these settings: change them (e.g. training.learning_rate) or delete {run_dir} to start over")
     ck = run_dir / "checkpoints"
     n = len([p for p in ck.iterdir() if p.is_dir() and not p.name.startswith(".")]) if ck.is_dir() else 0
     return "partial", f"{n} checkpoint(s)"
@@ -73,7 +84,7 @@ class TrialJob:
 @dataclass
 class TrialResult:
     name: str
-    outcome: str  # completed | failed | conflict
+    outcome: str  # completed | failed | conflict | diverged
     status_before: str = ""
     returncode: Optional[int] = None
     error: str = ""
@@ -234,6 +245,9 @@ def execute_trial(job: TrialJob) -> TrialResult:
             res.outcome, res.error = "conflict", (f"{run_dir} {detail}; delete it or change study.output_dir / study.run_name "
                                                   "(the study never reuses a directory with other settings)")
             return res
+        if status == "diverged":
+            res.outcome, res.error = "diverged", f"{run_dir} {detail}"
+            return res
         env = {**os.environ, **job.env}
         out_path = state / "output" / f"{job.name}.out"
         if status != "done":
@@ -242,8 +256,11 @@ def execute_trial(job: TrialJob) -> TrialResult:
                 cmd.append("--training.resume_from=latest")
             rc, tail = _run_logged(cmd, env, job.cwd, out_path, lock.fileno())
             res.returncode, res.trained = rc, True
-            if rc != 0 or trial_status(cfg, run_dir)[0] != "done":
+            after = trial_status(cfg, run_dir)[0]
+            if rc != 0 or after != "done":
                 res.error = _error_signature(tail, rc)
+                if after == "diverged":
+                    res.outcome = "diverged"
                 return res
         (state / "followups").mkdir(parents=True, exist_ok=True)
         markers = [followup_marker(state, job.name, i, job.identity) for i in range(len(job.followups))]

@@ -1,6 +1,7 @@
 """Divergence guards: a run whose loss, gradient norm or weights stop being finite is stopped.
 
-The loop calls :func:`check_losses` whenever it reads the step losses from the device (every
+The loop calls :func:`check_metrics` after every evaluation (an infinite perplexity or a NaN
+accuracy is a divergence too) and :func:`check_losses` whenever it reads the step losses from the device (every
 ``log_steps``, at epoch ends and before each checkpoint). On the first non-finite value it
 writes ``results_final.json`` with ``status: diverged`` (the step, what went non-finite, the
 likely cause, the last finite checkpoint to resume from) and raises :class:`Diverged`, a
@@ -61,6 +62,17 @@ def check_losses(trainer, losses: list[float]) -> None:
     if not _finite_params(p for p in trainer.unwrapped().parameters() if p.requires_grad):
         diverge(trainer, "the trainable weights hold NaN or inf after an optimizer step"
                 + (f" (between steps {first} and {step})" if len(losses) > 1 else ""), step=step)
+
+
+def check_metrics(trainer, metrics: dict[str, float]) -> None:
+    """Stop the run when an evaluation gives a non-finite metric (NaN or +-inf). An infinite
+    perplexity is a validation loss beyond exp's range: the model has diverged even where the
+    training losses stayed finite, and the run must not end "completed"."""
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        loss = {k: v for k, v in metrics.items() if k.endswith("_loss") and k not in bad}
+        diverge(trainer, "the evaluation gave " + ", ".join(f"{k}={v}" for k, v in bad.items())
+                + "".join(f" ({k}={v:.4g})" for k, v in loss.items()))
 
 
 def diverge(trainer, what: str, step: Optional[int] = None) -> None:

@@ -260,8 +260,10 @@ class Trainer:
     # ------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
         acc = self.accelerator
-        return evaluate(self.model, self.val_ds, self.collate, self.cfg, self.task, self.num_labels, acc.device,
-                        autocast=acc.autocast, rank=self.rank, world=self.world, reduce=acc.reduce)
+        metrics = evaluate(self.model, self.val_ds, self.collate, self.cfg, self.task, self.num_labels, acc.device,
+                           autocast=acc.autocast, rank=self.rank, world=self.world, reduce=acc.reduce)
+        guards.check_metrics(self, metrics)  # an infinite perplexity is a divergence, not a "completed" run
+        return metrics
 
     def best_metric(self) -> tuple[str, bool]:
         return best_metric(self.cfg, self.task)
