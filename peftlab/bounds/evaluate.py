@@ -221,25 +221,60 @@ def _subset_rows(rows: Rows, keep_units: np.ndarray) -> Rows:
 # ------------------------------------------------------------------ the bound
 
 
+def delta_split(m: int, n: int, delta: float, union_bits: int) -> dict[str, Any]:
+    """How δ is shared between the two terms, and the union each pays (written to the metrics)."""
+    occam, sampling = F.confidence_split(m, n, delta)
+    return {
+        "occam": occam,
+        "sampling": sampling,
+        "choices": 2 ** int(union_bits),
+        "union_bits": int(union_bits),
+        "sampling_per_choice": sampling / 2 ** int(union_bits),
+    }
+
+
+def confidence_statement(m: int, n: int, delta: float, num_alphas: int, misc_bits: int, union_bits: int) -> str:
+    """The sentence of ``statement`` that says how δ is split and what is union-bounded."""
+    choices = f"up to 2^{union_bits} = {2 ** union_bits} choices made on this sample ({num_alphas} values of alpha, " \
+              f"{F.hyperparameter_bits(num_alphas)} bits, and misc_extra_bits = {misc_bits} bits for every other configuration tried)"
+    if n == m:
+        return (f"Every one of the m = {m} units is scored, so there is no sampling term: all of delta = {delta:g} goes to the "
+                f"Occam (PAC-Bayes) term, which pays the union over the hypotheses (prior 2^-K, K the prefix-free message "
+                f"length) and over the {choices} through its extra bits. Each reported bound (smoothed loss, each top-k "
+                "error) holds with probability >= 1-delta.")
+    occam, sampling = F.confidence_split(m, n, delta)
+    return (f"delta = {delta:g} is split with r = n/(n+m) = {n}/({n}+{m}): r*delta = {occam:.6g} to the Occam (PAC-Bayes) term "
+            f"over all m units, a union over the hypotheses (prior 2^-K, K the prefix-free message length) and over the "
+            f"{choices} through its extra bits; (1-r)*delta = {sampling:.6g} to the Hoeffding term of the n sampled units, "
+            f"union-bounded over the same {2 ** union_bits} choices ({sampling / 2 ** union_bits:.6g} each). Each reported "
+            "bound (smoothed loss, each top-k error) holds with probability >= 1-delta.")
+
+
+
 def _weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (x * w).sum(-1) / w.sum()
 
 
 def bound_table(unit_loss: np.ndarray, unit_err: np.ndarray, weights: np.ndarray, alphas, vocab: int, kl: float, m: int, n: int,
-                delta: float) -> dict[str, Any]:
-    """Per-α bounds, the best α, top-k error bounds (Δ = 1)."""
+                delta: float, *, union_bits: float) -> dict[str, Any]:
+    """Per-α bounds, the best α, top-k error bounds (Δ = 1).
+
+    ``kl`` holds the ``union_bits`` already (the prior pays the union over the choices); the
+    sampling term pays them again (:func:`peftlab.bounds.formulas.hoeffding_subsampled_bound`),
+    because the best α (and every choice counted in ``misc_extra_bits``) is picked on this sample.
+    """
     risks = _weighted_mean(unit_loss, weights)  # (A+1,)
     rows = []
     for i, a in enumerate(alphas):
         dlt = F.smoothing_delta(a, vocab)
         rows.append({"alpha": float(a), "empirical_bpd": float(risks[i]), "delta_range_bits": dlt,
-                     "bound_value": F.hoeffding_subsampled_bound(float(risks[i]), kl, m, n, delta, dlt)})
+                     "bound_value": F.hoeffding_subsampled_bound(float(risks[i]), kl, m, n, delta, dlt, union_bits)})
     best = min(rows, key=lambda r: r["bound_value"])
     errs = _weighted_mean(unit_err, weights)
     topk = {}
     for j, k in enumerate(TOPK):
         topk[f"top{k}_error"] = float(errs[j])
-        topk[f"top{k}_error_bound"] = min(1.0, F.hoeffding_subsampled_bound(float(errs[j]), kl, m, n, delta, 1.0))
+        topk[f"top{k}_error_bound"] = min(1.0, F.hoeffding_subsampled_bound(float(errs[j]), kl, m, n, delta, 1.0, union_bits))
     return {"per_alpha": rows, "best": best, "unsmoothed_bpd": float(risks[-1]), **topk}
 
 
@@ -298,7 +333,8 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
 
     loss, err = sc.unit_means()
     vocab = sc.vocab_size
-    table = bound_table(loss, err, sample.weights, alphas, vocab, comp.kl_nats, sample.m, sample.n, bcfg.delta)
+    table = bound_table(loss, err, sample.weights, alphas, vocab, comp.kl_nats, sample.m, sample.n, bcfg.delta,
+                        union_bits=comp.extra_bits)
     best = table["best"]
     best_i = alphas.index(best["alpha"])
     quant_cost: dict[str, Any] = {"units": int(k), "mse": comp.mse, "max_abs_full_precision": comp.max_abs}
@@ -315,7 +351,9 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     wall = time.perf_counter() - t0
     metrics = {
         "bound_type": bcfg.bound_type,
-        "statement": STATEMENTS[bcfg.bound_type],
+        "statement": STATEMENTS[bcfg.bound_type] + " " + confidence_statement(sample.m, sample.n, bcfg.delta, len(alphas),
+                                                                              bcfg.misc_extra_bits, comp.extra_bits),
+        "delta_split": delta_split(sample.m, sample.n, bcfg.delta, comp.extra_bits),
         "bound_value": best["bound_value"],
         "bound_units": "bits per token",
         "empirical_bpd": best["empirical_bpd"],
@@ -428,4 +466,4 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
 
 
 __all__ = ["run_bounds", "compute_bounds", "compress", "resolve_data", "compressible_state", "load_state", "bound_table",
-           "build_sample", "write_metrics", "STATEMENTS"]
+           "build_sample", "write_metrics", "STATEMENTS", "confidence_statement", "delta_split"]
