@@ -164,3 +164,154 @@ def test_statement_when_every_unit_is_scored(tiny):
     assert row["bound_value"] == pytest.approx(
         row["empirical_bpd"] + row["delta_range_bits"] * math.sqrt((m["kl_divergence"] + math.log(20)) / (2 * m["m"])), rel=1e-12)
     assert "no sampling term" in confidence_statement(5, 5, 0.05, 1, 0, 0)
+
+
+# ------------------------------------------------------------------ item 4: k-means against a hand-worked example
+
+
+def test_kmeans_moves_the_bin_means_to_a_lloyd_fixed_point():
+    from peftlab.bounds.quantize import quantize
+
+    # 3 equal-width bins on ±10: [-10, -3.33), [-3.33, 3.33), [3.33, 10]. Bin means: bin 0 empty (its centre
+    # -6.667), bin 1 (six zeros and 3.2) 3.2/7 = 0.457, bin 2 (3.4, 3.5, 10) 5.633. Lloyd, step 1: the midpoint
+    # of 0.457 and 5.633 is 3.045, so 3.2 joins cluster 2: centres 0 and (3.2+3.4+3.5+10)/4 = 5.025; step 2
+    # changes nothing (midpoint 2.5125). Without the iterations the codebook would stay at the bin means.
+    vec = np.array([0.0] * 6 + [3.2, 3.4, 3.5, 10.0])
+    top = 10.0 * (1 + 1e-7) + 1e-12
+    binned = quantize(vec, 3)
+    assert binned.codebook.tolist() == np.array([-2 * top / 3, 3.2 / 7, (3.4 + 3.5 + 10) / 3], dtype=np.float16).tolist()
+    assert binned.symbols.tolist() == [1] * 7 + [2] * 3
+    km = quantize(vec, 3, use_kmeans=True)
+    assert km.codebook.tolist() == np.array([-2 * top / 3, 0.0, 5.025], dtype=np.float16).tolist()
+    assert km.symbols.tolist() == [1] * 6 + [2] * 4
+    # a fixed point: every non-empty centroid is the mean of its members (to fp16)
+    for k in (1, 2):
+        assert float(km.codebook[k]) == pytest.approx(vec[km.symbols == k].mean(), abs=2e-3)
+    assert float(np.mean((km.values() - vec) ** 2)) < float(np.mean((binned.values() - vec) ** 2))
+
+
+# ------------------------------------------------------------------ item 4: QAT against a float64 reference
+
+
+def _qat_reference(w, codebook, target, lr, iters):
+    """Straight-through SGD on loss = Σ (q(w) − t)², written out in float64: the forward sees the nearest centroid,
+    ∂loss/∂w_i = 2(q_i − t_i) goes straight to w_i, and centroid k gets the sum over its members."""
+    w = np.asarray(w, dtype=np.float64).copy()
+    cb = np.asarray(codebook, dtype=np.float64).copy()
+    for _ in range(iters):
+        order = np.argsort(cb, kind="stable")
+        mids = (cb[order][1:] + cb[order][:-1]) / 2
+        sym = order[np.searchsorted(mids, w, side="left")]
+        g = 2.0 * (cb[sym] - target)
+        w = w - lr * g
+        cb = cb - lr * np.bincount(sym, weights=g, minlength=len(cb))
+    return w, cb
+
+
+def _run_qat(w0, target, levels, lr, iters):
+    from peftlab.bounds.quantize import quantization_aware_training, quantize
+
+    p = torch.nn.Parameter(torch.tensor(w0, dtype=torch.float32))
+    t = torch.tensor(target, dtype=torch.float32)
+    q0 = quantize(np.asarray(w0, dtype=np.float64), levels)
+    q = quantization_aware_training({"p": p}, q0, lambda: ((p - t) ** 2).sum(), iters, lr)
+    return q0, q, p.detach().double().numpy()
+
+
+def test_qat_one_step_by_hand():
+    # w = (-1, -0.9, 0.9, 1), 2 levels: codebook fp16(∓0.95) = ∓0.9501953125; t = 0, lr = 0.1.
+    # g = 2·q = (-1.900390625, -1.900390625, 1.900390625, 1.900390625); w ← w − 0.1·g = (-0.80996, -0.70996,
+    # 0.70996, 0.80996) (the gradient reaches w); centroid 0 ← -0.9501953125 + 0.1·2·1.900390625 = -0.5701171875
+    # (the centroids move), rounded to fp16: -0.5703125.
+    q0, q, w = _run_qat([-1.0, -0.9, 0.9, 1.0], [0.0] * 4, 2, 0.1, 1)
+    assert q0.codebook.tolist() == [-0.9501953125, 0.9501953125]
+    np.testing.assert_allclose(w, [-0.809960938, -0.709960938, 0.709960938, 0.809960938], atol=1e-6)
+    assert q.codebook.tolist() == [-0.5703125, 0.5703125]
+    assert q.symbols.tolist() == [0, 0, 1, 1]
+
+
+def test_qat_matches_the_float64_reference_over_several_steps():
+    from peftlab.bounds.quantize import assign
+
+    rng = np.random.default_rng(4)
+    w0 = rng.normal(0, 1, 40)
+    target = rng.normal(0.3, 1.5, 40)
+    q0, q, w = _run_qat(w0, target, 5, 0.05, 6)
+    ref_w, ref_cb = _qat_reference(w0, q0.codebook.astype(np.float64), target, 0.05, 6)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-5)  # the parameter holds the refined weights
+    np.testing.assert_array_equal(q.codebook, ref_cb.astype(np.float16))
+    np.testing.assert_array_equal(q.symbols, assign(ref_w, ref_cb.astype(np.float16)))
+    assert not np.allclose(w, w0) and not np.array_equal(q.codebook, q0.codebook)
+
+
+# ------------------------------------------------------------------ item 4: the sequence count at N ≡ 0 (mod C)
+
+
+@pytest.mark.parametrize("N,C,want", [(256, 64, 3), (257, 64, 4), (258, 64, 4), (64, 64, 0), (65, 64, 1), (10, 64, 0), (1, 1, 0), (2, 1, 1)])
+def test_sequence_count_at_multiples_of_the_context(N, C, want):
+    from peftlab.bounds.scoring import num_sequences, sequence_rows
+
+    # chunk j reads train[jC : jC+C] and predicts train[jC+1 : jC+C+1]: it needs jC + C + 1 <= N tokens
+    assert num_sequences(N, C) == want
+    m = num_sequences(N, C)
+    if m:
+        rows = sequence_rows(np.arange(m), C)
+        assert int((rows.start + rows.length).max()) + 1 <= N  # the last target exists
+        assert (m + 1) * C + 1 > N  # and one more chunk would not fit
+
+
+# ------------------------------------------------------------------ item 4: projectors pinned, kron permutation, QR signs
+
+#: SHA-256 of the float32 bytes of the materialised D×d matrix of a small projector of each kind (seed 137).
+#: These pin torch's random functions (randn, randperm, randint on a seeded CPU generator), LAPACK's QR as
+#: torch calls it, and the projector code: a failure means a projector now differs from the one runs were
+#: trained with (compute once with ``make_projector(kind, D, d, 137, allow_wide=True).matrix()``).
+PINNED = {
+    ("dense", 12, 4): "ef058dae84fbaf3d38bc992c1bb9b288d85eaa64156c3e5b7ad51a577434a1ac",
+    ("kron", 30, 6): "7113d6f33d820d9505adc01b9a7d5a6a0f7c280848cdf8edc52765300d757b42",  # 5×2 factors, 5×2 remainder
+    ("hashed", 20, 6): "aa4d99622bcf94155d5c02c060ec29632b4af4576da26328d2c95e45cd6244c6",
+    ("kron", 6, 30): "51e63bc7fa6a69cdf538a2e45e157ffafec4b28b00a1c2e553c2d94a1a14df85",  # wide: the transpose of a 30×6
+}
+
+
+@pytest.mark.parametrize("kind,D,d", list(PINNED))
+def test_projector_reference_checksum(kind, D, d):
+    import hashlib
+
+    from peftlab.methods.sublora.projectors import make_projector
+
+    P = make_projector(kind, D, d, 137, allow_wide=True).matrix().contiguous()
+    assert P.shape == (D, d) and P.dtype == torch.float32
+    assert hashlib.sha256(P.numpy().tobytes()).hexdigest() == PINNED[(kind, D, d)]
+
+
+def _block_diag(a, b):
+    out = torch.zeros(a.shape[0] + b.shape[0], a.shape[1] + b.shape[1], dtype=a.dtype)
+    out[:a.shape[0], :a.shape[1]] = a
+    out[a.shape[0]:, a.shape[1]:] = b
+    return out
+
+
+def test_kron_projector_is_the_permuted_kronecker_sum():
+    from peftlab.methods.sublora.projectors import make_projector
+
+    p = make_projector("kron", 30, 6, 137)
+    assert (p.D1, p.d1, p.Dr, p.dr) == (5, 2, 5, 2)
+    inner = _block_diag(torch.kron(p.Q1.double(), p.Q2.double()), p.R.double())  # (Q1 ⊗ Q2) ⊕ R
+    P = p.matrix().double()
+    torch.testing.assert_close(P, inner[p.perm], rtol=0, atol=1e-6)  # the rows are permuted by Π
+    assert not torch.equal(p.perm, torch.arange(30))
+    assert (P - inner).abs().max() > 0.1  # without Π it is another matrix
+
+
+@pytest.mark.parametrize("rows,cols", [(12, 4), (5, 2), (7, 7)])
+def test_qr_factors_have_positive_r_diagonal(rows, cols):
+    """Q is the unique QR factor of the seeded Gaussian: R = QᵀM upper triangular with a positive diagonal."""
+    from peftlab.methods.sublora.projectors import _gen, _orthonormal
+
+    q = _orthonormal(rows, cols, _gen(11)).double()
+    m = torch.randn(rows, cols, generator=_gen(11), dtype=torch.float64)  # the same draw
+    r = q.T @ m
+    assert (torch.diagonal(r) > 0).all(), torch.diagonal(r)
+    torch.testing.assert_close(torch.tril(r, -1), torch.zeros_like(r), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q @ r, m, rtol=0, atol=1e-5)
