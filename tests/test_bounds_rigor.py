@@ -315,3 +315,113 @@ def test_qr_factors_have_positive_r_diagonal(rows, cols):
     assert (torch.diagonal(r) > 0).all(), torch.diagonal(r)
     torch.testing.assert_close(torch.tril(r, -1), torch.zeros_like(r), rtol=0, atol=1e-5)
     torch.testing.assert_close(q @ r, m, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ defect 2: P itself is checked on rebuild
+
+
+def _sublora(tmp_path, structure=None, **over):
+    from conftest import make_cfg
+    from peftlab.methods import METHODS, MethodContext
+    from peftlab.models import load_model
+
+    over.setdefault("sublora__intrinsic_dim", 24)
+    cfg = make_cfg(tmp_path, method="sublora", **over)
+    model, _, info = load_model(cfg, "causal_lm")
+    m = METHODS["sublora"](MethodContext(cfg=cfg, task="causal_lm", target_modules=info.target_modules))
+    wrapped = m.apply(model, structure=structure)
+    with torch.no_grad():
+        wrapped.w.copy_(torch.linspace(-0.5, 0.5, wrapped.w.numel()))
+    return m, wrapped.eval()
+
+
+def _drop_kron_permutation(self, w):
+    """KroneckerProjector.forward without the row permutation Π (the audit's silent mutation)."""
+    dt, n = w.dtype, self.d1 * self.d1
+    parts = []
+    if n:
+        parts.append((self.Q1.to(dt) @ w[:n].view(self.d1, self.d1) @ self.Q2.to(dt).T).reshape(-1))
+    if self.Dr:
+        parts.append(self.R.to(dt) @ w[n:])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def test_fingerprint_tells_projectors_apart():
+    from peftlab.methods.sublora.projectors import (FINGERPRINT_RTOL, KroneckerProjector, fingerprint, fingerprint_difference,
+                                                    make_projector)
+
+    for kind in ("kron", "hashed", "dense"):
+        a = fingerprint(make_projector(kind, 300, 40, 137))
+        assert len(a) == 16 and fingerprint_difference(a, fingerprint(make_projector(kind, 300, 40, 137))) == 0.0
+        assert fingerprint_difference(a, fingerprint(make_projector(kind, 300, 40, 138))) > 0.3
+        # float64 from the dense matrix (another summation order) agrees to rounding
+        P = make_projector(kind, 300, 40, 137).matrix().double()
+        from peftlab.methods.sublora.projectors import _sketch, probe_vector
+
+        assert fingerprint_difference(a, (_sketch(P @ probe_vector(40), 16) / math.sqrt(300)).tolist()) < 1e-6
+    p = make_projector("kron", 300, 40, 137)
+    a = fingerprint(p)
+    p.forward = _drop_kron_permutation.__get__(p, KroneckerProjector)
+    assert fingerprint_difference(a, fingerprint(p)) > 100 * FINGERPRINT_RTOL
+
+
+@pytest.mark.parametrize("mode,projector", [("uniform", "kron"), ("fixed", "hashed"), ("learned", "kron")])
+def test_rebuild_verifies_the_projectors(tmp_path, mode, projector):
+    import warnings as _w
+
+    m, model = _sublora(tmp_path, sublora__allocation_mode=mode, sublora__projector=projector)
+    record = json.loads(json.dumps(m.structure(model)))  # through JSON, as method.json
+    assert len(record["projector_fingerprints"]) == len(record["blocks"])
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # a verified rebuild warns about nothing
+        m2, model2 = _sublora(tmp_path, structure=record)
+    ids = torch.arange(12)[None] % 200
+    assert torch.equal(model2(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_rebuild_refuses_a_projector_that_changed(tmp_path, monkeypatch):
+    from peftlab.errors import PeftlabError
+    from peftlab.methods.sublora import projectors
+
+    m, model = _sublora(tmp_path)
+    record = json.loads(json.dumps(m.structure(model)))
+    with monkeypatch.context() as mp:  # the projector code changed: no permutation at rebuild
+        mp.setattr(projectors.KroneckerProjector, "forward", _drop_kron_permutation)
+        with pytest.raises(PeftlabError, match=r"projector 0 \(kron, side all, D=.*seed 137\) rebuilt from the recorded seed is not"):
+            _sublora(tmp_path, structure=record)
+    with monkeypatch.context() as mp:  # torch's random functions changed: another stream for the same seed
+        mp.setattr(projectors, "_gen", lambda seed: torch.Generator().manual_seed(int(seed) + 1))
+        with pytest.raises(PeftlabError, match="torch's random functions"):
+            _sublora(tmp_path, structure=record)
+    bad = json.loads(json.dumps(record))
+    bad["projector_fingerprints"][0][3] += 0.01
+    with pytest.raises(PeftlabError, match="fingerprint differs by"):
+        _sublora(tmp_path, structure=bad)
+
+
+def test_old_record_without_fingerprints_loads_with_a_warning(tmp_path):
+    from peftlab.methods.sublora.method import UnverifiedProjectorWarning
+
+    m, model = _sublora(tmp_path, sublora__allocation_mode="fixed")
+    record = json.loads(json.dumps(m.structure(model)))
+    del record["projector_fingerprints"]
+    with pytest.warns(UnverifiedProjectorWarning, match="cannot be verified"):
+        m2, model2 = _sublora(tmp_path, structure=record)
+    assert len(m2.structure(model2)["projector_fingerprints"]) == 2  # the rebuilt record holds them again
+    ids = torch.arange(12)[None] % 200
+    assert torch.equal(model2(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_load_run_refuses_a_changed_projector(tmp_path, run_train, monkeypatch):
+    from conftest import make_cfg
+    from peftlab.errors import PeftlabError
+    from peftlab.methods.sublora import projectors
+    from peftlab.runs import load_run
+
+    run_train(make_cfg(tmp_path, method="sublora", sublora__intrinsic_dim=24, training__max_steps=2, logging__progress_bar=False))
+    run = tmp_path / "run"
+    assert "projector_fingerprints" in json.loads((run / "method.json").read_text())
+    load_run(run, "final")  # verified
+    monkeypatch.setattr(projectors.KroneckerProjector, "forward", _drop_kron_permutation)
+    with pytest.raises(PeftlabError, match="is not the one the run was trained with"):
+        load_run(run, "final")
