@@ -425,3 +425,86 @@ def test_load_run_refuses_a_changed_projector(tmp_path, run_train, monkeypatch):
     monkeypatch.setattr(projectors.KroneckerProjector, "forward", _drop_kron_permutation)
     with pytest.raises(PeftlabError, match="is not the one the run was trained with"):
         load_run(run, "final")
+
+
+# ------------------------------------------------------------------ defect 3: the gates φ get their own codebook
+
+
+def _learned_with_large_gates(tmp_path):
+    m, model = _sublora(tmp_path, sublora__allocation_mode="learned", sublora__intrinsic_dim=64)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        model.w.copy_(torch.randn(64, generator=g) * 0.05)  # max|w| ≈ 0.12
+        model.phi.copy_(torch.tensor([3.0, -2.5]))  # |φ| ≫ max|w|: γ = 0.95 and 0.08
+    return m, model
+
+
+def test_learned_gates_do_not_take_the_levels_of_w(tmp_path):
+    from peftlab.bounds.evaluate import compress, compression_groups
+
+    m, model = _learned_with_large_gates(tmp_path)
+    state = m.compressible_state(model)
+    assert list(state) == ["w", "phi"] and compression_groups(m, state) == [["w"], ["phi"]]
+    c = bounds_config({"bounds.levels": 11})
+    shared = compress(state, c, groups=[["w", "phi"]])  # one codebook on ±3 (what the bound did before)
+    split = compress(state, c, groups=compression_groups(m, state))
+    w = state["w"].double()
+    # one codebook: 11 bins of width 6/11 ≈ 0.55 on ±3, so all of w falls into the one or two bins around 0
+    assert len(torch.unique(shared.state["w"])) <= 2
+    assert len(torch.unique(split.state["w"])) == 11  # its own codebook on ±max|w|: w keeps every level
+    mse_shared = float(((shared.state["w"].double() - w) ** 2).mean())
+    mse_split = float(((split.state["w"].double() - w) ** 2).mean())
+    assert mse_split < mse_shared / 20
+    # the gates: 2 numbers, 2 levels (group_levels), two equal-width bins on ±3: each its own centroid
+    assert split.groups[1].quantized.levels == 2
+    assert split.state["phi"].tolist() == [3.0, -2.5]
+    # the message counts both codes, each prefix-free: K = Σ (ℓ_g + 2·log₂ ℓ_g)
+    gw, gp = split.groups
+    assert gw.message_bits == F.message_length_bits(gw.coded_bits, 11, 64)
+    assert gp.message_bits == F.message_length_bits(gp.coded_bits, 2, 2)
+    assert split.message_bits == gw.message_bits + gp.message_bits
+    assert split.prefix_bits == pytest.approx(F.prefix_free_length(gw.message_bits) + F.prefix_free_length(gp.message_bits), rel=1e-15)
+    assert split.kl_nats == pytest.approx((split.prefix_bits + split.extra_bits) * LN2, rel=1e-15)
+    assert split.coded_bits == gw.coded_bits + gp.coded_bits and split.d == 66
+
+
+def test_one_group_is_the_old_code(tiny):
+    """A single group gives exactly the single-codebook numbers: ℓ = coded + 16·L + L·⌈log₂ d⌉, K = ℓ + 2·log₂ ℓ."""
+    from peftlab.bounds.evaluate import compress
+
+    model, _, _ = tiny
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    comp = compress(state, bounds_config({"bounds.levels": 11}))
+    assert len(comp.groups) == 1 and comp.groups[0].tensors == list(state)
+    assert comp.message_bits == F.message_length_bits(comp.coded_bits, 11, comp.d)
+    assert comp.prefix_bits == F.prefix_free_length(comp.message_bits)
+
+
+@pytest.mark.parametrize("quant_iters", [0, 2])
+def test_bounds_of_a_learned_run_code_the_gates_apart(tmp_path, tiny, quant_iters):
+    _, run_cfg, d = tiny
+    m, model = _learned_with_large_gates(tmp_path)
+    c = bounds_config({"bounds.progress_bar": False, "bounds.full_precision_units": 0, "bounds.bound_type": "token_level",
+                       "bounds.num_docs": 100, "bounds.quant_iters": quant_iters, "bounds.quant_lr": 1e-4})
+    out = compute_bounds(model, m, run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
+    groups = out["compression_groups"]
+    assert [g["tensors"] for g in groups] == [["w"], ["phi"]]
+    assert [g["levels"] for g in groups] == [11, 2] and [g["numbers"] for g in groups] == [64, 2]
+    assert out["compressed_size_bits"] == groups[0]["message_bits"] + groups[1]["message_bits"]
+    assert out["prefix_message_len"] == pytest.approx(groups[0]["prefix_bits"] + groups[1]["prefix_bits"], rel=1e-15)
+    assert out["kl_divergence"] == pytest.approx((out["prefix_message_len"] + out["extra_bits"]) * LN2, rel=1e-12)
+    assert len(torch.unique(model.w.detach())) == 11  # the scored (quantized) model: w kept its 11 levels
+    assert len(torch.unique(model.phi.detach())) == 2
+
+
+def test_quantization_error_after_qat_is_against_the_refined_weights():
+    """Item 5: the error reported after QAT compares the quantized vector with the refined weights, not the pre-QAT ones."""
+    from peftlab.bounds.evaluate import compress
+
+    state = {"w": torch.linspace(-1, 1, 50), "phi": torch.tensor([2.0, -1.0])}
+    refined = {"w": state["w"] * 0.5, "phi": state["phi"]}
+    comp = compress(state, bounds_config({"bounds.levels": 5}), refine=lambda qs: (qs, refined), groups=[["w"], ["phi"]])
+    q = torch.cat([comp.state["w"], comp.state["phi"]]).double()
+    ref = torch.cat([refined["w"], refined["phi"]]).double()
+    assert comp.mse == pytest.approx(float(((q - ref) ** 2).mean()), rel=1e-12)
+    assert comp.max_abs == 2.0

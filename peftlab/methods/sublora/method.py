@@ -624,6 +624,11 @@ class SubLoRA(Method):
             out["phi"] = model.phi.detach().clone()
         return out
 
+    def compression_groups(self, state: dict[str, torch.Tensor]) -> list[list[str]]:
+        """w and the gates φ get separate codebooks in a compression bound: the gate logits can
+        be far larger than w's entries, and in one codebook on ±max|·| they would take w's levels."""
+        return [[k] for k in state]
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
 
