@@ -13,7 +13,13 @@ import torch
 
 from peftlab.bounds import formulas as F
 from peftlab.bounds.config import bounds_config
-from peftlab.bounds.evaluate import bound_table, compute_bounds, confidence_statement, delta_split, write_metrics
+from peftlab.bounds.evaluate import (
+    bound_table,
+    compute_bounds,
+    confidence_statement,
+    delta_split,
+    write_metrics,
+)
 from peftlab.data.bins import prepare_token_bins
 from peftlab.models.tokenizers import byte_tokenizer
 
@@ -69,7 +75,7 @@ def test_bound_table_pays_the_union_in_both_terms():
     """Every per-α bound and every top-k bound of the table against the float64 formula with the union."""
     rng = np.random.default_rng(0)
     alphas = (0.01, 0.05, 0.1, 0.25)
-    V, m, n, delta, bits = 49_152, 2_640_067, 1000, 0.05, 10
+    V, m, delta, bits = 49_152, 2_640_067, 0.05, 10
     units = 700
     loss = rng.uniform(2.0, 6.0, size=(len(alphas) + 1, units))
     err = rng.uniform(0.0, 1.0, size=(3, units))
@@ -322,6 +328,7 @@ def test_qr_factors_have_positive_r_diagonal(rows, cols):
 
 def _sublora(tmp_path, structure=None, **over):
     from conftest import make_cfg
+
     from peftlab.methods import METHODS, MethodContext
     from peftlab.models import load_model
 
@@ -347,8 +354,13 @@ def _drop_kron_permutation(self, w):
 
 
 def test_fingerprint_tells_projectors_apart():
-    from peftlab.methods.sublora.projectors import (FINGERPRINT_RTOL, KroneckerProjector, fingerprint, fingerprint_difference,
-                                                    make_projector)
+    from peftlab.methods.sublora.projectors import (
+        FINGERPRINT_RTOL,
+        KroneckerProjector,
+        fingerprint,
+        fingerprint_difference,
+        make_projector,
+    )
 
     for kind in ("kron", "hashed", "dense"):
         a = fingerprint(make_projector(kind, 300, 40, 137))
@@ -374,7 +386,7 @@ def test_rebuild_verifies_the_projectors(tmp_path, mode, projector):
     assert len(record["projector_fingerprints"]) == len(record["blocks"])
     with _w.catch_warnings():
         _w.simplefilter("error")  # a verified rebuild warns about nothing
-        m2, model2 = _sublora(tmp_path, structure=record)
+        _, model2 = _sublora(tmp_path, structure=record)
     ids = torch.arange(12)[None] % 200
     assert torch.equal(model2(input_ids=ids).logits, model(input_ids=ids).logits)
 
@@ -414,6 +426,7 @@ def test_old_record_without_fingerprints_loads_with_a_warning(tmp_path):
 
 def test_load_run_refuses_a_changed_projector(tmp_path, run_train, monkeypatch):
     from conftest import make_cfg
+
     from peftlab.errors import PeftlabError
     from peftlab.methods.sublora import projectors
     from peftlab.runs import load_run

@@ -302,7 +302,6 @@ def confidence_statement(m: int, n: int, delta: float, num_alphas: int, misc_bit
             "bound (smoothed loss, each top-k error) holds with probability >= 1-delta.")
 
 
-
 def _weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (x * w).sum(-1) / w.sum()
 
@@ -521,5 +520,5 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     return metrics
 
 
-__all__ = ["run_bounds", "compute_bounds", "compress", "compression_groups", "group_levels", "resolve_data", "compressible_state", "load_state", "bound_table",
-           "build_sample", "write_metrics", "STATEMENTS", "confidence_statement", "delta_split"]
+__all__ = ["run_bounds", "compute_bounds", "compress", "compression_groups", "group_levels", "resolve_data", "compressible_state",
+           "load_state", "bound_table", "build_sample", "write_metrics", "STATEMENTS", "confidence_statement", "delta_split"]
