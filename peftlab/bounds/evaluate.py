@@ -133,9 +133,36 @@ def load_state(method: Any, model: torch.nn.Module, state: dict[str, torch.Tenso
             named[k].copy_(v.to(named[k].device, named[k].dtype))
 
 
+def compression_groups(method: Any, state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Which tensors share a codebook: the method's choice (``method.compression_groups(state)``,
+    e.g. SubLoRA codes its gates apart from w), else all of them in one group."""
+    fn = getattr(method, "compression_groups", None)
+    groups = [list(g) for g in fn(state)] if fn is not None else [list(state)]
+    names = [k for g in groups for k in g]
+    if sorted(names) != sorted(state) or len(set(names)) != len(names) or not all(groups):
+        raise PeftlabError(f"the method's compression_groups {groups} must split the compressible tensors {list(state)} into "
+                           "non-empty groups, each tensor in exactly one.")
+    return groups
+
+
+@dataclass
+class GroupCode:
+    """One codebook's share of the message: its tensors, quantization and code length."""
+
+    tensors: list[str]
+    quantized: Quantized
+    coded_bits: int
+    message_bits: float
+    prefix_bits: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensors": self.tensors, "numbers": len(self.quantized.symbols), "levels": self.quantized.levels,
+                "coded_symbol_bits": self.coded_bits, "message_bits": self.message_bits, "prefix_bits": self.prefix_bits}
+
+
 @dataclass
 class Compression:
-    quantized: Quantized
+    quantized: Quantized  #: the first group's quantization (the only one unless the method splits its state)
     state: dict[str, torch.Tensor]  #: dequantized tensors, shaped like the originals
     d: int
     coded_bits: int
@@ -145,33 +172,58 @@ class Compression:
     kl_nats: float
     mse: float
     max_abs: float
+    groups: list[GroupCode]
 
 
-def compress(state: dict[str, torch.Tensor], bcfg: BoundsConfig, refine: Optional[Callable[[Quantized], Quantized]] = None) -> Compression:
-    """Quantize, code, decode and check; the prior's code length and the KL term."""
-    vec = flatten_state(state)
-    d = int(vec.size)
+Refiner = Callable[[list[Quantized]], "tuple[list[Quantized], dict[str, torch.Tensor]]"]
+
+
+def group_levels(levels: int, numbers: int) -> int:
+    """Levels of a group's codebook: ``levels``, but no more than the group has numbers (at least 2)."""
+    return max(2, min(int(levels), int(numbers)))
+
+
+def compress(state: dict[str, torch.Tensor], bcfg: BoundsConfig, refine: Optional[Refiner] = None,
+             groups: Optional[list[list[str]]] = None) -> Compression:
+    """Quantize, code, decode and check; the prior's code length and the KL term.
+
+    Each group of tensors (``groups``, default all in one) gets its own codebook of
+    :func:`group_levels` levels and its own arithmetic code; the message is the
+    concatenation of the groups' prefix-free codes, so ``K = Σ_g (ℓ_g + 2·log₂ ℓ_g)``
+    (one group: ``ℓ + 2·log₂ ℓ`` as before). ``refine`` (quantization-aware training) takes
+    and returns the groups' quantizations, with the refined full-precision tensors.
+    """
+    groups = [list(state)] if groups is None else groups
+    parts = [{k: state[k] for k in g} for g in groups]
+    vecs = [flatten_state(p) for p in parts]
+    d = int(sum(v.size for v in vecs))
     if d < 2:
         raise PeftlabError(f"the compressible state holds {d} number(s); there is nothing to compress for a bound.")
-    if not np.all(np.isfinite(vec)):
+    if not all(np.all(np.isfinite(v)) for v in vecs):
         raise PeftlabError("the trained tensors hold NaN or infinite values; the run diverged and has no bound.")
-    q = quantize(vec, bcfg.levels, use_kmeans=bcfg.use_kmeans)
+    qs = [quantize(v, group_levels(bcfg.levels, v.size), use_kmeans=bcfg.use_kmeans) for v in vecs]
     if refine is not None:
-        q = refine(q)
-        vec = None  # QAT changed the full-precision weights; the error below is against the refined ones
-    enc = coding.encode(q.symbols, q.levels)
-    decoded = coding.decode(enc)
-    if not np.array_equal(decoded, q.symbols):  # pragma: no cover - constriction guarantees this
-        raise RuntimeError("arithmetic decoding did not reproduce the quantized symbols")
-    values = q.codebook.astype(np.float32)[decoded]
-    message = F.message_length_bits(enc.num_bits, q.levels, d)
-    prefix = F.prefix_free_length(message)
+        qs, refined = refine(qs)
+        vecs = [flatten_state({k: refined[k] for k in g}) for g in groups]  # the error below is against the refined weights
+    codes, values, out = [], [], {}
+    for g, part, q in zip(groups, parts, qs):
+        enc = coding.encode(q.symbols, q.levels)
+        decoded = coding.decode(enc)
+        if not np.array_equal(decoded, q.symbols):  # pragma: no cover - constriction guarantees this
+            raise RuntimeError("arithmetic decoding did not reproduce the quantized symbols")
+        v = q.codebook.astype(np.float32)[decoded]
+        values.append(v)
+        out.update(unflatten_state(v.astype(np.float64), part))
+        message = F.message_length_bits(enc.num_bits, q.levels, len(q.symbols))
+        codes.append(GroupCode(list(g), q, enc.num_bits, message, F.prefix_free_length(message)))
+    message = float(sum(c.message_bits for c in codes))
+    prefix = float(sum(c.prefix_bits for c in codes))
     extra = F.extra_bits(len(bcfg.alphas), bcfg.misc_extra_bits)
-    ref = flatten_state(state) if vec is None else vec
+    allv, ref = np.concatenate(values), np.concatenate(vecs)
     return Compression(
-        quantized=q, state=unflatten_state(values.astype(np.float64), state), d=d, coded_bits=enc.num_bits,
+        quantized=qs[0], state={k: out[k] for k in state}, d=d, coded_bits=int(sum(c.coded_bits for c in codes)),
         message_bits=message, prefix_bits=prefix, extra_bits=extra, kl_nats=F.kl_nats(prefix, extra),
-        mse=float(np.mean((values - ref) ** 2)), max_abs=float(np.max(np.abs(ref))),
+        mse=float(np.mean((allv - ref) ** 2)), max_abs=float(np.max(np.abs(ref))), groups=codes,
     )
 
 
@@ -221,25 +273,59 @@ def _subset_rows(rows: Rows, keep_units: np.ndarray) -> Rows:
 # ------------------------------------------------------------------ the bound
 
 
+def delta_split(m: int, n: int, delta: float, union_bits: int) -> dict[str, Any]:
+    """How δ is shared between the two terms, and the union each pays (written to the metrics)."""
+    occam, sampling = F.confidence_split(m, n, delta)
+    return {
+        "occam": occam,
+        "sampling": sampling,
+        "choices": 2 ** int(union_bits),
+        "union_bits": int(union_bits),
+        "sampling_per_choice": sampling / 2 ** int(union_bits),
+    }
+
+
+def confidence_statement(m: int, n: int, delta: float, num_alphas: int, misc_bits: int, union_bits: int) -> str:
+    """The sentence of ``statement`` that says how δ is split and what is union-bounded."""
+    choices = f"up to 2^{union_bits} = {2 ** union_bits} choices made on this sample ({num_alphas} values of alpha, " \
+              f"{F.hyperparameter_bits(num_alphas)} bits, and misc_extra_bits = {misc_bits} bits for every other configuration tried)"
+    if n == m:
+        return (f"Every one of the m = {m} units is scored, so there is no sampling term: all of delta = {delta:g} goes to the "
+                f"Occam (PAC-Bayes) term, which pays the union over the hypotheses (prior 2^-K, K the prefix-free message "
+                f"length) and over the {choices} through its extra bits. Each reported bound (smoothed loss, each top-k "
+                "error) holds with probability >= 1-delta.")
+    occam, sampling = F.confidence_split(m, n, delta)
+    return (f"delta = {delta:g} is split with r = n/(n+m) = {n}/({n}+{m}): r*delta = {occam:.6g} to the Occam (PAC-Bayes) term "
+            f"over all m units, a union over the hypotheses (prior 2^-K, K the prefix-free message length) and over the "
+            f"{choices} through its extra bits; (1-r)*delta = {sampling:.6g} to the Hoeffding term of the n sampled units, "
+            f"union-bounded over the same {2 ** union_bits} choices ({sampling / 2 ** union_bits:.6g} each). Each reported "
+            "bound (smoothed loss, each top-k error) holds with probability >= 1-delta.")
+
+
 def _weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (x * w).sum(-1) / w.sum()
 
 
 def bound_table(unit_loss: np.ndarray, unit_err: np.ndarray, weights: np.ndarray, alphas, vocab: int, kl: float, m: int, n: int,
-                delta: float) -> dict[str, Any]:
-    """Per-α bounds, the best α, top-k error bounds (Δ = 1)."""
+                delta: float, *, union_bits: float) -> dict[str, Any]:
+    """Per-α bounds, the best α, top-k error bounds (Δ = 1).
+
+    ``kl`` holds the ``union_bits`` already (the prior pays the union over the choices); the
+    sampling term pays them again (:func:`peftlab.bounds.formulas.hoeffding_subsampled_bound`),
+    because the best α (and every choice counted in ``misc_extra_bits``) is picked on this sample.
+    """
     risks = _weighted_mean(unit_loss, weights)  # (A+1,)
     rows = []
     for i, a in enumerate(alphas):
         dlt = F.smoothing_delta(a, vocab)
         rows.append({"alpha": float(a), "empirical_bpd": float(risks[i]), "delta_range_bits": dlt,
-                     "bound_value": F.hoeffding_subsampled_bound(float(risks[i]), kl, m, n, delta, dlt)})
+                     "bound_value": F.hoeffding_subsampled_bound(float(risks[i]), kl, m, n, delta, dlt, union_bits)})
     best = min(rows, key=lambda r: r["bound_value"])
     errs = _weighted_mean(unit_err, weights)
     topk = {}
     for j, k in enumerate(TOPK):
         topk[f"top{k}_error"] = float(errs[j])
-        topk[f"top{k}_error_bound"] = min(1.0, F.hoeffding_subsampled_bound(float(errs[j]), kl, m, n, delta, 1.0))
+        topk[f"top{k}_error_bound"] = min(1.0, F.hoeffding_subsampled_bound(float(errs[j]), kl, m, n, delta, 1.0, union_bits))
     return {"per_alpha": rows, "best": best, "unsmoothed_bpd": float(risks[-1]), **topk}
 
 
@@ -265,12 +351,14 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     state = compressible_state(method, model)
     if not state:
         raise PeftlabError("the run's method exposes no compressible tensors (nothing was trained), so there is no compression bound.")
+    groups = compression_groups(method, state)
+    state = {k: state[k] for g in groups for k in g}  # group by group: QAT sees each group's entries consecutively
     fp_state = {k: v.detach().clone() for k, v in state.items()}
 
     refine = None
     if bcfg.quant_iters > 0:
         refine = _qat_refiner(model, state, tokens, context, bcfg, device, log)
-    comp = compress(state, bcfg, refine)
+    comp = compress(state, bcfg, refine, groups)
     if refine is not None:  # QAT moved the full-precision weights; the fp baseline is the refined one
         fp_state = compressible_state(method, model)
         fp_state = {k: v.detach().clone() for k, v in fp_state.items()}
@@ -298,7 +386,8 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
 
     loss, err = sc.unit_means()
     vocab = sc.vocab_size
-    table = bound_table(loss, err, sample.weights, alphas, vocab, comp.kl_nats, sample.m, sample.n, bcfg.delta)
+    table = bound_table(loss, err, sample.weights, alphas, vocab, comp.kl_nats, sample.m, sample.n, bcfg.delta,
+                        union_bits=comp.extra_bits)
     best = table["best"]
     best_i = alphas.index(best["alpha"])
     quant_cost: dict[str, Any] = {"units": int(k), "mse": comp.mse, "max_abs_full_precision": comp.max_abs}
@@ -315,7 +404,9 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     wall = time.perf_counter() - t0
     metrics = {
         "bound_type": bcfg.bound_type,
-        "statement": STATEMENTS[bcfg.bound_type],
+        "statement": STATEMENTS[bcfg.bound_type] + " " + confidence_statement(sample.m, sample.n, bcfg.delta, len(alphas),
+                                                                              bcfg.misc_extra_bits, comp.extra_bits),
+        "delta_split": delta_split(sample.m, sample.n, bcfg.delta, comp.extra_bits),
         "bound_value": best["bound_value"],
         "bound_units": "bits per token",
         "empirical_bpd": best["empirical_bpd"],
@@ -333,6 +424,7 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
         "quant_iters": bcfg.quant_iters,
         "compressed_numbers": comp.d,
         "compressed_tensors": len(state),
+        "compression_groups": [g.to_dict() for g in comp.groups],
         "n": sample.n,
         "n_unique": int(len(sample.units)),
         "m": sample.m,
@@ -376,10 +468,11 @@ def _qat_refiner(model, state, tokens, context, bcfg, device, log):
         out = model(input_ids=x[:, :-1])
         return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten())
 
-    def refine(q: Quantized) -> Quantized:
+    def refine(qs: list[Quantized]) -> tuple[list[Quantized], dict[str, torch.Tensor]]:
         log(f"bounds: quantization-aware training, {bcfg.quant_iters} steps")
         with torch.enable_grad():
-            return quantization_aware_training(live, q, loss_fn, bcfg.quant_iters, bcfg.quant_lr)
+            out = quantization_aware_training(live, list(qs), loss_fn, bcfg.quant_iters, bcfg.quant_lr)
+        return out, {k: p.detach().clone() for k, p in live.items()}  # the refined full-precision weights
 
     return refine
 
@@ -427,5 +520,5 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     return metrics
 
 
-__all__ = ["run_bounds", "compute_bounds", "compress", "resolve_data", "compressible_state", "load_state", "bound_table",
-           "build_sample", "write_metrics", "STATEMENTS"]
+__all__ = ["run_bounds", "compute_bounds", "compress", "compression_groups", "group_levels", "resolve_data", "compressible_state",
+           "load_state", "bound_table", "build_sample", "write_metrics", "STATEMENTS", "confidence_statement", "delta_split"]

@@ -62,7 +62,9 @@ def extra_bits(num_alphas: int, misc_extra_bits: int) -> int:
     ``misc_extra_bits`` pays for every other choice the user tried (levels, learning
     rates, …); the α grid is paid once, ``⌈log₂ |α grid|⌉`` bits. The public SubLoRA code
     adds 8 bits *per α* (a union over α counted ``|grid|`` times); that is a bug that only
-    loosens the bound, fixed here.
+    loosens the bound, fixed here. These bits are paid in both terms of the bound: in the
+    prior (:func:`kl_nats`) and in the sampling term (``union_bits`` of
+    :func:`hoeffding_subsampled_bound`), since the choices are made on the same sample.
     """
     if misc_extra_bits < 0:
         raise ValueError(f"misc_extra_bits must be >= 0, got {misc_extra_bits}")
@@ -108,14 +110,24 @@ def smoothed_nll_bits(log_probs_target: torch.Tensor, alphas: Sequence[float], v
     return -mixed / LN2
 
 
-def hoeffding_subsampled_bound(risk: float, kl: float, m: int, n: int, delta: float, value_range: float) -> float:
+def hoeffding_subsampled_bound(risk: float, kl: float, m: int, n: int, delta: float, value_range: float,
+                               union_bits: float = 0.0) -> float:
     """Bound on the expected risk from a risk ``risk`` estimated on ``n`` of ``m`` units.
 
     With ``r = n/(n+m)`` the failure probability δ is split into ``r·δ`` for the PAC-Bayes
     (Occam) term over all ``m`` units and ``(1−r)·δ`` for the Hoeffding term of sampling
-    ``n`` units uniformly with replacement:
+    ``n`` units uniformly with replacement. ``union_bits`` = ``b`` pays for the choices made
+    *on this sample* (the α grid, everything counted in ``misc_extra_bits``): the bound is
+    reported for the best of ``2^b`` choices, so each choice's sampling statement gets
+    ``(1−r)·δ/2^b``. The Occam term pays the same union through the prior: ``kl`` must
+    already hold the ``b`` bits (``kl = (K + b)·ln 2``, :func:`kl_nats`), which gives each
+    choice and hypothesis ``r·δ·2^{−K−b}``:
 
-        bound = R̂ + Δ·( sqrt((KL − ln(r·δ)) / (2m)) + sqrt(−ln((1−r)·δ) / (2n)) )
+        bound = R̂ + Δ·( sqrt((KL − ln(r·δ)) / (2m)) + sqrt((b·ln 2 − ln((1−r)·δ)) / (2n)) )
+
+    Summed over the choices and hypotheses the two failure probabilities are at most
+    ``r·δ + (1−r)·δ = δ``. (The public SubLoRA code and the reference token-level code pay
+    the union only in the Occam term, so their failure probability is up to ``2^b·δ``.)
 
     When every unit was evaluated (``n >= m`` and the estimate is the full empirical
     risk, signalled by ``n == m``) there is no sampling term and the whole δ goes to the
@@ -125,12 +137,25 @@ def hoeffding_subsampled_bound(risk: float, kl: float, m: int, n: int, delta: fl
         raise ValueError(f"need m >= 1 and n >= 1, got m={m}, n={n}")
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if union_bits < 0:
+        raise ValueError(f"union_bits must be >= 0, got {union_bits}")
     if n == m:
         return risk + value_range * math.sqrt((kl + math.log(1.0 / delta)) / (2 * m))
-    r = n / (n + m)
-    occam = math.sqrt((kl - math.log(r * delta)) / (2 * m))
-    sampling = math.sqrt(-math.log((1 - r) * delta) / (2 * n))
+    occam_delta, sampling_delta = confidence_split(m, n, delta)
+    occam = math.sqrt((kl - math.log(occam_delta)) / (2 * m))
+    sampling = math.sqrt((union_bits * LN2 - math.log(sampling_delta)) / (2 * n))
     return risk + value_range * (occam + sampling)
+
+
+def confidence_split(m: int, n: int, delta: float) -> tuple[float, float]:
+    """``(r·δ, (1−r)·δ)`` with ``r = n/(n+m)``: the Occam and the sampling shares of δ.
+
+    When every unit is scored (``n == m``) the whole δ is the Occam share: ``(δ, 0.0)``.
+    """
+    if n == m:
+        return float(delta), 0.0
+    r = n / (n + m)
+    return r * delta, (1 - r) * delta
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
@@ -149,5 +174,6 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int])
 
 __all__ = [
     "DEFAULT_ALPHAS", "CODEBOOK_BITS", "LN2", "message_length_bits", "prefix_free_length", "hyperparameter_bits", "extra_bits",
-    "kl_nats", "smoothing_delta", "smoothed_loss_floor", "smoothed_nll_bits", "hoeffding_subsampled_bound", "topk_correct",
+    "kl_nats", "smoothing_delta", "smoothed_loss_floor", "smoothed_nll_bits", "hoeffding_subsampled_bound", "confidence_split",
+    "topk_correct",
 ]

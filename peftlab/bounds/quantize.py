@@ -14,7 +14,7 @@ through the gather, to the centroids (both updated by SGD).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -92,9 +92,10 @@ def quantize(vec: np.ndarray, levels: int, use_kmeans: bool = False) -> Quantize
 
     Bins: ``levels`` equal-width bins on ``[-max|w|, max|w|]``; a bin's centroid is the
     mean of its members (the bin centre when it is empty). With ``use_kmeans`` the
-    centroids are then refined by 1-D k-means and every entry goes to its nearest one.
-    The codebook is rounded to float16 and the symbols reassigned to the nearest rounded
-    centroid, so the decoded vector is exactly ``codebook[symbols]``.
+    centroids are then refined by 1-D k-means, rounded to float16, and every entry goes to
+    its nearest rounded centroid. Without k-means the symbols stay the bin indices (the
+    centroids are only rounded to float16). Either way the decoded vector is exactly
+    ``codebook[symbols]``.
     """
     if levels < 2:
         raise ValueError(f"levels must be at least 2, got {levels}")
@@ -117,12 +118,12 @@ def quantize(vec: np.ndarray, levels: int, use_kmeans: bool = False) -> Quantize
 
 def quantization_aware_training(
     params: dict[str, torch.nn.Parameter],
-    q: Quantized,
+    q: Quantized | Sequence[Quantized],
     loss_fn: Callable[[], torch.Tensor],
     iters: int,
     lr: float,
     on_step: Callable[[int, float], None] | None = None,
-) -> Quantized:
+) -> Quantized | list[Quantized]:
     """Refine weights and centroids with a straight-through estimator.
 
     Each step sets every parameter to ``codebook[nearest(w)] + (w − w.detach())``-style
@@ -133,27 +134,41 @@ def quantization_aware_training(
     Args:
         params: the live parameters to quantize (their ``.data`` is replaced during the
             loop and restored to the refined full-precision values at the end).
-        q: the starting quantization (defines the number of levels).
+        q: the starting quantization (defines the number of levels), or one per group of
+            consecutive entries of the flattened ``params`` (in key order), each with its own
+            codebook; a list gives a list back.
         loss_fn: computes the training loss with the model in its current state.
         iters: SGD steps.
         lr: learning rate for weights and centroids.
     """
+    single = isinstance(q, Quantized)
+    qs = [q] if single else list(q)
     if iters <= 0:
-        return q
+        return q if single else qs
     names = list(params)
     device = params[names[0]].device
     w = torch.from_numpy(flatten_state({n: params[n] for n in names})).to(device, torch.float32).requires_grad_(True)
-    cb = torch.from_numpy(q.codebook.astype(np.float32)).to(device).requires_grad_(True)
-    opt = torch.optim.SGD([w, cb], lr=lr)
+    sizes = [len(g.symbols) for g in qs]
+    if sum(sizes) != w.numel():
+        raise ValueError(f"the quantizations cover {sum(sizes)} entries, the parameters {w.numel()}")
+    bounds = [0]
+    for k in sizes:
+        bounds.append(bounds[-1] + k)
+    cbs = [torch.from_numpy(g.codebook.astype(np.float32)).to(device).requires_grad_(True) for g in qs]
+    opt = torch.optim.SGD([w, *cbs], lr=lr)
     shapes = [(n, params[n].shape, params[n].numel()) for n in names]
     originals = {n: params[n].data for n in names}
     try:
         for step in range(iters):
-            with torch.no_grad():
-                mids = (torch.sort(cb).values[1:] + torch.sort(cb).values[:-1]) / 2
-                order = torch.argsort(cb)
-                sym = order[torch.searchsorted(mids, w.detach())]
-            wq = cb[sym] + (w - w.detach())  # value: centroid; gradient: to w and to the centroid
+            pieces = []
+            for cb, lo, hi in zip(cbs, bounds[:-1], bounds[1:]):
+                wg = w[lo:hi]
+                with torch.no_grad():
+                    srt = torch.sort(cb).values
+                    mids = (srt[1:] + srt[:-1]) / 2
+                    sym = torch.argsort(cb)[torch.searchsorted(mids, wg.detach())]
+                pieces.append(cb[sym] + (wg - wg.detach()))  # value: centroid; gradient: to w and to the centroid
+            wq = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             pos = 0
             views = {}
             for n, shape, k in shapes:
@@ -180,9 +195,12 @@ def quantization_aware_training(
                 params[n].data = originals[n]
                 params[n].data.copy_(vec[pos:pos + k].view(shape).to(originals[n].dtype))
                 pos += k
-    refined = cb.detach().cpu().numpy().astype(np.float16)
     vec = w.detach().cpu().double().numpy()
-    return Quantized(symbols=assign(vec, refined), codebook=refined)
+    out = []
+    for cb, lo, hi in zip(cbs, bounds[:-1], bounds[1:]):
+        refined = cb.detach().cpu().numpy().astype(np.float16)
+        out.append(Quantized(symbols=assign(vec[lo:hi], refined), codebook=refined))
+    return out[0] if single else out
 
 
 __all__ = ["Quantized", "quantize", "assign", "flatten_state", "unflatten_state", "quantization_aware_training"]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -51,11 +52,15 @@ from ...options import opt
 from ...rundir import RunDir
 from ..base import Method
 from ..lora import LoraSection, peft_task_type
-from .projectors import derive_seed, make_projector
+from .projectors import FINGERPRINT_RTOL, derive_seed, fingerprint, fingerprint_difference, make_projector
 
 ADAPTER = "default"
 _LAYER_RE = re.compile(r"\.(?:h|layer|layers|block|blocks)\.(\d+)\.")
 OTHER = "other"
+
+
+class UnverifiedProjectorWarning(UserWarning):
+    """A run rebuilt from a structure record without projector fingerprints (written before they existed)."""
 
 
 @dataclass
@@ -258,6 +263,35 @@ def _check_dims(blocks: list[Block], mode: str, D: int) -> None:
             raise PeftlabError(
                 f"sublora.intrinsic_dim asks for {b.d:,} coordinates on {where}, which hold only D={b.D:,} parameters "
                 f"(D = {D:,} in all). Use {fix}, or adapt more modules / a larger lora.r.")
+
+
+def check_projectors(structure: dict, blocks: list[Block], prints: list[list[float]], kind: str) -> None:
+    """The projectors rebuilt from the recorded seeds are the ones the run was trained with.
+
+    Seeds and θ₀ are checked elsewhere; this checks P itself, through the fingerprints
+    (:func:`~peftlab.methods.sublora.projectors.fingerprint`) recorded at training. A record
+    without them (a run trained before they were recorded) is accepted with a warning.
+    """
+    recorded = structure.get("projector_fingerprints")
+    if recorded is None:
+        warnings.warn(
+            f"the structure record (method.json) of this SubLoRA run holds no projector fingerprints (it was written by an "
+            f"older peftlab), so the {len(blocks)} projector(s) regenerated from its seeds cannot be verified: a change in the "
+            "projector code or in torch's random functions since training would go unnoticed and the model (and any bound) "
+            "would not be the trained one.", UnverifiedProjectorWarning, stacklevel=3)
+        return
+    if len(recorded) != len(prints):
+        raise PeftlabError(f"the structure record holds {len(recorded)} projector fingerprints but the rebuilt model has "
+                           f"{len(prints)} projectors; the record is damaged or from another peftlab version.")
+    for k, (b, old, new) in enumerate(zip(blocks, recorded, prints)):
+        diff = fingerprint_difference(old, new)
+        if not diff <= FINGERPRINT_RTOL:
+            where = f"side {b.side}" + (f", layer group {b.group}" if b.group is not None else "")
+            raise PeftlabError(
+                f"projector {k} ({kind}, {where}, D={b.D:,}, d={b.d:,}, seed {b.seed}) rebuilt from the recorded seed is not the "
+                f"one the run was trained with: its fingerprint differs by {diff:.3g} (relative; at most {FINGERPRINT_RTOL:g} "
+                f"is rounding). The projector code or torch's random functions (torch {torch.__version__} here) changed "
+                "since training, so this would be a different model. Rebuild with the peftlab and torch versions that trained the run.")
 
 
 def theta0_values(segs: list[Segment], peft_model: torch.nn.Module, init: str, seed: int) -> list[torch.Tensor]:
@@ -474,13 +508,17 @@ class SubLoRA(Method):
                                    "recorded ones; this peftlab version derives projector seeds differently from the one that trained the run.")
         theta0 = theta0_values(segs, peft_model, lc["init"], sc["init_seed"])
         wrapped = SubspaceModel(peft_model, segs, blocks, groups, theta0, sc)
+        prints = [fingerprint(p) for p in wrapped.projectors]
+        if structure is not None:
+            check_projectors(structure, blocks, prints, sc["projector"])
         D_A = sum(s.numel for s in segs if s.kind == "A")
         record = {**sc, "D": D, "D_A": D_A, "D_B": D - D_A,
                   "groups": groups,
                   "segments": [s.to_dict() for s in segs],
                   "blocks": [b.to_dict() for b in blocks],
                   "projector_bytes": wrapped.projector_bytes(),
-                  "theta0_sum": float(sum(t.double().sum() for t in theta0))}
+                  "theta0_sum": float(sum(t.double().sum() for t in theta0)),
+                  "projector_fingerprints": prints}
         if structure is not None and "theta0_sum" in structure and not math.isclose(structure["theta0_sum"], record["theta0_sum"], rel_tol=1e-9, abs_tol=1e-9):
             raise PeftlabError("θ₀ regenerated from init_seed differs from the one the run was trained with; "
                                "the base model or torch version changed. Rebuild with the original environment.")
@@ -585,6 +623,11 @@ class SubLoRA(Method):
         if model.mode == "learned":
             out["phi"] = model.phi.detach().clone()
         return out
+
+    def compression_groups(self, state: dict[str, torch.Tensor]) -> list[list[str]]:
+        """w and the gates φ get separate codebooks in a compression bound: the gate logits can
+        be far larger than w's entries, and in one codebook on ±max|·| they would take w's levels."""
+        return [[k] for k in state]
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}

@@ -222,6 +222,55 @@ def make_projector(kind: str, D: int, d: int, seed: int, allow_wide: bool = Fals
     return _KINDS[kind](D, d, seed)
 
 
+#: rows of the sketch a projector fingerprint keeps
+FINGERPRINT_SIZE = 16
+#: largest relative difference ‖z − z₀‖/‖z₀‖ of two fingerprints of the same projector (float32 rounding,
+#: BLAS summation order and LAPACK's last bits stay far below it; any other change is of order 1)
+FINGERPRINT_RTOL = 1e-4
+
+
+def probe_vector(d: int) -> torch.Tensor:
+    """A fixed probe in R^d that uses no random generator: entry k is ((7919·k mod 1000) − 499.5)/1000."""
+    k = torch.arange(d, dtype=torch.int64)
+    return (((k * 7919) % 1000).to(torch.float64) - 499.5) / 1000
+
+
+def _sketch(y: torch.Tensor, rows: int) -> torch.Tensor:
+    """``S·y`` for the rows×D matrix S of ±1 given by the top bit of a multiplicative hash of
+    (row k, index i), ``((i+1)·2654435761 mod 2³²)·(2k+1) mod 2³²``: no random generator, one row at a time."""
+    base = (torch.arange(1, y.numel() + 1, dtype=torch.int64) * 2654435761) % 2**32
+    out = torch.empty(rows, dtype=torch.float64)
+    for k in range(rows):
+        sign = 1.0 - 2.0 * (((base * (2 * k + 1)) % 2**32) >> 31).to(torch.float64)
+        out[k] = sign @ y
+    return out
+
+
+@torch.no_grad()
+def fingerprint(proj: Projector, size: int = FINGERPRINT_SIZE) -> list[float]:
+    """What identifies P without storing it: ``z = S·(P·u)/√D`` for the fixed probe ``u``
+    (:func:`probe_vector`) and a fixed ±1 sketch ``S`` of ``size`` rows (:func:`_sketch`).
+
+    Any change of P (another random stream in torch, a dropped permutation, flipped QR signs, a
+    different construction) moves ``P·u`` by a vector as large as itself and ``z`` by a relative
+    amount of order 1; recomputing the same P on another machine moves it by float32 rounding only.
+    So fingerprints are compared with a relative tolerance (:data:`FINGERPRINT_RTOL`), not as a
+    bitwise hash, which BLAS summation order or LAPACK's last bits could break across machines.
+    """
+    buf = next(proj.buffers(), None)
+    device = buf.device if buf is not None else torch.device("cpu")
+    y = proj(probe_vector(proj.d).to(device, torch.float32)).detach().to("cpu", torch.float64)
+    return (_sketch(y, size) / math.sqrt(proj.D)).tolist()
+
+
+def fingerprint_difference(recorded: list[float], current: list[float]) -> float:
+    """``‖current − recorded‖ / ‖recorded‖`` (inf when the lengths differ)."""
+    if len(recorded) != len(current):
+        return math.inf
+    a, b = torch.tensor(recorded, dtype=torch.float64), torch.tensor(current, dtype=torch.float64)
+    return float((b - a).norm() / a.norm().clamp_min(1e-300))
+
+
 def derive_seed(base: int, *path: int) -> int:
     """A seed for one block, distinct for every (base, path) and reproducible."""
     import numpy as np
