@@ -138,15 +138,11 @@ def build_base(cfg, task: str, num_labels: Optional[int]):
     return load_model(cfg, task, num_labels)
 
 
-def lora_adapter_params(model: torch.nn.Module, targets: list[str], r: int) -> int:
-    """Parameters of rank-``r`` LoRA on ``targets``: the sum of r * (d_in + d_out) over the adapted
-    layers (the budget ``peftlab compare`` and budget-matched studies match every method to)."""
-    total = 0
-    for name in check_targets(model, targets):
-        w = model.get_submodule(name).weight
-        # nn.Linear stores (d_out, d_in), GPT-2's Conv1D (d_in, d_out); the sum is the same.
-        total += r * (w.shape[0] + w.shape[1])
-    return total
+def weight_shapes(model: torch.nn.Module, targets: list[str]) -> list[tuple[int, int]]:
+    """The weight shapes of the ``targets`` of ``model`` (checked to exist), the input of every
+    parameter budget (``Method.budget_params``). nn.Linear stores (d_out, d_in), GPT-2's Conv1D
+    (d_in, d_out); budgets depend only on d_in + d_out."""
+    return [tuple(model.get_submodule(name).weight.shape) for name in check_targets(model, targets)]
 
 
 def task_from_names(cfg) -> tuple[str, int]:

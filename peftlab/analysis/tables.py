@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from ..build import build_base, lora_adapter_params, resolve_task
+from ..build import build_base, resolve_task, weight_shapes
 from ..config import config_from_dict
 from ..data import load_raw
 from ..errors import PeftlabError
@@ -165,7 +165,8 @@ def compare_reference(cfg) -> dict[str, Any]:
         raise PeftlabError(f"peftlab compare reports accuracy and F1, so it needs a classification dataset; {cfg.data.dataset!r} is {raw.task}.")
     model, _, info = build_base(cfg, *resolve_task(cfg, raw))
     r = cfg.lora.r
-    return {"r": r, "lora_params": lora_adapter_params(model, info.target_modules, r), "targets": info.target_modules,
+    budget = METHODS[cfg.method].budget_params(weight_shapes(model, info.target_modules), r)
+    return {"r": r, "lora_params": budget, "targets": info.target_modules,
             "majority": majority_class(raw)}
 
 

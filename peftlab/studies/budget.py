@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..build import weight_shapes
 from ..data import load_raw
 from ..errors import PeftlabError
 from ..methods import METHODS
-from ..models import check_targets, load_model
+from ..models import load_model
 
 
 def target_shapes(cfg) -> list[tuple[int, int]]:
@@ -38,8 +39,7 @@ def target_shapes(cfg) -> list[tuple[int, int]]:
             except Exception as e:  # noqa: BLE001 - try the next way of building the shapes
                 errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            # nn.Linear stores (d_out, d_in), GPT-2's Conv1D (d_in, d_out)
-            return [tuple(model.get_submodule(name).weight.shape) for name in check_targets(model, info.target_modules)]
+            return weight_shapes(model, info.target_modules)
     raise PeftlabError(f"budget matching needs the shapes of {cfg.model.name!r}'s target modules, and the model could not be "
                        f"built here ({errors[-1] if errors else 'no attempt'}). Make the model available (hub access or a "
                        "local copy), or set budget.match: none.")
