@@ -34,10 +34,11 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import PeftlabError
-from .io import _NO_SPACE, _fsync_dir, _fsync_tree, disk_full_error, strict_json_dumps
+from .io import _NO_SPACE, _fsync_dir, _fsync_tree, disk_full_error, is_out_of_space, strict_json_dumps
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -97,7 +98,13 @@ def begin(final: Path) -> Path:
 
 
 def write_rank_rng(tmp: Path, rank: int) -> None:
-    torch.save(torch_rng_state(), tmp / f"rng-{rank}.pt")
+    try:
+        torch.save(torch_rng_state(), tmp / f"rng-{rank}.pt")
+    except RuntimeError as e:  # torch's writer raises RuntimeError, not OSError, on a full disk
+        if not is_out_of_space(e, tmp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(tmp.parent / tmp.name.removeprefix(".tmp-"), None, e) from None
 
 
 def _fault_point(tmp: Path) -> None:
@@ -116,8 +123,8 @@ def write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_sta
     try:
         _write_main(tmp, model_state=model_state, optimizer=optimizer, scheduler=scheduler, method_state=method_state,
                     trainer_state=trainer_state, scaler=scaler)
-    except OSError as e:
-        if e.errno not in _NO_SPACE:
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch raise their own types
+        if not is_out_of_space(e, tmp):
             raise
         # estimate: the tensors, plus two Adam moments of each (what optimizer.pt holds), plus what exists
         tensors = sum(v.numel() * v.element_size() for v in model_state.values() if torch.is_tensor(v))
