@@ -150,6 +150,8 @@ class Trainer:
             if self.resume_ckpt is not None and cfg_path.is_file():
                 # keep the provenance of the original start; record each resume beside it
                 old = json.loads(cfg_path.read_text())
+                for k in ("task", "num_labels", "label_names", "base_model"):  # a config.json restored from a checkpoint's copy
+                    old.setdefault("_meta", {}).setdefault(k, meta["_meta"][k])  # lacks them; they are facts of this build
                 old.setdefault("_meta", {}).setdefault("resumes", []).append(
                     {k: meta["_meta"][k] for k in ("versions", "git_commit", "command", "created", "host")}
                     | {"from_checkpoint": self.resume_ckpt.name})
