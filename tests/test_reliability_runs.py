@@ -318,3 +318,24 @@ def test_plain_export_of_a_run_whose_checkpoints_were_deleted_still_copies_the_a
     rc, err = cli("export", run, "--output-dir", run / "out")
     assert rc == 0, err
     assert (run / "out" / "adapter_config.json").is_file()
+
+
+def test_config_json_restored_as_the_message_says_resumes_and_loads(run, cli):
+    """The fix the resume error names (copy a checkpoint's config.json back) works: the copy lacks
+    `_meta`, which the resume fills in again, so load_run still knows the task."""
+    import re
+    import subprocess
+
+    from peftlab.runs import load_run
+
+    from peftlab.errors import PeftlabError
+    from peftlab.runs.identity import resume_config
+
+    (run / "config.json").write_text('{"method": "lo')
+    with pytest.raises(PeftlabError, match="restore it with `cp ") as e:
+        resume_config(str(run), [])
+    subprocess.run(re.search(r"restore it with `(cp \S+ \S+)`", str(e.value)).group(1).split(), check=True)
+    rc, err = cli("train", "--resume", run)
+    assert rc == 0, err
+    assert json.loads((run / "config.json").read_text())["_meta"]["task"] == "causal_lm"
+    assert load_run(run).task == "causal_lm"

@@ -148,7 +148,7 @@ def _read_run_config(path: Path, run_dir: str) -> dict:
     except UnicodeDecodeError as e:
         problem = f"is not UTF-8 text ({e.reason} at byte {e.start})"
     except json.JSONDecodeError as e:
-        problem = f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}: truncated or edited)"
+        problem = f"is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}; truncated or edited)"
     except OSError as e:
         problem = f"cannot be read ({e.strerror or e})"
     else:
