@@ -339,3 +339,18 @@ def test_config_json_restored_as_the_message_says_resumes_and_loads(run, cli):
     assert rc == 0, err
     assert json.loads((run / "config.json").read_text())["_meta"]["task"] == "causal_lm"
     assert load_run(run).task == "causal_lm"
+
+
+def test_interrupted_command_advises_resume_only_for_train(run, cli, monkeypatch):
+    from peftlab import export as export_mod
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "load_run", interrupt)
+    assert cli("export", run, "--merge") == (130, "interrupted")
+    from peftlab.cli import train as train_cli
+
+    monkeypatch.setattr(train_cli, "train", interrupt)
+    rc, err = cli("train", "--resume", run)
+    assert rc == 130 and err.startswith("interrupted; continue the run with `peftlab train --resume") and "resume_from" not in err
