@@ -354,3 +354,13 @@ def test_interrupted_command_advises_resume_only_for_train(run, cli, monkeypatch
     monkeypatch.setattr(train_cli, "train", interrupt)
     rc, err = cli("train", "--resume", run)
     assert rc == 130 and err.startswith("interrupted; continue the run with `peftlab train --resume") and "resume_from" not in err
+
+
+def test_non_object_config_json_with_resume_from_latest_is_a_clear_error(run, run_train, bins):
+    from peftlab.checkpoints import CheckpointError
+
+    (run / "config.json").write_text("[1, 2]")
+    cfg = make_cfg(run.parent, output__dir=str(run), training__resume_from="latest", data__dataset=str(bins), data__block_size=64,
+                   training__max_steps=8, training__save_steps=4, training__save_total_limit=None)
+    with pytest.raises(CheckpointError, match=r"Cannot resume from .*epoch-1: .*config.json holds a JSON list, not the object"):
+        run_train(cfg)

@@ -119,8 +119,11 @@ def check_identity(path: Path, run_dir: Path, cfg) -> None:
     for who, f in records:
         try:
             old = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
             raise CheckpointError(f"Cannot resume from {path}: {f} is unreadable ({e}).") from None
+        if not isinstance(old, dict):
+            raise CheckpointError(f"Cannot resume from {path}: {f} holds a JSON {type(old).__name__}, not the object (mapping of "
+                                  f"sections) that `peftlab train` writes; it was damaged. {_restore_hint(run_dir)}")
         diff = identity_diff(old, cfg)
         if diff:
             raise PeftlabError(
