@@ -19,8 +19,9 @@ The manifest is checked before a checkpoint is read, by resume and by every othe
 the checkpoint and the newest earlier one that still verifies, and ``resume_from=latest``
 skips damaged checkpoints (with a warning) to the newest one that verifies. A checkpoint
 written by a version that writes manifests and lacks one is damaged too; one written before
-manifests existed (see :func:`predates_manifests`) is read with a warning that it is unverified. ``trainer_state.json`` records whether every saved tensor was finite, so
-pruning never deletes the last finite checkpoint in favour of non-finite ones.
+manifests existed (see :func:`predates_manifests`) is read with a warning that it is unverified.
+``trainer_state.json`` records whether every saved tensor was finite, so pruning never deletes
+the last finite checkpoint in favour of non-finite ones.
 """
 
 from __future__ import annotations

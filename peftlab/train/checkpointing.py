@@ -145,7 +145,7 @@ def _refuse_diverged(run_dir: Path) -> None:
         f"{': ' + str(d['what']) if d.get('what') else ''}); resuming it would repeat the same steps to the same NaN, since "
         f"resume changes nothing that decides the numbers.{kept} Train again with other settings (e.g. a lower "
         f"training.learning_rate) into a new directory: `peftlab train {run_dir / 'config.json'} --output.dir=NEW_DIR "
-        "--training.learning_rate=...`, or pass --output.overwrite=true to start this directory over."
+        "--training.learning_rate=...`."
     )
 
 
