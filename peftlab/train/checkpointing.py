@@ -119,7 +119,7 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
         ck = ckpt.resolve(resume, run_dir)
         if ck is None and (run_dir / "results_final.json").is_file() and not cfg.output.overwrite:
             raise PeftlabError(
-                f"{run_dir} holds a run with results_final.json but no checkpoint to resume from; resuming would train again from step 0 "
+                f"{run_dir} holds a finished run but no checkpoint to resume from; resuming would train again from step 0 "
                 "and overwrite its results. Choose another --output.dir, or pass --output.overwrite=true to delete it."
             )
         if ck is not None:
