@@ -14,11 +14,14 @@ It is written into a hidden ``.tmp-*`` directory and renamed into place only whe
 every file is on disk, so a kill during a save never leaves a directory that looks
 complete; leftovers of interrupted saves are ignored and removed on the next start.
 
-The manifest is checked before a checkpoint is loaded: a truncated, missing or edited
-file is an error naming the checkpoint and the newest earlier one that still verifies,
-and ``resume_from=latest`` skips damaged checkpoints (with a warning) to the newest one
-that verifies. ``trainer_state.json`` records whether every saved tensor was finite, so
-pruning never deletes the last finite checkpoint in favour of non-finite ones.
+The manifest is checked before a checkpoint is read, by resume and by every other reader
+(``load_run``, ``bounds``, ``export``): a truncated, missing or edited file is an error naming
+the checkpoint and the newest earlier one that still verifies, and ``resume_from=latest``
+skips damaged checkpoints (with a warning) to the newest one that verifies. A checkpoint
+written by a version that writes manifests and lacks one is damaged too; one written before
+manifests existed (see :func:`predates_manifests`) is read with a warning that it is unverified.
+``trainer_state.json`` records whether every saved tensor was finite, so pruning never deletes
+the last finite checkpoint in favour of non-finite ones.
 """
 
 from __future__ import annotations
@@ -27,17 +30,21 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import PeftlabError
-from .io import _NO_SPACE, _fsync_dir, _fsync_tree, disk_full_error, strict_json_dumps
+from .io import _NO_SPACE, _fsync_dir, _fsync_tree, disk_full_error, is_out_of_space, strict_json_dumps
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -48,6 +55,10 @@ _log = logging.getLogger("peftlab")
 
 class CheckpointWarning(UserWarning):
     """A damaged checkpoint was skipped in favour of an earlier one."""
+
+
+class UnverifiedCheckpointWarning(CheckpointWarning):
+    """A checkpoint written before manifests existed is read without verification."""
 
 
 class CheckpointError(PeftlabError):
@@ -97,7 +108,13 @@ def begin(final: Path) -> Path:
 
 
 def write_rank_rng(tmp: Path, rank: int) -> None:
-    torch.save(torch_rng_state(), tmp / f"rng-{rank}.pt")
+    try:
+        torch.save(torch_rng_state(), tmp / f"rng-{rank}.pt")
+    except RuntimeError as e:  # torch's writer raises RuntimeError, not OSError, on a full disk
+        if not is_out_of_space(e, tmp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(tmp.parent / tmp.name.removeprefix(".tmp-"), None, e) from None
 
 
 def _fault_point(tmp: Path) -> None:
@@ -116,8 +133,8 @@ def write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_sta
     try:
         _write_main(tmp, model_state=model_state, optimizer=optimizer, scheduler=scheduler, method_state=method_state,
                     trainer_state=trainer_state, scaler=scaler)
-    except OSError as e:
-        if e.errno not in _NO_SPACE:
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch raise their own types
+        if not is_out_of_space(e, tmp):
             raise
         # estimate: the tensors, plus two Adam moments of each (what optimizer.pt holds), plus what exists
         tensors = sum(v.numel() * v.element_size() for v in model_state.values() if torch.is_tensor(v))
@@ -163,15 +180,39 @@ def write_manifest(directory: Path) -> None:
     (directory / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1))
 
 
+def predates_manifests(path: Path) -> bool:
+    """Whether a checkpoint directory was written before peftlab wrote manifests.
+
+    The manifest came with the ``finite`` record of ``trainer_state.json`` (one commit, so every
+    checkpoint with a manifest has the record), and the checkpoint's own ``config.json`` came
+    later: a checkpoint with either was written by a version that writes a manifest at every
+    commit. No new marker is written, so no checkpoint of a valid run changes, and the rule
+    also covers the checkpoints written since manifests exist. (Whoever deletes the manifest
+    and edits the record away as well gets the warning of an old checkpoint, not the error.)"""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return False
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):  # unreadable: not proof of an old checkpoint
+        return False
+    return not (isinstance(state, dict) and "finite" in state)
+
+
 def manifest_problems(path: Path) -> list[str]:
     """What is wrong with a checkpoint directory according to its manifest ([] when it verifies).
 
-    Checkpoints written before manifests existed have none; they are accepted as before."""
+    A checkpoint without a manifest is damaged unless it was written before manifests existed
+    (:func:`predates_manifests`); such an old one is accepted (:func:`verify` warns)."""
     path = Path(path)
     mf = path / MANIFEST_FILE
     if not mf.is_file():
-        return [] if (path / STATE_FILE).is_file() and (path / "model_state.safetensors").is_file() else [
-            "it lacks trainer_state.json or model_state.safetensors"]
+        if not ((path / STATE_FILE).is_file() and (path / "model_state.safetensors").is_file()):
+            return ["it lacks trainer_state.json or model_state.safetensors"]
+        if predates_manifests(path):
+            return []
+        return [f"its {MANIFEST_FILE} is missing, though it was written by a peftlab version that records one at every save "
+                "(its trainer_state.json has the `finite` record or it holds config.json), so none of its files can be checked"]
     try:
         files = json.loads(mf.read_text())["files"]
     except (json.JSONDecodeError, OSError, KeyError, TypeError) as e:
@@ -190,12 +231,21 @@ def manifest_problems(path: Path) -> list[str]:
     return problems
 
 
-def verify(path: Path) -> None:
+def verify(path: Path, fix: Optional[Callable[[Optional[Path]], str]] = None) -> None:
     """Raise :class:`CheckpointError` when ``path`` fails its manifest, naming the newest earlier
-    checkpoint of the same run that verifies."""
+    checkpoint of the same run that verifies; warn when it predates manifests (unverified).
+
+    ``fix(good)`` words what the reader can do instead (``good``: that earlier checkpoint, or None);
+    the default is resume's advice (``--training.resume_from=...``)."""
     path = Path(path)
     problems = manifest_problems(path)
     if not problems:
+        if not (path / MANIFEST_FILE).is_file():
+            msg = (f"checkpoint {path} has no {MANIFEST_FILE}: it was written before peftlab recorded manifests, so its files "
+                   "are read unverified (a truncated or edited file would go unnoticed)")
+            if _log.handlers:
+                _log.warning(msg)
+            warnings.warn(msg, UnverifiedCheckpointWarning, stacklevel=2)
         return
     root = path.parent
     earlier = []
@@ -203,6 +253,8 @@ def verify(path: Path) -> None:
         me = _state_step(path)
         earlier = [p for s, _, p in list_checkpoints(root) if p != path and (me is None or s <= me)]
     good = next((p for p in reversed(earlier) if not manifest_problems(p)), None)
+    if fix is not None:
+        raise CheckpointError(f"Checkpoint {path} is damaged: {'; '.join(problems)}. {fix(good)}")
     hint = (f"The previous good checkpoint is {good}; resume from it with --training.resume_from={good.name}"
             if good is not None else "No earlier checkpoint of this run verifies")
     raise CheckpointError(
@@ -213,9 +265,10 @@ def verify(path: Path) -> None:
 
 def _state_step(path: Path) -> Optional[int]:
     try:
-        return int(json.loads((path / STATE_FILE).read_text())["global_step"])
+        step = json.loads((path / STATE_FILE).read_text())["global_step"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
 
 def check_trainer_state(state: dict, path: Path, *, total_steps: Optional[int] = None,
@@ -294,9 +347,15 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, int, Path]]:
         if is_complete(p):
             try:
                 st = json.loads((p / STATE_FILE).read_text())
-            except (json.JSONDecodeError, OSError):
+            except (ValueError, OSError):  # truncated or not UTF-8: not a checkpoint one can use
                 continue
-            out.append((int(st["global_step"]), int(bool(st.get("epoch_end"))), p))
+            step = _state_step(p)
+            if step is None or not isinstance(st, dict):
+                warnings.warn(f"checkpoint {p} is damaged: its {STATE_FILE} records no global_step (a non-negative integer), "
+                              "so which step it holds is unknown; it is left out (restore the file, or delete the checkpoint)",
+                              CheckpointWarning, stacklevel=2)
+                continue
+            out.append((step, int(bool(st.get("epoch_end"))), p))
     return sorted(out)
 
 
@@ -308,8 +367,6 @@ def newest_valid(ckpt_root: Path, warn: bool = True) -> Optional[Path]:
         if not problems:
             return p
         if warn:
-            import warnings
-
             msg = f"checkpoint {p} is damaged ({'; '.join(problems)}); falling back to an earlier one"
             if _log.handlers:
                 _log.warning(msg)
@@ -348,17 +405,34 @@ def load(path: Path, rank: int = 0) -> dict[str, Any]:
     verify(path)
     try:
         return _load(path, rank)
-    except (OSError, RuntimeError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"Checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged. "
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:
+        said = "" if "weights_only" in str(e) else f" ({type(e).__name__}: {e})"  # never relay torch's weights_only=False advice
+        raise CheckpointError(f"Checkpoint {path} cannot be read{said}; it is damaged. "
                               "Resume from an earlier checkpoint or use --training.resume_from=latest.") from None
+
+
+def safe_torch_load(path: Path, **kw: Any) -> Any:
+    """``torch.load(path, weights_only=True)``; a file that holds more than tensors, numbers and plain
+    containers is a :class:`CheckpointError`. torch's own message is not passed on: it advises
+    retrying with ``weights_only=False``, which would run whatever code the file carries."""
+    try:
+        return torch.load(path, weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it refers to {found.group(1)}" if found else "it is not a pickle of plain values"
+        raise CheckpointError(
+            f"{path} is not a plain tensor file ({what}); peftlab reads checkpoints only with torch's safe loader, which "
+            "refused it, and never loads such a file in a way that could run code. The file is damaged or was replaced: "
+            "restore it from the run that wrote it, or read another checkpoint."
+        ) from None
 
 
 def _load(path: Path, rank: int) -> dict[str, Any]:
     out = {
         "model_state": load_file(str(path / "model_state.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-        "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
-        "method_state": torch.load(path / "method_state.pt", weights_only=True, map_location="cpu"),
+        "optimizer": safe_torch_load(path / "optimizer.pt", map_location="cpu"),
+        "scheduler": safe_torch_load(path / "scheduler.pt"),
+        "method_state": safe_torch_load(path / "method_state.pt", map_location="cpu"),
         "trainer_state": json.loads((path / STATE_FILE).read_text()),
     }
     out["finite"] = bool(out["trainer_state"].pop("finite", True))  # written by write_main, not trainer fields
@@ -374,9 +448,9 @@ def _load(path: Path, rank: int) -> dict[str, Any]:
                else "No finite checkpoint of this run is left; start a new run.")
         )
     rng = path / f"rng-{rank}.pt"
-    out["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
+    out["rng"] = safe_torch_load(rng) if rng.is_file() else None
     sc = path / "scaler.pt"
-    out["scaler"] = torch.load(sc, weights_only=True) if sc.is_file() else None
+    out["scaler"] = safe_torch_load(sc) if sc.is_file() else None
     return out
 
 

@@ -17,10 +17,15 @@ import tempfile
 from pathlib import Path
 
 from .build import build_base
+from .checkpoints import list_checkpoints, verify
 from .errors import PeftlabError
+from .io import output_path_problem
 from .models.hf import make_adapter_portable, set_label_names
 from .rundir import RunDir
 from .runs import load_run
+from .runs.load import damaged_fix, require_final
+
+CHOOSE = "--which {name}"  # how `peftlab export` reads another checkpoint, in its messages
 
 
 def load_base(run_dir, device: str = "cpu"):
@@ -41,12 +46,15 @@ def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = Fals
     """Write the adapter (or full model) of ``which``, or with ``merge`` the merged model; return the folder."""
 
     run = RunDir(run_dir).require()
-    if not run.is_finished():
-        raise PeftlabError(f"{run.path} has not finished training (no completed results_final.json); resume it with "
-                           "--training.resume_from=latest first.")
+    if which == "final":  # another checkpoint (latest, step-N ...) is exported from a run in any state
+        require_final(run, CHOOSE, "export")
     out = Path(output_dir) if output_dir else run.path / ("merged" if merge else "export")
     if out.exists():
         raise PeftlabError(f"{out} already exists; choose another --output-dir or delete it.")
+    problem = output_path_problem(str(out))  # before the model is rebuilt, not at the rename after it
+    if problem:
+        raise PeftlabError(f"--output-dir: {problem}" if output_dir else f"export cannot write into the run directory: {problem} "
+                           "Give a writable --output-dir.")
     # written under a hidden name and renamed into place when complete: a killed export leaves only
     # the hidden folder, which the next export removes, never a half-written `out` that blocks it
     staging = out.parent / f".{out.name}.partial"
@@ -63,13 +71,21 @@ def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = Fals
 
 
 def _export_into(run, out: Path, merge: bool, which: str) -> None:
+    fix = damaged_fix(run, CHOOSE)
     if which == "final" and not merge:
         for written in (run.adapter_dir, run.model_dir):
             if written.is_dir():
+                # the copy is of what training exported from the final checkpoint: that checkpoint must verify,
+                # or the run directory is damaged and its export would be passed on as sound (a run whose
+                # checkpoints were deleted to save space still exports what training wrote)
+                step = (run.results() or {}).get("global_step")
+                final = [p for s, _, p in list_checkpoints(run.checkpoints_dir) if s == step][-1:]
+                if final:
+                    verify(final[0], fix=fix)
                 shutil.copytree(written, out)
                 return
 
-    loaded = load_run(run.path, which=which)
+    loaded = load_run(run.path, which=which, fix=fix)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         written = loaded.method.export(loaded.model, Path(tmp), loaded.tokenizer)
         if not merge or not loaded.method.exports_adapter:

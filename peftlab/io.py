@@ -68,8 +68,38 @@ def _human(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def disk_full_error(path: Path, need_bytes: Optional[int], e: OSError) -> PeftlabError:
-    """A clear error for a save that ran out of space (or quota): the path, the free and needed space."""
+# what libraries that do their own I/O (safetensors in Rust, torch's C++ zip writer) say instead of
+# raising OSError: safetensors words the OS error; torch's writer does not, see is_out_of_space
+_NO_SPACE_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_TORCH_WRITER_WORDS = ("PytorchStreamWriter", "inline_container", "file write failed")
+
+
+def is_out_of_space(e: BaseException, where: Optional[Path] = None) -> bool:
+    """Whether ``e``, raised while writing under ``where``, means the disk (or quota) is full.
+
+    An OSError says so by its errno; safetensors raises ``SafetensorError`` with the OS message
+    ("No space left on device (os error 28)"); torch's zip writer raises a ``RuntimeError`` that
+    names no cause ("[enforce fail at inline_container.cc] unexpected pos ..."), so for that
+    one the file system under ``where`` is asked: less than 1 MiB free counts as full."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_SPACE
+    msg = str(e)
+    if any(w in msg for w in _NO_SPACE_WORDS):
+        return True
+    if where is None or not any(w in msg for w in _TORCH_WRITER_WORDS):
+        return False
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def disk_full_error(path: Path, need_bytes: Optional[int], e: BaseException) -> PeftlabError:
+    """A clear error for a save that ran out of space (or quota): the path, the free and needed space.
+    ``e`` is the OSError, or the library's error that :func:`is_out_of_space` recognised."""
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -80,7 +110,7 @@ def disk_full_error(path: Path, need_bytes: Optional[int], e: OSError) -> Peftla
         free_s = "free space unknown"
     need = f"; this save needs about {_human(need_bytes)}" if need_bytes else ""
     return PeftlabError(
-        f"No space left on the device while writing {path} ({e.strerror or e}; {free_s} on {probe}{need}). "
+        f"No space left on the device while writing {path} ({getattr(e, 'strerror', None) or e}; {free_s} on {probe}{need}). "
         "Free some space (older runs, checkpoints: lower training.save_total_limit) or choose another output.dir, "
         "then continue with --training.resume_from=latest."
     )

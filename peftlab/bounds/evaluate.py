@@ -30,9 +30,10 @@ import torch
 
 from ..data.bins import INCOMPLETE, TokenBin
 from ..errors import PeftlabError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, output_path_problem
 from ..rundir import RunDir
 from ..runs import load_run
+from ..runs.load import damaged_fix, require_final
 from . import coding
 from . import formulas as F
 from .config import BoundsConfig
@@ -492,6 +493,15 @@ def write_metrics(metrics: dict[str, Any], path: Path) -> None:
     atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
 
+def check_output(out: Path, where: str) -> None:
+    """The metrics file can be written at ``out`` (checked before the work, not after it)."""
+    if out.is_dir():
+        raise PeftlabError(f"{where}: {out} is a directory; give the path of the JSON file to write, e.g. {out / 'bounds_metrics.json'}.")
+    problem = output_path_problem(str(out.parent))
+    if problem:
+        raise PeftlabError(f"{where}: {out} cannot be written: {problem} Give a writable --bounds.output=FILE.json.")
+
+
 def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``peftlab bounds RUN_DIR``: check inputs, load the run, compute, write ``bounds_metrics.json``."""
     run_dir = Path(run_dir).expanduser()
@@ -503,11 +513,14 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     task = (rd.meta() or {}).get("task") or getattr(getattr(run_cfg, "model", None), "task", "auto")
     if task == "classification":
         raise PeftlabError(f"{run_dir} is a classification run; compression bounds here are for causal language models (next-token loss).")
+    require_final(rd, None, "bound")
+    out = Path(bcfg.output).expanduser() if bcfg.output else rd.bounds_path
+    check_output(out, "--bounds.output" if bcfg.output else f"the run directory ({run_dir})")
     data_dir = resolve_data(bcfg, run_cfg)
     device = pick_device(bcfg.device)
     if device.type == "cuda" and bcfg.dtype == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fast, deterministic run to run
-    loaded = load_run(run_dir, device=str(device))
+    loaded = load_run(run_dir, device=str(device), fix=damaged_fix(rd, None))
     if loaded.task != "causal_lm":
         raise PeftlabError(f"{run_dir} holds a {loaded.task} model; compression bounds need a causal language model.")
 
@@ -515,7 +528,6 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
         TokenBin(data_dir, "train").check_tokenizer(loaded.tokenizer)
     metrics = compute_bounds(loaded.model, loaded.method, run_cfg, bcfg, data_dir, device, log)
     metrics = {"run_dir": str(run_dir), "method": getattr(run_cfg, "method", None), **metrics}
-    out = Path(bcfg.output).expanduser() if bcfg.output else rd.bounds_path
     write_metrics(metrics, out)
     return metrics
 

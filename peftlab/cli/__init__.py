@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(textwrap.fill(line, 100, subsequent_indent="    " if line.startswith("  -") else "") for line in ["error: " + lines[0], *lines[1:]]), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; resume with --training.resume_from=latest", file=sys.stderr)
+        # only a training run resumes; bounds, export, profile ... are simply run again
+        run = getattr(args, "resume", None) or "RUN_DIR"
+        print(f"interrupted; continue the run with `peftlab train --resume {run}`" if args.command == "train" else "interrupted",
+              file=sys.stderr)
         return 130
 
 

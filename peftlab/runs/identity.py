@@ -119,8 +119,11 @@ def check_identity(path: Path, run_dir: Path, cfg) -> None:
     for who, f in records:
         try:
             old = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
             raise CheckpointError(f"Cannot resume from {path}: {f} is unreadable ({e}).") from None
+        if not isinstance(old, dict):
+            raise CheckpointError(f"Cannot resume from {path}: {f} holds a JSON {type(old).__name__}, not the object (mapping of "
+                                  f"sections) that `peftlab train` writes; it was damaged. {_restore_hint(run_dir)}")
         diff = identity_diff(old, cfg)
         if diff:
             raise PeftlabError(
@@ -128,6 +131,34 @@ def check_identity(path: Path, run_dir: Path, cfg) -> None:
                 f"({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}). Resume changes only {may_change}; "
                 "resume with the original settings, or start a new run directory for the new ones."
             )
+
+
+def _restore_hint(path: Path) -> str:
+    """How to repair a run's config.json: every checkpoint carries a copy of the configuration."""
+    copies = sorted((p for p in (path / "checkpoints").glob(f"*/{CONFIG_FILE}") if not p.parent.name.startswith(".")),
+                    key=lambda p: p.stat().st_mtime)
+    if copies:
+        return (f"Each checkpoint keeps a copy of the run's configuration: restore it with `cp {copies[-1]} {path / 'config.json'}` "
+                "and resume again.")
+    return "No checkpoint of the run carries a copy of its configuration; restore config.json from a backup."
+
+
+def _read_run_config(path: Path, run_dir: str) -> dict:
+    """The run's config.json as a mapping, or a clear error (truncated, not UTF-8, not an object)."""
+    cfg_path = path / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        problem = f"is not UTF-8 text ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        problem = f"is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}; truncated or edited)"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror or e})"
+    else:
+        if isinstance(raw, dict):
+            return raw
+        problem = f"holds a JSON {type(raw).__name__}, not the object (mapping of sections) that `peftlab train` writes"
+    raise PeftlabError(f"--resume {run_dir}: {cfg_path} {problem}, so the run's configuration is unknown. {_restore_hint(path)}")
 
 
 def resume_config(run_dir: str, extra: list[str]):
@@ -147,7 +178,11 @@ def resume_config(run_dir: str, extra: list[str]):
             f"{', '.join('--' + k for k in refused)}. Only these may change on resume: "
             f"{', '.join(k + ('*' if k.endswith('.') else '') for k in VOLATILE)}. To train a different setting, start a new "
             f"run from its config: peftlab train {cfg_path} --output.dir=NEW_DIR {' '.join('--' + k + '=...' for k in refused if not k.startswith('output.'))[:200]}".rstrip())
-    raw = json.loads(cfg_path.read_text())
+    raw = _read_run_config(path, run_dir)
+    if not isinstance(raw.get("training", {}), dict) or not isinstance(raw.get("output", {}), dict):
+        bad = "training" if not isinstance(raw.get("training", {}), dict) else "output"
+        raise PeftlabError(f"--resume {run_dir}: {cfg_path} is damaged: its `{bad}` section is not a mapping. "
+                           f"{_restore_hint(path)}")
     raw.setdefault("training", {})["resume_from"] = "latest"
     raw.setdefault("output", {})["dir"] = str(path)
     raw["output"]["overwrite"] = False

@@ -113,6 +113,8 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
                 "--output.dir, or pass --output.overwrite=true to delete it."
             )
     ck = None
+    if resume is not None and not cfg.output.overwrite:
+        _refuse_diverged(run_dir)
     if resume is not None:
         ck = ckpt.resolve(resume, run_dir)
         if ck is None and (run_dir / "results_final.json").is_file() and not cfg.output.overwrite:
@@ -124,6 +126,27 @@ def prepare_run_dir(cfg) -> tuple[Path, Optional[Path]]:
             check_identity(ck, run_dir, cfg)  # the checkpoint's own config and the run's config.json
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, ck
+
+
+def _refuse_diverged(run_dir: Path) -> None:
+    """A run that diverged is not resumed (and is not "finished"): resume is exact, so it would
+    repeat the same steps to the same NaN."""
+    try:
+        res = json.loads((run_dir / "results_final.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(res, dict) or res.get("status") != "diverged":
+        return
+    d = res.get("diverged") if isinstance(res.get("diverged"), dict) else {}
+    last = d.get("last_finite_checkpoint")
+    kept = f" Its last finite checkpoint, {last}, is kept for inspection." if last else ""
+    raise PeftlabError(
+        f"{run_dir} diverged at step {d.get('step', res.get('global_step', '?'))} (status `diverged` in results_final.json"
+        f"{': ' + str(d['what']) if d.get('what') else ''}); resuming it would repeat the same steps to the same NaN, since "
+        f"resume changes nothing that decides the numbers.{kept} Train again with other settings (e.g. a lower "
+        f"training.learning_rate) into a new directory: `peftlab train {run_dir / 'config.json'} --output.dir=NEW_DIR "
+        "--training.learning_rate=...`."
+    )
 
 
 def repair_best(run_dir: Path, state: TrainerState, best_name: str) -> Optional[Path]:

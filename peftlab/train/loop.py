@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -149,6 +150,8 @@ class Trainer:
             if self.resume_ckpt is not None and cfg_path.is_file():
                 # keep the provenance of the original start; record each resume beside it
                 old = json.loads(cfg_path.read_text())
+                for k in ("task", "num_labels", "label_names", "base_model"):  # a config.json restored from a checkpoint's copy
+                    old.setdefault("_meta", {}).setdefault(k, meta["_meta"][k])  # lacks them; they are facts of this build
                 old.setdefault("_meta", {}).setdefault("resumes", []).append(
                     {k: meta["_meta"][k] for k in ("versions", "git_commit", "command", "created", "host")}
                     | {"from_checkpoint": self.resume_ckpt.name})
@@ -249,8 +252,12 @@ class Trainer:
                 tmp, model_state=self.method.model_state(self.unwrapped()), optimizer=self.optimizer, scheduler=self.scheduler,
                 method_state=self.method.state_dict(), trainer_state=self.state.to_dict(), scaler=acc.scaler,
             )
-            write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
-            write_json(tmp / ckpt.CONFIG_FILE, self.cfg.to_dict())  # the identity travels with the checkpoint
+            try:
+                write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
+                write_json(tmp / ckpt.CONFIG_FILE, self.cfg.to_dict())  # the identity travels with the checkpoint
+            except PeftlabError:  # the disk filled up on these small files: give the partial save's space back too
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             ckpt.commit(tmp, final)
 
             prune(root, self.cfg.training.save_total_limit, self.cfg.output.keep_checkpoints)
