@@ -84,6 +84,10 @@ class RunDir:
         data = self._json(self.config_path)
         if data is None:
             return None
+        if not isinstance(data, dict):
+            raise PeftlabError(f"{self.config_path} holds a JSON {type(data).__name__}, not the object `peftlab train` writes; "
+                               "the file was replaced or damaged. Copy a checkpoint's config.json back "
+                               f"(cp {self.path}/checkpoints/<name>/config.json {self.config_path}).")
         return {k: v for k, v in data.items() if k != "_meta"}
 
     def meta(self) -> Optional[dict]:

@@ -2,12 +2,7 @@
 truncated JSON config, values of the wrong type, a target that cannot be written (a file in the
 way; a read-only directory when not root), damaged run and study directories. Each case must end
 with exit status 2 (a clear error) or 0, never a traceback. In process, no training: every case
-is refused before a model is built (or fails on a run directory that holds no weights).
-
-Cases another agent is fixing right now (bounds/export on damaged checkpoints, read-only
-bounds/export/analyze outputs, damaged run files read by `train --resume` and `analyze`) are
-xfail(strict=False) with the reason, so this test is green either way and turns them into
-passes as those fixes land."""
+is refused before a model is built (or fails on a run directory that holds no weights)."""
 
 from __future__ import annotations
 
@@ -23,7 +18,6 @@ from peftlab.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 LM = str(ROOT / "configs/quickstart/lm_lora.yaml")
-OTHER_AGENT = "issue 26 classes 1/6/9/10 (checkpoints, run files, bounds, export, read-only outputs) are being fixed in another branch"
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +65,6 @@ def damaged(tmp_path_factory) -> Path:
     readonly.chmod(0o755)
 
 
-def _xfail(reason=OTHER_AGENT):
-    return pytest.mark.xfail(strict=False, reason=reason)
-
-
 # (command, argv with {d} for the damaged directory, marks)
 CASES = [
     ("train", ["train", "{d}/latin1.yaml", "--output.dir={d}/out_t1"], ()),
@@ -97,11 +87,11 @@ CASES = [
     ("profile", ["profile", "{d}/latin1.yaml"], ()),
     ("profile", ["profile", "{d}/truncated.json"], ()),
     ("profile", ["profile", "{d}/wrong_types.yaml"], ()),
-    ("export", ["export", "{d}/run"], (_xfail(),)),
-    ("export", ["export", "{d}/run", "--which", "step-4"], (_xfail(),)),
-    ("export", ["export", "{d}/run", "--output-dir", "{d}/blocker"], (_xfail(),)),
-    ("export", ["export", "{d}/run_ckpt", "--which", "step-4"], (_xfail(),)),
-    ("export", ["export", "{d}/run_ckpt", "--which", "step-4", "--merge", "--output-dir", "{d}/blocker"], (_xfail(),)),
+    ("export", ["export", "{d}/run"], ()),
+    ("export", ["export", "{d}/run", "--which", "step-4"], ()),
+    ("export", ["export", "{d}/run", "--output-dir", "{d}/blocker"], ()),
+    ("export", ["export", "{d}/run_ckpt", "--which", "step-4"], ()),
+    ("export", ["export", "{d}/run_ckpt", "--which", "step-4", "--merge", "--output-dir", "{d}/blocker"], ()),
     ("export", ["export", "{d}/nowhere"], ()),
     ("compare", ["compare", "--config", "{d}/latin1.yaml", "--output-dir", "{d}/cmp1"], ()),
     ("compare", ["compare", "--config", "{d}/wrong_types.yaml", "--output-dir", "{d}/cmp2"], ()),
@@ -117,13 +107,13 @@ CASES = [
     ("estimate", ["estimate", "{d}/wrong_types.yaml"], ()),
     ("estimate", ["estimate", "{d}/study_wrong.yaml"], ()),
     ("estimate", [ "estimate", LM, "--steps", "-3"], ()),
-    ("bounds", ["bounds", "{d}/run"], (_xfail(),)),
-    ("bounds", ["bounds", "{d}/run", "--bounds.output={d}/blocker/b.json"], (_xfail(),)),
-    ("bounds", ["bounds", "{d}/run_ckpt"], (_xfail(),)),
-    ("bounds", ["bounds", "{d}/run_ckpt", "--bounds.output={d}/blocker"], (_xfail(),)),
+    ("bounds", ["bounds", "{d}/run"], ()),
+    ("bounds", ["bounds", "{d}/run", "--bounds.output={d}/blocker/b.json"], ()),
+    ("bounds", ["bounds", "{d}/run_ckpt"], ()),
+    ("bounds", ["bounds", "{d}/run_ckpt", "--bounds.output={d}/blocker"], ()),
     ("bounds", ["bounds", "{d}/nowhere"], ()),
-    ("analyze", ["analyze", "{d}/study", "--output-dir", "{d}/an1", "--no-baseline"], (_xfail(),)),
-    ("analyze", ["analyze", "{d}/study", "--output-dir", "{d}/blocker", "--no-baseline"], (_xfail(),)),
+    ("analyze", ["analyze", "{d}/study", "--output-dir", "{d}/an1", "--no-baseline"], ()),
+    ("analyze", ["analyze", "{d}/study", "--output-dir", "{d}/blocker", "--no-baseline"], ()),
     ("analyze", ["analyze", "{d}/study_types", "--output-dir", "{d}/an2", "--no-baseline"], ()),
     ("analyze", ["analyze", "{d}/latin1.yaml"], ()),
 ]

@@ -210,8 +210,13 @@ def _read_run(root: Path, path: Path) -> Run:
     keep = set(CORE_SECTIONS) | method_sections(method)
     flat = flatten({k: v for k, v in cfg.items() if k in keep or not isinstance(v, dict)})
     name = str(path.relative_to(root)) if path != root else path.name
-    return Run(name=name, path=path, reader=rd, config=flat, meta=rd.meta() or {}, results=rd.results(),
-               history=rd.history(), bounds=rd.bounds(), allocation=rd.allocation())
+    files = {"results_final.json": rd.results(), "training_history.json": rd.history(), "bounds_metrics.json": rd.bounds(),
+             "allocation.json": rd.allocation(), "config.json": rd.config_dict()}
+    for fname, value in files.items():
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{fname} holds a JSON {type(value).__name__}, not an object")
+    return Run(name=name, path=path, reader=rd, config=flat, meta=rd.meta() or {}, results=files["results_final.json"],
+               history=files["training_history.json"], bounds=files["bounds_metrics.json"], allocation=files["allocation.json"])
 
 
 def _number(v: Any) -> Any:
@@ -297,7 +302,7 @@ def collect(root) -> Study:
     for p in paths:
         try:
             runs.append(_read_run(root, p))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, PeftlabError) as e:  # one damaged run does not stop the study's analysis
             notes.append(f"skipped {p}: unreadable ({e})")
     varying = _varying(runs)
     group_keys = [k for k in varying if not is_seed_key(k)]

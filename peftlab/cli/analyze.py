@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..analysis import analyze
+from ..errors import PeftlabError
+from ..io import output_path_problem
 
 
 def cmd_analyze(args, extra: list[str]) -> int:
+    out_dir = args.output_dir or str(Path(args.study_dir).expanduser() / "analysis")
+    problem = output_path_problem(out_dir) if Path(args.study_dir).expanduser().is_dir() else None
+    if problem:  # before reading every run and drawing every plot
+        raise PeftlabError(f"analyze --output-dir: {problem}")
     res = analyze(args.study_dir, args.output_dir, baseline=not args.no_baseline)
     t = res.study.table
     out = sys.stdout
