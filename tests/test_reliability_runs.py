@@ -364,3 +364,19 @@ def test_non_object_config_json_with_resume_from_latest_is_a_clear_error(run, ru
                    training__max_steps=8, training__save_steps=4, training__save_total_limit=None)
     with pytest.raises(CheckpointError, match=r"Cannot resume from .*epoch-1: .*config.json holds a JSON list, not the object"):
         run_train(cfg)
+
+
+def test_end_of_run_test_evaluation_verifies_best(tmp_path, monkeypatch):
+    """The test split is evaluated with best/'s weights only after best/ passes its manifest."""
+    from peftlab import checkpoints as ckpt
+    from peftlab.train import train
+
+    from conftest import make_cfg
+
+    seen = []
+    inner = ckpt.verify
+    monkeypatch.setattr(ckpt, "verify", lambda path, *a, **k: (seen.append(Path(path).name), inner(path, *a, **k))[1])
+    cfg = make_cfg(tmp_path, "cls", data__dataset="imdb-sample", training__max_steps=4, data__max_train_examples=32,
+                   data__max_val_examples=16, data__max_test_examples=16, training__batch_size=8)
+    res = train(cfg, console=False)
+    assert res.get("test") and "best" in seen

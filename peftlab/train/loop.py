@@ -530,7 +530,6 @@ class Trainer:
         """Once, at the end: the test split (if the task has one) with best/'s weights."""
         from safetensors.torch import load_file
 
-
         test_ds = make_test_dataset(self.raw, self.tokenizer, self.cfg, model=self.unwrapped())
         if test_ds is None or len(test_ds) == 0:
             return None
@@ -538,6 +537,7 @@ class Trainer:
         if state is None:
             self.log.info("test split present but no best checkpoint to evaluate; skipped")
             return None
+        ckpt.verify(state.parent)  # best/ (or the checkpoint it points to) against its manifest, as every reader does
         self.method.load_model_state(self.unwrapped(), load_file(str(state)))
         acc = self.accelerator
         metrics = evaluate(self.model, test_ds, self.collate, self.cfg, self.task, self.num_labels, acc.device, autocast=acc.autocast,
