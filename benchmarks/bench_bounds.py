@@ -52,6 +52,23 @@ def write_bins(d: Path, num_docs: int, vocab: int, eot: int, seed: int = 0, mu: 
             "docs_over_1024": int((lengths > 1024).sum())}
 
 
+def build_bench_model(model_name: str, method: str, device_name: str, dtype: str):
+    """(cfg, built run, device) of the benchmark model: GPT-2 (124M) from its shipped config with
+    random weights (context 1024) or the built-in tiny GPT-2 (context 128), adapted by ``method``."""
+    from peftlab.build import build
+    from peftlab.config import load_config
+
+    ov = {"method": method, "model.name": model_name, "data.block_size": 1024 if model_name == "gpt2" else 128,
+          "system.device": device_name}
+    if model_name == "gpt2":
+        ov["model.from_scratch"] = True
+    cfg = load_config(None, ov)
+    device = torch.device(device_name)
+    if device.type == "cuda" and dtype == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as `peftlab bounds` does
+    return cfg, build(cfg, task="causal_lm", data=False, optimizer=False, device=str(device)), device
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -69,22 +86,12 @@ def main() -> int:
 
     from peftlab.bounds.config import bounds_config
     from peftlab.bounds.evaluate import compressible_state, compute_bounds
-    from peftlab.build import build
-    from peftlab.tracking import quiet_libraries
-    from peftlab.config import load_config
     from peftlab.methods import METHODS
+    from peftlab.tracking import quiet_libraries
 
     quiet_libraries()
     method = args.method or ("sublora" if "sublora" in METHODS else "lora")
-    ov = {"method": method, "model.name": args.model, "data.block_size": 1024 if args.model == "gpt2" else 128,
-          "system.device": args.device}
-    if args.model == "gpt2":
-        ov["model.from_scratch"] = True
-    cfg = load_config(None, ov)
-    device = torch.device(args.device)
-    if device.type == "cuda" and args.dtype == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as `peftlab bounds` does
-    built = build(cfg, task="causal_lm", data=False, optimizer=False, device=str(device))
+    cfg, built, device = build_bench_model(args.model, method, args.device, args.dtype)
     model, m = built.model, built.method
     params = dict(model.named_parameters())
     g = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_bounds import write_bins  # noqa: E402
+from bench_bounds import build_bench_model, write_bins  # noqa: E402
 
 
 def main() -> int:
@@ -43,20 +43,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from peftlab.bounds.scoring import document_rows, document_spans, score_rows
-    from peftlab.build import build
-    from peftlab.config import load_config
     from peftlab.tracking import quiet_libraries
 
     quiet_libraries()
-    context = 1024 if args.model == "gpt2" else 128
-    ov = {"method": "lora", "model.name": args.model, "data.block_size": context, "system.device": args.device}
-    if args.model == "gpt2":
-        ov["model.from_scratch"] = True
-    cfg = load_config(None, ov)
-    device = torch.device(args.device)
-    if device.type == "cuda" and args.dtype == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as `peftlab bounds` does
-    model = build(cfg, task="causal_lm", data=False, optimizer=False, device=str(device)).model
+    cfg, built, device = build_bench_model(args.model, "lora", args.device, args.dtype)
+    model, context = built.model, cfg.data.block_size
     vocab = model.config.vocab_size
     eot = vocab - 1 if args.model == "gpt2" else 256
     autocast = torch.bfloat16 if args.dtype == "bf16" else None

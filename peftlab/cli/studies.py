@@ -103,12 +103,6 @@ def cmd_estimate(args, extra: list[str]) -> int:
     return 0
 
 
-def add_command(subparsers) -> None:
-    """Both commands (for the older ``peftlab.commands`` registration)."""
-    add_sweep(subparsers)
-    add_estimate(subparsers)
-
-
 def add_sweep(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="run a study: a grid of runs x seeds, skipping finished runs and resuming interrupted ones",
