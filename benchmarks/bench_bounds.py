@@ -79,6 +79,9 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--stride", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--head", default="auto", choices=["auto", "model"])
+    ap.add_argument("--docs", default="owt", choices=["owt", "pydocs"],
+                    help="owt: OpenWebText-shaped lengths; pydocs: the python-docs corpus' long documents (use --num-docs 447)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -102,9 +105,10 @@ def main() -> int:
     vocab = model.config.vocab_size
     eot = vocab - 1 if args.model == "gpt2" else 256
     with tempfile.TemporaryDirectory() as tmp:
-        info = write_bins(Path(tmp), args.num_docs, vocab, eot)
+        shape = {"owt": dict(mu=6.4, sigma=0.9), "pydocs": dict(mu=8.72, sigma=0.6)}[args.docs]
+        info = write_bins(Path(tmp), args.num_docs, vocab, eot, **shape)
         bcfg = bounds_config({"bounds.num_docs": args.num_docs, "bounds.full_precision_units": 0, "bounds.stride": args.stride,
-                              "bounds.batch_tokens": args.batch_tokens, "bounds.dtype": args.dtype,
+                              "bounds.batch_tokens": args.batch_tokens, "bounds.dtype": args.dtype, "bounds.head": args.head,
                               "bounds.progress_bar": args.progress})
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -115,7 +119,8 @@ def main() -> int:
         wall = time.perf_counter() - t0
     out = {
         "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "device": torch.cuda.get_device_name(0) if device.type == "cuda" else
-        f"cpu ({torch.get_num_threads()} threads)", "model": args.model, "method": method, "dtype": args.dtype,
+        f"cpu ({torch.get_num_threads()} threads)", "model": args.model, "method": method, "dtype": args.dtype, "docs": args.docs, "head": args.head,
+        "batch_tokens": args.batch_tokens, "torch": torch.__version__,
         "compressed_numbers": metrics["compressed_numbers"], "num_docs": args.num_docs, **info,
         "tokens_scored": metrics["tokens_scored"], "wall_s": round(wall, 2), "scoring_s": round(metrics["scoring_time_s"], 2),
         "docs_per_s": round(args.num_docs / metrics["scoring_time_s"], 2),

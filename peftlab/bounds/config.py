@@ -33,6 +33,10 @@ class BoundsConfig:
     seed: int = opt(0, "Seed of the unit sampling.")
     batch_tokens: int = opt(8192, "Padded tokens per forward pass (memory knob; the numbers do not depend on it).")
     full_precision_units: int = opt(1000, "Units also scored with the unquantized weights to report the quantization's own cost (0 skips).")
+    head: Literal["auto", "model"] = opt(
+        "auto", "How logits are formed: auto = the forward pass stops at the LM head's input and the head runs only on the "
+        "counted positions, in chunks (used when a check on the first batch shows the model's logits are exactly its head's "
+        "output, else the model's own logits); model = the model's own logits (the slower reference path).")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to score; auto uses a GPU when there is one.")
     dtype: Literal["fp32", "bf16"] = opt("fp32", "Forward-pass precision (bf16: autocast on a GPU; log-probabilities are always float32).")
     progress_bar: bool = opt(True, "Show a progress bar of units scored.")

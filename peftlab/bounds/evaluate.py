@@ -370,7 +370,7 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     alphas = tuple(float(a) for a in bcfg.alphas)
     autocast = torch.bfloat16 if (bcfg.dtype == "bf16" and device.type == "cuda") else None
     kw = dict(eot_id=eot_id, alphas=alphas, device=device, batch_tokens=bcfg.batch_tokens, autocast_dtype=autocast,
-              progress=bcfg.progress_bar)
+              progress=bcfg.progress_bar, head=bcfg.head)
     unit_name = {"document_level": "documents", "sequence_level": "sequences", "token_level": "tokens"}[bcfg.bound_type]
 
     # the quantization's own cost: a seeded subset of the sample, full precision first

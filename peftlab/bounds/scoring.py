@@ -36,13 +36,13 @@ over tokens. The model is put in ``eval()`` mode (dropout off) and run under
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import PeftlabError
-from .formulas import LN2, smoothed_nll_bits, topk_correct
+from .formulas import LN2, smoothed_nll_bits
 
 TOPK = (1, 10, 100)
 
@@ -201,6 +201,10 @@ def _batches(rows: Rows, batch_tokens: int) -> list[np.ndarray]:
 
 _KEEP_UNSUPPORTED: set[type] = set()
 
+# configuration attributes of models whose logits are not the plain output of their LM head
+# (soft-capping, scaling): the head-on-counted-positions path is not used for them
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
 
 def _forward(model: torch.nn.Module, x: torch.Tensor, keep: int, extra: dict) -> torch.Tensor:
     """Logits of the last ``keep`` positions (``logits_to_keep`` when the model accepts it,
@@ -213,11 +217,127 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, keep: int, extra: dict) ->
     return model(input_ids=x, **extra).logits
 
 
-def score_rows(
+class _Stop(Exception):
+    """Raised by the hook on the LM head: the forward pass has produced what scoring needs."""
+
+
+def output_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The module that maps final hidden states to logits (``get_output_embeddings``), or None."""
+    for m in model.modules():
+        get = getattr(m, "get_output_embeddings", None)
+        cfg = getattr(m, "config", None)
+        if not callable(get) or cfg is None:
+            continue
+        if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING):
+            return None
+        try:
+            head = get()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(head, torch.nn.Module):
+            return head
+    return None
+
+
+def _hidden_states(model: torch.nn.Module, head: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The input of ``head`` when the model runs on ``x`` (the forward stops there: the LM head
+    itself is not run), or None when the head is not called on every position."""
+    box: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, kwargs):
+        box["h"] = args[0] if args else next(iter(kwargs.values()))
+        raise _Stop
+
+    handle = head.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    h = box.get("h")
+    if h is None or h.dim() != 3 or tuple(h.shape[:2]) != tuple(x.shape):
+        return None
+    return h
+
+
+def _head_agrees(model: torch.nn.Module, head: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``head`` applied to the captured hidden states gives the model's own logits
+    (float32, no autocast: the same operation on the same tensor, so equal up to nothing; a
+    model that post-processes its logits, or a head whose weights are substituted inside the
+    forward pass, differs)."""
+    with torch.autocast(x.device.type, enabled=False):
+        h = _hidden_states(model, head, x)
+        if h is None:
+            return False
+        ours = head(h).float()
+        ref = model(input_ids=x).logits.float()
+    if ours.shape != ref.shape:
+        return False
+    return bool((ours - ref).abs().max() <= 1e-6 * (1.0 + ref.abs().max()))
+
+
+def _head_chunk_rows(vocab: int) -> int:
+    """Counted positions per LM-head chunk: about 1 GiB of float32 logits."""
+    return max(256, (1 << 28) // max(vocab, 1))
+
+
+def _target_scores(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Natural-log probability of each target and its rank (entries with a strictly larger logit)."""
+    lg = logits.float()
+    tl = lg.gather(-1, tgt[:, None])
+    lp = tl[:, 0] - torch.logsumexp(lg, dim=-1)
+    return lp, (lg > tl).sum(-1)
+
+
+@dataclass
+class BatchSums:
+    """Per-row sums of some of the batches of a scoring: ``batch[i]`` holds the indices (into
+    the rows) of batch ``index[i]``, whose sums are the columns ``offset[i] : offset[i+1]`` of
+    ``sums`` (``(len(alphas) + 1 + 3, rows)``: smoothed bits per α, unsmoothed bits, top-k hits)."""
+
+    index: list[int]
+    batch: list[np.ndarray]
+    sums: np.ndarray
+    vocab_size: int
+
+    @property
+    def offset(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([len(b) for b in self.batch])]).astype(np.int64)
+
+
+def reduce_scores(rows: Rows, num_units: int, alphas: Sequence[float], parts: Sequence[BatchSums]) -> UnitScores:
+    """Per-unit sums from the per-row sums of every batch, added in batch order (so that the
+    result does not depend on how the batches were shared between processes)."""
+    A = len(alphas)
+    got = sorted((i, p, k) for p in parts for k, i in enumerate(p.index))
+    if len({i for i, _, _ in got}) != len(got):
+        raise ValueError("a batch was scored twice")
+    vocab = max((p.vocab_size for p in parts), default=0)
+    if not got or not vocab:
+        raise PeftlabError("nothing to score: the sample holds no tokens.")
+    row_order = np.concatenate([p.batch[k] for _, p, k in got])
+    sums = np.concatenate([p.sums[:, p.offset[k]:p.offset[k + 1]] for _, p, k in got], axis=1)
+    units = rows.unit[row_order]
+    loss = np.zeros((A + 1, num_units))
+    hits = np.zeros((len(TOPK), num_units))
+    np.add.at(loss.T, units, sums[:A + 1].T)
+    np.add.at(hits.T, units, sums[A + 1:].T)
+    count = np.bincount(rows.unit, weights=rows.n_new, minlength=num_units).astype(np.float64)
+    return UnitScores(loss, hits, count, tuple(alphas), int(vocab))
+
+
+def score_rows(model: torch.nn.Module, tokens: np.ndarray, rows: Rows, num_units: int, eot_id: int, alphas: Sequence[float],
+               **kw) -> UnitScores:
+    """Run the model over ``rows`` and sum losses and top-k hits per unit (see :func:`score_batches`
+    for the arguments)."""
+    return reduce_scores(rows, num_units, alphas, [score_batches(model, tokens, rows, eot_id, alphas, **kw)])
+
+
+def score_batches(
     model: torch.nn.Module,
     tokens: np.ndarray,
     rows: Rows,
-    num_units: int,
     eot_id: int,
     alphas: Sequence[float],
     device: torch.device | str = "cpu",
@@ -226,108 +346,130 @@ def score_rows(
     progress: bool = True,
     desc: str = "scoring",
     layout: str = "right",
+    head: str = "auto",
+    batch_filter: Optional[Callable[[int], bool]] = None,
 ) -> UnitScores:
-    """Run the model over ``rows`` and sum losses and top-k hits per unit.
+    """Run the model over ``rows``: per-row sums of losses and top-k hits, batch by batch.
 
     Args:
         model: causal LM returning ``.logits`` of shape ``(B, T, V)``.
         tokens: the training stream (a memmap is fine).
         rows: forward passes, see :class:`Rows`.
-        num_units: number of units the rows belong to.
         eot_id: token standing at virtual position −1.
         alphas: smoothing grid.
         batch_tokens: padded tokens per forward pass.
         autocast_dtype: e.g. ``torch.bfloat16`` for mixed precision on a GPU (losses are
             always computed from float32 log-probabilities).
         layout: ``right`` (padding after each row, causal attention without a mask; the
-            default) or ``left`` (the earlier layout with an attention mask; same numbers up
-            to the attention kernel's rounding).
+            default) or ``left`` (the earlier layout with an attention mask and the model's
+            own logits; same numbers up to the kernels' rounding).
+        head: ``auto`` (the forward pass stops at the LM head's input and the head runs only
+            on the counted positions, in chunks, when the model's logits are exactly its
+            head's output: checked on the first batch, else the model's own logits are used)
+            or ``model`` (the model's own logits, ``logits_to_keep`` columns of every batch).
+        batch_filter: run only the batches ``i`` (in the fixed batch order) for which this
+            is true; the others count as done. Data-parallel scoring gives each process a
+            share of the same batches, so every row is computed exactly as on one process.
     """
     if layout not in ("right", "left"):
         raise ValueError(f"layout must be 'right' or 'left', got {layout!r}")
+    if head not in ("auto", "model"):
+        raise ValueError(f"head must be 'auto' or 'model', got {head!r}")
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     model.eval()
     take = _padded_stream(tokens, eot_id)
     A = len(alphas)
-    loss = np.zeros((A + 1, num_units))
-    hits = np.zeros((len(TOPK), num_units))
-    count = np.zeros(num_units)
+    num_units = int(rows.unit.max()) + 1 if len(rows) else 0
     remaining = np.bincount(rows.unit, minlength=num_units)
     vocab = None
     bar = tqdm(total=num_units, desc=desc, unit="unit", disable=not progress, dynamic_ncols=True)
     pin = device.type == "cuda"
+    lm_head = output_head(model) if (head == "auto" and layout == "right") else None
+    checked = False
+    topk = torch.tensor(TOPK, device=device)
 
     def to_device(a: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(a)
         return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
 
-    pending: list[tuple[np.ndarray, torch.Tensor]] = []  # (units of the rows, per-row sums on the device)
+    done: list[tuple[int, np.ndarray]] = []  # (batch index, its rows)
+    pending: list[torch.Tensor] = []  # their per-row sums, on the device
     try:
-        for idx in _batches(rows, batch_tokens):
+        for b_i, idx in enumerate(_batches(rows, batch_tokens)):
             start, length, n_new, unit = rows.start[idx], rows.length[idx], rows.n_new[idx], rows.unit[idx]
-            T = int(length.max())
-            col = np.arange(T)[None, :]
-            extra = {}
-            if layout == "left":
-                # every row ends at column T-1, so the counted predictions are the last n_new columns
-                keep = int(n_new.max())
-                pad = (T - length)[:, None]
-                rel = col - pad  # position inside the row (negative: padding)
-                valid = rel >= 0
-                kcol = np.arange(T - keep, T)[None, :]
-                counted = kcol >= (T - n_new)[:, None]
-                target = start[:, None] + (kcol - pad) + 1
-                if bool((pad > 0).any()):
-                    extra["attention_mask"] = to_device(valid.astype(np.int64))
-                    extra["position_ids"] = to_device(np.maximum(rel, 0))
-            else:
-                # every row starts at column 0; its counted predictions are columns [length-n_new, length)
-                first = length - n_new
-                keep = T - int(first.min())
-                valid = col < length[:, None]
-                kcol = np.arange(T - keep, T)[None, :]
-                counted = (kcol >= first[:, None]) & (kcol < length[:, None])
-                target = start[:, None] + kcol + 1
-                rel = col
-            x = take(np.where(valid, start[:, None] + rel, -1))
-            y = take(np.where(counted, target, -1))  # (B, keep); -1 (virtual EOT) where nothing counts
-            # the counted predictions as flat indices known on the host: selecting them by index
-            # (not by a boolean mask, whose result size the host would have to wait for) keeps
-            # the loop free of device-to-host synchronisation
-            flat = np.flatnonzero(counted.ravel())
-            x_t, f_t, tgt = to_device(x), to_device(flat), to_device(y.ravel()[flat])
-            with torch.inference_mode():
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = _forward(model, x_t, keep, extra)[:, -keep:]
-                vocab = logits.shape[-1]
-                sel = logits.reshape(-1, vocab).index_select(0, f_t).float()  # (K, V): only the predictions that count
-                lp = torch.log_softmax(sel, dim=-1).gather(-1, tgt[:, None])[:, 0]
-                per_tok = torch.cat([smoothed_nll_bits(lp, alphas, vocab), (-lp.double() / LN2)[None]], 0)  # (A+1, K)
-                top = topk_correct(sel, tgt, TOPK).double()  # (3, K)
-                # per-row sums by a dense masked reduction (deterministic on GPUs, unlike atomic
-                # scatter-adds); they stay on the device until the end (no host sync per batch)
-                dense = torch.zeros(A + 1 + len(TOPK), counted.size, dtype=torch.float64, device=device)
-                dense[:, f_t] = torch.cat([per_tok, top], 0)
-                pending.append((unit, dense.view(-1, *counted.shape).sum(-1)))  # (A+1+3, B)
-            np.add.at(count, unit, counted.sum(1))
+            if batch_filter is None or batch_filter(b_i):
+                T = int(length.max())
+                col = np.arange(T)[None, :]
+                extra = {}
+                if layout == "left":
+                    # every row ends at column T-1, so the counted predictions are the last n_new columns
+                    keep = int(n_new.max())
+                    pad = (T - length)[:, None]
+                    rel = col - pad  # position inside the row (negative: padding)
+                    valid = rel >= 0
+                    kcol = np.arange(T - keep, T)[None, :]
+                    counted = kcol >= (T - n_new)[:, None]
+                    target = start[:, None] + (kcol - pad) + 1
+                    if bool((pad > 0).any()):
+                        extra["attention_mask"] = to_device(valid.astype(np.int64))
+                        extra["position_ids"] = to_device(np.maximum(rel, 0))
+                else:
+                    # every row starts at column 0; its counted predictions are columns [length-n_new, length)
+                    first = length - n_new
+                    keep = T - int(first.min())
+                    valid = col < length[:, None]
+                    kcol = np.arange(T - keep, T)[None, :]
+                    counted = (kcol >= first[:, None]) & (kcol < length[:, None])
+                    target = start[:, None] + kcol + 1
+                    rel = col
+                x = take(np.where(valid, start[:, None] + rel, -1))
+                y = take(np.where(counted, target, -1))  # (B, keep); -1 (virtual EOT) where nothing counts
+                # the counted predictions as flat indices known on the host: selecting them by index
+                # (not by a boolean mask, whose result size the host would have to wait for) keeps
+                # the loop free of device-to-host synchronisation
+                flat = np.flatnonzero(counted.ravel())
+                x_t, f_t, tgt = to_device(x), to_device(flat), to_device(y.ravel()[flat])
+                with torch.inference_mode():
+                    if lm_head is not None and not checked:
+                        checked = True  # one check per call, on two rows of the first batch
+                        if not _head_agrees(model, lm_head, x_t[:2]):
+                            lm_head = None
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        if lm_head is not None:
+                            h = _hidden_states(model, lm_head, x_t)
+                            # the counted positions as flat indices among all (B, T) columns
+                            f_all = to_device(flat + (flat // keep) * (T - keep) + (T - keep))
+                            sel = h.reshape(-1, h.shape[-1]).index_select(0, f_all)  # (K, d): the head runs on these only
+                            vocab = int(getattr(lm_head, "out_features", 0)) or int(lm_head(sel[:1]).shape[-1])
+                            step = _head_chunk_rows(vocab)
+                            parts = [_target_scores(lm_head(sel[i:i + step]), tgt[i:i + step]) for i in range(0, len(flat), step)]
+                            lp = torch.cat([p[0] for p in parts])
+                            rank = torch.cat([p[1] for p in parts])
+                        else:
+                            logits = _forward(model, x_t, keep, extra)[:, -keep:]
+                            vocab = logits.shape[-1]
+                            lp, rank = _target_scores(logits.reshape(-1, vocab).index_select(0, f_t), tgt)
+                    per_tok = torch.cat([smoothed_nll_bits(lp, alphas, vocab), (-lp.double() / LN2)[None]], 0)  # (A+1, K)
+                    top = (rank[None, :] < topk[:, None]).double()  # (3, K)
+                    # per-row sums by a dense masked reduction (deterministic on GPUs, unlike atomic
+                    # scatter-adds); they stay on the device until the end (no host sync per batch)
+                    dense = torch.zeros(A + 1 + len(TOPK), counted.size, dtype=torch.float64, device=device)
+                    dense[:, f_t] = torch.cat([per_tok, top], 0)
+                    pending.append(dense.view(-1, *counted.shape).sum(-1))  # (A+1+3, B)
+                done.append((b_i, idx))
             before = int((remaining == 0).sum())
             np.subtract.at(remaining, unit, 1)
             bar.update(int((remaining == 0).sum()) - before)
     finally:
         bar.close()
-    if pending:
-        units = np.concatenate([u for u, _ in pending])
-        row_sums = torch.cat([s for _, s in pending], 1).cpu().numpy()  # one transfer for the whole sample
-        np.add.at(loss.T, units, row_sums[:A + 1].T)
-        np.add.at(hits.T, units, row_sums[A + 1:].T)
-    if vocab is None:
-        raise PeftlabError("nothing to score: the sample holds no tokens.")
-    return UnitScores(loss, hits, count, tuple(alphas), int(vocab))
+    # one device-to-host transfer for the whole sample
+    sums = torch.cat(pending, 1).cpu().numpy() if pending else np.zeros((A + 1 + len(TOPK), 0))
+    return BatchSums([i for i, _ in done], [r for _, r in done], sums, int(vocab or 0))
 
 
 __all__ = [
     "TOPK", "sliding_windows", "Rows", "document_spans", "document_rows", "sequence_rows", "token_rows", "num_sequences",
-    "sample_units", "UnitScores", "score_rows",
+    "sample_units", "UnitScores", "BatchSums", "score_rows", "score_batches", "reduce_scores", "output_head",
 ]
