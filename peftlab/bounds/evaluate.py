@@ -380,9 +380,10 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     t_score = time.perf_counter()
     if k:
         load_state(method, model, fp_state)
-        fp = score_rows(model, tokens, _subset_rows(sample.rows, subset), k, desc=f"full precision ({unit_name})", **kw)
+        fp = score_rows(method.scoring_module(model), tokens, _subset_rows(sample.rows, subset), k,
+                        desc=f"full precision ({unit_name})", **kw)
     load_state(method, model, comp.state)  # the bound is about the quantized model
-    sc = score_rows(model, tokens, sample.rows, len(sample.units), desc=f"quantized ({unit_name})", **kw)
+    sc = score_rows(method.scoring_module(model), tokens, sample.rows, len(sample.units), desc=f"quantized ({unit_name})", **kw)
     score_time = time.perf_counter() - t_score
 
     loss, err = sc.unit_means()
@@ -443,6 +444,7 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
         "seed": bcfg.seed,
         "tokens_scored": int(sc.tokens.sum()),
         "scoring_time_s": score_time,
+        "scoring_path": sc.path,
         f"{unit_name}_per_second": len(sample.units) / max(score_time, 1e-9),
         "wall_time_s": wall,
         "device": str(device),

@@ -35,6 +35,7 @@ over tokens. The model is put in ``eval()`` mode (dropout off) and run under
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import PeftlabError
+from .fastpath import ScoringView, scoring_view
 from .formulas import LN2, smoothed_nll_bits
 
 TOPK = (1, 10, 100)
@@ -162,6 +164,7 @@ class UnitScores:
     tokens: np.ndarray
     alphas: tuple[float, ...]
     vocab_size: int
+    path: str = "model"
 
     def unit_means(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-unit mean loss (bits/token) and top-k error."""
@@ -201,11 +204,6 @@ def _batches(rows: Rows, batch_tokens: int) -> list[np.ndarray]:
 
 _KEEP_UNSUPPORTED: set[type] = set()
 
-# configuration attributes of models whose logits are not the plain output of their LM head
-# (soft-capping, scaling): the head-on-counted-positions path is not used for them
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
 def _forward(model: torch.nn.Module, x: torch.Tensor, keep: int, extra: dict) -> torch.Tensor:
     """Logits of the last ``keep`` positions (``logits_to_keep`` when the model accepts it,
     which skips the LM head on the other positions; otherwise all positions)."""
@@ -215,66 +213,6 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, keep: int, extra: dict) ->
         except TypeError:
             _KEEP_UNSUPPORTED.add(type(model))
     return model(input_ids=x, **extra).logits
-
-
-class _Stop(Exception):
-    """Raised by the hook on the LM head: the forward pass has produced what scoring needs."""
-
-
-def output_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
-    """The module that maps final hidden states to logits (``get_output_embeddings``), or None."""
-    for m in model.modules():
-        get = getattr(m, "get_output_embeddings", None)
-        cfg = getattr(m, "config", None)
-        if not callable(get) or cfg is None:
-            continue
-        if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING):
-            return None
-        try:
-            head = get()
-        except (NotImplementedError, AttributeError):
-            continue
-        if isinstance(head, torch.nn.Module):
-            return head
-    return None
-
-
-def _hidden_states(model: torch.nn.Module, head: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The input of ``head`` when the model runs on ``x`` (the forward stops there: the LM head
-    itself is not run), or None when the head is not called on every position."""
-    box: dict[str, torch.Tensor] = {}
-
-    def grab(module, args, kwargs):
-        box["h"] = args[0] if args else next(iter(kwargs.values()))
-        raise _Stop
-
-    handle = head.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(input_ids=x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    h = box.get("h")
-    if h is None or h.dim() != 3 or tuple(h.shape[:2]) != tuple(x.shape):
-        return None
-    return h
-
-
-def _head_agrees(model: torch.nn.Module, head: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``head`` applied to the captured hidden states gives the model's own logits
-    (float32, no autocast: the same operation on the same tensor, so equal up to nothing; a
-    model that post-processes its logits, or a head whose weights are substituted inside the
-    forward pass, differs)."""
-    with torch.autocast(x.device.type, enabled=False):
-        h = _hidden_states(model, head, x)
-        if h is None:
-            return False
-        ours = head(h).float()
-        ref = model(input_ids=x).logits.float()
-    if ours.shape != ref.shape:
-        return False
-    return bool((ours - ref).abs().max() <= 1e-6 * (1.0 + ref.abs().max()))
 
 
 def _head_chunk_rows(vocab: int) -> int:
@@ -300,6 +238,7 @@ class BatchSums:
     batch: list[np.ndarray]
     sums: np.ndarray
     vocab_size: int
+    path: str = "model"  # "view": scored through fastpath.scoring_view; "model": the model's own logits
 
     @property
     def offset(self) -> np.ndarray:
@@ -324,7 +263,8 @@ def reduce_scores(rows: Rows, num_units: int, alphas: Sequence[float], parts: Se
     np.add.at(loss.T, units, sums[:A + 1].T)
     np.add.at(hits.T, units, sums[A + 1:].T)
     count = np.bincount(rows.unit, weights=rows.n_new, minlength=num_units).astype(np.float64)
-    return UnitScores(loss, hits, count, tuple(alphas), int(vocab))
+    paths = {p.path for p in parts if p.index}
+    return UnitScores(loss, hits, count, tuple(alphas), int(vocab), "view" if paths == {"view"} else "model")
 
 
 def score_rows(model: torch.nn.Module, tokens: np.ndarray, rows: Rows, num_units: int, eot_id: int, alphas: Sequence[float],
@@ -363,10 +303,10 @@ def score_batches(
         layout: ``right`` (padding after each row, causal attention without a mask; the
             default) or ``left`` (the earlier layout with an attention mask and the model's
             own logits; same numbers up to the kernels' rounding).
-        head: ``auto`` (the forward pass stops at the LM head's input and the head runs only
-            on the counted positions, in chunks, when the model's logits are exactly its
-            head's output: checked on the first batch, else the model's own logits are used)
-            or ``model`` (the model's own logits, ``logits_to_keep`` columns of every batch).
+        head: ``auto`` (score through :func:`~peftlab.bounds.fastpath.scoring_view`: merged
+            adapters, fused GELU, the LM head only on the counted positions; checked on the
+            first batch, else the model's own logits are used) or ``model`` (the model's own
+            logits on the ``logits_to_keep`` columns of every batch).
         batch_filter: run only the batches ``i`` (in the fixed batch order) for which this
             is true; the others count as done. Data-parallel scoring gives each process a
             share of the same batches, so every row is computed exactly as on one process.
@@ -386,8 +326,9 @@ def score_batches(
     vocab = None
     bar = tqdm(total=num_units, desc=desc, unit="unit", disable=not progress, dynamic_ncols=True)
     pin = device.type == "cuda"
-    lm_head = output_head(model) if (head == "auto" and layout == "right") else None
-    checked = False
+    stack = contextlib.ExitStack()
+    view: Optional[ScoringView] = None
+    checked = head != "auto" or layout != "right"
     topk = torch.tensor(TOPK, device=device)
 
     def to_device(a: np.ndarray) -> torch.Tensor:
@@ -431,20 +372,20 @@ def score_batches(
                 # the loop free of device-to-host synchronisation
                 flat = np.flatnonzero(counted.ravel())
                 x_t, f_t, tgt = to_device(x), to_device(flat), to_device(y.ravel()[flat])
+                if not checked:  # once per call, on two rows of the first batch
+                    checked = True
+                    view = stack.enter_context(scoring_view(model, x_t[:2], autocast_dtype))
                 with torch.inference_mode():
-                    if lm_head is not None and not checked:
-                        checked = True  # one check per call, on two rows of the first batch
-                        if not _head_agrees(model, lm_head, x_t[:2]):
-                            lm_head = None
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        if lm_head is not None:
-                            h = _hidden_states(model, lm_head, x_t)
+                        if view is not None:
+                            h = view.hidden(x_t)
                             # the counted positions as flat indices among all (B, T) columns
                             f_all = to_device(flat + (flat // keep) * (T - keep) + (T - keep))
                             sel = h.reshape(-1, h.shape[-1]).index_select(0, f_all)  # (K, d): the head runs on these only
-                            vocab = int(getattr(lm_head, "out_features", 0)) or int(lm_head(sel[:1]).shape[-1])
+                            vocab = view.vocab
                             step = _head_chunk_rows(vocab)
-                            parts = [_target_scores(lm_head(sel[i:i + step]), tgt[i:i + step]) for i in range(0, len(flat), step)]
+                            parts = [_target_scores(view.logits(sel[i:i + step], autocast_dtype), tgt[i:i + step])
+                                     for i in range(0, len(flat), step)]
                             lp = torch.cat([p[0] for p in parts])
                             rank = torch.cat([p[1] for p in parts])
                         else:
@@ -463,13 +404,14 @@ def score_batches(
             np.subtract.at(remaining, unit, 1)
             bar.update(int((remaining == 0).sum()) - before)
     finally:
+        stack.close()  # the model as it was
         bar.close()
     # one device-to-host transfer for the whole sample
     sums = torch.cat(pending, 1).cpu().numpy() if pending else np.zeros((A + 1 + len(TOPK), 0))
-    return BatchSums([i for i, _ in done], [r for _, r in done], sums, int(vocab or 0))
+    return BatchSums([i for i, _ in done], [r for _, r in done], sums, int(vocab or 0), "view" if view is not None else "model")
 
 
 __all__ = [
     "TOPK", "sliding_windows", "Rows", "document_spans", "document_rows", "sequence_rows", "token_rows", "num_sequences",
-    "sample_units", "UnitScores", "BatchSums", "score_rows", "score_batches", "reduce_scores", "output_head",
+    "sample_units", "UnitScores", "BatchSums", "score_rows", "score_batches", "reduce_scores",
 ]

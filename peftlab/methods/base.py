@@ -261,6 +261,11 @@ class Method:
         :meth:`model_state`."""
         return self.model_state(model)
 
+    def scoring_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module a bound scores: one computing the same function as ``model`` whose forward
+        pass a plain Hugging Face model (with peft layers) runs. Default: ``model`` itself."""
+        return model
+
     def state_dict(self) -> dict[str, Any]:
         """Method-owned state (schedules, extra optimizers); plain tensors and numbers only."""
         return {}

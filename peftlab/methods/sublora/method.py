@@ -617,6 +617,14 @@ class SubLoRA(Method):
                                            "was it trained with another intrinsic_dim?")
                     params[n].copy_(t)
 
+    def scoring_module(self, model):
+        """The inner peft model with θ₀ + P·w written into its LoRA tensors: the same function
+        as the subspace model, without recomputing P·w at every forward pass."""
+        if isinstance(model, SubspaceModel):
+            model.materialise()
+            return model.model
+        return model
+
     def compressible_state(self, model) -> dict[str, torch.Tensor]:
         """What a compression bound encodes: w, and the gates φ in learned mode."""
         out = {"w": model.w.detach().clone()}

@@ -1,0 +1,221 @@
+"""A faster view of a causal LM for scoring, with the same numbers as the model's own forward pass.
+
+Scoring a bound runs the frozen, adapted model over tens of millions of window tokens. A GPU
+profile of GPT-2-124M + SubLoRA (benchmarks/bench_scoring.py, BENCHMARKS.md) showed matrix
+products at a quarter of the GPU time and the rest in element-wise kernels: GPT-2's GELU
+written as eight tensor operations, the LoRA branch beside every adapted layer (two small
+products, casts, an add), autocast's fresh bf16 copy of every weight at every call, and an LM
+head whose 50,257-column output has no 16-byte-aligned rows (an old, slow GEMM kernel).
+:func:`scoring_view` removes each of these for the duration of a scoring and restores the
+model exactly afterwards:
+
+* adapters merged: every plain peft LoRA layer (not DoRA, not peftlab's gated or factored
+  layers, which keep their own forward) gets ``W₀ + s·B·A`` in its base weight; the original
+  weight is saved and written back bit for bit on exit (peft's ``unmerge`` subtracts, which
+  would not restore it exactly);
+* ``NewGELUActivation`` (the tanh GELU as Python arithmetic) replaced by torch's fused
+  ``gelu(approximate="tanh")``, the same function;
+* the forward pass split at the LM head: the model's body gives the final hidden states, and
+  the head runs only on the positions that count, in chunks, with its weight padded to a
+  multiple of 64 rows (the padding's logits are cut off before any reduction);
+* under bf16 autocast, the weights of linear layers (not embeddings, not tied to one) are
+  stored in bf16 for the duration: autocast would cast them to exactly these values at every
+  call, so the numbers do not change.
+
+The first three change rounding only. They are checked, before any scoring, on two rows of
+real input: the view's logits (float32, TF32 off) must equal the model's own to 1e-4 of their
+largest magnitude, else the view is not used and the caller scores with the model's own
+logits (a model that post-processes its logits, a merge peft gets wrong, a wrapper whose
+forward substitutes weights all fail this check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+# configuration attributes of models whose logits are not the plain output of their LM head
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+CHECK_TOLERANCE = 1e-4
+
+
+class TanhGELU(torch.nn.Module):
+    """``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`` as one fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+def hf_model(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The innermost Hugging Face causal LM (the module with an LM head and a config)."""
+    for m in model.modules():
+        if callable(getattr(m, "get_output_embeddings", None)) and getattr(m, "config", None) is not None \
+                and isinstance(getattr(m, "base_model_prefix", None), str) and hasattr(m, m.base_model_prefix):
+            return m
+    return None
+
+
+class ScoringView:
+    """Body + head of a causal LM: :meth:`hidden` and :meth:`logits` (of selected hidden states)."""
+
+    def __init__(self, body: torch.nn.Module, head: torch.nn.Linear, vocab: int):
+        self.body, self.head, self.vocab = body, head, vocab
+        self._w: Optional[torch.Tensor] = None
+        self._dtype: Optional[torch.dtype] = None
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(input_ids=x)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def logits(self, h: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        """``(K, vocab)`` logits of hidden states ``h`` (in ``dtype``; None = the head's own)."""
+        dtype = dtype or self.head.weight.dtype
+        if self._w is None or self._dtype != dtype:
+            w = self.head.weight.detach()
+            pad = -w.shape[0] % 64
+            self._w = torch.cat([w, w.new_zeros(pad, w.shape[1])]).to(dtype) if pad else w.to(dtype)
+            self._dtype = dtype
+        b = self.head.bias
+        out = F.linear(h.to(dtype), self._w)[:, :self.vocab]
+        return out if b is None else out + b.to(dtype)
+
+
+def _plain_lora_layers(model: torch.nn.Module):
+    """peft LoRA layers whose forward is peft's own plain one (no DoRA, not subclassed, plain
+    ``nn.Linear`` factors: SoRA's gated down-projection is not one)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return
+    for m in model.modules():
+        plain = all(type(f) is torch.nn.Linear for d in (m.lora_A, m.lora_B) for f in d.values()) if type(m) is LoraLinear else False
+        if plain and not any(getattr(m, "use_dora", {}).values()) and not m.merged:
+            yield m
+
+
+@contextlib.contextmanager
+def _merged(model: torch.nn.Module) -> Iterator[None]:
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in _plain_lora_layers(model):
+                w = layer.get_base_layer().weight
+                saved.append((layer, w, w.detach().clone()))
+                layer.merge()
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, w, orig in saved:
+                w.copy_(orig)
+                layer.merged_adapters.clear()
+
+
+@contextlib.contextmanager
+def _fused_gelu(model: torch.nn.Module) -> Iterator[None]:
+    try:
+        from transformers.activations import NewGELUActivation
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, TanhGELU())
+                swapped.append((parent, name, child))
+    for m in model.modules():  # GPT-2's MLP calls self.act, which may be a plain attribute
+        act = getattr(m, "act", None)
+        if type(act) is NewGELUActivation:
+            swapped.append((m, "act", act))
+            setattr(m, "act", TanhGELU())
+    try:
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
+
+
+def _linear_like(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+@contextlib.contextmanager
+def _low_precision_weights(model: torch.nn.Module, dtype: torch.dtype, keep: set[int]) -> Iterator[None]:
+    """Store linear layers' weights (and biases) in ``dtype`` (those in ``keep``, embeddings and
+    the layers of unmerged adapters, whose forward casts its own inputs, excepted)."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = []
+    try:
+        for name_m, m in model.named_modules():
+            if not _linear_like(m) or "lora_" in name_m:
+                continue
+            for name in ("weight", "bias"):
+                p = getattr(m, name, None)
+                if isinstance(p, torch.nn.Parameter) and p.dtype == torch.float32 and id(p) not in embedded | keep:
+                    saved.append((p, p.data))
+                    p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+def _agrees(model: torch.nn.Module, view: ScoringView, x: torch.Tensor, ref: torch.Tensor) -> bool:
+    with torch.autocast(x.device.type, enabled=False):
+        h = view.hidden(x)
+        ours = view.logits(h.reshape(-1, h.shape[-1]), None)
+    ref = ref.reshape(-1, ref.shape[-1]).float()
+    if ours.shape != ref.shape:
+        return False
+    return bool((ours.float() - ref).abs().max() <= CHECK_TOLERANCE * (1.0 + ref.abs().max()))
+
+
+@contextlib.contextmanager
+def scoring_view(model: torch.nn.Module, x_check: torch.Tensor,
+                 autocast_dtype: Optional[torch.dtype] = None) -> Iterator[Optional[ScoringView]]:
+    """A :class:`ScoringView` of ``model`` (checked on ``x_check``), or None when none applies.
+
+    The model is changed in place while the context is open (merged adapters, fused GELU,
+    low-precision linear weights) and restored exactly when it closes.
+    """
+    hf = hf_model(model)
+    cfg = getattr(hf, "config", None)
+    if hf is None or any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING):
+        yield None
+        return
+    body, head = getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        yield None
+        return
+    view = ScoringView(body, head, int(head.weight.shape[0]))
+    cuda = torch.backends.cuda.matmul
+    tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
+    with torch.inference_mode():
+        cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.autocast(x_check.device.type, enabled=False):
+                ref = model(input_ids=x_check).logits.float()
+        finally:
+            cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with _merged(model), _fused_gelu(model):
+        cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.inference_mode():
+                ok = _agrees(model, view, x_check, ref)
+        finally:
+            cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if not ok:  # the model is back as it was
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_merged(model))
+        stack.enter_context(_fused_gelu(model))
+        if autocast_dtype is not None:
+            stack.enter_context(_low_precision_weights(model, autocast_dtype, keep={id(head.weight)}))
+        yield view
+
+
+__all__ = ["scoring_view", "ScoringView", "TanhGELU", "hf_model", "CHECK_TOLERANCE"]
