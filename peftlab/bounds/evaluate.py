@@ -38,7 +38,10 @@ from . import coding
 from . import formulas as F
 from .config import BoundsConfig
 from .quantize import Quantized, flatten_state, quantization_aware_training, quantize, unflatten_state
-from .scoring import TOPK, Rows, document_rows, document_spans, num_sequences, sample_units, score_rows, sequence_rows, token_rows
+from . import parallel
+from .parallel import World
+from .scoring import TOPK, Rows, document_rows, document_spans, num_sequences, reduce_scores, sample_units, score_batches, sequence_rows, \
+    token_rows
 
 PREPARE_HINT = "peftlab data prepare DATASET --output-dir DIR --tokenizer TOKENIZER"
 
@@ -330,9 +333,17 @@ def bound_table(unit_loss: np.ndarray, unit_err: np.ndarray, weights: np.ndarray
     return {"per_alpha": rows, "best": best, "unsmoothed_bpd": float(risks[-1]), **topk}
 
 
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: BoundsConfig, data_dir: Path,
-                   device: torch.device, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Everything after loading: compress, score, bound. Returns the metrics dictionary."""
+                   device: torch.device, log: Callable[[str], None] = print, world: Optional[World] = None) -> dict[str, Any]:
+    """Everything after loading: compress, score, bound. Returns the metrics dictionary.
+
+    ``world``: the processes scoring together (:mod:`~peftlab.bounds.parallel`); each scores
+    its share of the batches, and the result is the one of a single process."""
+    world = world or World()
 
     t0 = time.perf_counter()
     tb = TokenBin(data_dir, "train")
@@ -363,14 +374,17 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     if refine is not None:  # QAT moved the full-precision weights; the fp baseline is the refined one
         fp_state = compressible_state(method, model)
         fp_state = {k: v.detach().clone() for k, v in fp_state.items()}
+    if world.size > 1:  # every process scores rank 0's model (QAT on a GPU need not be bit-reproducible)
+        comp.state = _on_cpu(comp.state)
+        comp, fp_state = world.broadcast((comp, _on_cpu(fp_state)))
     log(f"bounds: compressed {comp.d:,} numbers to {comp.message_bits:,.0f} bits "
         f"({comp.coded_bits:,} coded + header), prefix-free {comp.prefix_bits:,.1f} bits, KL {comp.kl_nats:,.1f} nats")
 
     sample = build_sample(bcfg.bound_type, data_dir, tokens, context, bcfg)
     alphas = tuple(float(a) for a in bcfg.alphas)
     autocast = torch.bfloat16 if (bcfg.dtype == "bf16" and device.type == "cuda") else None
-    kw = dict(eot_id=eot_id, alphas=alphas, device=device, batch_tokens=bcfg.batch_tokens, autocast_dtype=autocast,
-              progress=bcfg.progress_bar, head=bcfg.head)
+    kw = dict(device=device, batch_tokens=bcfg.batch_tokens, autocast_dtype=autocast, progress=bcfg.progress_bar and world.main,
+              head=bcfg.head, batch_filter=world.batch_filter())
     unit_name = {"document_level": "documents", "sequence_level": "sequences", "token_level": "tokens"}[bcfg.bound_type]
 
     # the quantization's own cost: a seeded subset of the sample, full precision first
@@ -378,12 +392,16 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     fp = None
     subset = np.sort(np.random.default_rng(bcfg.seed + 1).permutation(len(sample.units))[:k]) if k else np.zeros(0, dtype=np.int64)
     t_score = time.perf_counter()
+
+    def score(rows: Rows, units: int, desc: str):
+        part = score_batches(method.scoring_module(model), tokens, rows, eot_id, alphas, desc=desc, **kw)
+        return reduce_scores(rows, units, alphas, world.gather(part))
+
     if k:
         load_state(method, model, fp_state)
-        fp = score_rows(method.scoring_module(model), tokens, _subset_rows(sample.rows, subset), k,
-                        desc=f"full precision ({unit_name})", **kw)
+        fp = score(_subset_rows(sample.rows, subset), k, f"full precision ({unit_name})")
     load_state(method, model, comp.state)  # the bound is about the quantized model
-    sc = score_rows(method.scoring_module(model), tokens, sample.rows, len(sample.units), desc=f"quantized ({unit_name})", **kw)
+    sc = score(sample.rows, len(sample.units), f"quantized ({unit_name})")
     score_time = time.perf_counter() - t_score
 
     loss, err = sc.unit_means()
@@ -445,6 +463,7 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
         "tokens_scored": int(sc.tokens.sum()),
         "scoring_time_s": score_time,
         "scoring_path": sc.path,
+        "scoring_processes": world.size,
         f"{unit_name}_per_second": len(sample.units) / max(score_time, 1e-9),
         "wall_time_s": wall,
         "device": str(device),
@@ -519,7 +538,8 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     out = Path(bcfg.output).expanduser() if bcfg.output else rd.bounds_path
     check_output(out, "--bounds.output" if bcfg.output else f"the run directory ({run_dir})")
     data_dir = resolve_data(bcfg, run_cfg)
-    device = pick_device(bcfg.device)
+    world, rank_device = parallel.start(bcfg.device)
+    device = torch.device(rank_device) if rank_device else pick_device(bcfg.device)
     if device.type == "cuda" and bcfg.dtype == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fast, deterministic run to run
     loaded = load_run(run_dir, device=str(device), fix=damaged_fix(rd, None))
@@ -528,9 +548,14 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
 
     if loaded.tokenizer is not None:
         TokenBin(data_dir, "train").check_tokenizer(loaded.tokenizer)
-    metrics = compute_bounds(loaded.model, loaded.method, run_cfg, bcfg, data_dir, device, log)
+    try:
+        metrics = compute_bounds(loaded.model, loaded.method, run_cfg, bcfg, data_dir, device, log if world.main else (lambda s: None),
+                                 world)
+    finally:
+        parallel.stop(world)
     metrics = {"run_dir": str(run_dir), "method": getattr(run_cfg, "method", None), **metrics}
-    write_metrics(metrics, out)
+    if world.main:
+        write_metrics(metrics, out)
     return metrics
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 from ..bounds.config import BoundsConfig, bounds_config
 from ..bounds.evaluate import run_bounds
+from ..bounds.parallel import launched_world
 from ..config import section_help
 
 EXAMPLE = ("Example: peftlab bounds runs/sublora --bounds.bound_type=document_level --bounds.levels=11 "
@@ -28,6 +29,8 @@ def _bare_flags(extra: list[str]) -> list[str]:
 def cmd_bounds(args, extra: list[str]) -> int:
     bcfg = bounds_config(_bare_flags(extra))
     m = run_bounds(args.run_dir, bcfg)
+    if not launched_world().main:  # under torchrun, rank 0 reports
+        return 0
     verdict = "non-vacuous" if m["non_vacuous"] else "vacuous"
     print(
         f"{m['bound_type']}: bound {m['bound_value']:.4f} bits/token ({verdict}; log2 V = {m['vacuous_threshold_bits']:.2f}), "
