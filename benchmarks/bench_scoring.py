@@ -6,10 +6,11 @@
     python benchmarks/bench_scoring.py --device cpu --model tiny-gpt2 --num-docs 200 --variants right-model:4096,right-auto:4096
 
 Times :func:`peftlab.bounds.scoring.score_rows` (no quantization or coding) on the same rows for
-each variant ``LAYOUT-HEAD:BATCH_TOKENS`` (layout ``left`` = the masked left-padded layout,
+each variant ``LAYOUT-HEAD[-compile]:BATCH_TOKENS`` (layout ``left`` = the masked left-padded layout,
 ``right`` = right padding without a mask; head ``model`` = the model's own logits on the
 ``logits_to_keep`` columns, ``auto`` = the forward pass stops at the LM head's input and the
-head runs on the counted positions only), after one warm-up call each, and reports the largest
+head runs on the counted positions only; ``-compile``: the logits reduced by a compiled
+function), after one warm-up call each (which includes the compilation), and reports the largest
 relative difference of the per-document sums from the first variant. The model is GPT-2
 (124M, shipped config, random weights) or the built-in tiny GPT-2, adapted by ``--method``
 (default SubLoRA, the method the seeds bound). Documents: ``owt`` = the OpenWebText-shaped
@@ -78,9 +79,9 @@ def main() -> int:
         window_tokens = int(rows.length.sum())
         for variant in args.variants.split(","):
             lay_head, bt = variant.split(":")
-            layout, head = lay_head.split("-")
+            layout, head, *opt = lay_head.split("-")
             kw = dict(alphas=(0.001, 0.01, 0.1), device=device, batch_tokens=int(bt), autocast_dtype=autocast,
-                      progress=False, layout=layout, head=head)
+                      progress=False, layout=layout, head=head, compile=opt == ["compile"])
             rec = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "tag": args.tag,
                    "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
                    "torch": torch.__version__, "model": args.model, "method": args.method, "dtype": args.dtype, "docs": args.docs,

@@ -2,7 +2,7 @@
 # The bound's scoring on one GPU: variants of the scoring loop (benchmarks/bench_scoring.py) on
 # OpenWebText-shaped and python-docs-shaped documents, a torch.profiler table of each, and the
 # whole of `peftlab bounds` after loading (benchmarks/bench_bounds.py) at the issue's sizes.
-#   bash benchmarks/gpu_bounds.sh OUTDIR [STAGES]   (STAGES: a comma list of owt,pydocs,fp32,e2e; default all)
+#   bash benchmarks/gpu_bounds.sh OUTDIR [STAGES]   (STAGES: a comma list of owt,pydocs,fp32,fp32small,pytest,e2e)
 set -u
 OUT=${1:-/tmp/gpu_bounds}
 STAGES=${2:-owt,pydocs,fp32,e2e}
@@ -26,11 +26,17 @@ case ",$STAGES," in *,fp32,*)
   python $B --docs owt --num-docs 1000 --dtype fp32 --variants right-model:16384,right-auto:16384,right-auto:65536 --out "$OUT" \
     >> "$J" 2> "$OUT/fp32.err";;
 esac
+case ",$STAGES," in *,fp32small,*)
+  python $B --docs owt --num-docs 300 --dtype fp32 --variants right-model:16384,right-auto:65536 --out "$OUT" >> "$J" 2> "$OUT/fp32.err";;
+esac
+case ",$STAGES," in *,pytest,*)
+  python -m pytest -q -p no:cacheprovider -n 0 tests/test_bounds_gpu.py tests/test_bounds_fastpath.py 2>&1 | tail -4 | tee "$OUT/pytest_bounds_gpu.txt";;
+esac
 case ",$STAGES," in *,e2e,*)
   python benchmarks/bench_bounds.py --device cuda --num-docs 10000 --dtype bf16 --batch-tokens 65536 >> "$OUT/bench_bounds.jsonl" 2> "$OUT/e2e.err"
   python benchmarks/bench_bounds.py --device cuda --num-docs 447 --docs pydocs --dtype bf16 --batch-tokens 65536 >> "$OUT/bench_bounds.jsonl" 2>> "$OUT/e2e.err";;
 esac
-tail -3 "$OUT"/*.err
+for f in "$OUT"/*.err; do tail -n 3 "$f"; done
 cat "$J" "$OUT/bench_bounds.jsonl" 2>/dev/null | python3 -c "
 import json,sys
 for l in sys.stdin:

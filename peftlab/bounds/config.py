@@ -37,6 +37,9 @@ class BoundsConfig:
         "auto", "How logits are formed: auto = the forward pass stops at the LM head's input and the head runs only on the "
         "counted positions, in chunks (used when a check on the first batch shows the model's logits are exactly its head's "
         "output, else the model's own logits); model = the model's own logits (the slower reference path).")
+    compile: Literal["auto", "on", "off"] = opt(
+        "auto", "Reduce the LM head's logits to log-probability and rank with a torch.compile'd function (one pass over the "
+        "logits): auto = on a GPU only (CPU numbers stay those of the eager path), on, off. Used with bounds.head=auto.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to score; auto uses a GPU when there is one.")
     dtype: Literal["fp32", "bf16"] = opt("fp32", "Forward-pass precision (bf16: autocast on a GPU; log-probabilities are always float32).")
     progress_bar: bool = opt(True, "Show a progress bar of units scored.")

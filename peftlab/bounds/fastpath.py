@@ -67,7 +67,10 @@ class ScoringView:
         self._dtype: Optional[torch.dtype] = None
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.body(input_ids=x)
+        try:  # no key/value cache: it is never read here, and building it costs a copy per layer
+            out = self.body(input_ids=x, use_cache=False)
+        except TypeError:
+            out = self.body(input_ids=x)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def logits(self, h: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:

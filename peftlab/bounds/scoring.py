@@ -220,7 +220,7 @@ def _head_chunk_rows(vocab: int) -> int:
     return max(256, (1 << 28) // max(vocab, 1))
 
 
-def _target_scores(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_scores(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Natural-log probability of each target and its rank (entries with a strictly larger logit)."""
     lg = logits.float()
     tl = lg.gather(-1, tgt[:, None])
@@ -267,6 +267,16 @@ def reduce_scores(rows: Rows, num_units: int, alphas: Sequence[float], parts: Se
     return UnitScores(loss, hits, count, tuple(alphas), int(vocab), "view" if paths == {"view"} else "model")
 
 
+_COMPILED: list = []
+
+
+def compiled_target_scores():
+    """:func:`target_scores` through ``torch.compile`` (compiled once per process, dynamic in the rows)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(target_scores, dynamic=True))
+    return _COMPILED[0]
+
+
 def score_rows(model: torch.nn.Module, tokens: np.ndarray, rows: Rows, num_units: int, eot_id: int, alphas: Sequence[float],
                **kw) -> UnitScores:
     """Run the model over ``rows`` and sum losses and top-k hits per unit (see :func:`score_batches`
@@ -307,6 +317,9 @@ def score_batches(
             adapters, fused GELU, the LM head only on the counted positions; checked on the
             first batch, else the model's own logits are used) or ``model`` (the model's own
             logits on the ``logits_to_keep`` columns of every batch).
+        compile: reduce each chunk of logits to (log-probability, rank) with a
+            ``torch.compile``d :func:`target_scores` (one pass over the logits instead of
+            the five of eager ``logsumexp`` + compare; same function, float rounding aside).
         batch_filter: run only the batches ``i`` (in the fixed batch order) for which this
             is true; the others count as done. Data-parallel scoring gives each process a
             share of the same batches, so every row is computed exactly as on one process.
@@ -329,6 +342,7 @@ def score_batches(
     stack = contextlib.ExitStack()
     view: Optional[ScoringView] = None
     checked = head != "auto" or layout != "right"
+    scores_fn = compiled_target_scores() if compile else target_scores
     topk = torch.tensor(TOPK, device=device)
 
     def to_device(a: np.ndarray) -> torch.Tensor:
@@ -384,14 +398,14 @@ def score_batches(
                             sel = h.reshape(-1, h.shape[-1]).index_select(0, f_all)  # (K, d): the head runs on these only
                             vocab = view.vocab
                             step = _head_chunk_rows(vocab)
-                            parts = [_target_scores(view.logits(sel[i:i + step], autocast_dtype), tgt[i:i + step])
+                            parts = [scores_fn(view.logits(sel[i:i + step], autocast_dtype), tgt[i:i + step])
                                      for i in range(0, len(flat), step)]
                             lp = torch.cat([p[0] for p in parts])
                             rank = torch.cat([p[1] for p in parts])
                         else:
                             logits = _forward(model, x_t, keep, extra)[:, -keep:]
                             vocab = logits.shape[-1]
-                            lp, rank = _target_scores(logits.reshape(-1, vocab).index_select(0, f_t), tgt)
+                            lp, rank = target_scores(logits.reshape(-1, vocab).index_select(0, f_t), tgt)
                     per_tok = torch.cat([smoothed_nll_bits(lp, alphas, vocab), (-lp.double() / LN2)[None]], 0)  # (A+1, K)
                     top = (rank[None, :] < topk[:, None]).double()  # (3, K)
                     # per-row sums by a dense masked reduction (deterministic on GPUs, unlike atomic
@@ -413,5 +427,5 @@ def score_batches(
 
 __all__ = [
     "TOPK", "sliding_windows", "Rows", "document_spans", "document_rows", "sequence_rows", "token_rows", "num_sequences",
-    "sample_units", "UnitScores", "BatchSums", "score_rows", "score_batches", "reduce_scores",
+    "sample_units", "UnitScores", "BatchSums", "score_rows", "score_batches", "reduce_scores", "target_scores",
 ]
