@@ -46,9 +46,10 @@ from peftlab.cli import main
 
 runs = json.loads(Path(sys.argv[1]).read_text())
 status = Path(sys.argv[2])
-for name, argv in runs.items():
+for name, run in runs.items():
+    os.environ.update(run.get("env", {}))  # e.g. the SIGKILL in the middle of a save (checkpoints._fault_point)
     try:
-        rc = main(argv)
+        rc = main(run["argv"])
     except BaseException:
         traceback.print_exc()
         rc = "exception"
@@ -73,11 +74,12 @@ def _losses(run: Path) -> list[float]:
         return [float(r["train_loss"]) for r in csv.DictReader(f)]
 
 
-def launch(root: Path, nproc: int, runs: dict[str, list[str]]) -> subprocess.CompletedProcess:
-    """Every run of ``runs`` in turn on ``nproc`` gloo processes, in one torchrun launch."""
+def launch(root: Path, nproc: int, runs: dict) -> subprocess.CompletedProcess:
+    """Every run of ``runs`` (name -> argv, or {"argv": ..., "env": {...}}) in turn on ``nproc`` gloo
+    processes, in one torchrun launch."""
     (root / "status").mkdir(parents=True, exist_ok=True)
     (root / "driver.py").write_text(DRIVER)
-    (root / "runs.json").write_text(json.dumps(runs))
+    (root / "runs.json").write_text(json.dumps({n: r if isinstance(r, dict) else {"argv": r} for n, r in runs.items()}))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))  # this checkout's peftlab
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
@@ -93,7 +95,10 @@ def sharded_runs(tmp_path_factory):
     def get(nproc: int):
         if nproc not in made:
             root = tmp_path_factory.mktemp(f"fsdp{nproc}")
-            made[nproc] = root, launch(root, nproc, {name: _argv(name, root / name, 8 // nproc, "fsdp") for name in CASES})
+            runs: dict = {name: _argv(name, root / name, 8 // nproc, "fsdp") for name in CASES}
+            if nproc == 2:  # last, since it ends the launch: full fine-tuning SIGKILLed in the middle of its final save
+                runs["killed"] = {"argv": _argv("full", root / "killed", 4, "fsdp"), "env": {"PEFTLAB_TEST_KILL_DURING_SAVE": "epoch-1"}}
+            made[nproc] = root, launch(root, nproc, runs)
         return made[nproc]
 
     return get
@@ -116,7 +121,7 @@ def one_process(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: a second launch, ~20 s on 2 cores
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_processes_match_one_unsharded_process(name, nproc, sharded_runs, one_process):
     """N sharded gloo processes with batch 8/N = 1 unsharded process with batch 8, loss by loss (fp32, 1e-5)."""
@@ -133,6 +138,39 @@ def test_sharded_processes_match_one_unsharded_process(name, nproc, sharded_runs
     assert l1 == pytest.approx(ln, rel=0, abs=TOL)
     r1 = json.loads((one / "results_final.json").read_text())
     assert r1["final"]["val_loss"] == pytest.approx(rn["final"]["val_loss"], rel=0, abs=TOL)
+
+
+def test_sharded_checkpoint_sigkill_resume_load_run_and_export(sharded_runs, one_process, tmp_path):
+    """Full fine-tuning sharded over 2 processes writes sharded checkpoints (torch.distributed.checkpoint);
+    SIGKILLed in the middle of its last save, it resumes from step-3 on 2 processes to the very numbers
+    of the uninterrupted run; load_run and `peftlab export` read the sharded checkpoints whole."""
+    from safetensors.torch import load_file
+
+    from peftlab.checkpoints import is_sharded
+    from peftlab.cli import main
+    from peftlab.runs import load_run
+
+    root, launched = sharded_runs(2)
+    ref, run = root / "full", root / "killed"
+    assert launched.returncode != 0 and not (root / "status/killed.rank0").exists() and not (run / "results_final.json").exists()
+    assert is_sharded(run / "checkpoints/step-3") and not (run / "checkpoints/epoch-1").exists()
+    resumed = launch(tmp_path / "r", 2, {"resumed": _argv("full", run, 4, "fsdp") + ["--training.resume_from=latest"]})
+    assert (tmp_path / "r/status/resumed.rank0").read_text() == "0", resumed.stderr[-4000:]
+    assert "resumed from" in (run / "train.log").read_text()
+    assert _losses(run) == _losses(ref)  # bit for bit: same shards, same optimizer state, same RNG
+    res, res_ref = (json.loads((d / "results_final.json").read_text()) for d in (run, ref))
+    assert res["final"] == res_ref["final"]
+
+    # the model written at the end of training is the whole final state, as the unsharded run's (summation order aside)
+    whole, one = load_file(str(run / "model/model.safetensors")), load_file(str(one_process("full") / "model/model.safetensors"))
+    assert whole.keys() == one.keys()
+    assert max((whole[k] - one[k]).abs().max().item() for k in whole) < 1e-4
+    loaded = load_run(run, which="step-3")  # a sharded checkpoint, read whole in this one process
+    w3 = dict(loaded.model.named_parameters())["transformer.h.0.attn.c_attn.weight"]
+    assert main(["export", str(run), "--which", "step-3", "--output-dir", str(tmp_path / "exp")]) == 0
+    exported = load_file(str(tmp_path / "exp/model.safetensors"))
+    assert exported["transformer.h.0.attn.c_attn.weight"].equal(w3.detach())
+    assert not exported["transformer.h.0.attn.c_attn.weight"].equal(whole["transformer.h.0.attn.c_attn.weight"])
 
 
 def test_rsvd_is_refused_under_sharding(tmp_path):
