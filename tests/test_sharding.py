@@ -181,3 +181,34 @@ def test_rsvd_is_refused_under_sharding(tmp_path):
         load_config(CONFIGS["lm"], ["--method=rsvd", "--system.sharding=fsdp"])
     with pytest.raises(ConfigError, match=r"system.dtype=fp16 is not supported.*bf16"):
         load_config(CONFIGS["lm"], ["--system.sharding=fsdp", "--system.dtype=fp16"])
+
+
+def test_profile_prints_the_memory_per_process_of_a_sharded_run(tmp_path, capsys):
+    """`peftlab profile --system.sharding=fsdp --world-size N`: parameters, gradients and optimizer state of
+    a sharded method split N ways (padded row shards), an adapter's replicated, activations as measured."""
+    import csv as _csv
+
+    from peftlab.cli import main
+
+    rows = {}
+    for method, world in (("full", 1), ("full", 4), ("lora", 4)):
+        out = tmp_path / f"{method}{world}"
+        assert main(["profile", str(CONFIGS["lm"]), f"--method={method}", "--ranks=none", "--system.sharding=fsdp",
+                     "--world-size", str(world), "--output-dir", str(out)]) == 0
+        with open(out / f"memory_per_rank_fsdp_w{world}.csv") as f:
+            rows[method, world] = {r["component"]: int(r["bytes"]) for r in _csv.DictReader(f)}
+        with open(out / f"memory_breakdown_{'full' if method == 'full' else 'r8'}.csv") as f:
+            rows[method, "replica"] = {r["component"]: int(r["bytes"]) for r in _csv.DictReader(f) if r["method"] == method}
+    printed = capsys.readouterr().out
+    assert "memory per process, system.sharding=fsdp over 4 process(es) (lora r=8" in printed
+    full1, full4, replica = rows["full", 1], rows["full", 4], rows["full", "replica"]
+    for c in ("parameters", "gradients", "optimizer_state"):
+        assert full1[c] == replica[c]  # one process holds every shard
+        assert replica[c] / 4 <= full4[c] <= replica[c] / 4 + 2048  # a quarter, plus the padding of uneven rows
+    assert full4["activations"] == replica["activations"]
+    lora4, lora_replica = rows["lora", 4], rows["lora", "replica"]
+    assert lora4["optimizer_state"] == lora_replica["optimizer_state"]  # the adapter's state stays whole
+    assert lora4["gradients"] == lora_replica["gradients"]
+    assert lora4["parameters"] < lora_replica["parameters"] / 2  # the frozen base is split
+    assert main(["profile", str(CONFIGS["lm"]), "--ranks=none", "--world-size", "2", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "add --system.sharding=fsdp" in capsys.readouterr().err
