@@ -212,3 +212,63 @@ def test_profile_prints_the_memory_per_process_of_a_sharded_run(tmp_path, capsys
     assert lora4["parameters"] < lora_replica["parameters"] / 2  # the frozen base is split
     assert main(["profile", str(CONFIGS["lm"]), "--ranks=none", "--world-size", "2", "--output-dir", str(tmp_path / "x")]) == 2
     assert "add --system.sharding=fsdp" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- on a GPU (skipped without one)
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+cuda = pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
+
+
+def _record(row: dict) -> None:
+    """One JSON line per GPU check under $OUT (when set), for the lead's device run."""
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "sharding_gpu.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["lora", "dora", "sora", "full"])
+def test_cuda_sharded_world_of_one_matches_unsharded(name, dtype, tmp_path):
+    """On one GPU, a sharded world of 1 (FSDP2 over a process group of one, NCCL) gives the unsharded losses."""
+    from peftlab.cli import main
+
+    runs = {}
+    for sharding in ("none", "fsdp"):
+        out = tmp_path / sharding
+        argv = [a.replace("--system.device=cpu", "--system.device=cuda") for a in _argv(name, out, 8, sharding)]
+        assert main([*argv, f"--system.dtype={dtype}"]) == 0
+        runs[sharding] = _losses(out)
+    diff = max(abs(a - b) for a, b in zip(runs["none"], runs["fsdp"]))
+    tol = 1e-4 if dtype == "fp32" else 2e-2  # GPU kernels reduce in their own order; bf16 autocast to its precision
+    _record({"check": "world1_parity", "method": name, "dtype": dtype, "max_step_loss_diff": diff, "tol": tol,
+             "losses_none": runs["none"], "losses_fsdp": runs["fsdp"]})
+    assert len(runs["none"]) == len(runs["fsdp"]) == 6 and diff <= tol
+
+
+@cuda
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_cuda_profile_per_rank_memory_against_a_measured_world_of_one(name, tmp_path):
+    """The memory `peftlab profile --system.sharding=fsdp --world-size 1` computes for GPT-2 (124M, batch 4 x 256)
+    against the peak a sharded world-of-1 training run measures (torch.cuda.max_memory_allocated)."""
+    import csv as _csv
+
+    from peftlab.cli import main
+
+    shape = ["--model.name=gpt2", "--model.from_scratch=true", "--data.block_size=256", "--training.batch_size=4",
+             "--training.max_steps=3", "--training.eval_max_batches=1", f"--method={name}", "--system.sharding=fsdp",
+             "--system.device=cuda", "--logging.progress_bar=false", "--data.max_train_examples=100"]
+    assert main(["profile", str(CONFIGS["lm"]), *shape, "--ranks=none", "--world-size", "1", "--output-dir", str(tmp_path / "p")]) == 0
+    with open(tmp_path / "p/memory_per_rank_fsdp_w1.csv") as f:
+        computed = {r["component"]: int(r["bytes"]) for r in _csv.DictReader(f)}
+    assert main(["train", str(CONFIGS["lm"]), *shape, f"--output.dir={tmp_path / 'run'}"]) == 0
+    measured = json.loads((tmp_path / "run/results_final.json").read_text())["peak_memory_mb"] * 2**20
+    ratio = measured / computed["total"]
+    _record({"check": "profile_vs_measured_world1", "method": name, "computed_bytes": computed, "measured_peak_bytes": measured,
+             "ratio": ratio})
+    assert 0.5 < ratio < 2.0

@@ -59,9 +59,11 @@ def ensure_process_group(device: torch.device) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) != 1:  # a launcher's group the accelerator did not join
         raise PeftlabError("system.sharding=fsdp: the launcher started several processes but no process group exists; "
                            "launch with torchrun or accelerate launch (docs/training.md#sharding).")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            device_id=device if cuda else None)
     _CREATED[0] = True
     return True
 
