@@ -1,4 +1,6 @@
-"""Several processes vs one (issue 19): per-step parity of every method, kill + resume, both launchers.
+"""Several processes vs one (issue 19): per-step parity of every method, kill + resume, both launchers;
+with ``--sharding fsdp`` (issue 25) the same for ``system.sharding=fsdp`` (FSDP2), plus a scaling
+table: step time and peak memory per process at 1, 2, 4, 8 processes.
 
 For each precision and method: one process at batch ``N*B`` against ``N`` processes at batch
 ``B`` (the same global batches, see ``EpochBatches``), launched by ``torchrun`` and by
@@ -9,6 +11,12 @@ run. On GPUs (``--device cuda``) this is NCCL; on CPUs (``--device cpu``) gloo, 
 was checked on the development machine. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 etc.).
 
     python benchmarks/multi_gpu.py --out DIR [--nproc 2] [--device cuda] [--dtypes fp32,bf16]
+    python benchmarks/multi_gpu.py --out DIR --sharding fsdp --nproc 8 --scaling 1,2,4,8   # FSDP2 over NCCL
+
+Under ``--sharding fsdp`` the N-process runs shard (the 1-process reference does not, so parity
+is against the plain replica), rSVD-Adam is left out (refused under sharding), full fine-tuning
+and SubLoRA are added, and the SIGKILL + resume check uses full fine-tuning, whose checkpoints
+are sharded (torch.distributed.checkpoint).
 """
 
 from __future__ import annotations
@@ -32,7 +40,10 @@ METHOD_ARGS = {
     "sdora": ["--sora.lambda=1.0", "--sora.gate_lr=0.05"],
     "ba_lora": ["--ba_lora.gradient_samples=32", "--ba_lora.use_warmstart=true"],
     "rsvd": ["--rsvd.rank=4", "--rsvd.update_interval=3", "--training.learning_rate=1e-3"],
+    "sublora": ["--sublora.intrinsic_dim=64", "--sublora.allocation_mode=learned", "--sublora.gating_lr=0.5",
+                "--training.learning_rate=0.05"],
 }
+SHARDED_METHODS = "lora,dora,sora,sdora,ba_lora,sublora,full"
 # Per-step |loss difference| allowed between N processes and one: reductions run in another order
 # (all-reduce of gradients), so fp32 agrees to rounding and bf16 autocast to its own precision.
 TOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
@@ -58,8 +69,9 @@ def launch_cmd(launcher: str, nproc: int, device: str) -> list[str]:
     return cmd + ["-m", "peftlab"]
 
 
-def train_args(method: str, dtype: str, device: str, batch: int, out: Path, steps: int, extra=()) -> list[str]:
+def train_args(method: str, dtype: str, device: str, batch: int, out: Path, steps: int, extra=(), sharding: str = "none") -> list[str]:
     return ["train", str(CONFIG), f"--method={method}", *METHOD_ARGS[method], f"--training.max_steps={steps}",
+            f"--system.sharding={sharding}",
             "--training.log_steps=1", f"--training.batch_size={batch}", "--logging.progress_bar=false", "--model.dropout=0",
             "--data.max_train_examples=200", f"--system.device={device}", f"--system.dtype={dtype}",
             f"--output.dir={out}", "--output.overwrite=true", *extra]
@@ -85,9 +97,10 @@ def parity(a, out: Path) -> list[dict]:
             t0 = time.time()
             rc1 = run(launch_cmd("", 1, a.device) + train_args(method, dtype, a.device, a.batch * a.nproc, d / "one", a.steps), d / "one.log")
             for launcher in a.launchers.split(","):
-                rc = run(launch_cmd(launcher, a.nproc, a.device) + train_args(method, dtype, a.device, a.batch, d / launcher, a.steps),
-                         d / f"{launcher}.log")
-                row = {"dtype": dtype, "method": method, "launcher": launcher, "nproc": a.nproc, "rc_one": rc1, "rc_n": rc}
+                rc = run(launch_cmd(launcher, a.nproc, a.device) + train_args(method, dtype, a.device, a.batch, d / launcher, a.steps,
+                                                                              sharding=a.sharding), d / f"{launcher}.log")
+                row = {"dtype": dtype, "method": method, "launcher": launcher, "nproc": a.nproc, "rc_one": rc1, "rc_n": rc,
+                       "sharding": a.sharding}
                 if rc1 == 0 and rc == 0:
                     l1, ln = losses(d / "one"), losses(d / launcher)
                     r1 = json.loads((d / "one/results_final.json").read_text())
@@ -112,10 +125,11 @@ def kill_resume(a, out: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     extra = ["--training.save_steps=4"]
     steps = max(a.steps, 12)
-    ref = run(launch_cmd("torchrun", a.nproc, a.device) + train_args("lora", "fp32", a.device, a.batch, d / "ref", steps, extra),
-              d / "ref.log")
+    method = "full" if a.sharding != "none" else "lora"  # sharded: full fine-tuning writes sharded checkpoints
+    args = lambda out: train_args(method, "fp32", a.device, a.batch, out, steps, extra, sharding=a.sharding)  # noqa: E731
+    ref = run(launch_cmd("torchrun", a.nproc, a.device) + args(d / "ref"), d / "ref.log")
     env = dict(os.environ, **SAFE_ENV, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
-    cmd = launch_cmd("torchrun", a.nproc, a.device) + train_args("lora", "fp32", a.device, a.batch, d / "killed", steps, extra)
+    cmd = launch_cmd("torchrun", a.nproc, a.device) + args(d / "killed")
     with open(d / "killed.log", "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         deadline = time.time() + 600
@@ -124,10 +138,11 @@ def kill_resume(a, out: Path) -> dict:
         killed_early = p.poll() is None
         os.killpg(p.pid, signal.SIGKILL)  # the launcher and every rank: a process group this script started
         p.wait()
-    resume_args = train_args("lora", "fp32", a.device, a.batch, d / "killed", steps, extra)
+    resume_args = args(d / "killed")
     resume_args.remove("--output.overwrite=true")
     rc = run(launch_cmd("torchrun", a.nproc, a.device) + resume_args + ["--training.resume_from=latest"], d / "resumed.log")
-    row = {"check": "sigkill+resume", "nproc": a.nproc, "rc_ref": ref, "rc_resumed": rc, "killed_before_end": killed_early}
+    row = {"check": "sigkill+resume", "method": None, "resume_method": method, "sharding": a.sharding, "nproc": a.nproc,
+           "rc_ref": ref, "rc_resumed": rc, "killed_before_end": killed_early}
     if ref == 0 and rc == 0:
         r0 = json.loads((d / "ref/results_final.json").read_text())["final"]
         r1 = json.loads((d / "killed/results_final.json").read_text())["final"]
@@ -135,6 +150,29 @@ def kill_resume(a, out: Path) -> dict:
         row["ok"] = row["max_abs_diff"] <= TOL["fp32"]
     print(json.dumps(row), flush=True)
     return row
+
+
+def scaling(a, out: Path) -> list[dict]:
+    """Step time and peak memory per process of a sharded run at each process count of ``--scaling``
+    (the same per-process batch, so the global batch grows with N): what sharding buys and costs."""
+    rows = []
+    for n in [int(x) for x in a.scaling.split(",") if x.strip()]:
+        d = out / f"scaling_{n}"
+        d.mkdir(parents=True, exist_ok=True)
+        for method in a.scaling_methods.split(","):
+            t0 = time.time()
+            args = train_args(method, a.scaling_dtype, a.device, a.batch, d / method, a.steps, a.scaling_extra.split(),
+                              sharding=a.sharding)
+            rc = run(launch_cmd("torchrun", n, a.device) + args, d / f"{method}.log")
+            row = {"check": "scaling", "method": method, "nproc": n, "sharding": a.sharding, "rc": rc, "seconds": round(time.time() - t0, 1)}
+            if rc == 0:
+                r = json.loads((d / method / "results_final.json").read_text())
+                row.update(wall_time_s=r["wall_time_s"], step_s=r["wall_time_s"] / max(r["global_step"], 1),
+                           peak_memory_mb=r["peak_memory_mb"], world_size=r["world_size"])
+            row["ok"] = rc == 0
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -148,21 +186,34 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4, help="per-process batch size")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--skip-resume", action="store_true")
+    ap.add_argument("--sharding", choices=["none", "fsdp"], default="none", help="system.sharding of the N-process runs")
+    ap.add_argument("--scaling", default="", help="with --sharding fsdp: process counts of the scaling table, e.g. 1,2,4,8")
+    ap.add_argument("--scaling-methods", default="lora,full")
+    ap.add_argument("--scaling-dtype", default="bf16")
+    ap.add_argument("--scaling-extra", default="--model.name=gpt2 --model.from_scratch=true --data.block_size=256 --training.epochs=1000",
+                    help="overrides of the scaling runs (a real model shape; space-separated)")
     a = ap.parse_args(argv)
+    if a.sharding != "none" and a.methods == ap.get_default("methods"):
+        a.methods = SHARDED_METHODS
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = parity(a, out)
     if not a.skip_resume:
         rows.append(kill_resume(a, out))
+    if a.scaling:
+        rows += scaling(a, out)
     (out / "multi_gpu.json").write_text(json.dumps(rows, indent=1))
     print("| dtype | method | launcher | N | max per-step loss diff | tol | val loss diff | ok |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "method" in r:
+        if r.get("check") == "scaling":
+            print(f"| scaling | {r['method']} | torchrun | {r['nproc']} | step {r.get('step_s', 'rc!=0')} s, "
+                  f"peak {r.get('peak_memory_mb', '-')} MB/process | | | {r['ok']} |")
+        elif r.get("method"):
             print(f"| {r['dtype']} | {r['method']} | {r['launcher']} | {r['nproc']} | {r.get('max_step_loss_diff', 'rc!=0')} | "
                   f"{TOL[r['dtype']]} | {r.get('val_loss_diff', '-')} | {r['ok']} |")
         else:
-            print(f"| resume | lora | torchrun | {r['nproc']} | final diff {r.get('max_abs_diff', 'rc!=0')} | {TOL['fp32']} | | {r.get('ok')} |")
+            print(f"| resume | {r.get('resume_method', 'lora')} ({r.get('sharding', 'none')}) | torchrun | {r['nproc']} | final diff {r.get('max_abs_diff', 'rc!=0')} | {TOL['fp32']} | | {r.get('ok')} |")
     sys.exit(0 if all(r.get("ok") for r in rows) else 1)
 
 

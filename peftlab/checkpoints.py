@@ -10,6 +10,12 @@ A checkpoint is a directory ``checkpoints/step-N`` or ``checkpoints/epoch-E`` ho
     trainer_state.json        step, epoch, position in the epoch, history, python/numpy RNG
     manifest.json             size and SHA-256 of every other file, written at commit
 
+A run whose trainable tensors are sharded (``system.sharding=fsdp`` with full fine-tuning) writes
+``model_state.dcp/`` and ``optimizer.dcp/`` instead of ``model_state.safetensors`` and
+``optimizer.pt``: checkpoints of ``torch.distributed.checkpoint`` (each process writes its own
+shards, one ``.metadata`` describes the whole tensors), which :func:`read_model_state` reads back
+whole in a single process (``load_run``, ``export``). The manifest covers their files too.
+
 It is written into a hidden ``.tmp-*`` directory and renamed into place only when
 every file is on disk, so a kill during a save never leaves a directory that looks
 complete; leftovers of interrupted saves are ignored and removed on the next start.
@@ -47,6 +53,9 @@ from .errors import PeftlabError
 from .io import _NO_SPACE, _fsync_dir, _fsync_tree, disk_full_error, is_out_of_space, strict_json_dumps
 
 STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model_state.safetensors"
+SHARDED_MODEL = "model_state.dcp"  # a torch.distributed.checkpoint directory (sharded runs)
+SHARDED_OPTIMIZER = "optimizer.dcp"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"  # the configuration of the run that wrote the checkpoint
 
@@ -128,30 +137,77 @@ def _fault_point(tmp: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_state: dict, trainer_state: dict,
-               scaler=None) -> None:
+def write_sharded(tmp: Path, model_state: dict, optimizer_state: dict) -> None:
+    """Every process: its shards of the trainable tensors and of the optimizer state, as two
+    ``torch.distributed.checkpoint`` directories inside the temporary checkpoint ``tmp`` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(model_state, checkpoint_id=str(tmp / SHARDED_MODEL))
+        dcp.save(optimizer_state, checkpoint_id=str(tmp / SHARDED_OPTIMIZER))
+    except (OSError, RuntimeError) as e:
+        if not is_out_of_space(e, tmp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(tmp.parent / tmp.name.removeprefix(".tmp-"), None, e) from None
+
+
+def load_sharded(path: Path, name: str, state: dict, *, single_process: bool = False) -> dict:
+    """Fill ``state`` (tensors or DTensors of the right global shapes) in place from the
+    ``torch.distributed.checkpoint`` directory ``path/name``; ``single_process`` reads it whole
+    without a process group (whatever the number of processes that wrote it)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # single_process: torch says it assumes a single process, which is what was asked
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(Path(path) / name), no_dist=single_process)
+    return state
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint (or best/) holds its model tensors as a sharded ``model_state.dcp/``."""
+    return (Path(path) / SHARDED_MODEL / ".metadata").is_file()
+
+
+def read_model_state(path: Path, template: Callable[[], dict], device: str = "cpu") -> dict:
+    """The saved model tensors of a checkpoint, whole, in one process: ``model_state.safetensors``, or a
+    sharded ``model_state.dcp/`` read into ``template()`` (tensors of the full shapes, e.g. the rebuilt
+    model's trainable parameters)."""
+    path = Path(path)
+    if is_sharded(path):
+        return load_sharded(path, SHARDED_MODEL, template(), single_process=True)
+    return load_file(str(path / MODEL_FILE), device=device)
+
+
+def write_main(tmp: Path, *, model_state: Optional[dict], optimizer, scheduler, method_state: dict, trainer_state: dict,
+               scaler=None, finite: Optional[bool] = None) -> None:
+    """The files process 0 writes. ``model_state=None`` and ``optimizer=None``: a sharded checkpoint, whose
+    tensors every process wrote with :func:`write_sharded`; ``finite`` is then whether they were all finite."""
     try:
         _write_main(tmp, model_state=model_state, optimizer=optimizer, scheduler=scheduler, method_state=method_state,
-                    trainer_state=trainer_state, scaler=scaler)
+                    trainer_state=trainer_state, scaler=scaler, finite=finite)
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch raise their own types
         if not is_out_of_space(e, tmp):
             raise
         # estimate: the tensors, plus two Adam moments of each (what optimizer.pt holds), plus what exists
-        tensors = sum(v.numel() * v.element_size() for v in model_state.values() if torch.is_tensor(v))
+        tensors = sum(v.numel() * v.element_size() for v in (model_state or {}).values() if torch.is_tensor(v))
         shutil.rmtree(tmp, ignore_errors=True)  # the partial save: give its space back
         raise disk_full_error(tmp.parent / tmp.name.removeprefix(".tmp-"), 3 * tensors, e) from None
 
 
-def _write_main(tmp: Path, *, model_state: dict, optimizer, scheduler, method_state: dict, trainer_state: dict,
-                scaler=None) -> None:
-    save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model_state.safetensors"))
+def _write_main(tmp: Path, *, model_state: Optional[dict], optimizer, scheduler, method_state: dict, trainer_state: dict,
+                scaler=None, finite: Optional[bool] = None) -> None:
+    if model_state is not None:
+        save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
     _fault_point(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(method_state, tmp / "method_state.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    trainer_state = dict(trainer_state, rng=python_rng_state(), finite=all_finite(model_state))
+    finite = all_finite(model_state) if finite is None else finite
+    trainer_state = dict(trainer_state, rng=python_rng_state(), finite=bool(finite))
     (tmp / STATE_FILE).write_text(strict_json_dumps(trainer_state, indent=1))
 
 
@@ -174,9 +230,10 @@ def _sha256(path: Path) -> str:
 def write_manifest(directory: Path) -> None:
     """Record size and SHA-256 of every file of ``directory`` (except the manifest itself)."""
     files = {}
-    for f in sorted(directory.iterdir()):
-        if f.is_file() and f.name != MANIFEST_FILE:
-            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    for f in sorted(directory.rglob("*")):  # a sharded checkpoint's .dcp/ directories too (a flat one has none)
+        name = f.relative_to(directory).as_posix()
+        if f.is_file() and name != MANIFEST_FILE:
+            files[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
     (directory / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1))
 
 
@@ -207,7 +264,7 @@ def manifest_problems(path: Path) -> list[str]:
     path = Path(path)
     mf = path / MANIFEST_FILE
     if not mf.is_file():
-        if not ((path / STATE_FILE).is_file() and (path / "model_state.safetensors").is_file()):
+        if not ((path / STATE_FILE).is_file() and ((path / MODEL_FILE).is_file() or is_sharded(path))):
             return ["it lacks trainer_state.json or model_state.safetensors"]
         if predates_manifests(path):
             return []
@@ -324,7 +381,8 @@ def commit(tmp: Path, final: Path) -> None:
 
 
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and (path / STATE_FILE).is_file() and (path / "model_state.safetensors").is_file()
+    return (path.is_dir() and not path.name.startswith(".") and (path / STATE_FILE).is_file()
+            and ((path / MODEL_FILE).is_file() or is_sharded(path)))
 
 
 def clean_partial(ckpt_root: Path) -> list[Path]:
@@ -428,15 +486,16 @@ def safe_torch_load(path: Path, **kw: Any) -> Any:
 
 
 def _load(path: Path, rank: int) -> dict[str, Any]:
+    sharded = is_sharded(path)  # model and optimizer tensors: read by every process (the loop's sharding)
     out = {
-        "model_state": load_file(str(path / "model_state.safetensors")),
-        "optimizer": safe_torch_load(path / "optimizer.pt", map_location="cpu"),
+        "model_state": None if sharded else load_file(str(path / MODEL_FILE)),
+        "optimizer": None if sharded else safe_torch_load(path / "optimizer.pt", map_location="cpu"),
         "scheduler": safe_torch_load(path / "scheduler.pt"),
         "method_state": safe_torch_load(path / "method_state.pt", map_location="cpu"),
         "trainer_state": json.loads((path / STATE_FILE).read_text()),
     }
     out["finite"] = bool(out["trainer_state"].pop("finite", True))  # written by write_main, not trainer fields
-    if not out["finite"] or not all_finite(out["model_state"]):
+    if not out["finite"] or not all_finite(out["model_state"] or {}):
         root = path.parent
         me = _state_step(path)
         good = next((p for s, _, p in reversed(list_checkpoints(root)) if p != path and (me is None or s <= me)

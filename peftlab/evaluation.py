@@ -58,8 +58,8 @@ def make_test_dataset(raw, tokenizer, cfg, model=None) -> Optional[Any]:
 def best_model_state(run_dir: Path) -> Optional[Path]:
     """The model tensors of ``best/`` (a full copy or a pointer to a checkpoint), or None."""
     best = Path(run_dir) / "best"
-    for cand in (best / "model_state.safetensors",):
-        if cand.is_file():
+    for cand in (best / "model_state.safetensors", best / "model_state.dcp"):  # .dcp: a sharded run's (directory)
+        if cand.is_file() or (cand / ".metadata").is_file():
             return cand
     pointer = best / "checkpoint.txt"
     if pointer.is_file():
@@ -93,13 +93,17 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], device, *, autocast=contextlib.nullcontext,
-             rank: int = 0, world: int = 1, reduce=None, prefix: str = "val", cap: bool = True) -> dict[str, float]:
+             rank: int = 0, world: int = 1, reduce=None, prefix: str = "val", cap: bool = True,
+             lockstep: bool = False) -> dict[str, float]:
     """Validation metrics of ``model`` as the loop computes them, in float64: classification
     ``val_loss`` is the mean over examples, with accuracy and F1; causal LM ``val_loss`` is the
     mean over supervised tokens (sum of token losses / number of tokens with a label, across all
     batches), with perplexity = exp(val_loss). ``rank``/``world``/``reduce`` split the work
     across processes (``reduce`` is ``accelerator.reduce``); alone, leave them. ``prefix`` names
-    the metrics (``test`` for the test split); ``cap=False`` ignores training.eval_max_batches."""
+    the metrics (``test`` for the test split); ``cap=False`` ignores training.eval_max_batches.
+    ``lockstep``: every process runs as many forwards as the one with the most batches (process 0),
+    repeating its first batch without counting it: a sharded model (FSDP) gathers its weights
+    collectively at every forward, so no process may stop early."""
     t = cfg.training
     was_training = model.training
     model.eval()
@@ -112,7 +116,15 @@ def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], 
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
     preds, labels = [], []
-    for b in batches:
+    rounds = len(batches)
+    if lockstep:  # process 0 has the most examples (ceil); its batch count is known without communication
+        rounds = -(-len(range(0, limit, world)) // bs)
+    for j in range(rounds):
+        if j >= len(batches):  # a forward that only keeps the sharded model's collectives in step
+            with autocast():
+                model(**{k: v.to(device) for k, v in collate([val_ds[0]]).items()})
+            continue
+        b = batches[j]
         batch = {k: v.to(device) for k, v in collate([val_ds[i] for i in b]).items()}
         with autocast():
             out = model(**batch)

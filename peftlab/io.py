@@ -40,6 +40,8 @@ def _fsync_tree(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        elif f.is_dir():  # e.g. a sharded checkpoint's torch.distributed.checkpoint directories
+            _fsync_tree(f)
     _fsync_dir(path)
 
 

@@ -37,12 +37,14 @@ from .errors import PeftlabError
 from .io import atomic_write_text, strict_json_dumps, write_csv
 from .methods import METHODS
 from .models import DEFAULT_TARGETS, check_positions
+from .train.sharding import transformer_blocks
 
 MB = 2**20
 OPTIMIZER_COLUMNS = ["method", "rank", "group", "params", "moment_bytes", "projector_bytes", "other_bytes", "state_bytes",
                      "state_mb", "adamw_state_bytes", "savings_mb", "savings_pct"]
 BREAKDOWN_COLUMNS = ["method", "rank", "component", "bytes", "mb", "source"]
 FLOPS_COLUMNS = ["method", "rank", "phase", "flops", "gflops", "batch_size", "seq_len"]
+PER_RANK_COLUMNS = ["method", "rank", "world_size", "component", "bytes", "mb", "source"]
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 PROJECTOR_KEYS = ("proj",)
 
@@ -116,8 +118,54 @@ class SavedTensorBytes:
         return self._ctx.__exit__(*exc)
 
 
-def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, batch: dict, device, log=None) -> dict[str, Any]:
-    """One real training step of ``vcfg.method`` on a copy of ``base``; returns every measurement."""
+def _shard_bytes(p: torch.Tensor, world: int) -> int:
+    """Bytes of one process's FSDP2 shard of ``p``: dim 0 split in ``world`` parts, padded to equal size."""
+    rows = p.shape[0] if p.ndim else 1
+    return -(-rows // world) * (p.numel() // max(rows, 1)) * p.element_size()
+
+
+def fsdp_per_rank(model: torch.nn.Module, method, optimizer, world: int, activation_bytes: int) -> dict[str, int]:
+    """Memory of one process of ``system.sharding=fsdp`` over ``world`` processes, from the unsharded model
+    after one step (train/sharding.py shards it so): the frozen base (and, for a method that shards, its
+    trainable tensors with their gradients and optimizer state) in 1/world padded row shards; the
+    replicated tensors of an adapter method whole, with their gradients and state; ``gathered``: the
+    transient whole copies FSDP all-gathers, the root group (everything outside the blocks, gathered
+    for the whole forward and backward) plus two blocks (the running one and the prefetched next), and
+    for a method that shards one block's whole gradients before they are reduce-scattered;
+    activations as measured (they follow the per-process batch, which sharding does not change)."""
+    repl = {id(p) for p in method.replicated_parameters(model)} if method.sharding == "replicate" else set()
+    params = list({id(p): p for p in model.parameters()}.values())
+    in_block: set[int] = set()
+    block_bytes = [0]
+    for b in transformer_blocks(model):
+        ps = [p for p in b.parameters() if id(p) not in repl]
+        in_block.update(id(p) for p in ps)
+        block_bytes.append(sum(p.numel() * p.element_size() for p in ps))
+    root = sum(p.numel() * p.element_size() for p in params if id(p) not in repl and id(p) not in in_block)
+    full = lambda p: p.numel() * p.element_size()  # noqa: E731
+    per = lambda p: full(p) if id(p) in repl else _shard_bytes(p, world)  # noqa: E731
+    out = {"parameters": sum(per(p) for p in params)}
+    out["gradients"] = sum(per(p.grad) if id(p) not in repl else full(p.grad) for p in params if p.grad is not None)
+    state = 0
+    for p, st in optimizer.state.items():
+        for v in st.values():
+            if torch.is_tensor(v) and v.ndim:  # moments have the parameter's shape: sharded with it
+                state += full(v) if id(p) in repl else _shard_bytes(v, world)
+            elif torch.is_tensor(v):
+                state += full(v)
+    out["optimizer_state"] = state
+    out["activations"] = activation_bytes
+    out["gathered"] = root + 2 * max(block_bytes)
+    if method.sharding != "replicate":  # a block's whole gradients exist until they are reduce-scattered
+        out["gathered"] += max(block_bytes)
+    out["total"] = sum(out.values())
+    return out
+
+
+def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, batch: dict, device, log=None,
+                    world_size: Optional[int] = None) -> dict[str, Any]:
+    """One real training step of ``vcfg.method`` on a copy of ``base``; returns every measurement
+    (with ``world_size``, also the memory of one process of ``system.sharding=fsdp``: :func:`fsdp_per_rank`)."""
     info = METHODS[vcfg.method].profile_info(vcfg)
     # methods that only flip requires_grad (full, plain rsvd) leave the weights as they were with lr = 0:
     # the base model is reused; methods that wrap or replace modules work on a copy.
@@ -190,6 +238,8 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
         if cuda:
             out["cuda_peak_bytes"] = peak + base_alloc
             out["cuda_forward_delta_bytes"] = after_fwd - base_alloc
+        if world_size:
+            out["fsdp_per_rank"] = fsdp_per_rank(model, method, optimizer, world_size, saved.bytes)
         for p in model.parameters():
             p.grad = None
         del optimizer, model
@@ -202,8 +252,17 @@ def _rank_label(cfg) -> Optional[int]:
 
 # ----------------------------------------------------------------------------- the command
 def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int]] = None, batch_size: Optional[int] = None,
-                seq_len: Optional[int] = None, device: Optional[str] = None, echo: bool = True) -> dict[str, Any]:
-    """Profile ``cfg``'s method, AdamW and rSVD at ``ranks``; write the CSV files; return the measurements."""
+                seq_len: Optional[int] = None, device: Optional[str] = None, echo: bool = True,
+                world_size: Optional[int] = None) -> dict[str, Any]:
+    """Profile ``cfg``'s method, AdamW and rSVD at ``ranks``; write the CSV files; return the measurements.
+    With ``system.sharding=fsdp``, also the memory of one of ``world_size`` processes (default 1)
+    (``memory_per_rank_fsdp_w{N}.csv``)."""
+    if world_size is not None and cfg.system.sharding == "none":
+        raise PeftlabError(f"--world-size {world_size} gives the memory per process of a sharded run; add --system.sharding=fsdp "
+                           "(without sharding every process holds the whole breakdown above).")
+    if world_size is not None and world_size < 1:
+        raise PeftlabError(f"--world-size must be a positive integer, got {world_size}.")
+    world_size = (world_size or 1) if cfg.system.sharding != "none" else None
     ranks = [4, 8, 16, 64, 128] if ranks is None else ranks
     # default: a folder of its own under ./profiles, never inside a run directory (output.dir may name one)
     out_dir = Path(output_dir) if output_dir is not None else Path("profiles") / f"{Path(cfg.output.dir).name}-{cfg.method}"
@@ -234,7 +293,7 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
                 variants.append((f"{swept.name}_r{r}", v))
     results = []
     for label, vcfg in variants:
-        res = profile_variant(base, vcfg, task, num_labels, batch, device)
+        res = profile_variant(base, vcfg, task, num_labels, batch, device, world_size=world_size if label == "configured" else None)
         res["label"] = label
         res["rank"] = _rank_label(vcfg)
         res["display"] = "adamw" if label == "adamw" else vcfg.method
@@ -278,6 +337,14 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     breakdown_name = f"memory_breakdown_r{rank}.csv" if rank is not None else f"memory_breakdown_{cfg.method}.csv"
     write_csv(out_dir / breakdown_name, BREAKDOWN_COLUMNS, breakdown)
 
+    per_rank = []
+    if world_size:
+        for c, b in conf["fsdp_per_rank"].items():
+            per_rank.append({"method": conf["display"], "rank": rank, "world_size": world_size, "component": c, "bytes": b,
+                             "mb": round(b / MB, 2), "source": "computed"})
+        per_rank_name = f"memory_per_rank_fsdp_w{world_size}.csv"
+        write_csv(out_dir / per_rank_name, PER_RANK_COLUMNS, per_rank)
+
     flops_rows = []
     for res in results:
         for phase, f in res["flops"].items():
@@ -287,7 +354,8 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
 
     summary = {"model": cfg.model.name, "task": task, "num_labels": num_labels, "device": str(device), "batch_size": bs,
                "seq_len": sl, "total_params": adam["total_params"], "method": cfg.method,
-               "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv"],
+               "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv"]
+               + ([per_rank_name] if world_size else []),
                "variants": [{**{k: v for k, v in r.items() if k not in ("per_param_state", "groups")},
                              "groups": [{k: v for k, v in g.items() if k != "names"} for g in r["groups"]]} for r in results]}
     atomic_write_text(out_dir / "profile_summary.json", strict_json_dumps(summary, indent=2))  # no bare NaN
@@ -295,6 +363,8 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
         print(format_table(rows, adam["total_params"], cfg.model.name))
         print(format_breakdown(breakdown))
         print(format_flops(flops_rows))
+        if per_rank:
+            print(format_per_rank(per_rank, conf["total_params"]))
         print(f"\nfiles in {out_dir}: {', '.join(summary['files'])}")
     return {"rows": rows, "breakdown": breakdown, "flops": flops_rows, "summary": summary, "output_dir": out_dir}
 
@@ -317,6 +387,18 @@ def format_breakdown(breakdown: list[dict]) -> str:
     for m, rk in methods:
         vals = {r["component"]: r["mb"] for r in breakdown if (r["method"], r["rank"]) == (m, rk)}
         lines.append(f"{m:<10} {'-' if rk is None else rk:>5} " + " ".join(f"{vals[c]:>16.2f}" if c in vals else f"{'-':>16}" for c in comps))
+    return "\n".join(lines)
+
+
+def format_per_rank(per_rank: list[dict], total_params: int) -> str:
+    """``system.sharding=fsdp``: the memory of one process (memory_per_rank_fsdp_w{N}.csv) as a table."""
+    r0 = per_rank[0]
+    rk = "" if r0["rank"] is None else f" r={r0['rank']}"
+    lines = [f"\nmemory per process, system.sharding=fsdp over {r0['world_size']} process(es) ({r0['method']}{rk}, "
+             f"{total_params:,} parameters; MB)"]
+    for r in per_rank:
+        lines.append(f"  {r['component']:<16} {r['mb']:>12.2f}")
+    lines.append("  (gathered: whole copies FSDP all-gathers while a block runs, the root group plus two blocks)")
     return "\n".join(lines)
 
 

@@ -189,3 +189,24 @@ def test_export_reloads_with_identical_logits(trained, tmp_path):
     # another checkpoint than the final one exports too (rebuilt by load_run)
     mid = export_run(run_dir, tmp_path / "mid", which="step-2")
     assert any(mid.iterdir())
+
+
+def test_sharded_world_of_one_gives_the_same_losses(trained, tmp_path):
+    """``system.sharding=fsdp`` on one process (FSDP2 over a process group of one) trains to the losses of
+    the unsharded run, bit for bit; a method that cannot shard is refused before any model is built.
+    Several processes: tests/test_sharding.py."""
+    import csv
+
+    from peftlab.config import ConfigError
+    from peftlab.methods import METHODS
+    from peftlab.train import train
+
+    case, _, run, _ = trained
+    if METHODS[case.method].sharding is None:
+        with pytest.raises(ConfigError, match="does not support method="):
+            case_cfg(tmp_path, case, **{"system.sharding": "fsdp"})
+        return
+    cfg = case_cfg(tmp_path, case, **{"system.sharding": "fsdp"})
+    assert train(cfg, console=False)["status"] == "completed"
+    losses = [[float(r["train_loss"]) for r in csv.DictReader(open(d / "loss_log.csv"))] for d in (run, tmp_path / "run")]
+    assert losses[0] == losses[1]

@@ -26,7 +26,8 @@ def cmd_profile(args, extra: list[str]) -> int:
         if problem:
             raise PeftlabError(f"--output-dir: {problem}")
     cfg = load_config(args.config, extra)
-    run_profile(cfg, Path(args.output_dir) if args.output_dir else None, ranks, args.batch_size, args.seq_len)
+    run_profile(cfg, Path(args.output_dir) if args.output_dir else None, ranks, args.batch_size, args.seq_len,
+                world_size=args.world_size)
     return 0
 
 
@@ -43,4 +44,6 @@ def add_command(subparsers) -> None:
     p.add_argument("--ranks", default="4,8,16,64,128", help="rSVD ranks profiled beside the configured method ('none' to skip)")
     p.add_argument("--batch-size", type=int, default=None, help="synthetic batch size (default: training.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="synthetic sequence length (default: data.max_length or data.block_size)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --system.sharding=fsdp: the number of processes the memory per process is computed for (default 1)")
     p.set_defaults(func=cmd_profile)

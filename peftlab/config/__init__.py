@@ -253,9 +253,36 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
             if name not in checked and hasattr(sec, "validate_unused"):
                 problems.extend(sec.validate_unused(method))
         problems.extend(METHODS[method].validate_config(RunConfig(method, built)))
+        problems.extend(_sharding_problems(method, built))
     if problems:
         raise ConfigError(problems)
     return RunConfig(method, built)
+
+
+def _sharding_problems(method: str, built: dict[str, Any]) -> list[str]:
+    """``system.sharding=fsdp`` with a method or setting it does not work with (docs/training.md#sharding)."""
+    sy = built["system"]
+    if sy.sharding == "none":
+        return []
+    p = []
+    cls = METHODS[method]
+    if getattr(cls, "sharding", None) is None:
+        why = getattr(cls, "sharding_refusal", "") or "its training step is not written for sharded tensors"
+        ok = ", ".join(sorted(n for n, c in METHODS.items() if getattr(c, "sharding", None) is not None))
+        p.append(f"`system.sharding={sy.sharding}` does not support method={method}: {why} Train it with system.sharding=none "
+                 f"(a whole replica on each process, DDP), or pick a method that shards ({ok}).")
+    if sy.dtype == "fp16":
+        p.append(f"`system.sharding={sy.sharding}` with system.dtype=fp16 is not supported (the gradient scaler would need a sharded "
+                 "variant); use system.dtype=bf16 (or fp32).")
+    if sy.compile:
+        p.append(f"`system.sharding={sy.sharding}` with system.compile=true is not supported yet; set system.compile=false.")
+    if sy.fused_cross_entropy == "liger":
+        p.append(f"`system.sharding={sy.sharding}` with system.fused_cross_entropy=liger is not supported (the fused loss calls the "
+                 "backbone past the sharded root module); use system.fused_cross_entropy=off.")
+    if built["data"].eval_generate:
+        p.append(f"`system.sharding={sy.sharding}` with data.eval_generate=true is not supported (the main process generates alone, "
+                 "while every sharded forward needs all processes); set data.eval_generate=false.")
+    return p
 
 
 def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | dict[str, Any] = ()) -> RunConfig:

@@ -197,6 +197,7 @@ class SystemConfig:
     attention_kernel: Literal["auto", "default", "flash", "cudnn", "efficient"] = opt("auto", "Scaled-dot-product-attention kernel for the training forward on CUDA: default = torch's own priority, flash / cudnn / efficient = prefer that kernel (others stay allowed as fallbacks), auto = torch's choice (cuDNN's on an H100, measured the fastest there: docs/gpu-speed.md).")
     gc_control: Literal["auto", "on", "off"] = opt("off", "Python garbage collection during training: on = freeze the objects that exist after the first step (model, compiled graphs) and collect only young objects every log_steps, so no full collection pauses the GPU's feed; auto = on CUDA; off (default) = Python's automatic collection.")
     fused_cross_entropy: Literal["auto", "liger", "off"] = opt("off", "Causal LM loss without materialising the logits (Liger-Kernel's fused linear + cross-entropy; one CUDA process): liger = required, auto = when available, off.")
+    sharding: Literal["none", "fsdp"] = opt("none", "How several processes hold the model: none = a whole replica on each (DDP through Accelerate); fsdp = torch's FSDP2 fully_shard per transformer block and the root, the frozen base sharded across processes, the method's trainable tensors replicated with all-reduced gradients (adapters) or sharded with their optimizer state (full fine-tuning). docs/training.md#sharding.")
 
     def validate(self) -> list[str]:
         if self.num_threads is not None and self.num_threads < 1:

@@ -76,6 +76,15 @@ class Method:
     exports_adapter: ClassVar[bool] = False
     #: part of `peftlab compare`'s default set (False: only when asked for with --methods)
     compare_by_default: ClassVar[bool] = True
+    #: ``system.sharding=fsdp`` (docs/training.md#sharding): how the trainable tensors live when the frozen base
+    #: is sharded. ``shard``: FSDP2 shards them too (parameters, gradients and optimizer state split across the
+    #: processes; hooks then see DTensors, so a method with hooks that read its tensors should not use it);
+    #: ``replicate``: each process holds them whole, as plain tensors, and their gradients are all-reduced
+    #: before :meth:`before_clip` (what adapters want: they are small and every hook sees ordinary tensors);
+    #: None: the method is refused under sharding, with :attr:`sharding_refusal` as the reason.
+    sharding: ClassVar[Optional[str]] = "shard"
+    #: why the method is refused under ``system.sharding=fsdp`` (when :attr:`sharding` is None), one sentence
+    sharding_refusal: ClassVar[str] = ""
     #: a wide per-module CSV kept for the seed plans: ``(file name, metric)`` writes
     #: ``epoch, step, overall_<metric>, <one column per module>`` beside module_metrics.csv
     wide_module_log: ClassVar[Optional[tuple[str, str]]] = None
@@ -183,6 +192,12 @@ class Method:
 
             raise PeftlabError(f"method.json was written by method {structure.get('method')!r}, but this run's method is "
                                f"{self.name!r}; the run directory's config.json and checkpoint do not belong together.")
+
+    def replicated_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """``system.sharding=fsdp`` with :attr:`sharding` ``replicate``: the parameters FSDP must leave alone
+        (whole on every process, plain tensors). By default the trainable ones; a method that substitutes
+        other tensors of the model at each forward (``torch.func.functional_call``) lists those too."""
+        return [p for _, p in self.trainable_parameters(model)]
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -72,6 +72,7 @@ class LoRA(Method):
     size_axes = ("lora.r",)
     axis_keys = ("lora.r",)
     short_names = {"lora.r": "r"}
+    sharding = "replicate"  # the adapter (and DoRA's magnitudes) whole on every process, the frozen base sharded
 
     def peft_config(self, rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None):
         from peft import LoraConfig

@@ -208,6 +208,9 @@ class RSVD(Method):
     axis_keys = ("rsvd.rank", "rsvd.svt")
     short_names = {"rsvd.rank": "rank"}
     variant_keys = ("rsvd.svt", "rsvd.weight_reduction_rank")
+    sharding = None
+    sharding_refusal = ("rSVD-Adam projects each weight's whole gradient matrix with a randomized SVD, and under FSDP "
+                        "every process holds only a slice of it (row shards of W and of its gradient).")
     compare_learning_rate = 1e-3  # measured: 1e-4 still predicts the majority class after 60 steps of the compare demo
 
     def __init__(self, ctx):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..build import build
-from ..checkpoints import CONFIG_FILE, CheckpointError, safe_torch_load, verify
+from ..checkpoints import CONFIG_FILE, CheckpointError, read_model_state, safe_torch_load, verify
 from ..data import build_datasets, load_raw
 from ..errors import PeftlabError
 from ..evaluation import evaluate
@@ -169,11 +169,12 @@ def load_run(path, which: str = "final", device: str = "cpu", *,
     built = build(cfg, task=task, num_labels=num_labels, data=False, structure=structure, optimizer=False,
                   device=device, run_dir=None)
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     model, method = built.model, built.method
     try:
-        state = load_file(str(checkpoint / "model_state.safetensors"), device=str(torch.device(device)))
+        # a sharded run's model_state.dcp/ is read whole into tensors shaped like the rebuilt trainable ones
+        state = read_model_state(checkpoint, lambda: {n: torch.empty_like(p) for n, p in method.trainable_parameters(model)},
+                                 device=str(torch.device(device)))
     except (OSError, SafetensorError) as e:  # reached only by a checkpoint too old to be verified
         raise CheckpointError(f"{checkpoint / 'model_state.safetensors'} cannot be read ({e}); the checkpoint is damaged.") from None
     _check_shapes(model, state, checkpoint)

@@ -184,5 +184,7 @@ def copy_best(run_dir: Path, path: Path, row: dict, best_name: str) -> None:
     for f in BEST_FILES:
         if (path / f).is_file():
             shutil.copy2(path / f, tmp / f)
+    if ckpt.is_sharded(path):  # a sharded run's weights (torch.distributed.checkpoint), without the optimizer's
+        shutil.copytree(path / ckpt.SHARDED_MODEL, tmp / ckpt.SHARDED_MODEL)
     (tmp / "metrics.json").write_text(strict_json_dumps({**row, "best_metric": best_name}, indent=2))
     ckpt.commit(tmp, best)

@@ -31,6 +31,7 @@ from ..models.hf import make_adapter_portable, set_label_names
 from ..tracking import LOSS_COLUMNS, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger
 from . import fast, guards
 from . import lock as run_lock
+from . import sharding
 from .checkpointing import TrainerState, copy_best, finish, prepare_run_dir, prune, repair_best
 from .early_stop import judge
 from .early_stop import summary as early_summary
@@ -96,7 +97,11 @@ class Trainer:
         t = cfg.training
         log.info(f"peftlab run {self.run_dir} | method={cfg.method} model={cfg.model.name} data={cfg.data.dataset} "
                  f"| {self.world} process(es) on {acc.device}, precision {cfg.system.dtype}")
-        b = build(cfg, accelerator=acc, run_dir=self.run_dir, log=log, structure=self._resume_structure())
+        sharded = cfg.system.sharding != "none"
+        self.sharded: Optional[sharding.Sharded] = None
+        if sharded:
+            sharding.ensure_process_group(acc.device)
+        b = build(cfg, accelerator=acc, run_dir=self.run_dir, log=log, structure=self._resume_structure(), optimizer=not sharded)
         self.task, self.raw, self.num_labels = b.task, b.raw, b.num_labels
         self.tokenizer, self.model_info, self.method = b.tokenizer, b.model_info, b.method
         self.train_ds, self.val_ds, self.collate = b.train_ds, b.val_ds, b.collate
@@ -111,17 +116,26 @@ class Trainer:
         self.param_counts = {"trainable_params": trainable, "effective_params": effective, "total_params": info.num_params}
         log.info(f"trainable parameters: {trainable:,} ({100 * trainable / max(info.num_params, 1):.3f}% of {info.num_params:,})")
         self.scheduler = b.scheduler
-        self.model, self.optimizer = acc.prepare(model, b.optimizer)
-        self.model = fast.drop_output_upcast(acc, self.model, acc.device)
-        self._speed_levers()
+        if not sharded:
+            self.model, self.optimizer = acc.prepare(model, b.optimizer)
+            self.model = fast.drop_output_upcast(acc, self.model, acc.device)
+            self._speed_levers()
+        else:  # the speed levers change how frozen weights are stored: before they are sharded
+            self.model = model
+            self._speed_levers()
+            self.sharded = sharding.shard(model, self.method, acc.device, self.world)
+            opt, self.scheduler = sharding.build_optimizer(self.method, model, self.total_steps, t)
+            self.optimizer = acc.prepare(opt)
+            log.info(f"system.sharding=fsdp: {self.sharded.blocks} transformer blocks and the root sharded over {self.world} process(es); "
+                     + ", ".join(f"{k}={v:,}" for k, v in self.sharded.summary().items()))
         if cfg.system.compile:
             mode = cfg.system.compile_mode
             self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
         self.cudagraphs = bool(cfg.system.compile and cfg.system.compile_mode in ("reduce-overhead", "max-autotune")
                                and acc.device.type == "cuda")
         self.losses = fast.DeviceLosses()
-        self.train_loss = fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task, acc.device, self.world,
-                                             cfg.system.compile)
+        self.train_loss = None if sharded else fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task,
+                                                                  acc.device, self.world, cfg.system.compile)
         self.prefetch = fast.prefetch_enabled(cfg.system.prefetch, acc.device)
         self.attention = fast.attention_context(cfg.system.attention_kernel, acc.device)
         self.gc = fast.GcControl(cfg.system.gc_control, acc.device, cfg.training.log_steps)
@@ -204,8 +218,13 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def _restore(self, path: Path) -> None:
         data = ckpt.load(path, self.rank)
-        self.method.load_model_state(self.unwrapped(), data["model_state"])
-        self.optimizer.load_state_dict(data["optimizer"])
+        if data["model_state"] is None:  # a sharded checkpoint (system.sharding=fsdp, sharded trainables)
+            if self.sharded is None:
+                raise PeftlabError(f"Checkpoint {path} is sharded (model_state.dcp/); resume it with system.sharding=fsdp.")
+            self.sharded.load(path, self.method, self.unwrapped(), self.optimizer)
+        else:
+            self.method.load_model_state(self.unwrapped(), data["model_state"])
+            self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         self.method.load_state_dict(data["method_state"])
         if data["scaler"] is not None and self.accelerator.scaler is not None:
@@ -246,11 +265,14 @@ class Trainer:
             ckpt.begin(final)
         acc.wait_for_everyone()
         ckpt.write_rank_rng(tmp, self.rank)
+        dcp = self.sharded is not None and self.sharded.sharded_trainables
+        finite = self.sharded.save(tmp, self.method, self.unwrapped(), self.optimizer) if dcp else None  # every process
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.write_main(
-                tmp, model_state=self.method.model_state(self.unwrapped()), optimizer=self.optimizer, scheduler=self.scheduler,
-                method_state=self.method.state_dict(), trainer_state=self.state.to_dict(), scaler=acc.scaler,
+                tmp, model_state=None if dcp else self.method.model_state(self.unwrapped()), optimizer=None if dcp else self.optimizer,
+                scheduler=self.scheduler, method_state=self.method.state_dict(), trainer_state=self.state.to_dict(), scaler=acc.scaler,
+                finite=finite,
             )
             try:
                 write_json(tmp / "method.json", self.method.structure(self.unwrapped()))
@@ -268,7 +290,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         acc = self.accelerator
         metrics = evaluate(self.model, self.val_ds, self.collate, self.cfg, self.task, self.num_labels, acc.device,
-                           autocast=acc.autocast, rank=self.rank, world=self.world, reduce=acc.reduce)
+                           autocast=acc.autocast, rank=self.rank, world=self.world, reduce=acc.reduce,
+                           lockstep=self.sharded is not None)
         guards.check_metrics(self, metrics)  # an infinite perplexity is a divergence, not a "completed" run
         return metrics
 
@@ -320,6 +343,8 @@ class Trainer:
                         total = loss if extra is None else loss + extra
                         acc.backward(total / accum)
                     step_loss += loss.detach().float() / accum
+                if self.sharded is not None:  # the replicated adapter's gradients, averaged as DDP would
+                    self.sharded.sync_grads()
                 self.method.before_clip(self.unwrapped())
                 if t.max_grad_norm is not None:
                     acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -503,7 +528,9 @@ class Trainer:
             ms["overhead_fraction_of_training"] = ms["overhead_s"] / st.elapsed
         if acc.is_main_process:
             write_json(self.run_dir / "method.json", self.method.structure(self.unwrapped()))
-            out = self.method.export(self.unwrapped(), self.run_dir, self.tokenizer)
+            # sharded trainables (full fine-tuning under FSDP): exported whole from the final checkpoint
+            whole = sharding.whole_model(self.run_dir) if self.sharded is not None and self.sharded.sharded_trainables else self.unwrapped()
+            out = self.method.export(whole, self.run_dir, self.tokenizer)
             results["export"] = str(out)
 
             if self.model_info.builtin:
@@ -538,10 +565,14 @@ class Trainer:
             self.log.info("test split present but no best checkpoint to evaluate; skipped")
             return None
         ckpt.verify(state.parent)  # best/ (or the checkpoint it points to) against its manifest, as every reader does
-        self.method.load_model_state(self.unwrapped(), load_file(str(state)))
+        if state.name == ckpt.SHARDED_MODEL:  # every process reads its shards
+            self.sharded.load(state.parent, self.method, self.unwrapped())
+        else:
+            self.method.load_model_state(self.unwrapped(), load_file(str(state)))
         acc = self.accelerator
         metrics = evaluate(self.model, test_ds, self.collate, self.cfg, self.task, self.num_labels, acc.device, autocast=acc.autocast,
-                           rank=self.rank, world=self.world, reduce=acc.reduce, prefix="test", cap=False)
+                           rank=self.rank, world=self.world, reduce=acc.reduce, prefix="test", cap=False,
+                           lockstep=self.sharded is not None)
         out = {**metrics, "checkpoint": "best", "step": self.state.best_step, "examples": len(test_ds)}
         shown = ", ".join(f"{k.replace('test_', 'test ')}={v:.4f}" for k, v in metrics.items())
         if "test_accuracy" in metrics:
@@ -569,5 +600,6 @@ def train(cfg, console: bool = True) -> dict[str, Any]:
         trainer = Trainer(cfg, console=console)
         return trainer.run()
     finally:
+        sharding.release_process_group()  # a single-process run's own group (system.sharding=fsdp)
         run_lock.release(Path(cfg.output.dir))
         close_logger()

@@ -424,6 +424,7 @@ class SubLoRA(Method):
     axis_keys = ("sublora.intrinsic_dim", "sublora.allocation_mode", "sublora.allocation_ratio")
     short_names = {"sublora.intrinsic_dim": "d", "sublora.allocation_ratio": "ρ"}
     variant_keys = ("sublora.allocation_mode", "sublora.allocation_ratio")
+    sharding = "replicate"  # w, φ and the LoRA tensors θ₀ + P·w whole on every process; the frozen base sharded
     allocation_arms = {"dim": "sublora.intrinsic_dim", "mode": "sublora.allocation_mode", "ratio": "sublora.allocation_ratio",
                        "uniform": "uniform", "fixed": "fixed", "learned": "learned"}
 
@@ -533,6 +534,12 @@ class SubLoRA(Method):
 
     def trainable_parameters(self, model):
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def replicated_parameters(self, model):
+        """w (and φ), plus the peft LoRA tensors that every forward replaces by θ₀ + P·w: FSDP must not
+        gather its own copy of them over the substituted ones. P is regenerated from its seed on each process."""
+        params = dict(model.model.named_parameters())
+        return [p for _, p in self.trainable_parameters(model)] + [params[s.name] for s in model.segs]
 
     def param_groups(self, model):
         t = self.cfg.training
