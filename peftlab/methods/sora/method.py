@@ -162,7 +162,7 @@ class SoRA(LoRA):
 
     @classmethod
     def validate_config(cls, cfg) -> list[str]:
-        sc, p = cfg.sora, []
+        sc, p = cfg.sora, super().validate_config(cfg)
         if sc.lambda_schedule != "none":
             if sc.max_lambda is None:
                 p.append(f"`sora.lambda_schedule={sc.lambda_schedule}` needs `sora.max_lambda` (the last λ), e.g. --sora.max_lambda=0.5.")
