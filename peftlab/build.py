@@ -205,12 +205,13 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def make_method(cfg, task: str, target_modules: list[str], *, accelerator=None, train_batches=None, compute_loss=None,
-                run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None, model_info=None):
+                run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None, model_info=None,
+                total_steps: Optional[int] = None):
     """An instance of ``cfg.method`` with its context (nothing applied yet)."""
 
     ctx = MethodContext(cfg=cfg, task=task, target_modules=list(target_modules), accelerator=accelerator,
                         train_batches=train_batches, compute_loss=compute_loss, run_dir=run_dir,
-                        log=log or logging.getLogger("peftlab"), model_info=model_info)
+                        log=log or logging.getLogger("peftlab"), model_info=model_info, total_steps=total_steps)
     return METHODS[cfg.method](ctx)
 
 
@@ -284,7 +285,8 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
                 yield {k: v.to(dev) for k, v in b.items()}
 
     method = make_method(cfg, task, info.target_modules, accelerator=acc, train_batches=train_batches,
-                         compute_loss=compute_loss, run_dir=run_dir, log=log, model_info=info)
+                         compute_loss=compute_loss, run_dir=run_dir, log=log, model_info=info,
+                         total_steps=built.plan.total_steps if built.plan is not None else None)
     model = apply_method(method, model, structure)
     model.to(dev)
     built.model, built.method = model, method

@@ -42,6 +42,8 @@ class MethodContext:
         compute_loss: ``compute_loss(model, batch) -> scalar loss``.
         run_dir: the run directory (for method-specific files such as allocation.json).
         log: the run's logger.
+        total_steps: the optimizer steps the run takes (None when built without data), for
+            methods whose schedule spans the run (AdaLoRA's rank budget).
     """
 
     cfg: Any
@@ -53,6 +55,7 @@ class MethodContext:
     run_dir: Optional[Path] = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("peftlab"))
     model_info: Any = None
+    total_steps: Optional[int] = None
 
 
 class Method:
