@@ -31,6 +31,7 @@ from .errors import PeftlabError
 from .methods import METHODS, MethodContext
 from .models import CONFIG_DIR, TINY_MODELS, _auto_cls, check_targets, load_model
 from .models import load_tokenizer as _load
+from .models.quant import describe as describe_quant, trainable_to_fp32
 from .optim.schedule import build_scheduler
 
 
@@ -288,6 +289,9 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
                          compute_loss=compute_loss, run_dir=run_dir, log=log, model_info=info,
                          total_steps=built.plan.total_steps if built.plan is not None else None)
     model = apply_method(method, model, structure)
+    if cfg.model.quantization != "none":
+        n = trainable_to_fp32(model)  # adapters/heads train in fp32 on a base loaded in compute_dtype; nothing frozen is upcast
+        log.info(f"model.quantization={cfg.model.quantization}: frozen base {describe_quant(cfg)}; {n} trainable tensor(s) cast to float32")
     model.to(dev)
     built.model, built.method = model, method
     if optimizer:

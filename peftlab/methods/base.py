@@ -77,6 +77,9 @@ class Method:
     sections: ClassVar[tuple[str, ...]] = ()
     #: True when the result is an adapter in HF PEFT format
     exports_adapter: ClassVar[bool] = False
+    #: trains on a frozen base that ``model.quantization`` may load quantized (bitsandbytes); methods
+    #: that update the base weights themselves leave it False and are refused a quantized base
+    quantized_base: ClassVar[bool] = False
     #: part of `peftlab compare`'s default set (False: only when asked for with --methods)
     compare_by_default: ClassVar[bool] = True
     #: a wide per-module CSV kept for the seed plans: ``(file name, metric)`` writes

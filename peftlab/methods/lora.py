@@ -72,6 +72,7 @@ class LoRA(Method):
     name = "lora"
     config_sections = {"lora": LoraSection}
     exports_adapter = True
+    quantized_base = True  # (DoRA, SoRA, SDoRA and BA-LoRA inherit it)
     use_dora = False
     display_name = "LoRA"
     table_rank = 10
@@ -210,7 +211,8 @@ class DoRA(LoRA):
     def apply(self, model, *args, **kwargs):
         model = super().apply(model, *args, **kwargs)
         acc = self.ctx.accelerator
-        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu"):
+        quantized = self.cfg.model.quantization != "none"  # the factored norm needs W itself; peft's layer dequantizes
+        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu") and not quantized:
             n = install_factored_dora(model)
             self.ctx.log.info(f"dora: factored row norm in {n} layer(s) (lora.dora_norm={self.cfg.lora.dora_norm})")
         return model

@@ -420,6 +420,7 @@ class SubLoRA(Method):
     config_sections = {"lora": LoraSection, "sublora": SubloraSection}
     exports_adapter = True
     display_name = "SubLoRA"
+    quantized_base = True
     table_rank = 80
     size_axes = ("sublora.intrinsic_dim",)
     axis_keys = ("sublora.intrinsic_dim", "sublora.allocation_mode", "sublora.allocation_ratio")
