@@ -142,7 +142,8 @@ def test_quantized_lora_trains_resumes_loads_and_exports(tmp_path, device):
     assert "dequantized base" in merge_note(run)
     m = AutoModelForCausalLM.from_pretrained(str(merged)).to(device).eval()
     with torch.no_grad():
-        torch.testing.assert_close(m(input_ids=ids).logits.float(), want.float(), rtol=2e-2, atol=2e-2)
+        tol = 2e-2 if device == "cpu" else 6e-2  # bf16 on the GPU: merged Q(W) + s B A rounds once more
+        torch.testing.assert_close(m(input_ids=ids).logits.float(), want.float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -162,6 +163,31 @@ def test_every_adapter_method_trains_on_a_quantized_base(tmp_path, device, metho
     res = train(cfg, console=False)
     assert res["status"] == "completed"
     assert load_run(tmp_path / "run", device=device).evaluate()["val_loss"] == res["final"]["val_loss"]
+
+
+@pytest.mark.skipif(not (HAS_BNB and torch.cuda.is_available()), reason="LoftQ needs CUDA and bitsandbytes")
+def test_loftq_init_trains_rebuilds_and_exports_its_base(tmp_path):
+    """lora.init=loftq (peft's LoftQ: the base becomes Q(W), A and B the SVD of W - Q(W)): load_run
+    recomputes Q(W) and reproduces the val loss; the export's adapter loads onto adapter/loftq_base."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.export import export_run
+    from peftlab.runs import load_run
+    from peftlab.train import train
+
+    cfg = make_cfg(tmp_path, "cls", **{**SMALL, "lora__init": "loftq", "lora__r": 4, "data__max_length": 32, "system__device": "cuda"})
+    res = train(cfg, console=False)
+    loaded = load_run(tmp_path / "run", device="cuda")
+    assert loaded.evaluate()["val_loss"] == res["final"]["val_loss"]
+    out = export_run(tmp_path / "run", tmp_path / "export", which="latest")
+    assert (out / "loftq_base" / "config.json").is_file()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        want = loaded.model.eval()(input_ids=ids).logits
+        base = AutoModelForSequenceClassification.from_pretrained(str(out / "loftq_base")).cuda()
+        got = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @bnb

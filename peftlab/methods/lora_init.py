@@ -230,12 +230,12 @@ class Initialiser:
         if self.given is not None and self.given.get("name", self.init) != self.init:
             raise PeftlabError(f"method.json records lora.init={self.given.get('name')!r} but the config says {self.init!r}; the run's "
                                "config.json and checkpoint do not belong together.")
-        if self.init == "olora":
+        if self.init in ("olora", "loftq"):
             conv = [n for n, mod in model.named_modules() if type(mod).__name__ == "Conv1D" and n.split(".")[-1] in ctx.target_modules]
             if conv:
-                raise PeftlabError(f"lora.init=olora needs nn.Linear targets, but {conv[0]} is a GPT-2 Conv1D (peft's olora_init "
-                                   "takes the QR of the weight as stored, which is transposed there). Use --lora.init=pissa, "
-                                   "which handles Conv1D, or a model with linear layers.")
+                raise PeftlabError(f"lora.init={self.init} needs nn.Linear targets, but {conv[0]} is a GPT-2 Conv1D (peft's "
+                                   f"{self.init}_init decomposes the weight as stored, which is transposed there). Use "
+                                   "--lora.init=pissa, which handles Conv1D, or a model with linear layers.")
         config = m.peft_config(init_record=self.given)
         fresh = self.given is None
         if self.init == "corda" and fresh:
