@@ -222,17 +222,19 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
-    for name in a.shapes.split(","):
+    shapes = {}
+    for name in a.shapes.split(","):  # every shape saved first: then LoRA runs on all shapes before DoRA on any
         s = shape(name, a.tiny)
         folder = work / f"{name}_bf16"
         try:
             info = save_bf16(s, folder, dev)
             data = write_data(work / f"{name}_data", s, a.warmup + a.steps)
             emit({"shape": name, "event": "saved_bf16", **info})
+            shapes[name] = (s, folder, data)
         except Exception as e:  # noqa: BLE001
             emit({"shape": name, "event": "saved_bf16", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
-            continue
-        for kind in a.kinds.split(","):
+    for kind in a.kinds.split(","):
+        for name, (s, folder, data) in shapes.items():
             for side in a.sides.split(","):
                 row = {"shape": name, "kind": kind, "side": side, "batch": s["batch"], "seq": s["seq"], "warmup": a.warmup,
                        "steps": a.steps, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
@@ -247,14 +249,14 @@ def main(argv=None) -> int:
                     row.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
                     cleanup()
                 emit(row)
-        shutil.rmtree(folder, ignore_errors=True)
+                summary(rows, out / "summary.md", show=False)  # kept current: a run cut short still leaves its table
     summary(rows, out / "summary.md")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def summary(rows: list[dict], path: Path) -> None:
+def summary(rows: list[dict], path: Path, show: bool = True) -> None:
     lines = ["| shape | method | side | peak GB | tokens/s | ms/step | speed-up vs hf |", "| --- | --- | --- | --- | --- | --- | --- |"]
     by = {(r.get("shape"), r.get("kind"), r.get("side")): r for r in rows if "side" in r}
     for (shp, kind, side), r in by.items():
@@ -266,7 +268,8 @@ def summary(rows: list[dict], path: Path) -> None:
         peak = f"{r['peak_mb'] / 1024:.1f}" if r.get("peak_mb") is not None else "-"
         lines.append(f"| {shp} | {kind} | {side} | {peak} | {r['tok_s']:,.0f} | {r['step_ms']:.0f} | {up} |")
     path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if show:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 27 on one GPU, in one device call (about 5-6 minutes on an H200):
+# Issue 27 on one GPU, in one device call (about 6 minutes on an H200; the benchmark is capped at 7 minutes, its table kept current case by case):
 #   bash benchmarks/gpu_quant.sh OUTDIR
 # 1. the GPU tests of quantized bases (tests/test_quant.py, the cuda cases: parity with hand-written
 #    peft + bitsandbytes step for step, exact resume, load_run, export + PeftModel.from_pretrained,
@@ -18,4 +18,4 @@ if python3 -c "import pytest" 2> /dev/null; then
 else
   echo "pytest is not installed here: the GPU tests did not run" | tee "$OUT/test_quant.log"
 fi
-python3 benchmarks/bench_quant.py --out "$OUT/quant" 2>&1 | grep -v "^\s" | tail -40 | tee "$OUT/bench_quant.log"
+timeout 420 python3 benchmarks/bench_quant.py --out "$OUT/quant" --workdir /tmp/bench_quant 2>&1 | grep -v "^\s" | tail -40 | tee "$OUT/bench_quant.log"
