@@ -31,6 +31,7 @@ from .errors import PeftlabError
 from .methods import METHODS, MethodContext
 from .models import CONFIG_DIR, TINY_MODELS, _auto_cls, check_targets, load_model
 from .models import load_tokenizer as _load
+from .models.quant import describe as describe_quant, trainable_to_fp32
 from .optim.schedule import build_scheduler
 
 
@@ -205,12 +206,13 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def make_method(cfg, task: str, target_modules: list[str], *, accelerator=None, train_batches=None, compute_loss=None,
-                run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None, model_info=None):
+                run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None, model_info=None,
+                total_steps: Optional[int] = None):
     """An instance of ``cfg.method`` with its context (nothing applied yet)."""
 
     ctx = MethodContext(cfg=cfg, task=task, target_modules=list(target_modules), accelerator=accelerator,
                         train_batches=train_batches, compute_loss=compute_loss, run_dir=run_dir,
-                        log=log or logging.getLogger("peftlab"), model_info=model_info)
+                        log=log or logging.getLogger("peftlab"), model_info=model_info, total_steps=total_steps)
     return METHODS[cfg.method](ctx)
 
 
@@ -284,8 +286,12 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
                 yield {k: v.to(dev) for k, v in b.items()}
 
     method = make_method(cfg, task, info.target_modules, accelerator=acc, train_batches=train_batches,
-                         compute_loss=compute_loss, run_dir=run_dir, log=log, model_info=info)
+                         compute_loss=compute_loss, run_dir=run_dir, log=log, model_info=info,
+                         total_steps=built.plan.total_steps if built.plan is not None else None)
     model = apply_method(method, model, structure)
+    if cfg.model.quantization != "none":
+        n = trainable_to_fp32(model)  # adapters/heads train in fp32 on a base loaded in compute_dtype; nothing frozen is upcast
+        log.info(f"model.quantization={cfg.model.quantization}: frozen base {describe_quant(cfg)}; {n} trainable tensor(s) cast to float32")
     model.to(dev)
     built.model, built.method = model, method
     if optimizer:

@@ -15,12 +15,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from .build import build_base
 from .checkpoints import list_checkpoints, verify
 from .errors import PeftlabError
 from .io import output_path_problem
 from .models.hf import make_adapter_portable, set_label_names
+from .models.quant import compute_dtype as quant_dtype
+from .models.quant import describe as describe_quant
+from .models.quant import dequantized_into
 from .rundir import RunDir
 from .runs import load_run
 from .runs.load import damaged_fix, require_final
@@ -28,18 +32,34 @@ from .runs.load import damaged_fix, require_final
 CHOOSE = "--which {name}"  # how `peftlab export` reads another checkpoint, in its messages
 
 
-def load_base(run_dir, device: str = "cpu"):
+def load_base(run_dir, device: str = "cpu", dequantize: bool = False):
     """``(model, tokenizer)``: the base model of a run, built as its training built it (no
     adapter), in eval mode; ``peft.PeftModel.from_pretrained(model, RUN/adapter)`` reloads the
-    exported adapter onto it."""
+    exported adapter onto it. A quantized base (``model.quantization``) is the quantized model;
+    with ``dequantize``, its dequantized weights in the unquantized architecture, in
+    ``model.compute_dtype`` (what ``--merge`` folds the adapter into)."""
 
     run = RunDir(run_dir).require()
     cfg, meta = run.config(), run.meta() or {}
     task = meta.get("task") or cfg.model.task
-    model, tokenizer, _ = build_base(cfg, task, meta.get("num_labels") or cfg.model.num_labels)
+    labels = meta.get("num_labels") or cfg.model.num_labels
+    model, tokenizer, _ = build_base(cfg, task, labels)
+    if dequantize and cfg.model.quantization != "none":
+        plain, _, _ = build_base(cfg.replace({"model.quantization": "none"}), task, labels)
+        model = dequantized_into(model, plain, quant_dtype(cfg))
     if task == "classification":
         set_label_names(model, meta.get("label_names"))
     return model.to(device).eval(), tokenizer
+
+
+def merge_note(run_dir) -> Optional[str]:
+    """What ``export --merge`` tells about the base it merged into (None: nothing to say)."""
+    cfg = RunDir(run_dir).require().config()
+    if cfg.model.quantization == "none":
+        return None
+    return (f"merged into the dequantized base ({describe_quant(cfg)}; the trained adapter's base, dequantized to "
+            f"{str(quant_dtype(cfg)).replace('torch.', '')}), not the full-precision model: the merged weights are Q(W) + "
+            "s B A, stored unquantized")
 
 
 def export_run(run_dir: Path, output_dir: Path | None = None, merge: bool = False, which: str = "final") -> Path:
@@ -95,7 +115,7 @@ def _export_into(run, out: Path, merge: bool, which: str) -> None:
             base = run.path / "base_model"
             make_adapter_portable(out, loaded.config, run.path, base if base.is_dir() else None)
             return
-        merged, _ = load_base(run.path)
+        merged, _ = load_base(run.path, dequantize=True)  # a quantized base: dequantized, not re-quantized after merging
         if (written / "adapter_config.json").is_file():
             from peft import PeftModel
 

@@ -33,6 +33,13 @@ CASES = {
     "lora": Case("lora"),
     "lora-cls": Case("lora", "cls"),
     "dora": Case("dora"),
+    # lora.init through peft (methods/lora_init.py): base-changing inits export a converted rank-2r adapter
+    "lora-pissa": Case("lora", overrides={"lora.init": "pissa", "lora.r": 4}, exact_export=False),
+    "lora-olora": Case("lora", "cls", overrides={"lora.init": "olora", "lora.r": 4}, exact_export=False),  # nn.Linear only
+    "lora-eva": Case("lora", overrides={"lora.init": "eva", "lora.init_samples": 16}),
+    "lora-corda": Case("lora", overrides={"lora.init": "corda", "lora.init_samples": 16, "lora.r": 4}, exact_export=False),
+    "adalora": Case("adalora", overrides={"adalora.init_r": 6, "adalora.target_r": 3, "training.learning_rate": 3e-3},
+                    exact_export=False),  # the export is resized to the kept ranks
     "ba_lora": Case("ba_lora", overrides={"ba_lora.gradient_samples": 16, "ba_lora.use_warmstart": True}),
     "rsvd": Case("rsvd", overrides={"rsvd.rank": 4, "rsvd.update_interval": 3, "rsvd.weight_reduction_rank": 4,
                                     "training.learning_rate": 1e-3}, exact_export=False),

@@ -31,6 +31,7 @@ import torch
 from ..data.bins import INCOMPLETE, TokenBin
 from ..errors import PeftlabError
 from ..io import atomic_write_text, output_path_problem
+from ..models.quant import compute_dtype, describe
 from ..rundir import RunDir
 from ..runs import load_run
 from ..runs.load import damaged_fix, require_final
@@ -524,6 +525,16 @@ def check_output(out: Path, where: str) -> None:
         raise PeftlabError(f"{where}: {out} cannot be written: {problem} Give a writable --bounds.output=FILE.json.")
 
 
+def base_statement(run_cfg) -> dict[str, Any]:
+    """What the bound is conditioned on: the frozen base the adapter was trained and scored on. With
+    ``model.quantization`` that base is the quantized one, so the prior (and every scored
+    likelihood) is the quantized base's, not the full-precision model's."""
+    return {"name": run_cfg.model.name, "quantization": run_cfg.model.quantization, "double_quant": run_cfg.model.double_quant,
+            "compute_dtype": str(compute_dtype(run_cfg)).replace("torch.", ""),
+            "prior": f"the quantized base ({describe(run_cfg)}): the bound holds for the adapter on this quantized model, "
+                     "not on the full-precision one"}
+
+
 def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``peftlab bounds RUN_DIR``: check inputs, load the run, compute, write ``bounds_metrics.json``."""
     run_dir = Path(run_dir).expanduser()
@@ -555,6 +566,8 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     finally:
         parallel.stop(world)
     metrics = {"run_dir": str(run_dir), "method": getattr(run_cfg, "method", None), **metrics}
+    if run_cfg.model.quantization != "none":
+        metrics["base_model"] = base_statement(run_cfg)
     if world.main:
         write_metrics(metrics, out)
     return metrics

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..export import export_run
+from ..export import export_run, merge_note
 from .table import help_of
 
 
 def cmd_export(args, extra) -> int:
     out = export_run(Path(args.run_dir), Path(args.output_dir) if args.output_dir else None, args.merge, args.which)
     print(f"exported to {out}")
+    note = merge_note(Path(args.run_dir)) if args.merge else None
+    if note:
+        print(f"note: {note}")
     return 0
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..options import build_section, section_help, spellings, suggest
-from .sections import DataConfig, LoggingConfig, ModelConfig, OutputConfig, SystemConfig, TrainingConfig
+from .sections import DataConfig, LoggingConfig, ModelConfig, OutputConfig, SystemConfig, TrainingConfig, quantization_problems
 
 CORE_SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -252,6 +252,8 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
             # a section may refuse settings that only mean something to its own method
             if name not in checked and hasattr(sec, "validate_unused"):
                 problems.extend(sec.validate_unused(method))
+        supported = [n for n, c in METHODS.items() if getattr(c, "quantized_base", False)]
+        problems.extend(quantization_problems(METHODS[method], supported, built["model"], built["system"]))
         problems.extend(METHODS[method].validate_config(RunConfig(method, built)))
         problems.extend(_sharding_problems(method, built))
     if problems:

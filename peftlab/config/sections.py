@@ -24,6 +24,9 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub to run. Off unless you trust the repository.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of storing them (less memory, about a third more compute; same numbers).")
+    quantization: Literal["none", "nf4", "fp4", "int8"] = opt("none", "Load the frozen base quantized by bitsandbytes (QLoRA-style; through transformers' BitsAndBytesConfig): nf4 / fp4 = 4-bit, int8 = LLM.int8(); adapters and heads train in float32. For the LoRA-family methods. docs/quantization.md.")
+    double_quant: bool = opt(True, "model.quantization=nf4/fp4: also quantize the 4-bit blocks' scales (QLoRA's double quantization, about 0.4 bit per weight less).")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "With model.quantization: the dtype the 4-bit weights are dequantized to for each matmul, and of the unquantized base tensors (embeddings, norms, head); auto = system.dtype's.")
 
     def validate(self) -> list[str]:
         p = []
@@ -36,6 +39,53 @@ class ModelConfig:
         if self.target_modules is not None and not self.target_modules:
             p.append("`model.target_modules` is an empty list; remove it to use the architecture default.")
         return p
+
+
+#: the first bitsandbytes release with a CPU backend for nf4, fp4 and int8 (the multi-backend refactor)
+BNB_CPU_BACKEND = (0, 48)
+
+
+def bnb_version() -> Optional[tuple[int, ...]]:
+    """The installed bitsandbytes version as a tuple (None: not installed); imports nothing."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    try:
+        text = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return (0,)
+    return tuple(int(x) for x in text.split(".")[:3] if x.isdigit())
+
+
+def quantization_problems(method_cls, supported: list[str], model: "ModelConfig", system: "SystemConfig") -> list[str]:
+    """Why ``model.quantization`` cannot run for this method on this machine (empty: it can), read
+    with the configuration, before any work. ``method_cls.quantized_base`` says whether the
+    method trains on a frozen quantized base (adapters) at all; ``supported`` names the methods that do."""
+    q = model.quantization
+    if q == "none":
+        return []
+    if not getattr(method_cls, "quantized_base", False):
+        return [f"`model.quantization={q}` keeps the base frozen in {q}, but method {method_cls.name} trains the base weights "
+                f"themselves, which bitsandbytes cannot update in place. Use an adapter method on the quantized base "
+                f"({', '.join(supported)}), or train this method on the unquantized base with --model.quantization=none."]
+    import torch
+
+    version = bnb_version()
+    fix = "or train the unquantized base with --model.quantization=none"
+    if version is None:
+        return [f"`model.quantization={q}` loads the frozen base through bitsandbytes, which is not installed. Install it "
+                f"(pip install bitsandbytes; 0.48 and later also run {q} on the CPU, slowly), {fix}."]
+    v = ".".join(map(str, version))
+    if system.device == "cuda" and not torch.cuda.is_available():
+        return [f"`model.quantization={q}` with system.device=cuda, but torch sees no CUDA device. Run on a GPU, or use "
+                f"--system.device=auto{' (bitsandbytes ' + v + ' then runs on the CPU)' if version >= BNB_CPU_BACKEND else ''}, {fix}."]
+    if (system.device == "cpu" or not torch.cuda.is_available()) and version < BNB_CPU_BACKEND:
+        where = "system.device=cpu" if system.device == "cpu" else "this machine has no CUDA device"
+        return [f"`model.quantization={q}`: {where}, and bitsandbytes {v} has no CPU backend for {q} (that came with 0.48). "
+                f"Run on a GPU, upgrade bitsandbytes (pip install -U bitsandbytes), {fix}."]
+    return []
 
 
 @dataclass

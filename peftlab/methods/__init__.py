@@ -11,6 +11,7 @@ from the methods' ``table_rank``.
 from __future__ import annotations
 
 from ..config import METHODS, register_method
+from .adalora import AdaLoRA
 from .ba_lora.method import BALoRA
 from .base import Method, MethodContext
 from .full import Full
@@ -19,7 +20,7 @@ from .rsvd import RSVD
 from .sora.method import SDoRA, SoRA
 from .sublora.method import SubLoRA
 
-for _cls in (Full, LoRA, DoRA, BALoRA, RSVD, SoRA, SDoRA, SubLoRA):
+for _cls in (Full, LoRA, DoRA, BALoRA, RSVD, SoRA, SDoRA, SubLoRA, AdaLoRA):
     register_method(_cls)
 
 

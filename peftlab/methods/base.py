@@ -42,6 +42,8 @@ class MethodContext:
         compute_loss: ``compute_loss(model, batch) -> scalar loss``.
         run_dir: the run directory (for method-specific files such as allocation.json).
         log: the run's logger.
+        total_steps: the optimizer steps the run takes (None when built without data), for
+            methods whose schedule spans the run (AdaLoRA's rank budget).
     """
 
     cfg: Any
@@ -53,6 +55,7 @@ class MethodContext:
     run_dir: Optional[Path] = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("peftlab"))
     model_info: Any = None
+    total_steps: Optional[int] = None
 
 
 class Method:
@@ -74,6 +77,9 @@ class Method:
     sections: ClassVar[tuple[str, ...]] = ()
     #: True when the result is an adapter in HF PEFT format
     exports_adapter: ClassVar[bool] = False
+    #: trains on a frozen base that ``model.quantization`` may load quantized (bitsandbytes); methods
+    #: that update the base weights themselves leave it False and are refused a quantized base
+    quantized_base: ClassVar[bool] = False
     #: part of `peftlab compare`'s default set (False: only when asked for with --methods)
     compare_by_default: ClassVar[bool] = True
     #: ``system.sharding=fsdp`` (docs/training.md#sharding): how the trainable tensors live when the frozen base

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
@@ -19,6 +19,7 @@ from ..models import check_targets
 from ..options import opt
 from .base import Method
 from .dora_norm import install_factored_dora, use_factored
+from .lora_init import BASE_CHANGING, BASIC_INITS, INITS, Initialiser, init_problems, peft_kwargs
 
 
 @dataclass
@@ -28,7 +29,12 @@ class LoraSection:
     dropout: float = opt(0.05, "Dropout on the LoRA input.")
     bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases to train.")
     use_rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
-    init: Literal["default", "gaussian"] = opt("default", "A's initialisation (B starts at zero either way): default = Kaiming-uniform, gaussian = N(0, 1/r).")
+    init: Literal["default", "gaussian", "pissa", "olora", "eva", "corda", "loftq"] = opt(
+        "default", "Adapter initialisation through peft: default = A Kaiming-uniform, B = 0; gaussian = A ~ N(0, 1/r), B = 0; "
+        "pissa / olora = A, B from the SVD / QR of W (the base becomes W - s B0 A0); eva = A from the SVD of the layer inputs "
+        "(training data; ranks redistributed); corda = from the SVD of W times the input covariance (training data); loftq = "
+        "from W - Q(W), the base becomes Q(W) (CUDA + bitsandbytes). pissa ... loftq: method lora only. docs/quantization.md.")
+    init_samples: int = opt(64, "lora.init=eva / corda: how many training examples (the first of epoch 0) the data-dependent initialisation reads, once, before training.")
     loraplus_lr_ratio: float = opt(1.0, "LoRA+: learning rate of B divided by that of A (1 = plain LoRA; the paper suggests 16).")
     dora_norm: Literal["auto", "factored", "peft"] = opt(
         "auto", "DoRA's row norm ||W0 + s B A||: factored (from constant W0 row norms and a d_out x r cross term, no "
@@ -66,6 +72,7 @@ class LoRA(Method):
     name = "lora"
     config_sections = {"lora": LoraSection}
     exports_adapter = True
+    quantized_base = True  # (DoRA, SoRA, SDoRA and BA-LoRA inherit it)
     use_dora = False
     display_name = "LoRA"
     table_rank = 10
@@ -73,12 +80,20 @@ class LoRA(Method):
     axis_keys = ("lora.r",)
     short_names = {"lora.r": "r"}
     sharding = "replicate"  # the adapter (and DoRA's magnitudes) whole on every process, the frozen base sharded
+    #: the ``lora.init`` values this class supports (read from the class itself, not inherited:
+    #: a subclass that declares none supports only default and gaussian)
+    lora_inits: ClassVar[tuple[str, ...]] = INITS
 
-    def peft_config(self, rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None):
+    @classmethod
+    def validate_config(cls, cfg) -> list[str]:
+        return init_problems(cfg, cls.name, cls.__dict__.get("lora_inits", BASIC_INITS))
+
+    def peft_config(self, rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+                    init_record: Optional[dict] = None):
         from peft import LoraConfig
 
         lc = self.cfg.lora
-        return LoraConfig(
+        kw = dict(
             r=lc.r,
             lora_alpha=lc.alpha,
             lora_dropout=lc.dropout,
@@ -87,10 +102,11 @@ class LoRA(Method):
             task_type=peft_task_type(self.ctx.task),
             use_dora=self.use_dora,
             use_rslora=lc.use_rslora,
-            init_lora_weights=True if lc.init == "default" else "gaussian",
             rank_pattern=rank_pattern or {},
             alpha_pattern=alpha_pattern or {},
         )
+        kw.update(peft_kwargs(lc.init, init_record))  # init_lora_weights (+ eva/corda/loftq configs, EVA's recorded ranks)
+        return LoraConfig(**kw)
 
     @classmethod
     def budget_overrides(cls, cfg, lora_params: int, r: int):
@@ -104,7 +120,10 @@ class LoRA(Method):
 
     def structure(self, model) -> dict:
         """The adapted modules and their ranks (all ``lora.r`` here; BA-LoRA records its own)."""
-        return {"method": self.name, "r": self.cfg.lora.r, "modules": sorted(n for n, _ in lora_layers(model))}
+        out = {"method": self.name, "r": self.cfg.lora.r, "modules": sorted(n for n, _ in lora_layers(model))}
+        if self.cfg.lora.init not in BASIC_INITS:
+            out["init"] = self._inits.record
+        return out
 
     def _check_modules(self, model, structure) -> None:
         if structure is not None and "modules" in structure:
@@ -115,11 +134,15 @@ class LoRA(Method):
 
     def apply(self, model, structure=None):
         self.check_structure(structure)
-        model = self._inject(model)
+        if self.cfg.lora.init in BASIC_INITS:
+            model = self._inject(model)
+        else:
+            self._inits = Initialiser(self, (structure or {}).get("init") if structure is not None else None)
+            model = self._inits.apply(model)
         self._check_modules(model, structure)
         return model
 
-    def _inject(self, model):
+    def _inject(self, model, config=None, **kwargs):
         import warnings
 
         from peft import get_peft_model
@@ -129,12 +152,19 @@ class LoRA(Method):
             # GPT-2's Conv1D needs fan_in_fan_out=True; peft sets it itself and warns.
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             try:
-                return get_peft_model(model, self.peft_config())
+                return get_peft_model(model, config or self.peft_config(), **kwargs)
             except ValueError as e:  # e.g. a target that is not a layer type LoRA supports
                 raise PeftlabError(
                     f"peft cannot adapt target_modules={self.ctx.target_modules}: {str(e).splitlines()[0]} "
                     "Point --model.target_modules at linear (or GPT-2 Conv1D) layers."
                 ) from None
+
+    def state_dict(self):
+        return self._inits.state_dict() if self.cfg.lora.init not in BASIC_INITS else {}
+
+    def load_state_dict(self, state) -> None:
+        if self.cfg.lora.init not in BASIC_INITS:
+            self._inits.load_state_dict(state)
 
     def param_groups(self, model):
         t, ratio = self.cfg.training, self.cfg.lora.loraplus_lr_ratio
@@ -157,7 +187,10 @@ class LoRA(Method):
 
     def export(self, model, out_dir: Path, tokenizer=None) -> Path:
         target = out_dir / "adapter"
-        model.save_pretrained(target, safe_serialization=True)
+        if self.cfg.lora.init in BASE_CHANGING:
+            self._inits.export(model, target)  # an adapter for the original base (peft's weight conversion)
+        else:
+            model.save_pretrained(target, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(target)
         return target
@@ -179,7 +212,8 @@ class DoRA(LoRA):
     def apply(self, model, *args, **kwargs):
         model = super().apply(model, *args, **kwargs)
         acc = self.ctx.accelerator
-        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu"):
+        quantized = self.cfg.model.quantization != "none"  # the factored norm needs W itself; peft's layer dequantizes
+        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu") and not quantized:
             n = install_factored_dora(model)
             self.ctx.log.info(f"dora: factored row norm in {n} layer(s) (lora.dora_norm={self.cfg.lora.dora_norm})")
         return model

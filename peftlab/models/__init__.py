@@ -19,6 +19,7 @@ from .. import hub
 from ..errors import PeftlabError
 from ..options import suggest
 from . import offline  # noqa: F401  (registers the offline models and tokenizers)
+from . import quant
 from .registry import OFFLINE_MODELS, OFFLINE_TOKENIZERS
 from .tokenizers import byte_tokenizer
 
@@ -140,7 +141,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
         num_labels: number of classes (classification).
 
     Returns:
-        ``(model, tokenizer, ModelInfo)``. The model is in float32 on CPU.
+        ``(model, tokenizer, ModelInfo)``. The model is in float32 on CPU; with ``model.quantization``, quantized by
+        bitsandbytes on this process's GPU (or the CPU), its unquantized tensors in ``model.compute_dtype``.
     """
     from transformers import AutoConfig
 
@@ -160,6 +162,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
         hf_cfg = AutoConfig.for_model(model_type, **spec, **cls_kwargs)
         model = _auto_cls(task).from_config(hf_cfg)
         builtin, source = True, "built-in tiny config"
+        if m.quantization != "none":  # the same weights as an unquantized run, quantized on load
+            model = quant.quantize_built(model, _auto_cls(task), cfg, task)
         if cfg.data.tokenizer is None:
             tok_name = "byte"
     elif m.from_scratch:
@@ -183,6 +187,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
                 ) from None
             source = "config (random weights)"
         model = _auto_cls(task).from_config(hf_cfg)
+        if m.quantization != "none":
+            model = quant.quantize_built(model, _auto_cls(task), cfg, task)
     else:
         if name not in OFFLINE_MODELS:
             check_name(name, "model", "model.name")
@@ -190,9 +196,13 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
         if name in OFFLINE_MODELS and cfg.data.tokenizer is None:
             tok_name = name
         try:
-            model = _auto_cls(task).from_pretrained(
-                local, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=torch.float32, **cls_kwargs
-            )
+            if m.quantization != "none":
+                model = quant.load_quantized(_auto_cls(task), local, cfg, task, revision=m.revision,
+                                             trust_remote_code=m.trust_remote_code, **cls_kwargs)
+            else:
+                model = _auto_cls(task).from_pretrained(
+                    local, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=torch.float32, **cls_kwargs
+                )
         except Exception as e:  # noqa: BLE001  truncated/mismatched weights raise safetensors/torch errors too
             if not isinstance(e, (OSError, ValueError, RuntimeError)) and type(e).__name__ != "SafetensorError":
                 raise
@@ -227,7 +237,7 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
     if targets is None:
         targets = ["q_proj", "v_proj"]
     info = ModelInfo(name=name, model_type=model_type, task=task, target_modules=targets, builtin=builtin,
-                     num_params=sum(p.numel() for p in model.parameters()), source=source)
+                     num_params=quant.num_params(model), source=source + (f", {quant.describe(cfg)}" if m.quantization != "none" else ""))
     return model, tokenizer, info
 
 

@@ -17,6 +17,7 @@ The result is an ordinary peft adapter; allocation.json in the run directory (an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -70,6 +71,50 @@ class BaLoraSection:
         if not self.warmstart_eps > 0:
             p.append(f"`ba_lora.warmstart_eps` must be positive, got {self.warmstart_eps}.")
         return p
+
+
+def _float_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight of a target as floats: bitsandbytes' packed 4-/8-bit weights dequantized (peft's helper)."""
+    if module.weight.is_floating_point():
+        return module.weight
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(module)
+
+
+@contextlib.contextmanager
+def _hooked_weight_grads(targets: dict):
+    """dL/dW of frozen linear layers whose weights cannot require grad (bitsandbytes): for each
+    forward, grad_out^T @ x summed over tokens -- what autograd gives an ``nn.Linear`` weight,
+    (d_out, d_in) -- accumulated per module over the backward passes while the context is open.
+    A zero scalar leaf added to the output puts the layer on the autograd graph. Yields the
+    accumulators (module name -> float32 sum)."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(name):
+        def forward_hook(module, args, out):
+            if not torch.is_grad_enabled():  # e.g. the first pass of a checkpointed block: the recompute counts
+                return out
+            x = args[0].detach()
+            out = out + torch.zeros((), device=out.device, dtype=out.dtype, requires_grad=True)
+
+            def on_grad(g):
+                gw = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                sums[name] = sums[name] + gw if name in sums else gw
+
+            out.register_hook(on_grad)
+            return out
+
+        return forward_hook
+
+    for name, t in targets.items():
+        handles.append(t.module.register_forward_hook(hook_for(name)))
+    try:
+        yield sums
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass
@@ -163,7 +208,7 @@ class BALoRA(LoRA):
             t0 = time.perf_counter()
             log.info(f"[Phase 1/4] Estimating module importance ({ba.importance}) over {ba.gradient_samples:,} training examples...")
             grads, stats = self._accumulate_gradients(model, targets)
-            scores = [importance_score(targets[n].module.weight, grads[n], ba.importance) for n in names]
+            scores = [importance_score(_float_weight(targets[n].module), grads[n], ba.importance) for n in names]
             seconds["importance"] = time.perf_counter() - t0
             log.info(f"  average loss {stats['mean_loss']:.4f} over {stats['examples']:,} examples ({stats['batches']} batches); "
                      f"gradients stored for {len(names)} modules ({seconds['importance']:.2f}s)")
@@ -291,14 +336,17 @@ class BALoRA(LoRA):
         for p in model.parameters():
             p.requires_grad_(False)
             p.grad = None
-        for t in targets.values():
-            t.module.weight.requires_grad_(True)
+        # a bitsandbytes layer's packed weight cannot require grad: its dL/dW comes from hooks instead
+        hooked = {n: t for n, t in targets.items() if not t.module.weight.is_floating_point()}
+        for n, t in targets.items():
+            if n not in hooked:
+                t.module.weight.requires_grad_(True)
         model.eval()
         examples, batches = 0, 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         cuda = [device.index or 0] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=cuda):
+            with torch.random.fork_rng(devices=cuda), _hooked_weight_grads(hooked) as hooked_grads:
                 for batch in self.ctx.train_batches():
                     loss = self.ctx.compute_loss(model, batch)
                     loss.backward()
@@ -317,7 +365,11 @@ class BALoRA(LoRA):
         grads = {}
         for name, t in targets.items():
             w = t.module.weight
-            g = (w.grad.detach().float() if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)) / batches
+            if name in hooked:
+                g = hooked_grads.get(name)
+                g = (g if g is not None else torch.zeros(t.d_out, t.d_in, device=device)) / batches
+            else:
+                g = (w.grad.detach().float() if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)) / batches
             w.grad = None
             if world > 1:
                 g = acc.reduce(g, "mean")  # every process ran the same number of equal-sized batches

@@ -52,6 +52,7 @@ from ...options import opt
 from ...rundir import RunDir
 from ..base import Method
 from ..lora import LoraSection, peft_task_type
+from ..lora_init import BASIC_INITS, init_problems
 from .projectors import FINGERPRINT_RTOL, derive_seed, fingerprint, fingerprint_difference, make_projector
 
 ADAPTER = "default"
@@ -419,6 +420,7 @@ class SubLoRA(Method):
     config_sections = {"lora": LoraSection, "sublora": SubloraSection}
     exports_adapter = True
     display_name = "SubLoRA"
+    quantized_base = True
     table_rank = 80
     size_axes = ("sublora.intrinsic_dim",)
     axis_keys = ("sublora.intrinsic_dim", "sublora.allocation_mode", "sublora.allocation_ratio")
@@ -438,7 +440,7 @@ class SubLoRA(Method):
 
     @classmethod
     def validate_config(cls, cfg) -> list[str]:
-        lc, p = cfg.lora, []
+        lc, p = cfg.lora, init_problems(cfg, cls.name, BASIC_INITS)
         if lc.bias != "none":
             p.append(f"SubLoRA projects only the LoRA matrices; `lora.bias={lc.bias}` would train biases outside the subspace. Use lora.bias=none.")
         if lc.loraplus_lr_ratio != 1.0:

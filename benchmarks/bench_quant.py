@@ -1,0 +1,276 @@
+"""Issue 27: QLoRA-style 4-bit bases, peftlab against HF PEFT + bitsandbytes written by hand, one process.
+
+    python benchmarks/bench_quant.py --out $OUT/quant                     # both shapes, LoRA and DoRA (about 5 minutes on an H200)
+    python benchmarks/bench_quant.py --out $OUT/quant --shapes qwen3b --kinds lora
+    python benchmarks/bench_quant.py --out /tmp/q --tiny --device cpu      # toy size on the CPU (bitsandbytes' CPU backend)
+
+Shapes (random weights, no hub): **Qwen2.5-3B** (the config peftlab ships,
+``peftlab/models/configs/qwen2.5-3b.json``) and **Llama-3-8B** (a ``LlamaConfig`` written below
+with Meta's published sizes: hidden 4096, 32 layers, 32 query / 8 KV heads, intermediate 14336,
+vocabulary 128,256, untied head, rope_theta 5e5). Each shape is built once in bf16 on the GPU,
+saved to disk (safetensors) and every case loads that folder 4-bit: bitsandbytes quantizes on load
+(``BitsAndBytesConfig(nf4, double quantization, bf16 compute)``), exactly as a researcher loads a
+hub checkpoint.
+
+Cases per shape: LoRA and DoRA, r=16, alpha=32, dropout 0, on q/k/v/o_proj, batch 4 x 1024 tokens,
+gradient checkpointing, bf16 autocast, AdamW over the adapters, lr 1e-4.
+
+* ``hf``: the path the issue measured (445 ms/step, 44.7 GB on the 3B shape):
+  ``from_pretrained(folder, quantization_config=..., dtype=bf16, device_map={"": 0})``,
+  ``peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)`` (which casts every
+  unquantized tensor, the embedding and head included, to fp32), ``get_peft_model``, fused AdamW,
+  ``model(input_ids=x, labels=x).loss`` under ``torch.autocast(bf16)``.
+* ``peftlab``: ``peftlab train`` on the same folder with ``model.quantization=nf4`` (double quant,
+  compute dtype = system.dtype = bf16), ``model.gradient_checkpointing=true``,
+  ``system.fused_cross_entropy=auto`` (Liger's fused linear + cross-entropy when liger-kernel is
+  installed: the logits are never materialised), otherwise peftlab's defaults.
+
+Per case: peak GPU memory (``max_memory_allocated`` from after the model is built to the end of the
+timed steps) and tokens/s over ``--steps`` timed steps after ``--warmup``. One JSON line per case in
+``$OUT/bench_quant.jsonl`` (a failing case writes its error and the others go on), a summary table
+in ``$OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_shapes as gs  # noqa: E402  (the Qwen2.5-3B spec, peftlab's timed Trainer run)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=8192,
+                 rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+                 attention_bias=False, mlp_bias=False)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+
+
+def shape(name: str, tiny: bool) -> dict:
+    """Architecture config dict, vocabulary, end-of-text id, batch and sequence length of a shape."""
+    if name == "qwen3b":
+        cfg = json.loads((ROOT / "peftlab/models/configs/qwen2.5-3b.json").read_text())
+        cfg.pop("architectures", None)
+        tokens, eot = gs.QWEN_TOKENS, gs.QWEN_EOT
+    elif name == "llama8b":
+        cfg, tokens, eot = dict(LLAMA3_8B), LLAMA3_8B["vocab_size"], LLAMA3_8B["eos_token_id"]
+    else:
+        raise ValueError(f"unknown shape {name!r} (qwen3b, llama8b)")
+    batch, seq = 4, 1024
+    if tiny:
+        cfg.update(TINY)
+        batch, seq = 2, 32
+    return {"name": name, "hf_config": cfg, "tokens": tokens, "eot": eot, "batch": batch, "seq": seq}
+
+
+def hf_config(s: dict):
+    from transformers import AutoConfig
+
+    spec = dict(s["hf_config"])
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def write_data(root: Path, s: dict, n_steps: int) -> dict:
+    """A word-level tokenizer of ``s['tokens']`` tokens and uint32 token bins for peftlab (random ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok_dir, bins = root / "tokenizer", root / "bins"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    bins.mkdir(parents=True, exist_ok=True)
+    eos = "<|endoftext|>"
+    vocab = {(eos if i == s["eot"] else f"t{i}"): i for i in range(s["tokens"])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens([eos])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token=eos)
+    tok.model_max_length = 1 << 20
+    tok.save_pretrained(str(tok_dir))
+    rng = np.random.default_rng(0)
+    B, T = s["batch"], s["seq"]
+    counts = {"train": T * B * (n_steps + 4), "val": T * B}
+    for split, n in counts.items():
+        rng.integers(0, s["eot"], size=n, dtype=np.uint32).tofile(bins / f"{split}.bin")
+    (bins / "meta.json").write_text(json.dumps({
+        "format": "peftlab-token-bins", "format_version": 1, "dtype": "uint32", "vocab_size": s["tokens"], "eot_token_id": s["eot"],
+        "tokenizer": str(tok_dir), "train_tokens": counts["train"], "val_tokens": counts["val"],
+        "source": "random tokens (benchmarks/bench_quant.py)"}))
+    return {"dataset": str(bins), "tokenizer": str(tok_dir)}
+
+
+def save_bf16(s: dict, folder: Path, dev: torch.device) -> dict:
+    """The shape with random weights in bf16, built on ``dev`` (fast init) and saved as safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with warnings.catch_warnings(), torch.device(dev):
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(hf_config(s), dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    built = time.perf_counter() - t0
+    model.save_pretrained(str(folder), safe_serialization=True)
+    del model
+    cleanup()
+    return {"params": n, "build_s": built, "save_s": time.perf_counter() - t0 - built,
+            "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+
+
+def cleanup() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bnb_4bit(dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+
+
+def run_hf(s: dict, kind: str, folder: Path, dev: torch.device, warmup: int, steps: int) -> dict:
+    """HF PEFT + bitsandbytes prepared the hand-written way (module docstring)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb_4bit(dtype), dtype=dtype,
+                                                     device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM",
+                                                 use_dora=kind == "dora"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, s["eot"], (s["batch"], s["seq"]), generator=g).to(dev) for _ in range(4)]
+    model.train()
+    gs._reset_peak(dev)
+    for i in range(warmup + steps):
+        if i == warmup:
+            gs._sync(dev)
+            t1 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = model(input_ids=batches[i % 4], labels=batches[i % 4]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    gs._sync(dev)
+    dt = time.perf_counter() - t1
+    fp32 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32 and not p.requires_grad)
+    out = {"step_ms": 1e3 * dt / steps, "peak_mb": gs._peak_mb(dev), "last_loss": float(loss.detach()), "load_s": load_s,
+           "trainable": sum(p.numel() for p in params), "frozen_fp32_params": fp32}
+    del model, opt, batches, params
+    cleanup()
+    return out
+
+
+def run_peftlab(s: dict, kind: str, folder: Path, data: dict, run_dir: Path, dev: torch.device, warmup: int, steps: int) -> dict:
+    spec = {"method": kind, "compile": False, "extra": {
+        "model.from_scratch": False, "model.quantization": "nf4", "model.double_quant": True, "model.target_modules": TARGETS,
+        "system.fused_cross_entropy": "auto"}}
+    if dev.type != "cuda":
+        spec["extra"]["system.dtype"] = "fp32"
+    gspec = {"task": "causal_lm", "batch": s["batch"], "seq": s["seq"], "r": 16, "alpha": 32, "targets": TARGETS,
+             "gradient_checkpointing": True}
+    t0 = time.perf_counter()
+    out = gs.run_peftlab(gspec, spec, data, str(folder), run_dir, dev, warmup, steps)
+    out["load_s"] = time.perf_counter() - t0 - out["step_ms"] * steps / 1e3  # build + the untimed steps, roughly
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--shapes", default="qwen3b,llama8b")
+    p.add_argument("--kinds", default="lora,dora")
+    p.add_argument("--sides", default="hf,peftlab")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="toy-size shapes (CPU check of the code path)")
+    p.add_argument("--workdir", default=None, help="where the bf16 models, data and runs go (default: a temporary folder)")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(a.device)
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_quant_"))
+    rows = []
+    jsonl = out / "bench_quant.jsonl"
+
+    def emit(row):
+        rows.append(row)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    shapes = {}
+    for name in a.shapes.split(","):  # every shape saved first: then LoRA runs on all shapes before DoRA on any
+        s = shape(name, a.tiny)
+        folder = work / f"{name}_bf16"
+        try:
+            info = save_bf16(s, folder, dev)
+            data = write_data(work / f"{name}_data", s, a.warmup + a.steps)
+            emit({"shape": name, "event": "saved_bf16", **info})
+            shapes[name] = (s, folder, data)
+        except Exception as e:  # noqa: BLE001
+            emit({"shape": name, "event": "saved_bf16", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
+    for kind in a.kinds.split(","):
+        for name, (s, folder, data) in shapes.items():
+            for side in a.sides.split(","):
+                row = {"shape": name, "kind": kind, "side": side, "batch": s["batch"], "seq": s["seq"], "warmup": a.warmup,
+                       "steps": a.steps, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+                try:
+                    if side == "hf":
+                        r = run_hf(s, kind, folder, dev, a.warmup, a.steps)
+                    else:
+                        r = run_peftlab(s, kind, folder, data, work / "runs" / f"{name}_{kind}", dev, a.warmup, a.steps)
+                    r["tok_s"] = s["batch"] * s["seq"] / (r["step_ms"] / 1e3)
+                    row.update(r)
+                except Exception as e:  # noqa: BLE001  one failing case must not stop the others
+                    row.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
+                    cleanup()
+                emit(row)
+                summary(rows, out / "summary.md", show=False)  # kept current: a run cut short still leaves its table
+    summary(rows, out / "summary.md")
+    if not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def summary(rows: list[dict], path: Path, show: bool = True) -> None:
+    lines = ["| shape | method | side | peak GB | tokens/s | ms/step | speed-up vs hf |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    by = {(r.get("shape"), r.get("kind"), r.get("side")): r for r in rows if "side" in r}
+    for (shp, kind, side), r in by.items():
+        if "error" in r:
+            lines.append(f"| {shp} | {kind} | {side} | error: {r['error'][:80]} | | | |")
+            continue
+        hf = by.get((shp, kind, "hf"), {})
+        up = f"{r['tok_s'] / hf['tok_s']:.2f}x" if side != "hf" and hf.get("tok_s") else ""
+        peak = f"{r['peak_mb'] / 1024:.1f}" if r.get("peak_mb") is not None else "-"
+        lines.append(f"| {shp} | {kind} | {side} | {peak} | {r['tok_s']:,.0f} | {r['step_ms']:.0f} | {up} |")
+    path.write_text("\n".join(lines) + "\n")
+    if show:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
