@@ -200,7 +200,10 @@ class SystemConfig:
     pad_vocab: Literal["auto", "on", "off"] = opt("auto", "Compute the LM head at a vocabulary padded to a multiple of 64 (zero rows, sliced off): fast GPU matmul kernels need aligned sizes (GPT-2's 50257 is not). auto = on CUDA.")
     attention_kernel: Literal["auto", "default", "flash", "cudnn", "efficient"] = opt("auto", "Scaled-dot-product-attention kernel for the training forward on CUDA: default = torch's own priority, flash / cudnn / efficient = prefer that kernel (others stay allowed as fallbacks), auto = torch's choice (cuDNN's on an H100, measured the fastest there: docs/gpu-speed.md).")
     gc_control: Literal["auto", "on", "off"] = opt("off", "Python garbage collection during training: on = freeze the objects that exist after the first step (model, compiled graphs) and collect only young objects every log_steps, so no full collection pauses the GPU's feed; auto = on CUDA; off (default) = Python's automatic collection.")
-    fused_cross_entropy: Literal["auto", "liger", "off"] = opt("off", "Causal LM loss without materialising the logits (Liger-Kernel's fused linear + cross-entropy; one CUDA process): liger = required, auto = when available, off.")
+    fused_cross_entropy: Literal["auto", "liger", "chunked", "off"] = opt(
+        "auto", "Causal-LM training loss without materialising the logits (one process, peft/transformers models): liger = "
+        "Liger-Kernel's fused linear + cross-entropy (CUDA), chunked = peftlab's own in torch ops (rows in chunks, any device), "
+        "auto = on CUDA: liger when it imports, else chunked; off = model(**batch).loss.")
 
     def validate(self) -> list[str]:
         if self.num_threads is not None and self.num_threads < 1:
