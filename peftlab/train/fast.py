@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from ..errors import PeftlabError
+from ..kernels.cross_entropy import linear_cross_entropy
 
 
 class DeviceLosses:
@@ -129,8 +130,6 @@ def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch
             raise PeftlabError(f"system.fused_cross_entropy={setting} cannot be used: {why}. Use system.fused_cross_entropy=auto or off"
                                + (" (install liger-kernel for its fused kernel)." if setting == "liger" else "."))
         return None
-    from ..kernels.cross_entropy import linear_cross_entropy
-
     lce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100) if kind == "liger" else None
     body = torch.compile(backbone) if compile_backbone else backbone
     ctx = autocast or contextlib.nullcontext
