@@ -52,6 +52,9 @@ def _dora_variant():
     return DoraLinearVariant
 
 
+_DORA_VARIANT = _dora_variant()  # resolved once: the forward below runs inside torch.compile's traces
+
+
 def _peft_forward(self, x, *args, **kwargs):
     return type(self).forward(self, x, *args, **kwargs)
 
@@ -78,13 +81,14 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     variant = self.lora_variant.get(name) if hasattr(self, "lora_variant") else None
     if variant is None:
         return lora_linear(x, W, b, A, B, scaling, dropout=dropout, gate=gate, fan_in_fan_out=fif)
-    dora_cls = _dora_variant()
+    dora_cls = _DORA_VARIANT
     mag = self.lora_magnitude_vector[name] if self.lora_magnitude_vector is not None and name in self.lora_magnitude_vector else None
     if (dora_cls is None or not (isinstance(variant, dora_cls) or variant is dora_cls) or not isinstance(mag, DoraLinearLayer)
             or (self.training and not isinstance(dropout, nn.Identity))):
         return _peft_forward(self, x)
+    # the norm kept in float32 (peft's would be in the bf16 base's dtype): the magnitude scale is a ratio near 1
     norm = dora_row_norm(W, A.detach(), B.detach(), None if gate is None else gate.detach(), scaling, fif,
-                         base_sq=getattr(mag, "base_sq", None))
+                         base_sq=getattr(mag, "base_sq", None), out_dtype=torch.promote_types(W.dtype, torch.float32))
     c = mag.weight / norm.to(mag.weight.dtype)
     return lora_linear(x, W, b, A, B, scaling, gate=gate, fan_in_fan_out=fif, magnitude_scale=c)
 

@@ -1,0 +1,38 @@
+"""benchmarks/bench_lead.py (issue 23's GPU suite) in its --quick form: the plumbing on the CPU with toy shapes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_lead  # noqa: E402
+
+
+def test_quick_cases_write_rows_and_errors(tmp_path):
+    a = argparse.Namespace(out=str(tmp_path), part="all", budget_s=600.0, quick=True, warmup=1, steps=1, max_batch_s=0.0,
+                           only="gpt2:hf:lora,gpt2:peftlab:lora,gpt2:hf_c:lora,qwen3b:unsloth:lora")
+    bench_lead.main_lead(a)
+    lines = [json.loads(x) for x in (tmp_path / "bench_lead.jsonl").read_text().splitlines()]
+    info, rows = lines[0], {r["case"]: r for r in lines[1:]}
+    assert info["suite"] == "lead" and info["quick"] is True
+    assert set(rows) == {"gpt2:hf:lora", "gpt2:peftlab:lora", "gpt2:hf_c:lora", "qwen3b:unsloth:lora"}
+    hf, pl = rows["gpt2:hf:lora"], rows["gpt2:peftlab:lora"]
+    assert hf["step_ms"] > 0 and hf["tok_s"] > 0 and hf["base_dtype"] == "torch.bfloat16"
+    # the levers ran: bf16 base, the fused LoRA forward on both c_attn layers, the chunked loss
+    assert pl["step_ms"] > 0 and pl["base_dtype"] == "torch.bfloat16" and pl["fused_lora_layers"] == 2 and pl["fused_ce"] == "chunked"
+    assert pl["n_trained_matmul"] == hf["n_trained_matmul"] > 0 and pl["flops_per_token"] == hf["flops_per_token"]
+    assert "skipped" in rows["gpt2:hf_c:lora"]
+    assert "unsloth" in rows["qwen3b:unsloth:lora"]["error"] or "step_ms" in rows["qwen3b:unsloth:lora"]
+    assert "| gpt2 | lora | peftlab |" in (tmp_path / "bench_lead_summary.md").read_text()
+
+
+def test_plan_names_known_shapes_sides_and_methods():
+    from peftlab.methods import METHODS
+
+    sides = {"hf", "hf_c", "liger", "unsloth", "peftlab", "peftlab_c", "peftlab_off", "peftlab_chunked"}
+    for part, shape, side, method, est in bench_lead.PLAN:
+        assert part in (1, 2) and shape in bench_lead.SHAPES and side in sides and method in METHODS and est > 0
