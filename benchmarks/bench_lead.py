@@ -238,7 +238,7 @@ def shape_data(s: dict, root: Path, n_steps: int) -> dict:
 
 def max_batch_search(step, start: int, seq: int, dev, cap_s: float, limit: int = 1024) -> dict:
     """Largest batch (doubling from ``start``) for which ``step(batch)`` runs, within ``cap_s`` seconds."""
-    if dev.type != "cuda" or cap_s <= 0:
+    if cap_s <= 0:
         return {}
     t_begin = time.perf_counter()
     best, best_peak, bs, last, capped = None, None, start, 0.0, False
@@ -260,7 +260,8 @@ def max_batch_search(step, start: int, seq: int, dev, cap_s: float, limit: int =
             break
         finally:
             gc.collect()
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return {"max_batch": best, "max_batch_peak_mb": best_peak, "max_batch_capped": capped or bs > limit,
             "max_batch_s": time.perf_counter() - t_begin}
 
@@ -478,6 +479,8 @@ def run_peftlab(s: dict, side: str, method: str, dev, a) -> dict:
 def run_case(shape: str, side: str, method: str, a) -> dict:
     dev = torch.device(a.device)
     s = shape_spec(shape, a.quick)
+    if a.quick:  # the largest-batch search runs too, briefly
+        a.max_batch_s = min(a.max_batch_s, 1.0)
     a.warmup_n = max(1, min(a.warmup, s["max_warmup"], 1 if a.quick else 99))
     a.steps_n = max(1, min(a.steps, s["max_steps"], 2 if a.quick else 999))
     row = {"case": f"{shape}:{side}:{method}", "shape": shape, "side": side, "method": method, "batch": s["batch"], "seq": s["seq"],

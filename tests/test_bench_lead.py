@@ -13,7 +13,7 @@ import bench_lead  # noqa: E402
 
 
 def test_quick_cases_write_rows_and_errors(tmp_path):
-    a = argparse.Namespace(out=str(tmp_path), part="all", budget_s=600.0, quick=True, warmup=1, steps=1, max_batch_s=0.0,
+    a = argparse.Namespace(out=str(tmp_path), part="all", budget_s=600.0, quick=True, warmup=1, steps=1, max_batch_s=1.0,
                            only="gpt2:hf:lora,gpt2:peftlab:lora,gpt2:hf_c:lora,qwen3b:unsloth:lora")
     bench_lead.main_lead(a)
     lines = [json.loads(x) for x in (tmp_path / "bench_lead.jsonl").read_text().splitlines()]
@@ -26,6 +26,7 @@ def test_quick_cases_write_rows_and_errors(tmp_path):
     assert pl["step_ms"] > 0 and pl["base_dtype"] == "torch.bfloat16" and pl["fused_lora_layers"] == 2 and pl["fused_ce"] == "chunked"
     assert pl["n_trained_matmul"] == hf["n_trained_matmul"] > 0 and pl["flops_per_token"] == hf["flops_per_token"]
     assert "skipped" in rows["gpt2:hf_c:lora"]
+    assert hf["max_batch"] >= 2 and pl["max_batch"] >= 2  # the search ran (time-capped at 1 s here)
     assert "unsloth" in rows["qwen3b:unsloth:lora"]["error"] or "step_ms" in rows["qwen3b:unsloth:lora"]
     assert "| gpt2 | lora | peftlab |" in (tmp_path / "bench_lead_summary.md").read_text()
 
@@ -36,3 +37,29 @@ def test_plan_names_known_shapes_sides_and_methods():
     sides = {"hf", "hf_c", "liger", "unsloth", "peftlab", "peftlab_c", "peftlab_off", "peftlab_chunked"}
     for part, shape, side, method, est in bench_lead.PLAN:
         assert part in (1, 2) and shape in bench_lead.SHAPES and side in sides and method in METHODS and est > 0
+
+
+def test_max_batch_search_stops_at_out_of_memory_and_at_the_time_cap():
+    import torch
+
+    seen = []
+
+    def step(b):
+        seen.append(b)
+        if b >= 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    r = bench_lead.max_batch_search(step, 4, 16, torch.device("cpu"), cap_s=60)
+    assert seen == [4, 8, 16, 32, 64] and r["max_batch"] == 32 and r["max_batch_capped"] is False
+
+    def bad(b):
+        raise ValueError("shape mismatch")
+
+    assert bench_lead.max_batch_search(bad, 4, 16, torch.device("cpu"), cap_s=60) == {"max_batch": None, "max_batch_error": "ValueError: shape mismatch"}
+    import time
+
+    def slow(b):
+        time.sleep(0.05 * b)
+
+    r = bench_lead.max_batch_search(slow, 1, 16, torch.device("cpu"), cap_s=0.5)
+    assert r["max_batch_capped"] is True and r["max_batch"] in (1, 2, 4)  # (gc.collect between probes takes time too)
