@@ -77,24 +77,24 @@ SHAPES = {
 }
 TINY_RUN = dict(batch=2, seq=32, tokens=512, eot=511)
 
-# (part, shape, side, method, estimated seconds on a cold H200), each part in priority order and sized for one
-# device command of about 7 minutes (--part 1, then --part 2; part 2 repeats the HF eager references at 3B/8B so
-# that its ratios are within one run too)
+# (part, shape, side, method, estimated seconds on a cold H200[, "nomb": no largest-batch search]), each part in
+# priority order and sized for one device command of about 7 minutes. Part 1 is the comparison (HF eager and
+# compiled, Unsloth, Liger, peftlab with the levers on and off, LoRA and DoRA, at the three shapes); part 2 the
+# methods built on LoRA/DoRA at GPT-2 (with their references), the compiled 3B pair and the chunked loss.
 PLAN = [
-    (1, "gpt2", "hf", "lora", 15), (1, "gpt2", "peftlab", "lora", 20), (1, "gpt2", "peftlab_off", "lora", 10),
-    (1, "qwen3b", "hf", "lora", 20), (1, "qwen3b", "peftlab", "lora", 25), (1, "qwen3b", "peftlab_off", "lora", 12),
-    (1, "llama8b", "hf", "lora", 25), (1, "llama8b", "peftlab", "lora", 30), (1, "llama8b", "peftlab_off", "lora", 15),
-    (1, "qwen3b", "hf", "dora", 12), (1, "qwen3b", "peftlab", "dora", 12),
-    (1, "llama8b", "hf", "dora", 15), (1, "llama8b", "peftlab", "dora", 15),
-    (1, "gpt2", "hf_c", "lora", 45), (1, "gpt2", "peftlab_c", "lora", 45),
-    (1, "gpt2", "hf", "dora", 6), (1, "gpt2", "peftlab", "dora", 8),
-    (1, "gpt2", "peftlab", "sora", 8), (1, "gpt2", "peftlab", "sdora", 8), (1, "gpt2", "peftlab", "ba_lora", 10),
-    (1, "gpt2", "peftlab", "sublora", 10),
+    (1, "gpt2", "hf", "lora", 8, "nomb"), (1, "gpt2", "peftlab", "lora", 12, "nomb"), (1, "gpt2", "peftlab_off", "lora", 8),
+    (1, "qwen3b", "hf", "lora", 18), (1, "qwen3b", "peftlab", "lora", 22), (1, "qwen3b", "peftlab_off", "lora", 10),
+    (1, "llama8b", "hf", "lora", 22), (1, "llama8b", "peftlab", "lora", 26), (1, "llama8b", "peftlab_off", "lora", 12),
     (1, "qwen3b", "unsloth", "lora", 40),
-    (2, "qwen3b", "hf", "lora", 20), (2, "llama8b", "hf", "lora", 25),
-    (2, "qwen3b", "liger", "lora", 40), (2, "llama8b", "liger", "lora", 45),
-    (2, "qwen3b", "peftlab_chunked", "lora", 12), (2, "llama8b", "peftlab_chunked", "lora", 15),
-    (2, "qwen3b", "hf_c", "lora", 110), (2, "qwen3b", "peftlab_c", "lora", 110),
+    (1, "qwen3b", "liger", "lora", 35), (1, "llama8b", "liger", "lora", 35),
+    (1, "qwen3b", "hf", "dora", 12), (1, "qwen3b", "peftlab", "dora", 12),
+    (1, "llama8b", "hf", "dora", 12), (1, "llama8b", "peftlab", "dora", 12),
+    (1, "gpt2", "hf_c", "lora", 45), (1, "gpt2", "peftlab_c", "lora", 45),
+    (2, "gpt2", "peftlab", "lora", 12, "nomb"), (2, "gpt2", "hf", "dora", 6), (2, "gpt2", "peftlab", "dora", 8),
+    (2, "gpt2", "peftlab", "sora", 8), (2, "gpt2", "peftlab", "sdora", 8), (2, "gpt2", "peftlab", "ba_lora", 10),
+    (2, "gpt2", "peftlab", "sublora", 10),
+    (2, "qwen3b", "hf", "lora", 10, "nomb"), (2, "qwen3b", "hf_c", "lora", 110), (2, "qwen3b", "peftlab_c", "lora", 110),
+    (2, "qwen3b", "peftlab_chunked", "lora", 12, "nomb"), (2, "llama8b", "peftlab_chunked", "lora", 15, "nomb"),
     (2, "llama8b", "unsloth", "lora", 60),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
@@ -476,8 +476,9 @@ def run_peftlab(s: dict, side: str, method: str, dev, a) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-def run_case(shape: str, side: str, method: str, a) -> dict:
+def run_case(shape: str, side: str, method: str, a, nomb: bool = False) -> dict:
     dev = torch.device(a.device)
+    a.max_batch_s = 0.0 if nomb else a.max_batch_s_default
     s = shape_spec(shape, a.quick)
     if a.quick:  # the largest-batch search runs too, briefly
         a.max_batch_s = min(a.max_batch_s, 1.0)
@@ -511,23 +512,37 @@ def run_case(shape: str, side: str, method: str, a) -> dict:
     return row
 
 
-def child_case(shape: str, side: str, method: str, a, timeout: float) -> dict:
-    """One case in a fresh Python process (for sides that patch transformers); its JSON line, or why there is none."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"{shape}:{side}:{method}", "--device", a.device,
-           "--warmup", str(a.warmup), "--steps", str(a.steps), "--max-batch-s", str(a.max_batch_s), "--work", str(a.work),
+def child_cases(cases: list[tuple[str, str, str]], a, timeout: float) -> list[dict]:
+    """Cases in one fresh Python process (sides that patch transformers); their JSON lines, or why there are none."""
+    spec = ",".join(":".join(c) for c in cases)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--device", a.device,
+           "--warmup", str(a.warmup), "--steps", str(a.steps), "--max-batch-s", str(a.max_batch_s_default), "--work", str(a.work),
            "--peak", str(a.peak or 0)] + (["--quick"] if a.quick else [])
     t = time.perf_counter()
+    out_lines, why, tail = [], None, ""
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, timeout))
+        out_lines, tail = p.stdout.splitlines(), p.stderr[-1500:]
+        why = f"child process exited {p.returncode} without a result"
     except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")[-800:] if isinstance(e.stderr, bytes) else (e.stderr or "")[-800:]
-        return {"case": f"{shape}:{side}:{method}", "shape": shape, "side": side, "method": method,
-                "error": f"timed out after {timeout:.0f} s (child process)", "stderr_tail": str(tail), "wall_s": time.perf_counter() - t}
-    for line in reversed(p.stdout.splitlines()):
+        stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        out_lines, tail = stdout.splitlines(), stderr[-1500:]
+        why = f"timed out after {timeout:.0f} s (child process)"
+    got = {}
+    for line in out_lines:
         if line.startswith("{") and '"case"' in line:
-            return json.loads(line)
-    return {"case": f"{shape}:{side}:{method}", "shape": shape, "side": side, "method": method,
-            "error": f"child process exited {p.returncode} without a result", "stderr_tail": p.stderr[-1500:], "wall_s": time.perf_counter() - t}
+            try:
+                r = json.loads(line)
+                got[r["case"]] = r
+            except ValueError:
+                pass
+    rows = []
+    for shape, side, method in cases:
+        key = f"{shape}:{side}:{method}"
+        rows.append(got.get(key) or {"case": key, "shape": shape, "side": side, "method": method, "error": why,
+                                      "stderr_tail": tail, "wall_s": time.perf_counter() - t})
+    return rows
 
 
 def summary(rows: list[dict], out: Path) -> str:
@@ -575,6 +590,7 @@ def main_lead(a) -> None:
         except Exception:  # noqa: BLE001
             info[mod] = None
     a.peak = bf16_peak_tflops(dev)
+    a.max_batch_s_default = a.max_batch_s
     info["bf16_peak_tflops"] = a.peak
     jl = open(out / "bench_lead.jsonl", "a")
     jl.write(json.dumps(info) + "\n")
@@ -585,26 +601,37 @@ def main_lead(a) -> None:
         want = [tuple(x.split(":")) for x in a.only.split(",") if x]
         plan = [p for p in plan if p[:3] in want or p[:2] in want]
     rows = []
-    for shape, side, method, est in plan:
-        left = a.budget_s - (time.perf_counter() - t_start)
-        no_unsloth = next((r for r in rows if r.get("side") == "unsloth" and str(r.get("error", "")).startswith("import unsloth")), None)
-        if side == "unsloth" and no_unsloth is not None:
-            row = {"case": f"{shape}:{side}:{method}", "shape": shape, "side": side, "method": method,
-                   "error": f"not run: {no_unsloth['error']} (row {no_unsloth['case']})"}
-        elif a.quick and side.endswith("_c"):
-            row = {"case": f"{shape}:{side}:{method}", "shape": shape, "side": side, "method": method, "skipped": "compiled sides are skipped in --quick"}
-        elif not a.quick and est > left:
-            row = {"case": f"{shape}:{side}:{method}", "shape": shape, "side": side, "method": method,
-                   "skipped": f"time budget: about {est} s needed, {left:.0f} s left of --budget-s {a.budget_s}"}
-        elif side in CHILD_SIDES:
-            row = child_case(shape, side, method, a, timeout=min(max(2.5 * est, 60), left) if not a.quick else 300)
-        else:
-            row = run_case(shape, side, method, a)
+
+    def emit(row):
         rows.append(row)
         jl.write(json.dumps(row, default=str) + "\n")
         jl.flush()
         print(json.dumps(row, default=str), flush=True)
         summary(rows, out)  # kept current: a run cut short still has its table
+
+    i = 0
+    while i < len(plan):
+        shape, side, method, est, *opts = plan[i]
+        i += 1
+        left = a.budget_s - (time.perf_counter() - t_start)
+        base = {"case": f"{shape}:{side}:{method}", "shape": shape, "side": side, "method": method}
+        no_unsloth = next((r for r in rows if r.get("side") == "unsloth" and str(r.get("error", "")).startswith("import unsloth")), None)
+        if side == "unsloth" and no_unsloth is not None:
+            emit({**base, "error": f"not run: {no_unsloth['error']} (row {no_unsloth['case']})"})
+        elif a.quick and side.endswith("_c"):
+            emit({**base, "skipped": "compiled sides are skipped in --quick"})
+        elif not a.quick and est > left:
+            emit({**base, "skipped": f"time budget: about {est} s needed, {left:.0f} s left of --budget-s {a.budget_s}"})
+        elif side in CHILD_SIDES:  # this and the following cases of the same side in one child process
+            group, total = [(shape, side, method)], est
+            while i < len(plan) and plan[i][2] == side and (a.quick or total + plan[i][4] <= left):
+                group.append(plan[i][1:4])
+                total += plan[i][4]
+                i += 1
+            for row in child_cases(group, a, timeout=300 if a.quick else min(max(2.5 * total, 60), left)):
+                emit(row)
+        else:
+            emit(run_case(shape, side, method, a, nomb="nomb" in opts))
     text = summary(rows, out)
     print(text, flush=True)
     print(f"total wall time {time.perf_counter() - t_start:.0f} s", flush=True)
@@ -623,9 +650,10 @@ def main_child(argv=None) -> None:
     ap.add_argument("--peak", type=float, default=0.0)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
-    a.work, a.peak = Path(a.work), a.peak or None
-    shape, side, method = a.child.split(":")
-    print(json.dumps(run_case(shape, side, method, a), default=str), flush=True)
+    a.work, a.peak, a.max_batch_s_default = Path(a.work), a.peak or None, a.max_batch_s
+    for case in a.child.split(","):
+        shape, side, method = case.split(":")
+        print(json.dumps(run_case(shape, side, method, a), default=str), flush=True)
 
 
 if __name__ == "__main__":
