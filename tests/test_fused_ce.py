@@ -19,9 +19,9 @@ from peftlab.train.fast import fused_lm_loss
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 16, 1000])
+@pytest.mark.parametrize("chunk,pad", [(1, 0), (7, 0), (16, 0), (1000, 0), (7, 8), (1000, 64)])
 @pytest.mark.parametrize("head_trained", [False, True])
-def test_chunked_equals_full_logits_float64(chunk, head_trained):
+def test_chunked_equals_full_logits_float64(chunk, pad, head_trained):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
     W = torch.randn(30, 6, generator=g, dtype=torch.float64, requires_grad=head_trained)
@@ -30,7 +30,7 @@ def test_chunked_equals_full_logits_float64(chunk, head_trained):
     y[1, -1] = -100
     leaves = [h, W] if head_trained else [h]
     out = []
-    for fn in (lambda: linear_cross_entropy(h, W, y, chunk=chunk), lambda: linear_cross_entropy_reference(h, W, y)):
+    for fn in (lambda: linear_cross_entropy(h, W, y, chunk=chunk, pad_multiple=pad), lambda: linear_cross_entropy_reference(h, W, y)):
         loss = fn()
         out.append((loss, torch.autograd.grad(loss * 1.5, leaves)))
     (l1, g1), (l2, g2) = out

@@ -34,8 +34,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """``(h, W, labels, ignore_index, chunk) -> mean cross-entropy of h W^T`` (float32 scalar); module docstring."""
 
     @staticmethod
-    def forward(ctx, h, W, labels, ignore_index: int, chunk: int):
-        n_rows = h.shape[0]
+    def forward(ctx, h, W, labels, ignore_index: int, chunk: int, pad_multiple: int = 0):
+        n_rows, V = h.shape[0], W.shape[0]
+        pad = (-V) % pad_multiple if pad_multiple else 0
+        Wp = torch.nn.functional.pad(W, (0, 0, 0, pad)) if pad else W  # zero rows: an aligned GEMM, columns V.. masked
         valid = labels != ignore_index
         n_valid = valid.sum()
         inv = 1.0 / n_valid.to(torch.promote_types(h.dtype, torch.float32))  # inf with no valid row: the mean is then nan, as torch's
@@ -46,7 +48,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, n_rows, chunk):
             hc, yc, vc = h[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
-            logits = (hc @ W.t()).to(acc)
+            logits = (hc @ Wp.t()).to(acc)
+            if pad:
+                logits[:, V:] = float("-inf")  # softmax weight 0: the loss and gradients of the V real columns
             lse = torch.logsumexp(logits, dim=-1)
             safe = torch.where(vc, yc, 0)
             tgt = logits.gather(1, safe[:, None]).squeeze(1)
@@ -57,9 +61,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g.mul_((vc.to(acc) * inv)[:, None])
                 g = g.to(h.dtype)
                 if need_h:
-                    torch.mm(g, W, out=dh[s:s + chunk])
+                    torch.mm(g, Wp, out=dh[s:s + chunk])
                 if need_W:
-                    dW.addmm_(g.t().to(acc), hc.to(acc))
+                    dW.addmm_(g[:, :V].t().to(acc), hc.to(acc))
         ctx.save_for_backward(dh, dW)
         ctx.w_dtype = W.dtype
         return total * inv
@@ -69,21 +73,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         dh, dW = ctx.saved_tensors
         gh = dh * grad.to(dh.dtype) if dh is not None else None
         gW = (dW * grad).to(ctx.w_dtype) if dW is not None else None
-        return gh, gW, None, None, None
+        return gh, gW, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         chunk: Optional[int] = None) -> torch.Tensor:
+                         chunk: Optional[int] = None, pad_multiple: int = 0) -> torch.Tensor:
     """Mean cross-entropy of ``h W^T`` against ``labels`` (rows of ``h``: ``N x d``; ``W``: ``V x d``), chunked.
 
     ``h`` and ``W`` are used in their dtypes (cast them to the compute dtype first); ``chunk`` rows at a time
-    (default :func:`chunk_rows`).
+    (default :func:`chunk_rows`). ``pad_multiple`` (e.g. 64 on a GPU) computes the logits against the head padded
+    with zero rows to that multiple, the extra columns masked: GPU GEMMs are fast only for aligned sizes (GPT-2's
+    50,257 is not); the result is the same.
     """
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1)
     if h2.shape[0] != y.shape[0]:
         raise ValueError(f"{h2.shape[0]} hidden rows but {y.shape[0]} labels")
-    return ChunkedLinearCrossEntropy.apply(h2, W, y, int(ignore_index), int(chunk or chunk_rows(W.shape[0])))
+    return ChunkedLinearCrossEntropy.apply(h2, W, y, int(ignore_index), int(chunk or chunk_rows(W.shape[0])), int(pad_multiple))
 
 
 def linear_cross_entropy_reference(h, W, labels, ignore_index: int = -100) -> torch.Tensor:
