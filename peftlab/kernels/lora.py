@@ -104,7 +104,8 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, A, B, g, c, scale: float, fan_in_fan_out: bool):
         z, x2, h = _low_rank_forward(ctx, x, None, W, None, A, B, g, scale, fan_in_fan_out)
-        y = torch.addcmul(b, z, c) if b is not None else z * c
+        cz = c.to(z.dtype)  # c may be float32 (its gradient then accumulates in float32)
+        y = torch.addcmul(b, z, cz) if b is not None else z * cz
         ctx.save_for_backward(x2, h, W, A, B, g, c, z)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -112,9 +113,9 @@ class DoraLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, h, W, A, B, g, c, z = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dc = (dy2 * z).sum(0) if ctx.needs_input_grad[6] else None
+        dc = torch.sum(dy2 * z, 0, dtype=c.dtype) if ctx.needs_input_grad[6] else None
         n = ctx.needs_input_grad  # (x, W, b, A, B, g, c, ...)
-        dx, _, dA, dB, dg = _low_rank_backward(ctx, dy2 * c, x2, h, W, A, B, g, n[0], False, n[3], n[4], n[5], True)
+        dx, _, dA, dB, dg = _low_rank_backward(ctx, dy2 * c.to(dy2.dtype), x2, h, W, A, B, g, n[0], False, n[3], n[4], n[5], True)
         return dx, None, None, dA, dB, dg, dc, None, None
 
 
@@ -150,7 +151,9 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], A: 
         if magnitude_scale is not None:
             if xd is not None:
                 raise ValueError("the fused DoRA linear has no dropout (peft computes W x twice with dropout on)")
-            return DoraLinearFunction.apply(x, *args, magnitude_scale.to(dt), float(scale), bool(fan_in_fan_out))
+            # the scale enters in float32 (as peft's m / ||.|| is): its gradient, a sum over every row, accumulates there
+            c = magnitude_scale.to(torch.promote_types(dt, torch.float32))
+            return DoraLinearFunction.apply(x, *args, c, float(scale), bool(fan_in_fan_out))
         return LoraLinearFunction.apply(x, xd, *args, float(scale), bool(fan_in_fan_out))
 
 
