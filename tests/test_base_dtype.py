@@ -89,3 +89,18 @@ def test_llama3_8b_config_is_the_published_shape():
         m = AutoModelForCausalLM.from_config(c)
     # Meta-Llama-3-8B: 8.03B parameters (untied 128,256 x 4,096 embedding and head)
     assert sum(p.numel() for p in m.parameters()) == 8_030_261_248
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_from_scratch_base_is_built_on_the_gpu_in_bf16_cuda():
+    import time
+
+    cfg = config_from_dict({"method": "lora", "model": {"name": "gpt2", "from_scratch": True, "target_modules": ["c_attn"]},
+                            "data": {"tokenizer": "byte"}, "system": {"dtype": "bf16", "device": "cuda"},
+                            "output": {"dir": "/tmp/peftlab_test_base_dtype_cuda"}})
+    t = time.perf_counter()
+    model = build(cfg, data=False, task="causal_lm", optimizer=False, device="cuda").model
+    assert time.perf_counter() - t < 30
+    for n, p in model.named_parameters():
+        assert p.device.type == "cuda", n
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), n
