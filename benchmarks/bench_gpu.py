@@ -474,6 +474,8 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=420.0, help="lead suite: wall-clock budget; cases that do not fit are skipped")
     ap.add_argument("--only", default="", help="lead suite: comma-separated shape:side[:method] to run (default all)")
     ap.add_argument("--max-batch-s", type=float, default=12.0, help="lead suite: seconds per case for the largest-batch search")
+    ap.add_argument("--lead-profile", default="", help="lead suite: comma-separated shape:side:method cases whose timed steps run under "
+                    "torch.profiler (top kernels into profile_<case>.txt; the row's step time is then a profiled one)")
     a = ap.parse_args(argv)
     if a.suite == "lead" or a.quick:
         import bench_lead

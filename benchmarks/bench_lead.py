@@ -38,6 +38,7 @@ what is left is written as skipped. ``--quick`` runs every case on the CPU with 
 
     python benchmarks/bench_gpu.py --suite lead --part 1 --out DIR [--budget-s 420] [--only gpt2:hf,qwen3b:peftlab]
     python benchmarks/bench_gpu.py --suite lead --part 2 --out DIR
+    python benchmarks/bench_gpu.py --suite lead --part all --only qwen3b:peftlab:lora --lead-profile qwen3b:peftlab:lora --out DIR
     python benchmarks/bench_gpu.py --suite lead --out DIR --quick
 """
 
@@ -293,7 +294,24 @@ def build_hf(s: dict, method: str, dev, liger: bool = False, seed: int = 42):
     return model.to(dev)
 
 
-def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: bool) -> dict:
+def make_profiler(dev):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    return profile(activities=acts)
+
+
+def profile_report(prof, steps: int, path: Path) -> dict:
+    """The profiled window's kernels (top 25 by device time) into ``path``; GPU busy ms and kernels per step."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time_total for e in kernels) / 1e3 / steps
+    sort = "cuda_time_total" if kernels else "cpu_time_total"
+    path.write_text(f"GPU kernels busy {busy:.1f} ms/step, {len(kernels) / steps:.0f} kernels/step over {steps} steps\n"
+                    + prof.key_averages().table(sort_by=sort, row_limit=25))
+    return {"profiled": True, "gpu_busy_ms": busy, "kernels_per_step": len(kernels) / steps, "profile_file": path.name}
+
+
+def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: bool, prof=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
     model.train()
@@ -313,10 +331,15 @@ def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: bool) -
     for i in range(warmup + steps):
         if i == warmup:
             _sync(dev)
+            if prof is not None:
+                prof.__enter__()
             t0 = time.perf_counter()
         loss = step(batches[i % len(batches)])
     _sync(dev)
-    out = {"step_ms": 1e3 * (time.perf_counter() - t0) / steps, "peak_mb": _peak_mb(dev), "last_loss": float(loss.detach()),
+    t1 = time.perf_counter()
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    out = {"step_ms": 1e3 * (t1 - t0) / steps, "peak_mb": _peak_mb(dev), "last_loss": float(loss.detach()),
            "trainable": sum(p.numel() for p in params)}
     out["_step"] = lambda b: step(torch.randint(0, s["eot"], (b, s["seq"]), device=dev))
     out["_opt"] = opt
@@ -327,7 +350,10 @@ def run_hf(s: dict, side: str, method: str, dev, a) -> dict:
     t = time.perf_counter()
     model = build_hf(s, method, dev, liger=side == "liger")
     init_s = time.perf_counter() - t
-    r = minimal_loop(model, s, dev, a.warmup_n, a.steps_n, side.endswith("_c"))
+    prof = make_profiler(dev) if a.case in a.profile else None
+    r = minimal_loop(model, s, dev, a.warmup_n, a.steps_n, side.endswith("_c"), prof=prof)
+    if prof is not None:
+        r.update(profile_report(prof, a.steps_n, a.out_dir / f"profile_{a.case.replace(':', '_')}.txt"))
     r.update(init_s=init_s, base_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype), **model_flops(model, s))
     step = r.pop("_step")
     opt = r.pop("_opt")
@@ -424,16 +450,21 @@ def run_peftlab(s: dict, side: str, method: str, dev, a) -> dict:
     model = trainer.unwrapped()
     mark: dict = {}
     hook = trainer.method.after_optimizer_step
+    prof = make_profiler(dev) if a.case in a.profile else None
 
     def timed(m, lr):
         hook(m, lr)
         k = trainer.state.global_step + 1  # incremented after this hook
         if k == warmup:
             _sync(dev)
+            if prof is not None:
+                prof.__enter__()
             mark["t0"] = time.perf_counter()
         elif k == warmup + steps:
             _sync(dev)
             mark["t1"], mark["peak"] = time.perf_counter(), _peak_mb(dev)
+            if prof is not None:
+                prof.__exit__(None, None, None)
             raise _Done
 
     trainer.method.after_optimizer_step = timed
@@ -449,6 +480,8 @@ def run_peftlab(s: dict, side: str, method: str, dev, a) -> dict:
          "base_dtype": str(frozen.dtype) if frozen is not None else None, "fused_lora_layers": fused_layers,
          "fused_ce": getattr(trainer.train_loss, "kind", None), "optimizer": type(getattr(opt, "optimizer", opt)).__name__,
          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **model_flops(model, s)}
+    if prof is not None:
+        r.update(profile_report(prof, steps, a.out_dir / f"profile_{a.case.replace(':', '_')}.txt"))
     if not side.endswith("_c") and method == "lora" and side == "peftlab":
         loss_fn = trainer.train_loss or (lambda b: trainer._loss(trainer.model, b))
 
@@ -484,7 +517,8 @@ def run_case(shape: str, side: str, method: str, a, nomb: bool = False) -> dict:
         a.max_batch_s = min(a.max_batch_s, 1.0)
     a.warmup_n = max(1, min(a.warmup, s["max_warmup"], 1 if a.quick else 99))
     a.steps_n = max(1, min(a.steps, s["max_steps"], 2 if a.quick else 999))
-    row = {"case": f"{shape}:{side}:{method}", "shape": shape, "side": side, "method": method, "batch": s["batch"], "seq": s["seq"],
+    a.case = f"{shape}:{side}:{method}"
+    row = {"case": a.case, "shape": shape, "side": side, "method": method, "batch": s["batch"], "seq": s["seq"],
            "warmup": a.warmup_n, "steps": a.steps_n, "quick": a.quick}
     if dev.type == "cuda":  # what earlier cases left allocated (a leak would show here)
         row["mem_before_mb"] = torch.cuda.memory_allocated(dev) / 2**20
@@ -517,7 +551,7 @@ def child_cases(cases: list[tuple[str, str, str]], a, timeout: float) -> list[di
     spec = ",".join(":".join(c) for c in cases)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--device", a.device,
            "--warmup", str(a.warmup), "--steps", str(a.steps), "--max-batch-s", str(a.max_batch_s_default), "--work", str(a.work),
-           "--peak", str(a.peak or 0)] + (["--quick"] if a.quick else [])
+           "--peak", str(a.peak or 0), "--out", str(a.out_dir), "--profile", ",".join(sorted(a.profile))] + (["--quick"] if a.quick else [])
     t = time.perf_counter()
     out_lines, why, tail = [], None, ""
     try:
@@ -591,6 +625,8 @@ def main_lead(a) -> None:
             info[mod] = None
     a.peak = bf16_peak_tflops(dev)
     a.max_batch_s_default = a.max_batch_s
+    a.out_dir = out
+    a.profile = set(x for x in (getattr(a, "lead_profile", "") or "").split(",") if x)
     info["bf16_peak_tflops"] = a.peak
     jl = open(out / "bench_lead.jsonl", "a")
     jl.write(json.dumps(info) + "\n")
@@ -649,8 +685,11 @@ def main_child(argv=None) -> None:
     ap.add_argument("--work", required=True)
     ap.add_argument("--peak", type=float, default=0.0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", default="")
     a = ap.parse_args(argv)
     a.work, a.peak, a.max_batch_s_default = Path(a.work), a.peak or None, a.max_batch_s
+    a.out_dir, a.profile = Path(a.out), set(x for x in a.profile.split(",") if x)
     for case in a.child.split(","):
         shape, side, method = case.split(":")
         print(json.dumps(run_case(shape, side, method, a), default=str), flush=True)

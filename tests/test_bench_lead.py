@@ -14,6 +14,7 @@ import bench_lead  # noqa: E402
 
 def test_quick_cases_write_rows_and_errors(tmp_path):
     a = argparse.Namespace(out=str(tmp_path), part="all", budget_s=600.0, quick=True, warmup=1, steps=1, max_batch_s=1.0,
+                           lead_profile="gpt2:hf:lora,qwen3b:peftlab:lora",
                            only="gpt2:hf:lora,qwen3b:peftlab:lora,gpt2:hf_c:lora,qwen3b:unsloth:lora,qwen3b:liger:lora,llama8b:liger:lora")
     bench_lead.main_lead(a)
     lines = [json.loads(x) for x in (tmp_path / "bench_lead.jsonl").read_text().splitlines()]
@@ -27,6 +28,7 @@ def test_quick_cases_write_rows_and_errors(tmp_path):
     assert pl["step_ms"] > 0 and pl["base_dtype"] == "torch.bfloat16" and pl["fused_lora_layers"] == 8 and pl["fused_ce"] == "chunked"
     assert hf["n_trained_matmul"] > 0 and pl["n_trained_matmul"] > 0 and pl["flops_per_token"] > 0
     assert "skipped" in rows["gpt2:hf_c:lora"]
+    assert hf["profiled"] and pl["profiled"] and (tmp_path / "profile_qwen3b_peftlab_lora.txt").is_file()
     assert "max_batch" not in hf and pl["max_batch"] >= 2  # gpt2:hf has none in the plan; the search ran (1 s cap here)
     assert "unsloth" in rows["qwen3b:unsloth:lora"]["error"] or "step_ms" in rows["qwen3b:unsloth:lora"]
     assert "| qwen3b | lora | peftlab |" in (tmp_path / "bench_lead_summary.md").read_text()
