@@ -2,7 +2,8 @@
 
 The unfused path (peft's ``lora.Linear.forward``) runs the base layer, then ``lora_B(lora_A(dropout(x))) * s``
 and an add, each a separate autograd node; under autocast it also casts ``x`` to the adapter's float32
-and back, and saves each cast copy. :class:`LoraLinearFunction` computes the same function with three
+and back to bf16 (two ``N x d_in`` copies per layer and step) and scales and adds ``N x d_out`` results
+elementwise. :class:`LoraLinearFunction` computes the same function with three
 matmuls forward (the low-rank product is accumulated into the base output by ``addmm``) and saves
 only what the backward needs, knowing the base weight is frozen:
 
