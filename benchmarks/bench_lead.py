@@ -15,7 +15,9 @@ Sides (each case: one side x one method x one shape, eager unless ``_c``):
   RMSNorm, SwiGLU, fused linear cross-entropy); run in a child process (Liger patches transformers' classes).
 * ``unsloth``: ``FastLanguageModel.from_pretrained`` of the same random model saved to a temporary folder,
   ``FastLanguageModel.get_peft_model`` (same targets, rank, alpha, dropout 0, its own checkpointing), the same
-  minimal loop; run in a child process. Any failure (import, load, step) is recorded with its exact error.
+  minimal loop; run in a child process whose ``PYTHONPATH`` starts with ``$BENCH_UNSLOTH_SITE`` (default
+  ``/tmp/site-unsloth``: install the unsloth, unsloth_zoo and bitsandbytes wheels there, so that the other
+  cases never import them). Any failure (import, load, step) is recorded with its exact error.
 * ``peftlab`` / ``peftlab_c``: ``peftlab.train.loop.Trainer`` (the ``train`` path: token bins, logging every
   10 steps, method hooks) with the defaults, i.e. on CUDA ``model.base_dtype=auto`` (bf16 base),
   ``lora.fused=auto`` (fused LoRA/DoRA linear) and ``system.fused_cross_entropy=auto``.
@@ -552,10 +554,14 @@ def child_cases(cases: list[tuple[str, str, str]], a, timeout: float) -> list[di
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--device", a.device,
            "--warmup", str(a.warmup), "--steps", str(a.steps), "--max-batch-s", str(a.max_batch_s_default), "--work", str(a.work),
            "--peak", str(a.peak or 0), "--out", str(a.out_dir), "--profile", ",".join(sorted(a.profile))] + (["--quick"] if a.quick else [])
+    env = dict(os.environ)
+    extra = os.environ.get("BENCH_UNSLOTH_SITE", "/tmp/site-unsloth")
+    if cases[0][1] == "unsloth" and os.path.isdir(extra):  # unsloth (and bitsandbytes) only on this child's path
+        env["PYTHONPATH"] = extra + os.pathsep + env.get("PYTHONPATH", "")
     t = time.perf_counter()
     out_lines, why, tail = [], None, ""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, timeout))
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, timeout), env=env)
         out_lines, tail = p.stdout.splitlines(), p.stderr[-1500:]
         why = f"child process exited {p.returncode} without a result"
     except subprocess.TimeoutExpired as e:
