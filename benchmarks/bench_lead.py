@@ -296,6 +296,16 @@ def build_hf(s: dict, method: str, dev, liger: bool = False, seed: int = 42):
     return model.to(dev)
 
 
+def _graphs() -> int:
+    """dynamo's count of compiled graphs so far (a recompile adds one)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001
+        return -1
+
+
 def make_profiler(dev):
     from torch.profiler import ProfilerActivity, profile
 
@@ -335,14 +345,14 @@ def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: bool, p
             _sync(dev)
             if prof is not None:
                 prof.__enter__()
-            t0 = time.perf_counter()
+            t0, g0 = time.perf_counter(), _graphs()
         loss = step(batches[i % len(batches)])
     _sync(dev)
-    t1 = time.perf_counter()
+    t1, g1 = time.perf_counter(), _graphs()
     if prof is not None:
         prof.__exit__(None, None, None)
     out = {"step_ms": 1e3 * (t1 - t0) / steps, "peak_mb": _peak_mb(dev), "last_loss": float(loss.detach()),
-           "trainable": sum(p.numel() for p in params)}
+           "trainable": sum(p.numel() for p in params), "new_graphs_after_warmup": g1 - g0}
     out["_step"] = lambda b: step(torch.randint(0, s["eot"], (b, s["seq"]), device=dev))
     out["_opt"] = opt
     return out
@@ -461,10 +471,10 @@ def run_peftlab(s: dict, side: str, method: str, dev, a) -> dict:
             _sync(dev)
             if prof is not None:
                 prof.__enter__()
-            mark["t0"] = time.perf_counter()
+            mark["t0"], mark["g0"] = time.perf_counter(), _graphs()
         elif k == warmup + steps:
             _sync(dev)
-            mark["t1"], mark["peak"] = time.perf_counter(), _peak_mb(dev)
+            mark["t1"], mark["peak"], mark["g1"] = time.perf_counter(), _peak_mb(dev), _graphs()
             if prof is not None:
                 prof.__exit__(None, None, None)
             raise _Done
@@ -479,6 +489,7 @@ def run_peftlab(s: dict, side: str, method: str, dev, a) -> dict:
     fused_layers = sum(1 for m in model.modules() if getattr(m.__dict__.get("forward"), "__name__", "") == "fused_forward")
     opt = trainer.optimizer
     r = {"step_ms": 1e3 * (mark["t1"] - mark["t0"]) / steps, "peak_mb": mark["peak"], "init_s": init_s,
+         "new_graphs_after_warmup": mark["g1"] - mark["g0"],
          "base_dtype": str(frozen.dtype) if frozen is not None else None, "fused_lora_layers": fused_layers,
          "fused_ce": getattr(trainer.train_loss, "kind", None), "optimizer": type(getattr(opt, "optimizer", opt)).__name__,
          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **model_flops(model, s)}
