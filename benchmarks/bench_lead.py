@@ -598,12 +598,22 @@ def child_cases(cases: list[tuple[str, str, str]], a, timeout: float) -> list[di
 
 def summary(rows: list[dict], out: Path) -> str:
     by = {(r["shape"], r["side"], r["method"]): r for r in rows if "shape" in r}
-    lines = ["| shape | method | side | step ms | tok/s | peak MB | MFU | max batch | init s | vs hf | vs hf_c | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | method | side | step ms | tok/s | peak MB | MFU | max batch | init s | tok/s vs hf | vs hf_c | peak vs hf | "
+             "step vs its adapter | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    built_on = {"dora": "lora", "sora": "lora", "ba_lora": "lora", "sublora": "lora", "sdora": "dora"}
     for (shape, side, method), r in by.items():
         def ratio(other):
             o = by.get((shape, other, method))
             return f"{r['tok_s'] / o['tok_s']:.2f}x" if o and "tok_s" in o and "tok_s" in r else "-"
+
+        def mem(other):
+            o = by.get((shape, other, method))
+            return f"{r['peak_mb'] / o['peak_mb']:.2f}x" if o and o.get("peak_mb") and r.get("peak_mb") else "-"
+
+        def adapter():
+            o = by.get((shape, side, built_on.get(method, "")))
+            return f"{r['step_ms'] / o['step_ms']:.2f}x {built_on[method]}" if o and "step_ms" in o and "step_ms" in r else "-"
 
         if "tok_s" in r:
             mb = r.get("max_batch")
@@ -611,9 +621,10 @@ def summary(rows: list[dict], out: Path) -> str:
             note = f"base {r.get('base_dtype')}" + (f", fused LoRA {r['fused_lora_layers']}" if r.get("fused_lora_layers") else "") + \
                    (f", CE {r['fused_ce']}" if r.get("fused_ce") else "")
             lines.append(f"| {shape} | {method} | {side} | {r['step_ms']:.1f} | {r['tok_s'] / 1e3:.1f}k | {r.get('peak_mb', 0):.0f} | "
-                         f"{100 * r.get('mfu', 0):.1f}% | {mbs} | {r.get('init_s', 0):.1f} | {ratio('hf')} | {ratio('hf_c')} | {note} |")
+                         f"{100 * r.get('mfu', 0):.1f}% | {mbs} | {r.get('init_s', 0):.1f} | {ratio('hf')} | {ratio('hf_c')} | {mem('hf')} | "
+                         f"{adapter()} | {note} |")
         else:
-            lines.append(f"| {shape} | {method} | {side} | - | - | - | - | - | - | - | - | {str(r.get('error') or r.get('skipped'))[:160]} |")
+            lines.append(f"| {shape} | {method} | {side} | - | - | - | - | - | - | - | - | - | - | {str(r.get('error') or r.get('skipped'))[:160]} |")
     text = "\n".join(lines)
     (out / "bench_lead_summary.md").write_text(text + "\n")
     return text
@@ -652,7 +663,7 @@ def main_lead(a) -> None:
     plan = [p[1:] for p in PLAN if a.part == "all" or p[0] == int(a.part)]
     if a.only:
         want = [tuple(x.split(":")) for x in a.only.split(",") if x]
-        plan = [p for p in plan if p[:3] in want or p[:2] in want]
+        plan = [p for p in plan if any(tuple(p[:len(w)]) == w for w in want)]
     rows = []
 
     def emit(row):
