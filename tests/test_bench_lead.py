@@ -16,7 +16,13 @@ def test_quick_cases_write_rows_and_errors(tmp_path):
     a = argparse.Namespace(out=str(tmp_path), part="all", budget_s=600.0, quick=True, warmup=1, steps=1, max_batch_s=1.0,
                            lead_profile="gpt2:hf:lora,qwen3b:peftlab:lora",
                            only="gpt2:hf:lora,qwen3b:peftlab:lora,gpt2:hf_c:lora,qwen3b:unsloth:lora,qwen3b:liger:lora,llama8b:liger:lora")
-    bench_lead.main_lead(a)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # peftlab's bf16 runs: an earlier test's Accelerator may have fixed the precision
+    try:
+        bench_lead.main_lead(a)
+    finally:
+        AcceleratorState._reset_state(True)  # and later tests train in fp32
     lines = [json.loads(x) for x in (tmp_path / "bench_lead.jsonl").read_text().splitlines()]
     info, rows = lines[0], {r["case"]: r for r in lines[1:]}
     assert info["suite"] == "lead" and info["quick"] is True
