@@ -120,6 +120,44 @@ class DoraLinearFunction(torch.autograd.Function):
         return dx, None, None, dA, dB, dg, dc, None, None
 
 
+class DoraDropoutLinearFunction(torch.autograd.Function):
+    """DoRA with dropout: ``(x, xd, W, b, A, B, g, c, ...) -> x W^T + b + (c - 1) * (xd W^T) + c * s ((xd A^T) * g) B^T``.
+
+    peft's DoRA with dropout active: the base output of ``x`` plus the DoRA terms of the dropped input
+    ``xd`` (two base GEMMs forward, as in peft). With ``z = xd W^T + s h B^T``, ``y = x W^T + b + c z - xd W^T``;
+    saved: ``xd``, ``h``, ``z``. Backward: ``dc = sum_rows(dy * z)``, ``dx = dy W``,
+    ``d xd = (dy * (c - 1)) W + dh A``, and A, B, g from ``dz = dy * c``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, W, b, A, B, g, c, scale: float, fan_in_fan_out: bool):
+        shape = x.shape
+        x2, xd2 = x.reshape(-1, shape[-1]), xd.reshape(-1, shape[-1])
+        Wt = _wt(W, fan_in_fan_out)
+        y = torch.addmm(b, x2, Wt) if b is not None else x2 @ Wt
+        u = xd2 @ Wt
+        h = xd2 @ A.t()
+        z = torch.addmm(u, h if g is None else h * g, B.t(), alpha=scale)
+        y = y.addcmul_(z, c.to(z.dtype)).sub_(u)
+        ctx.scale, ctx.fan_in_fan_out, ctx.shape = scale, fan_in_fan_out, shape
+        ctx.save_for_backward(xd2, h, W, A, B, g, c, z)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd2, h, W, A, B, g, c, z = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        n = ctx.needs_input_grad  # (x, xd, W, b, A, B, g, c, ...)
+        cz = c.to(dy2.dtype)
+        dc = torch.sum(dy2 * z, 0, dtype=c.dtype) if n[7] else None
+        _, dxd, dA, dB, dg = _low_rank_backward(ctx, dy2 * cz, xd2, h, W, A, B, g, False, n[1], n[4], n[5], n[6], False)
+        Wback = _wt(W, ctx.fan_in_fan_out).t()
+        dx = (dy2 @ Wback).view(ctx.shape) if n[0] else None
+        if dxd is not None:  # the (c - 1) * (xd W^T) term's share
+            dxd = dxd.view(-1, dxd.shape[-1]).addmm_(dy2 * (cz - 1), Wback).view(ctx.shape)
+        return dx, dxd, None, None, dA, dB, dg, dc, None, None
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the matmuls run in: autocast's when it is on for ``x``'s device, else ``x``'s."""
     if torch.is_autocast_enabled(x.device.type):
@@ -132,7 +170,8 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], A: 
                 magnitude_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused LoRA linear of ``x`` (any leading shape), in the compute dtype.
 
-    With ``magnitude_scale`` (DoRA's ``m / ||W + s B A||_row``, no dropout) it is the fused DoRA linear.
+    With ``magnitude_scale`` (DoRA's ``m / ||W + s B A||_row``) it is the fused DoRA linear (with dropout:
+    :class:`DoraDropoutLinearFunction`, peft's DoRA of the dropped input on top of the base output of ``x``).
 
     ``dropout`` is a callable (``nn.Dropout``) applied to LoRA's input, or None / ``nn.Identity`` for
     none. Under autocast every operand is cast to the autocast dtype first (the casts of ``A``, ``B`` and
@@ -150,10 +189,10 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], A: 
     args = (W.to(dt), None if b is None else b.to(dt), A.to(dt), B.to(dt), None if gate is None else gate.to(dt))
     with torch.autocast(dev, enabled=False):
         if magnitude_scale is not None:
-            if xd is not None:
-                raise ValueError("the fused DoRA linear has no dropout (peft computes W x twice with dropout on)")
             # the scale enters in float32 (as peft's m / ||.|| is): its gradient, a sum over every row, accumulates there
             c = magnitude_scale.to(torch.promote_types(dt, torch.float32))
+            if xd is not None:
+                return DoraDropoutLinearFunction.apply(x, xd, *args, c, float(scale), bool(fan_in_fan_out))
             return DoraLinearFunction.apply(x, *args, c, float(scale), bool(fan_in_fan_out))
         return LoraLinearFunction.apply(x, xd, *args, float(scale), bool(fan_in_fan_out))
 
@@ -168,7 +207,7 @@ def lora_linear_reference(x, W, b, A, B, scale, dropout=None, gate=None, fan_in_
     h = xd @ A.t()
     if gate is not None:
         h = h * gate
-    if magnitude_scale is not None:  # peft's DoRA: (c - 1) * W x + c * s * B A x on top of W x + b
-        base = x @ Wt
+    if magnitude_scale is not None:  # peft's DoRA: (c - 1) * W xd + c * s * B A xd on top of W x + b
+        base = xd @ Wt
         return y + (magnitude_scale - 1) * base + magnitude_scale * (h @ B.t()) * scale
     return y + (h @ B.t()) * scale

@@ -6,12 +6,12 @@ low-rank path in one autograd node that saves only ``x`` and the rank-``r`` inte
 its parameters and state-dict keys are untouched: only the instance's ``forward`` is replaced, and it
 falls back to peft's own forward whenever the fused one does not compute the same function:
 adapters disabled or merged, several active adapters, a trainable base weight or bias, LoRA biases,
-per-call arguments (mixed-adapter batches), operands of different dtypes without autocast, a LoRA
-variant other than DoRA, or DoRA with dropout active (peft then multiplies ``W`` twice).
+per-call arguments (mixed-adapter batches), operands of different dtypes without autocast, or a LoRA
+variant other than DoRA.
 
 Covered: plain LoRA (any dropout, drawn by peft's own dropout module, so the random stream is the
 one peft draws), SoRA's gated A (:class:`~peftlab.methods.sora.layers.GatedLoraA`), DoRA and
-SDoRA without dropout (the magnitude scale ``m / ||W + s B A||_row`` from the factored, detached row
+SDoRA, with or without dropout (the magnitude scale ``m / ||W + s B A||_row`` from the factored, detached row
 norm of :func:`~peftlab.methods.sora.layers.dora_row_norm`, the same function as peft's dense norm).
 
 ``lora.fused``: ``auto`` = on CUDA only (CPU numbers stay peft's, bit for bit), ``on``, ``off``.
@@ -83,14 +83,15 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return lora_linear(x, W, b, A, B, scaling, dropout=dropout, gate=gate, fan_in_fan_out=fif)
     dora_cls = _DORA_VARIANT
     mag = self.lora_magnitude_vector[name] if self.lora_magnitude_vector is not None and name in self.lora_magnitude_vector else None
-    if (dora_cls is None or not (isinstance(variant, dora_cls) or variant is dora_cls) or not isinstance(mag, DoraLinearLayer)
-            or (self.training and not isinstance(dropout, nn.Identity))):
+    if dora_cls is None or not (isinstance(variant, dora_cls) or variant is dora_cls) or not isinstance(mag, DoraLinearLayer):
         return _peft_forward(self, x)
     # the norm kept in float32 (peft's would be in the bf16 base's dtype): the magnitude scale is a ratio near 1
     norm = dora_row_norm(W, A.detach(), B.detach(), None if gate is None else gate.detach(), scaling, fif,
                          base_sq=getattr(mag, "base_sq", None), out_dtype=torch.promote_types(W.dtype, torch.float32))
     c = mag.weight / norm.to(mag.weight.dtype)
-    return lora_linear(x, W, b, A, B, scaling, gate=gate, fan_in_fan_out=fif, magnitude_scale=c)
+    # peft drops the DoRA input only in training (eval: the base output is reused); nn.Dropout does the same
+    return lora_linear(x, W, b, A, B, scaling, dropout=dropout if self.training else None, gate=gate, fan_in_fan_out=fif,
+                       magnitude_scale=c)
 
 
 def install_fused_lora(model: nn.Module) -> int:
