@@ -467,7 +467,25 @@ def main(argv=None):
     ap.add_argument("--gaps", default="", help="comma-separated cases (hf:NAME for the baseline): the GPU's idle time and longest gaps in the timed window")
     ap.add_argument("--cprofile", default="", help="comma-separated cases (hf:NAME for the baseline) to run under Python's cProfile")
     ap.add_argument("--profile", default="", help="comma-separated cases to profile with torch.profiler (peftlab side)")
+    ap.add_argument("--suite", choices=["cases", "lead"], default="cases",
+                    help="lead: issue 23's suite (benchmarks/bench_lead.py: HF PEFT, HF+Liger, Unsloth, peftlab at GPT-2/3B/8B)")
+    ap.add_argument("--quick", action="store_true", help="the lead suite on the CPU with toy shapes, in seconds (tests the plumbing)")
+    ap.add_argument("--part", default="1", choices=["1", "2", "all"], help="lead suite: which part of its plan (each about 7 minutes on an H200)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="lead suite: wall-clock budget; cases that do not fit are skipped")
+    ap.add_argument("--only", default="", help="lead suite: comma-separated shape:side[:method] to run (default all)")
+    ap.add_argument("--max-batch-s", type=float, default=12.0, help="lead suite: seconds per case for the largest-batch search")
+    ap.add_argument("--lead-profile", default="", help="lead suite: comma-separated shape:side:method cases whose timed steps run under "
+                    "torch.profiler (top kernels into profile_<case>.txt; the row's step time is then a profiled one)")
     a = ap.parse_args(argv)
+    if a.suite == "lead" or a.quick:
+        import bench_lead
+
+        if "--steps" not in (argv or sys.argv):
+            a.steps = 15
+        if "--warmup" not in (argv or sys.argv):
+            a.warmup = 5
+        bench_lead.main_lead(a)
+        return
     # Under torchrun (several GPUs): peftlab rows only, one GPU per rank, rank 0 reports global tokens/s.
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:

@@ -31,7 +31,7 @@ from .errors import PeftlabError
 from .methods import METHODS, MethodContext
 from .models import CONFIG_DIR, TINY_MODELS, _auto_cls, check_targets, load_model
 from .models import load_tokenizer as _load
-from .models.quant import describe as describe_quant, trainable_to_fp32
+from .models.quant import describe as describe_quant
 from .optim.schedule import build_scheduler
 
 
@@ -132,11 +132,48 @@ def count_optimizer_steps(cfg, world_size: int = 1) -> int:
     return step_plan(len(train_ds), cfg, world_size).total_steps
 
 
-def build_base(cfg, task: str, num_labels: Optional[int]):
+def build_base(cfg, task: str, num_labels: Optional[int], device=None):
     """``(model, tokenizer, info)``: the base model as every run of ``cfg`` starts from it
-    (weights loaded, or random from ``training.seed`` for tiny / ``from_scratch`` models)."""
+    (weights loaded, or random from ``training.seed`` for tiny / ``from_scratch`` models).
 
-    return load_model(cfg, task, num_labels)
+    With ``device`` (the run's device) the base is stored in :func:`base_dtype`'s dtype and a
+    from-scratch model built in bfloat16 is initialised on that device; without, float32 on the CPU."""
+
+    dt = base_dtype(cfg, device) if device is not None else None
+    if dt is None:
+        return load_model(cfg, task, num_labels)
+    return load_model(cfg, task, num_labels, dtype=dt, device=torch.device(device))
+
+
+def base_dtype(cfg, device) -> Optional[torch.dtype]:
+    """``model.base_dtype`` on ``device`` -> the frozen base's storage dtype, or None for float32 (today's build).
+
+    ``auto`` is bfloat16 on CUDA when the run computes in bf16 mixed precision (autocast casts every
+    matmul input to bf16 anyway), float32 elsewhere, so CPU runs keep their numbers bit for bit.
+    """
+    setting = cfg.model.base_dtype
+    if cfg.model.quantization != "none":
+        return None  # a quantized base keeps its unquantized tensors in model.compute_dtype (models/quant.py)
+    if setting == "bfloat16" and cfg.system.dtype != "bf16":
+        raise PeftlabError(f"model.base_dtype=bfloat16 needs system.dtype=bf16 (got {cfg.system.dtype}): without bf16 autocast "
+                           "the float32 adapters and heads would meet bfloat16 activations. Set --system.dtype=bf16 or "
+                           "--model.base_dtype=auto (or float32).")
+    if setting == "float32" or (setting == "auto" and (torch.device(device).type != "cuda" or cfg.system.dtype != "bf16")):
+        return None
+    return torch.bfloat16
+
+
+@torch.no_grad()
+def trainable_to_float32(model: torch.nn.Module) -> int:
+    """Store every trainable floating-point parameter in float32 (adapters, heads, DoRA magnitudes,
+    every weight under full fine-tuning); the frozen ones keep the base's dtype. Returns how many
+    parameters were cast. A tied parameter is one object, so it is cast once and stays tied."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
 
 
 def weight_shapes(model: torch.nn.Module, targets: list[str]) -> list[tuple[int, int]]:
@@ -263,7 +300,8 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
             log.info(f"data {k}: {v}")
     elif task is None:
         raise ValueError("build(data=False) needs the task (causal_lm or classification)")
-    model, tokenizer, info = build_base(cfg, task, num_labels)
+    bdt = base_dtype(cfg, dev)  # a contradictory model.base_dtype fails here, before the model is built
+    model, tokenizer, info = build_base(cfg, task, num_labels, device=dev if bdt is not None else None)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     log.info(f"model {info.name} ({info.model_type}, {info.num_params:,} parameters, {info.source}); targets {info.target_modules}")
@@ -290,8 +328,11 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
                          total_steps=built.plan.total_steps if built.plan is not None else None)
     model = apply_method(method, model, structure)
     if cfg.model.quantization != "none":
-        n = trainable_to_fp32(model)  # adapters/heads train in fp32 on a base loaded in compute_dtype; nothing frozen is upcast
+        n = trainable_to_float32(model)  # adapters/heads train in fp32 on a base loaded in compute_dtype; nothing frozen is upcast
         log.info(f"model.quantization={cfg.model.quantization}: frozen base {describe_quant(cfg)}; {n} trainable tensor(s) cast to float32")
+    elif bdt is not None:
+        n = trainable_to_float32(model)
+        log.info(f"model.base_dtype: frozen base stored in {bdt} on {dev}" + (f", {n} trainable tensor(s) kept in float32" if n else ""))
     model.to(dev)
     built.model, built.method = model, method
     if optimizer:
@@ -303,5 +344,5 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
     return built
 
 
-__all__ = ["Built", "StepPlan", "build", "build_base", "build_bare_base", "task_from_names", "make_method", "apply_method", "resolve_task", "best_metric",
+__all__ = ["Built", "StepPlan", "build", "build_base", "base_dtype", "trainable_to_float32", "build_bare_base", "task_from_names", "make_method", "apply_method", "resolve_task", "best_metric",
            "step_plan", "count_optimizer_steps", "load_tokenizer"]

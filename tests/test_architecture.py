@@ -25,7 +25,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("config", "tracking"),
     ("checkpoints",),
     ("rundir",),
-    ("models", "optim"),
+    ("models", "optim", "kernels"),
     ("data",),
     ("methods",),
     ("evaluation",),

@@ -17,7 +17,7 @@ from ..options import opt
 class ModelConfig:
     name: str = opt("tiny-gpt2", "Hub name, local path, built-in tiny model (tiny-gpt2, tiny-bert) or offline real model (smollm2-135m, minilm-l6).")
     task: Literal["auto", "causal_lm", "classification"] = opt("auto", "Head to build; `auto` infers it from the model name and dataset.")
-    from_scratch: bool = opt(False, "Build the architecture with random weights instead of loading weights (configs of gpt2, distilbert-base-uncased, bert-base-uncased and qwen2.5-3b ship with peftlab).")
+    from_scratch: bool = opt(False, "Build the architecture with random weights instead of loading weights (configs of gpt2, distilbert-base-uncased, bert-base-uncased, qwen2.5-3b and llama-3-8b ship with peftlab).")
     num_labels: Optional[int] = opt(None, "Number of classes for classification; defaults to what the dataset says.")
     target_modules: Optional[list[str]] = opt(None, "Module names to adapt; default depends on the architecture (GPT-2 c_attn, BERT query/value, Llama q_proj/v_proj).")
     dropout: Optional[float] = opt(None, "Override every dropout probability inside the base model (null keeps the architecture's own).")
@@ -27,6 +27,10 @@ class ModelConfig:
     quantization: Literal["none", "nf4", "fp4", "int8"] = opt("none", "Load the frozen base quantized by bitsandbytes (QLoRA-style; through transformers' BitsAndBytesConfig): nf4 / fp4 = 4-bit, int8 = LLM.int8(); adapters and heads train in float32. For the LoRA-family methods. docs/quantization.md.")
     double_quant: bool = opt(True, "model.quantization=nf4/fp4: also quantize the 4-bit blocks' scales (QLoRA's double quantization, about 0.4 bit per weight less).")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "With model.quantization: the dtype the 4-bit weights are dequantized to for each matmul, and of the unquantized base tensors (embeddings, norms, head); auto = system.dtype's.")
+    base_dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Storage dtype of the frozen base model (trainable tensors stay float32): bfloat16 halves its memory and, for "
+        "models built from a config (model.from_scratch), builds it on the GPU in seconds; auto = bfloat16 on CUDA with "
+        "system.dtype=bf16, float32 otherwise (CPU runs unchanged). bfloat16 needs system.dtype=bf16.")
 
     def validate(self) -> list[str]:
         p = []
@@ -246,7 +250,10 @@ class SystemConfig:
     pad_vocab: Literal["auto", "on", "off"] = opt("auto", "Compute the LM head at a vocabulary padded to a multiple of 64 (zero rows, sliced off): fast GPU matmul kernels need aligned sizes (GPT-2's 50257 is not). auto = on CUDA.")
     attention_kernel: Literal["auto", "default", "flash", "cudnn", "efficient"] = opt("auto", "Scaled-dot-product-attention kernel for the training forward on CUDA: default = torch's own priority, flash / cudnn / efficient = prefer that kernel (others stay allowed as fallbacks), auto = torch's choice (cuDNN's on an H100, measured the fastest there: docs/gpu-speed.md).")
     gc_control: Literal["auto", "on", "off"] = opt("off", "Python garbage collection during training: on = freeze the objects that exist after the first step (model, compiled graphs) and collect only young objects every log_steps, so no full collection pauses the GPU's feed; auto = on CUDA; off (default) = Python's automatic collection.")
-    fused_cross_entropy: Literal["auto", "liger", "off"] = opt("off", "Causal LM loss without materialising the logits (Liger-Kernel's fused linear + cross-entropy; one CUDA process): liger = required, auto = when available, off.")
+    fused_cross_entropy: Literal["auto", "liger", "chunked", "off"] = opt(
+        "auto", "Causal-LM training loss without materialising the logits (one process, peft/transformers models): liger = "
+        "Liger-Kernel's fused linear + cross-entropy (CUDA), chunked = peftlab's own in torch ops (rows in chunks, any device), "
+        "auto = on CUDA: liger when it imports, else chunked; off = model(**batch).loss.")
     sharding: Literal["none", "fsdp"] = opt("none", "How several processes hold the model: none = a whole replica on each (DDP through Accelerate); fsdp = torch's FSDP2 fully_shard per transformer block and the root, the frozen base sharded across processes, the method's trainable tensors replicated with all-reduced gradients (adapters) or sharded with their optimizer state (full fine-tuning). docs/training.md#sharding.")
 
     def validate(self) -> list[str]:

@@ -20,6 +20,7 @@ from ..options import opt
 from .base import Method
 from .dora_norm import install_factored_dora, use_factored
 from .lora_init import BASE_CHANGING, BASIC_INITS, INITS, Initialiser, init_problems, peft_kwargs
+from .fused_lora import install_fused_lora, use_fused
 
 
 @dataclass
@@ -39,6 +40,10 @@ class LoraSection:
     dora_norm: Literal["auto", "factored", "peft"] = opt(
         "auto", "DoRA's row norm ||W0 + s B A||: factored (from constant W0 row norms and a d_out x r cross term, no "
         "d_out x d_in product), peft (peft's dense layer), auto = factored on CUDA, peft on CPU. Same function either way.")
+    fused: Literal["auto", "on", "off"] = opt(
+        "auto", "LoRA/DoRA Linear forward as one fused autograd node (base GEMM + low-rank path, saves only x and the "
+        "rank-r intermediate; peftlab/kernels/lora.py), falling back to peft's forward where it does not apply: "
+        "auto = on CUDA, on, off = peft's forward. Same function; CPU runs keep peft's numbers under auto.")
 
     def validate(self) -> list[str]:
         p = []
@@ -140,9 +145,20 @@ class LoRA(Method):
             self._inits = Initialiser(self, (structure or {}).get("init") if structure is not None else None)
             model = self._inits.apply(model)
         self._check_modules(model, structure)
+        self.install_fused(model)
         return model
 
+    def install_fused(self, model) -> int:
+        """``lora.fused``: peftlab's fused LoRA forward on the peft layers (methods/fused_lora.py); how many."""
+        acc = self.ctx.accelerator
+        if not use_fused(self.cfg.lora.fused, acc.device if acc is not None else "cpu"):
+            return 0
+        n = install_fused_lora(model)
+        self.ctx.log.info(f"lora.fused: fused LoRA forward in {n} layer(s) (lora.fused={self.cfg.lora.fused})")
+        return n
+
     def _inject(self, model, config=None, **kwargs):
+
         import warnings
 
         from peft import get_peft_model

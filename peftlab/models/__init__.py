@@ -132,16 +132,23 @@ def _load_tokenizer(name: str, cfg_model, for_classification: bool):
         ) from None
 
 
-def load_model(cfg, task: str, num_labels: Optional[int] = None):
+def load_model(cfg, task: str, num_labels: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,
+               device: Optional[torch.device] = None):
     """Build or load the model named by ``cfg.model`` for ``task``.
 
     Args:
         cfg: the run configuration.
         task: ``causal_lm`` or ``classification``.
         num_labels: number of classes (classification).
+        dtype: storage dtype of the weights (default float32, see ``model.base_dtype``).
+        device: where a model built from a shipped or loaded config (``model.from_scratch``) is
+            initialised (default the CPU); its random weights then come from that device's
+            generator. Built-in tiny models are always initialised on the CPU, loaded weights
+            are loaded on the CPU.
 
     Returns:
-        ``(model, tokenizer, ModelInfo)``. The model is in float32 on CPU; with ``model.quantization``, quantized by
+        ``(model, tokenizer, ModelInfo)``. The model is in float32 (or ``dtype``) on the CPU
+        (or ``device`` for a from-scratch model); with ``model.quantization``, quantized by
         bitsandbytes on this process's GPU (or the CPU), its unquantized tensors in ``model.compute_dtype``.
     """
     from transformers import AutoConfig
@@ -161,6 +168,8 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
         model_type = spec.pop("model_type")
         hf_cfg = AutoConfig.for_model(model_type, **spec, **cls_kwargs)
         model = _auto_cls(task).from_config(hf_cfg)
+        if dtype is not None and dtype != torch.float32:
+            model = model.to(dtype)  # the float32 init of the CPU, rounded: same base values on every device
         builtin, source = True, "built-in tiny config"
         if m.quantization != "none":  # the same weights as an unquantized run, quantized on load
             model = quant.quantize_built(model, _auto_cls(task), cfg, task)
@@ -186,7 +195,11 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
                     f"({', '.join(shipped_configs())}) nor loadable ({type(e).__name__}). Use one of the shipped names or a local folder with config.json."
                 ) from None
             source = "config (random weights)"
-        model = _auto_cls(task).from_config(hf_cfg)
+        if device is None and dtype in (None, torch.float32):
+            model = _auto_cls(task).from_config(hf_cfg)  # the CPU float32 init every earlier run had
+        else:  # initialised where it trains, in its storage dtype: a 3B model in seconds, not a minute
+            with torch.device(device or "cpu"):
+                model = _auto_cls(task).from_config(hf_cfg, dtype=dtype or torch.float32)
         if m.quantization != "none":
             model = quant.quantize_built(model, _auto_cls(task), cfg, task)
     else:
@@ -201,7 +214,7 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None):
                                              trust_remote_code=m.trust_remote_code, **cls_kwargs)
             else:
                 model = _auto_cls(task).from_pretrained(
-                    local, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=torch.float32, **cls_kwargs
+                    local, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=dtype or torch.float32, **cls_kwargs
                 )
         except Exception as e:  # noqa: BLE001  truncated/mismatched weights raise safetensors/torch errors too
             if not isinstance(e, (OSError, ValueError, RuntimeError)) and type(e).__name__ != "SafetensorError":

@@ -7,7 +7,7 @@ hand. A model that peftlab builds from a config (the built-in tiny models, ``mod
 is built exactly as an unquantized run builds it (same seed, same weights), saved to a temporary
 folder and loaded back through the same path, so a quantized run's prior is Q(the unquantized
 run's base). The tensors that stay unquantized (embeddings, norms, the head) are stored in
-``model.compute_dtype``; what trains (adapters, heads) is float32 (:func:`trainable_to_fp32`). What cannot run is refused when the configuration is read
+``model.compute_dtype``; what trains (adapters, heads) is float32 (``build.trainable_to_float32``). What cannot run is refused when the configuration is read
 (:func:`peftlab.config.sections.quantization_problems`).
 
 bitsandbytes 0.48 and later run nf4, fp4 and int8 on the CPU too (slowly), so the plumbing is
@@ -107,19 +107,6 @@ def describe(cfg) -> str:
 
 
 @torch.no_grad()
-def trainable_to_fp32(model) -> int:
-    """Store every trainable tensor in float32 (a new classification head, LoRA factors on a base
-    loaded in bf16): the optimizer updates them in full precision while the frozen rest stays
-    small. Unlike peft's ``prepare_model_for_kbit_training`` nothing frozen is upcast. Returns
-    how many tensors were cast."""
-    n = 0
-    for p in model.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
-            n += 1
-    return n
-
-
 def num_params(model) -> int:
     """Parameters of the model counted as numbers, not as packed 4-bit storage."""
     fn = getattr(model, "num_parameters", None)

@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
 from ..errors import PeftlabError
+from ..kernels.cross_entropy import linear_cross_entropy
 
 
 class DeviceLosses:
@@ -77,54 +79,94 @@ def device_batches(indices: Iterable[list[int]], load: Callable[[list[int]], dic
         yield ahead
 
 
-def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch.device, world: int, compile_backbone: bool):
+def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch.device, world: int, compile_backbone: bool,
+                  autocast: Optional[Callable] = None):
     """A training-loss function ``f(batch) -> loss`` that never materialises the LM-head logits, or None.
 
-    ``system.fused_cross_entropy``: ``liger`` uses Liger-Kernel's fused linear + cross-entropy
-    (the logits of each chunk of tokens live only inside the kernel), ``auto`` does so when
-    Liger-Kernel imports, the device is CUDA, the task is causal LM on one process and the
-    head has no bias, ``off`` keeps ``model(**batch).loss``. Under autocast the hidden states
-    and head weight enter the kernel in the autocast dtype, as the head's matmul would.
-    The backbone is called directly (not through a DDP wrapper), hence one process only.
+    ``system.fused_cross_entropy``:
+
+    * ``liger``: Liger-Kernel's fused linear + cross-entropy (Triton, CUDA only);
+    * ``chunked``: peftlab's own, :func:`peftlab.kernels.cross_entropy.linear_cross_entropy` (torch ops,
+      any device): chunks of rows, each chunk's logits and their gradient computed and dropped at once;
+    * ``auto``: on CUDA, Liger's when it imports, else the chunked one; off elsewhere;
+    * ``off``: ``model(**batch).loss``.
+
+    Used for a causal LM on one process (it calls the backbone directly, not through a DDP wrapper)
+    whose model is a peft or transformers model (its forward is the backbone and the head; a wrapper
+    with its own forward, such as SubLoRA's, keeps the plain loss) with a bias-free head. The backbone
+    runs under ``autocast`` (the loop's mixed precision), gets every batch key but the labels, and
+    the loss sees the hidden states of the positions that have a next-token label (the last position
+    of each row has none) and the head weight in the autocast dtype, as the head's matmul would.
     """
+    if setting not in ("auto", "liger", "chunked", "off"):
+        raise PeftlabError(f"system.fused_cross_entropy must be auto, liger, chunked or off, got {setting!r}.")
     if setting == "off":
         return None
     why = None
     if task != "causal_lm":
         why = "the task is not causal LM"
-    elif torch.device(device).type != "cuda":
+    elif setting in ("auto", "liger") and torch.device(device).type != "cuda":
         why = "the device is not CUDA"
     elif world != 1:
         why = "it runs on one process only (it bypasses the DDP wrapper)"
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
-    if why is None and (head is None or backbone is None or getattr(head, "bias", None) is not None):
-        why = "the model has no bias-free output embedding and backbone"
-    if why is None:
+    if why is None and not _plain_lm(model):
+        why = f"the model ({type(model).__name__}) has its own forward around the transformers model"
+    if why is None and (head is None or backbone is None or getattr(head, "bias", None) is not None
+                        or getattr(getattr(hf, "config", None), "final_logit_softcapping", None)):
+        why = "the model has no bias-free output embedding and backbone (or caps its logits)"
+    kind = "chunked" if setting == "chunked" else "liger"
+    if why is None and kind == "liger":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         except Exception as e:  # ImportError, or a triton/torch mismatch at import
-            why = f"Liger-Kernel does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            if setting == "liger":
+                why = f"Liger-Kernel does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            kind = "chunked"
     if why is not None:
-        if setting == "liger":
-            raise PeftlabError(f"system.fused_cross_entropy=liger cannot be used: {why}. Use system.fused_cross_entropy=auto or off "
-                               "(install liger-kernel for the fused kernel).")
+        if setting in ("liger", "chunked"):
+            raise PeftlabError(f"system.fused_cross_entropy={setting} cannot be used: {why}. Use system.fused_cross_entropy=auto or off"
+                               + (" (install liger-kernel for its fused kernel)." if setting == "liger" else "."))
         return None
-    lce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    lce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100) if kind == "liger" else None
     body = torch.compile(backbone) if compile_backbone else backbone
+    ctx = autocast or contextlib.nullcontext
 
     def loss(batch: dict) -> torch.Tensor:
-        h = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
-        w = head.weight
-        if torch.is_autocast_enabled(h.device.type):
-            dt = torch.get_autocast_dtype(h.device.type)
-            h, w = h.to(dt), w.to(dt)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with ctx():
+            h = body(**inputs).last_hidden_state
+            w = head.weight
+            dev = h.device.type
+            if torch.is_autocast_enabled(dev):
+                dt = torch.get_autocast_dtype(dev)
+                h, w = h.to(dt), w.to(dt)
         h = h[:, :-1].reshape(-1, h.shape[-1])
         y = batch["labels"][:, 1:].reshape(-1)
-        return lce(w, h, y)
+        if lce is not None:
+            return lce(w, h, y)
+        return linear_cross_entropy(h, w, y, pad_multiple=64 if h.is_cuda else 0)  # aligned GEMMs (system.pad_vocab's reason)
 
+    loss.kind = kind
     return loss
+
+
+def _plain_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a peft model or a transformers model (forward = backbone + head)."""
+    try:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            return True
+    except ImportError:  # pragma: no cover - peft is a dependency
+        pass
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
 
 
 def drop_output_upcast(accelerator, model: torch.nn.Module, device) -> torch.nn.Module:

@@ -134,8 +134,10 @@ class Trainer:
         self.cudagraphs = bool(cfg.system.compile and cfg.system.compile_mode in ("reduce-overhead", "max-autotune")
                                and acc.device.type == "cuda")
         self.losses = fast.DeviceLosses()
-        self.train_loss = None if sharded else fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task,
-                                                                  acc.device, self.world, cfg.system.compile)
+        self.train_loss = None if sharded else fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task, acc.device, self.world,
+                                             cfg.system.compile, autocast=acc.autocast)
+        if self.train_loss is not None:
+            log.info(f"system.fused_cross_entropy={cfg.system.fused_cross_entropy}: LM-head linear + cross-entropy fused ({self.train_loss.kind})")
         self.prefetch = fast.prefetch_enabled(cfg.system.prefetch, acc.device)
         self.attention = fast.attention_context(cfg.system.attention_kernel, acc.device)
         self.gc = fast.GcControl(cfg.system.gc_control, acc.device, cfg.training.log_steps)

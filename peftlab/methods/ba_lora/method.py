@@ -267,6 +267,7 @@ class BALoRA(LoRA):
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             peft_model = get_peft_model(model, self.peft_config(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
         layers = self._check_injection(peft_model, targets, total)
+        self.install_fused(peft_model)
         seconds["apply"] = time.perf_counter() - t0
 
         if resumed is None:

@@ -72,7 +72,8 @@ def w0_row_sq_norm(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.
 
 @torch.no_grad()
 def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: Optional[torch.Tensor], scaling: float,
-                  fan_in_fan_out: bool = False, base_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  fan_in_fan_out: bool = False, base_sq: Optional[torch.Tensor] = None,
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Row norms ``||W_i + s (B diag(g) A)_i||_2`` without forming a ``d_out x d_in`` matrix.
 
     With ``W`` (``d_out x d_in``; stored transposed when ``fan_in_fan_out``), ``A`` (``r x d_in``),
@@ -90,7 +91,7 @@ def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: 
     per call (by ``W A^T``) instead of twice.
 
     Returns:
-        ``(d_out,)`` tensor in ``weight``'s dtype (no gradient, as in DoRA section 4.3).
+        ``(d_out,)`` tensor in ``weight``'s dtype, or ``out_dtype`` (no gradient, as in DoRA section 4.3).
     """
     acc = torch.promote_types(weight.dtype, torch.float32)
     Af = A.to(acc)
@@ -107,7 +108,7 @@ def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: 
     cross = (Bg * WAt).sum(dim=1)
     quad = ((Bg @ gram) * Bg).sum(dim=1)
     sq = base_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    return sq.clamp_min(0.0).sqrt().to(weight.dtype)
+    return sq.clamp_min(0.0).sqrt().to(out_dtype or weight.dtype)
 
 
 def dora_output(layer, x, norm, lora_A, lora_B, scaling, base_layer, base_result=None, cast_scale: bool = False):

@@ -51,6 +51,7 @@ from ...models import check_targets
 from ...options import opt
 from ...rundir import RunDir
 from ..base import Method
+from ..fused_lora import install_fused_lora, use_fused
 from ..lora import LoraSection, peft_task_type
 from ..lora_init import BASIC_INITS, init_problems
 from .projectors import FINGERPRINT_RTOL, derive_seed, fingerprint, fingerprint_difference, make_projector
@@ -495,6 +496,9 @@ class SubLoRA(Method):
             except ValueError as e:
                 raise PeftlabError(f"peft cannot adapt target_modules={lc['target_modules']}: {str(e).splitlines()[0]} "
                                    "Point --model.target_modules at linear (or GPT-2 Conv1D) layers.") from None
+        acc = self.ctx.accelerator
+        if use_fused(self.cfg.lora.fused, acc.device if acc is not None else "cpu"):  # lora.fused, as for LoRA
+            self.ctx.log.info(f"lora.fused: fused LoRA forward in {install_fused_lora(peft_model)} layer(s)")
         segs = build_segments(peft_model, sc["fused_attn"])
         blocks, groups = plan_blocks(segs, sc)
         D = sum(s.numel for s in segs)

@@ -1,0 +1,99 @@
+"""The LM head's linear + cross-entropy in chunks of rows: the full logits are never materialised.
+
+A causal LM's plain loss computes ``logits = h W^T`` (``N x V``), casts them to float32 and takes the
+cross-entropy; autograd keeps the float32 log-softmax (``N x V``) for the backward, which for a
+150k vocabulary and 4 x 1024 tokens is 2.5 GB, more than the rest of a LoRA step's activations.
+:class:`ChunkedLinearCrossEntropy` instead walks ``chunk`` rows at a time: the chunk's logits (in the
+compute dtype, as the head's matmul gives them), their float32 log-sum-exp, the loss terms, and
+right away the gradient ``dlogits = (softmax - onehot) / n_valid`` of the chunk, pushed through the
+head (``dh = dlogits W``; ``dW += dlogits^T h`` only when the head is trained). The forward thus
+also does the backward's work and keeps only ``dh`` (``N x d``, the size of the hidden states) and
+``dW`` (none for a frozen head); the backward scales them by the incoming gradient.
+
+The loss is the mean over rows whose label is not ``ignore_index``, in float32, as
+``torch.nn.functional.cross_entropy(h W^T .float(), labels)``; the number of valid rows stays a
+device tensor (no host synchronisation). Plain torch ops: one ``N_chunk x d x V`` GEMM forward and
+one or two backward per chunk, and a few elementwise passes over the chunk's logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+DEFAULT_CHUNK_BYTES = 512 * 2**20  # float32 logits of one chunk
+
+
+def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that a chunk's float32 logits take about ``chunk_bytes``."""
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``(h, W, labels, ignore_index, chunk) -> mean cross-entropy of h W^T`` (float32 scalar); module docstring."""
+
+    @staticmethod
+    def forward(ctx, h, W, labels, ignore_index: int, chunk: int, pad_multiple: int = 0):
+        n_rows, V = h.shape[0], W.shape[0]
+        pad = (-V) % pad_multiple if pad_multiple else 0
+        Wp = torch.nn.functional.pad(W, (0, 0, 0, pad)) if pad else W  # zero rows: an aligned GEMM, columns V.. masked
+        valid = labels != ignore_index
+        n_valid = valid.sum()
+        inv = 1.0 / n_valid.to(torch.promote_types(h.dtype, torch.float32))  # inf with no valid row: the mean is then nan, as torch's
+        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if need_h else None
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32 (float64 stays float64)
+        dW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, n_rows, chunk):
+            hc, yc, vc = h[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
+            logits = (hc @ Wp.t()).to(acc)
+            if pad:
+                logits[:, V:] = float("-inf")  # softmax weight 0: the loss and gradients of the V real columns
+            lse = torch.logsumexp(logits, dim=-1)
+            safe = torch.where(vc, yc, 0)
+            tgt = logits.gather(1, safe[:, None]).squeeze(1)
+            total += torch.where(vc, lse - tgt, 0.0).sum()
+            if need_h or need_W:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+                g.scatter_add_(1, safe[:, None], torch.full_like(tgt[:, None], -1.0))
+                g.mul_((vc.to(acc) * inv)[:, None])
+                g = g.to(h.dtype)
+                if need_h:
+                    torch.mm(g, Wp, out=dh[s:s + chunk])
+                if need_W:
+                    dW.addmm_(g[:, :V].t().to(acc), hc.to(acc))
+        ctx.save_for_backward(dh, dW)
+        ctx.w_dtype = W.dtype
+        return total * inv
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dW = ctx.saved_tensors
+        gh = dh * grad.to(dh.dtype) if dh is not None else None
+        gW = (dW * grad).to(ctx.w_dtype) if dW is not None else None
+        return gh, gW, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         chunk: Optional[int] = None, pad_multiple: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of ``h W^T`` against ``labels`` (rows of ``h``: ``N x d``; ``W``: ``V x d``), chunked.
+
+    ``h`` and ``W`` are used in their dtypes (cast them to the compute dtype first); ``chunk`` rows at a time
+    (default :func:`chunk_rows`). ``pad_multiple`` (e.g. 64 on a GPU) computes the logits against the head padded
+    with zero rows to that multiple, the extra columns masked: GPU GEMMs are fast only for aligned sizes (GPT-2's
+    50,257 is not); the result is the same.
+    """
+    h2 = h.reshape(-1, h.shape[-1])
+    y = labels.reshape(-1)
+    if h2.shape[0] != y.shape[0]:
+        raise ValueError(f"{h2.shape[0]} hidden rows but {y.shape[0]} labels")
+    return ChunkedLinearCrossEntropy.apply(h2, W, y, int(ignore_index), int(chunk or chunk_rows(W.shape[0])), int(pad_multiple))
+
+
+def linear_cross_entropy_reference(h, W, labels, ignore_index: int = -100) -> torch.Tensor:
+    """The plain path: full logits, float32, ``F.cross_entropy`` (for tests)."""
+    logits = h.reshape(-1, h.shape[-1]) @ W.t()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index)

@@ -1,0 +1,76 @@
+"""benchmarks/bench_lead.py (issue 23's GPU suite) in its --quick form: the plumbing on the CPU with toy shapes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_lead  # noqa: E402
+
+
+def test_quick_cases_write_rows_and_errors(tmp_path):
+    a = argparse.Namespace(out=str(tmp_path), part="all", budget_s=600.0, quick=True, warmup=1, steps=1, max_batch_s=1.0,
+                           lead_profile="gpt2:hf:lora,qwen3b:peftlab:lora",
+                           only="gpt2:hf:lora,qwen3b:peftlab:lora,gpt2:hf_c:lora,qwen3b:unsloth:lora,qwen3b:liger:lora,llama8b:liger:lora")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # peftlab's bf16 runs: an earlier test's Accelerator may have fixed the precision
+    try:
+        bench_lead.main_lead(a)
+    finally:
+        AcceleratorState._reset_state(True)  # and later tests train in fp32
+    lines = [json.loads(x) for x in (tmp_path / "bench_lead.jsonl").read_text().splitlines()]
+    info, rows = lines[0], {r["case"]: r for r in lines[1:]}
+    assert info["suite"] == "lead" and info["quick"] is True
+    assert set(rows) == {"gpt2:hf:lora", "qwen3b:peftlab:lora", "gpt2:hf_c:lora", "qwen3b:unsloth:lora", "qwen3b:liger:lora", "llama8b:liger:lora"}
+    assert all("step_ms" in rows[c] or rows[c]["error"] for c in ("qwen3b:liger:lora", "llama8b:liger:lora"))  # one child, two rows
+    hf, pl = rows["gpt2:hf:lora"], rows["qwen3b:peftlab:lora"]
+    assert hf["step_ms"] > 0 and hf["tok_s"] > 0 and hf["base_dtype"] == "torch.bfloat16"
+    # the levers ran: bf16 base, the fused LoRA forward on q/k/v/o of both layers, the chunked loss
+    assert pl["step_ms"] > 0 and pl["base_dtype"] == "torch.bfloat16" and pl["fused_lora_layers"] == 8 and pl["fused_ce"] == "chunked"
+    assert hf["n_trained_matmul"] > 0 and pl["n_trained_matmul"] > 0 and pl["flops_per_token"] > 0
+    assert "skipped" in rows["gpt2:hf_c:lora"]
+    assert hf["profiled"] and pl["profiled"] and (tmp_path / "profile_qwen3b_peftlab_lora.txt").is_file()
+    assert "max_batch" not in hf and pl["max_batch"] >= 2  # gpt2:hf has none in the plan; the search ran (1 s cap here)
+    assert "unsloth" in rows["qwen3b:unsloth:lora"]["error"] or "step_ms" in rows["qwen3b:unsloth:lora"]
+    assert "| qwen3b | lora | peftlab |" in (tmp_path / "bench_lead_summary.md").read_text()
+
+
+def test_plan_names_known_shapes_sides_and_methods():
+    from peftlab.methods import METHODS
+
+    sides = {"hf", "hf_c", "liger", "unsloth", "peftlab", "peftlab_c", "peftlab_off", "peftlab_chunked"}
+    for part, shape, side, method, est, *opts in bench_lead.PLAN:
+        assert part in (1, 2) and shape in bench_lead.SHAPES and side in sides and method in METHODS and est > 0 and opts in ([], ["nomb"])
+    for part in (1, 2):  # each part fits a device command of about 7 minutes (about 15 s of start-up besides)
+        assert sum(p[4] for p in bench_lead.PLAN if p[0] == part and p[2] != "unsloth") <= 400
+
+
+def test_max_batch_search_stops_at_out_of_memory_and_at_the_time_cap():
+    import torch
+
+    seen = []
+
+    def step(b):
+        seen.append(b)
+        if b >= 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    r = bench_lead.max_batch_search(step, 4, 16, torch.device("cpu"), cap_s=60)
+    assert seen == [4, 8, 16, 32, 64] and r["max_batch"] == 32 and r["max_batch_capped"] is False
+
+    def bad(b):
+        raise ValueError("shape mismatch")
+
+    assert bench_lead.max_batch_search(bad, 4, 16, torch.device("cpu"), cap_s=60) == {"max_batch": None, "max_batch_error": "ValueError: shape mismatch"}
+    import time
+
+    def slow(b):
+        time.sleep(0.05 * b)
+
+    r = bench_lead.max_batch_search(slow, 1, 16, torch.device("cpu"), cap_s=0.5)
+    assert r["max_batch_capped"] is True and r["max_batch"] in (1, 2, 4)  # (gc.collect between probes takes time too)

@@ -1,0 +1,146 @@
+"""Chunked linear + cross-entropy (peftlab/kernels/cross_entropy.py) and its wiring (system.fused_cross_entropy).
+
+float64 on CPU against full logits + F.cross_entropy: the loss and the gradients of the hidden states and of
+a trained head, with ignored labels and chunk sizes that do and do not divide the rows; tolerance 1e-12.
+The loop's loss with ``chunked`` equals ``model(**batch).loss`` (the same autocast, float32 here).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from peftlab.errors import PeftlabError
+from peftlab.kernels.cross_entropy import chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
+from peftlab.train.fast import fused_lm_loss
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("chunk,pad", [(1, 0), (7, 0), (16, 0), (1000, 0), (7, 8), (1000, 64)])
+@pytest.mark.parametrize("head_trained", [False, True])
+def test_chunked_equals_full_logits_float64(chunk, pad, head_trained):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(30, 6, generator=g, dtype=torch.float64, requires_grad=head_trained)
+    y = torch.randint(0, 30, (2, 8), generator=g)
+    y[0, :3] = -100
+    y[1, -1] = -100
+    leaves = [h, W] if head_trained else [h]
+    out = []
+    for fn in (lambda: linear_cross_entropy(h, W, y, chunk=chunk, pad_multiple=pad), lambda: linear_cross_entropy_reference(h, W, y)):
+        loss = fn()
+        out.append((loss, torch.autograd.grad(loss * 1.5, leaves)))
+    (l1, g1), (l2, g2) = out
+    assert l1.dtype == torch.float64 and abs(l1.item() - l2.item()) < 1e-12
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_chunk_rows_and_no_valid_label():
+    assert chunk_rows(151936) == 883 and chunk_rows(10**12) == 1
+    h = torch.randn(4, 3, requires_grad=True)
+    loss = linear_cross_entropy(h, torch.randn(5, 3), torch.full((4,), -100))
+    assert torch.isnan(loss)  # as F.cross_entropy's mean over no rows
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(h, torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
+
+
+def _tiny_lora():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gpt2", vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.0,
+                                                                                 task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    return model
+
+
+def test_loop_loss_chunked_equals_the_model_loss():
+    model = _tiny_lora()
+    f = fused_lm_loss(model, "chunked", "causal_lm", torch.device("cpu"), 1, False)
+    assert f is not None and f.kind == "chunked"
+    x = torch.randint(0, 50, (3, 12))
+    labels = x.clone()
+    labels[0, :4] = -100  # a masked prompt
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
+    model.train()
+    res = []
+    for fn in (lambda: f(batch), lambda: model(**batch).loss):
+        torch.manual_seed(1)  # the model's dropout draws the same masks on both paths
+        loss = fn()
+        loss.backward()
+        res.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad(set_to_none=True)
+    assert abs(res[0][0] - res[1][0]) < 1e-5
+    for n, gr in res[0][1].items():
+        assert torch.allclose(gr, res[1][1][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_switch_cpu_default_off_wrappers_refused():
+    model = _tiny_lora()
+    cpu = torch.device("cpu")
+    assert fused_lm_loss(model, "auto", "causal_lm", cpu, 1, False) is None  # auto: CUDA only
+    assert fused_lm_loss(model, "off", "causal_lm", cpu, 1, False) is None
+    with pytest.raises(PeftlabError, match="must be auto, liger, chunked or off"):
+        fused_lm_loss(model, "fast", "causal_lm", cpu, 1, False)
+    with pytest.raises(PeftlabError, match="one process"):
+        fused_lm_loss(model, "chunked", "causal_lm", cpu, 2, False)
+
+    class Wrapper(torch.nn.Module):  # a method's own forward around the peft model (SubLoRA's)
+        def __init__(self, m):
+            super().__init__()
+            self.model = m
+
+        def get_base_model(self):
+            return self.model.get_base_model()
+
+    with pytest.raises(PeftlabError, match="its own forward"):
+        fused_lm_loss(Wrapper(model), "chunked", "causal_lm", cpu, 1, False)
+    assert fused_lm_loss(Wrapper(model), "auto", "causal_lm", torch.device("cuda"), 1, False) is None
+
+
+def test_training_with_chunked_cross_entropy_matches_off(tmp_path):
+    from peftlab.config import config_from_dict
+    from peftlab.train.loop import train
+
+    def run(name, fce):
+        raw = {"method": "lora", "model": {"name": "tiny-gpt2"}, "data": {"dataset": "lm-sample", "block_size": 32, "max_val_examples": 8},
+               "training": {"max_steps": 3, "batch_size": 4, "log_steps": 1, "save_steps": 0, "eval_max_batches": 1},
+               "lora": {"r": 4, "dropout": 0.0}, "output": {"dir": str(tmp_path / name)}, "logging": {"progress_bar": False},
+               "system": {"device": "cpu", "fused_cross_entropy": fce}}
+        res = train(config_from_dict(raw), console=False)
+        return res, (tmp_path / name / "train.log").read_text()
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # an earlier test's Accelerator may have fixed another precision
+    ref, text = run("off", "auto")
+    assert "fused_cross_entropy" not in text
+    ch, text = run("chunked", "chunked")
+    assert "LM-head linear + cross-entropy fused (chunked)" in text
+    assert abs(ch["final"]["train_loss"] - ref["final"]["train_loss"]) < 1e-5
+    assert abs(ch["final"]["val_loss"] - ref["final"]["val_loss"]) < 1e-5
+
+
+@cuda
+def test_chunked_bf16_close_to_plain_cuda():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(4096, 256, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(32000, 256, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    y = torch.randint(0, 32000, (4096,), device="cuda", generator=g)
+    a = linear_cross_entropy(h, W, y, chunk=1000)
+    (ga,) = torch.autograd.grad(a, [h])
+    b = linear_cross_entropy_reference(h, W, y)
+    (gb,) = torch.autograd.grad(b, [h])
+    assert abs(a.item() - b.item()) < 1e-3 * abs(b.item())
+    assert ((ga.float() - gb.float()).abs().max() / gb.float().abs().max()) < 2e-2
