@@ -81,3 +81,40 @@ def test_gpu_scale_reads_only_the_bundle(path):
         assert p[2:] in bundle
     assert f"bash scripts/gpu_bundle.sh {path.stem}" in path.read_text()  # the YAML says how to prepare it
     assert "stand" in path.read_text() or path.stem == "compare"  # and what stands in for the seed's data
+
+
+def test_results_page_from_a_study_directory(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("results_page", ROOT / "scripts/results_page.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    src = tmp_path / "out" / "subspace_allocation"
+    (src / "analysis").mkdir(parents=True)
+    evs = [{"event": "sweep_start", "runs": 30},
+           {"event": "end", "outcome": "completed", "phases": {"train": 20.0, "bounds": 30.0}},
+           {"event": "end", "outcome": "completed", "phases": {"train": 22.0, "bounds": 28.0}},
+           {"event": "study_step", "outcome": "completed", "step": "analyze x --output-dir y", "duration_s": 15.0},
+           {"event": "sweep_end", "seconds": 120.0}]
+    (src / "study.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
+    (src / "study.log").write_text("log\n")
+    a = src / "analysis"
+    (a / "summary_table.md").write_text("| method | n |\n| --- | ---: |\n| sublora | 3 |\n")
+    (a / "hypotheses.json").write_text(json.dumps([{"hypothesis": "H1 (seed 001)", "verdict": "supported", "text": "ρ = 0.8 dominates"}]))
+    (a / "pareto_frontier_d1000.png").write_bytes(b"\x89PNG fake")
+    (a / "report.html").write_text("<ul><li class='note'>rank_allocation_heatmap: skipped, no ranks &amp; no BA-LoRA</li></ul>")
+    docs = tmp_path / "docs"
+    assert rp.main([str(src), "--study", "subspace_allocation", "--docs", str(docs)]) == 0
+    page = (docs / "subspace_allocation" / "README.md").read_text()
+    assert "| train | 42s | 37% |" in page and "| bounds | 58s | 50% |" in page and "| analyze | 15s | 13% |" in page
+    assert "2 of 30 runs completed" in page and "**H1 (seed 001)** — supported: ρ = 0.8 dominates" in page
+    assert "![pareto_frontier_d1000](pareto_frontier_d1000.png)" in page and "no ranks & no BA-LoRA" in page
+    assert "python-docs" in page and "OpenWebText" in page  # the scale's own comment: what stands in
+    assert (docs / "subspace_allocation" / "pareto_frontier_d1000.png").is_file()
+    # a reading written by a person survives regeneration
+    (docs / "subspace_allocation" / "README.md").write_text(page.replace(page.split(rp.KEEP_START + "\n")[1].split("\n" + rp.KEEP_END)[0],
+                                                                         "The learned gates rise with depth."))
+    assert rp.main([str(src), "--study", "subspace_allocation", "--docs", str(docs)]) == 0
+    assert "The learned gates rise with depth." in (docs / "subspace_allocation" / "README.md").read_text()
+    assert rp.main([str(tmp_path), "--study", "subspace_allocation", "--docs", str(docs)]) == 2  # no study.jsonl
