@@ -554,9 +554,14 @@ def plot_training_curves(ctx: PlotContext) -> list[str]:
         axes[1].set(xlabel="epoch", title=f"{_metric_label(m)} per epoch")
         axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[1].set_ylabel(_metric_label(m))
-    handles, labels = axes[1].get_legend_handles_labels() if curves_eval else axes[0].get_legend_handles_labels()
+    # one entry per group with its colour, line style and marker (the marker only where the right panel draws one)
+    shown = {label for label, *_ in curves_step} | {label for label, *_ in curves_eval}
+    marked = {label for label, *_ in curves_eval}
+    labels = [g.label for g in ctx.agg.itertuples() if g.label in shown]
+    handles = [matplotlib.lines.Line2D([], [], color=styles[lb][0], ls=styles[lb][1], marker=styles[lb][2] if lb in marked else None,
+                                       ms=4, lw=1.1) for lb in labels]
     fig.tight_layout()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), handlelength=3)
     return [ctx.save(fig, "training_curves")]
 
 
