@@ -38,6 +38,7 @@ from .io import atomic_write_text, strict_json_dumps, write_csv
 from .methods import METHODS
 from .models import DEFAULT_TARGETS, check_positions
 from .train.sharding import transformer_blocks
+from .runs.device import followup_device
 
 MB = 2**20
 OPTIMIZER_COLUMNS = ["method", "rank", "group", "params", "moment_bytes", "projector_bytes", "other_bytes", "state_bytes",
@@ -269,12 +270,8 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     if (out_dir / "config.json").is_file() or (out_dir / "results_final.json").is_file():
         raise PeftlabError(f"{out_dir} is a run directory; profile files go elsewhere. Pass another --output-dir "
                            f"(default: profiles/<run name>-<method>).")
-    dev = device or cfg.system.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise PeftlabError("profile on cuda was asked for but no CUDA GPU is visible; use --system.device=cpu.")
-    device = torch.device(dev)
+    # an explicit device wins; else the run's own system.device (auto: its GPU when one is visible)
+    device = torch.device(followup_device(device or "auto", cfg.system.device, torch.cuda.is_available(), "--system.device"))
     if cfg.system.num_threads:
         torch.set_num_threads(cfg.system.num_threads)
     task, num_labels = task_from_names(cfg)

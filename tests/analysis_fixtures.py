@@ -37,8 +37,10 @@ def write_run(run_dir: Path, method: str, overrides: dict[str, Any], *, task: st
               epochs: int = 3, steps_per_epoch: int = 20, summary: Optional[dict] = None,
               extra_sections: Optional[dict] = None, bounds: Optional[dict] = None, allocation: Optional[dict] = None,
               module_values: Optional[dict[str, float]] = None, finished: bool = True,
-              test: Optional[dict[str, float]] = None) -> Path:
-    """One run directory. ``final`` is the last epoch's metrics; earlier epochs are made worse by a known amount."""
+              test: Optional[dict[str, float]] = None, eval_steps: Optional[int] = None) -> Path:
+    """One run directory. ``final`` is the last epoch's metrics; earlier epochs are made worse by a known amount.
+    eval_log.csv has a row per epoch end and, with ``eval_steps``, one every eval_steps inside an epoch
+    (validation metrics worse by 0.1 x the share of training still to come)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = _config(method, {**overrides, "output.dir": str(run_dir)}, extra_sections)
     cfg["_meta"] = {"versions": {"peftlab": "0.1.0"}, "git_commit": "synthetic", "command": ["peftlab", "train"],
@@ -51,6 +53,7 @@ def write_run(run_dir: Path, method: str, overrides: dict[str, Any], *, task: st
     sparse = module_values is not None
     sp_log = CsvLog(run_dir / "sparsity_log.csv") if sparse else None
     long_rows = []
+    evals = CsvLog(run_dir / "eval_log.csv")
     step = 0
     for e in range(1, epochs + 1):
         worse = (epochs - e) * 0.1  # epoch e is worse than the last by 0.1 per remaining epoch
@@ -65,6 +68,12 @@ def write_run(run_dir: Path, method: str, overrides: dict[str, Any], *, task: st
                 long_rows += [{"step": step, "module": m, "metric": "sparsity", "value": v} for m, v in detail.items()]
             loss.write({"epoch": e, "step": step, "train_loss": final.get("train_loss", 1.0) + worse + 0.5 * (1 - frac),
                         "learning_rate": 1e-3 * (1 - frac), "gpu_memory_mb": 0.0, "sparsity": sp})
+            epoch_end = s == steps_per_epoch // 5 - 1
+            if epoch_end or (eval_steps and step % eval_steps == 0):
+                late = 0.1 * (1 - frac)
+                evals.write({"epoch": e, "step": step, "kind": "epoch" if epoch_end else "step",
+                             **{k: v + late if k.endswith("loss") or k.endswith("perplexity") else v - late
+                                for k, v in final.items() if k.startswith("val_")}})
         row = {"epoch": e, "step": step}
         for k, v in final.items():
             row[k] = v - worse if k == "val_accuracy" or k == "val_f1" else v + worse
@@ -188,6 +197,26 @@ def make_sparse_study(root: Path, seeds=(42,)) -> Path:
                       summary={"lambda": lam, "sparsity": sum(vals.values()) / len(vals)},
                       allocation={"method": "sora", "max_rank": 16,
                                   "ranks": {m: round(16 * (1 - v)) for m, v in vals.items()}})
+    return root
+
+
+# ----------------------------------------------------------------------------- compare (one epoch, every method)
+COMPARE = {"lora": (0.86, 147_456, None), "dora": (0.865, 152_064, None), "sora": (0.85, 147_520, 60_000),
+           "ba_lora": (0.862, 147_456, None), "rsvd": (0.87, 22_713_216, None)}
+
+
+def make_compare_study(root: Path, seeds=(42,)) -> Path:
+    """What compare.yaml's cpu scale writes: one epoch, evaluations every 20 steps, rSVD training every
+    weight (2.3e7) beside adapters of 1.5e5, SoRA's effective parameters below its trainable ones."""
+    for seed in seeds:
+        for method, (acc, trainable, effective) in COMPARE.items():
+            sp = {m.replace("bert.encoder.", ""): 0.6 for m in MODULES} if method == "sora" else None
+            write_run(root / f"{method}_seed{seed}", method, {"training.seed": seed, "model.name": "tiny-bert",
+                                                             "data.dataset": "food-reviews"},
+                      task="classification", epochs=1, steps_per_epoch=60, eval_steps=20, trainable=trainable,
+                      effective=effective, module_values=sp, peak=900.0 + trainable / 1e5,
+                      final={"train_loss": 0.35, "val_loss": 0.4, "val_accuracy": acc, "val_f1": acc - 0.02},
+                      summary={"optimizer_state_bytes": 3_000_000} if method == "rsvd" else None)
     return root
 
 

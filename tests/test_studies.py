@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,6 +201,11 @@ def test_every_shipped_study_validates(path):
     full = expand(spec, lora_params_fn=lambda cfg, r: 1000 * r)
     assert full and len({t.name for t in full}) == len(full)
     for scale in spec.scales:
+        if scale == "gpu":  # the one-GPU variant reads gpu_assets/ (scripts/gpu_bundle.sh): the LoRA count is stubbed
+            gpu = expand(load_study(path, scale, follow_ups=False), lora_params_fn=lambda cfg, r: 1000 * r)
+            # every arm and seed of the plan (a grid axis such as the dataset may shrink: the YAML says what stands in)
+            assert {(t.arm, t.seed) for t in gpu} == {(t.arm, t.seed) for t in full}, path.name
+            continue
         small = expand(load_study(path, scale, follow_ups=False))  # small variants: the real budget count, offline
         assert 0 < len(small) <= 12
     if path.stem == "subspace_allocation":
@@ -281,6 +287,14 @@ def test_failing_run_does_not_stop_the_others_and_is_not_retried_forever(tmp_pat
     assert bad["outcome"] == "failed" and "no_such_layer" in bad["error"]
     (good,) = [e for e in read_events(sd) if e["event"] == "end" and e["run"] == "good_s1"]
     assert [f["outcome"] for f in good["followups"]] == ["completed"]  # per-run step after the completed run only
+    # the duration of each phase: training, then each follow-up by its command; the study's steps at the end
+    assert list(good["phases"]) == ["train", "config"] and all(v > 0 for v in good["phases"].values())
+    assert good["phases"]["train"] + good["phases"]["config"] <= good["duration_s"]
+    assert re.search(r"good_s1 \| Duration: \S+( \S+)? \(train \S+( \S+)?, config \S+( \S+)?\) \| outcome: completed", log), log
+    total = [ln for ln in log.splitlines() if "==== TOTAL" in ln][-1]
+    assert "by phase: config" in total and "train" in total, total  # before-step `config`, train, follow-ups, study step
+    (sweep_end,) = [e for e in read_events(sd) if e["event"] == "sweep_end"]
+    assert set(sweep_end["phases"]) == {"config", "train"} and sweep_end["phases"]["train"] > 0
     assert "seed: 5" in (sd / ".study/output/good_s1.out").read_text()
     assert [e["outcome"] for e in read_events(sd) if e["event"] == "study_step"] == ["completed"]
     assert [e["outcome"] for e in read_events(sd) if e["event"] == "before_step"] == ["completed"]
@@ -385,20 +399,28 @@ def test_estimate_arithmetic_on_a_simulated_clock(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "Trainer", Simulated)
     monkeypatch.setattr(E, "process_start_s", lambda: START)
     over = {**TINY, "training.max_steps": 1000, "training.epochs": 3, "training.save_steps": 10}
-    spec = _spec(tmp_path, overrides=over, seeds=[1, 2])
+    # follow-ups run for real (their own processes, real clock) on the probe's run: per run, and the study step once
+    spec = _spec(tmp_path, overrides=over, seeds=[1, 2],
+                 follow_up={"per_run": ["config {config} --training.seed=5"], "study": ["config --keys"]})
     rows = E.estimate_study(spec, expand(spec), steps=4, out=io.StringIO(), clock=lambda: now[0])
     assert plans == [(15, 45)]  # one probe for both seeds; 64 examples: 15 steps per epoch, 3 epochs
     p = rows[0]["probe"]
     assert rows[1]["probe"] is p
+    assert list(p.followup_s) == ["config"] and p.followup_s["config"] > 0
+    study_row = rows.pop()
+    assert study_row["study_step"] == "config" and study_row["seconds"] > 0 and study_row["runs_seen"] == 1
+    fu = p.followups_total
     assert (p.steps, p.epochs, p.steps_timed, p.step_times) == (45, 3, 4, STEPS)
     # first step on its own, the median of the others (not their mean, 2.0), and what follows the last step
     assert (p.setup_s, p.first_step_s, p.step_s, p.eval_s, p.save_s, p.finish_s) == (SETUP, 3.0, 1.0, EVAL, SAVE, FINISH)
     # 44 steps after the first; 3 epoch ends (15, 30, 45); step checkpoints at 10, 20, 40 (30 is an epoch end)
     one = START + SETUP + 3.0 + 44 * 1.0 + 3 * (EVAL + SAVE) + 3 * SAVE + FINISH
-    assert [r["seconds"] for r in rows] == [pytest.approx(one)] * 2
+    assert [r["seconds"] for r in rows] == [pytest.approx(one + fu)] * 2
     buf = io.StringIO()
-    assert E.print_estimate(rows, slots=2, out=buf) == pytest.approx(2 * one)
-    assert f"({E.fmt_duration(one)} on 2 slots)" in buf.getvalue()
+    assert E.print_estimate([*rows, study_row], slots=2, out=buf) == pytest.approx(2 * (one + fu) + study_row["seconds"])
+    # the runs share the slots; the study step runs once after them
+    assert f"({E.fmt_duration(one + fu + study_row['seconds'])} on 2 slots)" in buf.getvalue()
+    assert f"config {E.fmt_duration(fu)})" in buf.getvalue() and "(study step: config, once)" in buf.getvalue()
 
 
 @pytest.mark.slow

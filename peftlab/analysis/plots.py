@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .collect import Study, allocation_method, layer_of, module_kind, size_axes  # noqa: E402
+from .layout import layout_problems  # noqa: E402
 
 STYLE = {
     "font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5, "legend.fontsize": 7.5, "xtick.labelsize": 8,
@@ -51,6 +52,8 @@ class PlotContext:
     out_dir: Path
     baseline: Optional[dict] = None  # majority-class baseline ({"val_accuracy": ..., "label": ...})
     colours: dict[str, str] = field(default_factory=dict)
+    # when a dict, save() records layout.layout_problems of each figure under its stem (the layout tests use it)
+    checks: Optional[dict] = None
 
     def __post_init__(self):
         self.colours = {a: COLOURS[i % len(COLOURS)] for i, a in enumerate(self.study.arms)}
@@ -64,6 +67,8 @@ class PlotContext:
 
     def save(self, fig, stem: str) -> str:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.checks is not None:
+            self.checks[stem] = layout_problems(fig)
         fig.savefig(self.out_dir / f"{stem}.png", bbox_inches="tight")
         fig.savefig(self.out_dir / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None})
         plt.close(fig)
@@ -86,6 +91,26 @@ def _legend(ax, **kw):
 
 def _fmt_dim(d) -> str:
     return f"{int(d)}" if float(d).is_integer() else f"{d:g}"
+
+
+def _legend_below(ax, **kw) -> None:
+    """The axes' legend just under its x tick labels and x label, whatever their size (a fixed offset in axes
+    units lands on the label of a short axes)."""
+    h, _ = ax.get_legend_handles_labels()
+    if not h:
+        return
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    below_px = ax.get_window_extent(renderer).y0 - ax.get_tightbbox(renderer).y0
+    offset = matplotlib.transforms.offset_copy(ax.transAxes, fig=fig, y=-(below_px * 72 / fig.dpi + 3), units="points")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=offset, **kw)
+
+
+def _wide(values) -> bool:
+    """Positive values spanning more than two decades: their axis must be logarithmic."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return bool(len(v)) and bool((v > 0).all()) and v.max() / v.min() > 100
 
 
 def _log_x(ax, values) -> None:
@@ -201,8 +226,11 @@ def plot_compression_comparison(ctx: PlotContext) -> list[str]:
                 c = ctx.colour(arm)
                 ax.plot(r["compressed_size_kb_mean"], r["bounds.bound_value_mean"], "o", color=c)
                 ax.plot(r["compressed_size_kb_mean"], r["bounds.empirical_bpd_mean"], "s", mfc="white", color=c)
-            _log_x(ax, st["compressed_size_kb_mean"])
-            ax.set(xlabel="compressed size (KB, log scale)", ylabel="bits per token", title="size vs bound / risk")
+            wide = _wide(st["compressed_size_kb_mean"])
+            if wide:
+                _log_x(ax, st["compressed_size_kb_mean"])
+            ax.set(xlabel="compressed size (KB" + (", log scale)" if wide else ")"), ylabel="bits per token",
+                   title="size vs bound / risk")
             _legend(ax, loc="best")
         else:
             ax.text(0.5, 0.5, "no compressed_size_bits", ha="center", va="center", transform=ax.transAxes)
@@ -432,6 +460,7 @@ def plot_performance(ctx: PlotContext) -> list[str]:
     x = ctx.agg["trainable_params_mean"].dropna()
     if len(x) and x.max() / max(x.min(), 1) > 20:
         ax.set_xscale("log")
+        ax.margins(x=0.08)
     if ctx.baseline and m in ctx.baseline:
         ax.axhline(ctx.baseline[m], ls=":", color="0.3", lw=1, label=f"majority class ({ctx.baseline[m]:.3f})")
     ax.set_xlabel("trainable parameters (count)")
@@ -449,6 +478,31 @@ def _mean_curve(frames: list[pd.DataFrame], x: str, y: str) -> Optional[pd.DataF
     return pd.concat(frames).groupby(x)[y].agg(["mean", "std"]).reset_index()
 
 
+def _history(run) -> Optional[pd.DataFrame]:
+    h = run.history
+    if not h or not all(isinstance(v, list) for v in h.values()) or len({len(v) for v in h.values()}) != 1:
+        return None
+    h = pd.DataFrame(h)
+    return h.assign(epoch=range(1, len(h) + 1)) if "epoch" not in h else h
+
+
+def eval_curves(runs, metrics: list[str]) -> tuple[str, dict[str, Optional[pd.DataFrame]]]:
+    """Validation curves of a group of runs: ("step", mean curve per metric over eval_log.csv's evaluations)
+    when the evaluations are more than the epochs or there is at most one epoch (a one-epoch curve over an
+    epoch axis is one dot), else ("epoch", curves over training_history.json). Training loss on a step axis
+    comes from loss_log.csv."""
+    hist = [_history(r) for r in runs]
+    evals = [r.csv("eval_log.csv") for r in runs]
+    n_epochs = max((len(h) for h in hist if h is not None), default=0)
+    n_evals = max((e["step"].nunique() for e in evals if e is not None and "step" in e), default=0)
+    if n_evals and (n_evals > n_epochs or n_epochs < 2):
+        frames = {m: _mean_curve(evals, "step", m) for m in metrics}
+        if "train_loss" in metrics:
+            frames["train_loss"] = _mean_curve([r.csv("loss_log.csv") for r in runs], "step", "train_loss")
+        return "step", frames
+    return "epoch", {m: _mean_curve(hist, "epoch", m) for m in metrics}
+
+
 def _style_for(ctx: PlotContext, agg: pd.DataFrame):
     """(colour, linestyle, marker) per group: colour by arm, style cycling within an arm."""
     seen: dict[str, int] = {}
@@ -463,33 +517,51 @@ def _style_for(ctx: PlotContext, agg: pd.DataFrame):
 def plot_training_curves(ctx: PlotContext) -> list[str]:
     m = ctx.study.main_metric
     styles = _style_for(ctx, ctx.agg)
-    curves_step, curves_epoch = [], []
+    curves_step, curves_eval, axes_of_eval = [], [], set()
     for g in ctx.agg.itertuples():
         runs = [ctx.study.run(n) for n in g.runs]
         c1 = _mean_curve([r.csv("loss_log.csv") for r in runs], "step", "train_loss")
-        hist = [pd.DataFrame(r.history) if r.history and all(isinstance(v, list) for v in r.history.values()) else None for r in runs]
-        hist = [h.assign(epoch=range(1, len(h) + 1)) if h is not None and "epoch" not in h else h for h in hist]
-        c2 = _mean_curve(hist, "epoch", m)
+        x, frames = eval_curves(runs, [m])
         if c1 is not None:
             curves_step.append((g.label, c1))
-        if c2 is not None:
-            curves_epoch.append((g.label, c2))
-    if not curves_step and not curves_epoch:
-        raise Skip("no loss_log.csv or training_history.json in the completed runs")
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.8))
+        if frames[m] is not None:
+            curves_eval.append((g.label, x, frames[m]))
+            axes_of_eval.add(x)
+    if not curves_step and not curves_eval:
+        raise Skip("no loss_log.csv, eval_log.csv or training_history.json in the completed runs")
+    # one x for the right panel: steps when any group has only step evaluations, so groups stay comparable
+    x_eval = "step" if "step" in axes_of_eval else "epoch"
+    if x_eval == "step":
+        curves_eval = []
+        for g in ctx.agg.itertuples():
+            runs = [ctx.study.run(n) for n in g.runs]
+            c = _mean_curve([r.csv("eval_log.csv") for r in runs], "step", m)
+            if c is not None:
+                curves_eval.append((g.label, "step", c))
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.8), sharex=x_eval == "step")
     for label, c in curves_step:
         col, ls, _ = styles[label]
         axes[0].plot(c["step"], c["mean"], ls=ls, color=col, label=label, lw=1.1)
     axes[0].set(xlabel="optimizer step", ylabel="training loss (nats, mean over seeds)", title="training loss")
-    for label, c in curves_epoch:
+    for label, x, c in curves_eval:
         col, ls, mk = styles[label]
-        axes[1].errorbar(c["epoch"], c["mean"], yerr=np.nan_to_num(c["std"].to_numpy(dtype=float)), ls=ls, marker=mk,
-                         color=col, capsize=2, label=label)
-    axes[1].set(xlabel="epoch", ylabel=_metric_label(m), title=f"{_metric_label(m)} per epoch")
-    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    handles, labels = (axes[0] if curves_step else axes[1]).get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        axes[1].errorbar(c[x], c["mean"], yerr=np.nan_to_num(c["std"].to_numpy(dtype=float)), ls=ls, marker=mk,
+                         color=col, capsize=2, label=label, ms=4)
+    if x_eval == "step":
+        axes[1].set(xlabel="optimizer step", title=f"{_metric_label(m)} at each evaluation")
+        axes[1].tick_params(labelbottom=True)
+    else:
+        axes[1].set(xlabel="epoch", title=f"{_metric_label(m)} per epoch")
+        axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].set_ylabel(_metric_label(m))
+    # one entry per group with its colour, line style and marker (the marker only where the right panel draws one)
+    shown = {label for label, *_ in curves_step} | {label for label, *_ in curves_eval}
+    marked = {label for label, *_ in curves_eval}
+    labels = [g.label for g in ctx.agg.itertuples() if g.label in shown]
+    handles = [matplotlib.lines.Line2D([], [], color=styles[lb][0], ls=styles[lb][1], marker=styles[lb][2] if lb in marked else None,
+                                       ms=4, lw=1.1) for lb in labels]
     fig.tight_layout()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), handlelength=3)
     return [ctx.save(fig, "training_curves")]
 
 
@@ -582,7 +654,9 @@ def plot_metric_vs_effective(ctx: PlotContext) -> list[str]:
         raise Skip("every run's effective parameters equal its trainable parameters (no sparse method)")
     fig, ax = plt.subplots(figsize=(3.6, 2.7))
     styles = _style_for(ctx, agg)
-    for g in agg.dropna(subset=need).itertuples():
+    shown = agg.dropna(subset=need)
+    hollow = None  # the marker of one hollow (trainable) point, for the legend entry that explains them
+    for g in shown.itertuples():
         col, _, mk = styles[g.label]
         y, e, t = getattr(g, f"{m}_mean"), g.effective_params_mean, g.trainable_params_mean
         yerr = getattr(g, f"{m}_std")
@@ -590,9 +664,18 @@ def plot_metric_vs_effective(ctx: PlotContext) -> list[str]:
         if e < t:
             ax.plot([e, t], [y, y], ":", color=col, lw=0.8)
             ax.plot([t], [y], mk, mfc="white", color=col, ms=4)
-    ax.set(xlabel="effective parameters (count; hollow = trainable)", ylabel=_metric_label(m),
+            hollow = hollow or mk
+    if hollow:
+        ax.plot([], [], ls=":", marker=hollow, mfc="white", color="0.35", ms=4, lw=0.8, label="hollow: trainable params")
+    x = pd.concat([shown["effective_params_mean"], shown["trainable_params_mean"]])
+    if _wide(x):
+        ax.set_xscale("log")
+        ax.margins(x=0.08)
+    ax.set(xlabel="effective parameters (count" + (", log scale)" if _wide(x) else ")"), ylabel=_metric_label(m),
            title=f"{_metric_label(m)} vs effective parameters")
-    _legend(ax, loc="best")
+    h, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(h)), key=lambda i: labels[i].startswith("hollow:"))  # the arms, then the explanation
+    ax.legend([h[i] for i in order], [labels[i] for i in order], loc="center left", bbox_to_anchor=(1.02, 0.5))
     return [ctx.save(fig, "metric_vs_effective_params")]
 
 
@@ -614,13 +697,18 @@ def plot_optimizer_memory(ctx: PlotContext) -> list[str]:
         key = _size_axis(a["method"].iloc[0])
         if key is None or key not in a:
             continue
+        a = a[a[key].notna()]
+        if a.empty:
+            continue
         if a["optimizer_state_mb"].notna().any():
             y = a.groupby(key)["optimizer_state_mb"].mean()
             ax.plot(y.index, y.values, "-" + MARKERS[i % len(MARKERS)], color=ctx.colour(arm), label=f"{arm} (measured)")
             adam.extend(a["trainable_params"].dropna().tolist())
         elif "trainable_params" in a:
             # AdamW over the adapter: two fp32 moments per trainable parameter
-            y = a.groupby(key)["trainable_params"].mean() * 8 / 2**20
+            y = (a.groupby(key)["trainable_params"].mean() * 8 / 2**20).dropna()
+            if y.empty:
+                continue
             ax.plot(y.index, y.values, "--" + MARKERS[i % len(MARKERS)], color=ctx.colour(arm), label=f"{arm} (AdamW, 8 B/param)")
     if adam:
         mb = max(adam) * 8 / 2**20
@@ -629,7 +717,7 @@ def plot_optimizer_memory(ctx: PlotContext) -> list[str]:
     ax.set_yscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set(xlabel="rank r", ylabel="optimizer state (MiB, log scale)", title="Optimizer memory vs rank")
-    _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+    _legend_below(ax, ncol=1)
     return [ctx.save(fig, "optimizer_memory_vs_rank")]
 
 
@@ -660,25 +748,36 @@ def plot_loss_per_epoch(ctx: PlotContext) -> list[str]:
             arms.append((arm, key))
     if not arms:
         raise Skip("no method run at more than one rank")
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.4 * len(arms), 2.7), squeeze=False, sharey=True)
-    for ax, (arm, key) in zip(axes[0], arms):
+    ncol = min(len(arms), 3)
+    nrow = math.ceil(len(arms) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.45 * ncol + 0.4, 2.9 * nrow), squeeze=False, sharey=True)
+    xs = set()
+    for ax, (arm, key) in zip(axes.flat, arms):
         a = df[df["arm"] == arm]
         sizes = sorted(a[key].dropna().unique())
         cmap = matplotlib.colors.LinearSegmentedColormap.from_list("arm", ["#dddddd", ctx.colour(arm)])
         for k, size in enumerate(sizes):
             runs = [ctx.study.run(n) for n in a[a[key] == size]["run"]]
-            hist = [pd.DataFrame(r.history) for r in runs if r.history]
-            hist = [h.assign(epoch=range(1, len(h) + 1)) if "epoch" not in h else h for h in hist]
+            x, frames = eval_curves(runs, ["train_loss", "val_loss"])
+            xs.add(x)
             col = cmap(0.35 + 0.65 * k / max(len(sizes) - 1, 1))
             for y, ls in (("train_loss", "-"), ("val_loss", "--")):
-                c = _mean_curve(hist, "epoch", y)
+                c = frames.get(y)
                 if c is not None:
-                    ax.plot(c["epoch"], c["mean"], ls=ls, marker="o", ms=3, color=col,
+                    many = len(c) > 12  # a step-by-step training loss: a line, markers would blot it
+                    ax.plot(c[x], c["mean"], ls=ls, marker=None if many else "o", ms=3, color=col,
                             label=f"{key.split('.')[-1]}={size:g}" if ls == "-" else None)
-        ax.set(xlabel="epoch", title=f"{arm}: loss per epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, title="solid: train, dashed: validation")
-    axes[0][0].set_ylabel("loss (nats)")
+        ax.set(xlabel="epoch" if x == "epoch" else "optimizer step", title=arm)
+        if x == "epoch":
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in axes.flat[len(arms):]:
+        ax.set_axis_off()
+    for row in axes:
+        row[0].set_ylabel("loss (nats)")
+    what = "epoch" if xs == {"epoch"} else "evaluation"
+    fig.suptitle(f"Training (solid) and validation (dashed) loss per {what}, by size")
+    for ax, _ in zip(axes.flat, arms):
+        _legend(ax, loc="best", fontsize=6.5)
     fig.tight_layout()
     return [ctx.save(fig, "loss_per_epoch_per_rank")]
 

@@ -34,6 +34,7 @@ from ..io import atomic_write_text, output_path_problem
 from ..models.quant import compute_dtype, describe
 from ..rundir import RunDir
 from ..runs import load_run
+from ..runs.device import followup_device
 from ..runs.load import damaged_fix, require_final
 from . import coding
 from . import formulas as F
@@ -504,12 +505,9 @@ def _qat_refiner(model, state, tokens, context, bcfg, device, log):
 # ------------------------------------------------------------------ the command
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PeftlabError("--bounds.device=cuda but no CUDA GPU is visible; use --bounds.device=cpu or auto.")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def pick_device(name: str, run_device: Optional[str] = None) -> torch.device:
+    """``--bounds.device``: auto follows the run's ``system.device`` (its GPU under a sweep's --gpus), see followup_device."""
+    return torch.device(followup_device(name, run_device, torch.cuda.is_available()))
 
 
 def write_metrics(metrics: dict[str, Any], path: Path) -> None:
@@ -551,7 +549,7 @@ def run_bounds(run_dir: str | Path, bcfg: BoundsConfig, log: Callable[[str], Non
     check_output(out, "--bounds.output" if bcfg.output else f"the run directory ({run_dir})")
     data_dir = resolve_data(bcfg, run_cfg)
     world, rank_device = parallel.start(bcfg.device)
-    device = torch.device(rank_device) if rank_device else pick_device(bcfg.device)
+    device = torch.device(rank_device) if rank_device else pick_device(bcfg.device, getattr(getattr(run_cfg, "system", None), "device", None))
     if device.type == "cuda" and bcfg.dtype == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fast, deterministic run to run
     loaded = load_run(run_dir, device=str(device), fix=damaged_fix(rd, None))

@@ -131,11 +131,15 @@ def add_estimate(subparsers) -> None:
         "estimate", help="time a few real optimizer steps and print the time per run and in total",
         description="Time a few real optimizer steps of each distinct configuration of a study (or of one run config) on this "
                     "device, extrapolate to each run's full number of steps, add setup, evaluation, checkpoint and method "
-                    "overheads, and print per-run and total estimates with the expected completion time.")
+                    "overheads, time the study's follow-ups (bounds, profile, analyze) for real on the probe runs, and print "
+                    "per-run and total estimates with the expected completion time.")
     e.add_argument("target", help="study YAML or run config YAML")
     e.add_argument("--preset-scale", default=None, help="scale of the study to estimate")
     e.add_argument("--output-dir", default=None, help="study directory (runs already done there count as zero)")
     e.add_argument("--only", default=None, help="comma-separated run names or patterns: estimate only these")
     e.add_argument("--steps", type=int, default=4, help="optimizer steps timed per distinct configuration (default 4)")
     e.add_argument("--gpus", default=None, help="GPUs the sweep will use (the total is divided among them)")
-    e.set_defaults(func=cmd_estimate, skip_follow_ups=True)
+    e.add_argument("--skip-follow-ups", action="store_true",
+                   help="time training only; by default each per-run follow-up (bounds, profile) is run and timed on the probe's run "
+                        "and the study steps (analyze) once on the probe runs")
+    e.set_defaults(func=cmd_estimate)

@@ -17,7 +17,7 @@ from ..options import opt
 class ModelConfig:
     name: str = opt("tiny-gpt2", "Hub name, local path, built-in tiny model (tiny-gpt2, tiny-bert) or offline real model (smollm2-135m, minilm-l6).")
     task: Literal["auto", "causal_lm", "classification"] = opt("auto", "Head to build; `auto` infers it from the model name and dataset.")
-    from_scratch: bool = opt(False, "Build the architecture with random weights instead of loading weights (configs of gpt2, distilbert-base-uncased, bert-base-uncased, qwen2.5-3b and llama-3-8b ship with peftlab).")
+    from_scratch: bool = opt(False, "Build the architecture with random weights instead of loading weights (configs of gpt2, distilbert-base-uncased, bert-base-uncased, qwen2.5-0.5b, qwen2.5-3b and llama-3-8b ship with peftlab).")
     num_labels: Optional[int] = opt(None, "Number of classes for classification; defaults to what the dataset says.")
     target_modules: Optional[list[str]] = opt(None, "Module names to adapt; default depends on the architecture (GPT-2 c_attn, BERT query/value, Llama q_proj/v_proj).")
     dropout: Optional[float] = opt(None, "Override every dropout probability inside the base model (null keeps the architecture's own).")

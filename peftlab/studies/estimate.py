@@ -11,7 +11,12 @@ run's epoch end does. Per step it records a timestamp (a wrapper around the meth
       + (refreshes - 1) x (first step - median step)      methods with `update_interval` (periodic refreshes)
       + epochs x (evaluation + epoch checkpoint) + step checkpoints x save + final export
 
-``steps`` comes from :func:`peftlab.build.count_optimizer_steps` (no training). Runs
+``steps`` comes from :func:`peftlab.build.count_optimizer_steps` (no training). A study's
+follow-ups are timed for real: each ``per_run`` step (``bounds``, ``profile``, ...) runs, in its
+own process as the sweep runs it, on the probe's finished run directory (its time does not
+depend on how long the run trained: a bound scores ``bounds.num_docs`` documents of the model
+whatever it learned), and the ``study`` steps (``analyze``) run once at the end on a scratch
+study directory holding one probe run per distinct configuration. Runs
 already done in the study directory count zero. A partial run (killed, or stopped) counts
 only what is left after its newest complete checkpoint, where ``--resume`` would start:
 its remaining steps, the epoch ends among them and the setup of the resumed process.
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -30,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import yaml
+
 from ..build import count_optimizer_steps
 from ..checkpoints import list_checkpoints
 from ..methods import METHODS
@@ -38,7 +47,8 @@ from ..tracking import close_logger, quiet_libraries
 from ..train import lock as run_lock
 from ..train.loop import Trainer
 from .log import fmt_duration
-from .trial import trial_status
+from .runner import before_marker
+from .trial import run_steps, trial_status
 
 
 @dataclass
@@ -53,6 +63,11 @@ class Probe:
     epochs: int
     steps_timed: int
     step_times: list[float] = field(default_factory=list)
+    followup_s: dict[str, float] = field(default_factory=dict)  # per-run follow-up steps, timed on the probe's run
+
+    @property
+    def followups_total(self) -> float:
+        return sum(self.followup_s.values())
 
 
 _START_COST: Optional[float] = None
@@ -69,13 +84,14 @@ def process_start_s() -> float:
     return _START_COST
 
 
-def probe(cfg, steps: int = 4, clock: Callable[[], float] = time.perf_counter) -> Probe:
-    """Build ``cfg``'s run in a scratch directory and time ``steps`` real optimizer steps.
+def probe(cfg, steps: int = 4, clock: Callable[[], float] = time.perf_counter, run_dir: Optional[Path] = None) -> Probe:
+    """Build ``cfg``'s run in a scratch directory (or ``run_dir``, which is kept) and time ``steps`` real optimizer steps.
 
     ``clock`` gives the seconds every timing is read from (a test passes a simulated one)."""
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="peftlab-estimate-") as tmp:
-        pcfg = cfg.replace({"output.dir": f"{tmp}/run", "training.save_steps": 0, "training.resume_from": None,
+        where = str(run_dir) if run_dir is not None else f"{tmp}/run"
+        pcfg = cfg.replace({"output.dir": where, "training.save_steps": 0, "training.resume_from": None,
                             "logging.progress_bar": False, "logging.report_to": [], "output.overwrite": True})
         t0 = clock()
         tr = Trainer(pcfg, console=False)
@@ -176,23 +192,80 @@ def estimate_config(cfg, steps: int = 4, name: Optional[str] = None,
     return [{"name": name or str(cfg.output.dir), "status": "new", "seconds": run_seconds(cfg, p), "probe": p}]
 
 
+def _substitute(step: str, mapping: dict[str, str]) -> list[str]:
+    words = shlex.split(step)
+    words = words[1:] if words and words[0] == "peftlab" else words
+    out = []
+    for w in words:
+        for k, v in mapping.items():
+            w = w.replace("{" + k + "}", v)
+        out.append(w)
+    return out
+
+
+def time_steps(steps: list[str], mapping: dict[str, str], log_path: Path, out=None) -> dict[str, float]:
+    """Run follow-up steps as the sweep does (each ``peftlab`` command in its own process, in this directory) and
+    return the seconds each took, by command name. A step that fails is reported and counted as it ran."""
+    if not steps:
+        return {}
+    taken: dict[str, float] = {}
+
+    def on_end(r) -> None:
+        taken[r.words[0]] = taken.get(r.words[0], 0.0) + r.duration_s
+        if r.outcome == "failed" and out is not None:
+            print(f"  follow-up `{r.words[0]}` failed on the probe ({r.error}); its {fmt_duration(r.duration_s)} count as they ran",
+                  file=out, flush=True)
+
+    run_steps([_substitute(s, mapping) for s in steps], env=dict(os.environ), cwd=os.getcwd(), out_path=log_path,
+              stop_on_failure=False, on_end=on_end)
+    return taken
+
+
 def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
                    clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
+    """One row per trial (its training plus its per-run follow-ups), then one row per study step (``analyze``)."""
     out = out if out is not None else sys.stdout
     probes: dict[str, Probe] = {}
     rows = []
-    for t in trials:
-        status, _ = trial_status(t.cfg, t.run_dir)
-        if status in ("done", "diverged"):  # a diverged run is not trained again
-            rows.append({"name": t.name, "status": status, "seconds": 0.0, "probe": None})
-            continue
-        key = _distinct_key(t.cfg)
-        if key not in probes:
-            print(f"timing {steps} steps of {t.name} ({len(probes) + 1} distinct configuration(s) so far) ...", file=out, flush=True)
-            probes[key] = probe(t.cfg, steps, clock)
-        done = resume_step(t.run_dir) if status == "partial" else 0
-        rows.append({"name": t.name, "status": status, "seconds": run_seconds(t.cfg, probes[key], done), "probe": probes[key],
-                     "done_steps": done})
+    per_run = list(spec.follow_up.per_run)
+    with tempfile.TemporaryDirectory(prefix="peftlab-estimate-study-") as scratch:
+        if spec.follow_up.before and (per_run or spec.follow_up.study):
+            # the follow-ups may read what the `before` steps write ({study_dir}/bins): run them in the scratch study;
+            # they count when the real study has not run them yet (a finished one is not repeated by the sweep)
+            real = trials[0].run_dir.parent if trials else spec.output_dir
+            print("running the study's steps before the runs in a scratch study ...", file=out, flush=True)
+            todo = [s for s in spec.follow_up.before if not before_marker(real, _substitute(s, {"study_dir": str(real)})).is_file()]
+            taken = time_steps(list(spec.follow_up.before), {"study_dir": scratch}, Path(scratch) / ".before.out", out)
+            if todo:
+                for name, sec in taken.items():
+                    rows.append({"name": f"(before the runs: {name}, once)", "status": "study", "seconds": sec, "probe": None,
+                                 "study_step": name, "runs_seen": 0})
+        for t in trials:
+            status, _ = trial_status(t.cfg, t.run_dir)
+            if status in ("done", "diverged"):  # a diverged run is not trained again
+                rows.append({"name": t.name, "status": status, "seconds": 0.0, "probe": None})
+                continue
+            key = _distinct_key(t.cfg)
+            if key not in probes:
+                print(f"timing {steps} steps of {t.name} ({len(probes) + 1} distinct configuration(s) so far) ...", file=out, flush=True)
+                run_dir = Path(scratch) / t.name
+                p = probes[key] = probe(t.cfg, steps, clock, run_dir=run_dir)
+                if per_run:
+                    cfg_path = Path(scratch) / ".configs" / f"{t.name}.yaml"
+                    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+                    cfg_path.write_text(yaml.safe_dump(t.cfg.replace({"output.dir": str(run_dir)}).to_dict(), sort_keys=False))
+                    print(f"timing the follow-ups of {t.name} on the probe's run ...", file=out, flush=True)
+                    p.followup_s = time_steps(per_run, {"run_dir": str(run_dir), "name": t.name, "study_dir": scratch,
+                                                        "config": str(cfg_path)}, Path(scratch) / ".followups.out", out)
+            p = probes[key]
+            done = resume_step(t.run_dir) if status == "partial" else 0
+            rows.append({"name": t.name, "status": status, "seconds": run_seconds(t.cfg, p, done) + p.followups_total,
+                         "probe": p, "done_steps": done})
+        if spec.follow_up.study and probes:
+            print(f"timing the study steps on the {len(probes)} probe run(s) ...", file=out, flush=True)
+            for name, sec in time_steps(list(spec.follow_up.study), {"study_dir": scratch}, Path(scratch) / ".study.out", out).items():
+                rows.append({"name": f"(study step: {name}, once)", "status": "study", "seconds": sec, "probe": None,
+                             "study_step": name, "runs_seen": len(probes)})
     return rows
 
 
@@ -203,15 +276,22 @@ def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
     print(f"{'run':<{w}}   {'steps':>7} {'s/step':>8} {'setup+eval':>10}   estimate", file=out)
     for r in rows:
         p = r["probe"]
+        if r.get("study_step"):
+            seen = (f"   (timed on {r['runs_seen']} probe run(s); grows a little with the number of runs)" if r["runs_seen"] else "")
+            print(f"{r['name']:<{w}} : {'':>7} {'':>8} {'':>10}   ~ {fmt_duration(r['seconds']):>10}{seen}", file=out)
+            continue
         if p is None:
             print(f"{r['name']:<{w}} : {'':>7} {'':>8} {'':>10}   {r['status']} (0s)", file=out)
             continue
         done = r.get("done_steps") or 0
         left = f"{p.steps - done}/{p.steps}" if done else f"{p.steps}"
+        fu = ", ".join(f"{k} {fmt_duration(v)}" for k, v in p.followup_s.items())
         print(f"{r['name']:<{w}} : {left:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {fmt_duration(r['seconds']):>10}"
-              + (f"   (resumes at step {done})" if done else ""), file=out)
+              + (f"   (resumes at step {done})" if done else "") + (f"   (train {fmt_duration(r['seconds'] - p.followups_total)}, {fu})" if fu else ""),
+              file=out)
     total = sum(r["seconds"] for r in rows)
-    wall = total / max(slots, 1)
+    study_s = sum(r["seconds"] for r in rows if r.get("study_step"))
+    wall = (total - study_s) / max(slots, 1) + study_s  # the study steps run once, after every run
     print("-" * (w + 44), file=out)
     print(f"{'TOTAL':<{w}} : {'':>28}   ~ {fmt_duration(total):>10}" + (f" ({fmt_duration(wall)} on {slots} slots)" if slots > 1 else ""), file=out)
     print(f"Expected completion if started now: {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(time.time() + wall))}", file=out)

@@ -185,6 +185,11 @@ class SweepSummary:
     gave_up: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase over the sweep: train, bounds, analyze, ...
+
+    def add_phases(self, phases: dict[str, float]) -> None:
+        for k, v in phases.items():
+            self.phases[k] = self.phases.get(k, 0.0) + v
 
     @property
     def ok(self) -> bool:
@@ -268,12 +273,17 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
                 summary.failed += 1
                 summary.failures.append(trial.name)
             eta = progress.finished(res.duration_s)
-            fu = "".join(f"\n  follow-up {s['step']}: {s['outcome']}" for s in res.followups)
+            with progress.lock:
+                summary.add_phases(res.phases)
+            fu = "".join(f"\n  follow-up {s['step']}: {s['outcome']}"
+                         + (f" in {fmt_duration(s['duration_s'])}" if s.get("outcome") != "done-before" and "duration_s" in s else "")
+                         for s in res.followups)
             err = f"\n  error: {res.error}" if res.error else ""
-            log.say(f"end: {fmt_clock(time.time())} | {trial.name} | Duration: {fmt_duration(res.duration_s)} | outcome: {res.outcome}"
+            log.say(f"end: {fmt_clock(time.time())} | {trial.name} | Duration: {fmt_duration(res.duration_s)}{phase_text(res.phases)}"
+                    f" | outcome: {res.outcome}"
                     f"{'' if res.trained or res.outcome != 'completed' else ' (training was already done)'}{fu}{err}\n{eta}")
             log.event("end", run=trial.name, index=trial.index, identity=job.identity, outcome=res.outcome, error=res.error,
-                      returncode=res.returncode, duration_s=res.duration_s, trained=res.trained, host=res.host, where=where,
+                      returncode=res.returncode, duration_s=res.duration_s, phases=res.phases, trained=res.trained, host=res.host, where=where,
                       followups=res.followups, eta=eta)
 
         def on_submit(trial: Trial, job_id: str) -> None:
@@ -285,9 +295,18 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
         _study_steps("study", spec, study_dir, log, summary)
         summary.seconds = time.time() - t_start
         log.say(f"==== TOTAL: {summary.total} runs: {summary.completed} completed now, {summary.skipped} already done, "
-                f"{summary.failed} failed, {summary.gave_up} not retried | total time {fmt_duration(summary.seconds)} ====")
+                f"{summary.failed} failed, {summary.gave_up} not retried | total time {fmt_duration(summary.seconds)}"
+                f"{phase_text(summary.phases, ' | by phase: ')} ====")
         log.event("sweep_end", **{k: v for k, v in asdict(summary).items()}, ok=summary.ok)
     return summary
+
+
+def phase_text(phases: dict[str, float], lead: str = " (") -> str:
+    """``" (train 41s, bounds 23s)"``: the time of each phase, in the order they ran; empty when none ran."""
+    if not phases:
+        return ""
+    body = ", ".join(f"{k} {fmt_duration(v)}" for k, v in phases.items())
+    return f"{lead}{body})" if lead == " (" else f"{lead}{body}"
 
 
 def results_table(trials: list[Trial]) -> str:
@@ -318,16 +337,18 @@ def _followups_pending(spec: StudySpec, trial: Trial, study_dir: Path) -> bool:
     return any(not followup_marker(study_dir / STATE_DIR, trial.name, i, ident).is_file() for i in range(len(spec.follow_up.per_run)))
 
 
+def before_marker(study_dir: Path, words: list[str]) -> Path:
+    """The file that says the study's ``before`` step ``words`` (substituted) finished: it is not run again."""
+    return study_dir / STATE_DIR / "followups" / f"_before.{hashlib.sha256(shlex.join(words).encode()).hexdigest()[:16]}.done"
+
+
 def _study_steps(kind: str, spec: StudySpec, study_dir: Path, log: StudyLog, summary: SweepSummary) -> bool:
     """The study's ``before`` steps (each once: a finished one is not repeated; the first failure
     stops them) or its ``study`` steps (after the runs, at every sweep, all of them); False when
     one failed. A run's ``per_run`` steps go through the same :func:`~.trial.run_steps`."""
     before = kind == "before"
     steps = [_substitute(s, {"study_dir": str(study_dir)}) for s in (spec.follow_up.before if before else spec.follow_up.study)]
-    markers = None
-    if before:
-        markers = [study_dir / STATE_DIR / "followups" / f"_before.{hashlib.sha256(shlex.join(w).encode()).hexdigest()[:16]}.done"
-                   for w in steps]
+    markers = [before_marker(study_dir, w) for w in steps] if before else None
 
     def on_start(words: list[str]) -> None:
         log.say(f"==== {'BEFORE THE RUNS' if before else 'STUDY STEP'}: peftlab {shlex.join(words)} ====")
@@ -338,6 +359,7 @@ def _study_steps(kind: str, spec: StudySpec, study_dir: Path, log: StudyLog, sum
         if not before and ok and r.tail.strip() and log.out is not None:
             print(r.tail.split("\n", 2)[-1].rstrip(), file=log.out)
         log.event("before_step" if before else "study_step", step=r.step, outcome=r.outcome, error=r.error, duration_s=r.duration_s)
+        summary.add_phases({r.words[0]: r.duration_s})
         if not ok:
             summary.failed += 1
             summary.failures.append(f"step before the runs: {r.words[0]}" if before else f"study step {r.words[0]}")

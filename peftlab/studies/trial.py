@@ -92,6 +92,9 @@ class TrialResult:
     trained: bool = False
     followups: list[dict] = field(default_factory=list)
     host: str = ""
+    # seconds per phase of this attempt: "train" (the training process), then each follow-up by its command
+    # ("bounds", "profile", ...); a phase that did not run this time is absent
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------- child processes
@@ -254,7 +257,9 @@ def execute_trial(job: TrialJob) -> TrialResult:
             cmd = [*job.launcher, "-m", "peftlab", "train", job.config_path, "--logging.progress_bar=false"]
             if status == "partial":
                 cmd.append("--training.resume_from=latest")
+            t_train = time.time()
             rc, tail = _run_logged(cmd, env, job.cwd, out_path, lock.fileno())
+            res.phases["train"] = time.time() - t_train
             res.returncode, res.trained = rc, True
             after = trial_status(cfg, run_dir)[0]
             if rc != 0 or after != "done":
@@ -265,7 +270,10 @@ def execute_trial(job: TrialJob) -> TrialResult:
         (state / "followups").mkdir(parents=True, exist_ok=True)
         markers = [followup_marker(state, job.name, i, job.identity) for i in range(len(job.followups))]
         for step in run_steps(job.followups, env=env, cwd=job.cwd, out_path=out_path, markers=markers):
-            res.followups.append({"step": step.step, "outcome": step.outcome, **({"error": step.error} if step.outcome == "failed" else {})})
+            res.followups.append({"step": step.step, "outcome": step.outcome, "duration_s": step.duration_s,
+                                  **({"error": step.error} if step.outcome == "failed" else {})})
+            if step.outcome != "done-before":
+                res.phases[step.words[0]] = res.phases.get(step.words[0], 0.0) + step.duration_s
             if step.outcome == "failed":
                 res.error = f"follow-up `{step.words[0]}` failed: {step.error}"
                 return res

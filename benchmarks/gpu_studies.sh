@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One study's `gpu` scale on the lent GPU, in slices that fit one device command (10 minutes): the sweep runs under
+# a wall limit, is interrupted cleanly (SIGINT: the running run dies and resumes or restarts next time; finished runs
+# and follow-ups are skipped), and what the study has so far is copied to $OUT. Call it again on the same (warm)
+# machine to go on: runs/ is kept between calls there, and the sweep resumes.
+#
+#   bash benchmarks/gpu_studies.sh STUDY [WALL_S]            sweep (default wall 540 s, everything included)
+#   bash benchmarks/gpu_studies.sh STUDY estimate [PATTERN]  `peftlab estimate ... --preset-scale=gpu --gpus 0`
+#                                                            (--only PATTERN: probe a few runs; each distinct
+#                                                            configuration costs a setup, 4 steps and its follow-ups)
+#
+# STUDY: subspace_allocation | budget_aware | sparse_adapters | gradient_projection | compare.
+# Needs the study's files under ./gpu_assets/, made on a machine with the offline assets by
+# `bash scripts/gpu_bundle.sh STUDY` (it prints the paths to carry). Wheels in .whl/ (datasets, constriction, ...) are
+# installed into /tmp/site once per machine.
+# Writes $OUT/STUDY/: sweep.txt (console), study.log, study.jsonl, analysis/ (tables, plots, hypotheses, report),
+# runs/<run>/{results_final,bounds_metrics}.json, and one JSON line per call in $OUT/gpu_studies.jsonl.
+set -u
+STUDY=${1:?usage: bash benchmarks/gpu_studies.sh STUDY [WALL_S | estimate [PATTERN]]}
+MODE=${2:-540}
+T0=$(date +%s)
+OUT=${OUT:-/tmp/gpu_studies}
+DEST="$OUT/$STUDY"
+mkdir -p "$DEST"
+YAML=configs/studies/$STUDY.yaml
+[ -f "$YAML" ] || { echo "no study $YAML" >&2; exit 2; }
+
+if ls .whl/*.whl > /dev/null 2>&1 && [ ! -f /tmp/site/.peftlab-wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && touch /tmp/site/.peftlab-wheels
+fi
+export PYTHONPATH=/tmp/site:$(pwd):${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+# every ./gpu_assets/ path the gpu scale names must be here (carried), else say which and how to make it
+missing=$(python3 - "$YAML" <<'EOF'
+import re, sys
+from pathlib import Path
+import yaml
+gpu = yaml.safe_load(Path(sys.argv[1]).read_text())["scales"]["gpu"]
+paths = set(re.findall(r"\./gpu_assets/[\w./-]+?(?=[\s,'\"}]|$)", yaml.safe_dump(gpu), flags=re.M))
+print(" ".join(sorted(p for p in paths if not Path(p).exists())))
+EOF
+)
+if [ -n "$missing" ]; then
+  echo "missing $missing: run \`bash scripts/gpu_bundle.sh $STUDY\` where the offline assets are installed and carry gpu_assets/" | tee "$DEST/error.txt" >&2
+  echo "{\"study\": \"$STUDY\", \"rc\": 3, \"error\": \"missing $missing\"}" >> "$OUT/gpu_studies.jsonl"
+  exit 3
+fi
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader > "$DEST/gpu.txt" 2>&1
+
+if [ "$MODE" = estimate ]; then
+  only=()
+  [ -n "${3:-}" ] && only=(--only "$3")
+  python3 -m peftlab estimate "$YAML" --preset-scale=gpu --gpus 0 "${only[@]}" 2>&1 | tee "$DEST/estimate.txt" | tail -40
+  rc=${PIPESTATUS[0]}
+  echo "{\"study\": \"$STUDY\", \"mode\": \"estimate\", \"only\": \"${3:-}\", \"rc\": $rc, \"wall_s\": $(( $(date +%s) - T0 ))}" >> "$OUT/gpu_studies.jsonl"
+  exit "$rc"
+fi
+
+SD=$(python3 -c "
+import sys; sys.argv = ['x']
+import peftlab.methods  # noqa: F401
+from peftlab.studies.spec import load_study
+print(load_study('$YAML', 'gpu', follow_ups=False).output_dir)")
+left=$(( MODE - ($(date +%s) - T0) - 30 ))   # 30 s for the copy below
+echo "study dir $SD; sweep wall limit ${left}s"
+timeout --signal=INT --kill-after=20 "$left" python3 -m peftlab sweep "$YAML" --preset-scale=gpu --gpus 0 >> "$DEST/sweep.txt" 2>&1
+rc=$?
+wall=$(( $(date +%s) - T0 ))
+[ "$rc" = 124 ] && echo "wall limit reached after ${wall}s: call again to go on (finished runs are skipped)" | tee -a "$DEST/sweep.txt"
+
+cp -f "$SD/study.log" "$SD/study.jsonl" "$DEST/" 2>/dev/null
+if [ -d "$SD/analysis" ]; then rm -rf "$DEST/analysis"; cp -r "$SD/analysis" "$DEST/analysis"; fi
+for run in "$SD"/*/; do
+  [ -f "$run/results_final.json" ] || continue
+  n=$(basename "$run"); mkdir -p "$DEST/runs/$n"
+  cp -f "$run"/results_final.json "$run"/bounds_metrics.json "$run"/eval_log.csv "$DEST/runs/$n/" 2>/dev/null
+done
+python3 - "$SD" "$STUDY" "$rc" "$wall" >> "$OUT/gpu_studies.jsonl" <<'EOF'
+import json, sys
+from pathlib import Path
+sd, study, rc, wall = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+done = sorted(p.parent.name for p in sd.glob("*/results_final.json"))
+devices = {}
+for p in sd.glob("*/bounds_metrics.json"):
+    d = json.loads(p.read_text()).get("device", "?")
+    devices[d] = devices.get(d, 0) + 1
+phases = {}
+for line in (sd / "study.jsonl").read_text().splitlines() if (sd / "study.jsonl").is_file() else []:
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    if e.get("event") == "end" and e.get("outcome") == "completed":
+        for k, v in (e.get("phases") or {}).items():
+            phases[k] = round(phases.get(k, 0.0) + v, 1)
+    if e.get("event") == "study_step":
+        k = e["step"].split()[0]
+        phases[k] = round(phases.get(k, 0.0) + e.get("duration_s", 0.0), 1)
+print(json.dumps({"study": study, "rc": rc, "wall_s": wall, "runs_done": len(done), "bounds_devices": devices,
+                  "phases_s": phases, "analysis": (sd / "analysis" / "report.html").is_file()}))
+EOF
+tail -1 "$OUT/gpu_studies.jsonl"
+tail -15 "$DEST/sweep.txt"
+exit 0

@@ -1,0 +1,179 @@
+"""Write a study's results page, docs/results/<study>/README.md, from what a sweep left.
+
+    python scripts/results_page.py SOURCE --study subspace_allocation [--scale gpu] [--docs docs/results]
+
+SOURCE is a study directory (runs/studies/<study>-gpu) or the folder benchmarks/gpu_studies.sh copies to
+$OUT/<study>/ (study.log, study.jsonl, analysis/, runs/). The page gets, from the files alone: the scale's own
+description and what stands in for the seed's data and model (the comment block of the scale in the study YAML),
+the command, the measured time of each phase (train, bounds, profile, analyze) and in total, the hypothesis
+checks, the summary table, every plot, and a note of what the analysis skipped. Copied next to it: the PNGs, the
+summary tables (CSV, LaTeX, Markdown), hypotheses.json and study.log; no weights.
+
+What the numbers do and do not show needs a person: the page has a section for it that the generator fills with
+the facts it knows (model from scratch or not, data standing in, seeds, steps) and marks for the reader to finish
+when it is empty. Rerunning the generator keeps a finished section (between its two markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEEP_START, KEEP_END = "<!-- reading: kept when regenerated -->", "<!-- /reading -->"
+TABLES = ("summary_table.csv", "summary_table.tex", "summary_table.md", "comparison_table.csv", "hypotheses.json")
+
+
+def fmt_s(s: float) -> str:
+    s = int(round(s))
+    m, s = divmod(s, 60)
+    return f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def scale_comment(study_yaml: Path, scale: str) -> tuple[str, str]:
+    """(the comment block under `  <scale>:` in the study file, the scale's description)."""
+    lines = study_yaml.read_text(encoding="utf-8").splitlines()
+    out, desc, inside = [], "", False
+    for ln in lines:
+        if re.match(rf"^  {re.escape(scale)}:\s*$", ln):
+            inside = True
+            continue
+        if inside:
+            m = re.match(r"^    #\s?(.*)$", ln)
+            if m:
+                out.append(m.group(1))
+                continue
+            d = re.match(r"^    description:\s*(.*)$", ln)
+            if d:
+                desc = d.group(1).strip()
+            if re.match(r"^  \S", ln):
+                break
+    return " ".join(out), desc
+
+
+def events(source: Path) -> list[dict]:
+    p = source / "study.jsonl"
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def phases(evs: list[dict]) -> tuple[dict[str, float], int, float]:
+    """Seconds per phase over the completed runs and study steps, the runs completed, and the sweeps' wall time."""
+    ph: dict[str, float] = {}
+    runs = 0
+    for e in evs:
+        if e.get("event") == "end" and e.get("outcome") == "completed":
+            runs += 1
+            for k, v in (e.get("phases") or {}).items():
+                ph[k] = ph.get(k, 0.0) + v
+        elif e.get("event") in ("study_step", "before_step") and e.get("outcome") == "completed":
+            k = str(e.get("step", "?")).split()[0]
+            ph[k] = ph.get(k, 0.0) + float(e.get("duration_s") or 0.0)
+    wall = sum(float(e.get("seconds") or 0.0) for e in evs if e.get("event") == "sweep_end")
+    return ph, runs, wall
+
+
+def page(study: str, scale: str, source: Path, dest: Path) -> str:
+    study_yaml = ROOT / "configs" / "studies" / f"{study}.yaml"
+    comment, desc = scale_comment(study_yaml, scale)
+    analysis = source / "analysis"
+    evs = events(source)
+    ph, runs, wall = phases(evs)
+    start = next((e for e in evs if e.get("event") == "sweep_start"), {})
+    total_runs = start.get("runs", "?")
+    plots = sorted(p.name for p in analysis.glob("*.png")) if analysis.is_dir() else []
+    lines = [f"# Results: `{study}` at its `{scale}` scale", ""]
+    if desc:
+        lines += [f"*{desc}*", ""]
+    lines += ["```", f"bash benchmarks/gpu_studies.sh {study}      # = peftlab sweep configs/studies/{study}.yaml "
+              f"--preset-scale={scale} --gpus 0, in slices", "```", ""]
+    if comment:
+        lines += ["## What ran, and what stands in for the seed's data and model", "", comment, ""]
+    lines += ["## Time per phase (measured, from study.jsonl)", "", "| phase | seconds | share |", "| --- | ---: | ---: |"]
+    tot = sum(ph.values()) or 1.0
+    for k, v in ph.items():
+        lines.append(f"| {k} | {fmt_s(v)} | {100 * v / tot:.0f}% |")
+    lines += ["", f"{runs} of {total_runs} runs completed; the sweeps' wall time adds up to {fmt_s(wall)}"
+              + (" (over several calls: the sweep resumes)" if sum(e.get("event") == "sweep_end" for e in evs) > 1 else "")
+              + ". Compare with `peftlab estimate` in BENCHMARKS.md.", ""]
+    hyp = analysis / "hypotheses.json"
+    if hyp.is_file():
+        found = json.loads(hyp.read_text())
+        if found:
+            lines += ["## Hypothesis checks (peftlab analyze)", ""]
+            lines += [f"- **{f['hypothesis']}** — {f['verdict']}: {f['text']}" for f in found]
+            lines.append("")
+    md = analysis / "summary_table.md"
+    if md.is_file():
+        lines += ["## Summary (mean ± std over seeds)", "", md.read_text(encoding="utf-8").strip(), "",
+                  "Also as [CSV](summary_table.csv) and [LaTeX](summary_table.tex).", ""]
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{p[:-4]}]({p})" for p in plots]
+        lines.append("")
+    notes = [n for n in _report_notes(analysis) if "skipped" in n]
+    if notes:
+        lines += ["<details><summary>plots the analysis skipped (their data is not in this study)</summary>", ""]
+        lines += [f"- {n}" for n in notes] + ["", "</details>", ""]
+    kept = _kept_reading(dest / "README.md")
+    lines += ["## What the numbers do and do not show", "", KEEP_START,
+              kept or "*To be written by whoever read the numbers above: which differences exceed the spread over "
+                      "seeds, and what the stand-ins above rule out (a random-init model, another dataset, a "
+                      "fraction of an epoch).*", KEEP_END, ""]
+    return "\n".join(lines)
+
+
+def _report_notes(analysis: Path) -> list[str]:
+    rep = analysis / "report.html"
+    if not rep.is_file():
+        return []
+    found = re.findall(r"<li class='note'>(.*?)</li>", rep.read_text(encoding="utf-8"), flags=re.S)
+    return [html.unescape(re.sub(r"<[^>]+>", "", m)).strip() for m in found]
+
+
+def _kept_reading(readme: Path) -> str:
+    if not readme.is_file():
+        return ""
+    text = readme.read_text(encoding="utf-8")
+    m = re.search(re.escape(KEEP_START) + r"\n(.*?)\n" + re.escape(KEEP_END), text, flags=re.S)
+    body = m.group(1).strip() if m else ""
+    return "" if body.startswith("*To be written") else body
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", type=Path, help="study directory, or $OUT/<study> of benchmarks/gpu_studies.sh")
+    ap.add_argument("--study", required=True, help="study name (configs/studies/<study>.yaml)")
+    ap.add_argument("--scale", default="gpu")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
+    a = ap.parse_args(argv)
+    if not (ROOT / "configs" / "studies" / f"{a.study}.yaml").is_file():
+        print(f"error: no configs/studies/{a.study}.yaml", file=sys.stderr)
+        return 2
+    if not (a.source / "study.jsonl").is_file():
+        print(f"error: {a.source} has no study.jsonl: give a study directory or the folder gpu_studies.sh wrote", file=sys.stderr)
+        return 2
+    dest = a.docs / a.study
+    dest.mkdir(parents=True, exist_ok=True)
+    text = page(a.study, a.scale, a.source, dest)
+    analysis = a.source / "analysis"
+    for p in list(analysis.glob("*.png")) + [analysis / t for t in TABLES] + [a.source / "study.log"]:
+        if p.is_file():
+            shutil.copyfile(p, dest / p.name)
+    (dest / "README.md").write_text(text, encoding="utf-8")
+    print(f"wrote {dest / 'README.md'} ({len(list(dest.glob('*.png')))} plots)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
