@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo  # imported here: inside a test it would make `torch` a local name there
 from torch import nn
 
 from peftlab.errors import PeftlabError
@@ -235,7 +236,6 @@ def test_fused_compiles_without_graph_breaks_cuda():
     ref, fused = _peft_pair(False, False, 0.1)
     fused = fused.float().cuda()
     x = torch.randn(4, 64, 12, device="cuda")
-    import torch._dynamo
 
     torch._dynamo.reset()
     explain = torch._dynamo.explain(fused)(x)

@@ -298,7 +298,8 @@ def score_batches(
     layout: str = "right",
     head: str = "auto",
     batch_filter: Optional[Callable[[int], bool]] = None,
-) -> UnitScores:
+    compile: bool = False,
+) -> BatchSums:
     """Run the model over ``rows``: per-row sums of losses and top-k hits, batch by batch.
 
     Args:

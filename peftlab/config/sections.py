@@ -28,9 +28,9 @@ class ModelConfig:
     double_quant: bool = opt(True, "model.quantization=nf4/fp4: also quantize the 4-bit blocks' scales (QLoRA's double quantization, about 0.4 bit per weight less).")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "With model.quantization: the dtype the 4-bit weights are dequantized to for each matmul, and of the unquantized base tensors (embeddings, norms, head); auto = system.dtype's.")
     base_dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "Storage dtype of the frozen base model (trainable tensors stay float32): bfloat16 halves its memory and, for "
+        "float32", "Storage dtype of the frozen base model (trainable tensors stay float32): bfloat16 halves its memory and, for "
         "models built from a config (model.from_scratch), builds it on the GPU in seconds; auto = bfloat16 on CUDA with "
-        "system.dtype=bf16, float32 otherwise (CPU runs unchanged). bfloat16 needs system.dtype=bf16.")
+        "system.dtype=bf16, float32 otherwise. Default float32 until the GPU checks of this lever have passed (docs/gpu-speed.md). bfloat16 needs system.dtype=bf16.")
 
     def validate(self) -> list[str]:
         p = []
@@ -251,9 +251,9 @@ class SystemConfig:
     attention_kernel: Literal["auto", "default", "flash", "cudnn", "efficient"] = opt("auto", "Scaled-dot-product-attention kernel for the training forward on CUDA: default = torch's own priority, flash / cudnn / efficient = prefer that kernel (others stay allowed as fallbacks), auto = torch's choice (cuDNN's on an H100, measured the fastest there: docs/gpu-speed.md).")
     gc_control: Literal["auto", "on", "off"] = opt("off", "Python garbage collection during training: on = freeze the objects that exist after the first step (model, compiled graphs) and collect only young objects every log_steps, so no full collection pauses the GPU's feed; auto = on CUDA; off (default) = Python's automatic collection.")
     fused_cross_entropy: Literal["auto", "liger", "chunked", "off"] = opt(
-        "auto", "Causal-LM training loss without materialising the logits (one process, peft/transformers models): liger = "
+        "off", "Causal-LM training loss without materialising the logits (one process, peft/transformers models): liger = "
         "Liger-Kernel's fused linear + cross-entropy (CUDA), chunked = peftlab's own in torch ops (rows in chunks, any device), "
-        "auto = on CUDA: liger when it imports, else chunked; off = model(**batch).loss.")
+        "auto = on CUDA: liger when it imports, else chunked; off = model(**batch).loss (default until the GPU checks have passed).")
     sharding: Literal["none", "fsdp"] = opt("none", "How several processes hold the model: none = a whole replica on each (DDP through Accelerate); fsdp = torch's FSDP2 fully_shard per transformer block and the root, the frozen base sharded across processes, the method's trainable tensors replicated with all-reduced gradients (adapters) or sharded with their optimizer state (full fine-tuning). docs/training.md#sharding.")
 
     def validate(self) -> list[str]:

@@ -83,6 +83,9 @@ class AdaLoRA(Method):
     config_sections = {"adalora": AdaloraSection}
     exports_adapter = True
     display_name = "AdaLoRA"
+    sharding = None
+    sharding_refusal = ("peft's AdaLoRA allocator (update_and_allocate) reads and masks whole adapter tensors in place, which "
+                        "it cannot do on FSDP's sharded tensors; train AdaLoRA with system.sharding=none")
     table_rank = 45  # the adaptive-rank baseline, beside SoRA/SDoRA and BA-LoRA
     size_axes = ("adalora.target_r",)
     axis_keys = ("adalora.target_r",)
