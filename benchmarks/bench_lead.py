@@ -19,7 +19,7 @@ Sides (each case: one side x one method x one shape, eager unless ``_c``):
   ``/tmp/site-unsloth``: install the unsloth, unsloth_zoo and bitsandbytes wheels there, so that the other
   cases never import them). Any failure (import, load, step) is recorded with its exact error.
 * ``peftlab`` / ``peftlab_c``: ``peftlab.train.loop.Trainer`` (the ``train`` path: token bins, logging every
-  10 steps, method hooks) with the defaults, i.e. on CUDA ``model.base_dtype=auto`` (bf16 base),
+  10 steps, method hooks) with the levers' ``auto``, i.e. on CUDA ``model.base_dtype=auto`` (bf16 base),
   ``lora.fused=auto`` (fused LoRA/DoRA linear) and ``system.fused_cross_entropy=auto``.
 * ``peftlab_off``: the levers of issue 23 off: ``lora.fused=off``, ``system.fused_cross_entropy=off`` and at
   GPT-2 ``model.base_dtype=float32`` (the earlier path; at 3B/8B the base stays bf16 so that the build takes
@@ -434,6 +434,10 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
         raw["ba_lora"] = {"base_rank": s["r"], "gradient_samples": 8 * s["batch"]}
     if method == "sublora":
         raw["sublora"] = {"intrinsic_dim": 1000 if not quick else 64}
+    # the levers' switches are named here: their config defaults stay off until their GPU tests have passed
+    raw["lora"]["fused"] = "auto"
+    raw["system"]["fused_cross_entropy"] = "auto"
+    raw["model"]["base_dtype"] = "auto"
     if side == "peftlab_off":
         raw["lora"]["fused"] = "off"
         raw["system"]["fused_cross_entropy"] = "off"
