@@ -397,7 +397,7 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     t_score = time.perf_counter()
 
     def score(rows: Rows, units: int, desc: str):
-        part = score_batches(method.scoring_module(model), tokens, rows, eot_id, alphas, desc=desc, **kw)
+        part = score_batches(getattr(method, "scoring_module", lambda m: m)(model), tokens, rows, eot_id, alphas, desc=desc, **kw)
         return reduce_scores(rows, units, alphas, world.gather(part))
 
     if k:
