@@ -15,7 +15,7 @@ J="$OUT/bench_scoring.jsonl"
 B=benchmarks/bench_scoring.py
 case ",$STAGES," in *,owt,*)
   python $B --docs owt --num-docs 3000 --dtype bf16 --variants "${OWT_VARIANTS:-right-model:16384,right-auto:16384,right-auto:65536}" \
-    --profile right-auto:65536 --out "$OUT" >> "$J" 2> "$OUT/owt.err"
+    --profile "${OWT_PROFILE:-right-auto:65536}" --out "$OUT" >> "$J" 2> "$OUT/owt.err"
   python $B --docs owt --num-docs 10000 --dtype bf16 --variants "${OWT10K_VARIANTS:-right-auto:65536}" --out "$OUT" >> "$J" 2>> "$OUT/owt.err";;
 esac
 case ",$STAGES," in *,pydocs,*)
