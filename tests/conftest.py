@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ QUICK = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/
 
 torch.set_num_threads(1)  # the test machine has two cores; keep runs predictable
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a torchrun or accelerate launch's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_cfg(tmp_path: Path, kind: str = "lm", **overrides):
