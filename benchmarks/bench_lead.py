@@ -58,8 +58,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
+
+from _common import (cleanup, hf_config, peak_mb, reset_peak, sync, time_trainer_steps, timed_loop, write_token_bins,
+                     write_word_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "peftlab/models/configs"
@@ -104,30 +106,6 @@ CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one chil
 
 
 # ------------------------------------------------------------------ helpers
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _peak_mb(dev) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-
-
-def _reset_peak(dev):
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-
-def _cleanup(dev):
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        torch._dynamo.reset()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def _err(e: BaseException) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {first}"[:500]
@@ -144,11 +122,11 @@ def bf16_peak_tflops(dev, n=8192, reps=10) -> Optional[float]:
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    _sync(dev)
+    sync(dev)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(dev)
+    sync(dev)
     out = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
     del a, b
     return out
@@ -163,13 +141,6 @@ def shape_spec(name: str, quick: bool) -> dict:
         s.update(TINY_RUN)
     s["hf_config"] = cfg
     return s
-
-
-def hf_config(s: dict):
-    from transformers import AutoConfig
-
-    spec = dict(s["hf_config"])
-    return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
 def model_flops(model, s: dict) -> dict:  # noqa: D401
@@ -194,22 +165,6 @@ def model_flops(model, s: dict) -> dict:  # noqa: D401
     return {"flops_per_token": float(4 * frozen + 6 * trained + attn), "n_frozen_matmul": frozen, "n_trained_matmul": trained}
 
 
-def write_tokenizer(folder: Path, n: int, eot: int) -> Path:
-    """A word-level tokenizer over tokens ``t<id>`` with ``<|endoftext|>`` at ``eot`` (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {("<|endoftext|>" if i == eot else f"t{i}"): i for i in range(n)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.add_special_tokens(["<|endoftext|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tok.model_max_length = 1 << 20
-    tok.save_pretrained(str(folder))
-    return folder
-
-
 _DATA: dict = {}
 
 
@@ -219,17 +174,9 @@ def shape_data(s: dict, root: Path, n_steps: int) -> dict:
     if key in _DATA:
         return _DATA[key]
     sub = root / f"{s['name']}{'_tiny' if s['quick'] else ''}_{n_steps}"
-    tok = write_tokenizer(sub / "tokenizer", s["tokens"], s["eot"])
-    bins = sub / "bins"
-    bins.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    tok = write_word_tokenizer(sub / "tokenizer", s["tokens"], s["eot"])
     T, B = s["seq"], s["batch"]
-    counts = {"train": T * B * (n_steps + 12), "val": T * B}
-    for split, n in counts.items():
-        rng.integers(0, s["eot"], size=n, dtype=np.uint32).tofile(bins / f"{split}.bin")
-    (bins / "meta.json").write_text(json.dumps({
-        "format": "peftlab-token-bins", "format_version": 1, "dtype": "uint32", "vocab_size": s["tokens"], "eot_token_id": s["eot"],
-        "tokenizer": str(tok), "train_tokens": counts["train"], "val_tokens": counts["val"], "source": "random tokens (bench_lead.py)"}))
+    bins = write_token_bins(sub / "bins", T * B * (n_steps + 12), T * B, s["tokens"], s["eot"], tok, "random tokens (bench_lead.py)")
     name = s["config"]
     if s["quick"]:  # a local folder with config.json: the from_scratch path for a config peftlab does not ship
         (sub / "model").mkdir(exist_ok=True)
@@ -250,12 +197,12 @@ def max_batch_search(step, start: int, seq: int, dev, cap_s: float, limit: int =
             capped = True
             break
         try:
-            _reset_peak(dev)
+            reset_peak(dev)
             t = time.perf_counter()
             step(bs)
-            _sync(dev)
+            sync(dev)
             last = time.perf_counter() - t
-            best, best_peak = bs, _peak_mb(dev)
+            best, best_peak = bs, peak_mb(dev)
             bs *= 2
         except Exception as e:  # noqa: BLE001
             if not _oom(e):
@@ -296,16 +243,6 @@ def build_hf(s: dict, method: str, dev, liger: bool = False, seed: int = 42):
     return model.to(dev)
 
 
-def _graphs() -> int:
-    """dynamo's count of compiled graphs so far (a recompile adds one)."""
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["stats"]["unique_graphs"])
-    except Exception:  # noqa: BLE001
-        return -1
-
-
 def make_profiler(dev):
     from torch.profiler import ProfilerActivity, profile
 
@@ -338,21 +275,11 @@ def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: bool, p
         opt.zero_grad(set_to_none=True)
         return loss
 
-    _reset_peak(dev)
-    t0 = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(dev)
-            if prof is not None:
-                prof.__enter__()
-            t0, g0 = time.perf_counter(), _graphs()
-        loss = step(batches[i % len(batches)])
-    _sync(dev)
-    t1, g1 = time.perf_counter(), _graphs()
+    t = timed_loop(lambda i: step(batches[i % len(batches)]), warmup, steps, dev, at_start=prof.__enter__ if prof is not None else None)
     if prof is not None:
         prof.__exit__(None, None, None)
-    out = {"step_ms": 1e3 * (t1 - t0) / steps, "peak_mb": _peak_mb(dev), "last_loss": float(loss.detach()),
-           "trainable": sum(p.numel() for p in params), "new_graphs_after_warmup": g1 - g0}
+    out = {"step_ms": 1e3 * t["seconds"] / steps, "peak_mb": peak_mb(dev), "last_loss": float(t["last"].detach()),
+           "trainable": sum(p.numel() for p in params), "new_graphs_after_warmup": t["new_graphs"]}
     out["_step"] = lambda b: step(torch.randint(0, s["eot"], (b, s["seq"]), device=dev))
     out["_opt"] = opt
     return out
@@ -391,9 +318,9 @@ def run_unsloth(s: dict, method: str, dev, a) -> dict:
         with torch.device(dev):
             base = AutoModelForCausalLM.from_config(hf_config(s), dtype=torch.bfloat16)
         base.save_pretrained(folder, safe_serialization=True)
-        write_tokenizer(folder, s["tokens"], s["eot"])
+        write_word_tokenizer(folder, s["tokens"], s["eot"])
         del base
-        _cleanup(dev)
+        cleanup(dev)
         stage = "FastLanguageModel.from_pretrained"
         t = time.perf_counter()
         model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=s["seq"], dtype=torch.bfloat16, load_in_4bit=False)
@@ -464,27 +391,14 @@ def run_peftlab(s: dict, side: str, method: str, dev, a) -> dict:
     trainer = Trainer(cfg, console=False)
     init_s = time.perf_counter() - t
     model = trainer.unwrapped()
-    mark: dict = {}
-    hook = trainer.method.after_optimizer_step
     prof = make_profiler(dev) if a.case in a.profile else None
 
-    def timed(m, lr):
-        hook(m, lr)
-        k = trainer.state.global_step + 1  # incremented after this hook
-        if k == warmup:
-            _sync(dev)
-            if prof is not None:
-                prof.__enter__()
-            mark["t0"], mark["g0"] = time.perf_counter(), _graphs()
-        elif k == warmup + steps:
-            _sync(dev)
-            mark["t1"], mark["peak"], mark["g1"] = time.perf_counter(), _peak_mb(dev), _graphs()
-            if prof is not None:
-                prof.__exit__(None, None, None)
-            raise _Done
+    def done():
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        raise _Done
 
-    trainer.method.after_optimizer_step = timed
-    _reset_peak(dev)
+    mark = time_trainer_steps(trainer, dev, warmup, steps, at_start=prof.__enter__ if prof is not None else None, at_end=done)
     try:
         trainer.run()
     except _Done:
@@ -559,7 +473,7 @@ def run_case(shape: str, side: str, method: str, a, nomb: bool = False) -> dict:
     if row.get("peak_mb") is None:
         row.pop("peak_mb", None)
     row["wall_s"] = time.perf_counter() - t
-    _cleanup(dev)
+    cleanup(dev)
     return row
 
 

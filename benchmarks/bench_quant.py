@@ -44,7 +44,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_shapes as gs  # noqa: E402  (the Qwen2.5-3B spec, peftlab's timed Trainer run)
+from _common import hf_config, peak_mb, timed_loop, write_token_bins, write_word_tokenizer  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -78,38 +78,12 @@ def shape(name: str, tiny: bool) -> dict:
     return {"name": name, "hf_config": cfg, "tokens": tokens, "eot": eot, "batch": batch, "seq": seq}
 
 
-def hf_config(s: dict):
-    from transformers import AutoConfig
-
-    spec = dict(s["hf_config"])
-    return AutoConfig.for_model(spec.pop("model_type"), **spec)
-
-
 def write_data(root: Path, s: dict, n_steps: int) -> dict:
     """A word-level tokenizer of ``s['tokens']`` tokens and uint32 token bins for peftlab (random ids)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok_dir, bins = root / "tokenizer", root / "bins"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    bins.mkdir(parents=True, exist_ok=True)
-    eos = "<|endoftext|>"
-    vocab = {(eos if i == s["eot"] else f"t{i}"): i for i in range(s["tokens"])}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.add_special_tokens([eos])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token=eos)
-    tok.model_max_length = 1 << 20
-    tok.save_pretrained(str(tok_dir))
-    rng = np.random.default_rng(0)
+    tok_dir = write_word_tokenizer(root / "tokenizer", s["tokens"], s["eot"])
     B, T = s["batch"], s["seq"]
-    counts = {"train": T * B * (n_steps + 4), "val": T * B}
-    for split, n in counts.items():
-        rng.integers(0, s["eot"], size=n, dtype=np.uint32).tofile(bins / f"{split}.bin")
-    (bins / "meta.json").write_text(json.dumps({
-        "format": "peftlab-token-bins", "format_version": 1, "dtype": "uint32", "vocab_size": s["tokens"], "eot_token_id": s["eot"],
-        "tokenizer": str(tok_dir), "train_tokens": counts["train"], "val_tokens": counts["val"],
-        "source": "random tokens (benchmarks/bench_quant.py)"}))
+    bins = write_token_bins(root / "bins", T * B * (n_steps + 4), T * B, s["tokens"], s["eot"], tok_dir,
+                            "random tokens (benchmarks/bench_quant.py)")
     return {"dataset": str(bins), "tokenizer": str(tok_dir)}
 
 
@@ -163,20 +137,18 @@ def run_hf(s: dict, kind: str, folder: Path, dev: torch.device, warmup: int, ste
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, s["eot"], (s["batch"], s["seq"]), generator=g).to(dev) for _ in range(4)]
     model.train()
-    gs._reset_peak(dev)
-    for i in range(warmup + steps):
-        if i == warmup:
-            gs._sync(dev)
-            t1 = time.perf_counter()
+
+    def step(i):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss = model(input_ids=batches[i % 4], labels=batches[i % 4]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    gs._sync(dev)
-    dt = time.perf_counter() - t1
+        return loss
+
+    t = timed_loop(step, warmup, steps, dev)
     fp32 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32 and not p.requires_grad)
-    out = {"step_ms": 1e3 * dt / steps, "peak_mb": gs._peak_mb(dev), "last_loss": float(loss.detach()), "load_s": load_s,
+    out = {"step_ms": 1e3 * t["seconds"] / steps, "peak_mb": peak_mb(dev), "last_loss": float(t["last"].detach()), "load_s": load_s,
            "trainable": sum(p.numel() for p in params), "frozen_fp32_params": fp32}
     del model, opt, batches, params
     cleanup()

@@ -49,7 +49,6 @@ CPU check: ``tiny=True`` builds both shapes at toy size through the same code (t
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import tempfile
@@ -58,8 +57,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
+
+from _common import cleanup, hf_config, peak_mb, time_trainer_steps, timed_loop, write_token_bins
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "peftlab/models/configs"
@@ -94,39 +94,6 @@ SHAPE_CASES = {
 
 
 # ------------------------------------------------------------------ small helpers
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _peak_mb(dev: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-
-
-def _reset_peak(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-
-def _graphs() -> int:
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["stats"]["unique_graphs"])
-    except Exception:  # noqa: BLE001
-        return -1
-
-
-def _cleanup(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        torch._dynamo.reset()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def shape_spec(shape: str, tiny: bool = False) -> dict:
     """The shape's settings with its architecture config dict (``model_type`` included); ``tiny`` shrinks both."""
     s = dict(SHAPES[shape])
@@ -138,14 +105,6 @@ def shape_spec(shape: str, tiny: bool = False) -> dict:
     s["hf_config"] = cfg
     s["tiny_run"] = tiny
     return s
-
-
-def hf_config(s: dict):
-    from transformers import AutoConfig
-
-    spec = dict(s["hf_config"])
-    extra = {"num_labels": s["num_labels"]} if s["task"] == "classification" else {}
-    return AutoConfig.for_model(spec.pop("model_type"), **spec, **extra)
 
 
 # ------------------------------------------------------------------------ FLOPs
@@ -234,16 +193,8 @@ def write_data(root: Path, s: dict, n_steps: int, seed: int = 0) -> dict:
                 for ids, y in zip(b["input_ids"][:, 1:-1].tolist(), b["labels"].tolist()):
                     f.write(json.dumps({"text": " ".join(f"t{i}" for i in ids), "label": y}) + "\n")
     else:
-        data = root / "bins"
-        data.mkdir(exist_ok=True)
-        rng = np.random.default_rng(seed)
-        counts = {"train": T * B * (n_steps + 4), "val": T * B}
-        for split, n in counts.items():
-            rng.integers(0, QWEN_EOT, size=n, dtype=np.uint32).tofile(data / f"{split}.bin")
-        (data / "meta.json").write_text(json.dumps({
-            "format": "peftlab-token-bins", "format_version": 1, "dtype": "uint32", "vocab_size": QWEN_TOKENS,
-            "eot_token_id": QWEN_EOT, "tokenizer": str(tok_dir), "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "source": "random tokens (benchmarks/gpu_shapes.py)"}))
+        data = write_token_bins(root / "bins", T * B * (n_steps + 4), T * B, QWEN_TOKENS, QWEN_EOT, tok_dir,
+                                "random tokens (benchmarks/gpu_shapes.py)", seed)
     return {"dataset": str(data), "tokenizer": str(tok_dir)}
 
 
@@ -297,26 +248,23 @@ def run_baseline(s: dict, spec: dict, dev: torch.device, warmup: int, steps: int
     reentrant = _checkpoint_reentrant(model)
     model.train()
     fwd = torch.compile(model) if spec["compile"] else model
-    _reset_peak(dev)
-    t0 = g0 = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(dev)
-            t0, g0 = time.perf_counter(), _graphs()
+
+    def step(i):
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             loss = fwd(**batches[i % len(batches)]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    _sync(dev)
-    dt = time.perf_counter() - t0
-    out = {"step_ms": 1e3 * dt / steps, "peak_mb": _peak_mb(dev), "new_graphs_after_warmup": _graphs() - g0 if spec["compile"] else 0,
-           "last_loss": float(loss.detach()), "init_s": init_s, "trainable": sum(p.numel() for p in params),
+        return loss
+
+    t = timed_loop(step, warmup, steps, dev)
+    out = {"step_ms": 1e3 * t["seconds"] / steps, "peak_mb": peak_mb(dev), "new_graphs_after_warmup": t["new_graphs"] if spec["compile"] else 0,
+           "last_loss": float(t["last"].detach()), "init_s": init_s, "trainable": sum(p.numel() for p in params),
            "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype)}
     if s["gradient_checkpointing"]:
         out["checkpoint_use_reentrant"] = reentrant
     del model, opt, fwd, batches
-    _cleanup(dev)
+    cleanup(dev)
     return out
 
 
@@ -359,21 +307,7 @@ def run_peftlab(s: dict, spec: dict, data: dict, model_name: str, run_dir: Path,
     model = trainer.unwrapped()
     targets = sorted({n.split(".lora_A.")[0].split(".")[-1] for n, _ in model.named_parameters() if ".lora_A." in n})
     frozen = next((p for p in model.parameters() if not p.requires_grad), None)
-    mark = {}
-    hook = trainer.method.after_optimizer_step
-
-    def timed(m, lr):
-        hook(m, lr)
-        k = trainer.state.global_step + 1  # incremented after this hook
-        if k == warmup:
-            _sync(dev)
-            mark["t0"], mark["g0"] = time.perf_counter(), _graphs()
-        elif k == warmup + steps:
-            _sync(dev)
-            mark["t1"], mark["peak"], mark["g1"] = time.perf_counter(), _peak_mb(dev), _graphs()
-
-    trainer.method.after_optimizer_step = timed
-    _reset_peak(dev)
+    mark = time_trainer_steps(trainer, dev, warmup, steps)
     res = trainer.run()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     out = {"step_ms": 1e3 * (mark["t1"] - mark["t0"]) / steps, "peak_mb": mark["peak"],
@@ -382,7 +316,7 @@ def run_peftlab(s: dict, spec: dict, data: dict, model_name: str, run_dir: Path,
            "adapted": targets, "base_dtype": str(frozen.dtype) if frozen is not None else None,
            "optimizer": type(opt).__name__, "fused_optimizer": bool(opt.defaults.get("fused"))}
     del trainer, model, frozen, opt
-    _cleanup(dev)
+    cleanup(dev)
     return out
 
 

@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 import peftlab.methods  # noqa: F401  (registers the methods that configs are validated against)
+from peftlab.methods.base import Method, MethodContext
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/quickstart/cls_lora.yaml"}
 
 torch.set_num_threads(1)  # the test machine has two cores; keep runs predictable
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class TrainableTensors(Method):
+    """A method with no run behind it (for the bounds pipeline): it compresses the model's trainable tensors."""
+
+    def __init__(self):
+        super().__init__(MethodContext(cfg=None, task="causal_lm", target_modules=[]))
+
+    def compressible_state(self, model):
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a torchrun or accelerate launch's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_cfg(tmp_path: Path, kind: str = "lm", **overrides):

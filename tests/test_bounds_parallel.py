@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
+from conftest import free_port
 from test_bounds_cli import bins, train_run  # noqa: F401  (bins is a fixture)
 
 VOLATILE = {"wall_time_s", "scoring_time_s", "documents_per_second", "sequences_per_second", "tokens_per_second", "run_dir",
             "scoring_processes"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stable(path):
@@ -34,7 +28,7 @@ def test_two_processes_give_the_one_process_bound(tmp_path, bins):  # noqa: F811
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert main(["bounds", str(run), *flags, f"--bounds.output={one}"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         "-m", "peftlab", "bounds", str(run), *flags, f"--bounds.output={two}"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

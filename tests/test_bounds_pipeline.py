@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TrainableTensors
 from peftlab.bounds.config import bounds_config
 from peftlab.bounds.evaluate import compress, compute_bounds, resolve_data, write_metrics
 from peftlab.data.bins import prepare_token_bins
@@ -17,13 +18,6 @@ from peftlab.errors import ConfigError, PeftlabError
 from peftlab.models.tokenizers import byte_tokenizer
 
 SEED_KEYS = ("kl_divergence", "empirical_bpd", "bound_value", "compressed_size_bits")
-
-
-class AdapterMethod:
-    """What the pipeline needs from a method: the tensors to compress."""
-
-    def compressible_state(self, model):
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def bcfg(**kw):
 def test_token_level_bound_non_vacuous_and_complete(trained, tmp_path):
     model, run_cfg, d = trained
     c = bcfg(bound_type="token_level", num_docs=3000)
-    m = compute_bounds(model, AdapterMethod(), run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
+    m = compute_bounds(model, TrainableTensors(), run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
     for k in SEED_KEYS + ("prefix_message_len", "best_alpha", "top1_error", "top1_error_bound", "top10_error_bound",
                           "top100_error_bound", "levels", "n", "m", "delta", "wall_time_s"):
         assert k in m and m[k] is not None, k
@@ -87,22 +81,22 @@ def test_token_level_bound_non_vacuous_and_complete(trained, tmp_path):
 def test_document_level_fields_and_determinism(trained):
     model, run_cfg, d = trained
     c = bcfg(bound_type="document_level", alphas=[0.01, 0.1])
-    a = compute_bounds(model, AdapterMethod(), run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
-    b = compute_bounds(model, AdapterMethod(), run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
+    a = compute_bounds(model, TrainableTensors(), run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
+    b = compute_bounds(model, TrainableTensors(), run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
     for k in SEED_KEYS + ("top1_error", "top10_error", "top100_error"):
         assert a[k] == b[k], k
     assert a["m"] == 5880 and a["n"] == 400  # 2% of 3000 documents held out for validation
     assert 0.0 <= a["top1_error"] <= a["top1_error_bound"] <= 1.0
     assert a["top100_error"] <= a["top10_error"] <= a["top1_error"]
     # a different sampling seed draws other documents
-    other = compute_bounds(model, AdapterMethod(), run_cfg, bcfg(bound_type="document_level", alphas=[0.01, 0.1], seed=5), d,
+    other = compute_bounds(model, TrainableTensors(), run_cfg, bcfg(bound_type="document_level", alphas=[0.01, 0.1], seed=5), d,
                            torch.device("cpu"), log=lambda s: None)
     assert other["empirical_bpd"] != a["empirical_bpd"]
 
 
 def test_sequence_level_runs(trained):
     model, run_cfg, d = trained
-    m = compute_bounds(model, AdapterMethod(), run_cfg, bcfg(bound_type="sequence_level", full_precision_units=0), d,
+    m = compute_bounds(model, TrainableTensors(), run_cfg, bcfg(bound_type="sequence_level", full_precision_units=0), d,
                        torch.device("cpu"), log=lambda s: None)
     assert m["context_length"] == 64 and m["tokens_scored"] == 64 * m["n_unique"]
     assert m["quantization_cost"]["units"] == 0
@@ -112,7 +106,7 @@ def test_scoring_uses_the_quantized_weights(trained):
     model, run_cfg, d = trained
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     c = bcfg(bound_type="token_level", levels=2, full_precision_units=0, num_docs=50)
-    compute_bounds(model, AdapterMethod(), run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
+    compute_bounds(model, TrainableTensors(), run_cfg, c, d, torch.device("cpu"), log=lambda s: None)
     after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     # two levels: every compressed tensor now holds at most two distinct values (the codebook)
     values = torch.cat([v.flatten() for v in after.values()]).unique()
@@ -128,11 +122,11 @@ def test_quantization_aware_training_lowers_the_quantized_loss(trained):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     c0 = bcfg(bound_type="token_level", num_docs=1000, full_precision_units=0, levels=5)
     c1 = bcfg(bound_type="token_level", num_docs=1000, full_precision_units=0, levels=5, quant_iters=40, quant_lr=0.05)
-    plain = compute_bounds(model, AdapterMethod(), run_cfg, c0, d, torch.device("cpu"), log=lambda s: None)
+    plain = compute_bounds(model, TrainableTensors(), run_cfg, c0, d, torch.device("cpu"), log=lambda s: None)
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(before[n])
-    qat = compute_bounds(model, AdapterMethod(), run_cfg, c1, d, torch.device("cpu"), log=lambda s: None)
+    qat = compute_bounds(model, TrainableTensors(), run_cfg, c1, d, torch.device("cpu"), log=lambda s: None)
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(before[n])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TrainableTensors
 from peftlab.bounds import formulas as F
 from peftlab.bounds.config import bounds_config
 from peftlab.bounds.evaluate import (
@@ -127,17 +128,12 @@ def tiny(tmp_path_factory):
     return model, run_cfg, d
 
 
-class _AllParams:
-    def compressible_state(self, model):
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _bounds(tiny, **kw):
     model, run_cfg, d = tiny
     base = {"bounds.progress_bar": False, "bounds.full_precision_units": 0, "bounds.bound_type": "token_level",
             "bounds.num_docs": 300, "bounds.levels": 5}
     base.update({f"bounds.{k}": v for k, v in kw.items()})
-    return compute_bounds(model, _AllParams(), run_cfg, bounds_config(base), d, torch.device("cpu"), log=lambda s: None)
+    return compute_bounds(model, TrainableTensors(), run_cfg, bounds_config(base), d, torch.device("cpu"), log=lambda s: None)
 
 
 def test_pipeline_bound_recomputed_from_its_own_metrics(tiny, tmp_path):

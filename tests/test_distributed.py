@@ -13,12 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/quickstart/cls_lora.yaml"}
@@ -62,12 +63,6 @@ def _argv(name: str, out: Path, batch_size: int) -> list[str]:
             f"--training.batch_size={batch_size}"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(run: Path) -> list[float]:
     with open(run / "loss_log.csv") as f:
         return [float(r["train_loss"]) for r in csv.DictReader(f)]
@@ -81,7 +76,7 @@ def two_process_runs(tmp_path_factory):
     (root / "driver.py").write_text(DRIVER)
     (root / "runs.json").write_text(json.dumps({name: _argv(name, root / name, 4) for name in CASES}))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                           str(root / "driver.py"), str(root / "runs.json"), str(root / "status")],
                          env=env, capture_output=True, text=True, timeout=900)
     return root, out

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from peftlab.errors import PeftlabError
-from peftlab.kernels.cross_entropy import chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
+from peftlab.kernels.cross_entropy import chunk_rows, linear_cross_entropy, linear_cross_entropy_reference, pad_rows
 from peftlab.train.fast import fused_lm_loss
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -37,6 +37,14 @@ def test_chunked_equals_full_logits_float64(chunk, pad, head_trained):
     assert l1.dtype == torch.float64 and abs(l1.item() - l2.item()) < 1e-12
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_pad_rows_appends_zero_rows_to_a_multiple():
+    w, b = torch.randn(5, 3), torch.randn(5)
+    pw, pb = pad_rows(w, 4), pad_rows(b, 4)
+    assert pw.shape == (8, 3) and pb.shape == (8,)
+    assert torch.equal(pw[:5], w) and torch.equal(pb[:5], b) and not pw[5:].any() and not pb[5:].any()
+    assert pad_rows(w, 5) is w and pad_rows(w, 0) is w  # nothing to add: the tensor itself
 
 
 def test_chunk_rows_and_no_valid_label():

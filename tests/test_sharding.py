@@ -13,12 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/quickstart/cls_lora.yaml"}
@@ -63,12 +64,6 @@ def _argv(name: str, out: Path, batch_size: int, sharding: str) -> list[str]:
             f"--training.batch_size={batch_size}", f"--system.sharding={sharding}"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(run: Path) -> list[float]:
     with open(run / "loss_log.csv") as f:
         return [float(r["train_loss"]) for r in csv.DictReader(f)]
@@ -82,7 +77,7 @@ def launch(root: Path, nproc: int, runs: dict) -> subprocess.CompletedProcess:
     (root / "runs.json").write_text(json.dumps({n: r if isinstance(r, dict) else {"argv": r} for n, r in runs.items()}))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))  # this checkout's peftlab
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                            str(root / "driver.py"), str(root / "runs.json"), str(root / "status")],
                           env=env, capture_output=True, text=True, timeout=900)
 

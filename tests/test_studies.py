@@ -175,6 +175,17 @@ def test_follow_up_steps_must_name_a_command_of_the_table(tmp_path):
     assert load_study(study, follow_ups=False, commands=set(COMMANDS)).follow_up.per_run == []
 
 
+def test_step_words_fill_in_the_placeholders_after_peftlab():
+    """The one substitution the sweep and the estimate both run a follow-up step through."""
+    from peftlab.studies.trial import step_words
+
+    mapping = {"run_dir": "/s/r 1", "study_dir": "/s"}
+    assert step_words("peftlab bounds {run_dir} --bounds.output='{study_dir}/b.json'", mapping) == \
+        ["bounds", "/s/r 1", "--bounds.output=/s/b.json"]
+    assert step_words("analyze {study_dir} {name}", mapping) == ["analyze", "/s", "{name}"]  # not in the mapping: kept
+    assert step_words("", mapping) == []
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_study_validates(path):
     from peftlab.methods import METHODS

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 from peftlab.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,14 +63,6 @@ def test_run_config_json_is_a_config(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_default_device_joins_the_launchers_process_group(tmp_path, launcher):
@@ -77,7 +71,7 @@ def test_default_device_joins_the_launchers_process_group(tmp_path, launcher):
     import subprocess
     import sys
 
-    port = str(_free_port())
+    port = str(free_port())
     head = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"],
             "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
                            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]}[launcher]

@@ -31,6 +31,7 @@ import torch
 from ..data.bins import INCOMPLETE, TokenBin
 from ..errors import PeftlabError
 from ..io import atomic_write_text, output_path_problem
+from ..methods.base import Method
 from ..models.quant import compute_dtype, describe
 from ..rundir import RunDir
 from ..runs import load_run
@@ -106,19 +107,12 @@ def resolve_data(bcfg: BoundsConfig, run_cfg: Any) -> Path:
 # ------------------------------------------------------------------ what is compressed
 
 
-def compressible_state(method: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors the bound encodes: the method's own choice, else its trainable tensors."""
-    fn = getattr(method, "compressible_state", None)
-    if fn is not None:
-        state = fn(model)
-    else:  # methods built before the shared API: every trainable tensor
-        params = method.trainable_parameters(model) if hasattr(method, "trainable_parameters") else [
-            (n, p) for n, p in model.named_parameters() if p.requires_grad]
-        state = {n: p.detach().clone() for n, p in params}
-    return {k: v.detach() for k, v in state.items()}
+def compressible_state(method: Method, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors the bound encodes: :meth:`Method.compressible_state` (by default the trainable ones), detached."""
+    return {k: v.detach() for k, v in method.compressible_state(model).items()}
 
 
-def load_state(method: Any, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_state(method: Method, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Put (quantized) values of the compressible tensors back into the model."""
     fn = getattr(method, "load_compressible_state", None)
     if fn is not None:
@@ -139,7 +133,7 @@ def load_state(method: Any, model: torch.nn.Module, state: dict[str, torch.Tenso
             named[k].copy_(v.to(named[k].device, named[k].dtype))
 
 
-def compression_groups(method: Any, state: dict[str, torch.Tensor]) -> list[list[str]]:
+def compression_groups(method: Method, state: dict[str, torch.Tensor]) -> list[list[str]]:
     """Which tensors share a codebook: the method's choice (``method.compression_groups(state)``,
     e.g. SubLoRA codes its gates apart from w), else all of them in one group."""
     fn = getattr(method, "compression_groups", None)
@@ -339,7 +333,7 @@ def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: BoundsConfig, data_dir: Path,
+def compute_bounds(model: torch.nn.Module, method: Method, run_cfg: Any, bcfg: BoundsConfig, data_dir: Path,
                    device: torch.device, log: Callable[[str], None] = print, world: Optional[World] = None) -> dict[str, Any]:
     """Everything after loading: compress, score, bound. Returns the metrics dictionary.
 
@@ -397,7 +391,7 @@ def compute_bounds(model: torch.nn.Module, method: Any, run_cfg: Any, bcfg: Boun
     t_score = time.perf_counter()
 
     def score(rows: Rows, units: int, desc: str):
-        part = score_batches(getattr(method, "scoring_module", lambda m: m)(model), tokens, rows, eot_id, alphas, desc=desc, **kw)
+        part = score_batches(method.scoring_module(model), tokens, rows, eot_id, alphas, desc=desc, **kw)
         return reduce_scores(rows, units, alphas, world.gather(part))
 
     if k:

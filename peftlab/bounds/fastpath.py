@@ -37,6 +37,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels.cross_entropy import pad_rows
+
 # configuration attributes of models whose logits are not the plain output of their LM head
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 CHECK_TOLERANCE = 1e-4
@@ -77,9 +79,7 @@ class ScoringView:
         """``(K, vocab)`` logits of hidden states ``h`` (in ``dtype``; None = the head's own)."""
         dtype = dtype or self.head.weight.dtype
         if self._w is None or self._dtype != dtype:
-            w = self.head.weight.detach()
-            pad = -w.shape[0] % 64
-            self._w = torch.cat([w, w.new_zeros(pad, w.shape[1])]).to(dtype) if pad else w.to(dtype)
+            self._w = pad_rows(self.head.weight.detach(), 64).to(dtype)
             self._dtype = dtype
         b = self.head.bias
         out = F.linear(h.to(dtype), self._w)[:, :self.vocab]

@@ -158,22 +158,26 @@ def confidence_split(m: int, n: int, delta: float) -> tuple[float, float]:
     return r * delta, (1 - r) * delta
 
 
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    """Whether the target is among the top-k predictions, for each k.
+def target_rank(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The number of vocabulary entries with a strictly larger logit than the target's (``*targets.shape``).
 
-    ``rank`` = number of vocabulary entries with a strictly larger logit than the target's;
-    the target is in the top k when ``rank < k`` (ties resolved in the target's favour).
+    The target is in the top k when ``rank < k``: ties are resolved in the target's favour.
+    """
+    return (logits > logits.gather(-1, targets.unsqueeze(-1))).sum(-1)
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Whether the target is among the top-k predictions (``target_rank < k``), for each k.
 
     Returns:
         ``(len(ks), *targets.shape)`` bool tensor.
     """
-    tgt = logits.gather(-1, targets.unsqueeze(-1))
-    rank = (logits > tgt).sum(-1)
+    rank = target_rank(logits, targets)
     return torch.stack([rank < k for k in ks])
 
 
 __all__ = [
     "DEFAULT_ALPHAS", "CODEBOOK_BITS", "LN2", "message_length_bits", "prefix_free_length", "hyperparameter_bits", "extra_bits",
     "kl_nats", "smoothing_delta", "smoothed_loss_floor", "smoothed_nll_bits", "hoeffding_subsampled_bound", "confidence_split",
-    "topk_correct",
+    "target_rank", "topk_correct",
 ]

@@ -44,7 +44,7 @@ import torch
 
 from ..errors import PeftlabError
 from .fastpath import ScoringView, scoring_view
-from .formulas import LN2, smoothed_nll_bits
+from .formulas import LN2, smoothed_nll_bits, target_rank
 
 TOPK = (1, 10, 100)
 
@@ -221,11 +221,10 @@ def _head_chunk_rows(vocab: int) -> int:
 
 
 def target_scores(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Natural-log probability of each target and its rank (entries with a strictly larger logit)."""
+    """Natural-log probability of each target and its rank (:func:`~.formulas.target_rank`)."""
     lg = logits.float()
-    tl = lg.gather(-1, tgt[:, None])
-    lp = tl[:, 0] - torch.logsumexp(lg, dim=-1)
-    return lp, (lg > tl).sum(-1)
+    lp = lg.gather(-1, tgt[:, None])[:, 0] - torch.logsumexp(lg, dim=-1)
+    return lp, target_rank(lg, tgt)
 
 
 @dataclass

@@ -25,6 +25,18 @@ import torch
 DEFAULT_CHUNK_BYTES = 512 * 2**20  # float32 logits of one chunk
 
 
+def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``t`` with zero rows appended along its first dimension up to a multiple of ``multiple``.
+
+    An LM head's weight (``V x d``) or bias (``V``) padded this way gives an aligned GEMM (GPU
+    matmul libraries pick their fast kernels only for aligned sizes; GPT-2's 50,257 is not one);
+    the logits of the extra rows are cut off or masked by the caller. ``t`` itself when nothing is
+    to add (or ``multiple`` is 0).
+    """
+    pad = (-t.shape[0]) % multiple if multiple else 0
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t
+
+
 def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Rows per chunk so that a chunk's float32 logits take about ``chunk_bytes``."""
     return max(1, chunk_bytes // (4 * vocab))
@@ -36,8 +48,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, labels, ignore_index: int, chunk: int, pad_multiple: int = 0):
         n_rows, V = h.shape[0], W.shape[0]
-        pad = (-V) % pad_multiple if pad_multiple else 0
-        Wp = torch.nn.functional.pad(W, (0, 0, 0, pad)) if pad else W  # zero rows: an aligned GEMM, columns V.. masked
+        Wp = pad_rows(W, pad_multiple)  # zero rows: an aligned GEMM, columns V.. masked
+        pad = Wp.shape[0] - V
         valid = labels != ignore_index
         n_valid = valid.sum()
         inv = 1.0 / n_valid.to(torch.promote_types(h.dtype, torch.float32))  # inf with no valid row: the mean is then nan, as torch's

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from ..train import lock as run_lock
 from ..train.loop import Trainer
 from .log import fmt_duration
 from .runner import before_marker
-from .trial import run_steps, trial_status
+from .trial import run_steps, step_words, trial_status
 
 
 @dataclass
@@ -192,17 +191,6 @@ def estimate_config(cfg, steps: int = 4, name: Optional[str] = None,
     return [{"name": name or str(cfg.output.dir), "status": "new", "seconds": run_seconds(cfg, p), "probe": p}]
 
 
-def _substitute(step: str, mapping: dict[str, str]) -> list[str]:
-    words = shlex.split(step)
-    words = words[1:] if words and words[0] == "peftlab" else words
-    out = []
-    for w in words:
-        for k, v in mapping.items():
-            w = w.replace("{" + k + "}", v)
-        out.append(w)
-    return out
-
-
 def time_steps(steps: list[str], mapping: dict[str, str], log_path: Path, out=None) -> dict[str, float]:
     """Run follow-up steps as the sweep does (each ``peftlab`` command in its own process, in this directory) and
     return the seconds each took, by command name. A step that fails is reported and counted as it ran."""
@@ -216,7 +204,7 @@ def time_steps(steps: list[str], mapping: dict[str, str], log_path: Path, out=No
             print(f"  follow-up `{r.words[0]}` failed on the probe ({r.error}); its {fmt_duration(r.duration_s)} count as they ran",
                   file=out, flush=True)
 
-    run_steps([_substitute(s, mapping) for s in steps], env=dict(os.environ), cwd=os.getcwd(), out_path=log_path,
+    run_steps([step_words(s, mapping) for s in steps], env=dict(os.environ), cwd=os.getcwd(), out_path=log_path,
               stop_on_failure=False, on_end=on_end)
     return taken
 
@@ -234,7 +222,7 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
             # they count when the real study has not run them yet (a finished one is not repeated by the sweep)
             real = trials[0].run_dir.parent if trials else spec.output_dir
             print("running the study's steps before the runs in a scratch study ...", file=out, flush=True)
-            todo = [s for s in spec.follow_up.before if not before_marker(real, _substitute(s, {"study_dir": str(real)})).is_file()]
+            todo = [s for s in spec.follow_up.before if not before_marker(real, step_words(s, {"study_dir": str(real)})).is_file()]
             taken = time_steps(list(spec.follow_up.before), {"study_dir": scratch}, Path(scratch) / ".before.out", out)
             if todo:
                 for name, sec in taken.items():

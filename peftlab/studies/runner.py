@@ -50,7 +50,7 @@ from .expand import Trial
 from .log import StudyLog, fmt_clock, fmt_duration, gave_up, read_events
 from .spec import StudySpec
 from .trial import (STATE_DIR, TRIAL_ENV, StepResult, TrialJob, TrialResult, _lock_file, execute_trial, followup_marker,
-                    run_steps, trial_status)
+                    run_steps, step_words, trial_status)
 
 
 # ------------------------------------------------------------------------ the sweep
@@ -133,18 +133,6 @@ def _write_config(path: Path, cfg) -> None:
     atomic_write_text(path, text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def _substitute(step: str, mapping: dict[str, str]) -> list[str]:
-    words = shlex.split(step)
-    if words and words[0] == "peftlab":
-        words = words[1:]
-    out = []
-    for w in words:
-        for k, v in mapping.items():
-            w = w.replace("{" + k + "}", v)
-        out.append(w)
-    return out
-
-
 def launcher_prefix(spec: StudySpec, gpus: Optional[list[str]]) -> list[str]:
     """How a trial's process is started: plain python, or torchrun/accelerate for several processes."""
     n = spec.execution.processes_per_run
@@ -173,7 +161,7 @@ def make_job(spec: StudySpec, trial: Trial, study_dir: Path, gpus: Optional[list
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     return TrialJob(name=trial.name, index=trial.index, config_path=str(cfg_path), run_dir=str(trial.run_dir), study_dir=str(study_dir),
                     identity=fingerprint(trial.cfg), launcher=launcher_prefix(spec, gpus), env=env,
-                    followups=[_substitute(s, mapping) for s in spec.follow_up.per_run], cwd=os.getcwd())
+                    followups=[step_words(s, mapping) for s in spec.follow_up.per_run], cwd=os.getcwd())
 
 
 @dataclass
@@ -347,7 +335,7 @@ def _study_steps(kind: str, spec: StudySpec, study_dir: Path, log: StudyLog, sum
     stops them) or its ``study`` steps (after the runs, at every sweep, all of them); False when
     one failed. A run's ``per_run`` steps go through the same :func:`~.trial.run_steps`."""
     before = kind == "before"
-    steps = [_substitute(s, {"study_dir": str(study_dir)}) for s in (spec.follow_up.before if before else spec.follow_up.study)]
+    steps = [step_words(s, {"study_dir": str(study_dir)}) for s in (spec.follow_up.before if before else spec.follow_up.study)]
     markers = [before_marker(study_dir, w) for w in steps] if before else None
 
     def on_start(words: list[str]) -> None:

@@ -192,6 +192,19 @@ class StepResult:
         return shlex.join(self.words)
 
 
+def step_words(step: str, mapping: dict[str, str]) -> list[str]:
+    """A follow-up step's command line after ``peftlab``, with ``{run_dir}``, ``{name}``, ... filled in from ``mapping``."""
+    words = shlex.split(step)
+    if words and words[0] == "peftlab":
+        words = words[1:]
+    out = []
+    for w in words:
+        for k, v in mapping.items():
+            w = w.replace("{" + k + "}", v)
+        out.append(w)
+    return out
+
+
 def followup_marker(state_dir: Path, name: str, i: int, identity: str) -> Path:
     """The file that says follow-up step ``i`` of run ``name`` (with these settings) finished."""
     return state_dir / "followups" / f"{name}.{i}.{identity}.done"

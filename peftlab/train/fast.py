@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from ..errors import PeftlabError
-from ..kernels.cross_entropy import linear_cross_entropy
+from ..kernels.cross_entropy import linear_cross_entropy, pad_rows
 
 
 class DeviceLosses:
@@ -284,8 +284,8 @@ def pad_lm_head(model: torch.nn.Module, multiple: int = 64) -> Optional[int]:
             dt = torch.get_autocast_dtype(x.device.type)
             x, w = x.to(dt), w.to(dt)
             b = b.to(dt) if b is not None else None
-        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
-        b = torch.nn.functional.pad(b, (0, pad)) if b is not None else None
+        w = pad_rows(w, multiple)
+        b = pad_rows(b, multiple) if b is not None else None
         return torch.nn.functional.linear(x, w, b)[..., :vocab]
 
     head.forward = _types.MethodType(forward, head)
