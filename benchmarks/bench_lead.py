@@ -24,7 +24,8 @@ Sides (each case: one side x one method x one shape, eager unless ``_c``):
 * ``peftlab_off``: the levers of issue 23 off: ``lora.fused=off``, ``system.fused_cross_entropy=off`` and at
   GPT-2 ``model.base_dtype=float32`` (the earlier path; at 3B/8B the base stays bf16 so that the build takes
   seconds, the float32 base was measured before: BENCHMARKS.md); ``peftlab_chunked``: peftlab with
-  ``system.fused_cross_entropy=chunked`` (its own kernel instead of Liger's).
+  ``system.fused_cross_entropy=chunked`` (its own kernel instead of Liger's); ``peftlab_nofce`` (the plain loss) and
+  ``peftlab_nofused`` (peft's unfused LoRA layers): one lever off at a time. A ``_c`` suffix compiles any peftlab side.
 
 Per case: ``--warmup`` then ``--steps`` timed steps (capped per shape), host clock around a device sync;
 peak memory = ``max_memory_allocated`` over the timed window; tokens/s; MFU = tokens/s x model FLOPs per
@@ -101,6 +102,10 @@ PLAN = [
     (2, "qwen3b", "hf", "lora", 10, "nomb"), (2, "qwen3b", "hf_c", "lora", 110), (2, "qwen3b", "peftlab_c", "lora", 110),
     (2, "qwen3b", "peftlab_chunked", "lora", 12, "nomb"), (2, "llama8b", "peftlab_chunked", "lora", 15, "nomb"),
     (2, "llama8b", "unsloth", "lora", 60),
+    (3, "gpt2", "hf", "lora", 8, "nomb"), (3, "gpt2", "peftlab_off", "lora", 8, "nomb"), (3, "gpt2", "peftlab", "lora", 10, "nomb"),
+    (3, "gpt2", "peftlab_nofce", "lora", 8, "nomb"), (3, "gpt2", "peftlab_nofused", "lora", 8, "nomb"),
+    (3, "gpt2", "peftlab_chunked", "lora", 8, "nomb"), (3, "gpt2", "hf_c", "lora", 45), (3, "gpt2", "peftlab_nofce_c", "lora", 45),
+    (3, "gpt2", "peftlab_chunked_c", "lora", 45), (3, "gpt2", "peftlab_off_c", "lora", 45),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 
@@ -365,13 +370,18 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
     raw["lora"]["fused"] = "auto"
     raw["system"]["fused_cross_entropy"] = "auto"
     raw["model"]["base_dtype"] = "auto"
-    if side == "peftlab_off":
+    lever = side[:-2] if side.endswith("_c") else side  # peftlab_X_c: lever set X, compiled
+    if lever == "peftlab_off":
         raw["lora"]["fused"] = "off"
         raw["system"]["fused_cross_entropy"] = "off"
         if s["name"] == "gpt2":
             raw["model"]["base_dtype"] = "float32"
-    elif side == "peftlab_chunked":
+    elif lever == "peftlab_chunked":
         raw["system"]["fused_cross_entropy"] = "chunked"
+    elif lever == "peftlab_nofce":  # bf16 base and fused LoRA, the plain loss: one lever's share at a time
+        raw["system"]["fused_cross_entropy"] = "off"
+    elif lever == "peftlab_nofused":  # bf16 base and the fused loss, peft's unfused LoRA layers
+        raw["lora"]["fused"] = "off"
     elif quick:  # on the CPU the levers' auto is off: force them on to run their code
         raw["lora"]["fused"] = "on"
         if method != "sublora":  # SubLoRA's own forward keeps the plain loss (auto skips it on CUDA)

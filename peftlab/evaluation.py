@@ -87,6 +87,17 @@ def f1_score(preds: list[int], labels: list[int], num_labels: int) -> float:
     return sum(f1_for(c) for c in range(num_labels)) / num_labels
 
 
+def mixed_precision_autocast(system_dtype: str, device):
+    """The autocast context the training loop computed under for ``system.dtype`` on ``device`` (what
+    accelerate's ``Accelerator(mixed_precision=...)`` enters: bf16/fp16 autocast, none for fp32), as a factory.
+    Evaluating a rebuilt run under it gives the numbers training logged."""
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(system_dtype)
+    if dt is None:
+        return contextlib.nullcontext
+    kind = torch.device(device).type
+    return lambda: torch.autocast(kind, dtype=dt)
+
+
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 

@@ -95,7 +95,7 @@ def test_llama3_8b_config_is_the_published_shape():
 def test_from_scratch_base_is_built_on_the_gpu_in_bf16_cuda():
     import time
 
-    cfg = config_from_dict({"method": "lora", "model": {"name": "gpt2", "from_scratch": True, "target_modules": ["c_attn"]},
+    cfg = config_from_dict({"method": "lora", "model": {"name": "gpt2", "from_scratch": True, "target_modules": ["c_attn"], "base_dtype": "bfloat16"},
                             "data": {"tokenizer": "byte"}, "system": {"dtype": "bf16", "device": "cuda"},
                             "output": {"dir": "/tmp/peftlab_test_base_dtype_cuda"}})
     t = time.perf_counter()

@@ -117,7 +117,7 @@ def _run(model, x, seed=3):
     model.train()
     x = x.clone().requires_grad_(True)
     y = model(x)
-    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
     (y * probe).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return y.detach(), x.grad, grads

@@ -303,3 +303,14 @@ def test_method_sections_come_from_the_methods():
     declared = {n: c for m in METHODS.values() for n, c in m.config_sections.items()}
     assert {k: v for k, v in all_sections().items() if k not in CORE_SECTIONS} == declared
     assert METHODS["sora"].sections == ("lora", "sora") and METHODS["full"].sections == ()
+
+
+def test_load_run_evaluates_a_mixed_precision_run_under_its_autocast(tmp_path):
+    """A bf16 run's logged val loss was computed under bf16 autocast; load_run's evaluate() enters the same
+    autocast (without it the rebuilt model computes in float32 and the loss differs; on a GPU a float32 head
+    met bf16 activations and failed)."""
+    from peftlab.runs import load_run
+    from peftlab.train import train
+
+    res = train(make_cfg(tmp_path, "lm", system__dtype="bf16", training__max_steps=4), console=False)
+    assert load_run(tmp_path / "run").evaluate()["val_loss"] == res["final"]["val_loss"]

@@ -12,7 +12,7 @@ from ..build import build
 from ..checkpoints import CONFIG_FILE, CheckpointError, read_model_state, safe_torch_load, verify
 from ..data import build_datasets, load_raw
 from ..errors import PeftlabError
-from ..evaluation import evaluate
+from ..evaluation import evaluate, mixed_precision_autocast
 from ..methods import METHODS
 from ..rundir import RunDir
 from .identity import identity_diff
@@ -33,14 +33,15 @@ class LoadedRun:
     device: Any = "cpu"
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics exactly as training computed them (reads the validation data)."""
+        """Validation metrics exactly as training computed them (reads the validation data), under the
+        run's mixed precision (``system.dtype``) as the loop's evaluation was."""
         import torch
-
 
         torch.manual_seed(self.config.training.seed)
         raw = load_raw(self.config)
         _, val_ds, collate = build_datasets(raw, self.tokenizer, self.config)
-        return evaluate(self.model, val_ds, collate, self.config, self.task, self.num_labels, torch.device(self.device))
+        return evaluate(self.model, val_ds, collate, self.config, self.task, self.num_labels, torch.device(self.device),
+                        autocast=mixed_precision_autocast(self.config.system.dtype, self.device))
 
 
 def damaged_fix(run: RunDir, choose: Optional[str]) -> Callable[[Optional[Path]], str]:
