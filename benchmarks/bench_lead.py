@@ -104,7 +104,8 @@ PLAN = [
     (2, "llama8b", "unsloth", "lora", 60),
     (3, "gpt2", "hf", "lora", 8, "nomb"), (3, "gpt2", "peftlab_off", "lora", 8, "nomb"), (3, "gpt2", "peftlab", "lora", 10, "nomb"),
     (3, "gpt2", "peftlab_nofce", "lora", 8, "nomb"), (3, "gpt2", "peftlab_nofused", "lora", 8, "nomb"),
-    (3, "gpt2", "peftlab_chunked", "lora", 8, "nomb"), (3, "gpt2", "hf_c", "lora", 45), (3, "gpt2", "peftlab_nofce_c", "lora", 45),
+    (3, "gpt2", "peftlab_chunked", "lora", 8, "nomb"), (3, "qwen3b", "unsloth", "lora", 40),
+    (3, "gpt2", "hf_c", "lora", 45), (3, "gpt2", "peftlab_nofce_c", "lora", 45),
     (3, "gpt2", "peftlab_chunked_c", "lora", 45), (3, "gpt2", "peftlab_off_c", "lora", 45),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case

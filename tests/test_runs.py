@@ -314,3 +314,13 @@ def test_load_run_evaluates_a_mixed_precision_run_under_its_autocast(tmp_path):
 
     res = train(make_cfg(tmp_path, "lm", system__dtype="bf16", training__max_steps=4), console=False)
     assert load_run(tmp_path / "run").evaluate()["val_loss"] == res["final"]["val_loss"]
+
+
+def test_a_second_run_in_the_same_process_may_choose_another_precision(tmp_path):
+    """accelerate fixes the mixed precision of the first Accelerator of a process; peftlab's Trainer lets
+    a later run choose its own (fp32 after bf16 here), without a restart."""
+    from peftlab.train import train
+
+    a = train(make_cfg(tmp_path / "a", "lm", system__dtype="bf16", training__max_steps=2), console=False)
+    b = train(make_cfg(tmp_path / "b", "lm", system__dtype="fp32", training__max_steps=2), console=False)
+    assert a["status"] == b["status"] == "completed"

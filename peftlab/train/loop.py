@@ -51,6 +51,19 @@ def _device_choice(cfg) -> bool:
     return cfg.system.device == "cpu" or (cfg.system.device == "auto" and not torch.cuda.is_available())
 
 
+def _forget_other_precision(mp: str) -> None:
+    """Let a second run in the same process choose its own mixed precision. accelerate keeps one
+    process-wide ``AcceleratorState`` and refuses a new ``Accelerator`` whose ``mixed_precision`` differs
+    from the first one's ("restart your runtime"), so a fp32 run followed by a bf16 run in one notebook or
+    test session failed. Only that state is dropped (the earlier run is finished); the process group
+    (``PartialState``) is kept."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mp):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 class Trainer:
     """Builds everything for one run and trains it; ``Trainer(cfg).run()`` returns results_final."""
 
@@ -67,6 +80,7 @@ class Trainer:
         kwargs = {}
         if cfg.logging.report_to:
             kwargs["log_with"] = list(cfg.logging.report_to)
+        _forget_other_precision(mp)
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision=mp, project_dir=cfg.output.dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **kwargs,
