@@ -28,9 +28,9 @@ class ModelConfig:
     double_quant: bool = opt(True, "model.quantization=nf4/fp4: also quantize the 4-bit blocks' scales (QLoRA's double quantization, about 0.4 bit per weight less).")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "With model.quantization: the dtype the 4-bit weights are dequantized to for each matmul, and of the unquantized base tensors (embeddings, norms, head); auto = system.dtype's.")
     base_dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "float32", "Storage dtype of the frozen base model (trainable tensors stay float32): bfloat16 halves its memory and, for "
+        "auto", "Storage dtype of the frozen base model (trainable tensors stay float32): bfloat16 halves its memory and, for "
         "models built from a config (model.from_scratch), builds it on the GPU in seconds; auto = bfloat16 on CUDA with "
-        "system.dtype=bf16, float32 otherwise. Default float32 until the GPU checks of this lever have passed (docs/gpu-speed.md). bfloat16 needs system.dtype=bf16.")
+        "system.dtype=bf16, float32 otherwise (CPU runs keep their numbers). bfloat16 needs system.dtype=bf16 (docs/gpu-speed.md).")
 
     def validate(self) -> list[str]:
         p = []
@@ -253,7 +253,7 @@ class SystemConfig:
     fused_cross_entropy: Literal["auto", "liger", "chunked", "off"] = opt(
         "off", "Causal-LM training loss without materialising the logits (one process, peft/transformers models): liger = "
         "Liger-Kernel's fused linear + cross-entropy (CUDA), chunked = peftlab's own in torch ops (rows in chunks, any device), "
-        "auto = on CUDA: liger when it imports, else chunked; off = model(**batch).loss (default until the GPU checks have passed).")
+        "auto = on CUDA: liger when it imports, else chunked; off = model(**batch).loss (default: it saves memory but costs speed, docs/gpu-speed.md).")
     sharding: Literal["none", "fsdp"] = opt("none", "How several processes hold the model: none = a whole replica on each (DDP through Accelerate); fsdp = torch's FSDP2 fully_shard per transformer block and the root, the frozen base sharded across processes, the method's trainable tensors replicated with all-reduced gradients (adapters) or sharded with their optimizer state (full fine-tuning). docs/training.md#sharding.")
 
     def validate(self) -> list[str]:

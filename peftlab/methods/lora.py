@@ -41,9 +41,9 @@ class LoraSection:
         "auto", "DoRA's row norm ||W0 + s B A||: factored (from constant W0 row norms and a d_out x r cross term, no "
         "d_out x d_in product), peft (peft's dense layer), auto = factored on CUDA, peft on CPU. Same function either way.")
     fused: Literal["auto", "on", "off"] = opt(
-        "off", "LoRA/DoRA Linear forward as one fused autograd node (base GEMM + low-rank path, saves only x and the "
+        "auto", "LoRA/DoRA Linear forward as one fused autograd node (base GEMM + low-rank path, saves only x and the "
         "rank-r intermediate; peftlab/kernels/lora.py), falling back to peft's forward where it does not apply: "
-        "auto = on CUDA, on, off = peft's forward (default until its GPU tests have passed: docs/gpu-speed.md). Same function.")
+        "auto = on CUDA, on, off = peft's forward. Same function (docs/gpu-speed.md).")
 
     def validate(self) -> list[str]:
         p = []
