@@ -36,6 +36,8 @@ CASES = {
     "sublora-learned": ("lm", "sublora", ["--sublora.intrinsic_dim=64", "--sublora.allocation_mode=learned",
                                           "--sublora.gating_lr=0.5", "--training.learning_rate=0.05"]),
     "full": ("lm", "full", ["--training.learning_rate=1e-3"]),
+    # the frozen base in bf16 (the CUDA default, model.base_dtype=auto) beside float32 adapters, sharded
+    "lora-bf16-base": ("lm", "lora", ["--system.dtype=bf16", "--model.base_dtype=bfloat16"]),
 }
 TOL = 1e-5
 # Runs on every rank: each case in turn, each rank's exit status in status/<case>.rank<r>.
@@ -119,7 +121,8 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: a second launch, ~20 s on 2 cores
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_processes_match_one_unsharded_process(name, nproc, sharded_runs, one_process):
-    """N sharded gloo processes with batch 8/N = 1 unsharded process with batch 8, loss by loss (fp32, 1e-5)."""
+    """N sharded gloo processes with batch 8/N = 1 unsharded process with batch 8, loss by loss (fp32: 1e-5; the
+    bf16 base under bf16 autocast: 1e-4)."""
     root, run = sharded_runs(nproc)
     for rank in range(nproc):
         status = root / "status" / f"{name}.rank{rank}"
@@ -130,9 +133,11 @@ def test_sharded_processes_match_one_unsharded_process(name, nproc, sharded_runs
     one = one_process(name)
     l1, ln = _losses(one), _losses(root / name)
     assert len(l1) == len(ln) == 6
-    assert l1 == pytest.approx(ln, rel=0, abs=TOL)
+    # bf16 autocast: half batches round their products differently from the whole batch (measured 2.4e-5)
+    tol = 1e-4 if "bf16" in name else TOL
+    assert l1 == pytest.approx(ln, rel=0, abs=tol)
     r1 = json.loads((one / "results_final.json").read_text())
-    assert r1["final"]["val_loss"] == pytest.approx(rn["final"]["val_loss"], rel=0, abs=TOL)
+    assert r1["final"]["val_loss"] == pytest.approx(rn["final"]["val_loss"], rel=0, abs=tol)
 
 
 def test_sharded_checkpoint_sigkill_resume_load_run_and_export(sharded_runs, one_process, tmp_path):
