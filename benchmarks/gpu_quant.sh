@@ -6,11 +6,13 @@
 #    every adapter method on a 4-bit base) -> OUTDIR/test_quant.log
 # 2. benchmarks/bench_quant.py: Qwen2.5-3B and Llama-3-8B shapes, LoRA/DoRA r16, 4 x 1024, gradient
 #    checkpointing, peftlab vs HF PEFT + bitsandbytes -> OUTDIR/quant/{bench_quant.jsonl,summary.md}
-# Wheels: .whl-bnb/ (bitsandbytes) and .whl/ (liger-kernel for the fused loss, ...) into /tmp/site.
+# Wheels: .whl-bnbslim/ (bitsandbytes cut to CUDA 13.0 + CPU by scripts/slim_bnb_wheel.sh; else .whl-bnb/) and .whl/
+# (liger-kernel for the fused loss, ...) into /tmp/site.
 set -u
 OUT=${1:?usage: gpu_quant.sh OUTDIR}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-bnb/*.whl .whl/*.whl 2>&1 | tail -3
+BNB=.whl-bnbslim; ls $BNB/*.whl > /dev/null 2>&1 || BNB=.whl-bnb
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $BNB/*.whl .whl/*.whl 2>&1 | tail -3
 export PYTHONPATH=/tmp/site:$(pwd) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia_smi.txt"
 if python3 -c "import pytest" 2> /dev/null; then
