@@ -13,8 +13,9 @@
 # Needs the study's files under ./gpu_assets/, made on a machine with the offline assets by
 # `bash scripts/gpu_bundle.sh STUDY` (it prints the paths to carry). Wheels in .whl/ (datasets, constriction, ...) are
 # installed into /tmp/site once per machine.
-# Writes $OUT/STUDY/: sweep.txt (console), study.log, study.jsonl, analysis/ (tables, plots, hypotheses, report),
-# runs/<run>/{results_final,bounds_metrics}.json, and one JSON line per call in $OUT/gpu_studies.jsonl.
+# Writes $OUT/STUDY.tgz (the folder STUDY/: sweep.txt (console), study.log, study.jsonl, analysis/ (tables, plots,
+# hypotheses, report), runs/<run>/{results_final,bounds_metrics}.json; one archive, since the device returns at most
+# 8 files) and one JSON line per call in $OUT/gpu_studies.jsonl.
 set -u
 STUDY=${1:?usage: bash benchmarks/gpu_studies.sh STUDY [WALL_S | estimate [PATTERN]]}
 MODE=${2:-540}
@@ -101,4 +102,7 @@ print(json.dumps({"study": study, "rc": rc, "wall_s": wall, "runs_done": len(don
 EOF
 tail -1 "$OUT/gpu_studies.jsonl"
 tail -15 "$DEST/sweep.txt"
+# the device returns at most 8 files, none deeper than $OUT/a/b/file: the study's outputs travel as one archive
+# (unpack here with `tar xzf STUDY.tgz`; docs/results/<study>/ takes its tables and PNGs)
+tar czf "$OUT/$STUDY.tgz" -C "$OUT" "$STUDY" && rm -rf "$DEST"
 exit 0
