@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python   # the environment `make install` made
 command -v "$PY" >/dev/null || PY=python3
 A=gpu_assets
 mkdir -p "$A"
