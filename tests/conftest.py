@@ -35,6 +35,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+QUICKSTART = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/quickstart/cls_lora.yaml"}
+
+
+def multiprocess_args(max_steps: int, save_steps: int) -> list[str]:
+    """CLI settings of the small CPU runs the multi-process tests (torchrun over gloo) compare with one process:
+    a loss logged every step, no dropout (the processes draw no common masks), 100 training examples."""
+    return [f"--training.max_steps={max_steps}", "--training.log_steps=1", f"--training.save_steps={save_steps}",
+            "--logging.progress_bar=false", "--model.dropout=0", "--lora.dropout=0", "--data.max_train_examples=100",
+            "--data.max_val_examples=32", "--system.device=cpu"]
+
+
+def step_losses(run: Path) -> list[float]:
+    """The per-step training losses of a run directory (loss_log.csv)."""
+    import csv
+
+    with open(run / "loss_log.csv") as f:
+        return [float(r["train_loss"]) for r in csv.DictReader(f)]
+
+
 def make_cfg(tmp_path: Path, kind: str = "lm", **overrides):
     """A quickstart config shrunk for tests, writing into ``tmp_path/run``.
 

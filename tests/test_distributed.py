@@ -10,7 +10,6 @@ few steps of a case. The one-process reference of each case trains in the test's
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -19,13 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import QUICKSTART, free_port, multiprocess_args, step_losses
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/quickstart/cls_lora.yaml"}
-COMMON = ["--training.max_steps=8", "--training.log_steps=1", "--training.save_steps=4", "--logging.progress_bar=false",
-          "--model.dropout=0", "--lora.dropout=0", "--data.max_train_examples=100", "--data.max_val_examples=32",
-          "--system.device=cpu"]
+CONFIGS = QUICKSTART
+COMMON = multiprocess_args(max_steps=8, save_steps=4)
 # name: (quickstart config, method, its settings)
 CASES = {
     "lora": ("lm", "lora", []),
@@ -63,11 +60,6 @@ def _argv(name: str, out: Path, batch_size: int) -> list[str]:
             f"--training.batch_size={batch_size}"]
 
 
-def _losses(run: Path) -> list[float]:
-    with open(run / "loss_log.csv") as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f)]
-
-
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     """Every case trained on 2 gloo processes with batch 4 each, in one torchrun launch."""
@@ -94,7 +86,7 @@ def test_two_process_gloo_matches_one_process(name, two_process_runs, tmp_path):
     r2 = json.loads((root / name / "results_final.json").read_text())
     assert r2["world_size"] == 2
     assert main(_argv(name, tmp_path / "one", 8)) == 0
-    l1, l2 = _losses(tmp_path / "one"), _losses(root / name)
+    l1, l2 = step_losses(tmp_path / "one"), step_losses(root / name)
     assert len(l1) == len(l2) == 8
     # rSVD: the SVD at a refresh amplifies the last-bit differences of a 2-way all-reduce
     # (different summation order), so after the first refresh the runs agree to ~3e-5, not 1e-7.

@@ -10,7 +10,6 @@ of one unsharded process at batch 8 to 1e-5 absolute; only the order of the sums
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -19,13 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import QUICKSTART, free_port, multiprocess_args, step_losses
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"lm": ROOT / "configs/quickstart/lm_lora.yaml", "cls": ROOT / "configs/quickstart/cls_lora.yaml"}
-COMMON = ["--training.max_steps=6", "--training.log_steps=1", "--training.save_steps=3", "--logging.progress_bar=false",
-          "--model.dropout=0", "--lora.dropout=0", "--data.max_train_examples=100", "--data.max_val_examples=32",
-          "--system.device=cpu"]
+CONFIGS = QUICKSTART
+COMMON = multiprocess_args(max_steps=6, save_steps=3)
 # name: (quickstart config, method, its settings)
 CASES = {
     "lora": ("lm", "lora", []),
@@ -64,11 +61,6 @@ def _argv(name: str, out: Path, batch_size: int, sharding: str) -> list[str]:
     kind, method, extra = CASES[name]
     return ["train", str(CONFIGS[kind]), *COMMON, f"--method={method}", *extra, f"--output.dir={out}",
             f"--training.batch_size={batch_size}", f"--system.sharding={sharding}"]
-
-
-def _losses(run: Path) -> list[float]:
-    with open(run / "loss_log.csv") as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f)]
 
 
 def launch(root: Path, nproc: int, runs: dict) -> subprocess.CompletedProcess:
@@ -131,7 +123,7 @@ def test_sharded_processes_match_one_unsharded_process(name, nproc, sharded_runs
     assert rn["world_size"] == nproc
     assert f"sharded over {nproc} process(es)" in (root / name / "train.log").read_text()
     one = one_process(name)
-    l1, ln = _losses(one), _losses(root / name)
+    l1, ln = step_losses(one), step_losses(root / name)
     assert len(l1) == len(ln) == 6
     # bf16 autocast: half batches round their products differently from the whole batch (measured 2.4e-5)
     tol = 1e-4 if "bf16" in name else TOL
@@ -157,7 +149,7 @@ def test_sharded_checkpoint_sigkill_resume_load_run_and_export(sharded_runs, one
     resumed = launch(tmp_path / "r", 2, {"resumed": _argv("full", run, 4, "fsdp") + ["--training.resume_from=latest"]})
     assert (tmp_path / "r/status/resumed.rank0").read_text() == "0", resumed.stderr[-4000:]
     assert "resumed from" in (run / "train.log").read_text()
-    assert _losses(run) == _losses(ref)  # bit for bit: same shards, same optimizer state, same RNG
+    assert step_losses(run) == step_losses(ref)  # bit for bit: same shards, same optimizer state, same RNG
     res, res_ref = (json.loads((d / "results_final.json").read_text()) for d in (run, ref))
     assert res["final"] == res_ref["final"]
 
@@ -243,7 +235,7 @@ def test_cuda_sharded_world_of_one_matches_unsharded(name, dtype, tmp_path):
         out = tmp_path / sharding
         argv = [a.replace("--system.device=cpu", "--system.device=cuda") for a in _argv(name, out, 8, sharding)]
         assert main([*argv, f"--system.dtype={dtype}"]) == 0
-        runs[sharding] = _losses(out)
+        runs[sharding] = step_losses(out)
     diff = max(abs(a - b) for a, b in zip(runs["none"], runs["fsdp"]))
     tol = 1e-4 if dtype == "fp32" else 2e-2  # GPU kernels reduce in their own order; bf16 autocast to its precision
     _record({"check": "world1_parity", "method": name, "dtype": dtype, "max_step_loss_diff": diff, "tol": tol,
