@@ -14,7 +14,7 @@
 # `bash scripts/gpu_bundle.sh STUDY` (it prints the paths to carry). Wheels in .whl/ (datasets, constriction, ...) are
 # installed into /tmp/site once per machine.
 # Writes $OUT/STUDY.tgz (the folder STUDY/: sweep.txt (console), study.log, study.jsonl, analysis/ (tables, plots,
-# hypotheses, report), runs/<run>/{results_final,bounds_metrics}.json; one archive, since the device returns at most
+# hypotheses, report), runs/<run>/ (its small files: config, logs, results, bounds; no weights); one archive, since the device returns at most
 # 8 files) and one JSON line per call in $OUT/gpu_studies.jsonl.
 set -u
 STUDY=${1:?usage: bash benchmarks/gpu_studies.sh STUDY [WALL_S | estimate [PATTERN]]}
@@ -74,7 +74,8 @@ if [ -d "$SD/analysis" ]; then rm -rf "$DEST/analysis"; cp -r "$SD/analysis" "$D
 for run in "$SD"/*/; do
   [ -f "$run/results_final.json" ] || continue
   n=$(basename "$run"); mkdir -p "$DEST/runs/$n"
-  cp -f "$run"/results_final.json "$run"/bounds_metrics.json "$run"/eval_log.csv "$DEST/runs/$n/" 2>/dev/null
+  # every small file of the run (config, logs, method records), no weights: `peftlab analyze` can run again here
+  find "$run" -maxdepth 1 -type f -size -2M ! -name '*.safetensors' ! -name '*.pt' ! -name '*.bin' -exec cp -f {} "$DEST/runs/$n/" \;
 done
 python3 - "$SD" "$STUDY" "$rc" "$wall" >> "$OUT/gpu_studies.jsonl" <<'EOF'
 import json, sys

@@ -79,8 +79,21 @@ def phases(evs: list[dict]) -> tuple[dict[str, float], int, float]:
         elif e.get("event") in ("study_step", "before_step") and e.get("outcome") == "completed":
             k = str(e.get("step", "?")).split()[0]
             ph[k] = ph.get(k, 0.0) + float(e.get("duration_s") or 0.0)
-    wall = sum(float(e.get("seconds") or 0.0) for e in evs if e.get("event") == "sweep_end")
-    return ph, runs, wall
+    return ph, runs, sweep_wall(evs)[0]
+
+
+def sweep_wall(evs: list[dict]) -> tuple[float, int]:
+    """The sweeps' wall time and how many sweeps there were: each from its ``sweep_start`` to its ``sweep_end``, or to
+    its last event when it was interrupted (a slice that reached its wall limit writes no ``sweep_end``)."""
+    wall, n, t0, last = 0.0, 0, None, None
+    for e in evs + [{"event": "sweep_start"}]:
+        if e.get("event") == "sweep_start":
+            if t0 is not None and last is not None:
+                wall, n = wall + (last - t0), n + 1
+            t0, last = e.get("time"), e.get("time")
+        elif e.get("time") is not None and t0 is not None:
+            last = float(e["time"])
+    return wall, n
 
 
 def page(study: str, scale: str, source: Path, dest: Path) -> str:
@@ -104,7 +117,8 @@ def page(study: str, scale: str, source: Path, dest: Path) -> str:
     for k, v in ph.items():
         lines.append(f"| {k} | {fmt_s(v)} | {100 * v / tot:.0f}% |")
     lines += ["", f"{runs} of {total_runs} runs completed; the sweeps' wall time adds up to {fmt_s(wall)}"
-              + (" (over several calls: the sweep resumes)" if sum(e.get("event") == "sweep_end" for e in evs) > 1 else "")
+              + (f" over {sweep_wall(evs)[1]} calls (the sweep resumes; a run cut by a call's wall limit is run again)"
+                 if sweep_wall(evs)[1] > 1 else "")
               + ". Compare with `peftlab estimate` in BENCHMARKS.md.", ""]
     hyp = analysis / "hypotheses.json"
     if hyp.is_file():

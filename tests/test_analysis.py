@@ -116,6 +116,8 @@ def test_fmt_pm_rounds_to_the_spread():
     assert fmt_pm(4.2, 0.1) == "4.20 ± 0.10" == fmt_pm(4.2, 0.09999999999999964)
     assert fmt_pm(0.8234, 0.0123) == "0.823 ± 0.012"
     assert fmt_pm(3000.0, 100.0) == "3,000 ± 100"
+    # seeds that agree up to float rounding (a compare study's LoRA F1 on the GPU): no 8-decimal mean
+    assert fmt_pm(0.7878787878787878, 1.2e-16) == "0.7879 ± 0"
     assert fmt_pm(0.5, float("nan")) == "0.5"
 
 

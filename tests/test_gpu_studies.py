@@ -92,11 +92,14 @@ def test_results_page_from_a_study_directory(tmp_path):
     spec.loader.exec_module(rp)
     src = tmp_path / "out" / "subspace_allocation"
     (src / "analysis").mkdir(parents=True)
-    evs = [{"event": "sweep_start", "runs": 30},
-           {"event": "end", "outcome": "completed", "phases": {"train": 20.0, "bounds": 30.0}},
-           {"event": "end", "outcome": "completed", "phases": {"train": 22.0, "bounds": 28.0}},
-           {"event": "study_step", "outcome": "completed", "step": "analyze x --output-dir y", "duration_s": 15.0},
-           {"event": "sweep_end", "seconds": 120.0}]
+    # two slices: the first cut by its wall limit (no sweep_end), the second resumes and ends
+    evs = [{"event": "sweep_start", "runs": 30, "time": 0.0},
+           {"event": "end", "outcome": "completed", "phases": {"train": 20.0, "bounds": 30.0}, "time": 50.0},
+           {"event": "start", "time": 100.0},
+           {"event": "sweep_start", "runs": 30, "time": 200.0},
+           {"event": "end", "outcome": "completed", "phases": {"train": 22.0, "bounds": 28.0}, "time": 250.0},
+           {"event": "study_step", "outcome": "completed", "step": "analyze x --output-dir y", "duration_s": 15.0, "time": 265.0},
+           {"event": "sweep_end", "seconds": 70.0, "time": 270.0}]
     (src / "study.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
     (src / "study.log").write_text("log\n")
     a = src / "analysis"
@@ -108,7 +111,7 @@ def test_results_page_from_a_study_directory(tmp_path):
     assert rp.main([str(src), "--study", "subspace_allocation", "--docs", str(docs)]) == 0
     page = (docs / "subspace_allocation" / "README.md").read_text()
     assert "| train | 42s | 37% |" in page and "| bounds | 58s | 50% |" in page and "| analyze | 15s | 13% |" in page
-    assert "2 of 30 runs completed" in page and "**H1 (seed 001)** — supported: ρ = 0.8 dominates" in page
+    assert "2 of 30 runs completed; the sweeps' wall time adds up to 2m 50s over 2 calls" in page and "**H1 (seed 001)** — supported: ρ = 0.8 dominates" in page
     assert "![pareto_frontier_d1000](pareto_frontier_d1000.png)" in page and "no ranks & no BA-LoRA" in page
     assert "python-docs" in page and "OpenWebText" in page  # the scale's own comment: what stands in
     assert (docs / "subspace_allocation" / "pareto_frontier_d1000.png").is_file()

@@ -61,7 +61,7 @@ def fmt_pm(mean: float, std: float) -> str:
         return ""
     if std is None or math.isnan(std):
         return fmt_number(float(mean))
-    if std == 0:
+    if std == 0 or abs(std) <= 1e-9 * abs(mean):  # equal over seeds up to float rounding (1e-17 is no spread)
         return fmt_number(float(mean)) + " ± 0"
     std2 = float(f"{abs(std):.2g}")  # two significant digits first, so 0.0999999 reads as 0.10
     dec = max(0, min(8, 1 - int(math.floor(math.log10(std2)))))
