@@ -206,11 +206,13 @@ def task_from_names(cfg) -> tuple[str, int]:
     return task, labels
 
 
-def build_bare_base(cfg, task: str, num_labels: Optional[int]) -> torch.nn.Module:
+def build_bare_base(cfg, task: str, num_labels: Optional[int], device=None) -> torch.nn.Module:
     """The architecture of ``cfg.model`` alone, for commands that need no tokenizer (``profile``):
     built from its config (no tokenizer, no download) for the built-in tiny models and for
     ``model.from_scratch`` with a shipped config, random weights from ``training.seed``; any
-    other model as :func:`build_base` loads it."""
+    other model as :func:`build_base` loads it. With ``device``, as :func:`build` would train it there:
+    a shipped config initialised on the device in ``model.base_dtype`` (a 3B model in seconds), and
+    gradient checkpointing when the config asks for it."""
     from transformers import AutoConfig  # heavy optional library: lazily, as in models
 
     m = cfg.model
@@ -223,11 +225,21 @@ def build_bare_base(cfg, task: str, num_labels: Optional[int]) -> torch.nn.Modul
     elif m.from_scratch and (CONFIG_DIR / f"{m.name}.json").is_file():
         spec = json.loads((CONFIG_DIR / f"{m.name}.json").read_text())
         spec.pop("architectures", None)
+    bdt = base_dtype(cfg, device) if device is not None else None
     if spec is None:
-        model, _, _ = build_base(cfg, task, num_labels)
-        return model
-    model_type = spec.pop("model_type")
-    return _auto_cls(task).from_config(AutoConfig.for_model(model_type, **spec, **kwargs))
+        model, _, _ = build_base(cfg, task, num_labels, device=device if bdt is not None else None)
+    else:
+        hf_cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
+        if bdt is None or m.name in TINY_MODELS:
+            model = _auto_cls(task).from_config(hf_cfg)
+            if bdt is not None:
+                model = model.to(bdt)
+        else:
+            with torch.device(device):
+                model = _auto_cls(task).from_config(hf_cfg, dtype=bdt)
+    if device is not None and cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

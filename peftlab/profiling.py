@@ -32,8 +32,9 @@ from typing import Any, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .build import apply_method, build_bare_base, make_method, task_from_names
+from .build import apply_method, build_bare_base, make_method, task_from_names, trainable_to_float32
 from .errors import PeftlabError
+from .evaluation import mixed_precision_autocast
 from .io import atomic_write_text, strict_json_dumps, write_csv
 from .methods import METHODS
 from .models import DEFAULT_TARGETS, check_positions
@@ -48,6 +49,29 @@ FLOPS_COLUMNS = ["method", "rank", "phase", "flops", "gflops", "batch_size", "se
 PER_RANK_COLUMNS = ["method", "rank", "world_size", "component", "bytes", "mb", "source"]
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 PROJECTOR_KEYS = ("proj",)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def _heads_expanded(formula):
+    """torch's attention FLOP formula for grouped-query attention (fewer key/value heads than query heads,
+    Qwen2.5 and Llama-3): torch asserts equal heads; the kernel computes as if the key/value heads were repeated,
+    so the 4-d shapes are counted with the query's heads."""
+
+    def f(*args, out_shape=None, **kwargs):
+        heads = max((a[1] for a in args if isinstance(a, tuple) and len(a) == 4), default=None)
+        args = tuple(torch.Size((a[0], heads, *a[2:])) if isinstance(a, tuple) and len(a) == 4 else a for a in args)
+        return formula(*args, out_val=out_shape, **kwargs)
+
+    return f
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts grouped-query attention."""
+    from torch.utils.flop_counter import flop_registry
+
+    gqa = {op: _heads_expanded(f) for op, f in flop_registry.items()
+           if "attention" in str(op) and "flex" not in str(op)}
+    return FlopCounterMode(display=False, custom_mapping=gqa)
 
 
 # ----------------------------------------------------------------------------- batch
@@ -164,22 +188,28 @@ def fsdp_per_rank(model: torch.nn.Module, method, optimizer, world: int, activat
 
 
 def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, batch: dict, device, log=None,
-                    world_size: Optional[int] = None) -> dict[str, Any]:
+                    world_size: Optional[list[int]] = None) -> dict[str, Any]:
     """One real training step of ``vcfg.method`` on a copy of ``base``; returns every measurement
-    (with ``world_size``, also the memory of one process of ``system.sharding=fsdp``: :func:`fsdp_per_rank`)."""
+    (for each of ``world_size``, also the memory of one process of ``system.sharding=fsdp``: :func:`fsdp_per_rank`)."""
     info = METHODS[vcfg.method].profile_info(vcfg)
     # methods that only flip requires_grad (full, plain rsvd) leave the weights as they were with lr = 0:
     # the base model is reused; methods that wrap or replace modules work on a copy.
-    model = base if info["in_place"] else copy.deepcopy(base)
+    # A base stored in bf16 (model.base_dtype) gets its trainable tensors in float32 as the run has them: a copy then.
+    low = any(p.is_floating_point() and p.dtype != torch.float32 for p in base.parameters())
+    model = base if info["in_place"] and not low else copy.deepcopy(base)
     targets = list(vcfg.model.target_modules or DEFAULT_TARGETS.get(model.config.model_type, ["q_proj", "v_proj"]))
+    autocast = mixed_precision_autocast(vcfg.system.dtype, device)  # the run's mixed precision
 
     def compute_loss(mdl, b):
-        return mdl(**b).loss
+        with autocast():
+            return mdl(**b).loss
 
     with tempfile.TemporaryDirectory() as scratch:
         method = make_method(vcfg, task, targets, train_batches=lambda: iter([batch] * 4), compute_loss=compute_loss,
                              run_dir=Path(scratch), log=log or logging.getLogger("peftlab.profile"))
         model = apply_method(method, model)
+        if low:
+            trainable_to_float32(model)
         model.to(device)
         model.train()
         optimizer = method.build_optimizer(model)
@@ -191,7 +221,7 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base_alloc = torch.cuda.memory_allocated()
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             with SavedTensorBytes(model) as saved:
                 loss = compute_loss(model, batch)
@@ -199,14 +229,17 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
         if cuda:
             torch.cuda.synchronize()
             after_fwd = torch.cuda.memory_allocated()
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             loss.backward()
         bwd = counter.get_total_flops()
         del loss
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        if cuda:  # forward + backward at their worst moment, less the weights and gradients: what activations cost
+            torch.cuda.synchronize()
+            activation_peak = max(torch.cuda.max_memory_allocated() - base_alloc - grads, saved.bytes)
         method.before_clip(model)
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             optimizer.step()
         refresh_flops = counter.get_total_flops()
@@ -215,7 +248,7 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base_alloc
         # A second step on the same gradients: the steady-state cost (no projector refresh).
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             optimizer.step()
         steady_flops = counter.get_total_flops()
@@ -239,8 +272,12 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
         if cuda:
             out["cuda_peak_bytes"] = peak + base_alloc
             out["cuda_forward_delta_bytes"] = after_fwd - base_alloc
-        if world_size:
-            out["fsdp_per_rank"] = fsdp_per_rank(model, method, optimizer, world_size, saved.bytes)
+            out["cuda_activation_peak_bytes"] = activation_peak
+        # activations per process: on CUDA as measured (saved tensors, backward temporaries such as the loss's
+        # gradient, the recomputed block under gradient checkpointing); elsewhere the saved tensors alone (low)
+        out["activation_source"] = "cuda" if cuda else "saved tensors"
+        act = activation_peak if cuda else saved.bytes
+        out["fsdp_per_rank"] = {w: fsdp_per_rank(model, method, optimizer, w, act) for w in world_size or []}
         for p in model.parameters():
             p.grad = None
         del optimizer, model
@@ -254,16 +291,17 @@ def _rank_label(cfg) -> Optional[int]:
 # ----------------------------------------------------------------------------- the command
 def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int]] = None, batch_size: Optional[int] = None,
                 seq_len: Optional[int] = None, device: Optional[str] = None, echo: bool = True,
-                world_size: Optional[int] = None) -> dict[str, Any]:
+                world_size: Optional[int | list[int]] = None) -> dict[str, Any]:
     """Profile ``cfg``'s method, AdamW and rSVD at ``ranks``; write the CSV files; return the measurements.
-    With ``system.sharding=fsdp``, also the memory of one of ``world_size`` processes (default 1)
-    (``memory_per_rank_fsdp_w{N}.csv``)."""
-    if world_size is not None and cfg.system.sharding == "none":
-        raise PeftlabError(f"--world-size {world_size} gives the memory per process of a sharded run; add --system.sharding=fsdp "
-                           "(without sharding every process holds the whole breakdown above).")
-    if world_size is not None and world_size < 1:
-        raise PeftlabError(f"--world-size must be a positive integer, got {world_size}.")
-    world_size = (world_size or 1) if cfg.system.sharding != "none" else None
+    With ``system.sharding=fsdp``, also the memory of one process for each of ``world_size`` processes (default 1)
+    (``memory_per_rank_fsdp_w{N}.csv``). A baseline variant that does not fit on the GPU is left out with a note."""
+    worlds = [world_size] if isinstance(world_size, int) else list(world_size or [])
+    if worlds and cfg.system.sharding == "none":
+        raise PeftlabError(f"--world-size {','.join(map(str, worlds))} gives the memory per process of a sharded run; add "
+                           "--system.sharding=fsdp (without sharding every process holds the whole breakdown above).")
+    if any(w < 1 for w in worlds):
+        raise PeftlabError(f"--world-size takes positive integers separated by commas (e.g. 1,2,8), got {worlds}.")
+    worlds = (sorted(set(worlds)) or [1]) if cfg.system.sharding != "none" else []
     ranks = [4, 8, 16, 64, 128] if ranks is None else ranks
     # default: a folder of its own under ./profiles, never inside a run directory (output.dir may name one)
     out_dir = Path(output_dir) if output_dir is not None else Path("profiles") / f"{Path(cfg.output.dir).name}-{cfg.method}"
@@ -277,7 +315,7 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     task, num_labels = task_from_names(cfg)
     bs = batch_size or cfg.training.batch_size
     sl = seq_len or (cfg.data.max_length if task == "classification" else cfg.data.block_size)
-    base = build_bare_base(cfg, task, num_labels)
+    base = build_bare_base(cfg, task, num_labels, device)
     check_positions(base, sl, "--seq-len" if seq_len else ("data.max_length" if task == "classification" else "data.block_size"), cfg.model.name)
     batch = synthetic_batch(base, task, num_labels, bs, sl, cfg.training.seed, device)
 
@@ -288,22 +326,34 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
             v = cfg.replace({"method": swept.name, swept.profile_rank_key: r})
             if v.to_dict() != cfg.to_dict():  # the configured method is already this variant
                 variants.append((f"{swept.name}_r{r}", v))
-    results = []
+    results, left_out = [], []
     for label, vcfg in variants:
-        res = profile_variant(base, vcfg, task, num_labels, batch, device, world_size=world_size if label == "configured" else None)
+        try:
+            res = profile_variant(base, vcfg, task, num_labels, batch, device, world_size=worlds if label == "configured" else None)
+        except torch.cuda.OutOfMemoryError:
+            if label == "configured":
+                raise
+            # a baseline (AdamW over every weight of an 8B model) need not fit where the method does
+            for prm in base.parameters():
+                prm.grad = None
+            torch.cuda.empty_cache()
+            left_out.append(label)
+            print(f"note: the {label} baseline does not fit in the GPU's memory at this shape; left out (its columns are empty)")
+            continue
         res["label"] = label
         res["rank"] = _rank_label(vcfg)
         res["display"] = "adamw" if label == "adamw" else vcfg.method
         results.append(res)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adam = results[0]
+    conf = next(r for r in results if r["label"] == "configured")
+    adam = next((r for r in results if r["label"] == "adamw"), None)
     rows = []
     for res in results:
         for g in res["groups"]:
             row = {"method": res["display"], "rank": res["rank"], **{k: g[k] for k in ("group", "params", "moment_bytes",
                    "projector_bytes", "other_bytes", "state_bytes")}, "state_mb": round(g["state_bytes"] / MB, 2)}
             # AdamW's state for the same parameters (matched by name), when the method kept the names.
-            if all(n in adam["per_param_state"] for n in g.get("names", [""])):
+            if adam and all(n in adam["per_param_state"] for n in g.get("names", [""])):
                 ref = sum(adam["per_param_state"][n] for n in g["names"])
                 row.update(adamw_state_bytes=ref, savings_mb=round((ref - g["state_bytes"]) / MB, 2),
                            savings_pct=round(100 * (1 - g["state_bytes"] / ref), 2) if ref else None)
@@ -312,16 +362,16 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
                  "moment_bytes": sum(g["moment_bytes"] for g in res["groups"]),
                  "projector_bytes": sum(g["projector_bytes"] for g in res["groups"]),
                  "other_bytes": sum(g["other_bytes"] for g in res["groups"]), "state_bytes": res["state_bytes"],
-                 "state_mb": round(res["state_bytes"] / MB, 2), "adamw_state_bytes": adam["state_bytes"],
-                 "savings_mb": round((adam["state_bytes"] - res["state_bytes"]) / MB, 2),
-                 "savings_pct": round(100 * (1 - res["state_bytes"] / adam["state_bytes"]), 2) if adam["state_bytes"] else None}
+                 "state_mb": round(res["state_bytes"] / MB, 2)}
+        if adam:
+            total.update(adamw_state_bytes=adam["state_bytes"], savings_mb=round((adam["state_bytes"] - res["state_bytes"]) / MB, 2),
+                         savings_pct=round(100 * (1 - res["state_bytes"] / adam["state_bytes"]), 2) if adam["state_bytes"] else None)
         rows.append(total)
     write_csv(out_dir / "optimizer_memory_comparison.csv", OPTIMIZER_COLUMNS, rows)
 
-    conf = results[1]
     rank = conf["rank"]
     breakdown = []
-    for res in (conf, adam):
+    for res in (r for r in (conf, adam) if r):
         comps = {"parameters": res["param_bytes"], "gradients": res["grad_bytes"], "optimizer_state": res["state_bytes"],
                  "activations": res["activation_bytes"]}
         comps["total"] = sum(comps.values())
@@ -334,13 +384,14 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     breakdown_name = f"memory_breakdown_r{rank}.csv" if rank is not None else f"memory_breakdown_{cfg.method}.csv"
     write_csv(out_dir / breakdown_name, BREAKDOWN_COLUMNS, breakdown)
 
-    per_rank = []
-    if world_size:
-        for c, b in conf["fsdp_per_rank"].items():
-            per_rank.append({"method": conf["display"], "rank": rank, "world_size": world_size, "component": c, "bytes": b,
-                             "mb": round(b / MB, 2), "source": "computed"})
-        per_rank_name = f"memory_per_rank_fsdp_w{world_size}.csv"
-        write_csv(out_dir / per_rank_name, PER_RANK_COLUMNS, per_rank)
+    per_rank, per_rank_names = [], []
+    for w in worlds:
+        rows_w = [{"method": conf["display"], "rank": rank, "world_size": w, "component": c, "bytes": b, "mb": round(b / MB, 2),
+                   "source": conf["activation_source"] if c in ("activations", "total") else "computed"}
+                  for c, b in conf["fsdp_per_rank"][w].items()]
+        per_rank_names.append(f"memory_per_rank_fsdp_w{w}.csv")
+        write_csv(out_dir / per_rank_names[-1], PER_RANK_COLUMNS, rows_w)
+        per_rank.extend(rows_w)
 
     flops_rows = []
     for res in results:
@@ -350,14 +401,13 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     write_csv(out_dir / "flops_profiler_stats.csv", FLOPS_COLUMNS, flops_rows)
 
     summary = {"model": cfg.model.name, "task": task, "num_labels": num_labels, "device": str(device), "batch_size": bs,
-               "seq_len": sl, "total_params": adam["total_params"], "method": cfg.method,
-               "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv"]
-               + ([per_rank_name] if world_size else []),
+               "seq_len": sl, "total_params": conf["total_params"], "method": cfg.method, "left_out": left_out,
+               "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv", *per_rank_names],
                "variants": [{**{k: v for k, v in r.items() if k not in ("per_param_state", "groups")},
                              "groups": [{k: v for k, v in g.items() if k != "names"} for g in r["groups"]]} for r in results]}
     atomic_write_text(out_dir / "profile_summary.json", strict_json_dumps(summary, indent=2))  # no bare NaN
     if echo:
-        print(format_table(rows, adam["total_params"], cfg.model.name))
+        print(format_table(rows, conf["total_params"], cfg.model.name))
         print(format_breakdown(breakdown))
         print(format_flops(flops_rows))
         if per_rank:
@@ -372,7 +422,9 @@ def format_table(rows: list[dict], total_params: int, model: str) -> str:
     for r in rows:
         if r["group"] == "total":
             rk = "-" if r["rank"] is None else str(r["rank"])
-            lines.append(f"{r['method']:<10} {rk:>5} {r['state_mb']:>10.2f} {r['savings_mb']:>11.2f} {r['savings_pct']:>10.2f}")
+            sav = (f"{r['savings_mb']:>11.2f} {r['savings_pct']:>10.2f}" if r.get("savings_pct") is not None
+                   else f"{'-':>11} {'-':>10}")  # no AdamW baseline (it did not fit)
+            lines.append(f"{r['method']:<10} {rk:>5} {r['state_mb']:>10.2f} {sav}")
     return "\n".join(lines)
 
 
@@ -388,14 +440,22 @@ def format_breakdown(breakdown: list[dict]) -> str:
 
 
 def format_per_rank(per_rank: list[dict], total_params: int) -> str:
-    """``system.sharding=fsdp``: the memory of one process (memory_per_rank_fsdp_w{N}.csv) as a table."""
+    """``system.sharding=fsdp``: the memory of one process (memory_per_rank_fsdp_w{N}.csv) as a table, one column
+    per world size."""
     r0 = per_rank[0]
     rk = "" if r0["rank"] is None else f" r={r0['rank']}"
-    lines = [f"\nmemory per process, system.sharding=fsdp over {r0['world_size']} process(es) ({r0['method']}{rk}, "
-             f"{total_params:,} parameters; MB)"]
-    for r in per_rank:
-        lines.append(f"  {r['component']:<16} {r['mb']:>12.2f}")
-    lines.append("  (gathered: whole copies FSDP all-gathers while a block runs, the root group plus two blocks)")
+    worlds = list(dict.fromkeys(r["world_size"] for r in per_rank))
+    comps = list(dict.fromkeys(r["component"] for r in per_rank))
+    mb = {(r["world_size"], r["component"]): r["mb"] for r in per_rank}
+    lines = [f"\nmemory per process, system.sharding=fsdp over {' / '.join(map(str, worlds))} process(es) ({r0['method']}{rk}, "
+             f"{total_params:,} parameters; MB)", f"  {'component':<16}" + "".join(f"{'world ' + str(w):>14}" for w in worlds)]
+    for c in comps:
+        lines.append(f"  {c:<16}" + "".join(f"{mb[w, c]:>14.2f}" for w in worlds))
+    src = next(r["source"] for r in per_rank if r["component"] == "activations")
+    lines.append("  (gathered: whole copies FSDP all-gathers while a block runs, the root group plus two blocks; activations: "
+                 + ("the forward + backward peak measured on this GPU)" if src == "cuda"
+                    else "the tensors autograd saves, measured here on the CPU; backward temporaries and recomputed blocks "
+                         "come on top, so the total runs low: profile on the GPU for the measured peak)"))
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from conftest import QUICK
 from peftlab.profiling import BREAKDOWN_COLUMNS, FLOPS_COLUMNS, OPTIMIZER_COLUMNS
 
@@ -97,3 +99,73 @@ def test_profile_rejects_bad_ranks(tmp_path):
 
     assert main(["profile", str(QUICK["cls"]), "--ranks", "4,x"]) == 2
     assert main(["profile", str(QUICK["cls"]), "--ranks", "0", f"--output.dir={tmp_path}"]) == 2
+
+
+def test_attention_flops_of_grouped_query_attention():
+    """torch 2.11's attention FLOP formulas assert equal query and key/value heads, so profiling a Qwen2.5 or Llama-3
+    shape on a GPU failed; peftlab counts grouped-query attention as the kernel computes it, with the query's heads."""
+    import torch
+    from torch.utils.flop_counter import flop_registry
+
+    from peftlab.profiling import flop_counter
+
+    aten = torch.ops.aten
+    reg = flop_counter().flop_registry
+    b, hq, hkv, s, d = 2, 8, 2, 128, 64
+    q, kv = torch.Size((b, hq, s, d)), torch.Size((b, hkv, s, d))
+    assert reg[aten._scaled_dot_product_flash_attention](q, kv, kv) == 4 * b * hq * s * s * d  # QK^T and PV
+    assert reg[aten._scaled_dot_product_efficient_attention](q, kv, kv, None, True) == 4 * b * hq * s * s * d
+    # equal heads: torch's own count
+    assert (reg[aten._scaled_dot_product_flash_attention](q, q, q)
+            == flop_registry[aten._scaled_dot_product_flash_attention](q, q, q))
+    # (torch 2.11, the lent GPU's, raises AssertionError on these shapes; later versions may count them)
+    grad = reg[aten._scaled_dot_product_flash_attention_backward](q, q, kv, kv, q, torch.Size((b, hq, s)), None, None, s, s,
+                                                                   0.0, False, None, None, None)
+    assert grad == 10 * b * hq * s * s * d  # the backward's five products
+
+
+def test_profile_per_rank_for_several_world_sizes_and_a_baseline_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    """`--world-size 1,2,8` writes one per-process file per world size and prints them side by side; an AdamW
+    baseline that runs out of GPU memory (8B on one H200) is left out with a note and the method's rows stay."""
+    import torch
+
+    import peftlab.profiling as prof
+    from peftlab.cli import main
+
+    real = prof.profile_variant
+
+    def adamw_does_not_fit(base, vcfg, *a, **k):
+        if vcfg.method == "full":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(base, vcfg, *a, **k)
+
+    monkeypatch.setattr(prof, "profile_variant", adamw_does_not_fit)
+    out = tmp_path / "p"
+    assert main(["profile", str(QUICK["lm"]), "--ranks=none", "--system.sharding=fsdp", "--world-size", "1,2,8",
+                 "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the adamw baseline does not fit in the GPU's memory" in printed
+    assert "over 1 / 2 / 8 process(es)" in printed and "world 8" in printed
+    per = {}
+    for w in (1, 2, 8):
+        _, rows = _rows(out / f"memory_per_rank_fsdp_w{w}.csv")
+        per[w] = {r["component"]: int(r["bytes"]) for r in rows}
+        assert {r["source"] for r in rows if r["component"] == "activations"} == {"saved tensors"}  # CPU: not measured
+    assert per[1]["parameters"] > per[2]["parameters"] > per[8]["parameters"]
+    assert per[1]["activations"] == per[8]["activations"]
+    _, rows = _rows(out / "optimizer_memory_comparison.csv")
+    assert {r["method"] for r in rows} == {"lora"} and all(r["savings_pct"] == "" for r in rows)
+    assert main(["profile", str(QUICK["lm"]), "--ranks=none", "--system.sharding=fsdp", "--world-size", "2,0"]) == 2
+
+
+def test_profile_builds_the_base_as_the_run_does(tmp_path):
+    """The profiled base has the run's gradient checkpointing: autograd then saves only the blocks' inputs."""
+    from peftlab.config import load_config
+    from peftlab.profiling import run_profile
+
+    act = {}
+    for gc in (False, True):
+        cfg = load_config(QUICK["lm"], {"model.gradient_checkpointing": gc, "output.dir": str(tmp_path / "run")})
+        res = run_profile(cfg, tmp_path / f"p{gc}", ranks=[], echo=False)
+        act[gc] = next(r["bytes"] for r in res["breakdown"] if r["method"] == "lora" and r["component"] == "activations")
+    assert act[True] < act[False] / 4

@@ -206,6 +206,20 @@ def test_profile_prints_the_memory_per_process_of_a_sharded_run(tmp_path, capsys
     assert "add --system.sharding=fsdp" in capsys.readouterr().err
 
 
+def test_shard_memory_benchmark_plumbing(tmp_path):
+    """benchmarks/bench_shard_memory.py (the 3B/8B check of `peftlab profile`'s memory per process against a
+    measured sharded run) at toy size on the CPU: both halves run and the row holds every world size."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_shard_memory
+
+    row = bench_shard_memory.one("qwen3b", "lora", tmp_path, tiny=True)
+    assert set(row["computed"]) == {"1", "2", "4", "8"} and row["activation_source"] == "saved tensors"
+    assert row["computed"]["8"]["parameters"] < row["computed"]["1"]["parameters"]
+    assert row["measured_peak_bytes"] > 0 and row["ratio_measured_over_computed_w1"] > 0
+
+
 # ----------------------------------------------------------------- on a GPU (skipped without one)
 def _cuda() -> bool:
     import torch

@@ -25,9 +25,15 @@ def cmd_profile(args, extra: list[str]) -> int:
         problem = output_path_problem(args.output_dir)
         if problem:
             raise PeftlabError(f"--output-dir: {problem}")
+    try:
+        worlds = None if args.world_size is None else [int(x) for x in args.world_size.split(",") if x.strip()]
+    except ValueError:
+        worlds = [0]
+    if worlds is not None and (not worlds or any(w < 1 for w in worlds)):
+        raise PeftlabError(f"--world-size takes positive integers separated by commas (e.g. 1,2,8), got {args.world_size!r}.")
     cfg = load_config(args.config, extra)
     run_profile(cfg, Path(args.output_dir) if args.output_dir else None, ranks, args.batch_size, args.seq_len,
-                world_size=args.world_size)
+                world_size=worlds)
     return 0
 
 
@@ -44,6 +50,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--ranks", default="4,8,16,64,128", help="rSVD ranks profiled beside the configured method ('none' to skip)")
     p.add_argument("--batch-size", type=int, default=None, help="synthetic batch size (default: training.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="synthetic sequence length (default: data.max_length or data.block_size)")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="with --system.sharding=fsdp: the number of processes the memory per process is computed for (default 1)")
+    p.add_argument("--world-size", default=None,
+                   help="with --system.sharding=fsdp: the numbers of processes the memory per process is computed for, "
+                        "separated by commas, e.g. 1,2,8 (default 1)")
     p.set_defaults(func=cmd_profile)
