@@ -10,7 +10,8 @@ each variant ``LAYOUT-HEAD[-compile]:BATCH_TOKENS`` (layout ``left`` = the maske
 ``right`` = right padding without a mask; head ``model`` = the model's own logits on the
 ``logits_to_keep`` columns, ``auto`` = the forward pass stops at the LM head's input and the
 head runs on the counted positions only; ``-compile``: the logits reduced by a compiled
-function), after one warm-up call each (which includes the compilation), and reports the largest
+function; ``-body``: the model's body compiled too, ``bounds.compile_body=on``), after one warm-up call
+each (which includes the compilation; its time is ``warmup_s``), and reports the largest
 relative difference of the per-document sums from the first variant. The model is GPT-2
 (124M, shipped config, random weights) or the built-in tiny GPT-2, adapted by ``--method``
 (default SubLoRA, the method the seeds bound). Documents: ``owt`` = the OpenWebText-shaped
@@ -81,13 +82,15 @@ def main() -> int:
             lay_head, bt = variant.split(":")
             layout, head, *opt = lay_head.split("-")
             kw = dict(alphas=(0.001, 0.01, 0.1), device=device, batch_tokens=int(bt), autocast_dtype=autocast,
-                      progress=False, layout=layout, head=head, compile=opt == ["compile"])
+                      progress=False, layout=layout, head=head, compile="compile" in opt, compile_body="body" in opt)
             rec = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "tag": args.tag,
                    "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
                    "torch": torch.__version__, "model": args.model, "method": args.method, "dtype": args.dtype, "docs": args.docs,
                    "variant": variant, "num_docs": num_docs, **info, "windows": len(rows), "window_tokens": window_tokens}
             try:
+                t_warm = time.perf_counter()
                 score_rows(model, tokens, warm, min(8, num_docs), eot, **kw)
+                rec["warmup_s"] = round(time.perf_counter() - t_warm, 2)  # with -body: the body's compilation
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()

@@ -81,12 +81,12 @@ def one(shape: str, method: str, out: Path, tiny: bool) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = Trainer(cfg, console=False).run()
+    Trainer(cfg, console=False).run()
     row["train_s"] = round(time.perf_counter() - t0, 1)
     final = json.loads((work / "run" / "results_final.json").read_text())
     row["measured_peak_bytes"] = final["peak_memory_mb"] * 2**20
     row["ratio_measured_over_computed_w1"] = row["measured_peak_bytes"] / row["computed"]["1"]["total"]
-    row["final_train_loss"] = res.get("train_loss") if isinstance(res, dict) else None
+    row["final_train_loss"] = (final.get("final") or {}).get("train_loss")
     return row
 
 

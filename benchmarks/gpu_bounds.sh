@@ -14,12 +14,12 @@ export PYTHONPATH=$(pwd):${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRA
 J="$OUT/bench_scoring.jsonl"
 B=benchmarks/bench_scoring.py
 case ",$STAGES," in *,owt,*)
-  python $B --docs owt --num-docs 3000 --dtype bf16 --variants "${OWT_VARIANTS:-right-model:16384,right-auto:16384,right-auto:65536}" \
-    --profile "${OWT_PROFILE:-right-auto:65536}" --out "$OUT" >> "$J" 2> "$OUT/owt.err"
-  python $B --docs owt --num-docs 10000 --dtype bf16 --variants "${OWT10K_VARIANTS:-right-auto:65536}" --out "$OUT" >> "$J" 2>> "$OUT/owt.err";;
+  python $B --docs owt --num-docs 3000 --dtype bf16 --variants "${OWT_VARIANTS:-right-auto-compile:65536,right-auto-compile-body:65536}" \
+    --profile "${OWT_PROFILE:-right-auto-compile-body:65536}" --out "$OUT" >> "$J" 2> "$OUT/owt.err"
+  python $B --docs owt --num-docs 10000 --dtype bf16 --variants "${OWT10K_VARIANTS:-right-auto-compile:65536,right-auto-compile-body:65536}" --out "$OUT" >> "$J" 2>> "$OUT/owt.err";;
 esac
 case ",$STAGES," in *,pydocs,*)
-  python $B --docs pydocs --num-docs 447 --dtype bf16 --variants "${PYDOCS_VARIANTS:-right-auto:65536}" --profile right-auto:65536 \
+  python $B --docs pydocs --num-docs 447 --dtype bf16 --variants "${PYDOCS_VARIANTS:-right-auto-compile:65536,right-auto-compile-body:65536}" --profile right-auto-compile-body:65536 \
     --out "$OUT" >> "$J" 2> "$OUT/pydocs.err";;
 esac
 case ",$STAGES," in *,fp32,*)

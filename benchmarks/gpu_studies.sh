@@ -75,7 +75,7 @@ for run in "$SD"/*/; do
   [ -f "$run/results_final.json" ] || continue
   n=$(basename "$run"); mkdir -p "$DEST/runs/$n"
   # every small file of the run (config, logs, method records), no weights: `peftlab analyze` can run again here
-  find "$run" -maxdepth 1 -type f -size -2M ! -name '*.safetensors' ! -name '*.pt' ! -name '*.bin' -exec cp -f {} "$DEST/runs/$n/" \;
+  find "$run" -maxdepth 1 -type f -size -2048k ! -name '*.safetensors' ! -name '*.pt' ! -name '*.bin' -exec cp -f {} "$DEST/runs/$n/" \;
 done
 python3 - "$SD" "$STUDY" "$rc" "$wall" >> "$OUT/gpu_studies.jsonl" <<'EOF'
 import json, sys

@@ -29,7 +29,7 @@ from .data.batches import EpochBatches
 from .data.tasks import TASKS
 from .errors import PeftlabError
 from .methods import METHODS, MethodContext
-from .models import CONFIG_DIR, TINY_MODELS, _auto_cls, check_targets, load_model
+from .models import CONFIG_DIR, TINY_MODELS, _auto_cls, check_targets, init_from_config, load_model
 from .models import load_tokenizer as _load
 from .models.quant import describe as describe_quant
 from .optim.schedule import build_scheduler
@@ -230,13 +230,7 @@ def build_bare_base(cfg, task: str, num_labels: Optional[int], device=None) -> t
         model, _, _ = build_base(cfg, task, num_labels, device=device if bdt is not None else None)
     else:
         hf_cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
-        if bdt is None or m.name in TINY_MODELS:
-            model = _auto_cls(task).from_config(hf_cfg)
-            if bdt is not None:
-                model = model.to(bdt)
-        else:
-            with torch.device(device):
-                model = _auto_cls(task).from_config(hf_cfg, dtype=bdt)
+        model = init_from_config(hf_cfg, task, bdt, device if bdt is not None else None, cpu_init=m.name in TINY_MODELS)
     if device is not None and cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

@@ -69,8 +69,10 @@ def flop_counter() -> FlopCounterMode:
     """``FlopCounterMode`` that also counts grouped-query attention."""
     from torch.utils.flop_counter import flop_registry
 
-    gqa = {op: _heads_expanded(f) for op, f in flop_registry.items()
-           if "attention" in str(op) and "flex" not in str(op)}
+    aten = torch.ops.aten
+    # the (batch, heads, seq, dim) scaled-dot-product entries only: the others take raw tensors in another layout
+    ops = [getattr(aten, f"_scaled_dot_product_{k}_attention{b}") for k in ("flash", "efficient", "cudnn") for b in ("", "_backward")]
+    gqa = {op: _heads_expanded(flop_registry[op]) for op in ops if op in flop_registry}
     return FlopCounterMode(display=False, custom_mapping=gqa)
 
 
@@ -316,6 +318,7 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     bs = batch_size or cfg.training.batch_size
     sl = seq_len or (cfg.data.max_length if task == "classification" else cfg.data.block_size)
     base = build_bare_base(cfg, task, num_labels, device)
+    base_params = sum(p.numel() for p in base.parameters())  # the model's own count (training reports it), no adapters
     check_positions(base, sl, "--seq-len" if seq_len else ("data.max_length" if task == "classification" else "data.block_size"), cfg.model.name)
     batch = synthetic_batch(base, task, num_labels, bs, sl, cfg.training.seed, device)
 
@@ -336,14 +339,15 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
             # a baseline (AdamW over every weight of an 8B model) need not fit where the method does
             for prm in base.parameters():
                 prm.grad = None
-            torch.cuda.empty_cache()
             left_out.append(label)
-            print(f"note: the {label} baseline does not fit in the GPU's memory at this shape; left out (its columns are empty)")
+        else:
+            res["label"] = label
+            res["rank"] = _rank_label(vcfg)
+            res["display"] = "adamw" if label == "adamw" else vcfg.method
+            results.append(res)
             continue
-        res["label"] = label
-        res["rank"] = _rank_label(vcfg)
-        res["display"] = "adamw" if label == "adamw" else vcfg.method
-        results.append(res)
+        torch.cuda.empty_cache()  # out of the handler: its traceback no longer holds the failed variant
+        print(f"note: the {left_out[-1]} baseline does not fit in the GPU's memory at this shape; left out (its columns are empty)")
     out_dir.mkdir(parents=True, exist_ok=True)
     conf = next(r for r in results if r["label"] == "configured")
     adam = next((r for r in results if r["label"] == "adamw"), None)
@@ -401,13 +405,13 @@ def run_profile(cfg, output_dir: Optional[Path] = None, ranks: Optional[list[int
     write_csv(out_dir / "flops_profiler_stats.csv", FLOPS_COLUMNS, flops_rows)
 
     summary = {"model": cfg.model.name, "task": task, "num_labels": num_labels, "device": str(device), "batch_size": bs,
-               "seq_len": sl, "total_params": conf["total_params"], "method": cfg.method, "left_out": left_out,
+               "seq_len": sl, "total_params": base_params, "method": cfg.method, "left_out": left_out,
                "files": ["optimizer_memory_comparison.csv", breakdown_name, "flops_profiler_stats.csv", *per_rank_names],
                "variants": [{**{k: v for k, v in r.items() if k not in ("per_param_state", "groups")},
                              "groups": [{k: v for k, v in g.items() if k != "names"} for g in r["groups"]]} for r in results]}
     atomic_write_text(out_dir / "profile_summary.json", strict_json_dumps(summary, indent=2))  # no bare NaN
     if echo:
-        print(format_table(rows, conf["total_params"], cfg.model.name))
+        print(format_table(rows, base_params, cfg.model.name))
         print(format_breakdown(breakdown))
         print(format_flops(flops_rows))
         if per_rank:

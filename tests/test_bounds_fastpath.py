@@ -121,3 +121,27 @@ def test_shares_of_the_batches_add_up_to_one_process_exactly(world):
     np.testing.assert_array_equal(many.tokens, one.tokens)
     with pytest.raises(ValueError, match="scored twice"):
         reduce_scores(rows, n, (0.001, 0.1), parts + parts[:1])
+
+
+def test_compiled_body_gives_the_eager_numbers_or_is_not_used(monkeypatch):
+    """bounds.compile_body: the view's body through torch.compile (dynamic batch and length) scores to the eager
+    numbers (1e-6); a compiled body that computes something else fails the first batch's check and is not used."""
+    model, m = adapted("lora")
+    tokens, rows, n = stream()
+    said = []
+    kw = dict(batch_tokens=64, progress=False)
+    eager = score_rows(model, tokens, rows, n, EOT, (0.001, 0.1), **kw)
+    torch._dynamo.reset()
+    comp = score_rows(model, tokens, rows, n, EOT, (0.001, 0.1), compile_body=True, log=said.append, **kw)
+    assert said == ["bounds.compile_body: the scoring body compiled"] and comp.path == "view"
+    np.testing.assert_allclose(comp.loss_bits, eager.loss_bits, rtol=1e-6)
+    np.testing.assert_array_equal(comp.topk_correct, eager.topk_correct)
+
+    def wrong(fn, **_):  # a "compiled" body that is off by a little
+        return lambda x: fn(x) * 1.01
+
+    monkeypatch.setattr(torch, "compile", wrong)
+    said.clear()
+    fell_back = score_rows(model, tokens, rows, n, EOT, (0.001, 0.1), compile_body=True, log=said.append, **kw)
+    assert said == ["bounds.compile_body: the scoring body did not compile to the eager body's numbers; scored eagerly"]
+    np.testing.assert_array_equal(fell_back.loss_bits, eager.loss_bits)

@@ -381,7 +381,8 @@ def compute_bounds(model: torch.nn.Module, method: Method, run_cfg: Any, bcfg: B
     autocast = torch.bfloat16 if (bcfg.dtype == "bf16" and device.type == "cuda") else None
     kw = dict(device=device, batch_tokens=bcfg.batch_tokens, autocast_dtype=autocast, progress=bcfg.progress_bar and world.main,
               head=bcfg.head, batch_filter=world.batch_filter(),
-              compile=bcfg.compile == "on" or (bcfg.compile == "auto" and device.type == "cuda"))
+              compile=bcfg.compile == "on" or (bcfg.compile == "auto" and device.type == "cuda"),
+              compile_body=bcfg.compile_body == "on", log=log if world.main else None)
     unit_name = {"document_level": "documents", "sequence_level": "sequences", "token_level": "tokens"}[bcfg.bound_type]
 
     # the quantization's own cost: a seeded subset of the sample, full precision first

@@ -32,6 +32,7 @@ forward substitutes weights all fail this check).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Optional
 
 import torch
@@ -67,13 +68,32 @@ class ScoringView:
         self.body, self.head, self.vocab = body, head, vocab
         self._w: Optional[torch.Tensor] = None
         self._dtype: Optional[torch.dtype] = None
+        # no key/value cache: it is never read here, and building it costs a copy per layer
+        self._kw = {"use_cache": False} if "use_cache" in inspect.signature(body.forward).parameters else {}
+        self._compiled = None
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(input_ids=x, **self._kw)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        try:  # no key/value cache: it is never read here, and building it costs a copy per layer
-            out = self.body(input_ids=x, use_cache=False)
-        except TypeError:
-            out = self.body(input_ids=x)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return (self._compiled or self._eager)(x)
+
+    def compile_body(self, x_check: torch.Tensor) -> bool:
+        """``bounds.compile_body``: the body through ``torch.compile`` (dynamic in batch and length: the residual
+        adds, layer norms and activations of each block fused), used only if it gives the eager body's hidden
+        states on ``x_check`` to :data:`CHECK_TOLERANCE` of their largest magnitude. Call it under the autocast the
+        scoring runs in (it is compiled for that). Returns whether it is used."""
+        fn = torch.compile(self._eager, dynamic=True)
+        ref = self._eager(x_check).float()
+        try:
+            got = fn(x_check).float()
+        except Exception:  # noqa: BLE001  a model the compiler cannot take is scored eagerly, as before
+            return False
+        if got.shape != ref.shape or not bool((got - ref).abs().max() <= CHECK_TOLERANCE * (1.0 + ref.abs().max())):
+            return False
+        self._compiled = fn
+        return True
 
     def logits(self, h: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
         """``(K, vocab)`` logits of hidden states ``h`` (in ``dtype``; None = the head's own)."""

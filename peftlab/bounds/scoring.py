@@ -298,6 +298,8 @@ def score_batches(
     head: str = "auto",
     batch_filter: Optional[Callable[[int], bool]] = None,
     compile: bool = False,
+    compile_body: bool = False,
+    log: Optional[Callable[[str], None]] = None,
 ) -> BatchSums:
     """Run the model over ``rows``: per-row sums of losses and top-k hits, batch by batch.
 
@@ -320,6 +322,9 @@ def score_batches(
         compile: reduce each chunk of logits to (log-probability, rank) with a
             ``torch.compile``d :func:`target_scores` (one pass over the logits instead of
             the five of eager ``logsumexp`` + compare; same function, float rounding aside).
+        compile_body: run the view's body (every block) through ``torch.compile`` too, checked on the
+            first batch against the eager body (:meth:`~peftlab.bounds.fastpath.ScoringView.compile_body`;
+            eager when the check fails). ``log`` says which.
         batch_filter: run only the batches ``i`` (in the fixed batch order) for which this
             is true; the others count as done. Data-parallel scoring gives each process a
             share of the same batches, so every row is computed exactly as on one process.
@@ -391,6 +396,12 @@ def score_batches(
                     view = stack.enter_context(scoring_view(model, x_t[:2], autocast_dtype))
                 with torch.inference_mode():
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        if compile_body and view is not None:
+                            compile_body = False  # once per call
+                            used = view.compile_body(x_t[:2])
+                            if log is not None:
+                                log("bounds.compile_body: the scoring body " + ("compiled" if used else
+                                    "did not compile to the eager body's numbers; scored eagerly"))
                         if view is not None:
                             h = view.hidden(x_t)
                             # the counted positions as flat indices among all (B, T) columns

@@ -132,6 +132,20 @@ def _load_tokenizer(name: str, cfg_model, for_classification: bool):
         ) from None
 
 
+def init_from_config(hf_cfg, task: str, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+                     cpu_init: bool = False) -> torch.nn.Module:
+    """Random weights of the architecture ``hf_cfg`` for ``task``: on the CPU in float32 (the init every earlier
+    run had) when neither ``dtype`` nor ``device`` asks otherwise, or with ``cpu_init`` (the built-in tiny models:
+    the same base values on every device, rounded to ``dtype``); else initialised where it trains, in its storage
+    dtype (a 3B model in seconds, not a minute)."""
+    cls = _auto_cls(task)
+    if cpu_init or (device is None and dtype in (None, torch.float32)):
+        model = cls.from_config(hf_cfg)
+        return model if dtype in (None, torch.float32) else model.to(dtype)
+    with torch.device(device or "cpu"):
+        return cls.from_config(hf_cfg, dtype=dtype or torch.float32)
+
+
 def load_model(cfg, task: str, num_labels: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,
                device: Optional[torch.device] = None):
     """Build or load the model named by ``cfg.model`` for ``task``.
@@ -167,9 +181,7 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None, *, dtype: Optio
         spec.pop("task")
         model_type = spec.pop("model_type")
         hf_cfg = AutoConfig.for_model(model_type, **spec, **cls_kwargs)
-        model = _auto_cls(task).from_config(hf_cfg)
-        if dtype is not None and dtype != torch.float32:
-            model = model.to(dtype)  # the float32 init of the CPU, rounded: same base values on every device
+        model = init_from_config(hf_cfg, task, dtype, cpu_init=True)
         builtin, source = True, "built-in tiny config"
         if m.quantization != "none":  # the same weights as an unquantized run, quantized on load
             model = quant.quantize_built(model, _auto_cls(task), cfg, task)
@@ -195,11 +207,7 @@ def load_model(cfg, task: str, num_labels: Optional[int] = None, *, dtype: Optio
                     f"({', '.join(shipped_configs())}) nor loadable ({type(e).__name__}). Use one of the shipped names or a local folder with config.json."
                 ) from None
             source = "config (random weights)"
-        if device is None and dtype in (None, torch.float32):
-            model = _auto_cls(task).from_config(hf_cfg)  # the CPU float32 init every earlier run had
-        else:  # initialised where it trains, in its storage dtype: a 3B model in seconds, not a minute
-            with torch.device(device or "cpu"):
-                model = _auto_cls(task).from_config(hf_cfg, dtype=dtype or torch.float32)
+        model = init_from_config(hf_cfg, task, dtype, device)
         if m.quantization != "none":
             model = quant.quantize_built(model, _auto_cls(task), cfg, task)
     else:
