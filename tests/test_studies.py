@@ -408,8 +408,8 @@ def test_estimate_arithmetic_on_a_simulated_clock(tmp_path, monkeypatch):
             return out
 
     monkeypatch.setattr(E, "Trainer", Simulated)
-    monkeypatch.setattr(E, "process_start_s", lambda: START)
-    over = {**TINY, "training.max_steps": 1000, "training.epochs": 3, "training.save_steps": 10}
+    monkeypatch.setattr(E, "process_start_s", lambda cuda=False: START)
+    over = {**TINY, "training.max_steps": 1000, "training.epochs": 3, "training.save_steps": 10, "training.eval_steps": 20}
     # follow-ups run for real (their own processes, real clock) on the probe's run: per run, and the study step once
     spec = _spec(tmp_path, overrides=over, seeds=[1, 2],
                  follow_up={"per_run": ["config {config} --training.seed=5"], "study": ["config --keys"]})
@@ -424,8 +424,9 @@ def test_estimate_arithmetic_on_a_simulated_clock(tmp_path, monkeypatch):
     assert (p.steps, p.epochs, p.steps_timed, p.step_times) == (45, 3, 4, STEPS)
     # first step on its own, the median of the others (not their mean, 2.0), and what follows the last step
     assert (p.setup_s, p.first_step_s, p.step_s, p.eval_s, p.save_s, p.finish_s) == (SETUP, 3.0, 1.0, EVAL, SAVE, FINISH)
-    # 44 steps after the first; 3 epoch ends (15, 30, 45); step checkpoints at 10, 20, 40 (30 is an epoch end)
-    one = START + SETUP + 3.0 + 44 * 1.0 + 3 * (EVAL + SAVE) + 3 * SAVE + FINISH
+    # 44 steps after the first; 3 epoch ends (15, 30, 45); step checkpoints at 10, 20, 40 (30 is an epoch end);
+    # evaluations at eval_steps 20 and 40 (the probe itself evaluates only at its end: one EVAL above)
+    one = START + SETUP + 3.0 + 44 * 1.0 + 3 * (EVAL + SAVE) + 3 * SAVE + 2 * EVAL + FINISH
     assert [r["seconds"] for r in rows] == [pytest.approx(one + fu)] * 2
     buf = io.StringIO()
     assert E.print_estimate([*rows, study_row], slots=2, out=buf) == pytest.approx(2 * (one + fu) + study_row["seconds"])
@@ -485,7 +486,7 @@ def test_estimate_counts_only_what_a_partial_run_has_left(tmp_path, monkeypatch)
     from peftlab.config import config_from_dict
     from peftlab.studies import estimate as E
 
-    monkeypatch.setattr(E, "process_start_s", lambda: 2.0)
+    monkeypatch.setattr(E, "process_start_s", lambda cuda=False: 2.0)
     cfg = config_from_dict({"method": "lora", "training": {"save_steps": 0}})
     p = E.Probe(setup_s=10.0, first_step_s=3.0, step_s=1.0, eval_s=5.0, save_s=1.0, finish_s=4.0, steps=100, epochs=4, steps_timed=4)
     full = E.run_seconds(cfg, p)

@@ -9,7 +9,11 @@ run's epoch end does. Per step it records a timestamp (a wrapper around the meth
 
     process start + setup + first step + (steps - 1) x median step
       + (refreshes - 1) x (first step - median step)      methods with `update_interval` (periodic refreshes)
-      + epochs x (evaluation + epoch checkpoint) + step checkpoints x save + final export
+      + epochs x (evaluation + epoch checkpoint) + evaluations at `eval_steps` inside epochs x evaluation
+      + step checkpoints x save + final export
+
+Process start is the import of the run's libraries in a fresh process, with the CUDA context when the run
+trains on a GPU (the probes share one process, so they pay neither).
 
 ``steps`` comes from :func:`peftlab.build.count_optimizer_steps` (no training). A study's
 follow-ups are timed for real: each ``per_run`` step (``bounds``, ``profile``, ...) runs, in its
@@ -69,18 +73,26 @@ class Probe:
         return sum(self.followup_s.values())
 
 
-_START_COST: Optional[float] = None
+_START_COST: dict[bool, float] = {}
 
 
-def process_start_s() -> float:
-    """Seconds to start a run's process and import its libraries (measured once)."""
-    global _START_COST
-    if _START_COST is None:
+def process_start_s(cuda: bool = False) -> float:
+    """Seconds to start a run's process and import its libraries, and with ``cuda`` to create its CUDA context
+    (measured once each)."""
+    if cuda not in _START_COST:
+        code = "import peftlab.train.loop, peftlab.methods, transformers, peft, accelerate"
+        if cuda:
+            code += "; import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import peftlab.train.loop, peftlab.methods, transformers, peft, accelerate"],
-                       check=False, capture_output=True)
-        _START_COST = time.perf_counter() - t0
-    return _START_COST
+        subprocess.run([sys.executable, "-c", code], check=False, capture_output=True)
+        _START_COST[cuda] = time.perf_counter() - t0
+    return _START_COST[cuda]
+
+
+def _on_cuda(cfg) -> bool:
+    import torch
+
+    return cfg.system.device != "cpu" and torch.cuda.is_available()
 
 
 def probe(cfg, steps: int = 4, clock: Callable[[], float] = time.perf_counter, run_dir: Optional[Path] = None) -> Probe:
@@ -90,7 +102,8 @@ def probe(cfg, steps: int = 4, clock: Callable[[], float] = time.perf_counter, r
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="peftlab-estimate-") as tmp:
         where = str(run_dir) if run_dir is not None else f"{tmp}/run"
-        pcfg = cfg.replace({"output.dir": where, "training.save_steps": 0, "training.resume_from": None,
+        # no evaluation at eval_steps: the probe times the epoch end's one (run_seconds counts the others)
+        pcfg = cfg.replace({"output.dir": where, "training.save_steps": 0, "training.eval_steps": 0, "training.resume_from": None,
                             "logging.progress_bar": False, "logging.report_to": [], "output.overwrite": True})
         t0 = clock()
         tr = Trainer(pcfg, console=False)
@@ -154,15 +167,20 @@ def run_seconds(cfg, p: Probe, done_steps: int = 0) -> float:
     steps = p.steps
     done = min(max(int(done_steps), 0), steps)
     left = steps - done
+    start = process_start_s(_on_cuda(cfg))
     if left == 0:  # only the end of the run (evaluation, export) is missing
-        return process_start_s() + p.setup_s + p.eval_s + p.save_s + p.finish_s
-    total = process_start_s() + p.setup_s + p.first_step_s + max(left - 1, 0) * p.step_s
+        return start + p.setup_s + p.eval_s + p.save_s + p.finish_s
+    total = start + p.setup_s + p.first_step_s + max(left - 1, 0) * p.step_s
     interval = _refresh_interval(cfg)
     if interval:  # refreshes at steps 0, interval, 2 interval, ...; a resumed run starts with one
         refreshes = len(range(math.ceil(done / interval) * interval, steps, interval)) + (1 if done % interval else 0)
         total += max(refreshes - 1, 0) * max(p.first_step_s - p.step_s, 0.0)
     steps_per_epoch = math.ceil(steps / max(p.epochs, 1))
-    epoch_ends = len({min(e * steps_per_epoch, steps) for e in range(1, p.epochs + 1)} - set(range(0, done + 1)))
+    ends = {min(e * steps_per_epoch, steps) for e in range(1, p.epochs + 1)}
+    epoch_ends = len(ends - set(range(0, done + 1)))
+    every = cfg.training.eval_steps
+    if every:  # the loop's evaluations inside an epoch (an epoch end evaluates anyway)
+        total += sum(1 for s in range(every, steps + 1, every) if s > done and s not in ends) * p.eval_s
     save_steps = cfg.training.save_steps
     n_step_saves = 0
     if save_steps:
