@@ -6,7 +6,8 @@ Shapes (random weights from the configs shipped in ``peftlab/models/configs``, b
 * ``qwen3b``: Qwen2.5-3B, batch 4 x 1024, gradient checkpointing, LoRA r16 alpha32 on q/k/v/o;
 * ``llama8b``: Llama-3-8B, batch 4 x 1024, gradient checkpointing, LoRA r16 alpha32 on q/k/v/o.
 
-Sides (each case: one side x one method x one shape, eager unless ``_c``):
+Sides (each case: one side x one method x one shape, eager unless ``_c`` (compiled) or ``_cg`` (compiled with CUDA
+graphs, ``mode="reduce-overhead"``; peftlab: ``system.compile_mode=reduce-overhead``)):
 
 * ``hf`` / ``hf_c``: ``AutoModelForCausalLM.from_config(cfg, dtype=bf16)`` on the GPU + ``get_peft_model``
   (adapters float32), a minimal loop: bf16 autocast forward with ``labels``, backward, fused AdamW, zero_grad;
@@ -107,6 +108,7 @@ PLAN = [
     (3, "gpt2", "peftlab_chunked", "lora", 8, "nomb"), (3, "qwen3b", "unsloth", "lora", 40),
     (3, "gpt2", "hf_c", "lora", 45), (3, "gpt2", "peftlab_nofce_c", "lora", 45),
     (3, "gpt2", "peftlab_chunked_c", "lora", 45), (3, "gpt2", "peftlab_off_c", "lora", 45),
+    (3, "gpt2", "hf_cg", "lora", 60), (3, "gpt2", "peftlab_nofce_cg", "lora", 60),  # CUDA graphs (reduce-overhead), both sides
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 
@@ -266,11 +268,22 @@ def profile_report(prof, steps: int, path: Path) -> dict:
     return {"profiled": True, "gpu_busy_ms": busy, "kernels_per_step": len(kernels) / steps, "profile_file": path.name}
 
 
-def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: bool, prof=None) -> dict:
+def compile_mode(side: str):
+    """A side's ``torch.compile`` mode: ``X_c`` compiled (default mode), ``X_cg`` compiled with CUDA graphs
+    (``reduce-overhead``: the step's kernels replayed as one graph), else None (eager)."""
+    return "reduce-overhead" if side.endswith("_cg") else "default" if side.endswith("_c") else None
+
+
+def lever_set(side: str) -> str:
+    """The side without its compile suffix (``peftlab_nofce_cg`` -> ``peftlab_nofce``)."""
+    return side.rsplit("_", 1)[0] if compile_mode(side) else side
+
+
+def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: Optional[str], prof=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
     model.train()
-    fwd = torch.compile(model) if compile_ else model
+    fwd = model if compile_ is None else torch.compile(model, mode=None if compile_ == "default" else compile_)
     batches = random_batches(s, dev)
 
     def step(x):
@@ -296,13 +309,13 @@ def run_hf(s: dict, side: str, method: str, dev, a) -> dict:
     model = build_hf(s, method, dev, liger=side == "liger")
     init_s = time.perf_counter() - t
     prof = make_profiler(dev) if a.case in a.profile else None
-    r = minimal_loop(model, s, dev, a.warmup_n, a.steps_n, side.endswith("_c"), prof=prof)
+    r = minimal_loop(model, s, dev, a.warmup_n, a.steps_n, compile_mode(side), prof=prof)
     if prof is not None:
         r.update(profile_report(prof, a.steps_n, a.out_dir / f"profile_{a.case.replace(':', '_')}.txt"))
     r.update(init_s=init_s, base_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype), **model_flops(model, s))
     step = r.pop("_step")
     opt = r.pop("_opt")
-    if not side.endswith("_c") and method == "lora":
+    if compile_mode(side) is None and method == "lora":
         opt.zero_grad(set_to_none=True)
         r.update(max_batch_search(step, s["batch"], s["seq"], dev, a.max_batch_s))
     del model, opt, step
@@ -360,7 +373,8 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
                      "log_steps": 10, "save_steps": 0, "max_grad_norm": None, "eval_max_batches": 1},
         "output": {"dir": str(run_dir), "overwrite": True},
         "logging": {"progress_bar": False},
-        "system": {"device": dev.type, "dtype": "bf16", "compile": side.endswith("_c")},
+        "system": {"device": dev.type, "dtype": "bf16", "compile": compile_mode(side) is not None,
+                   "compile_mode": compile_mode(side) or "default"},
         "lora": {"r": s["r"], "alpha": s["alpha"], "dropout": 0.0},
     }
     if method == "ba_lora":
@@ -371,7 +385,7 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
     raw["lora"]["fused"] = "auto"
     raw["system"]["fused_cross_entropy"] = "auto"
     raw["model"]["base_dtype"] = "auto"
-    lever = side[:-2] if side.endswith("_c") else side  # peftlab_X_c: lever set X, compiled
+    lever = lever_set(side)  # peftlab_X_c / peftlab_X_cg: lever set X, compiled
     if lever == "peftlab_off":
         raw["lora"]["fused"] = "off"
         raw["system"]["fused_cross_entropy"] = "off"
@@ -424,7 +438,7 @@ def run_peftlab(s: dict, side: str, method: str, dev, a) -> dict:
          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **model_flops(model, s)}
     if prof is not None:
         r.update(profile_report(prof, steps, a.out_dir / f"profile_{a.case.replace(':', '_')}.txt"))
-    if not side.endswith("_c") and method == "lora" and side == "peftlab":
+    if compile_mode(side) is None and method == "lora" and side == "peftlab":
         loss_fn = trainer.train_loss or (lambda b: trainer._loss(trainer.model, b))
 
         def step(bs):
@@ -466,7 +480,7 @@ def run_case(shape: str, side: str, method: str, a, nomb: bool = False) -> dict:
         row["mem_before_mb"] = torch.cuda.memory_allocated(dev) / 2**20
     t = time.perf_counter()
     try:
-        if side in ("hf", "hf_c", "liger"):
+        if side in ("hf", "hf_c", "hf_cg", "liger"):
             r = run_hf(s, side, method, dev, a)
         elif side == "unsloth":
             r = run_unsloth(s, method, dev, a)
@@ -611,7 +625,7 @@ def main_lead(a) -> None:
         no_unsloth = next((r for r in rows if r.get("side") == "unsloth" and str(r.get("error", "")).startswith("import unsloth")), None)
         if side == "unsloth" and no_unsloth is not None:
             emit({**base, "error": f"not run: {no_unsloth['error']} (row {no_unsloth['case']})"})
-        elif a.quick and side.endswith("_c"):
+        elif a.quick and compile_mode(side):
             emit({**base, "skipped": "compiled sides are skipped in --quick"})
         elif not a.quick and est > left:
             emit({**base, "skipped": f"time budget: about {est} s needed, {left:.0f} s left of --budget-s {a.budget_s}"})
