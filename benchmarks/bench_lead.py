@@ -42,6 +42,7 @@ what is left is written as skipped. ``--quick`` runs every case on the CPU with 
 
     python benchmarks/bench_gpu.py --suite lead --part 1 --out DIR [--budget-s 420] [--only gpt2:hf,qwen3b:peftlab]
     python benchmarks/bench_gpu.py --suite lead --part 2 --out DIR
+    python benchmarks/bench_gpu.py --suite lead --part 4 --out DIR        # each lever alone at 3B / 8B
     python benchmarks/bench_gpu.py --suite lead --part all --only qwen3b:peftlab:lora --lead-profile qwen3b:peftlab:lora --out DIR
     python benchmarks/bench_gpu.py --suite lead --out DIR --quick
 """
@@ -109,6 +110,10 @@ PLAN = [
     (3, "gpt2", "hf_c", "lora", 45), (3, "gpt2", "peftlab_nofce_c", "lora", 45),
     (3, "gpt2", "peftlab_chunked_c", "lora", 45), (3, "gpt2", "peftlab_off_c", "lora", 45),
     (3, "gpt2", "hf_cg", "lora", 60), (3, "gpt2", "peftlab_nofce_cg", "lora", 60),  # CUDA graphs (reduce-overhead), both sides
+    # part 4: the levers one at a time at 3B and 8B (part 1 has them all on or all off): which buys the memory, which costs speed
+    (4, "qwen3b", "hf", "lora", 18), (4, "qwen3b", "peftlab_nofce", "lora", 12, "nomb"), (4, "qwen3b", "peftlab_chunked", "lora", 22),
+    (4, "qwen3b", "peftlab", "lora", 22), (4, "llama8b", "hf", "lora", 22, "nomb"), (4, "llama8b", "peftlab_nofce", "lora", 14, "nomb"),
+    (4, "llama8b", "peftlab_chunked", "lora", 26, "nomb"), (4, "qwen3b", "hf", "dora", 12), (4, "qwen3b", "peftlab_chunked", "dora", 14),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 
