@@ -67,7 +67,9 @@ def coerce(value: Any, tp: Any) -> Any:
         raise CoerceError(f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
-        if value in allowed:
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off (`--lora.fused=on`) as a boolean
+        if value in allowed and not isinstance(value, bool):
             return value
         if isinstance(value, str):
             for a in allowed:

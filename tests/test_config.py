@@ -21,6 +21,18 @@ def test_overrides_are_typed_and_applied():
     assert cfg.model.name == "tiny-gpt2"  # from the file
 
 
+def test_on_and_off_are_the_words_not_yaml_booleans(tmp_path):
+    """YAML 1.1 reads a bare `on`/`off` as true/false; for a setting whose choices are the words (lora.fused,
+    system.pad_vocab, bounds.compile_body ...) they mean the words, on the command line and in a file."""
+    cfg = load_config(ROOT / "configs/quickstart/lm_lora.yaml", ["--lora.fused=on", "--system.pad_vocab=off"])
+    assert cfg.lora.fused == "on" and cfg.system.pad_vocab == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("method: lora\nlora:\n  fused: off\n")
+    assert load_config(f, []).lora.fused == "off"
+    with pytest.raises(ConfigError, match=r"lora.r"):  # a boolean elsewhere is still an error
+        load_config(ROOT / "configs/quickstart/lm_lora.yaml", ["--lora.r=on"])
+
+
 def test_values_may_contain_equals_signs_and_lists():
     ov = parse_overrides(["--output.dir=runs/a=b", "--model.target_modules=c_attn,c_proj"])
     assert ov["output.dir"] == "runs/a=b"
