@@ -290,3 +290,29 @@ def test_method_knowledge_comes_from_the_method_class(tmp_path, monkeypatch):
     assert equal_budget(PlotContext(study, agg, tmp_path))
     monkeypatch.setattr(METHODS["ba_lora"], "equal_budget_rival", None)
     assert equal_budget(PlotContext(study, agg, tmp_path)) == []
+
+
+def test_optimizer_memory_plot_puts_each_method_at_its_rank(tmp_path):
+    """x of optimizer_memory_vs_rank is a rank: BA-LoRA sits at the rank it starts from, not at its parameter
+    budget (73,728 read as a rank put it at 2^16 beside LoRA's 8 on the compare study's GPU run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from peftlab.analysis.plots import PlotContext, plot_optimizer_memory
+
+    common = dict(task="classification", final={"train_loss": 0.3, "val_loss": 0.4, "val_accuracy": 0.8, "val_f1": 0.8}, epochs=1)
+    F.write_run(tmp_path / "ba_lora_s1", "ba_lora", {"training.seed": 1, "ba_lora.param_budget": 73_728, "ba_lora.base_rank": 8},
+                trainable=74_498, **common)
+    F.write_run(tmp_path / "rsvd_s1", "rsvd", {"training.seed": 1, "rsvd.rank": 8}, trainable=22_713_986,
+                summary={"optimizer_state_bytes": 3_000_000}, **common)
+    study = collect(tmp_path)
+    ctx = PlotContext(study, aggregate(study), tmp_path / "out")
+    figs = []
+    ctx.save = lambda fig, name: figs.append(fig) or name  # keep the figure to read its lines
+    plot_optimizer_memory(ctx)
+    xs = {ln.get_label().split(" (")[0]: list(ln.get_xdata()) for ln in figs[0].axes[0].get_lines()
+          if not ln.get_label().startswith(("_", "Adam"))}
+    import matplotlib.pyplot as plt
+
+    plt.close(figs[0])
+    assert xs.get("ba_lora") == [8] and xs.get("rsvd") == [8], xs

@@ -69,6 +69,12 @@ def size_axes(method) -> tuple[str, ...]:
     return cls.size_axes if cls is not None else ()
 
 
+def rank_axis(method) -> Optional[str]:
+    """The method's ``rank_axis``: the config key that is its rank (None: it has none, or is not registered here)."""
+    cls = METHODS.get(method)
+    return cls.rank_axis if cls is not None else None
+
+
 def foreign_size_axis(key: str, method) -> bool:
     """``key`` is the size of some method but not of ``method``, which has a size of its own
     (LoRA's ``lora.r`` in a SubLoRA run): not worth naming for ``method``'s runs."""

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .collect import Study, allocation_method, layer_of, module_kind, size_axes  # noqa: E402
+from .collect import Study, allocation_method, layer_of, module_kind, rank_axis, size_axes  # noqa: E402
 from .layout import layout_problems  # noqa: E402
 
 STYLE = {
@@ -694,7 +694,7 @@ def plot_optimizer_memory(ctx: PlotContext) -> list[str]:
     adam = []
     for i, arm in enumerate(_ordered(ctx, df["arm"].unique())):
         a = df[df["arm"] == arm]
-        key = _size_axis(a["method"].iloc[0])
+        key = rank_axis(a["method"].iloc[0])  # x is a rank: a parameter budget or an intrinsic dimension is not one
         if key is None or key not in a:
             continue
         a = a[a[key].notna()]

@@ -88,6 +88,7 @@ class AdaLoRA(Method):
                         "it cannot do on FSDP's sharded tensors; train AdaLoRA with system.sharding=none")
     table_rank = 45  # the adaptive-rank baseline, beside SoRA/SDoRA and BA-LoRA
     size_axes = ("adalora.target_r",)
+    rank_axis = "adalora.target_r"
     axis_keys = ("adalora.target_r",)
     short_names = {"adalora.target_r": "r", "adalora.init_r": "r0"}
 

@@ -108,6 +108,9 @@ class Method:
     #: loss-per-rank plots); with several, the first the run has a value for is the size
     #: (BA-LoRA: its parameter budget, else its base rank). Empty: no size axis.
     size_axes: ClassVar[tuple[str, ...]] = ()
+    #: the config key that is a rank (the x of the optimizer-memory-vs-rank plot), when one of its sizes is;
+    #: None: the method has no rank (a parameter budget or an intrinsic dimension is not one)
+    rank_axis: ClassVar[Optional[str]] = None
     #: config keys copied into the study table even when constant: the axes its plots are drawn along
     axis_keys: ClassVar[tuple[str, ...]] = ()
     #: short names of its config keys in labels and table heads (``{"lora.r": "r"}``); a key not

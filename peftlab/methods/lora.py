@@ -82,6 +82,7 @@ class LoRA(Method):
     display_name = "LoRA"
     table_rank = 10
     size_axes = ("lora.r",)
+    rank_axis = "lora.r"
     axis_keys = ("lora.r",)
     short_names = {"lora.r": "r"}
     sharding = "replicate"  # the adapter (and DoRA's magnitudes) whole on every process, the frozen base sharded

@@ -205,6 +205,7 @@ class RSVD(Method):
     display_name = "rSVD"
     table_rank = 60
     size_axes = ("rsvd.rank",)
+    rank_axis = "rsvd.rank"
     axis_keys = ("rsvd.rank", "rsvd.svt")
     short_names = {"rsvd.rank": "rank"}
     variant_keys = ("rsvd.svt", "rsvd.weight_reduction_rank")

@@ -138,6 +138,7 @@ class BALoRA(LoRA):
     display_name = "BA-LoRA"
     table_rank = 50
     size_axes = ("ba_lora.param_budget", "ba_lora.base_rank")  # no budget: base_rank x LoRA's per-rank size
+    rank_axis = "ba_lora.base_rank"  # the rank it starts from (its budget is a parameter count)
     axis_keys = ("ba_lora.param_budget", "ba_lora.base_rank")
     short_names = {"ba_lora.param_budget": "budget"}
     variant_keys = ("ba_lora.uniform_ranks", "ba_lora.use_warmstart", "ba_lora.warmstart_init")

@@ -424,6 +424,7 @@ class SubLoRA(Method):
     quantized_base = True
     table_rank = 80
     size_axes = ("sublora.intrinsic_dim",)
+    rank_axis = None  # an intrinsic dimension, not a rank
     axis_keys = ("sublora.intrinsic_dim", "sublora.allocation_mode", "sublora.allocation_ratio")
     short_names = {"sublora.intrinsic_dim": "d", "sublora.allocation_ratio": "ρ"}
     variant_keys = ("sublora.allocation_mode", "sublora.allocation_ratio")
