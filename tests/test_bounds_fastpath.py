@@ -133,7 +133,13 @@ def test_compiled_body_gives_the_eager_numbers_or_is_not_used(monkeypatch):
     eager = score_rows(model, tokens, rows, n, EOT, (0.001, 0.1), **kw)
     torch._dynamo.reset()
     comp = score_rows(model, tokens, rows, n, EOT, (0.001, 0.1), compile_body=True, log=said.append, **kw)
-    assert said == ["bounds.compile_body: the scoring body compiled"] and comp.path == "view"
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):  # inductor cannot build CPU kernels here
+        assert said == ["bounds.compile_body: the scoring body did not compile to the eager body's numbers; scored eagerly"]
+    else:
+        assert said == ["bounds.compile_body: the scoring body compiled"]
+    assert comp.path == "view"
     np.testing.assert_allclose(comp.loss_bits, eager.loss_bits, rtol=1e-6)
     np.testing.assert_array_equal(comp.topk_correct, eager.topk_correct)
 
