@@ -15,6 +15,7 @@ per world size, the measured peak and measured / computed at world 1. ``--tiny``
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -71,12 +72,8 @@ def one(shape: str, method: str, out: Path, tiny: bool) -> dict:
     conf = next(v for v in prof["summary"]["variants"] if v["label"] == "configured")
     row["computed"] = {str(w): v for w, v in conf["fsdp_per_rank"].items()}
     row["activation_source"] = conf["activation_source"]
-    if torch.cuda.is_available() and not tiny:
-        torch.cuda.empty_cache()
-    del prof
-    import gc
-
-    gc.collect()
+    del prof, conf
+    gc.collect()  # the profile's models are gone before the measured run starts
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
