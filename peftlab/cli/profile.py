@@ -11,11 +11,16 @@ from ..profiling import run_profile
 from .table import help_of
 
 
-def cmd_profile(args, extra: list[str]) -> int:
+def _positive_ints(text: str) -> list[int]:
+    """``4,8,16`` -> ``[4, 8, 16]``; ``[0]`` (refused by the caller) when a part is not an integer."""
     try:
-        ranks = [] if args.ranks.strip().lower() in ("", "none") else [int(x) for x in args.ranks.split(",") if x.strip()]
+        return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        ranks = [0]
+        return [0]
+
+
+def cmd_profile(args, extra: list[str]) -> int:
+    ranks = [] if args.ranks.strip().lower() in ("", "none") else _positive_ints(args.ranks)
     if any(r < 1 for r in ranks):
         raise PeftlabError(f"--ranks takes positive integers separated by commas (e.g. 4,8,16) or 'none', got {args.ranks!r}.")
     for flag, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
@@ -25,10 +30,7 @@ def cmd_profile(args, extra: list[str]) -> int:
         problem = output_path_problem(args.output_dir)
         if problem:
             raise PeftlabError(f"--output-dir: {problem}")
-    try:
-        worlds = None if args.world_size is None else [int(x) for x in args.world_size.split(",") if x.strip()]
-    except ValueError:
-        worlds = [0]
+    worlds = None if args.world_size is None else _positive_ints(args.world_size)
     if worlds is not None and (not worlds or any(w < 1 for w in worlds)):
         raise PeftlabError(f"--world-size takes positive integers separated by commas (e.g. 1,2,8), got {args.world_size!r}.")
     cfg = load_config(args.config, extra)
