@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--stride", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--head", default="auto", choices=["auto", "model"])
+    ap.add_argument("--compile-body", default="off", choices=["off", "on"], help="bounds.compile_body (its compilation is in wall_s)")
     ap.add_argument("--docs", default="owt", choices=["owt", "pydocs"],
                     help="owt: OpenWebText-shaped lengths; pydocs: the python-docs corpus' long documents (use --num-docs 447)")
     ap.add_argument("--progress", action="store_true")
@@ -109,6 +110,7 @@ def main() -> int:
         info = write_bins(Path(tmp), args.num_docs, vocab, eot, **shape)
         bcfg = bounds_config({"bounds.num_docs": args.num_docs, "bounds.full_precision_units": 0, "bounds.stride": args.stride,
                               "bounds.batch_tokens": args.batch_tokens, "bounds.dtype": args.dtype, "bounds.head": args.head,
+                              "bounds.compile_body": args.compile_body,
                               "bounds.progress_bar": args.progress})
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -120,7 +122,7 @@ def main() -> int:
     out = {
         "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "device": torch.cuda.get_device_name(0) if device.type == "cuda" else
         f"cpu ({torch.get_num_threads()} threads)", "model": args.model, "method": method, "dtype": args.dtype, "docs": args.docs, "head": args.head,
-        "batch_tokens": args.batch_tokens, "torch": torch.__version__,
+        "compile_body": args.compile_body, "batch_tokens": args.batch_tokens, "torch": torch.__version__,
         "compressed_numbers": metrics["compressed_numbers"], "num_docs": args.num_docs, **info,
         "tokens_scored": metrics["tokens_scored"], "wall_s": round(wall, 2), "scoring_s": round(metrics["scoring_time_s"], 2),
         "docs_per_s": round(args.num_docs / metrics["scoring_time_s"], 2),

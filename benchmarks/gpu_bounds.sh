@@ -33,8 +33,10 @@ case ",$STAGES," in *,pytest,*)
   python -m pytest -q -p no:cacheprovider -n 0 tests/test_bounds_gpu.py tests/test_bounds_fastpath.py 2>&1 | tail -4 | tee "$OUT/pytest_bounds_gpu.txt";;
 esac
 case ",$STAGES," in *,e2e,*)
-  python benchmarks/bench_bounds.py --device cuda --num-docs 10000 --dtype bf16 --batch-tokens 65536 >> "$OUT/bench_bounds.jsonl" 2> "$OUT/e2e.err"
-  python benchmarks/bench_bounds.py --device cuda --num-docs 447 --docs pydocs --dtype bf16 --batch-tokens 65536 >> "$OUT/bench_bounds.jsonl" 2>> "$OUT/e2e.err";;
+  for cb in ${E2E_COMPILE_BODY:-off on}; do
+    python benchmarks/bench_bounds.py --device cuda --num-docs 10000 --dtype bf16 --batch-tokens 65536 --compile-body $cb >> "$OUT/bench_bounds.jsonl" 2>> "$OUT/e2e.err"
+    python benchmarks/bench_bounds.py --device cuda --num-docs 447 --docs pydocs --dtype bf16 --batch-tokens 65536 --compile-body $cb >> "$OUT/bench_bounds.jsonl" 2>> "$OUT/e2e.err"
+  done;;
 esac
 for f in "$OUT"/*.err; do tail -n 3 "$f"; done
 cat "$J" "$OUT/bench_bounds.jsonl" 2>/dev/null | python3 -c "
@@ -42,5 +44,5 @@ import json,sys
 for l in sys.stdin:
     try: r=json.loads(l)
     except Exception: continue
-    print({k: r.get(k) for k in ('docs','variant','dtype','num_docs','scoring_s','wall_s','docs_per_s','window_tokens_per_s','peak_mb','max_rel_diff_vs_first','topk_equal_fraction_vs_first','error') if k in r})
+    print({k: r.get(k) for k in ('docs','variant','compile_body','dtype','num_docs','scoring_s','warmup_s','wall_s','docs_per_s','window_tokens_per_s','peak_mb','max_rel_diff_vs_first','topk_equal_fraction_vs_first','error') if k in r})
 "
