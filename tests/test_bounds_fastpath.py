@@ -15,12 +15,12 @@ from test_bounds_scoring import EOT, make_stream
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def adapted(method: str):
+def adapted(method: str, **over):
     """The built-in tiny GPT-2 adapted by ``method``, its learnable tensors moved off their init."""
     from peftlab.build import build
     from peftlab.config import load_config
 
-    cfg = load_config(None, {"method": method, "model.name": "tiny-gpt2", "data.block_size": 32})
+    cfg = load_config(None, {"method": method, "model.name": "tiny-gpt2", "data.block_size": 32, **over})
     built = build(cfg, task="causal_lm", data=False, optimizer=False, device="cpu")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -53,6 +53,26 @@ def test_view_gives_the_models_numbers_and_restores_it(method):
     # and the model still computes what it did (no adapter left merged, no activation left swapped)
     again = score_rows(model, tokens, rows, n, EOT, alphas, batch_tokens=64, progress=False, head="model")
     np.testing.assert_array_equal(again.loss_bits, ref.loss_bits)
+
+
+@pytest.mark.parametrize("method", ["lora", "sublora"])
+def test_view_scores_an_adapted_tied_lm_head(method):
+    """SubLoRA's recipe adapts ``lm_head`` too (the seed-000/001 studies): GPT-2's head is tied to the input
+    embedding, so its adapter is not merged but added to the logits of the counted positions; the view is
+    used (it was refused before, and such runs were scored through the model's slower full logits)."""
+    model, m = adapted(method, **{"model.target_modules": ["c_attn", "lm_head"]})
+    tokens, rows, n = stream()
+    scored = m.scoring_module(model)
+    hf = fastpath.hf_model(scored)
+    head = hf.get_output_embeddings()
+    assert type(head) is not torch.nn.Linear and head.get_base_layer().weight is hf.get_input_embeddings().weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = score_rows(scored, tokens, rows, n, EOT, (0.01,), batch_tokens=64, progress=False, head="model")
+    fast = score_rows(scored, tokens, rows, n, EOT, (0.01,), batch_tokens=64, progress=False)
+    assert fast.path == "view"
+    np.testing.assert_allclose(fast.loss_bits, ref.loss_bits, rtol=1e-6)
+    np.testing.assert_array_equal(fast.topk_correct, ref.topk_correct)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_view_is_refused_when_the_merge_is_wrong(monkeypatch):

@@ -64,9 +64,14 @@ def hf_model(model: torch.nn.Module) -> Optional[torch.nn.Module]:
 class ScoringView:
     """Body + head of a causal LM: :meth:`hidden` and :meth:`logits` (of selected hidden states)."""
 
-    def __init__(self, body: torch.nn.Module, head: torch.nn.Linear, vocab: int):
+    def __init__(self, body: torch.nn.Module, head: torch.nn.Linear, vocab: int,
+                 head_low_rank: tuple[tuple[torch.nn.Linear, torch.nn.Linear, float], ...] = ()):
         self.body, self.head, self.vocab = body, head, vocab
+        # an adapted LM head (SubLoRA's lm_head, usually tied to the input embedding, so it is never merged):
+        # its low-rank terms (A, B, scaling) are added to the base head's logits of the counted positions
+        self.head_low_rank = head_low_rank
         self._w: Optional[torch.Tensor] = None
+        self._lr: tuple[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], float], ...] = ()
         self._dtype: Optional[torch.dtype] = None
         # no key/value cache: it is never read here, and building it costs a copy per layer
         self._kw = {"use_cache": False} if "use_cache" in inspect.signature(body.forward).parameters else {}
@@ -100,9 +105,15 @@ class ScoringView:
         dtype = dtype or self.head.weight.dtype
         if self._w is None or self._dtype != dtype:
             self._w = pad_rows(self.head.weight.detach(), 64).to(dtype)
+            self._lr = tuple((a.weight.detach().to(dtype), b.weight.detach().to(dtype),
+                              None if b.bias is None else b.bias.detach().to(dtype), float(s))
+                             for a, b, s in self.head_low_rank)
             self._dtype = dtype
         b = self.head.bias
-        out = F.linear(h.to(dtype), self._w)[:, :self.vocab]
+        h = h.to(dtype)
+        out = F.linear(h, self._w)[:, :self.vocab]
+        for wa, wb, bb, scale in self._lr:
+            out = out + F.linear(F.linear(h, wa), wb, bb) * scale
         return out if b is None else out + b.to(dtype)
 
 
@@ -114,17 +125,44 @@ def _plain_lora_layers(model: torch.nn.Module):
     except ImportError:  # pragma: no cover - peft is a dependency
         return
     for m in model.modules():
-        plain = all(type(f) is torch.nn.Linear for d in (m.lora_A, m.lora_B) for f in d.values()) if type(m) is LoraLinear else False
-        if plain and not any(getattr(m, "use_dora", {}).values()) and not m.merged:
+        if _is_plain_lora(m, LoraLinear):
             yield m
 
 
+def _is_plain_lora(m: torch.nn.Module, lora_linear: type) -> bool:
+    plain = all(type(f) is torch.nn.Linear for d in (m.lora_A, m.lora_B) for f in d.values()) if type(m) is lora_linear else False
+    return plain and not any(getattr(m, "use_dora", {}).values()) and not m.merged
+
+
+def _split_head(head: torch.nn.Module) -> Optional[tuple[torch.nn.Linear, tuple]]:
+    """(the plain ``nn.Linear`` under the LM head, the head's active low-rank terms (A, B, scaling)):
+    ``(head, ())`` for a plain head, its base layer and adapters for a plain peft LoRA head, None for
+    any other head (the model's own forward is scored)."""
+    if type(head) is torch.nn.Linear:
+        return head, ()
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    if not _is_plain_lora(head, LoraLinear) or getattr(head, "disable_adapters", False):
+        return None
+    base = head.get_base_layer()
+    if type(base) is not torch.nn.Linear:
+        return None
+    active = [a for a in head.active_adapters if a in head.lora_A]
+    return base, tuple((head.lora_A[a], head.lora_B[a], head.scaling[a]) for a in active)
+
+
 @contextlib.contextmanager
-def _merged(model: torch.nn.Module) -> Iterator[None]:
+def _merged(model: torch.nn.Module, skip: frozenset[int] = frozenset()) -> Iterator[None]:
+    """Adapters of the plain LoRA layers merged into their base weights (those in ``skip`` left as they
+    are), restored exactly on exit."""
     saved = []
     try:
         with torch.no_grad():
             for layer in _plain_lora_layers(model):
+                if id(layer) in skip:
+                    continue
                 w = layer.get_base_layer().weight
                 saved.append((layer, w, w.detach().clone()))
                 layer.merge()
@@ -210,10 +248,12 @@ def scoring_view(model: torch.nn.Module, x_check: torch.Tensor,
         yield None
         return
     body, head = getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
+    split = _split_head(head)
+    if split is None:
         yield None
         return
-    view = ScoringView(body, head, int(head.weight.shape[0]))
+    view = ScoringView(body, split[0], int(split[0].weight.shape[0]), split[1])
+    skip = frozenset({id(head)})  # an adapted head stays unmerged: its weight is usually the tied input embedding
     cuda = torch.backends.cuda.matmul
     tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
     with torch.inference_mode():
@@ -223,7 +263,7 @@ def scoring_view(model: torch.nn.Module, x_check: torch.Tensor,
                 ref = model(input_ids=x_check).logits.float()
         finally:
             cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    with _merged(model), _fused_gelu(model):
+    with _merged(model, skip), _fused_gelu(model):
         cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
             with torch.inference_mode():
@@ -234,10 +274,10 @@ def scoring_view(model: torch.nn.Module, x_check: torch.Tensor,
         yield None
         return
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_merged(model))
+        stack.enter_context(_merged(model, skip))
         stack.enter_context(_fused_gelu(model))
         if autocast_dtype is not None:
-            stack.enter_context(_low_precision_weights(model, autocast_dtype, keep={id(head.weight)}))
+            stack.enter_context(_low_precision_weights(model, autocast_dtype, keep={id(split[0].weight)}))
         yield view
 
 

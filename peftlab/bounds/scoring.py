@@ -394,6 +394,9 @@ def score_batches(
                 if not checked:  # once per call, on two rows of the first batch
                     checked = True
                     view = stack.enter_context(scoring_view(model, x_t[:2], autocast_dtype))
+                    if view is None and log is not None:
+                        log("bounds: the scoring view (merged adapters, head on counted positions only) does not apply to "
+                            "this model or did not give its numbers; scoring through the model's own logits (slower)")
                 with torch.inference_mode():
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                         if compile_body and view is not None:
