@@ -116,7 +116,10 @@ def page(study: str, scale: str, source: Path, dest: Path) -> str:
     tot = sum(ph.values()) or 1.0
     for k, v in ph.items():
         lines.append(f"| {k} | {fmt_s(v)} | {100 * v / tot:.0f}% |")
-    lines += ["", f"{runs} of {total_runs} runs completed; the sweeps' wall time adds up to {fmt_s(wall)}"
+    trained = sum(1 for _ in (source / "runs").glob("*/results_final.json")) if (source / "runs").is_dir() else runs
+    cut = (f" ({trained - runs} more trained, their follow-ups cut by the last call's wall limit: not in the phase times)"
+           if trained > runs else "")
+    lines += ["", f"{runs} of {total_runs} runs completed with their follow-ups{cut}; the sweeps' wall time adds up to {fmt_s(wall)}"
               + (f" over {sweep_wall(evs)[1]} calls (the sweep resumes; a run cut by a call's wall limit is run again)"
                  if sweep_wall(evs)[1] > 1 else "")
               + ". Compare with `peftlab estimate` in BENCHMARKS.md.", ""]

@@ -102,6 +102,9 @@ def test_results_page_from_a_study_directory(tmp_path):
            {"event": "sweep_end", "seconds": 70.0, "time": 270.0}]
     (src / "study.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
     (src / "study.log").write_text("log\n")
+    for r in ("r1", "r2", "r3"):  # r3 trained, its follow-up cut by the last call's wall limit (no "end" event)
+        (src / "runs" / r).mkdir(parents=True)
+        (src / "runs" / r / "results_final.json").write_text("{}")
     a = src / "analysis"
     (a / "summary_table.md").write_text("| method | n |\n| --- | ---: |\n| sublora | 3 |\n")
     (a / "hypotheses.json").write_text(json.dumps([{"hypothesis": "H1 (seed 001)", "verdict": "supported", "text": "ρ = 0.8 dominates"}]))
@@ -111,7 +114,8 @@ def test_results_page_from_a_study_directory(tmp_path):
     assert rp.main([str(src), "--study", "subspace_allocation", "--docs", str(docs)]) == 0
     page = (docs / "subspace_allocation" / "README.md").read_text()
     assert "| train | 42s | 37% |" in page and "| bounds | 58s | 50% |" in page and "| analyze | 15s | 13% |" in page
-    assert "2 of 30 runs completed; the sweeps' wall time adds up to 2m 50s over 2 calls" in page and "**H1 (seed 001)** — supported: ρ = 0.8 dominates" in page
+    assert "2 of 30 runs completed with their follow-ups (1 more trained, their follow-ups cut" in page
+    assert "the sweeps' wall time adds up to 2m 50s over 2 calls" in page and "**H1 (seed 001)** — supported: ρ = 0.8 dominates" in page
     assert "![pareto_frontier_d1000](pareto_frontier_d1000.png)" in page and "no ranks & no BA-LoRA" in page
     assert "python-docs" in page and "OpenWebText" in page  # the scale's own comment: what stands in
     assert (docs / "subspace_allocation" / "pareto_frontier_d1000.png").is_file()
