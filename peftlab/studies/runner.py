@@ -243,7 +243,10 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
             log.event("sweep_end", **asdict(summary), ok=False)
             return summary
         progress = Progress(log, len(todo) + len(pending_followups), executor.slots)
-        jobs = todo + pending_followups
+        # what an interrupted sweep began comes first (follow-ups of trained runs, then runs to resume), then new runs:
+        # a sweep run in slices under a wall limit ends each slice with whole runs, not a tail of half-finished ones
+        jobs = pending_followups + [t for t in todo if rows[t.name]["status"] == "partial"] \
+            + [t for t in todo if rows[t.name]["status"] != "partial"]
 
         def on_start(trial: Trial, job: TrialJob, where: str) -> None:
             st = rows[trial.name]["status"]
