@@ -44,7 +44,8 @@ class BoundsConfig:
         "off", "Also run the scoring model's body (every transformer block) through torch.compile, dynamic in batch and "
         "length: fuses the residual adds, layer norms and activations a GPU profile shows at about 40% of scoring time. "
         "Checked on the first batch against the eager body (else scored eagerly). Costs a compilation per process "
-        "(tens of seconds, cached on disk by torch). Used with bounds.head=auto.")
+        "(tens of seconds, cached on disk by torch); on an H200 it made `peftlab bounds` slower, compilation included "
+        "(BENCHMARKS.md). Used with bounds.head=auto.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to score; auto uses a GPU when there is one.")
     dtype: Literal["fp32", "bf16"] = opt("fp32", "Forward-pass precision (bf16: autocast on a GPU; log-probabilities are always float32).")
     progress_bar: bool = opt(True, "Show a progress bar of units scored.")
