@@ -7,7 +7,10 @@
 #   bash benchmarks/gpu_studies.sh STUDY [WALL_S]            sweep (default wall 540 s, everything included)
 #   bash benchmarks/gpu_studies.sh STUDY estimate [PATTERN]  `peftlab estimate ... --preset-scale=gpu --gpus 0`
 #                                                            (--only PATTERN: probe a few runs; each distinct
-#                                                            configuration costs a setup, 4 steps and its follow-ups)
+#                                                            configuration costs a setup, 4 steps and its follow-ups;
+#                                                            run it before the sweep: finished runs count zero. It
+#                                                            writes $OUT/STUDY/estimate.{txt,json}; give the JSON to
+#                                                            scripts/results_page.py --estimate to compare)
 #
 # STUDY: subspace_allocation | budget_aware | sparse_adapters | gradient_projection | compare.
 # Needs the study's files under ./gpu_assets/, made on a machine with the offline assets by
@@ -51,7 +54,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader > "$D
 if [ "$MODE" = estimate ]; then
   only=()
   [ -n "${3:-}" ] && only=(--only "$3")
-  python3 -m peftlab estimate "$YAML" --preset-scale=gpu --gpus 0 "${only[@]}" 2>&1 | tee "$DEST/estimate.txt" | tail -40
+  python3 -m peftlab estimate "$YAML" --preset-scale=gpu --gpus 0 "${only[@]}" --json "$DEST/estimate.json" 2>&1 | tee "$DEST/estimate.txt" | tail -40
   rc=${PIPESTATUS[0]}
   echo "{\"study\": \"$STUDY\", \"mode\": \"estimate\", \"only\": \"${3:-}\", \"rc\": $rc, \"wall_s\": $(( $(date +%s) - T0 ))}" >> "$OUT/gpu_studies.jsonl"
   exit "$rc"

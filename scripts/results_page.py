@@ -1,11 +1,12 @@
 """Write a study's results page, docs/results/<study>/README.md, from what a sweep left.
 
-    python scripts/results_page.py SOURCE --study subspace_allocation [--scale gpu] [--docs docs/results]
+    python scripts/results_page.py SOURCE --study subspace_allocation [--scale gpu] [--docs docs/results] [--estimate FILE]
 
 SOURCE is a study directory (runs/studies/<study>-gpu) or the folder benchmarks/gpu_studies.sh copies to
 $OUT/<study>/ (study.log, study.jsonl, analysis/, runs/). The page gets, from the files alone: the scale's own
 description and what stands in for the seed's data and model (the comment block of the scale in the study YAML),
-the command, the measured time of each phase (train, bounds, profile, analyze) and in total, the hypothesis
+the command, the measured time of each phase (train, bounds, profile, analyze) and in total, `peftlab estimate`'s
+per-run estimate against the measured run times (``--estimate``, the JSON of ``peftlab estimate --json``), the hypothesis
 checks, the summary table, every plot, and a note of what the analysis skipped. Copied next to it: the PNGs, the
 summary tables (CSV, LaTeX, Markdown), hypotheses.json and study.log; no weights.
 
@@ -96,7 +97,35 @@ def sweep_wall(evs: list[dict]) -> tuple[float, int]:
     return wall, n
 
 
-def page(study: str, scale: str, source: Path, dest: Path) -> str:
+def estimate_lines(est: dict, evs: list[dict]) -> list[str]:
+    """`peftlab estimate --json` against the measured duration of each run it estimated (its completed attempt in
+    study.jsonl) and of the study steps; the ratio over the runs in both."""
+    measured = {e["run"]: float(e["duration_s"]) for e in evs
+                if e.get("event") == "end" and e.get("outcome") == "completed" and "duration_s" in e}
+    steps: dict[str, float] = {}
+    for e in evs:
+        if e.get("event") == "study_step" and e.get("outcome") == "completed":
+            k = str(e.get("step", "?")).split()[0]
+            steps[k] = float(e.get("duration_s") or 0.0)  # the last sweep's, as the estimate times it once
+    rows = [(r["name"], r["seconds"], measured[r["name"]]) for r in est.get("runs", [])
+            if r.get("status") != "done" and r["name"] in measured and r["seconds"] > 0]
+    rows += [(f"(study step: {s['name']})", s["seconds"], steps[s["name"]]) for s in est.get("study_steps", [])
+             if s["name"] in steps and s["seconds"] > 0]
+    if not rows:
+        return ["## `peftlab estimate` against the measured time", "",
+                "The estimate shares no finished run with this sweep (it was run after the runs, or for others).", ""]
+    e_tot, m_tot = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    ratios = sorted(m / e for _, e, m in rows)
+    out = ["## `peftlab estimate` against the measured time", "",
+           f"`peftlab estimate --json` covered {len(rows)} of the measured runs and steps: estimated {fmt_s(e_tot)}, "
+           f"measured {fmt_s(m_tot)}, **{m_tot / e_tot:.2f}×** the estimate (per row {ratios[0]:.2f}–{ratios[-1]:.2f}×, "
+           f"median {ratios[len(ratios) // 2]:.2f}×). A run cut by a call's wall limit counts its completed attempt only.", "",
+           "| run | estimated | measured | measured / estimated |", "| --- | ---: | ---: | ---: |"]
+    out += [f"| {n} | {fmt_s(e)} | {fmt_s(m)} | {m / e:.2f}× |" for n, e, m in rows]
+    return out + [""]
+
+
+def page(study: str, scale: str, source: Path, dest: Path, estimate: Path | None = None) -> str:
     study_yaml = ROOT / "configs" / "studies" / f"{study}.yaml"
     comment, desc = scale_comment(study_yaml, scale)
     analysis = source / "analysis"
@@ -122,7 +151,9 @@ def page(study: str, scale: str, source: Path, dest: Path) -> str:
     lines += ["", f"{runs} of {total_runs} runs completed with their follow-ups{cut}; the sweeps' wall time adds up to {fmt_s(wall)}"
               + (f" over {sweep_wall(evs)[1]} calls (the sweep resumes; a run cut by a call's wall limit is run again)"
                  if sweep_wall(evs)[1] > 1 else "")
-              + ". Compare with `peftlab estimate` in BENCHMARKS.md.", ""]
+              + ".", ""]
+    if estimate is not None and estimate.is_file():
+        lines += estimate_lines(json.loads(estimate.read_text(encoding="utf-8")), evs)
     hyp = analysis / "hypotheses.json"
     if hyp.is_file():
         found = json.loads(hyp.read_text())
@@ -173,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--study", required=True, help="study name (configs/studies/<study>.yaml)")
     ap.add_argument("--scale", default="gpu")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
+    ap.add_argument("--estimate", type=Path, default=None,
+                    help="`peftlab estimate --json` output to compare with the measured times (default: SOURCE/estimate.json if there)")
     a = ap.parse_args(argv)
     if not (ROOT / "configs" / "studies" / f"{a.study}.yaml").is_file():
         print(f"error: no configs/studies/{a.study}.yaml", file=sys.stderr)
@@ -182,7 +215,10 @@ def main(argv=None) -> int:
         return 2
     dest = a.docs / a.study
     dest.mkdir(parents=True, exist_ok=True)
-    text = page(a.study, a.scale, a.source, dest)
+    if a.estimate is not None and not a.estimate.is_file():
+        print(f"error: --estimate {a.estimate}: no such file (write it with `peftlab estimate ... --json PATH`)", file=sys.stderr)
+        return 2
+    text = page(a.study, a.scale, a.source, dest, a.estimate or a.source / "estimate.json")
     analysis = a.source / "analysis"
     for p in list(analysis.glob("*.png")) + [analysis / t for t in TABLES] + [a.source / "study.log"]:
         if p.is_file():

@@ -125,3 +125,32 @@ def test_results_page_from_a_study_directory(tmp_path):
     assert rp.main([str(src), "--study", "subspace_allocation", "--docs", str(docs)]) == 0
     assert "The learned gates rise with depth." in (docs / "subspace_allocation" / "README.md").read_text()
     assert rp.main([str(tmp_path), "--study", "subspace_allocation", "--docs", str(docs)]) == 2  # no study.jsonl
+
+
+def test_results_page_compares_the_estimate_with_the_measured_runs(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("results_page", ROOT / "scripts/results_page.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    src = tmp_path / "subspace_allocation"
+    (src / "analysis").mkdir(parents=True)
+    evs = [{"event": "sweep_start", "runs": 3, "time": 0.0},
+           {"event": "end", "run": "a", "outcome": "completed", "duration_s": 30.0, "phases": {"train": 30.0}, "time": 30.0},
+           {"event": "end", "run": "b", "outcome": "interrupted", "duration_s": 5.0, "time": 35.0},
+           {"event": "end", "run": "b", "outcome": "completed", "duration_s": 60.0, "phases": {"train": 60.0}, "time": 95.0},
+           {"event": "end", "run": "c", "outcome": "completed", "duration_s": 10.0, "phases": {"train": 10.0}, "time": 105.0},
+           {"event": "study_step", "outcome": "completed", "step": "analyze x", "duration_s": 12.0, "time": 117.0}]
+    (src / "study.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
+    # the estimate covered a and b (an --only probe) and the study step; c was not estimated
+    est = {"runs": [{"name": "a", "status": "new", "seconds": 20.0}, {"name": "b", "status": "new", "seconds": 40.0}],
+           "study_steps": [{"name": "analyze", "seconds": 8.0, "once": True}], "total_s": 68.0}
+    (tmp_path / "est.json").write_text(json.dumps(est))
+    docs = tmp_path / "docs"
+    assert rp.main([str(src), "--study", "subspace_allocation", "--docs", str(docs), "--estimate", str(tmp_path / "est.json")]) == 0
+    page = (docs / "subspace_allocation" / "README.md").read_text()
+    # (30 + 60 + 12) / (20 + 40 + 8) = 1.5; b counts its completed attempt, c is not in the estimate
+    assert "estimated 1m 08s, measured 1m 42s, **1.50×** the estimate" in page, page
+    assert "| b | 40s | 1m 00s | 1.50× |" in page and "| (study step: analyze) | 8s | 12s | 1.50× |" in page and "| c |" not in page
+    assert rp.main([str(src), "--study", "subspace_allocation", "--docs", str(docs), "--estimate", str(tmp_path / "no.json")]) == 2

@@ -451,6 +451,26 @@ def test_estimate_arithmetic_on_a_simulated_clock(tmp_path, monkeypatch):
     # the runs share the slots; the study step runs once after them
     assert f"({E.fmt_duration(one + fu + study_row['seconds'])} on 2 slots)" in buf.getvalue()
     assert f"config {E.fmt_duration(fu)})" in buf.getvalue() and "(study step: config, once)" in buf.getvalue()
+    # the same as data (`peftlab estimate --json`): what the results page compares with the measured times
+    rec = E.estimate_record([*rows, study_row], slots=2)
+    assert [r["name"] for r in rec["runs"]] == [r["name"] for r in rows] and len(rows) == 2
+    assert rec["runs"][0]["seconds"] == pytest.approx(one + fu) and rec["runs"][0]["train_s"] == pytest.approx(one)
+    assert rec["runs"][0]["followups_s"] == p.followup_s and rec["runs"][0]["steps"] == 45
+    assert rec["study_steps"] == [{"name": "config", "seconds": study_row["seconds"], "once": True}]
+    assert rec["total_s"] == pytest.approx(2 * (one + fu) + study_row["seconds"])
+    assert rec["wall_s"] == pytest.approx(one + fu + study_row["seconds"])
+
+
+def test_estimate_cli_writes_its_json(tmp_path, capsys):
+    from peftlab.cli import main
+
+    study = _write(tmp_path, arms=[{"name": "a", "overrides": {"method": "lora"}}], seeds=[1, 2])
+    assert main(["estimate", str(study), "--steps", "2", "--json", str(tmp_path / "est.json")]) == 0
+    rec = json.loads((tmp_path / "est.json").read_text())
+    printed = capsys.readouterr().out
+    assert [r["name"] for r in rec["runs"]] == ["a_s1", "a_s2"] and all(r["status"] == "new" and r["seconds"] > 0 for r in rec["runs"])
+    assert rec["runs"][0]["steps"] == rec["runs"][1]["steps"] > 0 and rec["total_s"] == pytest.approx(sum(r["seconds"] for r in rec["runs"]))
+    assert "a_s1" in printed and "TOTAL" in printed
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..config import load_config, parse_overrides
 from ..errors import PeftlabError
-from ..studies.estimate import estimate_config, estimate_study, print_estimate
+from ..io import write_json
+from ..studies.estimate import estimate_config, estimate_record, estimate_study, print_estimate
 from ..studies.executors import LocalExecutor, SubmititExecutor
 from ..studies.expand import expand
 from ..studies.runner import format_table, plan, sweep
@@ -92,14 +93,18 @@ def cmd_estimate(args, extra: list[str]) -> int:
                            "(default 4; more steps give a steadier per-step time).")
     if is_study_file(args.target):
         spec, trials = _load(args, extra)
-        rows = estimate_study(spec, trials, steps=args.steps, slots=max(len(_gpus(args.gpus) or [None]) // spec.execution.processes_per_run, 1))
+        slots = max(len(_gpus(args.gpus) or [None]) // spec.execution.processes_per_run, 1)
+        rows = estimate_study(spec, trials, steps=args.steps, slots=slots)
     else:
         if args.preset_scale:
             raise PeftlabError("--preset-scale applies to study files; this is a run config.")
 
         cfg = load_config(args.target, extra)
         rows = estimate_config(cfg, steps=args.steps)
-    print_estimate(rows, slots=max(len(_gpus(args.gpus) or [None]), 1))
+        slots = max(len(_gpus(args.gpus) or [None]), 1)
+    print_estimate(rows, slots=slots)
+    if args.json:
+        write_json(Path(args.json), estimate_record(rows, slots))
     return 0
 
 
@@ -139,6 +144,9 @@ def add_estimate(subparsers) -> None:
     e.add_argument("--only", default=None, help="comma-separated run names or patterns: estimate only these")
     e.add_argument("--steps", type=int, default=4, help="optimizer steps timed per distinct configuration (default 4)")
     e.add_argument("--gpus", default=None, help="GPUs the sweep will use (the total is divided among them)")
+    e.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the estimate as JSON (per run: seconds, training and follow-up shares; the total): "
+                        "scripts/results_page.py --estimate compares it with the measured run times")
     e.add_argument("--skip-follow-ups", action="store_true",
                    help="time training only; by default each per-run follow-up (bounds, profile) is run and timed on the probe's run "
                         "and the study steps (analyze) once on the probe runs")

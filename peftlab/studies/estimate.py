@@ -275,6 +275,26 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
     return rows
 
 
+def estimate_record(rows: list[dict], slots: int = 1) -> dict[str, Any]:
+    """The estimate as data (``peftlab estimate --json``): per run its seconds, training and follow-up shares;
+    the study steps; the total and the wall time on ``slots`` slots, as :func:`print_estimate` prints them."""
+    runs, steps = [], []
+    for r in rows:
+        if r.get("study_step"):
+            steps.append({"name": r["study_step"], "seconds": r["seconds"], "once": True})
+            continue
+        p = r["probe"]
+        rec = {"name": r["name"], "status": r["status"], "seconds": r["seconds"]}
+        if p is not None:
+            rec.update(train_s=r["seconds"] - p.followups_total, followups_s=dict(p.followup_s), steps=p.steps,
+                       step_s=p.step_s, setup_s=p.setup_s, done_steps=r.get("done_steps") or 0)
+        runs.append(rec)
+    total = sum(r["seconds"] for r in rows)
+    study_s = sum(s["seconds"] for s in steps)
+    return {"runs": runs, "study_steps": steps, "total_s": total, "slots": slots,
+            "wall_s": (total - study_s) / max(slots, 1) + study_s, "time": time.time()}
+
+
 def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
     """Seed 003's layout: one line per run, a TOTAL, and the expected completion time."""
     out = out if out is not None else sys.stdout
