@@ -154,6 +154,19 @@ def test_real_lora_budget_count_on_tiny_gpt2(tmp_path):
     assert reference_params(cfg, 4, "lora") == 2 * 4 * (64 + 192)
 
 
+def test_budget_count_names_the_setting_that_broke_the_build(tmp_path):
+    """A classification run whose tokenizer path is missing (a gpu scale before `scripts/gpu_bundle.sh`): the error is
+    peftlab's own about that path, not the causal-LM head tried last."""
+    from peftlab.config import load_config
+    from peftlab.errors import PeftlabError
+    from peftlab.studies.budget import reference_params
+
+    cfg = load_config(None, {"model.name": "tiny-bert", "model.task": "auto", "data.dataset": "sst2-sample",
+                             "data.tokenizer": str(tmp_path / "no-such-tokenizer")})
+    with pytest.raises(PeftlabError, match=r"building the model failed: .*no-such-tokenizer.*does not exist"):
+        reference_params(cfg, 4, "lora")
+
+
 def test_budget_match_names_a_registered_method(tmp_path):
     with pytest.raises(ConfigError, match=r"`budget.match` 'lorra' is neither none nor a method\. Did you mean `lora`"):
         _spec(tmp_path, budget={"match": "lorra"})

@@ -31,18 +31,23 @@ def target_shapes(cfg) -> list[tuple[int, int]]:
             task, num_labels = raw.task, num_labels or raw.num_labels
         except PeftlabError:
             pass
-    errors = []
+    errors: list[Exception] = []
     for c in (cfg.replace({"model.from_scratch": True}), cfg):
         for t in ([task] if task else ["classification", "causal_lm"]):
             try:
                 model, _, info = load_model(c, t, num_labels or 2)
             except Exception as e:  # noqa: BLE001 - try the next way of building the shapes
-                errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                errors.append(e)
                 continue
             return weight_shapes(model, info.target_modules)
+    # peftlab's own error names the setting and its fix (a missing tokenizer path, say): it beats the last attempt's
+    ours = [e for e in errors if isinstance(e, PeftlabError)]
+    if ours:
+        raise PeftlabError(f"budget matching needs the shapes of {cfg.model.name!r}'s target modules, and building the "
+                           f"model failed: {ours[0]}")
+    last = f"{type(errors[-1]).__name__}: {str(errors[-1]).splitlines()[0] if str(errors[-1]) else ''}" if errors else "no attempt"
     raise PeftlabError(f"budget matching needs the shapes of {cfg.model.name!r}'s target modules, and the model could not be "
-                       f"built here ({errors[-1] if errors else 'no attempt'}). Make the model available (hub access or a "
-                       "local copy), or set budget.match: none.")
+                       f"built here ({last}). Make the model available (hub access or a local copy), or set budget.match: none.")
 
 
 def reference_params(cfg, r: int, reference: str) -> int:
