@@ -120,7 +120,7 @@ def test_fmt_pm_rounds_to_the_spread():
     assert fmt_pm(0.7878787878787878, 1.2e-16) == "0.7879 ± 0"
     assert fmt_pm(0.5, float("nan")) == "0.5"
     # a peak memory equal over seeds (10,810.5 MiB): digits a reader reads, not 1.081e+04
-    assert fmt_pm(10810.5, 0.0) == "10,810 ± 0" and fmt_pm(1234.5, 0.0) == "1234 ± 0"
+    assert fmt_pm(10810.5, 0.0) == "10,810 ± 0" and fmt_pm(1234.5, 0.0) == "1234 ± 0" and fmt_pm(9999.7, 0.0) == "10,000 ± 0"
 
 
 def _strip_escaped(tex: str) -> str:

@@ -51,8 +51,8 @@ def fmt_number(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
-        # four significant digits; from 10,000 up, whole numbers with separators (10,810, not 1.081e+04)
-        return f"{v:,.0f}" if 1e4 <= abs(v) < 1e15 else f"{v:.4g}"
+        # four significant digits below 10,000; from there up, whole numbers with separators (10,810, not 1.081e+04)
+        return f"{v:,.0f}" if 9999.5 <= abs(v) < 1e15 else f"{v:.4g}"
     return str(v)
 
 

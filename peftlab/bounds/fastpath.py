@@ -131,7 +131,8 @@ def _plain_lora_layers(model: torch.nn.Module):
 
 def _is_plain_lora(m: torch.nn.Module, lora_linear: type) -> bool:
     plain = all(type(f) is torch.nn.Linear for d in (m.lora_A, m.lora_B) for f in d.values()) if type(m) is lora_linear else False
-    return plain and not any(getattr(m, "use_dora", {}).values()) and not m.merged
+    # a variant (DoRA, aLoRA, KaSA, ...) has its own forward: not the plain W·x + s·B·A·x merged or added here
+    return plain and not any(getattr(m, "use_dora", {}).values()) and not getattr(m, "lora_variant", None) and not m.merged
 
 
 def _split_head(head: torch.nn.Module) -> Optional[tuple[torch.nn.Linear, tuple]]:

@@ -93,15 +93,15 @@ def cmd_estimate(args, extra: list[str]) -> int:
                            "(default 4; more steps give a steadier per-step time).")
     if is_study_file(args.target):
         spec, trials = _load(args, extra)
-        slots = max(len(_gpus(args.gpus) or [None]) // spec.execution.processes_per_run, 1)
-        rows = estimate_study(spec, trials, steps=args.steps, slots=slots)
+        rows = estimate_study(spec, trials, steps=args.steps, slots=max(len(_gpus(args.gpus) or [None]) // spec.execution.processes_per_run, 1))
     else:
         if args.preset_scale:
             raise PeftlabError("--preset-scale applies to study files; this is a run config.")
 
         cfg = load_config(args.target, extra)
         rows = estimate_config(cfg, steps=args.steps)
-        slots = max(len(_gpus(args.gpus) or [None]), 1)
+    # every GPU divides the total: a run of k processes is probed in one, with k times its steps per process
+    slots = max(len(_gpus(args.gpus) or [None]), 1)
     print_estimate(rows, slots=slots)
     if args.json:
         write_json(Path(args.json), estimate_record(rows, slots))

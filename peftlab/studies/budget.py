@@ -31,7 +31,7 @@ def target_shapes(cfg) -> list[tuple[int, int]]:
             task, num_labels = raw.task, num_labels or raw.num_labels
         except PeftlabError:
             pass
-    errors: list[Exception] = []
+    errors: list[Exception] = []  # those of the run's own configuration last (the first loop forces from_scratch)
     for c in (cfg.replace({"model.from_scratch": True}), cfg):
         for t in ([task] if task else ["classification", "causal_lm"]):
             try:
@@ -40,14 +40,14 @@ def target_shapes(cfg) -> list[tuple[int, int]]:
                 errors.append(e)
                 continue
             return weight_shapes(model, info.target_modules)
-    # peftlab's own error names the setting and its fix (a missing tokenizer path, say): it beats the last attempt's
-    ours = [e for e in errors if isinstance(e, PeftlabError)]
-    if ours:
-        raise PeftlabError(f"budget matching needs the shapes of {cfg.model.name!r}'s target modules, and building the "
-                           f"model failed: {ours[0]}")
-    last = f"{type(errors[-1]).__name__}: {str(errors[-1]).splitlines()[0] if str(errors[-1]) else ''}" if errors else "no attempt"
+    # peftlab's own error of the run's configuration names the setting and its fix (a missing tokenizer path, say):
+    # it beats another head's error from the same attempt (a classifier model tried as a causal LM)
+    own = errors[len(errors) // 2:]
+    ours = [e for e in own if isinstance(e, PeftlabError)]
+    why = str(ours[0]) if ours else (f"{type(errors[-1]).__name__}: {str(errors[-1]).splitlines()[0] if str(errors[-1]) else ''}"
+                                     if errors else "no attempt")
     raise PeftlabError(f"budget matching needs the shapes of {cfg.model.name!r}'s target modules, and the model could not be "
-                       f"built here ({last}). Make the model available (hub access or a local copy), or set budget.match: none.")
+                       f"built here ({why}). Make the model available (hub access or a local copy), or set budget.match: none.")
 
 
 def reference_params(cfg, r: int, reference: str) -> int:
