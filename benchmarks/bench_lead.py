@@ -26,7 +26,8 @@ graphs, ``mode="reduce-overhead"``; peftlab: ``system.compile_mode=reduce-overhe
   GPT-2 ``model.base_dtype=float32`` (the earlier path; at 3B/8B the base stays bf16 so that the build takes
   seconds, the float32 base was measured before: BENCHMARKS.md); ``peftlab_chunked``: peftlab with
   ``system.fused_cross_entropy=chunked`` (its own kernel instead of Liger's); ``peftlab_nofce`` (the plain loss) and
-  ``peftlab_nofused`` (peft's unfused LoRA layers): one lever off at a time. A ``_c`` suffix compiles any peftlab side.
+  ``peftlab_nofused`` (peft's unfused LoRA layers): one lever off at a time. A ``_c`` suffix compiles any peftlab side;
+  ``_gcNN`` checkpoints only NN% of the blocks (``model.gradient_checkpointing_fraction``) at the shapes that checkpoint.
 
 Per case: ``--warmup`` then ``--steps`` timed steps (capped per shape), host clock around a device sync;
 peak memory = ``max_memory_allocated`` over the timed window; tokens/s; MFU = tokens/s x model FLOPs per
@@ -43,6 +44,7 @@ what is left is written as skipped. ``--quick`` runs every case on the CPU with 
     python benchmarks/bench_gpu.py --suite lead --part 1 --out DIR [--budget-s 420] [--only gpt2:hf,qwen3b:peftlab]
     python benchmarks/bench_gpu.py --suite lead --part 2 --out DIR
     python benchmarks/bench_gpu.py --suite lead --part 4 --out DIR        # each lever alone at 3B / 8B
+    python benchmarks/bench_gpu.py --suite lead --part 5 --out DIR        # the saved memory spent on less recomputation
     python benchmarks/bench_gpu.py --suite lead --part all --only qwen3b:peftlab:lora --lead-profile qwen3b:peftlab:lora --out DIR
     python benchmarks/bench_gpu.py --suite lead --out DIR --quick
 """
@@ -56,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import re
 import traceback
 import warnings
 from pathlib import Path
@@ -114,6 +117,13 @@ PLAN = [
     (4, "qwen3b", "hf", "lora", 18), (4, "qwen3b", "peftlab_nofce", "lora", 12, "nomb"), (4, "qwen3b", "peftlab_chunked", "lora", 22),
     (4, "qwen3b", "peftlab", "lora", 22), (4, "llama8b", "hf", "lora", 22, "nomb"), (4, "llama8b", "peftlab_nofce", "lora", 14, "nomb"),
     (4, "llama8b", "peftlab_chunked", "lora", 26, "nomb"), (4, "qwen3b", "hf", "dora", 12), (4, "qwen3b", "peftlab_chunked", "dora", 14),
+    # part 5: the memory the levers save, spent on less recomputation (model.gradient_checkpointing_fraction); the
+    # speed targets count at <= HF PEFT's peak on the same batch (qwen3b hf 13.9 GB, llama8b 22.7 GB in part 1)
+    (5, "qwen3b", "hf", "lora", 18, "nomb"), (5, "qwen3b", "peftlab_chunked", "lora", 22, "nomb"),
+    (5, "qwen3b", "peftlab_chunked_gc75", "lora", 22, "nomb"), (5, "qwen3b", "peftlab_chunked_gc50", "lora", 22, "nomb"),
+    (5, "qwen3b", "peftlab_chunked_gc25", "lora", 22, "nomb"), (5, "llama8b", "hf", "lora", 22, "nomb"),
+    (5, "llama8b", "peftlab_chunked_gc75", "lora", 26, "nomb"), (5, "llama8b", "peftlab_chunked_gc50", "lora", 26, "nomb"),
+    (5, "qwen3b", "hf", "dora", 12, "nomb"), (5, "qwen3b", "peftlab_chunked_gc50", "dora", 14, "nomb"),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 
@@ -391,6 +401,11 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
     raw["system"]["fused_cross_entropy"] = "auto"
     raw["model"]["base_dtype"] = "auto"
     lever = lever_set(side)  # peftlab_X_c / peftlab_X_cg: lever set X, compiled
+    gc = re.fullmatch(r"(.+)_gc(\d+)", lever)  # peftlab_X_gcNN: lever set X, NN% of the blocks checkpointed
+    if gc:
+        lever = gc.group(1)
+        if s["gc"]:
+            raw["model"]["gradient_checkpointing_fraction"] = int(gc.group(2)) / 100
     if lever == "peftlab_off":
         raw["lora"]["fused"] = "off"
         raw["system"]["fused_cross_entropy"] = "off"

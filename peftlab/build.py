@@ -232,20 +232,41 @@ def build_bare_base(cfg, task: str, num_labels: Optional[int], device=None) -> t
         hf_cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
         model = init_from_config(hf_cfg, task, bdt, device if bdt is not None else None, cpu_init=m.name in TINY_MODELS)
     if device is not None and cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing_fraction)
     return model
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, fraction: float = 1.0) -> None:
     """``model.gradient_checkpointing=true``: activation checkpointing in the non-reentrant form,
     which needs no input that requires grad (so it works with frozen bases and adapters) and
-    replays dropout's random state, so the numbers equal those without it."""
+    replays dropout's random state, so the numbers equal those without it.
+
+    ``fraction`` (``model.gradient_checkpointing_fraction``) < 1 leaves the other blocks without
+    checkpointing: ``round(fraction·L)`` of the ``L`` transformer blocks (at least one), spread evenly over the depth,
+    recompute; the rest keep their activations for the backward pass."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise PeftlabError(f"model.gradient_checkpointing=true but {type(model).__name__} does not support gradient checkpointing; "
                            "remove the setting or use a transformers model that does.")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # a KV cache is useless in training and incompatible with checkpointing
+    if fraction < 1.0:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not blocks:
+            raise PeftlabError(f"model.gradient_checkpointing_fraction={fraction} needs a model whose transformer blocks can be "
+                               f"checkpointed one by one (transformers' GradientCheckpointingLayer); {type(model).__name__} has "
+                               "none. Remove the fraction to checkpoint the whole model.")
+        chosen = checkpointed_blocks(len(blocks), fraction)
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i in chosen
+
+
+def checkpointed_blocks(n: int, fraction: float) -> set[int]:
+    """The indices of the ``round(fraction·n)`` blocks (at least one) that recompute, evenly spaced from block 0."""
+    k = min(n, max(1, round(fraction * n)))
+    return {(i * n) // k for i in range(k)}
 
 
 def make_method(cfg, task: str, target_modules: list[str], *, accelerator=None, train_batches=None, compute_loss=None,
@@ -309,7 +330,7 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
     bdt = base_dtype(cfg, dev)  # a contradictory model.base_dtype fails here, before the model is built
     model, tokenizer, info = build_base(cfg, task, num_labels, device=dev if bdt is not None else None)
     if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cfg.model.gradient_checkpointing_fraction)
     log.info(f"model {info.name} ({info.model_type}, {info.num_params:,} parameters, {info.source}); targets {info.target_modules}")
     built = Built(cfg=cfg, task=task, num_labels=num_labels, model=model, tokenizer=tokenizer, model_info=info, method=None, raw=raw)
     if data:

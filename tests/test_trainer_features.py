@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import free_port
 
@@ -180,12 +181,43 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, method):
               f"--method={method}", "--data.max_train_examples=40", "--data.max_val_examples=8", "--logging.progress_bar=false"]
     assert main(["train", *common, f"--output.dir={tmp_path / 'plain'}"]) == 0
     assert main(["train", *common, f"--output.dir={tmp_path / 'gc'}", "--model.gradient_checkpointing=true"]) == 0
-    losses = [[float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "loss_log.csv"))] for d in ("plain", "gc")]
-    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert main(["train", *common, f"--output.dir={tmp_path / 'half'}", "--model.gradient_checkpointing=true",
+                 "--model.gradient_checkpointing_fraction=0.5"]) == 0
+    losses = [[float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "loss_log.csv"))] for d in ("plain", "gc", "half")]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
     assert _results(tmp_path / "plain")["final"]["val_loss"] == pytest.approx(_results(tmp_path / "gc")["final"]["val_loss"], abs=1e-6)
     cfg = load_config(LM, {"model.gradient_checkpointing": True, "method": method, "output.dir": str(tmp_path / "x")})
     model = build(cfg, optimizer=False).model
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def test_gradient_checkpointing_fraction_recomputes_only_its_blocks(tmp_path):
+    """With a fraction, only round(f·L) blocks (evenly spread) run their forward again in the backward pass."""
+    from peftlab.build import build, checkpointed_blocks
+    from peftlab.config import load_config
+    from peftlab.errors import ConfigError
+
+    assert checkpointed_blocks(12, 0.5) == {0, 2, 4, 6, 8, 10} and checkpointed_blocks(36, 0.75) == {(i * 36) // 27 for i in range(27)}
+    assert checkpointed_blocks(2, 0.1) == {0} and checkpointed_blocks(4, 1.0) == {0, 1, 2, 3}
+    calls = {}
+    for frac in (1.0, 0.5):
+        cfg = load_config(LM, {"model.gradient_checkpointing": True, "model.gradient_checkpointing_fraction": frac,
+                               "output.dir": str(tmp_path / "x")})
+        model = build(cfg, optimizer=False, data=False, task="causal_lm").model
+        blocks = model.base_model.model.transformer.h
+        counts = [0] * len(blocks)
+        for i, b in enumerate(blocks):
+            # a submodule: the recompute calls the block's forward, not its hooks
+            b.mlp.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
+        model.train()
+        x = torch.randint(0, 100, (2, 16))
+        model(input_ids=x, labels=x).loss.backward()
+        calls[frac] = counts
+    assert len(calls[1.0]) == 2 and calls[1.0] == [2, 2] and calls[0.5] == [2, 1]
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing_fraction=0.5` has no effect without `model.gradient_checkpointing=true`"):
+        load_config(LM, {"model.gradient_checkpointing_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\], got 0.0"):
+        load_config(LM, {"model.gradient_checkpointing": True, "model.gradient_checkpointing_fraction": 0.0})
 
 
 def test_checkpoint_retention_and_best_without_optimizer_state(tmp_path):

@@ -24,6 +24,10 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub to run. Off unless you trust the repository.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of storing them (less memory, about a third more compute; same numbers).")
+    gradient_checkpointing_fraction: float = opt(
+        1.0, "With model.gradient_checkpointing: the share of the transformer blocks that recompute, spread evenly over the "
+        "depth (0.5 = every other block); the rest keep their activations. Spends memory a checkpointed run has to spare "
+        "on less recomputation (a faster step); same numbers. 1.0 = every block.")
     quantization: Literal["none", "nf4", "fp4", "int8"] = opt("none", "Load the frozen base quantized by bitsandbytes (QLoRA-style; through transformers' BitsAndBytesConfig): nf4 / fp4 = 4-bit, int8 = LLM.int8(); adapters and heads train in float32. For the LoRA-family methods. docs/quantization.md.")
     double_quant: bool = opt(True, "model.quantization=nf4/fp4: also quantize the 4-bit blocks' scales (QLoRA's double quantization, about 0.4 bit per weight less).")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "With model.quantization: the dtype the 4-bit weights are dequantized to for each matmul, and of the unquantized base tensors (embeddings, norms, head); auto = system.dtype's.")
@@ -42,6 +46,12 @@ class ModelConfig:
             p.append(f"`model.dropout` must be in [0, 1), got {self.dropout}.")
         if self.target_modules is not None and not self.target_modules:
             p.append("`model.target_modules` is an empty list; remove it to use the architecture default.")
+        if not 0.0 < self.gradient_checkpointing_fraction <= 1.0:
+            p.append(f"`model.gradient_checkpointing_fraction` must be in (0, 1], got {self.gradient_checkpointing_fraction} "
+                     "(the share of transformer blocks that recompute; turn checkpointing off with model.gradient_checkpointing=false).")
+        elif self.gradient_checkpointing_fraction != 1.0 and not self.gradient_checkpointing:
+            p.append(f"`model.gradient_checkpointing_fraction={self.gradient_checkpointing_fraction}` has no effect without "
+                     "`model.gradient_checkpointing=true`: set both, or remove the fraction.")
         return p
 
 

@@ -27,7 +27,8 @@ from ..options import build_section
 # that differ only in them are the same run to the study runner, and analysis never treats
 # them as a study's varying settings. docs/training.md lists them.
 VOLATILE = ("training.resume_from", "output.", "logging.", "training.save_steps", "training.save_total_limit",
-            "training.log_steps", "model.gradient_checkpointing", "system.num_threads")
+            "training.log_steps", "model.gradient_checkpointing", "model.gradient_checkpointing_fraction",
+            "system.num_threads")
 
 
 def is_volatile(key: str) -> bool:
