@@ -13,7 +13,9 @@ needs only ``W0 A^T`` (``d_out x r``) and the Gram matrix ``A A^T`` (``r x r``);
 
 ``lora.dora_norm`` chooses: ``peft`` keeps peft's layer, ``factored`` swaps in
 :class:`FactoredDoraLayer`, ``auto`` (default) uses ``factored`` on CUDA and ``peft`` on
-the CPU, so CPU runs keep the numbers they always had. The swap keeps the magnitude
+the CPU, so CPU runs keep the numbers they always had. On a quantized base (``model.quantization``) the 4-/8-bit
+weight is dequantized for ``W0 A^T`` as peft dequantizes it for ``W0 + s B A``, and ``||W0_i||^2`` of the
+dequantized weight is computed once. The swap keeps the magnitude
 ``Parameter`` and its state-dict key, so checkpoints, exports and merges are unchanged.
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .sora.layers import DoraLinearLayer, dora_output, dora_row_norm, w0_row_sq_norm
+from .sora.layers import DoraLinearLayer, base_weight, dora_output, dora_row_norm, w0_row_sq_norm
 
 
 class FactoredDoraLayer(DoraLinearLayer):
@@ -43,7 +45,7 @@ class FactoredDoraLayer(DoraLinearLayer):
         self.base_sq = w0_row_sq_norm(base_weight, self.fan_in_fan_out).to(self.base_sq.device)
 
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default", **kwargs):
-        weight = base_layer.weight
+        weight = base_weight(base_layer)  # a bitsandbytes base dequantized, as peft's layer does; W A^T needs no W + s B A
         norm = dora_row_norm(weight, lora_A.weight.detach(), lora_B.weight.detach(), None, scaling,
                              self.fan_in_fan_out, base_sq=self.base_sq)
         return dora_output(self, x, norm, lora_A, lora_B, scaling, base_layer, base_result)
@@ -72,6 +74,6 @@ def install_factored_dora(model: torch.nn.Module) -> int:
         for name in list(mod.lora_magnitude_vector.keys()):
             layer = mod.lora_magnitude_vector[name]
             if type(layer) is DoraLinearLayer:
-                mod.lora_magnitude_vector[name] = FactoredDoraLayer.from_dora(layer, mod.get_base_layer().weight)
+                mod.lora_magnitude_vector[name] = FactoredDoraLayer.from_dora(layer, base_weight(mod.get_base_layer()))
                 n += 1
     return n

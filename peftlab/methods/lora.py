@@ -229,8 +229,7 @@ class DoRA(LoRA):
     def apply(self, model, *args, **kwargs):
         model = super().apply(model, *args, **kwargs)
         acc = self.ctx.accelerator
-        quantized = self.cfg.model.quantization != "none"  # the factored norm needs W itself; peft's layer dequantizes
-        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu") and not quantized:
+        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu"):
             n = install_factored_dora(model)
             self.ctx.log.info(f"dora: factored row norm in {n} layer(s) (lora.dora_norm={self.cfg.lora.dora_norm})")
         return model
