@@ -69,6 +69,11 @@ def events(source: Path) -> list[dict]:
     return out
 
 
+def step_name(e: dict) -> str:
+    """The command of a study step's event (``analyze`` of ``analyze x --output-dir y``)."""
+    return str(e.get("step", "?")).split()[0]
+
+
 def phases(evs: list[dict]) -> tuple[dict[str, float], int, float]:
     """Seconds per phase over the completed runs and study steps, the runs completed, and the sweeps' wall time."""
     ph: dict[str, float] = {}
@@ -79,7 +84,7 @@ def phases(evs: list[dict]) -> tuple[dict[str, float], int, float]:
             for k, v in (e.get("phases") or {}).items():
                 ph[k] = ph.get(k, 0.0) + v
         elif e.get("event") in ("study_step", "before_step") and e.get("outcome") == "completed":
-            k = str(e.get("step", "?")).split()[0]
+            k = step_name(e)
             ph[k] = ph.get(k, 0.0) + float(e.get("duration_s") or 0.0)
     return ph, runs, sweep_wall(evs)[0]
 
@@ -99,7 +104,7 @@ def sweep_wall(evs: list[dict]) -> tuple[float, int]:
 
 
 def estimate_lines(est: dict, evs: list[dict]) -> list[str]:
-    """`peftlab estimate --json` against the measured duration of each run it estimated (its completed attempt in
+    """`peftlab estimate --json` against the measured duration of each run it estimated (all its recorded attempts in
     study.jsonl) and of the study steps; the ratio over the runs in both."""
     # a run's measured time: every attempt the sweeps recorded (a slice cut after training leaves a later
     # follow-ups-only attempt; an attempt killed by a wall limit before its `end` event is not recorded)
@@ -111,8 +116,7 @@ def estimate_lines(est: dict, evs: list[dict]) -> list[str]:
     steps: dict[str, float] = {}
     for e in evs:
         if e.get("event") == "study_step" and e.get("outcome") == "completed":
-            k = str(e.get("step", "?")).split()[0]
-            steps[k] = float(e.get("duration_s") or 0.0)  # the last sweep's, as the estimate times it once
+            steps[step_name(e)] = float(e.get("duration_s") or 0.0)  # the last sweep's, as the estimate times it once
     rows = [(r["name"], r["seconds"], measured[r["name"]]) for r in est.get("runs", [])
             if r.get("status") != "done" and r["name"] in measured and r["seconds"] > 0]
     rows += [(f"(study step: {s['name']})", s["seconds"], steps[s["name"]]) for s in est.get("study_steps", [])

@@ -31,21 +31,21 @@ def target_shapes(cfg) -> list[tuple[int, int]]:
             task, num_labels = raw.task, num_labels or raw.num_labels
         except PeftlabError:
             pass
-    errors: list[Exception] = []  # those of the run's own configuration last (the first loop forces from_scratch)
+    errors: list[tuple[bool, Exception]] = []  # (built with the run's own configuration, the error)
     for c in (cfg.replace({"model.from_scratch": True}), cfg):
         for t in ([task] if task else ["classification", "causal_lm"]):
             try:
                 model, _, info = load_model(c, t, num_labels or 2)
             except Exception as e:  # noqa: BLE001 - try the next way of building the shapes
-                errors.append(e)
+                errors.append((c is cfg, e))
                 continue
             return weight_shapes(model, info.target_modules)
     # peftlab's own error of the run's configuration names the setting and its fix (a missing tokenizer path, say):
     # it beats another head's error from the same attempt (a classifier model tried as a causal LM)
-    own = errors[len(errors) // 2:]
-    ours = [e for e in own if isinstance(e, PeftlabError)]
-    why = str(ours[0]) if ours else (f"{type(errors[-1]).__name__}: {str(errors[-1]).splitlines()[0] if str(errors[-1]) else ''}"
-                                     if errors else "no attempt")
+    ours = [e for own, e in errors if own and isinstance(e, PeftlabError)]
+    last = errors[-1][1] if errors else None
+    why = str(ours[0]) if ours else (f"{type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}"
+                                     if last is not None else "no attempt")
     raise PeftlabError(f"budget matching needs the shapes of {cfg.model.name!r}'s target modules, and the model could not be "
                        f"built here ({why}). Make the model available (hub access or a local copy), or set budget.match: none.")
 

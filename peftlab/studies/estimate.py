@@ -291,7 +291,7 @@ def estimate_record(rows: list[dict], slots: int = 1) -> dict[str, Any]:
         runs.append(rec)
     total = sum(r["seconds"] for r in rows)
     study_s = sum(s["seconds"] for s in steps)
-    return {"runs": runs, "study_steps": steps, "total_s": total, "slots": slots,
+    return {"runs": runs, "study_steps": steps, "total_s": total, "slots": slots,  # the study steps run once, after every run
             "wall_s": (total - study_s) / max(slots, 1) + study_s, "time": time.time()}
 
 
@@ -315,9 +315,8 @@ def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
         print(f"{r['name']:<{w}} : {left:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {fmt_duration(r['seconds']):>10}"
               + (f"   (resumes at step {done})" if done else "") + (f"   (train {fmt_duration(r['seconds'] - p.followups_total)}, {fu})" if fu else ""),
               file=out)
-    total = sum(r["seconds"] for r in rows)
-    study_s = sum(r["seconds"] for r in rows if r.get("study_step"))
-    wall = (total - study_s) / max(slots, 1) + study_s  # the study steps run once, after every run
+    rec = estimate_record(rows, slots)
+    total, wall = rec["total_s"], rec["wall_s"]
     print("-" * (w + 44), file=out)
     print(f"{'TOTAL':<{w}} : {'':>28}   ~ {fmt_duration(total):>10}" + (f" ({fmt_duration(wall)} on {slots} slots)" if slots > 1 else ""), file=out)
     print(f"Expected completion if started now: {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(time.time() + wall))}", file=out)
