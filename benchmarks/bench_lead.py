@@ -124,6 +124,8 @@ PLAN = [
     (5, "qwen3b", "peftlab_chunked_gc25", "lora", 22, "nomb"), (5, "llama8b", "hf", "lora", 22, "nomb"),
     (5, "llama8b", "peftlab_chunked_gc75", "lora", 26, "nomb"), (5, "llama8b", "peftlab_chunked_gc50", "lora", 26, "nomb"),
     (5, "qwen3b", "hf", "dora", 12, "nomb"), (5, "qwen3b", "peftlab_chunked_gc50", "dora", 14, "nomb"),
+    (5, "qwen3b", "peftlab_chunked_gc75", "dora", 14, "nomb"), (5, "llama8b", "hf", "dora", 16, "nomb"),
+    (5, "llama8b", "peftlab_chunked_gc75", "dora", 18, "nomb"), (5, "llama8b", "peftlab_chunked_gc50", "dora", 18, "nomb"),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_shapes as gs  # noqa: E402  (the Qwen2.5-3B spec, peftlab's timed Trainer run)
 from _common import hf_config, peak_mb, timed_loop, write_token_bins, write_word_tokenizer  # noqa: E402
+from bench_lead import make_profiler, profile_report  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -117,7 +118,7 @@ def bnb_4bit(dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 
 
-def run_hf(s: dict, kind: str, folder: Path, dev: torch.device, warmup: int, steps: int) -> dict:
+def run_hf(s: dict, kind: str, folder: Path, dev: torch.device, warmup: int, steps: int, profiler=None) -> dict:
     """HF PEFT + bitsandbytes prepared the hand-written way (module docstring)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -146,7 +147,9 @@ def run_hf(s: dict, kind: str, folder: Path, dev: torch.device, warmup: int, ste
         opt.zero_grad(set_to_none=True)
         return loss
 
-    t = timed_loop(step, warmup, steps, dev)
+    t = timed_loop(step, warmup, steps, dev, at_start=profiler.__enter__ if profiler is not None else None)
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
     fp32 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32 and not p.requires_grad)
     out = {"step_ms": 1e3 * t["seconds"] / steps, "peak_mb": peak_mb(dev), "last_loss": float(t["last"].detach()), "load_s": load_s,
            "trainable": sum(p.numel() for p in params), "frozen_fp32_params": fp32}
@@ -155,7 +158,8 @@ def run_hf(s: dict, kind: str, folder: Path, dev: torch.device, warmup: int, ste
     return out
 
 
-def run_peftlab(s: dict, kind: str, folder: Path, data: dict, run_dir: Path, dev: torch.device, warmup: int, steps: int) -> dict:
+def run_peftlab(s: dict, kind: str, folder: Path, data: dict, run_dir: Path, dev: torch.device, warmup: int, steps: int,
+                profiler=None) -> dict:
     spec = {"method": kind, "compile": False, "extra": {
         "model.from_scratch": False, "model.quantization": "nf4", "model.double_quant": True, "model.target_modules": TARGETS,
         "system.fused_cross_entropy": "auto"}}
@@ -164,7 +168,7 @@ def run_peftlab(s: dict, kind: str, folder: Path, data: dict, run_dir: Path, dev
     gspec = {"task": "causal_lm", "batch": s["batch"], "seq": s["seq"], "r": 16, "alpha": 32, "targets": TARGETS,
              "gradient_checkpointing": True}
     t0 = time.perf_counter()
-    out = gs.run_peftlab(gspec, spec, data, str(folder), run_dir, dev, warmup, steps)
+    out = gs.run_peftlab(gspec, spec, data, str(folder), run_dir, dev, warmup, steps, profiler=profiler)
     out["load_s"] = time.perf_counter() - t0 - out["step_ms"] * steps / 1e3  # build + the untimed steps, roughly
     return out
 
@@ -179,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy-size shapes (CPU check of the code path)")
+    p.add_argument("--profile", action="store_true",
+                   help="run the timed steps under torch.profiler; the top kernels of each case go to OUT/profile_<shape>_<kind>_<side>.txt")
     p.add_argument("--workdir", default=None, help="where the bf16 models, data and runs go (default: a temporary folder)")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -210,12 +216,15 @@ def main(argv=None) -> int:
             for side in a.sides.split(","):
                 row = {"shape": name, "kind": kind, "side": side, "batch": s["batch"], "seq": s["seq"], "warmup": a.warmup,
                        "steps": a.steps, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+                prof = make_profiler(dev) if a.profile else None
                 try:
                     if side == "hf":
-                        r = run_hf(s, kind, folder, dev, a.warmup, a.steps)
+                        r = run_hf(s, kind, folder, dev, a.warmup, a.steps, profiler=prof)
                     else:
-                        r = run_peftlab(s, kind, folder, data, work / "runs" / f"{name}_{kind}", dev, a.warmup, a.steps)
+                        r = run_peftlab(s, kind, folder, data, work / "runs" / f"{name}_{kind}", dev, a.warmup, a.steps, profiler=prof)
                     r["tok_s"] = s["batch"] * s["seq"] / (r["step_ms"] / 1e3)
+                    if prof is not None:  # profiled steps run slower: their step_ms is not a speed figure
+                        r.update(profile_report(prof, a.steps, out / f"profile_{name}_{kind}_{side}.txt"))
                     row.update(r)
                 except Exception as e:  # noqa: BLE001  one failing case must not stop the others
                     row.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])

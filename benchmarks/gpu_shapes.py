@@ -296,8 +296,10 @@ def peftlab_config(s: dict, spec: dict, data: dict, model_name: str, run_dir: Pa
     return config_from_dict(raw)
 
 
-def run_peftlab(s: dict, spec: dict, data: dict, model_name: str, run_dir: Path, dev: torch.device, warmup: int, steps: int) -> dict:
-    """peftlab's ``Trainer`` (the ``train`` path), timed between optimizer steps ``warmup`` and ``warmup + steps``."""
+def run_peftlab(s: dict, spec: dict, data: dict, model_name: str, run_dir: Path, dev: torch.device, warmup: int, steps: int,
+                profiler=None) -> dict:
+    """peftlab's ``Trainer`` (the ``train`` path), timed between optimizer steps ``warmup`` and ``warmup + steps``
+    (under ``profiler``, a ``torch.profiler.profile``, when one is given)."""
     from peftlab.train.loop import Trainer
 
     cfg = peftlab_config(s, spec, data, model_name, run_dir, dev, warmup, steps)
@@ -307,7 +309,8 @@ def run_peftlab(s: dict, spec: dict, data: dict, model_name: str, run_dir: Path,
     model = trainer.unwrapped()
     targets = sorted({n.split(".lora_A.")[0].split(".")[-1] for n, _ in model.named_parameters() if ".lora_A." in n})
     frozen = next((p for p in model.parameters() if not p.requires_grad), None)
-    mark = time_trainer_steps(trainer, dev, warmup, steps)
+    mark = time_trainer_steps(trainer, dev, warmup, steps, at_start=profiler.__enter__ if profiler is not None else None,
+                              at_end=(lambda: profiler.__exit__(None, None, None)) if profiler is not None else None)
     res = trainer.run()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     out = {"step_ms": 1e3 * (mark["t1"] - mark["t0"]) / steps, "peak_mb": mark["peak"],

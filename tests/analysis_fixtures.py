@@ -181,8 +181,13 @@ def make_budget_study(root: Path, seeds=SEEDS, dataset: str = "sst2-sample", acc
 SPARSE_LAMBDAS = (0.1, 0.3, 0.5)
 
 
-def make_sparse_study(root: Path, seeds=(42,)) -> Path:
-    mods = {m.replace("bert.encoder.", ""): None for m in MODULES}
+QWEN_05B_MODULES = [f"model.layers.{i}.self_attn.{k}" for i in range(24) for k in ("q_proj", "k_proj", "v_proj", "o_proj")]
+
+
+def make_sparse_study(root: Path, seeds=(42,), modules=None) -> Path:
+    """SoRA at three λ beside LoRA and DoRA; ``modules``: the adapted modules (default: 2 BERT layers x
+    query/value; QWEN_05B_MODULES for the 96 of the gpu scale)."""
+    mods = {m.replace("bert.encoder.", ""): None for m in (modules or MODULES)}
     for seed in seeds:
         write_run(root / f"lora_seed{seed}", "lora", {"training.seed": seed, "lora.r": 16}, task="causal_lm",
                   final={"train_loss": 2.0, "val_loss": 2.2, "val_perplexity": 9.03}, trainable=4096)

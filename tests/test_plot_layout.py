@@ -21,7 +21,8 @@ from peftlab.analysis.layout import layout_problems  # noqa: E402
 from peftlab.analysis.plots import PLOTS, PlotContext, make_plots  # noqa: E402
 
 STUDIES = {"subspace": lambda p: F.make_subspace_study(p, seeds=(42, 123)), "budget": F.make_budget_study,
-           "sparse": F.make_sparse_study, "projection": F.make_projection_study, "compare": F.make_compare_study}
+           "sparse": F.make_sparse_study, "sparse_24_layers": lambda p: F.make_sparse_study(p, modules=F.QWEN_05B_MODULES),
+           "projection": F.make_projection_study, "compare": F.make_compare_study}
 
 
 class CheckingContext(PlotContext):
@@ -96,6 +97,11 @@ def test_the_checker_sees_overlap_linear_axes_and_legend_lies():
     assert "text overlaps: axes 0 text 'A label' and axes 0 text 'A label'" in text
     assert "'never drawn' shows marker '^'" in text
     assert "hollow = trainable" not in text  # a hollow square is drawn
+    assert "in wide" not in text
+    wide = plt.figure(figsize=(14, 2))
+    wide.add_subplot().plot([0, 1], [0, 1])
+    assert any("in wide, more than 11 in" in p for p in layout_problems(wide))
+    plt.close(wide)
 
 
 if __name__ == "__main__":  # print every problem, for a person fixing plots: python tests/test_plot_layout.py DIR

@@ -5,6 +5,7 @@
 - two pieces of text overlap (titles, axis labels, tick labels, offset texts such as "1e7",
   annotations, legends taken as one box, the suptitle), measured by ``get_window_extent``;
 - an axis whose plotted values span more than two decades is linear (it should be logarithmic);
+- the figure is wider than a landscape page (11 in), so printing shrinks its text below reading size;
 - a legend entry shows a marker style (marker and hollow/filled) that no drawn artist has, or a
   text speaks of "hollow" markers when none is drawn.
 
@@ -24,6 +25,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
 DECADES = 2.0  # an axis spanning more than this many decades of positive values must be logarithmic
+MAX_WIDTH_IN = 11.0  # a landscape page's width: a wider figure is shrunk until its text cannot be read
 TOLERANCE_PX = 0.5  # boxes that only touch (anti-aliasing, rounding) are not an overlap
 
 
@@ -196,7 +198,13 @@ def legend_lies(fig) -> list[str]:
     return out
 
 
+def too_wide(fig) -> list[str]:
+    """A figure wider than a landscape page's text (at the size it is saved) shrinks its text below reading size."""
+    w = fig.get_tightbbox(fig.canvas.get_renderer()).width  # inches, what bbox_inches="tight" saves
+    return [f"figure is {w:.1f} in wide, more than {MAX_WIDTH_IN:g} in: it cannot be printed at a readable size"] if w > MAX_WIDTH_IN else []
+
+
 def layout_problems(fig) -> list[str]:
     """Every problem of a figure (see the module docstring); an empty list when it is fit to print."""
     fig.canvas.draw()
-    return overlapping_texts(fig) + linear_wide_axes(fig) + legend_lies(fig)
+    return overlapping_texts(fig) + linear_wide_axes(fig) + legend_lies(fig) + too_wide(fig)

@@ -113,6 +113,11 @@ def _wide(values) -> bool:
     return bool(len(v)) and bool((v > 0).all()) and v.max() / v.min() > 100
 
 
+def _count_ticks(axis) -> None:
+    """A linear axis of counts labelled "2.16M" / "150k", not "2.16" beside a "1e6" offset text."""
+    axis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
+
+
 def _log_x(ax, values) -> None:
     """Log-scaled x axis with a few plain-number ticks, also when the data spans less than a decade."""
     ax.set_xscale("log")
@@ -400,43 +405,62 @@ def ranks_of_run(run) -> dict[str, int]:
     return {}
 
 
-def plot_rank_heatmap(ctx: PlotContext) -> list[str]:
-    panels = []
-    for grp in ctx.agg.itertuples():
-        mats = []
-        for name in grp.runs:
-            ranks = ranks_of_run(ctx.study.run(name))
-            if ranks:
-                mats.append(pd.Series(ranks))
-        if mats:
-            mean = pd.concat(mats, axis=1).mean(axis=1)
-            panels.append((grp.label, grp.arm, mean, len(mats)))
-    if not panels:
-        raise Skip("no per-module ranks (allocation.json of BA-LoRA or SoRA runs)")
-    shown = panels[:6]
-    ncol = min(len(shown), 2)
-    nrow = math.ceil(len(shown) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.4 * nrow + 0.5), squeeze=False, layout="constrained")
-    vmax = max(float(p[2].max()) for p in shown)
+def _kind_by_layer(values: pd.Series) -> pd.DataFrame:
+    """Per-module values as a (projection kind x layer) table; modules without a layer number go to column -1."""
+    tab = pd.DataFrame({"layer": [layer_of(m) for m in values.index], "kind": [module_kind(m) for m in values.index],
+                        "v": values.values})
+    tab["layer"] = tab["layer"].fillna(-1).astype(int)
+    return tab.pivot_table(index="kind", columns="layer", values="v")
+
+
+def _layer_panels(panels: list[tuple[str, str, pd.DataFrame]], ctx: PlotContext, *, cmap: str, vmin: float, vmax: float,
+                  fmt, colorbar: str, title: str, dark_above: Optional[float] = None):
+    """One heatmap per arm (rows: projection kind, columns: layer), a shared colour bar, cells annotated.
+
+    Sized by the number of layers: a cell is at least 0.3 in wide (room for "100" at 6.5 pt), panels side by side
+    only while two fit a page, and every other layer labelled past 16 layers (tick labels never overlap)."""
+    n_layers = max(m.shape[1] for _, _, m in panels)
+    n_kinds = max(m.shape[0] for _, _, m in panels)
+    panel_w = max(3.6, 0.3 * n_layers + 1.2)
+    ncol = 2 if len(panels) > 1 and panel_w <= 5.0 else 1
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(panel_w * ncol + 0.8, (0.3 * n_kinds + 1.1) * nrow + 0.5), squeeze=False,
+                             layout="constrained")
     im = None
-    for ax, (label, arm, ranks, n) in zip(axes.flat, shown):
-        tab = pd.DataFrame({"layer": [layer_of(m) for m in ranks.index], "kind": [module_kind(m) for m in ranks.index],
-                            "rank": ranks.values})
-        tab["layer"] = tab["layer"].fillna(-1).astype(int)
-        mat = tab.pivot_table(index="kind", columns="layer", values="rank")
-        im = ax.imshow(mat.values, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+    step = 2 if n_layers > 16 else 1
+    for ax, (label, arm, mat) in zip(axes.flat, panels):
+        im = ax.imshow(mat.values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.grid(False)
         for (i, j), v in np.ndenumerate(mat.values):
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=6.5, color="white" if v < 0.6 * vmax else "black")
-        ax.set_xticks(range(mat.shape[1]), [str(c) if c >= 0 else "other" for c in mat.columns])
+                dark = v > dark_above if dark_above is not None else v < 0.6 * vmax
+                ax.text(j, i, fmt(v), ha="center", va="center", fontsize=6.5 if n_layers <= 16 else 6,
+                        color="white" if dark else "black")
+        cols = list(mat.columns)
+        ax.set_xticks(range(0, len(cols), step), [str(c) if c >= 0 else "other" for c in cols[::step]])
         ax.set_yticks(range(mat.shape[0]), [k.rsplit(".", 1)[-1] for k in mat.index])
         ax.set_xlabel("layer")
-        ax.set_title(f"{label}" + (f"\n(mean of {n} seeds)" if n > 1 else ""), color=ctx.colour(arm))
-    for ax in list(axes.flat)[len(shown):]:
+        ax.set_title(label, color=ctx.colour(arm))
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
-    fig.colorbar(im, ax=axes, label="rank per module", fraction=0.04, pad=0.02)
-    fig.suptitle("Rank allocation (modules × layers)")
+    fig.colorbar(im, ax=axes, label=colorbar, fraction=0.04, pad=0.02)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_rank_heatmap(ctx: PlotContext) -> list[str]:
+    panels = []
+    for grp in ctx.agg.itertuples():
+        mats = [pd.Series(r) for r in (ranks_of_run(ctx.study.run(name)) for name in grp.runs) if r]
+        if mats:
+            mean = pd.concat(mats, axis=1).mean(axis=1)
+            label = grp.label + (f" (mean of {len(mats)} seeds)" if len(mats) > 1 else "")
+            panels.append((label, grp.arm, _kind_by_layer(mean)))
+    if not panels:
+        raise Skip("no per-module ranks (allocation.json of BA-LoRA or SoRA runs)")
+    vmax = max(float(np.nanmax(m.values)) for _, _, m in panels[:6])
+    fig = _layer_panels(panels[:6], ctx, cmap="viridis", vmin=0, vmax=vmax, fmt=lambda v: f"{v:.3g}",
+                        colorbar="rank per module", title="Rank allocation (modules × layers)")
     return [ctx.save(fig, "rank_allocation_heatmap")]
 
 
@@ -461,6 +485,8 @@ def plot_performance(ctx: PlotContext) -> list[str]:
     if len(x) and x.max() / max(x.min(), 1) > 20:
         ax.set_xscale("log")
         ax.margins(x=0.08)
+    else:
+        _count_ticks(ax.xaxis)
     if ctx.baseline and m in ctx.baseline:
         ax.axhline(ctx.baseline[m], ls=":", color="0.3", lw=1, label=f"majority class ({ctx.baseline[m]:.3f})")
     ax.set_xlabel("trainable parameters (count)")
@@ -613,34 +639,20 @@ def plot_sparsity_over_steps(ctx: PlotContext) -> list[str]:
         if c["std"].notna().any():
             ax.fill_between(c["step"], 100 * (c["mean"] - c["std"]), 100 * (c["mean"] + c["std"]), color=col, alpha=0.12, lw=0)
     ax.set(xlabel="optimizer step", ylabel="pruned gate entries (%)", title="Sparsity over training (per λ)")
-    _legend(ax, loc="best")
+    _legend(ax, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: inside, "best" still lands on a curve
     return [ctx.save(fig, "sparsity_over_steps")]
 
 
 def plot_layer_sparsity(ctx: PlotContext) -> list[str]:
-    rows = {}
+    panels = []
     for g in ctx.agg.itertuples():
-        vals = [module_sparsity(ctx.study.run(n)) for n in g.runs]
-        vals = [v for v in vals if v]
+        vals = [v for v in (module_sparsity(ctx.study.run(n)) for n in g.runs) if v]
         if vals:
-            rows[g.label] = pd.DataFrame(vals).mean()
-    if not rows:
+            panels.append((g.label, g.arm, 100 * _kind_by_layer(pd.DataFrame(vals).mean())))
+    if not panels:
         raise Skip("no per-module sparsity (sparsity_log.csv or module_metrics.csv)")
-    mat = pd.DataFrame(rows).T
-    cols = sorted(mat.columns, key=lambda m: (layer_of(m) if layer_of(m) is not None else 1e9, module_kind(m)))
-    mat = mat[cols]
-    short = [f"L{layer_of(m)} {module_kind(m).rsplit('.', 1)[-1]}" if layer_of(m) is not None else m for m in cols]
-    fig, ax = plt.subplots(figsize=(max(3.6, 0.38 * len(cols) + 1.8), 0.36 * len(mat) + 1.4))
-    im = ax.imshow(100 * mat.values, cmap="magma_r", vmin=0, vmax=100, aspect="auto")
-    ax.grid(False)
-    for (i, j), v in np.ndenumerate(mat.values):
-        if np.isfinite(v):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6.5, color="white" if v > 0.5 else "black")
-    ax.set_xticks(range(len(cols)), short, rotation=60, ha="right")
-    ax.set_yticks(range(len(mat)), list(mat.index))
-    ax.set_xlabel("adapted module (layer, projection)")
-    ax.set_title("Final sparsity per module (% pruned)")
-    fig.colorbar(im, ax=ax, label="pruned (%)", fraction=0.04, pad=0.02)
+    fig = _layer_panels(panels, ctx, cmap="magma_r", vmin=0, vmax=100, fmt=lambda v: f"{v:.0f}", colorbar="pruned (%)",
+                        title="Final sparsity per module (% of gate entries pruned)", dark_above=50)
     return [ctx.save(fig, "layer_sparsity_heatmap")]
 
 
@@ -671,6 +683,8 @@ def plot_metric_vs_effective(ctx: PlotContext) -> list[str]:
     if _wide(x):
         ax.set_xscale("log")
         ax.margins(x=0.08)
+    else:
+        _count_ticks(ax.xaxis)
     ax.set(xlabel="effective parameters (count" + (", log scale)" if _wide(x) else ")"), ylabel=_metric_label(m),
            title=f"{_metric_label(m)} vs effective parameters")
     h, labels = ax.get_legend_handles_labels()
