@@ -70,7 +70,13 @@ echo "study dir $SD; sweep wall limit ${left}s"
 timeout --signal=INT --kill-after=20 "$left" python3 -m peftlab sweep "$YAML" --preset-scale=gpu --gpus 0 >> "$DEST/sweep.txt" 2>&1
 rc=$?
 wall=$(( $(date +%s) - T0 ))
-[ "$rc" = 124 ] && echo "wall limit reached after ${wall}s: call again to go on (finished runs are skipped)" | tee -a "$DEST/sweep.txt"
+if [ "$rc" = 124 ]; then
+  if tail -1 "$DEST/sweep.txt" | grep -q "^==== TOTAL: .* 0 failed"; then  # cut while exiting, after its last line
+    rc=0; echo "the sweep finished (its TOTAL line above); the wall limit only cut its exit" | tee -a "$DEST/sweep.txt"
+  else
+    echo "wall limit reached after ${wall}s: call again to go on (finished runs are skipped)" | tee -a "$DEST/sweep.txt"
+  fi
+fi
 
 cp -f "$SD/study.log" "$SD/study.jsonl" "$DEST/" 2>/dev/null
 if [ -d "$SD/analysis" ]; then rm -rf "$DEST/analysis"; cp -r "$SD/analysis" "$DEST/analysis"; fi
