@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.dora_norm import FactoredDoraLayer, install_factored_dora, use_factored
@@ -44,6 +45,59 @@ def test_factored_norm_equals_dense_norm_float64(fan_in_fan_out, r):
     # a wrong cross-term sign or scale would be far off
     wrong = dora_row_norm(W, A, -B, None, s, fan_in_fan_out, base_sq=w0_row_sq_norm(W, fan_in_fan_out))
     assert not torch.allclose(wrong, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_few_kernel_norm_equals_dense_norm_float64(fan_in_fan_out, gated):
+    """The GPU form (one addmm for both update terms, in place) against the dense norm and the CPU form."""
+    g = torch.Generator().manual_seed(3 + 2 * gated + fan_in_fan_out)
+    d_out, d_in, r, s = 41, 19, 8, 0.9
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    W = W.T.contiguous() if fan_in_fan_out else W
+    A = torch.randn(r, d_in, generator=g, dtype=torch.float64)
+    B = torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    gate = torch.randn(r, generator=g, dtype=torch.float64) if gated else None
+    ref = _dense_norm(W, A, B * gate if gated else B, s, fan_in_fan_out)
+    base_sq = w0_row_sq_norm(W, fan_in_fan_out)
+    few = dora_row_norm(W, A, B, gate, s, fan_in_fan_out, base_sq=base_sq, few_kernels=True)
+    torch.testing.assert_close(few, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(few, dora_row_norm(W, A, B, gate, s, fan_in_fan_out, base_sq=base_sq, few_kernels=False),
+                               rtol=1e-12, atol=1e-12)
+    assert base_sq.equal(w0_row_sq_norm(W, fan_in_fan_out))  # the in-place finish leaves the cached norm alone
+    f32 = dora_row_norm(W.float(), A.float(), B.float(), None if gate is None else gate.float(), s, fan_in_fan_out,
+                        few_kernels=True)
+    torch.testing.assert_close(f32.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_few_kernel_dora_output_equals_four_pass_form(dtype):
+    """dora_output's addcmul form: the same values and gradients (magnitude, A, B, input) as the four-pass form."""
+    from peftlab.methods.sora.layers import dora_output
+
+    def run(few):
+        g = torch.Generator().manual_seed(0)
+        d_in, d_out, r, s = 12, 10, 4, 1.5
+        base = nn.Linear(d_in, d_out, bias=True).to(dtype)
+        lora_A, lora_B = nn.Linear(d_in, r, bias=False).to(dtype), nn.Linear(r, d_out, bias=False).to(dtype)
+        mag = nn.Module()
+        mag.weight = nn.Parameter(torch.rand(d_out, generator=g, dtype=dtype) + 0.5)
+        mag.fan_in_fan_out = False
+        with torch.no_grad():
+            for m in (base, lora_A, lora_B):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=dtype))
+            base.bias.copy_(torch.randn(d_out, generator=g, dtype=dtype))
+        x = torch.randn(3, 5, d_in, generator=g, dtype=dtype, requires_grad=True)
+        norm = dora_row_norm(base.weight, lora_A.weight.detach(), lora_B.weight.detach(), None, s)
+        out = dora_output(mag, x, norm, lora_A, lora_B, s, base, base_result=base(x), few_kernels=few)
+        out.pow(2).sum().backward()
+        return out.detach(), [t.grad for t in (mag.weight, lora_A.weight, lora_B.weight, x)]
+
+    (o1, g1), (o0, g0) = run(True), run(False)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o1, o0, **tol)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def _tiny_dora(fan_in_fan_out: bool):

@@ -46,8 +46,9 @@ class FactoredDoraLayer(DoraLinearLayer):
 
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default", **kwargs):
         weight = base_weight(base_layer)  # a bitsandbytes base dequantized, as peft's layer does; W A^T needs no W + s B A
+        # the norm in the magnitude's dtype (float32), as the fused path keeps it: no bf16 round trip of a ratio near 1
         norm = dora_row_norm(weight, lora_A.weight.detach(), lora_B.weight.detach(), None, scaling,
-                             self.fan_in_fan_out, base_sq=self.base_sq)
+                             self.fan_in_fan_out, base_sq=self.base_sq, out_dtype=self.weight.dtype)
         return dora_output(self, x, norm, lora_A, lora_B, scaling, base_layer, base_result)
 
     def __repr__(self) -> str:
