@@ -126,6 +126,9 @@ PLAN = [
     (5, "qwen3b", "hf", "dora", 12, "nomb"), (5, "qwen3b", "peftlab_chunked_gc50", "dora", 14, "nomb"),
     (5, "qwen3b", "peftlab_chunked_gc75", "dora", 14, "nomb"), (5, "llama8b", "hf", "dora", 16, "nomb"),
     (5, "llama8b", "peftlab_chunked_gc75", "dora", 18, "nomb"), (5, "llama8b", "peftlab_chunked_gc50", "dora", 18, "nomb"),
+    # the fractions that should land at HF's peak (0.36 GB per uncheckpointed 3B block, 2026-12-04): the targets' condition
+    (5, "qwen3b", "peftlab_chunked_gc60", "lora", 22, "nomb"), (5, "qwen3b", "peftlab_chunked_gc60", "dora", 14, "nomb"),
+    (5, "llama8b", "peftlab_chunked_gc80", "dora", 18, "nomb"),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 

@@ -44,7 +44,7 @@ def test_plan_names_known_shapes_sides_and_methods():
     from peftlab.methods import METHODS
 
     levers = {"peftlab", "peftlab_off", "peftlab_chunked", "peftlab_nofce", "peftlab_nofused"}
-    levers |= {f"peftlab_chunked_gc{n}" for n in (25, 50, 75)}
+    levers |= {f"peftlab_chunked_gc{n}" for n in (25, 50, 60, 75, 80)}
     sides = {"hf", "hf_c", "hf_cg", "liger", "unsloth"} | levers | {f"{x}_c" for x in levers} | {f"{x}_cg" for x in levers}
     for part, shape, side, method, est, *opts in bench_lead.PLAN:
         assert part in (1, 2, 3, 4, 5) and shape in bench_lead.SHAPES and side in sides and method in METHODS and est > 0 and opts in ([], ["nomb"])
