@@ -209,6 +209,29 @@ def test_hypotheses_stated_with_numbers(analysed):
     assert r4.numbers["p"] == pytest.approx(0.0742, abs=2e-3) and r4.verdict == "not supported"
 
 
+def test_sparsity_and_its_cost_rise_with_lambda(tmp_path):
+    """Seed 003's λ table as checks S1/S2: sparsity and val_loss both rise with λ in the fixture (λ (1 + i/n) and
+    2.2 + λ), a perfect order of 3 λ x 3 seeds (Kendall τ_b = 1 with ties); one seed or no pruning: inconclusive."""
+    from peftlab.analysis.hypotheses import sparsity_with_strength
+    from peftlab.analysis.plots import PlotContext
+
+    def findings(name, **kw):
+        F.make_sparse_study(tmp_path / name, **kw)
+        study = collect(tmp_path / name)
+        return {f.hypothesis[:2]: f for f in sparsity_with_strength(PlotContext(study, aggregate(study), tmp_path))}
+
+    three = findings("three", seeds=(42, 123, 999))
+    assert set(three) == {"S1", "S2"}  # SoRA only: LoRA and DoRA have no λ
+    for f in three.values():
+        assert f.verdict == "supported" and f.numbers["kendall_tau"] == pytest.approx(1.0) and f.numbers["p"] < 0.01
+        assert f.numbers["strengths"] == [0.1, 0.3, 0.5] and f.numbers["n_runs"] == 9
+    assert three["S1"].numbers["sparsity"] == sorted(three["S1"].numbers["sparsity"]) and "λ = 0.5: 72.9% pruned" in three["S1"].text
+    one = findings("one", seeds=(42,))
+    assert all(f.verdict == "inconclusive" and "too few seeds" in f.text for f in one.values())
+    none = findings("none", seeds=(42, 123, 999), prune_scale=0.001)  # at most 0.07% pruned
+    assert all(f.verdict == "inconclusive" and "too little pruning" in f.text for f in none.values())
+
+
 def test_ba_lora_paired_with_lora_of_the_same_dataset(tmp_path):
     from peftlab.analysis.hypotheses import equal_budget
     from peftlab.analysis.plots import PlotContext

@@ -263,7 +263,70 @@ def beats_rival(ctx: PlotContext, cls: type, rival: type) -> list[Finding]:
     return out
 
 
-CHECKS = [fixed_vs_uniform, gammas_differ, gamma_depth_trend, equal_budget]
+MIN_PRUNED = 0.01  # below this share of pruned gate entries at every strength, the strengths cannot be compared
+
+
+def sparsity_with_strength(ctx: PlotContext) -> list[Finding]:
+    """S1/S2 (seed 003's λ table): for each method with a ``sparsity_strength`` key (SoRA's λ), a larger strength
+    prunes more (Kendall τ between strength and the final sparsity over all runs) and costs quality (τ between
+    strength and the main metric, sign-adjusted so that a positive τ means worse), within one data/model setting."""
+    df = ctx.done
+    metric = ctx.study.main_metric
+    higher = metric in ("val_accuracy", "val_f1")
+    out = []
+    for cls in METHODS.values():
+        key = getattr(cls, "sparsity_strength", None)
+        if key is None or "method" not in df or cls.name not in set(df["method"]):
+            continue
+        rows = df[df["method"] == cls.name]
+        if key not in rows or "summary.sparsity" not in rows:
+            continue
+        rows = rows.dropna(subset=[key, "summary.sparsity"])
+        ctx_keys = [k for k in _context_keys(ctx.study) if k in rows]
+        for _, grp in (rows.groupby(ctx_keys, dropna=False) if ctx_keys else [(None, rows)]):
+            strengths = sorted(grp[key].astype(float).unique())
+            if len(strengths) < 2:
+                continue
+            sym = cls.short_names.get(key, key)
+            seeds = int(grp.groupby(key)["seed"].nunique().min()) if "seed" in grp else 1
+            per = grp.groupby(key).agg(sparsity=("summary.sparsity", "mean"),
+                                       **({"metric": (metric, "mean")} if metric in grp else {}))
+            listing = "; ".join(f"{sym} = {lam:g}: {100 * r.sparsity:.3g}% pruned"
+                                + (f", {metric} {r.metric:.4g}" if "metric" in per else "") for lam, r in per.iterrows())
+            numbers = {"method": cls.name, "strength_key": key, "strengths": strengths, "n_seeds": seeds,
+                       "sparsity": [float(v) for v in per["sparsity"]]}
+            most = float(grp["summary.sparsity"].max())
+            name = cls.display_name
+            if most < MIN_PRUNED:
+                why = (f"{name} pruned at most {100 * most:.3g}% of its gate entries at any {sym} ({listing}): too little "
+                       f"pruning to compare the {sym} values. The gates need more steps or a larger gate learning rate "
+                       "(docs/sora.md).")
+                out.append(Finding(f"S1 a larger {sym} prunes more ({name})", "inconclusive", why, dict(numbers)))
+                if "metric" in per:
+                    out.append(Finding(f"S2 a larger {sym} costs {metric} ({name})", "inconclusive", why, dict(numbers)))
+                continue
+            targets = [("S1", f"a larger {sym} prunes more", grp["summary.sparsity"].astype(float), "sparsity")]
+            if metric in grp and grp[metric].notna().all():
+                worse = grp[metric].astype(float) * (-1 if higher else 1)  # up = worse
+                targets.append(("S2", f"a larger {sym} costs {metric}", worse, f"{metric} worsening"))
+            for tag, claim, values, what in targets:
+                tau = stats.kendalltau(grp[key].astype(float), values)
+                t, pv = float(tau.statistic), float(tau.pvalue)
+                nums = dict(numbers, kendall_tau=t, p=pv, n_runs=len(grp))
+                body = f"Kendall τ = {t:.2f} between {sym} and {what}, {_p(pv)} over {len(grp)} runs ({listing})."
+                if not np.isfinite(t):
+                    verdict, text = "inconclusive", f"{name}: {what} is the same at every {sym} ({listing})."
+                elif seeds < MIN_SEEDS:
+                    verdict, text = "inconclusive", f"{name}: {body} With {seeds} seed(s) per {sym} there are too few seeds to conclude."
+                elif pv < ALPHA and t > 0:
+                    verdict, text = "supported", f"{name}: {claim}. {body}"
+                else:
+                    verdict, text = "not supported", f"{name}: not shown that {claim}. {body}"
+                out.append(Finding(f"{tag} {claim} ({name})", verdict, text, nums))
+    return out
+
+
+CHECKS = [fixed_vs_uniform, gammas_differ, gamma_depth_trend, equal_budget, sparsity_with_strength]
 
 
 def check_all(ctx: PlotContext) -> list[Finding]:

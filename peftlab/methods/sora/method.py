@@ -144,6 +144,7 @@ class SoRA(LoRA):
     table_rank = 30
     axis_keys = ("lora.r", "sora.lambda_")
     short_names = {"sora.lambda_": "λ"}
+    sparsity_strength = "sora.lambda_"  # the analysis checks that a larger λ prunes more and costs quality (seed 003)
 
     def __init__(self, ctx):
         super().__init__(ctx)
