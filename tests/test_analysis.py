@@ -341,3 +341,25 @@ def test_optimizer_memory_plot_puts_each_method_at_its_rank(tmp_path):
 
     plt.close(figs[0])
     assert xs.get("ba_lora") == [8] and xs.get("rsvd") == [8], xs
+
+
+def test_heatmaps_say_how_many_groups_they_leave_out(tmp_path, monkeypatch):
+    from peftlab.analysis import plots
+
+    seen = {}
+
+    class Titles(plots.PlotContext):
+        def save(self, fig, stem):
+            seen[stem] = fig._suptitle.get_text()
+            plots.plt.close(fig)
+            return stem
+
+    F.make_sparse_study(tmp_path / "s")  # 3 SoRA groups (λ 0.1, 0.3, 0.5)
+    study = collect(tmp_path / "s")
+    ctx = Titles(study, aggregate(study), tmp_path / "out")
+    plots.plot_rank_heatmap(ctx), plots.plot_layer_sparsity(ctx)
+    assert not any("of 3 groups" in t for t in seen.values())
+    monkeypatch.setattr(plots, "MAX_PANELS", 2)
+    plots.plot_rank_heatmap(ctx), plots.plot_layer_sparsity(ctx)
+    assert seen["rank_allocation_heatmap"].endswith(": the first 2 of 3 groups")
+    assert seen["layer_sparsity_heatmap"].endswith(": the first 2 of 3 groups")

@@ -405,6 +405,9 @@ def ranks_of_run(run) -> dict[str, int]:
     return {}
 
 
+MAX_PANELS = 6  # heatmap panels per figure (one per group); a study with more names how many it left out
+
+
 def _kind_by_layer(values: pd.Series) -> pd.DataFrame:
     """Per-module values as a (projection kind x layer) table; modules without a layer number go to column -1."""
     tab = pd.DataFrame({"layer": [layer_of(m) for m in values.index], "kind": [module_kind(m) for m in values.index],
@@ -458,9 +461,13 @@ def plot_rank_heatmap(ctx: PlotContext) -> list[str]:
             panels.append((label, grp.arm, _kind_by_layer(mean)))
     if not panels:
         raise Skip("no per-module ranks (allocation.json of BA-LoRA or SoRA runs)")
-    vmax = max(float(np.nanmax(m.values)) for _, _, m in panels[:6])
-    fig = _layer_panels(panels[:6], ctx, cmap="viridis", vmin=0, vmax=vmax, fmt=lambda v: f"{v:.3g}",
-                        colorbar="rank per module", title="Rank allocation (modules × layers)")
+    shown = panels[:MAX_PANELS]
+    vmax = max(float(np.nanmax(m.values)) for _, _, m in shown)
+    title = "Rank allocation (modules × layers)"
+    if len(panels) > len(shown):  # say so: the others are in each run's allocation.json
+        title += f": the first {len(shown)} of {len(panels)} groups"
+    fig = _layer_panels(shown, ctx, cmap="viridis", vmin=0, vmax=vmax, fmt=lambda v: f"{v:.3g}",
+                        colorbar="rank per module", title=title)
     return [ctx.save(fig, "rank_allocation_heatmap")]
 
 
@@ -651,8 +658,11 @@ def plot_layer_sparsity(ctx: PlotContext) -> list[str]:
             panels.append((g.label, g.arm, 100 * _kind_by_layer(pd.DataFrame(vals).mean())))
     if not panels:
         raise Skip("no per-module sparsity (sparsity_log.csv or module_metrics.csv)")
-    fig = _layer_panels(panels, ctx, cmap="magma_r", vmin=0, vmax=100, fmt=lambda v: f"{v:.0f}", colorbar="pruned (%)",
-                        title="Final sparsity per module (% of gate entries pruned)", dark_above=50)
+    title = "Final sparsity per module (% of gate entries pruned)"
+    if len(panels) > MAX_PANELS:
+        title += f": the first {MAX_PANELS} of {len(panels)} groups"
+    fig = _layer_panels(panels[:MAX_PANELS], ctx, cmap="magma_r", vmin=0, vmax=100, fmt=lambda v: f"{v:.0f}",
+                        colorbar="pruned (%)", title=title, dark_above=50)
     return [ctx.save(fig, "layer_sparsity_heatmap")]
 
 
