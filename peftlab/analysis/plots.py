@@ -416,12 +416,18 @@ def _kind_by_layer(values: pd.Series) -> pd.DataFrame:
     return tab.pivot_table(index="kind", columns="layer", values="v")
 
 
-def _layer_panels(panels: list[tuple[str, str, pd.DataFrame]], ctx: PlotContext, *, cmap: str, vmin: float, vmax: float,
-                  fmt, colorbar: str, title: str, dark_above: Optional[float] = None):
+def _layer_panels(panels: list[tuple[str, str, pd.DataFrame]], ctx: PlotContext, *, cmap: str, vmin: float,
+                  vmax: Optional[float], fmt, colorbar: str, title: str, dark_above: Optional[float] = None):
     """One heatmap per arm (rows: projection kind, columns: layer), a shared colour bar, cells annotated.
 
-    Sized by the number of layers: a cell is at least 0.3 in wide (room for "100" at 6.5 pt), panels side by side
-    only while two fit a page, and every other layer labelled past 16 layers (tick labels never overlap)."""
+    At most :data:`MAX_PANELS` panels; the title says how many groups were left out. ``vmax=None``: the largest
+    value shown. Sized by the number of layers: a cell is at least 0.3 in wide (room for "100" at 6.5 pt), panels
+    side by side only while two fit a page, and every other layer labelled past 16 layers (tick labels never overlap)."""
+    if len(panels) > MAX_PANELS:
+        title += f": the first {MAX_PANELS} of {len(panels)} groups"
+        panels = panels[:MAX_PANELS]
+    if vmax is None:
+        vmax = max(float(np.nanmax(m.values)) for _, _, m in panels)
     n_layers = max(m.shape[1] for _, _, m in panels)
     n_kinds = max(m.shape[0] for _, _, m in panels)
     panel_w = max(3.6, 0.3 * n_layers + 1.2)
@@ -461,13 +467,8 @@ def plot_rank_heatmap(ctx: PlotContext) -> list[str]:
             panels.append((label, grp.arm, _kind_by_layer(mean)))
     if not panels:
         raise Skip("no per-module ranks (allocation.json of BA-LoRA or SoRA runs)")
-    shown = panels[:MAX_PANELS]
-    vmax = max(float(np.nanmax(m.values)) for _, _, m in shown)
-    title = "Rank allocation (modules × layers)"
-    if len(panels) > len(shown):  # say so: the others are in each run's allocation.json
-        title += f": the first {len(shown)} of {len(panels)} groups"
-    fig = _layer_panels(shown, ctx, cmap="viridis", vmin=0, vmax=vmax, fmt=lambda v: f"{v:.3g}",
-                        colorbar="rank per module", title=title)
+    fig = _layer_panels(panels, ctx, cmap="viridis", vmin=0, vmax=None, fmt=lambda v: f"{v:.3g}",
+                        colorbar="rank per module", title="Rank allocation (modules × layers)")
     return [ctx.save(fig, "rank_allocation_heatmap")]
 
 
@@ -658,11 +659,8 @@ def plot_layer_sparsity(ctx: PlotContext) -> list[str]:
             panels.append((g.label, g.arm, 100 * _kind_by_layer(pd.DataFrame(vals).mean())))
     if not panels:
         raise Skip("no per-module sparsity (sparsity_log.csv or module_metrics.csv)")
-    title = "Final sparsity per module (% of gate entries pruned)"
-    if len(panels) > MAX_PANELS:
-        title += f": the first {MAX_PANELS} of {len(panels)} groups"
-    fig = _layer_panels(panels[:MAX_PANELS], ctx, cmap="magma_r", vmin=0, vmax=100, fmt=lambda v: f"{v:.0f}",
-                        colorbar="pruned (%)", title=title, dark_above=50)
+    fig = _layer_panels(panels, ctx, cmap="magma_r", vmin=0, vmax=100, fmt=lambda v: f"{v:.0f}", colorbar="pruned (%)",
+                        title="Final sparsity per module (% of gate entries pruned)", dark_above=50)
     return [ctx.save(fig, "layer_sparsity_heatmap")]
 
 

@@ -124,11 +124,11 @@ def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: 
     if _few(few_kernels, weight):
         update = torch.addmm(WAt, Bg, gram, beta=2.0 * scaling, alpha=scaling * scaling)  # 2s WAt + s^2 Bg G
         sq = (Bg * update).sum(dim=1).add_(base_sq)
-        return sq.clamp_min_(0.0).sqrt_().to(out_dtype or weight.dtype)
-    cross = (Bg * WAt).sum(dim=1)
-    quad = ((Bg @ gram) * Bg).sum(dim=1)
-    sq = base_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    return sq.clamp_min(0.0).sqrt().to(out_dtype or weight.dtype)
+    else:
+        cross = (Bg * WAt).sum(dim=1)
+        quad = ((Bg @ gram) * Bg).sum(dim=1)
+        sq = base_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
+    return sq.clamp_min_(0.0).sqrt_().to(out_dtype or weight.dtype)  # sq is this call's own tensor: in place is safe
 
 
 def dora_output(layer, x, norm, lora_A, lora_B, scaling, base_layer, base_result=None, cast_scale: bool = False,
