@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .data import build_datasets, load_raw
-from .data.batches import EpochBatches
+from .data.batches import EpochBatches, epoch_padding, example_lengths
 from .data.tasks import TASKS
 from .errors import PeftlabError
 from .methods import METHODS, MethodContext
@@ -59,6 +59,7 @@ class Built:
     method: Any
     raw: Any = None
     train_ds: Any = None
+    train_lengths: Optional[list[int]] = None  # example lengths for training.group_by_length, else None
     val_ds: Any = None
     collate: Optional[Callable] = None
     plan: Optional[StepPlan] = None
@@ -67,6 +68,20 @@ class Built:
 
 
 # ----------------------------------------------------------------------------- pieces
+def grouping_lengths(train_ds, t, world: int, log) -> Optional[list[int]]:
+    """The example lengths `training.group_by_length` batches by (None where every example has the
+    same length), with a log line of the padding it saves in epoch 1."""
+    lengths = example_lengths(train_ds)
+    if lengths is None or len(set(lengths)) <= 1:
+        log.info("training.group_by_length: every training example has the same length; batches stay as they are")
+        return None
+    pad, tot = epoch_padding(len(lengths), t.batch_size, t.seed, world, lengths, grouped=True)
+    pad0, tot0 = epoch_padding(len(lengths), t.batch_size, t.seed, world, lengths, grouped=False)
+    log.info(f"training.group_by_length: epoch 1 pads {pad:,} of {tot:,} token positions ({100 * pad / max(tot, 1):.1f}%), "
+             f"against {pad0:,} of {tot0:,} ({100 * pad0 / max(tot0, 1):.1f}%) in random batches")
+    return lengths
+
+
 def resolve_task(cfg, raw) -> tuple[str, Optional[int]]:
     """(task, num_labels) of a run from its config and loaded dataset, or a clear error."""
     task = raw.task if cfg.model.task == "auto" else cfg.model.task
@@ -337,6 +352,8 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
         built.train_ds, built.val_ds, built.collate = build_datasets(raw, tokenizer, cfg, model=model)
         log.info(f"data: {len(built.train_ds):,} training and {len(built.val_ds):,} validation {'blocks' if task == 'causal_lm' else 'examples'}")
         built.plan = step_plan(len(built.train_ds), cfg, world)
+        if t.group_by_length:
+            built.train_lengths = grouping_lengths(built.train_ds, t, world, log)
 
     def compute_loss(mdl, batch: dict) -> torch.Tensor:
         with acc.autocast() if acc is not None else contextlib.nullcontext():
@@ -346,7 +363,7 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
 
         def train_batches():
             """Training micro-batches in a fixed order (epoch 0's order), for pre-training phases."""
-            for idx in EpochBatches(len(built.train_ds), t.batch_size, t.seed, rank, world).epoch(0):
+            for idx in EpochBatches(len(built.train_ds), t.batch_size, t.seed, rank, world, lengths=built.train_lengths).epoch(0):
                 b = built.collate([built.train_ds[i] for i in idx])
                 yield {k: v.to(dev) for k, v in b.items()}
 

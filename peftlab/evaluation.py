@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from .data import ClassificationDataset, LMBlockDataset, build_datasets
+from .data.batches import example_lengths
 from .data.instruction import is_instruction
 
 
@@ -123,6 +124,9 @@ def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], 
     # the cap is eval_max_batches x eval batch size examples in all, whatever the process count
     limit = min(n, t.eval_max_batches * bs) if t.eval_max_batches and cap else n
     idx = list(range(rank, limit, world))
+    lengths = example_lengths(val_ds)
+    if lengths is not None:  # longest first: batches of similar length pad less; the metrics do not depend on the order
+        idx.sort(key=lambda i: -lengths[i])
     batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)

@@ -217,6 +217,9 @@ class ClassificationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
     def __getitem__(self, i: int) -> dict:
         item = {"input_ids": self.input_ids[i], "labels": self.labels[i]}
         if self.token_type_ids is not None:

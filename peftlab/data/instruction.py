@@ -452,6 +452,9 @@ class InstructionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def lengths(self) -> list[int]:
+        return [len(r["input_ids"]) for r in self.rows]
+
     def __getitem__(self, i: int) -> dict:
         return {k: v for k, v in self.rows[i].items() if isinstance(v, torch.Tensor)}
 

@@ -119,7 +119,8 @@ class Trainer:
         self.task, self.raw, self.num_labels = b.task, b.raw, b.num_labels
         self.tokenizer, self.model_info, self.method = b.tokenizer, b.model_info, b.method
         self.train_ds, self.val_ds, self.collate = b.train_ds, b.val_ds, b.collate
-        self.batches = EpochBatches(len(self.train_ds), t.batch_size, t.seed, self.rank, self.world)
+        self.batches = EpochBatches(len(self.train_ds), t.batch_size, t.seed, self.rank, self.world,
+                                    lengths=b.train_lengths)
         self.micro_per_epoch, self.steps_per_epoch = b.plan.micro_per_epoch, b.plan.steps_per_epoch
         self.total_steps, self.num_epochs = b.plan.total_steps, b.plan.num_epochs
         info, model = self.model_info, b.model
