@@ -500,7 +500,10 @@ def plot_performance(ctx: PlotContext) -> list[str]:
     ax.set_xlabel("trainable parameters (count)")
     ax.set_ylabel(_metric_label(m) + " (mean ± std)")
     ax.set_title("Performance vs trainable parameters")
-    _legend(ax, loc="best")
+    if len(ax.get_legend_handles_labels()[0]) > 4:  # inside, "best" lands on the curves of a study with many arms
+        _legend(ax, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        _legend(ax, loc="best")
     return [ctx.save(fig, "performance_plot")]
 
 
