@@ -293,6 +293,52 @@ def test_gpu_slots_and_launchers(tmp_path):
         LocalExecutor(["0"], processes_per_run=2)
 
 
+def test_cpu_runs_share_the_cores(tmp_path, monkeypatch):
+    """execution.cpu_runs: that many runs at once without --gpus, each on its share of the cores, written into
+    its config (so a rerun by hand gives the same numbers); a run's own system.num_threads wins."""
+    import peftlab.studies.executors as ex_mod
+    from peftlab.studies.executors import LocalExecutor
+    from peftlab.studies.expand import expand
+    from peftlab.studies.runner import make_job
+
+    monkeypatch.setattr(ex_mod.os, "cpu_count", lambda: 8)
+    ex = LocalExecutor(None, cpu_runs=2)
+    assert ex.slots == 2 and ex.threads == 4 and "2 runs at a time on the CPU (4 thread(s) each)" in ex.describe()
+    assert LocalExecutor(None).threads is None and LocalExecutor(None).slots == 1  # one run: torch's own choice
+    assert LocalExecutor(["0", "1"], cpu_runs=4).slots == 2  # with GPUs the slots are the GPUs
+    assert LocalExecutor(None, cpu_runs=16).threads == 1
+    spec = _spec(tmp_path, seeds=[1, 2], execution={"cpu_runs": 2})
+    assert spec.execution.cpu_runs == 2
+    t1, t2 = expand(spec)
+    job = make_job(spec, t1, t1.run_dir.parent, None, threads=4)
+    assert yaml.safe_load(Path(job.config_path).read_text())["system"]["num_threads"] == 4
+    own = t2.cfg.replace({"system.num_threads": 1})
+    t2.cfg = own
+    job = make_job(spec, t2, t2.run_dir.parent, None, threads=4)
+    assert yaml.safe_load(Path(job.config_path).read_text())["system"]["num_threads"] == 1
+    with pytest.raises(ConfigError, match="cpu_runs"):
+        _spec(tmp_path, execution={"cpu_runs": 0})
+
+
+def test_sweep_runs_cpu_runs_side_by_side(tmp_path, capsys):
+    from peftlab.cli import main
+    from peftlab.studies.runner import read_events
+
+    study = _write(tmp_path, seeds=[1, 2])
+    assert main(["sweep", str(study), "--cpu-runs", "0"]) != 0
+    assert "--cpu-runs 0" in capsys.readouterr().err and not (tmp_path / "study").exists()
+    assert main(["sweep", str(study), "--cpu-runs", "2"]) == 0
+    sd = tmp_path / "study"
+    ev = read_events(sd)
+    starts = sorted(e["time"] for e in ev if e["event"] == "start")
+    ends = sorted(e["time"] for e in ev if e["event"] == "end")
+    assert len(starts) == 2 and starts[1] < ends[0]  # the second run started before the first ended
+    for seed in (1, 2):  # no arms: the runs are _s1 and _s2
+        cfg = json.loads((sd / f"_s{seed}/config.json").read_text())
+        assert cfg["system"]["num_threads"] == max(1, (os.cpu_count() or 1) // 2)
+    assert "2 runs at a time on the CPU" in (sd / "study.log").read_text()
+
+
 @pytest.mark.slow
 def test_failing_run_does_not_stop_the_others_and_is_not_retried_forever(tmp_path, capsys):
     from peftlab.cli import main

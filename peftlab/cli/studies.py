@@ -11,7 +11,7 @@ from ..config import load_config, parse_overrides
 from ..errors import PeftlabError
 from ..io import write_json
 from ..studies.estimate import estimate_config, estimate_record, estimate_study, print_estimate
-from ..studies.executors import LocalExecutor, SubmititExecutor
+from ..studies.executors import LocalExecutor, SubmititExecutor, cpu_threads
 from ..studies.expand import expand
 from ..studies.runner import format_table, plan, sweep
 from ..studies.spec import is_study_file, load_study
@@ -38,6 +38,12 @@ def _load(args, extra: list[str]):
         spec.cli_overrides = {**spec.cli_overrides, **ov}
     if slurm:
         spec.execution.slurm = {**spec.execution.slurm, **slurm}
+    cpu_runs = getattr(args, "cpu_runs", None)
+    if cpu_runs is not None:
+        if cpu_runs < 1:
+            raise PeftlabError(f"--cpu-runs {cpu_runs}: the number of runs at once on the CPU must be at least 1 (1: one run at a "
+                               "time on every core; 2 on a laptop runs two small runs side by side, each on half the cores).")
+        spec.execution.cpu_runs = cpu_runs
     output = Path(args.output_dir) if getattr(args, "output_dir", None) else None
     trials = expand(spec, output)
     only = getattr(args, "only", None)
@@ -60,7 +66,7 @@ def _gpus(arg: str | None) -> list[str] | None:
 
 def make_executor(args, spec):
     if args.engine == "local":
-        return LocalExecutor(_gpus(args.gpus), spec.execution.processes_per_run)
+        return LocalExecutor(_gpus(args.gpus), spec.execution.processes_per_run, spec.execution.cpu_runs)
     if args.gpus:
         raise PeftlabError("--gpus is for --engine=local; on Slurm ask for GPUs with --slurm.gpus_per_node=N.")
     return SubmititExecutor("local" if args.engine == "submitit-local" else "slurm", spec.execution.slurm)
@@ -91,17 +97,22 @@ def cmd_estimate(args, extra: list[str]) -> int:
     if args.steps < 1:
         raise PeftlabError(f"estimate --steps {args.steps}: the number of optimizer steps to time must be at least 1 "
                            "(default 4; more steps give a steadier per-step time).")
+    gpus = _gpus(args.gpus)
+    # every GPU divides the total: a run of k processes is probed in one, with k times its steps per process
+    slots = max(len(gpus or [None]), 1)
     if is_study_file(args.target):
         spec, trials = _load(args, extra)
-        rows = estimate_study(spec, trials, steps=args.steps, slots=max(len(_gpus(args.gpus) or [None]) // spec.execution.processes_per_run, 1))
+        if gpus:
+            rows = estimate_study(spec, trials, steps=args.steps, slots=max(len(gpus) // spec.execution.processes_per_run, 1))
+        else:  # execution.cpu_runs runs side by side, each probed on its share of the cores
+            slots = spec.execution.cpu_runs
+            rows = estimate_study(spec, trials, steps=args.steps, slots=slots, threads=cpu_threads(slots))
     else:
         if args.preset_scale:
             raise PeftlabError("--preset-scale applies to study files; this is a run config.")
 
         cfg = load_config(args.target, extra)
         rows = estimate_config(cfg, steps=args.steps)
-    # every GPU divides the total: a run of k processes is probed in one, with k times its steps per process
-    slots = max(len(_gpus(args.gpus) or [None]), 1)
     print_estimate(rows, slots=slots)
     if args.json:
         write_json(Path(args.json), estimate_record(rows, slots))
@@ -122,6 +133,8 @@ def add_sweep(subparsers) -> None:
     p.add_argument("--output-dir", default=None, help="study directory (default: study.output_dir of the file)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU indices: one run per GPU at a time (or per group of "
                                                 "execution.processes_per_run GPUs)")
+    p.add_argument("--cpu-runs", type=int, default=None, help="without --gpus: runs at once on this machine, each on its share "
+                                                              "of the CPU cores (default: the study's execution.cpu_runs, else 1)")
     p.add_argument("--engine", choices=["local", "slurm", "submitit-local"], default="local",
                    help="local (default): this machine; slurm: one Slurm job per run through submitit (--slurm.KEY=VALUE sets "
                         "submitit parameters); submitit-local: submitit's local executor, to try the Slurm path here")
@@ -144,6 +157,8 @@ def add_estimate(subparsers) -> None:
     e.add_argument("--only", default=None, help="comma-separated run names or patterns: estimate only these")
     e.add_argument("--steps", type=int, default=4, help="optimizer steps timed per distinct configuration (default 4)")
     e.add_argument("--gpus", default=None, help="GPUs the sweep will use (the total is divided among them)")
+    e.add_argument("--cpu-runs", type=int, default=None, help="without --gpus: runs the sweep will run at once on the CPU "
+                                                              "(default: the study's execution.cpu_runs, else 1)")
     e.add_argument("--json", default=None, metavar="PATH",
                    help="also write the estimate as JSON (per run: seconds, training and follow-up shares; the total): "
                         "scripts/results_page.py --estimate compares it with the measured run times")

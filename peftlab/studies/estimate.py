@@ -228,8 +228,9 @@ def time_steps(steps: list[str], mapping: dict[str, str], log_path: Path, out=No
 
 
 def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
-                   clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
-    """One row per trial (its training plus its per-run follow-ups), then one row per study step (``analyze``)."""
+                   clock: Callable[[], float] = time.perf_counter, threads: Optional[int] = None) -> list[dict[str, Any]]:
+    """One row per trial (its training plus its per-run follow-ups), then one row per study step (``analyze``).
+    ``threads``: the CPU threads each run gets when several share the CPU (`execution.cpu_runs`); the probes use as many."""
     out = out if out is not None else sys.stdout
     probes: dict[str, Probe] = {}
     rows = []
@@ -255,7 +256,8 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
             if key not in probes:
                 print(f"timing {steps} steps of {t.name} ({len(probes) + 1} distinct configuration(s) so far) ...", file=out, flush=True)
                 run_dir = Path(scratch) / t.name
-                p = probes[key] = probe(t.cfg, steps, clock, run_dir=run_dir)
+                pcfg = t.cfg.replace({"system.num_threads": threads}) if threads and t.cfg.system.num_threads is None else t.cfg
+                p = probes[key] = probe(pcfg, steps, clock, run_dir=run_dir)
                 if per_run:
                     cfg_path = Path(scratch) / ".configs" / f"{t.name}.yaml"
                     cfg_path.parent.mkdir(parents=True, exist_ok=True)

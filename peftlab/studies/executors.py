@@ -1,6 +1,7 @@
 """Where a study's runs go.
 
-* :class:`LocalExecutor` — this machine: one run at a time, or with ``gpus=["0","1",...]``
+* :class:`LocalExecutor` — this machine: one run at a time, ``cpu_runs`` at a time on the CPU
+  (each with its share of the cores as ``system.num_threads``), or with ``gpus=["0","1",...]``
   one run per GPU slot at a time (``CUDA_VISIBLE_DEVICES`` set per run; a slot holds
   ``execution.processes_per_run`` GPUs when a run spans several).
 * :class:`SubmititExecutor` — Slurm through ``submitit`` (``cluster="slurm"``), or
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -23,17 +25,24 @@ from ..errors import PeftlabError
 from .trial import STATE_DIR, TrialResult, execute_trial
 
 
+def cpu_threads(cpu_runs: int) -> Optional[int]:
+    """``system.num_threads`` of each of ``cpu_runs`` runs sharing this machine's cores (None for one run: torch's choice)."""
+    return max(1, (os.cpu_count() or 1) // cpu_runs) if cpu_runs > 1 else None
+
+
 class LocalExecutor:
-    def __init__(self, gpus: Optional[list[str]] = None, processes_per_run: int = 1):
+    def __init__(self, gpus: Optional[list[str]] = None, processes_per_run: int = 1, cpu_runs: int = 1):
         self.gpus = gpus
         self.processes_per_run = processes_per_run
+        # CPU threads per run when several runs share the CPU (None: torch's own choice, every core)
+        self.threads = cpu_threads(cpu_runs) if gpus is None else None
         if gpus is not None:
             if len(gpus) < processes_per_run:
                 raise PeftlabError(f"each run needs {processes_per_run} GPUs (execution.processes_per_run) but --gpus lists {len(gpus)}: {','.join(gpus)}.")
             n = len(gpus) // processes_per_run
             self.slot_gpus: list[Optional[list[str]]] = [gpus[i * processes_per_run:(i + 1) * processes_per_run] for i in range(n)]
         else:
-            self.slot_gpus = [None]
+            self.slot_gpus = [None] * max(cpu_runs, 1)
 
     @property
     def slots(self) -> int:
@@ -41,6 +50,8 @@ class LocalExecutor:
 
     def describe(self) -> str:
         if self.gpus is None:
+            if self.slots > 1:
+                return f"this machine, {self.slots} runs at a time on the CPU ({self.threads} thread(s) each)"
             return "this machine, one run at a time"
         return f"this machine, {self.slots} slot(s) of GPU(s) " + " | ".join(",".join(s or []) for s in self.slot_gpus)
 
@@ -55,7 +66,7 @@ class LocalExecutor:
             try:
                 where = f"GPU {','.join(gpus)}" if gpus else "this machine"
                 with lock:
-                    job = make_job(spec, trial, study_dir, gpus)
+                    job = make_job(spec, trial, study_dir, gpus, **({"threads": self.threads} if self.threads else {}))
                     on_start(trial, job, where)
                 res = execute_trial(job)
                 on_end(trial, job, res, where)

@@ -152,9 +152,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_job(spec: StudySpec, trial: Trial, study_dir: Path, gpus: Optional[list[str]] = None) -> TrialJob:
+def make_job(spec: StudySpec, trial: Trial, study_dir: Path, gpus: Optional[list[str]] = None,
+             threads: Optional[int] = None) -> TrialJob:
+    """The job of one trial; ``threads``: its CPU threads when several runs share the CPU (written into the
+    run's config, where the run does not set `system.num_threads` itself, so that a rerun by hand gives the same numbers)."""
     cfg_path = study_dir / STATE_DIR / "configs" / f"{trial.name}.yaml"
-    _write_config(cfg_path, trial.cfg)
+    cfg = trial.cfg
+    if threads and cfg.system.num_threads is None:
+        cfg = cfg.replace({"system.num_threads": threads})
+    _write_config(cfg_path, cfg)
     mapping = {"run_dir": str(trial.run_dir), "name": trial.name, "study_dir": str(study_dir), "config": str(cfg_path)}
     env = {TRIAL_ENV: json.dumps(trial.provenance(spec) | {"study_dir": str(study_dir)}), "TOKENIZERS_PARALLELISM": "false"}
     if gpus is not None:

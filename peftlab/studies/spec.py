@@ -83,6 +83,7 @@ class FollowUpSection:
 class ExecutionSection:
     processes_per_run: int = opt(1, "Processes (GPUs) per run; above 1 each run is started by the launcher below.")
     launcher: Literal["accelerate", "torchrun"] = opt("accelerate", "Multi-process launcher when processes_per_run > 1.")
+    cpu_runs: int = opt(1, "Runs at once on this machine when the sweep has no --gpus; each gets system.num_threads = CPU cores // cpu_runs unless it sets its own (small runs on a laptop finish sooner side by side than one after the other on every core). `peftlab sweep --cpu-runs N` overrides it.")
     max_attempts_same_error: int = opt(2, "A run that failed this many times in a row with the same error is not retried (use --retry-failed).")
     slurm: dict = opt({}, "submitit/Slurm parameters for --engine=slurm, e.g. {slurm_partition: gpu, timeout_min: 720, gpus_per_node: 1}.")
 
@@ -300,6 +301,8 @@ def spec_from_dict(raw: dict[str, Any], path: Optional[Path] = None, commands: O
     execution = _section(ExecutionSection, "execution", raw.get("execution"), problems)
     if execution.processes_per_run < 1:
         problems.append(f"`execution.processes_per_run` must be at least 1, got {execution.processes_per_run}.")
+    if execution.cpu_runs < 1:
+        problems.append(f"`execution.cpu_runs` must be at least 1, got {execution.cpu_runs}.")
     if execution.max_attempts_same_error < 1:
         problems.append(f"`execution.max_attempts_same_error` must be at least 1, got {execution.max_attempts_same_error}.")
     scales = {}
