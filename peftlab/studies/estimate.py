@@ -49,6 +49,7 @@ from ..runs.identity import run_identity
 from ..tracking import close_logger, quiet_libraries
 from ..train import lock as run_lock
 from ..train.loop import Trainer
+from .executors import with_threads
 from .log import fmt_duration
 from .runner import before_marker
 from .trial import run_steps, step_words, trial_status
@@ -256,8 +257,7 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
             if key not in probes:
                 print(f"timing {steps} steps of {t.name} ({len(probes) + 1} distinct configuration(s) so far) ...", file=out, flush=True)
                 run_dir = Path(scratch) / t.name
-                pcfg = t.cfg.replace({"system.num_threads": threads}) if threads and t.cfg.system.num_threads is None else t.cfg
-                p = probes[key] = probe(pcfg, steps, clock, run_dir=run_dir)
+                p = probes[key] = probe(with_threads(t.cfg, threads), steps, clock, run_dir=run_dir)
                 if per_run:
                     cfg_path = Path(scratch) / ".configs" / f"{t.name}.yaml"
                     cfg_path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,11 @@ def cpu_threads(cpu_runs: int) -> Optional[int]:
     return max(1, (os.cpu_count() or 1) // cpu_runs) if cpu_runs > 1 else None
 
 
+def with_threads(cfg, threads: Optional[int]):
+    """``cfg`` with ``system.num_threads = threads`` where a share of the cores is given and the run sets none itself."""
+    return cfg.replace({"system.num_threads": threads}) if threads and cfg.system.num_threads is None else cfg
+
+
 class LocalExecutor:
     def __init__(self, gpus: Optional[list[str]] = None, processes_per_run: int = 1, cpu_runs: int = 1):
         self.gpus = gpus
@@ -66,7 +71,7 @@ class LocalExecutor:
             try:
                 where = f"GPU {','.join(gpus)}" if gpus else "this machine"
                 with lock:
-                    job = make_job(spec, trial, study_dir, gpus, **({"threads": self.threads} if self.threads else {}))
+                    job = make_job(spec, trial, study_dir, gpus, threads=self.threads)
                     on_start(trial, job, where)
                 res = execute_trial(job)
                 on_end(trial, job, res, where)

@@ -45,7 +45,7 @@ import yaml
 from ..errors import PeftlabError
 from ..io import atomic_write_text
 from ..runs.identity import fingerprint
-from .executors import LocalExecutor
+from .executors import LocalExecutor, with_threads
 from .expand import Trial
 from .log import StudyLog, fmt_clock, fmt_duration, gave_up, read_events
 from .spec import StudySpec
@@ -157,10 +157,7 @@ def make_job(spec: StudySpec, trial: Trial, study_dir: Path, gpus: Optional[list
     """The job of one trial; ``threads``: its CPU threads when several runs share the CPU (written into the
     run's config, where the run does not set `system.num_threads` itself, so that a rerun by hand gives the same numbers)."""
     cfg_path = study_dir / STATE_DIR / "configs" / f"{trial.name}.yaml"
-    cfg = trial.cfg
-    if threads and cfg.system.num_threads is None:
-        cfg = cfg.replace({"system.num_threads": threads})
-    _write_config(cfg_path, cfg)
+    _write_config(cfg_path, with_threads(trial.cfg, threads))
     mapping = {"run_dir": str(trial.run_dir), "name": trial.name, "study_dir": str(study_dir), "config": str(cfg_path)}
     env = {TRIAL_ENV: json.dumps(trial.provenance(spec) | {"study_dir": str(study_dir)}), "TOKENIZERS_PARALLELISM": "false"}
     if gpus is not None:
