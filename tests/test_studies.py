@@ -413,6 +413,47 @@ def _fresh_starts(run: Path) -> int:
     return text.count("peftlab run ") - text.count("resumed from")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
+def test_run_process_dies_with_the_sweep_and_never_starts_after_it(tmp_path):
+    """A run's process is started through orphan_guard.py (no preexec_fn: several runs start from threads):
+    SIGKILL of the sweep takes the run with it, and a guard whose sweep has already gone does not start it."""
+    from peftlab.studies.trial import guarded
+
+    pid_file = tmp_path / "child.pid"
+    child = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+    sweep = ("import subprocess, threading, time\n"
+             "from peftlab.studies.trial import guarded\n"
+             f"threading.Thread(target=lambda: subprocess.Popen(guarded({child!r})).wait()).start()\n"
+             "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", sweep], env=_env())
+    deadline = time.time() + 60
+    while time.time() < deadline and not (pid_file.is_file() and pid_file.read_text()):
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    os.kill(pid, 0)  # running
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    def alive(pid):  # a killed orphan may stay a zombie where PID 1 does not reap: that is dead
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while time.time() < deadline and alive(pid):
+        time.sleep(0.05)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the run's process outlived the sweep that started it")
+    # a guard started for a sweep that is no longer its parent refuses, and the command never runs
+    cmd = guarded([sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'w')"])
+    cmd[3] = str(os.getpid() + 10**6)  # the parent pid the guard checks
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "has gone" in out.stderr and not (tmp_path / "ran").exists()
+    out = subprocess.run(guarded([sys.executable, "-c", "print('ran')"]), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ran"
+
+
 @pytest.mark.slow
 def test_sigkill_mid_sweep_then_restart_completes_every_run_exactly_once(tmp_path):
     over = {**TINY, "training.max_steps": 12, "training.save_steps": 3}

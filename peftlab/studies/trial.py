@@ -98,24 +98,15 @@ class TrialResult:
 
 
 # ------------------------------------------------------------- child processes
-def _load_prctl():
-    """libc's prctl, looked up once in the sweeping process (the child may not import anything)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
+# Linux: each run's process goes through orphan_guard.py, which makes it die with the sweep (see there)
+_GUARD = Path(__file__).with_name("orphan_guard.py") if sys.platform.startswith("linux") else None
 
 
-_PRCTL = _load_prctl()
-
-
-def _set_pdeathsig() -> None:
-    """In the child between fork and exec: die with the process that started it (Linux)."""
-    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def guarded(cmd: list[str]) -> list[str]:
+    """``cmd`` started so that it dies with this process (Linux; elsewhere ``cmd`` itself)."""
+    if _GUARD is None:
+        return cmd
+    return [sys.executable, "-S", str(_GUARD), str(os.getpid()), *cmd]
 
 
 def _lock_file(f, blocking: bool = True) -> bool:
@@ -163,9 +154,9 @@ def _run_logged(cmd: list[str], env: dict, cwd: str, out_path: Path, lock_fd: Op
         start = f.tell()
         f.write(f"\n$ {shlex.join(cmd)}\n".encode())
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                pass_fds=(lock_fd,) if lock_fd is not None and os.name == "posix" else (),
-                                preexec_fn=_set_pdeathsig if _PRCTL is not None else None)
+        # no preexec_fn: Python code between fork and exec is unsafe with threads (several runs at once)
+        proc = subprocess.Popen(guarded(cmd), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                pass_fds=(lock_fd,) if lock_fd is not None and os.name == "posix" else ())
         try:
             rc = proc.wait()
         except BaseException:
