@@ -9,7 +9,7 @@ install:
 	bash scripts/install_assets.sh
 
 demo: install
-	$(ACT) && peftlab sweep configs/studies/compare.yaml --preset-scale=cpu
+	$(ACT) && peftlab sweep configs/studies/compare.yaml --preset-scale=cpu --cpu-runs 2
 
 quickstart: install
 	$(ACT) && peftlab train configs/quickstart/lm_lora.yaml --output.overwrite=true
