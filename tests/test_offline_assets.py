@@ -190,12 +190,14 @@ def test_lora_on_minilm_beats_majority_on_food_reviews(tmp_path, run_train):
 
     from conftest import ROOT
 
-    # The shipped demo config as it is: 60 LoRA steps (r=8, lr 6e-3) on 960 reviews of 96 tokens.
+    # The shipped demo config as `make demo` runs it: 60 LoRA steps (r=8, lr 6e-3) on 960 reviews cut at 64 tokens
+    # (the demo's cpu scale; the config's own 96 gives 0.83); the test split is left out (not checked here).
     # Shorter runs (40 steps of 64 tokens) still predict the majority class.
-    cfg = load_config(ROOT / "configs/demo/food_reviews_minilm.yaml", {"output.dir": str(tmp_path / "run"), "logging.progress_bar": False})
+    cfg = load_config(ROOT / "configs/demo/food_reviews_minilm.yaml", {"output.dir": str(tmp_path / "run"), "logging.progress_bar": False,
+                                                                        "data.max_length": 64, "data.max_test_examples": 0})
     res = run_train(cfg)
     majority = 0.65  # 260 of the 400 validation reviews are "great"
-    assert res["status"] == "completed" and res["final"]["val_accuracy"] > majority + 0.08, res["final"]  # measured 0.83
+    assert res["status"] == "completed" and res["final"]["val_accuracy"] > majority + 0.08, res["final"]  # measured 0.805
 
 
 # ------------------------------------------------------------------- peftlab compare
