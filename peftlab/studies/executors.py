@@ -64,7 +64,7 @@ class LocalExecutor:
         free: "queue.Queue[Optional[list[str]]]" = queue.Queue()
         for s in self.slot_gpus:
             free.put(s)
-        lock = threading.Lock()  # make_job writes config files; keep start messages in order
+        lock = threading.Lock()  # make_job writes config files; start and end callbacks (counters, log) one at a time
 
         def work(trial):
             gpus = free.get()
@@ -74,7 +74,8 @@ class LocalExecutor:
                     job = make_job(spec, trial, study_dir, gpus, threads=self.threads)
                     on_start(trial, job, where)
                 res = execute_trial(job)
-                on_end(trial, job, res, where)
+                with lock:
+                    on_end(trial, job, res, where)
             finally:
                 free.put(gpus)
 
