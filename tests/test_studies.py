@@ -320,6 +320,32 @@ def test_cpu_runs_share_the_cores(tmp_path, monkeypatch):
         _spec(tmp_path, execution={"cpu_runs": 0})
 
 
+def test_ctrl_c_with_runs_side_by_side_starts_no_further_run(tmp_path, monkeypatch):
+    """KeyboardInterrupt while two runs go side by side: the runs still queued are never started."""
+    import threading
+
+    import peftlab.studies.executors as ex_mod
+    from peftlab.studies.expand import expand
+
+    started, lock = [], threading.Lock()
+
+    def fake_execute(job):
+        with lock:
+            started.append(job)
+            first = len(started) == 1
+        if first:
+            raise KeyboardInterrupt
+        time.sleep(0.3)
+        return "done"
+
+    monkeypatch.setattr(ex_mod, "execute_trial", fake_execute)
+    spec = _spec(tmp_path, seeds=[1, 2, 3, 4, 5, 6])
+    with pytest.raises(KeyboardInterrupt):
+        ex_mod.LocalExecutor(None, cpu_runs=2).run(spec, expand(spec), tmp_path, lambda *a, **k: object(),
+                                                   lambda *a: None, lambda *a: None, lambda *a: None)
+    assert len(started) <= 3  # the interrupted one, the one beside it, at most one more that got the freed slot
+
+
 def test_sweep_runs_cpu_runs_side_by_side(tmp_path, capsys):
     from peftlab.cli import main
     from peftlab.studies.runner import read_events

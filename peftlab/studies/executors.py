@@ -83,9 +83,12 @@ class LocalExecutor:
             for t in trials:
                 work(t)
             return
-        with ThreadPoolExecutor(max_workers=self.slots) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.slots)
+        try:
             for f in [pool.submit(work, t) for t in trials]:
                 f.result()
+        finally:  # Ctrl-C or a failure in the sweep itself: start no further run (the running ones end with it)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class SubmititExecutor:
