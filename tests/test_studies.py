@@ -439,6 +439,14 @@ def _fresh_starts(run: Path) -> int:
     return text.count("peftlab run ") - text.count("resumed from")
 
 
+def _alive(pid: int) -> bool:
+    """Running (Linux): a killed orphan may stay a zombie where PID 1 does not reap, and that counts as dead."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
 def test_run_process_dies_with_the_sweep_and_never_starts_after_it(tmp_path):
     """A run's process is started through orphan_guard.py (no preexec_fn: several runs start from threads):
@@ -459,16 +467,10 @@ def test_run_process_dies_with_the_sweep_and_never_starts_after_it(tmp_path):
     os.kill(pid, 0)  # running
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    def alive(pid):  # a killed orphan may stay a zombie where PID 1 does not reap: that is dead
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-
     deadline = time.time() + 10
-    while time.time() < deadline and alive(pid):
+    while time.time() < deadline and _alive(pid):
         time.sleep(0.05)
-    if alive(pid):
+    if _alive(pid):
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the run's process outlived the sweep that started it")
     # a guard started for a sweep that is no longer its parent refuses, and the command never runs
