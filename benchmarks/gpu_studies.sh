@@ -12,6 +12,9 @@
 #                                                            writes $OUT/STUDY/estimate.{txt,json}; give the JSON to
 #                                                            scripts/results_page.py --estimate to compare)
 #
+# GPUS (environment, default 0): the sweep's --gpus, e.g. GPUS=0,0,0 runs three runs side by side on GPU 0 (a slot per
+# listed id; small models leave most of one GPU idle, and each run's process start and data setup overlap the others).
+#
 # STUDY: subspace_allocation | budget_aware | sparse_adapters | gradient_projection | compare.
 # Needs the study's files under ./gpu_assets/, made on a machine with the offline assets by
 # `bash scripts/gpu_bundle.sh STUDY` (it prints the paths to carry). Wheels in .whl/ (datasets, constriction, ...) are
@@ -22,6 +25,7 @@
 set -u
 STUDY=${1:?usage: bash benchmarks/gpu_studies.sh STUDY [WALL_S | estimate [PATTERN]]}
 MODE=${2:-540}
+GPUS=${GPUS:-0}
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu_studies}
 DEST="$OUT/$STUDY"
@@ -54,9 +58,9 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader > "$D
 if [ "$MODE" = estimate ]; then
   only=()
   [ -n "${3:-}" ] && only=(--only "$3")
-  python3 -m peftlab estimate "$YAML" --preset-scale=gpu --gpus 0 "${only[@]}" --json "$DEST/estimate.json" 2>&1 | tee "$DEST/estimate.txt" | tail -40
+  python3 -m peftlab estimate "$YAML" --preset-scale=gpu --gpus "$GPUS" "${only[@]}" --json "$DEST/estimate.json" 2>&1 | tee "$DEST/estimate.txt" | tail -40
   rc=${PIPESTATUS[0]}
-  echo "{\"study\": \"$STUDY\", \"mode\": \"estimate\", \"only\": \"${3:-}\", \"rc\": $rc, \"wall_s\": $(( $(date +%s) - T0 ))}" >> "$OUT/gpu_studies.jsonl"
+  echo "{\"study\": \"$STUDY\", \"mode\": \"estimate\", \"gpus\": \"$GPUS\", \"only\": \"${3:-}\", \"rc\": $rc, \"wall_s\": $(( $(date +%s) - T0 ))}" >> "$OUT/gpu_studies.jsonl"
   exit "$rc"
 fi
 
@@ -66,8 +70,8 @@ import peftlab.methods  # noqa: F401
 from peftlab.studies.spec import load_study
 print(load_study('$YAML', 'gpu', follow_ups=False).output_dir)")
 left=$(( MODE - ($(date +%s) - T0) - 30 ))   # 30 s for the copy below
-echo "study dir $SD; sweep wall limit ${left}s"
-timeout --signal=INT --kill-after=20 "$left" python3 -m peftlab sweep "$YAML" --preset-scale=gpu --gpus 0 >> "$DEST/sweep.txt" 2>&1
+echo "study dir $SD; sweep wall limit ${left}s; --gpus $GPUS"
+timeout --signal=INT --kill-after=20 "$left" python3 -m peftlab sweep "$YAML" --preset-scale=gpu --gpus "$GPUS" >> "$DEST/sweep.txt" 2>&1
 rc=$?
 wall=$(( $(date +%s) - T0 ))
 if [ "$rc" = 124 ]; then
@@ -87,7 +91,7 @@ for run in "$SD"/*/; do
   find "$run" -maxdepth 1 -type f -size -2048k ! -name '*.safetensors' ! -name '*.pt' ! -name '*.bin' -exec cp -f {} "$DEST/runs/$n/" \;
 done
 python3 - "$SD" "$STUDY" "$rc" "$wall" >> "$OUT/gpu_studies.jsonl" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
 sd, study, rc, wall = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 done = sorted(p.parent.name for p in sd.glob("*/results_final.json"))
@@ -107,7 +111,7 @@ for line in (sd / "study.jsonl").read_text().splitlines() if (sd / "study.jsonl"
     if e.get("event") == "study_step":
         k = e["step"].split()[0]
         phases[k] = round(phases.get(k, 0.0) + e.get("duration_s", 0.0), 1)
-print(json.dumps({"study": study, "rc": rc, "wall_s": wall, "runs_done": len(done), "bounds_devices": devices,
+print(json.dumps({"study": study, "gpus": os.environ.get("GPUS", "0"), "rc": rc, "wall_s": wall, "runs_done": len(done), "bounds_devices": devices,
                   "phases_s": phases, "analysis": (sd / "analysis" / "report.html").is_file()}))
 EOF
 tail -1 "$OUT/gpu_studies.jsonl"

@@ -132,6 +132,17 @@ def estimate_lines(est: dict, evs: list[dict]) -> list[str]:
            f"median {statistics.median(ratios):.2f}×). A run's measured time adds up its recorded attempts.", "",
            "| run | estimated | measured | measured / estimated |", "| --- | ---: | ---: | ---: |"]
     out += [f"| {n} | {fmt_s(e)} | {fmt_s(m)} | {m / e:.2f}× |" for n, e, m in rows]
+    slots = int(est.get("slots") or 1)
+    if slots > 1:
+        # each probe ran alone: on several slots a run's measured time includes the other runs' share of the device,
+        # and the study-level check is the estimated wall time against the sweeps'
+        out += ["", f"The estimate timed each probe alone; the sweep ran {slots} runs at a time, so a measured run time above "
+                "includes the others' share of the device, and the ratios above are the slowdown of sharing it."]
+        start = next((e for e in evs if e.get("event") == "sweep_start"), {})
+        if len(est.get("runs", [])) == start.get("runs"):  # an estimate of the whole study: its wall time on the slots
+            wall = sweep_wall(evs)[0]
+            out[-1] += (f" For the whole study it predicted {fmt_s(est['wall_s'])} of wall time on {slots} slots; the sweeps "
+                        f"took {fmt_s(wall)}, **{wall / est['wall_s']:.2f}×** the estimate.")
     return out + [""]
 
 
@@ -147,8 +158,13 @@ def page(study: str, scale: str, source: Path, dest: Path, estimate: Path | None
     lines = [f"# Results: `{study}` at its `{scale}` scale", ""]
     if desc:
         lines += [f"*{desc}*", ""]
-    lines += ["```", f"bash benchmarks/gpu_studies.sh {study}      # = peftlab sweep configs/studies/{study}.yaml "
-              f"--preset-scale={scale} --gpus 0, in slices", "```", ""]
+    gpus = start.get("gpus") or "0"
+    env = f"GPUS={gpus} " if gpus != "0" else ""
+    lines += ["```", f"{env}bash benchmarks/gpu_studies.sh {study}      # = peftlab sweep configs/studies/{study}.yaml "
+              f"--preset-scale={scale} --gpus {gpus}, in slices", "```", ""]
+    if start.get("slots", 1) > 1:
+        lines += [f"`--gpus {gpus}`: {start['slots']} runs side by side on the GPU at a time, so each run's own wall time "
+                  "(in the tables below) includes the others' share of the GPU; the sweeps' wall time is the study's.", ""]
     if comment:
         lines += ["## What ran, and what stands in for the seed's data and model", "", comment, ""]
     lines += ["## Time per phase (measured, from study.jsonl)", "", "| phase | seconds | share |", "| --- | ---: | ---: |"]

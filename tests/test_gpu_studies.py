@@ -154,3 +154,38 @@ def test_results_page_compares_the_estimate_with_the_measured_runs(tmp_path):
     assert "estimated 1m 08s, measured 1m 47s, **1.57×** the estimate" in page, page
     assert "| b | 40s | 1m 05s | 1.62× |" in page and "| (study step: analyze) | 8s | 12s | 1.50× |" in page and "| c |" not in page
     assert rp.main([str(src), "--study", "subspace_allocation", "--docs", str(docs), "--estimate", str(tmp_path / "no.json")]) == 2
+
+
+def test_results_page_of_runs_side_by_side_compares_the_study_wall_time(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("results_page", ROOT / "scripts/results_page.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    src = tmp_path / "budget_aware"
+    (src / "analysis").mkdir(parents=True)
+    # two slots on GPU 0: a and b side by side (each 40 s), then c; the sweep took 80 s
+    evs = [{"event": "sweep_start", "runs": 3, "slots": 2, "gpus": "0,0", "time": 0.0},
+           {"event": "end", "run": "a", "outcome": "completed", "duration_s": 40.0, "phases": {"train": 40.0}, "time": 40.0},
+           {"event": "end", "run": "b", "outcome": "completed", "duration_s": 40.0, "phases": {"train": 40.0}, "time": 40.0},
+           {"event": "end", "run": "c", "outcome": "completed", "duration_s": 30.0, "phases": {"train": 30.0}, "time": 70.0},
+           {"event": "study_step", "outcome": "completed", "step": "analyze x", "duration_s": 10.0, "time": 80.0}]
+    (src / "study.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
+    est = {"runs": [{"name": n, "status": "new", "seconds": 25.0} for n in "abc"],
+           "study_steps": [{"name": "analyze", "seconds": 10.0, "once": True}], "total_s": 85.0, "slots": 2,
+           "wall_s": 75.0 / 2 + 10.0}
+    (src / "estimate.json").write_text(json.dumps(est))
+    docs = tmp_path / "docs"
+    assert rp.main([str(src), "--study", "budget_aware", "--docs", str(docs)]) == 0
+    page = (docs / "budget_aware" / "README.md").read_text()
+    assert "GPUS=0,0 bash benchmarks/gpu_studies.sh budget_aware" in page and "--gpus 0,0, in slices" in page
+    assert "2 runs side by side on the GPU at a time" in page
+    # 80 s of sweep against 47.5 s estimated on 2 slots
+    assert "it predicted 48s of wall time on 2 slots; the sweeps took 1m 20s, **1.68×** the estimate" in page, page
+    # an --only estimate (not every run) makes no claim about the study's wall time
+    est["runs"] = est["runs"][:2]
+    (src / "estimate.json").write_text(json.dumps(est))
+    assert rp.main([str(src), "--study", "budget_aware", "--docs", str(docs)]) == 0
+    page = (docs / "budget_aware" / "README.md").read_text()
+    assert "ran 2 runs at a time" in page and "of wall time on 2 slots" not in page

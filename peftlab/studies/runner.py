@@ -222,7 +222,8 @@ def sweep(spec: StudySpec, trials: list[Trial], executor=None, out=None, retry_f
         # a done run still runs follow-ups it has not finished (e.g. bounds added to the study later)
         pending_followups = [t for t in trials if rows[t.name]["status"] == "done" and _followups_pending(spec, t, study_dir)]
         log.event("sweep_start", study=spec.study.name, scale=spec.scale, study_file=str(spec.path), runs=len(trials),
-                  to_run=len(todo), engine=executor.describe(), pid=os.getpid())
+                  to_run=len(todo), engine=executor.describe(), slots=executor.slots,
+                  gpus=",".join(executor.gpus) if getattr(executor, "gpus", None) else None, pid=os.getpid())
         log.say(f"==== STUDY {spec.study.name}{f' (scale {spec.scale})' if spec.scale else ''}: {len(trials)} runs, "
                 f"{len(todo)} to run, {sum(r['status'] == 'done' for r in rows.values())} done, on {executor.describe()} -> {study_dir} ====")
         for t in trials:
