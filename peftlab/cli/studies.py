@@ -132,7 +132,8 @@ def add_sweep(subparsers) -> None:
     p.add_argument("--preset-scale", default=None, help="a scale the study defines, e.g. cpu: a small variant that runs on a laptop CPU")
     p.add_argument("--output-dir", default=None, help="study directory (default: study.output_dir of the file)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU indices: one run per GPU at a time (or per group of "
-                                                "execution.processes_per_run GPUs)")
+                                                "execution.processes_per_run GPUs); an index given twice is two slots on that "
+                                                "GPU (--gpus 0,0: two small runs side by side on GPU 0)")
     p.add_argument("--cpu-runs", type=int, default=None, help="without --gpus: runs at once on this machine, each on its share "
                                                               "of the CPU cores (default: the study's execution.cpu_runs, else 1)")
     p.add_argument("--engine", choices=["local", "slurm", "submitit-local"], default="local",
