@@ -12,6 +12,7 @@
 #                                                            writes $OUT/STUDY/estimate.{txt,json}; give the JSON to
 #                                                            scripts/results_page.py --estimate to compare)
 #
+# RESUME (environment): see below; goes on with a study an earlier session (another machine) began.
 # GPUS (environment, default 0): the sweep's --gpus, e.g. GPUS=0,0,0 runs three runs side by side on GPU 0 (a slot per
 # listed id; small models leave most of one GPU idle, and each run's process start and data setup overlap the others).
 #
@@ -69,6 +70,21 @@ import sys; sys.argv = ['x']
 import peftlab.methods  # noqa: F401
 from peftlab.studies.spec import load_study
 print(load_study('$YAML', 'gpu', follow_ups=False).output_dir)")
+# RESUME=DIR (a carried folder STUDY/ unpacked from an earlier session's $OUT/STUDY.tgz): its finished runs (config and
+# results_final.json, so the sweep counts them done; no weights, so only for studies without per-run follow-ups still
+# to run) and its study.jsonl/log go into the study directory first, and the sweep goes on from there
+if [ -n "${RESUME:-}" ]; then
+  [ -f "$RESUME/study.jsonl" ] || { echo "RESUME=$RESUME: no study.jsonl there (unpack an earlier $STUDY.tgz and carry its $STUDY/ folder)" >&2; exit 2; }
+  mkdir -p "$SD"
+  for run in "$RESUME"/runs/*/; do
+    n=$(basename "$run"); [ -e "$SD/$n" ] || cp -r "$run" "$SD/$n"
+  done
+  for f in study.jsonl study.log estimate.json; do
+    [ -f "$RESUME/$f" ] && [ ! -e "$SD/$f" ] && cp "$RESUME/$f" "$SD/$f"
+  done
+  [ -f "$RESUME/estimate.json" ] && [ ! -e "$DEST/estimate.json" ] && cp "$RESUME/estimate.json" "$DEST/"
+  echo "resumed from $RESUME: $(ls "$RESUME"/runs | wc -l) finished run(s)"
+fi
 left=$(( MODE - ($(date +%s) - T0) - 30 ))   # 30 s for the copy below
 echo "study dir $SD; sweep wall limit ${left}s; --gpus $GPUS"
 timeout --signal=INT --kill-after=20 "$left" python3 -m peftlab sweep "$YAML" --preset-scale=gpu --gpus "$GPUS" >> "$DEST/sweep.txt" 2>&1
