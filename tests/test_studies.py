@@ -605,6 +605,13 @@ def test_estimate_cli_writes_its_json(tmp_path, capsys):
     assert [r["name"] for r in rec["runs"]] == ["a_s1", "a_s2"] and all(r["status"] == "new" and r["seconds"] > 0 for r in rec["runs"])
     assert rec["runs"][0]["steps"] == rec["runs"][1]["steps"] > 0 and rec["total_s"] == pytest.approx(sum(r["seconds"] for r in rec["runs"]))
     assert "a_s1" in printed and "TOTAL" in printed
+    # two slots on one GPU (here the probes run on the CPU): the wall time is divided by 2 and the note says the
+    # probes ran alone
+    assert main(["estimate", str(study), "--steps", "2", "--gpus", "0,0", "--json", str(tmp_path / "est2.json")]) == 0
+    rec2 = json.loads((tmp_path / "est2.json").read_text())
+    printed = " ".join(capsys.readouterr().out.split())
+    assert rec2["slots"] == 2 and rec2["wall_s"] == pytest.approx(rec2["total_s"] / 2)
+    assert "on 2 slots)" in printed and "puts several runs on one GPU; each probe ran alone" in printed
 
 
 @pytest.mark.slow

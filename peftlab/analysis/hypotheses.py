@@ -214,7 +214,9 @@ def beats_rival(ctx: PlotContext, cls: type, rival: type) -> list[Finding]:
         me = SimpleNamespace(**{k: v for k, v in rec.items() if k.isidentifier()})
         cands = agg[agg["method"] == rival.name]
         for k in ctx_keys:  # same data and model settings (dotted keys: read from the record, not attributes)
-            cands = cands[cands[k] == rec.get(k)] if k in cands else cands
+            if k in cands:  # a key one arm leaves unset (NaN, e.g. data.train_samples beside few-shot arms) matches unset
+                v = rec.get(k)
+                cands = cands[cands[k].isna()] if pd.isna(v) else cands[cands[k] == v]
         if cands.empty or pd.isna(me.trainable_params_mean):
             continue
         rel = (cands["trainable_params_mean"] - me.trainable_params_mean).abs() / me.trainable_params_mean

@@ -103,7 +103,8 @@ def cmd_estimate(args, extra: list[str]) -> int:
     if is_study_file(args.target):
         spec, trials = _load(args, extra)
         if gpus:
-            rows = estimate_study(spec, trials, steps=args.steps, slots=max(len(gpus) // spec.execution.processes_per_run, 1))
+            slots = max(len(gpus) // spec.execution.processes_per_run, 1)
+            rows = estimate_study(spec, trials, steps=args.steps, slots=slots)
         else:  # execution.cpu_runs runs side by side, each probed on its share of the cores
             slots = spec.execution.cpu_runs
             rows = estimate_study(spec, trials, steps=args.steps, slots=slots, threads=cpu_threads(slots))
@@ -114,6 +115,10 @@ def cmd_estimate(args, extra: list[str]) -> int:
         cfg = load_config(args.target, extra)
         rows = estimate_config(cfg, steps=args.steps)
     print_estimate(rows, slots=slots)
+    if gpus and len(set(gpus)) < len(gpus):
+        print(f"note: --gpus {','.join(gpus)} puts several runs on one GPU; each probe ran alone, so the wall time on "
+              f"{slots} slots assumes runs sharing a GPU do not slow each other. They do: four DistilBERT-base runs on one "
+              "H100 each took 1.2-2.4x their time alone (BENCHMARKS.md, 2026-12-07).")
     if args.json:
         write_json(Path(args.json), estimate_record(rows, slots))
     return 0
