@@ -21,6 +21,7 @@ from peftlab.analysis.layout import layout_problems  # noqa: E402
 from peftlab.analysis.plots import PLOTS, PlotContext, make_plots  # noqa: E402
 
 STUDIES = {"subspace": lambda p: F.make_subspace_study(p, seeds=(42, 123)), "budget": F.make_budget_study,
+           "budget_few_shot": F.make_budget_few_shot_study,
            "sparse": F.make_sparse_study, "sparse_24_layers": lambda p: F.make_sparse_study(p, modules=F.QWEN_05B_MODULES),
            "projection": F.make_projection_study, "compare": F.make_compare_study}
 

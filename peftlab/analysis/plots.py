@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -449,7 +450,8 @@ def _layer_panels(panels: list[tuple[str, str, pd.DataFrame]], ctx: PlotContext,
         ax.set_xticks(range(0, len(cols), step), [str(c) if c >= 0 else "other" for c in cols[::step]])
         ax.set_yticks(range(mat.shape[0]), [k.rsplit(".", 1)[-1] for k in mat.index])
         ax.set_xlabel("layer")
-        ax.set_title(label, color=ctx.colour(arm))
+        # a long group label (budget_aware's "ba_lora no uniform_ranks use_warmstart shots=16 ...") wraps to its panel
+        ax.set_title(textwrap.fill(label, width=int(panel_w * 11)), color=ctx.colour(arm), fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
     fig.colorbar(im, ax=axes, label=colorbar, fraction=0.04, pad=0.02)
@@ -478,8 +480,14 @@ def _errorbar_by_arm(ctx: PlotContext, ax, x: str, y: str, agg: Optional[pd.Data
         a = agg[agg["arm"] == arm].dropna(subset=[f"{x}_mean", f"{y}_mean"]).sort_values(f"{x}_mean")
         if a.empty:
             continue
-        ax.errorbar(a[f"{x}_mean"], a[f"{y}_mean"], yerr=np.nan_to_num(a[f"{y}_std"].to_numpy(dtype=float)),
-                    fmt="-" + MARKERS[i % len(MARKERS)], capsize=2.5, color=ctx.colour(arm), label=arm)
+        # a line joins only the groups of one setting (budget_aware's few-shot arms beside its full-data ones are
+        # points of their own, not a zigzag through the full-data curve)
+        setting = [k for k in ctx.study.group_keys if k.startswith(("data.", "training.")) and k in a]
+        parts = [g for _, g in a.groupby(setting, dropna=False, sort=False)] if setting else [a]
+        for j, part in enumerate(parts):
+            ax.errorbar(part[f"{x}_mean"], part[f"{y}_mean"], yerr=np.nan_to_num(part[f"{y}_std"].to_numpy(dtype=float)),
+                        fmt=("-" if len(part) > 1 else "") + MARKERS[i % len(MARKERS)], capsize=2.5, color=ctx.colour(arm),
+                        label=arm if j == 0 else None)
 
 
 def plot_performance(ctx: PlotContext) -> list[str]:
