@@ -61,6 +61,9 @@ if [ "$MODE" = estimate ]; then
   [ -n "${3:-}" ] && only=(--only "$3")
   python3 -m peftlab estimate "$YAML" --preset-scale=gpu --gpus "$GPUS" "${only[@]}" --json "$DEST/estimate.json" 2>&1 | tee "$DEST/estimate.txt" | tail -40
   rc=${PIPESTATUS[0]}
+  # $OUT is new for every device command: keep a copy for the sweep's later archives ($OUT/STUDY.tgz of each call)
+  mkdir -p /tmp/gpu_studies_state
+  for f in estimate.json estimate.txt; do [ -f "$DEST/$f" ] && cp -f "$DEST/$f" "/tmp/gpu_studies_state/$STUDY.$f"; done
   echo "{\"study\": \"$STUDY\", \"mode\": \"estimate\", \"gpus\": \"$GPUS\", \"only\": \"${3:-}\", \"rc\": $rc, \"wall_s\": $(( $(date +%s) - T0 ))}" >> "$OUT/gpu_studies.jsonl"
   exit "$rc"
 fi
@@ -99,6 +102,9 @@ if [ "$rc" = 124 ]; then
 fi
 
 cp -f "$SD/study.log" "$SD/study.jsonl" "$DEST/" 2>/dev/null
+for f in estimate.json estimate.txt; do  # this machine's estimate, from an earlier call
+  [ -f "/tmp/gpu_studies_state/$STUDY.$f" ] && [ ! -e "$DEST/$f" ] && cp "/tmp/gpu_studies_state/$STUDY.$f" "$DEST/$f"
+done
 if [ -d "$SD/analysis" ]; then rm -rf "$DEST/analysis"; cp -r "$SD/analysis" "$DEST/analysis"; fi
 for run in "$SD"/*/; do
   [ -f "$run/results_final.json" ] || continue
