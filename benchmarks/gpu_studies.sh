@@ -82,7 +82,7 @@ if [ -n "${RESUME:-}" ]; then
   for run in "$RESUME"/runs/*/; do
     n=$(basename "$run"); [ -e "$SD/$n" ] || cp -r "$run" "$SD/$n"
   done
-  for f in study.jsonl study.log estimate.json; do
+  for f in study.jsonl study.log; do
     [ -f "$RESUME/$f" ] && [ ! -e "$SD/$f" ] && cp "$RESUME/$f" "$SD/$f"
   done
   [ -f "$RESUME/estimate.json" ] && [ ! -e "$DEST/estimate.json" ] && cp "$RESUME/estimate.json" "$DEST/"
