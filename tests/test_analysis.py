@@ -379,3 +379,21 @@ def test_heatmaps_say_how_many_groups_they_leave_out(tmp_path, monkeypatch):
     plots.plot_rank_heatmap(ctx), plots.plot_layer_sparsity(ctx)
     assert seen["rank_allocation_heatmap"].endswith(": the first 2 of 3 groups")
     assert seen["layer_sparsity_heatmap"].endswith(": the first 2 of 3 groups")
+
+
+def test_the_study_is_named_as_the_sweep_recorded_it(tmp_path):
+    """Run files copied out of their study directory (the GPU runs' runs/ folders) keep their study's name in the
+    table caption and the report; runs without that record are named after their directory."""
+    import json
+
+    root = F.make_budget_study(tmp_path / "runs")
+    assert collect(root).name == "runs"
+    for cfg in root.glob("*/config.json"):
+        c = json.loads(cfg.read_text())
+        c["_meta"]["study"] = {"study": "budget_aware", "scale": "gpu", "trial": cfg.parent.name}
+        cfg.write_text(json.dumps(c))
+    study = collect(root)
+    assert study.name == "budget_aware, scale gpu"
+    res = analyze(root, tmp_path / "out")
+    assert "Results of budget\\_aware, scale gpu:" in (tmp_path / "out" / "summary_table.tex").read_text()
+    assert "<h1>Study budget_aware, scale gpu</h1>" in res.report.read_text()

@@ -181,6 +181,17 @@ class Study:
         return next(r for r in self.runs if r.name == name)
 
     @property
+    def name(self) -> str:
+        """The study's name as the sweep recorded it in every run ("budget_aware, scale gpu"), else the directory's
+        (a study's run files copied elsewhere, e.g. into runs/, keep their study's name)."""
+        recorded = {((r.meta.get("study") or {}).get("study"), (r.meta.get("study") or {}).get("scale")) for r in self.runs}
+        if len(recorded) == 1:
+            study, scale = next(iter(recorded))
+            if study:
+                return f"{study}, scale {scale}" if scale else str(study)
+        return self.root.name
+
+    @property
     def completed(self) -> pd.DataFrame:
         return self.table[self.table["status"] == "completed"]
 

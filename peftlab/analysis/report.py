@@ -69,8 +69,8 @@ def write_report(study: Study, out_dir: Path, summary_show: pd.DataFrame, compar
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         "<link rel='icon' href='data:,'>",
-        f"<title>peftlab analysis: {html.escape(study.root.name)}</title><style>{CSS}</style></head><body>",
-        f"<h1>Study {html.escape(study.root.name)}</h1>",
+        f"<title>peftlab analysis: {html.escape(study.name)}</title><style>{CSS}</style></head><body>",
+        f"<h1>Study {html.escape(study.name)}</h1>",
         f"<p class='meta'>{html.escape(str(study.root))} · {len(t)} runs ({n_done} completed) · methods: {html.escape(methods)}"
         f" · task: {html.escape(str(study.task or 'mixed'))} · generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
         " by <code>peftlab analyze</code></p>",

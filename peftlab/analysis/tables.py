@@ -230,7 +230,7 @@ def write_tables(study: Study, agg: pd.DataFrame, out_dir: Path, baselines: Opti
         paths[name] = out_dir / name
 
     csv("summary_table.csv", num)
-    caption = latex_escape(f"Results of {study.root.name}: mean ± sample standard deviation over n seeds; "
+    caption = latex_escape(f"Results of {study.name}: mean ± sample standard deviation over n seeds; "
                            f"headline metric {study.main_metric}.")
     tex = to_latex(show, caption)
     (out_dir / "summary_table.tex").write_text(tex)
