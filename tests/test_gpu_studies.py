@@ -7,6 +7,8 @@ config, and that every gpu scale reads only what scripts/gpu_bundle.sh writes un
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -51,7 +53,6 @@ def test_bounds_device_comes_from_the_run_config(monkeypatch):
 
 
 def test_qwen05_config_is_the_published_shape():
-    import json
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -83,13 +84,16 @@ def test_gpu_scale_reads_only_the_bundle(path):
     assert "stand" in path.read_text() or path.stem == "compare"  # and what stands in for the seed's data
 
 
-def test_results_page_from_a_study_directory(tmp_path):
-    import importlib.util
-    import json
-
+def _results_page():
+    """scripts/results_page.py as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("results_page", ROOT / "scripts/results_page.py")
     rp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rp)
+    return rp
+
+
+def test_results_page_from_a_study_directory(tmp_path):
+    rp = _results_page()
     src = tmp_path / "out" / "subspace_allocation"
     (src / "analysis").mkdir(parents=True)
     # two slices: the first cut by its wall limit (no sweep_end), the second resumes and ends
@@ -128,12 +132,7 @@ def test_results_page_from_a_study_directory(tmp_path):
 
 
 def test_results_page_compares_the_estimate_with_the_measured_runs(tmp_path):
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("results_page", ROOT / "scripts/results_page.py")
-    rp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rp)
+    rp = _results_page()
     src = tmp_path / "subspace_allocation"
     (src / "analysis").mkdir(parents=True)
     evs = [{"event": "sweep_start", "runs": 3, "time": 0.0},
@@ -157,12 +156,7 @@ def test_results_page_compares_the_estimate_with_the_measured_runs(tmp_path):
 
 
 def test_results_page_of_runs_side_by_side_compares_the_study_wall_time(tmp_path):
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("results_page", ROOT / "scripts/results_page.py")
-    rp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rp)
+    rp = _results_page()
     src = tmp_path / "budget_aware"
     (src / "analysis").mkdir(parents=True)
     # two slots on GPU 0: a and b side by side (each 40 s), then c; the sweep took 80 s
