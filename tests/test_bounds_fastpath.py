@@ -75,6 +75,28 @@ def test_view_scores_an_adapted_tied_lm_head(method):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["lora", "sublora"])
+def test_view_is_used_for_a_base_stored_in_bf16(method):
+    """On a GPU a bf16 run stores its frozen base in bf16 (model.base_dtype=auto). The check compares float32 logits
+    to 1e-4, which the bf16 reference alone missed, so such runs (the subspace_allocation study's bounds on the GPU)
+    were always scored through the model's slower full logits. The check now upcasts the base for its two rows; the
+    view is used, its numbers are as close to the model's under bf16 autocast as those of a float32 base are, and the
+    model (values and dtypes) is restored exactly."""
+    model, m = adapted(method, **{"model.target_modules": ["c_attn", "lm_head"], "model.base_dtype": "bfloat16",
+                                  "system.dtype": "bf16"})
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters())
+    scored = m.scoring_module(model)
+    tokens, rows, n = stream()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = score_rows(scored, tokens, rows, n, EOT, (0.01,), batch_tokens=64, progress=False, head="model",
+                     autocast_dtype=torch.bfloat16)
+    fast = score_rows(scored, tokens, rows, n, EOT, (0.01,), batch_tokens=64, progress=False, autocast_dtype=torch.bfloat16)
+    assert fast.path == "view"
+    assert np.abs(fast.loss_bits - ref.loss_bits).max() <= 1e-2 * np.abs(ref.loss_bits).max()
+    after = model.state_dict()
+    assert all(before[k].dtype == v.dtype and torch.equal(before[k], v) for k, v in after.items())
+
+
 def test_view_is_refused_when_the_merge_is_wrong(monkeypatch):
     """A merge that does not give the adapted function (here: peft's merge doing nothing) fails
     the check, and scoring falls back to the model's own logits with the right numbers."""

@@ -23,8 +23,8 @@ model exactly afterwards:
   call, so the numbers do not change.
 
 The first three change rounding only. They are checked, before any scoring, on two rows of
-real input: the view's logits (float32, TF32 off) must equal the model's own to 1e-4 of their
-largest magnitude, else the view is not used and the caller scores with the model's own
+real input: the view's logits (float32, TF32 off; a base stored in bf16 is upcast to float32 for
+the check) must equal the model's own to 1e-4 of their largest magnitude, else the view is not used and the caller scores with the model's own
 logits (a model that post-processes its logits, a merge peft gets wrong, a wrapper whose
 forward substitutes weights all fail this check).
 """
@@ -99,6 +99,9 @@ class ScoringView:
             return False
         self._compiled = fn
         return True
+
+    def drop_cache(self) -> None:
+        self._w, self._lr, self._dtype = None, (), None
 
     def logits(self, h: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
         """``(K, vocab)`` logits of hidden states ``h`` (in ``dtype``; None = the head's own)."""
@@ -200,6 +203,21 @@ def _fused_gelu(model: torch.nn.Module) -> Iterator[None]:
             setattr(parent, name, child)
 
 
+@contextlib.contextmanager
+def _float32(model: torch.nn.Module) -> Iterator[None]:
+    """Every bf16/fp16 parameter and buffer of ``model`` in float32 for the duration (the base's size in float32,
+    briefly); cast back on exit, which is exact: each value came from the lower precision."""
+    low = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [t.dtype for t in low]
+    try:
+        for t in low:
+            t.data = t.data.float()
+        yield
+    finally:
+        for t, dt in zip(low, dtypes):
+            t.data = t.data.to(dt)
+
+
 def _linear_like(m: torch.nn.Module) -> bool:
     return isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
 
@@ -257,20 +275,25 @@ def scoring_view(model: torch.nn.Module, x_check: torch.Tensor,
     skip = frozenset({id(head)})  # an adapted head stays unmerged: its weight is usually the tied input embedding
     cuda = torch.backends.cuda.matmul
     tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
-    with torch.inference_mode():
-        cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            with torch.autocast(x_check.device.type, enabled=False):
-                ref = model(input_ids=x_check).logits.float()
-        finally:
-            cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    with _merged(model, skip), _fused_gelu(model):
-        cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            with torch.inference_mode():
-                ok = _agrees(model, view, x_check, ref)
-        finally:
-            cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    # the check compares two float32 computations: a base stored in bf16 (model.base_dtype=auto on a GPU) is
+    # upcast for it, else bf16 rounding of the reference alone would exceed the tolerance and the view would
+    # never be used for such runs
+    with _float32(model):
+        with torch.inference_mode():
+            cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            try:
+                with torch.autocast(x_check.device.type, enabled=False):
+                    ref = model(input_ids=x_check).logits.float()
+            finally:
+                cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        with _merged(model, skip), _fused_gelu(model):
+            cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            try:
+                with torch.inference_mode():
+                    ok = _agrees(model, view, x_check, ref)
+            finally:
+                cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    view.drop_cache()  # the head's weight as the check saw it (float32); scoring takes it in its own dtype
     if not ok:  # the model is back as it was
         yield None
         return
