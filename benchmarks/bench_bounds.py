@@ -2,6 +2,8 @@
 
     python benchmarks/bench_bounds.py --device cuda --num-docs 10000                 # the issue's target (< 5 min on an H100)
     python benchmarks/bench_bounds.py --device cuda --num-docs 10000 --dtype bf16
+    python benchmarks/bench_bounds.py --device cuda --docs pydocs --num-docs 48 --dtype bf16 --base-dtype auto \\
+        --targets c_attn,lm_head                                       # as subspace_allocation's bf16 runs
     python benchmarks/bench_bounds.py --device cpu --num-docs 20                     # CPU throughput, GPT-2-124M
     python benchmarks/bench_bounds.py --device cpu --num-docs 500 --model tiny-gpt2  # CPU, the built-in tiny model
 
@@ -52,14 +54,21 @@ def write_bins(d: Path, num_docs: int, vocab: int, eot: int, seed: int = 0, mu: 
             "docs_over_1024": int((lengths > 1024).sum())}
 
 
-def build_bench_model(model_name: str, method: str, device_name: str, dtype: str):
+def build_bench_model(model_name: str, method: str, device_name: str, dtype: str, base_dtype: str = "float32",
+                      targets: str = ""):
     """(cfg, built run, device) of the benchmark model: GPT-2 (124M) from its shipped config with
-    random weights (context 1024) or the built-in tiny GPT-2 (context 128), adapted by ``method``."""
+    random weights (context 1024) or the built-in tiny GPT-2 (context 128), adapted by ``method``.
+    ``base_dtype=auto`` with ``dtype=bf16`` builds it as `peftlab bounds` loads a bf16 run on a GPU
+    (``system.dtype=bf16``: the frozen base stored in bf16); ``float32`` keeps a float32 base."""
     from peftlab.build import build
     from peftlab.config import load_config
 
     ov = {"method": method, "model.name": model_name, "data.block_size": 1024 if model_name == "gpt2" else 128,
-          "system.device": device_name}
+          "system.device": device_name, "model.base_dtype": base_dtype}
+    if targets:
+        ov["model.target_modules"] = targets.split(",")
+    if dtype == "bf16" and base_dtype == "auto":
+        ov["system.dtype"] = "bf16"
     if model_name == "gpt2":
         ov["model.from_scratch"] = True
     cfg = load_config(None, ov)
@@ -80,6 +89,9 @@ def main() -> int:
     ap.add_argument("--stride", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--head", default="auto", choices=["auto", "model"])
+    ap.add_argument("--targets", default="", help="model.target_modules, comma-separated (subspace_allocation: c_attn,lm_head)")
+    ap.add_argument("--base-dtype", default="float32", choices=["float32", "auto"],
+                    help="auto: the run's own (with --dtype bf16 on a GPU a bf16 base, as a bf16 run is loaded); float32: a float32 base")
     ap.add_argument("--compile-body", default="off", choices=["off", "on"], help="bounds.compile_body (its compilation is in wall_s)")
     ap.add_argument("--docs", default="owt", choices=["owt", "pydocs"],
                     help="owt: OpenWebText-shaped lengths; pydocs: the python-docs corpus' long documents (use --num-docs 447)")
@@ -95,7 +107,7 @@ def main() -> int:
 
     quiet_libraries()
     method = args.method or ("sublora" if "sublora" in METHODS else "lora")
-    cfg, built, device = build_bench_model(args.model, method, args.device, args.dtype)
+    cfg, built, device = build_bench_model(args.model, method, args.device, args.dtype, args.base_dtype, args.targets)
     model, m = built.model, built.method
     params = dict(model.named_parameters())
     g = torch.Generator().manual_seed(0)
@@ -122,6 +134,8 @@ def main() -> int:
     out = {
         "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "device": torch.cuda.get_device_name(0) if device.type == "cuda" else
         f"cpu ({torch.get_num_threads()} threads)", "model": args.model, "method": method, "dtype": args.dtype, "docs": args.docs, "head": args.head,
+        "base_dtype": str(next(p.dtype for n, p in model.named_parameters() if not p.requires_grad)).replace("torch.", ""),
+        "scoring_path": metrics["scoring_path"], "targets": args.targets or "default",
         "compile_body": args.compile_body, "batch_tokens": args.batch_tokens, "torch": torch.__version__,
         "compressed_numbers": metrics["compressed_numbers"], "num_docs": args.num_docs, **info,
         "tokens_scored": metrics["tokens_scored"], "wall_s": round(wall, 2), "scoring_s": round(metrics["scoring_time_s"], 2),
