@@ -28,7 +28,8 @@ gradient checkpointing, bf16 autocast, AdamW over the adapters, lr 1e-4.
   term (``peftlab.methods.sora.layers.FEW_KERNELS = False``), the form before the few-kernel one: what that buys.
 
 Per case: peak GPU memory (``max_memory_allocated`` from after the model is built to the end of the
-timed steps) and tokens/s over ``--steps`` timed steps after ``--warmup``. One JSON line per case in
+timed steps; ``mem_before_mb`` is what was still allocated when the case began, which that peak includes)
+and tokens/s over ``--steps`` timed steps after ``--warmup``. One JSON line per case in
 ``$OUT/bench_quant.jsonl`` (a failing case writes its error and the others go on), a summary table
 in ``$OUT/summary.md``.
 """
@@ -222,6 +223,9 @@ def main(argv=None) -> int:
                 row = {"shape": name, "kind": kind, "side": side, "batch": s["batch"], "seq": s["seq"], "warmup": a.warmup,
                        "steps": a.steps, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
                 prof = make_profiler(dev) if a.profile else None
+                cleanup()
+                if dev.type == "cuda":  # what an earlier case left allocated counts in this case's peak: say how much
+                    row["mem_before_mb"] = torch.cuda.memory_allocated(dev) / 2**20
                 try:
                     if side == "hf":
                         r = run_hf(s, kind, folder, dev, a.warmup, a.steps, profiler=prof)

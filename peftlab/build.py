@@ -284,12 +284,12 @@ def checkpointed_blocks(n: int, fraction: float) -> set[int]:
     return {(i * n) // k for i in range(k)}
 
 
-def make_method(cfg, task: str, target_modules: list[str], *, accelerator=None, train_batches=None, compute_loss=None,
+def make_method(cfg, task: str, target_modules: list[str], *, accelerator=None, device=None, train_batches=None, compute_loss=None,
                 run_dir: Optional[Path] = None, log: Optional[logging.Logger] = None, model_info=None,
                 total_steps: Optional[int] = None):
     """An instance of ``cfg.method`` with its context (nothing applied yet)."""
 
-    ctx = MethodContext(cfg=cfg, task=task, target_modules=list(target_modules), accelerator=accelerator,
+    ctx = MethodContext(cfg=cfg, task=task, target_modules=list(target_modules), accelerator=accelerator, device=device,
                         train_batches=train_batches, compute_loss=compute_loss, run_dir=run_dir,
                         log=log or logging.getLogger("peftlab"), model_info=model_info, total_steps=total_steps)
     return METHODS[cfg.method](ctx)
@@ -367,7 +367,7 @@ def build(cfg, *, task: Optional[str] = None, num_labels: Optional[int] = None, 
                 b = built.collate([built.train_ds[i] for i in idx])
                 yield {k: v.to(dev) for k, v in b.items()}
 
-    method = make_method(cfg, task, info.target_modules, accelerator=acc, train_batches=train_batches,
+    method = make_method(cfg, task, info.target_modules, accelerator=acc, device=dev, train_batches=train_batches,
                          compute_loss=compute_loss, run_dir=run_dir, log=log, model_info=info,
                          total_steps=built.plan.total_steps if built.plan is not None else None)
     model = apply_method(method, model, structure)

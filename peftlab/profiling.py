@@ -207,7 +207,7 @@ def profile_variant(base: torch.nn.Module, vcfg, task: str, num_labels: int, bat
             return mdl(**b).loss
 
     with tempfile.TemporaryDirectory() as scratch:
-        method = make_method(vcfg, task, targets, train_batches=lambda: iter([batch] * 4), compute_loss=compute_loss,
+        method = make_method(vcfg, task, targets, device=device, train_batches=lambda: iter([batch] * 4), compute_loss=compute_loss,
                              run_dir=Path(scratch), log=log or logging.getLogger("peftlab.profile"))
         model = apply_method(method, model)
         if low:

@@ -163,6 +163,37 @@ def test_dora_norm_setting_auto_is_cpu_safe():
     assert use_factored("peft", "cuda") is False
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "sdora", "sublora"])
+def test_device_dependent_choices_read_the_device_the_model_is_built_for(monkeypatch, method):
+    """lora.fused, lora.dora_norm and sora.fast_path (``auto``: on for CUDA) must see the device the model is built for,
+    with or without an accelerator. They read the accelerator's device only, so `load_run(run, device="cuda")` (no
+    accelerator) rebuilt a GPU run with the CPU implementation: peft's dense DoRA layer where the run trained with the
+    factored one, and its validation loss differed from the run's own by 3e-6 on the lent H100."""
+    import peftlab.methods.lora as lora_mod
+    import peftlab.methods.sora.method as sora_mod
+    import peftlab.methods.sublora.method as sublora_mod
+    from peftlab.build import build
+
+    seen = []
+
+    def spy(setting, device):
+        seen.append(torch.device(device).type)
+        return False
+
+    for mod, name in [(lora_mod, "use_fused"), (lora_mod, "use_factored"), (sora_mod, "use_fast_path"), (sublora_mod, "use_fused")]:
+        monkeypatch.setattr(mod, name, spy)
+    from peftlab.config import load_config
+
+    cfg = load_config(None, {"method": method, "model.name": "tiny-gpt2", "data.block_size": 32})
+    real = build.__globals__["make_method"]
+    monkeypatch.setitem(build.__globals__, "make_method",
+                        lambda *a, **kw: real(*a, **{**kw, "device": "cuda" if kw.get("device") is not None else None}))
+    # the build's device (here "cpu", handed on as "cuda" by the wrapper above: this machine has no GPU) reaches
+    # every choice; before, make_method had no device and every choice saw "cpu"
+    build(cfg, task="causal_lm", data=False, optimizer=False, device="cpu")
+    assert seen and set(seen) == {"cuda"}, seen
+
+
 def test_device_losses_read_back_the_per_step_floats():
     torch.manual_seed(0)
     vals = [torch.rand((), dtype=torch.float32) * 10 for _ in range(7)]

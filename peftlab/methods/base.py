@@ -37,6 +37,10 @@ class MethodContext:
         task: ``causal_lm`` or ``classification``.
         target_modules: module names to adapt (architecture default or ``model.target_modules``).
         accelerator: the ``accelerate.Accelerator`` of the run.
+        device: where the model runs (the accelerator's device, else the ``device`` the model was built for; CPU by
+            default). Device-dependent choices (``lora.fused``, ``lora.dora_norm``, ``sora.fast_path``: ``auto`` is on
+            for CUDA) read it, so that ``load_run(..., device="cuda")`` and ``peftlab profile`` on a GPU rebuild the
+            implementation a run on that GPU trains with.
         train_batches: returns an iterator of training micro-batches already on the device
             (for methods that look at data before training, e.g. BA-LoRA's importance phase).
         compute_loss: ``compute_loss(model, batch) -> scalar loss``.
@@ -50,12 +54,18 @@ class MethodContext:
     task: str
     target_modules: list[str]
     accelerator: Any = None
+    device: Any = None
     train_batches: Optional[Callable[[], Iterable[dict]]] = None
     compute_loss: Optional[Callable[[torch.nn.Module, dict], torch.Tensor]] = None
     run_dir: Optional[Path] = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("peftlab"))
     model_info: Any = None
     total_steps: Optional[int] = None
+
+    def __post_init__(self):
+        if self.device is None:
+            self.device = self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+        self.device = torch.device(self.device)
 
 
 class Method:

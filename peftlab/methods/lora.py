@@ -151,8 +151,7 @@ class LoRA(Method):
 
     def install_fused(self, model) -> int:
         """``lora.fused``: peftlab's fused LoRA forward on the peft layers (methods/fused_lora.py); how many."""
-        acc = self.ctx.accelerator
-        if not use_fused(self.cfg.lora.fused, acc.device if acc is not None else "cpu"):
+        if not use_fused(self.cfg.lora.fused, self.ctx.device):
             return 0
         n = install_fused_lora(model)
         self.ctx.log.info(f"lora.fused: fused LoRA forward in {n} layer(s) (lora.fused={self.cfg.lora.fused})")
@@ -228,8 +227,7 @@ class DoRA(LoRA):
 
     def apply(self, model, *args, **kwargs):
         model = super().apply(model, *args, **kwargs)
-        acc = self.ctx.accelerator
-        if use_factored(self.cfg.lora.dora_norm, acc.device if acc is not None else "cpu"):
+        if use_factored(self.cfg.lora.dora_norm, self.ctx.device):
             n = install_factored_dora(model)
             self.ctx.log.info(f"dora: factored row norm in {n} layer(s) (lora.dora_norm={self.cfg.lora.dora_norm})")
         return model

@@ -177,8 +177,7 @@ class SoRA(LoRA):
     # --- model ---------------------------------------------------------------------
     def apply(self, model, structure=None):
         model = super().apply(model, structure)
-        acc = self.ctx.accelerator
-        self.fast = use_fast_path(self.sc.fast_path, acc.device if acc is not None else "cpu")
+        self.fast = use_fast_path(self.sc.fast_path, self.ctx.device)
         ids = {id(p): n for n, p in model.named_parameters()}
         layers = list(lora_layers(model))
         if not layers:

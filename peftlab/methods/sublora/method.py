@@ -497,8 +497,7 @@ class SubLoRA(Method):
             except ValueError as e:
                 raise PeftlabError(f"peft cannot adapt target_modules={lc['target_modules']}: {str(e).splitlines()[0]} "
                                    "Point --model.target_modules at linear (or GPT-2 Conv1D) layers.") from None
-        acc = self.ctx.accelerator
-        if use_fused(self.cfg.lora.fused, acc.device if acc is not None else "cpu"):  # lora.fused, as for LoRA
+        if use_fused(self.cfg.lora.fused, self.ctx.device):  # lora.fused, as for LoRA
             self.ctx.log.info(f"lora.fused: fused LoRA forward in {install_fused_lora(peft_model)} layer(s)")
         segs = build_segments(peft_model, sc["fused_attn"])
         blocks, groups = plan_blocks(segs, sc)
