@@ -97,6 +97,25 @@ def test_view_is_used_for_a_base_stored_in_bf16(method):
     assert all(before[k].dtype == v.dtype and torch.equal(before[k], v) for k, v in after.items())
 
 
+def test_a_check_that_runs_out_of_memory_falls_back_to_the_models_logits(monkeypatch):
+    """The check upcasts a bf16 base to float32 (an 8B base: 32 GB). Where that does not fit, scoring goes on through
+    the model's own logits, with the model restored (values and dtypes)."""
+    model, m = adapted("lora", **{"model.base_dtype": "bfloat16", "system.dtype": "bf16"})
+    tokens, rows, n = stream()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(fastpath, "_agrees", no_memory)
+    got = score_rows(model, tokens, rows, n, EOT, (0.01,), batch_tokens=64, progress=False, autocast_dtype=torch.bfloat16)
+    ref = score_rows(model, tokens, rows, n, EOT, (0.01,), batch_tokens=64, progress=False, head="model",
+                     autocast_dtype=torch.bfloat16)
+    assert got.path == "model"
+    np.testing.assert_array_equal(got.loss_bits, ref.loss_bits)
+    assert all(before[k].dtype == v.dtype and torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_view_is_refused_when_the_merge_is_wrong(monkeypatch):
     """A merge that does not give the adapted function (here: peft's merge doing nothing) fails
     the check, and scoring falls back to the model's own logits with the right numbers."""

@@ -277,22 +277,27 @@ def scoring_view(model: torch.nn.Module, x_check: torch.Tensor,
     tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
     # the check compares two float32 computations: a base stored in bf16 (model.base_dtype=auto on a GPU) is
     # upcast for it, else bf16 rounding of the reference alone would exceed the tolerance and the view would
-    # never be used for such runs
-    with _float32(model):
-        with torch.inference_mode():
-            cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            try:
-                with torch.autocast(x_check.device.type, enabled=False):
-                    ref = model(input_ids=x_check).logits.float()
-            finally:
-                cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        with _merged(model, skip), _fused_gelu(model):
-            cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            try:
-                with torch.inference_mode():
-                    ok = _agrees(model, view, x_check, ref)
-            finally:
-                cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    # never be used for such runs. Where the float32 copy does not fit the device, the model's own logits are scored.
+    try:
+        with _float32(model):
+            with torch.inference_mode():
+                cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                try:
+                    with torch.autocast(x_check.device.type, enabled=False):
+                        ref = model(input_ids=x_check).logits.float()
+                finally:
+                    cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            with _merged(model, skip), _fused_gelu(model):
+                cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                try:
+                    with torch.inference_mode():
+                        ok = _agrees(model, view, x_check, ref)
+                finally:
+                    cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    except torch.OutOfMemoryError:  # the model is back as it was (every context above restores it on the way out)
+        ok = False
+        if x_check.device.type == "cuda":
+            torch.cuda.empty_cache()
     view.drop_cache()  # the head's weight as the check saw it (float32); scoring takes it in its own dtype
     if not ok:  # the model is back as it was
         yield None
