@@ -136,8 +136,14 @@ def estimate_lines(est: dict, evs: list[dict]) -> list[str]:
     if slots > 1:
         # each probe ran alone: on several slots a run's measured time includes the other runs' share of the device,
         # and the study-level check is the estimated wall time against the sweeps'
-        out += ["", f"The estimate timed each probe alone; the sweep ran {slots} runs at a time, so a measured run time above "
-                "includes the others' share of the device, and the ratios above are the slowdown of sharing it."]
+        sh = est.get("sharing")
+        if sh:  # the estimate measured the slowdown of sharing (a probe beside copies of itself) and applied it
+            out += ["", f"The sweep ran {slots} runs at a time. The estimate measured what sharing one GPU {sh['ways']} ways "
+                    f"costs (steps of {sh['measured_on']} beside {sh['ways'] - 1} copies of its training took {sh['factor']:.2f}× "
+                    "their time alone) and applied it to every run, so the ratios above are its error on shared runs."]
+        else:
+            out += ["", f"The estimate timed each probe alone; the sweep ran {slots} runs at a time, so a measured run time above "
+                    "includes the others' share of the device, and the ratios above are the slowdown of sharing it."]
         start = next((e for e in evs if e.get("event") == "sweep_start"), {})
         if len(est.get("runs", [])) == start.get("runs"):  # an estimate of the whole study: its wall time on the slots
             wall = sweep_wall(evs)[0]

@@ -183,3 +183,9 @@ def test_results_page_of_runs_side_by_side_compares_the_study_wall_time(tmp_path
     assert rp.main([str(src), "--study", "budget_aware", "--docs", str(docs)]) == 0
     page = (docs / "budget_aware" / "README.md").read_text()
     assert "ran 2 runs at a time" in page and "of wall time on 2 slots" not in page
+    # an estimate that measured the slowdown of sharing says so instead of calling the ratios that slowdown
+    est["sharing"] = {"ways": 2, "factor": 1.6, "measured_on": "a", "step_s_alone": 0.1, "step_s_shared": 0.16}
+    (src / "estimate.json").write_text(json.dumps(est))
+    assert rp.main([str(src), "--study", "budget_aware", "--docs", str(docs)]) == 0
+    page = " ".join((docs / "budget_aware" / "README.md").read_text().split())
+    assert "took 1.60× their time alone) and applied it to every run" in page and "timed each probe alone" not in page

@@ -605,13 +605,67 @@ def test_estimate_cli_writes_its_json(tmp_path, capsys):
     assert [r["name"] for r in rec["runs"]] == ["a_s1", "a_s2"] and all(r["status"] == "new" and r["seconds"] > 0 for r in rec["runs"])
     assert rec["runs"][0]["steps"] == rec["runs"][1]["steps"] > 0 and rec["total_s"] == pytest.approx(sum(r["seconds"] for r in rec["runs"]))
     assert "a_s1" in printed and "TOTAL" in printed
-    # two slots on one GPU (here the probes run on the CPU): the wall time is divided by 2 and the note says the
-    # probes ran alone
+    # two slots on one GPU (here the probes run on the CPU): the probe runs again beside a copy of its training (a real
+    # `peftlab train` process, stopped afterwards), the slowdown scales the runs, and the wall time is divided by 2
     assert main(["estimate", str(study), "--steps", "2", "--gpus", "0,0", "--json", str(tmp_path / "est2.json")]) == 0
     rec2 = json.loads((tmp_path / "est2.json").read_text())
     printed = " ".join(capsys.readouterr().out.split())
+    sh = rec2["sharing"]
+    assert sh["ways"] == 2 and sh["measured_on"] == "a_s1" and sh["factor"] >= 1.0 and sh["step_s_shared"] > 0
     assert rec2["slots"] == 2 and rec2["wall_s"] == pytest.approx(rec2["total_s"] / 2)
-    assert "on 2 slots)" in printed and "puts several runs on one GPU; each probe ran alone" in printed
+    assert "on 2 slots)" in printed and "(sharing one GPU 2 ways) : steps of a_s1 took" in printed
+    assert "slowdown was not measured" not in printed
+
+
+def test_a_sharing_probe_whose_copy_fails_says_so_and_measures_nothing(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from peftlab.studies import estimate as E
+    from peftlab.studies.expand import expand
+
+    spec = _spec(tmp_path, seeds=[1])
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the copy's process exits at once, before any step
+    buf = io.StringIO()
+    assert E.sharing_probe(expand(spec)[0].cfg, 1, tmp_path, steps=2, out=buf, wait_s=60) is None
+    assert "did not all start training" in buf.getvalue() and "(no output)" in buf.getvalue()
+
+
+def test_a_measured_sharing_factor_scales_every_run(tmp_path, monkeypatch):
+    """estimate --gpus 0,0,0: the probe's step time beside two copies of itself over its time alone scales each run's
+    training and follow-ups (not the study steps, which run once after the runs)."""
+    import io
+
+    from peftlab.studies import estimate as E
+    from peftlab.studies.expand import expand
+
+    alone = E.Probe(setup_s=2.0, first_step_s=1.0, step_s=0.5, eval_s=1.0, save_s=0.5, finish_s=0.5, steps=40, epochs=1,
+                    steps_timed=4)
+    monkeypatch.setattr(E, "probe", lambda cfg, steps=4, clock=None, run_dir=None: alone)
+    monkeypatch.setattr(E, "process_start_s", lambda cuda=False: 3.0)
+    asked = []
+
+    def shared(cfg, copies, scratch, steps, clock, out):
+        asked.append(copies)
+        return E.Probe(2.0, 1.0, 1.5, 1.0, 0.5, 0.5, 40, 1, 4)  # steps 3x slower beside its copies
+
+    monkeypatch.setattr(E, "sharing_probe", shared)
+    spec = _spec(tmp_path, seeds=[1, 2, 3])
+    cfg = expand(spec)[0].cfg
+    rows = E.estimate_study(spec, expand(spec), steps=4, slots=3, out=io.StringIO(), sharing=3)
+    assert asked == [2]
+    assert rows[0]["status"] == "sharing" and rows[0]["sharing"]["factor"] == pytest.approx(3.0)
+    assert [r["seconds"] for r in rows[1:]] == [pytest.approx(3.0 * E.run_seconds(cfg, alone))] * 3
+    rec = E.estimate_record(rows, slots=3)
+    assert len(rec["runs"]) == 3 and rec["sharing"]["ways"] == 3
+    assert rec["wall_s"] == pytest.approx(3.0 * E.run_seconds(cfg, alone))
+    buf = io.StringIO()
+    E.print_estimate(rows, slots=3, out=buf)
+    assert "took 3.00x their time alone (0.500 -> 1.500 s/step)" in buf.getvalue()
+    # without a measurement (a copy that did not start), the runs keep their time alone
+    monkeypatch.setattr(E, "sharing_probe", lambda *a, **k: None)
+    rows = E.estimate_study(spec, expand(spec), steps=4, slots=3, out=io.StringIO(), sharing=3)
+    assert [r["status"] for r in rows] == ["new"] * 3 and rows[0]["seconds"] == pytest.approx(E.run_seconds(cfg, alone))
 
 
 @pytest.mark.slow

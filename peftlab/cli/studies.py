@@ -104,7 +104,9 @@ def cmd_estimate(args, extra: list[str]) -> int:
         spec, trials = _load(args, extra)
         if gpus:
             slots = max(len(gpus) // spec.execution.processes_per_run, 1)
-            rows = estimate_study(spec, trials, steps=args.steps, slots=slots)
+            # runs side by side on one GPU (--gpus 0,0,0,0): their slowdown is measured (a probe beside copies of itself)
+            ways = max(gpus.count(g) for g in gpus) if spec.execution.processes_per_run == 1 else 1
+            rows = estimate_study(spec, trials, steps=args.steps, slots=slots, sharing=ways)
         else:  # execution.cpu_runs runs side by side, each probed on its share of the cores
             slots = spec.execution.cpu_runs
             rows = estimate_study(spec, trials, steps=args.steps, slots=slots, threads=cpu_threads(slots))
@@ -115,10 +117,11 @@ def cmd_estimate(args, extra: list[str]) -> int:
         cfg = load_config(args.target, extra)
         rows = estimate_config(cfg, steps=args.steps)
     print_estimate(rows, slots=slots)
-    if gpus and len(set(gpus)) < len(gpus):
-        print(f"note: --gpus {','.join(gpus)} puts several runs on one GPU; each probe ran alone, so the wall time on "
-              f"{slots} slots assumes runs sharing a GPU do not slow each other. They do: four DistilBERT-base runs on one "
-              "H100 each took 1.2-2.4x their time alone (BENCHMARKS.md, 2026-12-07).")
+    if gpus and len(set(gpus)) < len(gpus) and not any(r["status"] == "sharing" for r in rows):
+        print(f"note: --gpus {','.join(gpus)} puts several runs on one GPU, and their slowdown was not measured (nothing to "
+              f"probe, or the probe beside copies of itself did not run), so the wall time on {slots} slots assumes runs "
+              "sharing a GPU do not slow each other. They do: four DistilBERT-base runs on one H100 each took 1.2-2.4x "
+              "their time alone (BENCHMARKS.md, 2026-12-07).")
     if args.json:
         write_json(Path(args.json), estimate_record(rows, slots))
     return 0
@@ -162,7 +165,8 @@ def add_estimate(subparsers) -> None:
     e.add_argument("--output-dir", default=None, help="study directory (runs already done there count as zero)")
     e.add_argument("--only", default=None, help="comma-separated run names or patterns: estimate only these")
     e.add_argument("--steps", type=int, default=4, help="optimizer steps timed per distinct configuration (default 4)")
-    e.add_argument("--gpus", default=None, help="GPUs the sweep will use (the total is divided among them)")
+    e.add_argument("--gpus", default=None, help="GPUs the sweep will use (the total is divided among them); an index given "
+                                                "twice (--gpus 0,0) also measures how much runs sharing that GPU slow each other")
     e.add_argument("--cpu-runs", type=int, default=None, help="without --gpus: runs the sweep will run at once on the CPU "
                                                               "(default: the study's execution.cpu_runs, else 1)")
     e.add_argument("--json", default=None, metavar="PATH",

@@ -24,6 +24,12 @@ study directory holding one probe run per distinct configuration. Runs
 already done in the study directory count zero. A partial run (killed, or stopped) counts
 only what is left after its newest complete checkpoint, where ``--resume`` would start:
 its remaining steps, the epoch ends among them and the setup of the resumed process.
+
+Runs that share a GPU (``--gpus 0,0,0,0``: k slots on one device) slow each other. With ``sharing=k`` the
+first configuration is probed once more while k - 1 copies of its training run beside it, each in its own
+``peftlab train`` process as the sweep would start it (stopped once the probe is done); the ratio of its median
+step time to the probe's alone is the *sharing factor*, applied to every run's training and follow-ups (an
+assumption: the follow-ups, bounds or profiles, are not probed shared).
 """
 
 from __future__ import annotations
@@ -228,10 +234,75 @@ def time_steps(steps: list[str], mapping: dict[str, str], log_path: Path, out=No
     return taken
 
 
+def _copy_stepping(run_dir: Path) -> bool:
+    """Whether a copy's loss_log.csv has a row (it is past its setup and training)."""
+    f = run_dir / "loss_log.csv"
+    try:
+        return f.is_file() and len(f.read_text().splitlines()) > 1
+    except OSError:
+        return False
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for pr in procs:
+        if pr.poll() is None:
+            pr.terminate()
+    for pr in procs:
+        try:
+            pr.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pr.kill()
+            pr.wait()
+
+
+def sharing_probe(cfg, copies: int, scratch: Path, steps: int = 4, clock: Callable[[], float] = time.perf_counter,
+                  out=None, wait_s: float = 600.0) -> Optional[Probe]:
+    """:func:`probe` of ``cfg`` while ``copies`` copies of its training run in their own ``peftlab train`` processes on
+    the same device (started first; the probe begins once every copy has logged a step). None, with a message, when a
+    copy stops before the probe is done or does not start stepping within ``wait_s``."""
+    out = out if out is not None else sys.stdout
+    procs, dirs = [], []
+    try:
+        for i in range(copies):
+            d = scratch / f".sharing/copy{i}"
+            d.parent.mkdir(parents=True, exist_ok=True)
+            ccfg = cfg.replace({"output.dir": str(d), "training.epochs": 10_000, "training.max_steps": 10_000_000,
+                                "training.save_steps": 0, "training.eval_steps": 0, "training.log_steps": 1,
+                                "training.resume_from": None, "logging.progress_bar": False, "logging.report_to": [],
+                                "output.overwrite": True})
+            path = scratch / f".sharing/copy{i}.yaml"
+            path.write_text(yaml.safe_dump(ccfg.to_dict(), sort_keys=False))
+            log = open(scratch / f".sharing/copy{i}.out", "w")
+            procs.append(subprocess.Popen([sys.executable, "-m", "peftlab", "train", str(path)], stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=os.getcwd(), env=dict(os.environ)))
+            log.close()
+            dirs.append(d)
+        deadline = time.monotonic() + wait_s
+        while not all(_copy_stepping(d) for d in dirs):
+            if any(pr.poll() is not None for pr in procs) or time.monotonic() > deadline:
+                ended = [i for i, pr in enumerate(procs) if pr.poll() is not None] or [0]
+                tail = (scratch / f".sharing/copy{ended[0]}.out").read_text(errors="replace").strip().splitlines()[-5:]
+                print("  the sharing probe's copies did not all start training, so the estimate assumes runs sharing a GPU "
+                      "do not slow each other; the copy's last lines:\n    " + "\n    ".join(tail or ["(no output)"]),
+                      file=out, flush=True)
+                return None
+            time.sleep(0.5)
+        shared = probe(cfg, steps, clock)
+        if any(pr.poll() is not None for pr in procs):
+            print("  a copy of the sharing probe stopped before the probe was done; its time is not used", file=out, flush=True)
+            return None
+        return shared
+    finally:
+        _stop(procs)
+
+
 def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
-                   clock: Callable[[], float] = time.perf_counter, threads: Optional[int] = None) -> list[dict[str, Any]]:
+                   clock: Callable[[], float] = time.perf_counter, threads: Optional[int] = None,
+                   sharing: int = 1) -> list[dict[str, Any]]:
     """One row per trial (its training plus its per-run follow-ups), then one row per study step (``analyze``).
-    ``threads``: the CPU threads each run gets when several share the CPU (`execution.cpu_runs`); the probes use as many."""
+    ``threads``: the CPU threads each run gets when several share the CPU (`execution.cpu_runs`); the probes use as many.
+    ``sharing``: runs side by side on one GPU (``--gpus 0,0``: 2); above 1 the sharing factor (module docstring)
+    scales every run's seconds, and a first row (``status: sharing``) records it."""
     out = out if out is not None else sys.stdout
     probes: dict[str, Probe] = {}
     rows = []
@@ -269,6 +340,21 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
             done = resume_step(t.run_dir) if status == "partial" else 0
             rows.append({"name": t.name, "status": status, "seconds": run_seconds(t.cfg, p, done) + p.followups_total,
                          "probe": p, "done_steps": done})
+        todo = [r for r in rows if r.get("probe") is not None]
+        if sharing > 1 and todo:
+            first = todo[0]
+            print(f"timing {steps} steps of {first['name']} again, with {sharing - 1} copies of its training beside it "
+                  f"(runs sharing one GPU {sharing} ways) ...", file=out, flush=True)
+            shared = sharing_probe(with_threads(trials[[t.name for t in trials].index(first['name'])].cfg, threads),
+                                   sharing - 1, Path(scratch), steps, clock, out)
+            if shared is not None and first["probe"].step_s > 0:
+                factor = max(shared.step_s / first["probe"].step_s, 1.0)
+                for r in todo:
+                    r["seconds"] *= factor
+                    r["factor"] = factor
+                rows.insert(0, {"name": f"(sharing one GPU {sharing} ways)", "status": "sharing", "seconds": 0.0, "probe": None,
+                                "sharing": {"ways": sharing, "factor": factor, "measured_on": first["name"],
+                                            "step_s_alone": first["probe"].step_s, "step_s_shared": shared.step_s}})
         if spec.follow_up.study and probes:
             print(f"timing the study steps on the {len(probes)} probe run(s) ...", file=out, flush=True)
             for name, sec in time_steps(list(spec.follow_up.study), {"study_dir": scratch}, Path(scratch) / ".study.out", out).items():
@@ -280,21 +366,25 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
 def estimate_record(rows: list[dict], slots: int = 1) -> dict[str, Any]:
     """The estimate as data (``peftlab estimate --json``): per run its seconds, training and follow-up shares;
     the study steps; the total and the wall time on ``slots`` slots, as :func:`print_estimate` prints them."""
-    runs, steps = [], []
+    runs, steps, sharing = [], [], None
     for r in rows:
         if r.get("study_step"):
             steps.append({"name": r["study_step"], "seconds": r["seconds"], "once": True})
             continue
+        if r["status"] == "sharing":
+            sharing = r["sharing"]
+            continue
         p = r["probe"]
         rec = {"name": r["name"], "status": r["status"], "seconds": r["seconds"]}
         if p is not None:
-            rec.update(train_s=r["seconds"] - p.followups_total, followups_s=dict(p.followup_s), steps=p.steps,
-                       step_s=p.step_s, setup_s=p.setup_s, done_steps=r.get("done_steps") or 0)
+            f = r.get("factor", 1.0)
+            rec.update(train_s=r["seconds"] - f * p.followups_total, followups_s={k: f * v for k, v in p.followup_s.items()},
+                       steps=p.steps, step_s=p.step_s, setup_s=p.setup_s, done_steps=r.get("done_steps") or 0)
         runs.append(rec)
     total = sum(r["seconds"] for r in rows)
     study_s = sum(s["seconds"] for s in steps)
     return {"runs": runs, "study_steps": steps, "total_s": total, "slots": slots,  # the study steps run once, after every run
-            "wall_s": (total - study_s) / max(slots, 1) + study_s, "time": time.time()}
+            "wall_s": (total - study_s) / max(slots, 1) + study_s, "sharing": sharing, "time": time.time()}
 
 
 def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
@@ -308,15 +398,21 @@ def print_estimate(rows: list[dict], slots: int = 1, out=None) -> float:
             seen = (f"   (timed on {r['runs_seen']} probe run(s); grows a little with the number of runs)" if r["runs_seen"] else "")
             print(f"{r['name']:<{w}} : {'':>7} {'':>8} {'':>10}   ~ {fmt_duration(r['seconds']):>10}{seen}", file=out)
             continue
+        if r["status"] == "sharing":
+            sh = r["sharing"]
+            print(f"{r['name']:<{w}} : steps of {sh['measured_on']} took {sh['factor']:.2f}x their time alone "
+                  f"({sh['step_s_alone']:.3f} -> {sh['step_s_shared']:.3f} s/step); every run below includes it", file=out)
+            continue
         if p is None:
             print(f"{r['name']:<{w}} : {'':>7} {'':>8} {'':>10}   {r['status']} (0s)", file=out)
             continue
         done = r.get("done_steps") or 0
+        f = r.get("factor", 1.0)
         left = f"{p.steps - done}/{p.steps}" if done else f"{p.steps}"
-        fu = ", ".join(f"{k} {fmt_duration(v)}" for k, v in p.followup_s.items())
+        fu = ", ".join(f"{k} {fmt_duration(f * v)}" for k, v in p.followup_s.items())
         print(f"{r['name']:<{w}} : {left:>7} {p.step_s:>8.3f} {p.setup_s + p.epochs * p.eval_s:>10.1f}   ~ {fmt_duration(r['seconds']):>10}"
-              + (f"   (resumes at step {done})" if done else "") + (f"   (train {fmt_duration(r['seconds'] - p.followups_total)}, {fu})" if fu else ""),
-              file=out)
+              + (f"   (resumes at step {done})" if done else "")
+              + (f"   (train {fmt_duration(r['seconds'] - f * p.followups_total)}, {fu})" if fu else ""), file=out)
     rec = estimate_record(rows, slots)
     total, wall = rec["total_s"], rec["wall_s"]
     print("-" * (w + 44), file=out)
