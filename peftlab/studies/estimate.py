@@ -345,8 +345,8 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
             first = todo[0]
             print(f"timing {steps} steps of {first['name']} again, with {sharing - 1} copies of its training beside it "
                   f"(runs sharing one GPU {sharing} ways) ...", file=out, flush=True)
-            shared = sharing_probe(with_threads(trials[[t.name for t in trials].index(first['name'])].cfg, threads),
-                                   sharing - 1, Path(scratch), steps, clock, out)
+            cfg = next(t.cfg for t in trials if t.name == first["name"])
+            shared = sharing_probe(with_threads(cfg, threads), sharing - 1, Path(scratch), steps, clock, out)
             if shared is not None and first["probe"].step_s > 0:
                 factor = max(shared.step_s / first["probe"].step_s, 1.0)
                 for r in todo:
