@@ -15,6 +15,8 @@
 # RESUME (environment): see below; goes on with a study an earlier session (another machine) began.
 # GPUS (environment, default 0): the sweep's --gpus, e.g. GPUS=0,0,0 runs three runs side by side on GPU 0 (a slot per
 # listed id; small models leave most of one GPU idle, and each run's process start and data setup overlap the others).
+# The estimate gets the same --gpus: with a repeated id it also times the first probe beside copies of itself (the
+# slowdown of sharing, applied to every run; about a minute more).
 #
 # STUDY: subspace_allocation | budget_aware | sparse_adapters | gradient_projection | compare.
 # Needs the study's files under ./gpu_assets/, made on a machine with the offline assets by
