@@ -108,7 +108,8 @@ def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], 
              rank: int = 0, world: int = 1, reduce=None, prefix: str = "val", cap: bool = True,
              lockstep: bool = False) -> dict[str, float]:
     """Validation metrics of ``model`` as the loop computes them, in float64: classification
-    ``val_loss`` is the mean over examples, with accuracy and F1; causal LM ``val_loss`` is the
+    ``val_loss`` is the mean cross-entropy over examples (from the logits: a method's training regulariser, such as
+    AdaLoRA's orthogonality penalty in peft's ``loss``, is not part of it), with accuracy and F1; causal LM ``val_loss`` is the
     mean over supervised tokens (sum of token losses / number of tokens with a label, across all
     batches), with perplexity = exp(val_loss). ``rank``/``world``/``reduce`` split the work
     across processes (``reduce`` is ``accelerator.reduce``); alone, leave them. ``prefix`` names
@@ -150,6 +151,11 @@ def evaluate(model, val_ds, collate, cfg, task: str, num_labels: Optional[int], 
             loss_sum += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift.reshape(-1),
                                                           ignore_index=-100, reduction="sum").double()
             count += (shift != -100).sum()
+        elif task == "classification" and out.logits.shape[-1] > 1 and not batch["labels"].is_floating_point():
+            # the task's cross-entropy from the logits, not the model's `loss`: peft's AdaLoRA adds its orthogonality
+            # penalty (a training regulariser) to `loss` in evaluation too
+            loss_sum += torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"].view(-1), reduction="sum").double()
+            count += batch["labels"].numel()
         else:
             k = batch["input_ids"].shape[0]
             loss_sum += out.loss.double() * k

@@ -51,3 +51,24 @@ def test_bad_schedules_are_refused(tmp_path):
     with pytest.raises(PeftlabError, match=r"adalora.tinit \(10\).*below the run's 4 optimizer steps"):
         build(make_cfg(tmp_path, method="adalora", adalora__tinit=10, training__max_steps=4, training__batch_size=4,
                        data__max_train_examples=48), optimizer=False)
+
+
+def test_validation_loss_is_the_task_loss_without_the_orthogonality_penalty(tmp_path):
+    """peft's AdaLoraModel adds 0.5 x its orthogonality penalty to the model's ``loss`` whenever labels are given, in
+    evaluation too: peftlab's classification val_loss was that sum (2.19 on the quickstart classifier, where a
+    two-class cross-entropy is about 0.69). It is now the cross-entropy of the logits, as for every other method."""
+    import torch
+
+    from peftlab.build import build
+    from peftlab.evaluation import evaluate
+
+    cfg = make_cfg(tmp_path, "cls", method="adalora", training__max_steps=4, data__max_val_examples=24)
+    b = build(cfg)
+    got = evaluate(b.model, b.val_ds, b.collate, cfg, b.task, b.num_labels, "cpu")["val_loss"]
+    b.model.eval()
+    batch = b.collate([b.val_ds[i] for i in range(len(b.val_ds))])
+    with torch.no_grad():
+        out = b.model(**batch)
+    ce = torch.nn.functional.cross_entropy(out.logits.double(), batch["labels"]).item()
+    assert out.loss.item() > ce + 0.1  # the model's loss carries the penalty (A and B start far from orthonormal)
+    assert got == pytest.approx(ce, rel=1e-6)
