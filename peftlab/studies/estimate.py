@@ -46,8 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
-
 from ..build import count_optimizer_steps
 from ..checkpoints import list_checkpoints
 from ..methods import METHODS
@@ -57,7 +55,7 @@ from ..train import lock as run_lock
 from ..train.loop import Trainer
 from .executors import with_threads
 from .log import fmt_duration
-from .runner import before_marker
+from .runner import before_marker, write_config
 from .trial import run_steps, step_words, trial_status
 
 
@@ -235,10 +233,10 @@ def time_steps(steps: list[str], mapping: dict[str, str], log_path: Path, out=No
 
 
 def _copy_stepping(run_dir: Path) -> bool:
-    """Whether a copy's loss_log.csv has a row (it is past its setup and training)."""
-    f = run_dir / "loss_log.csv"
+    """Whether a copy's loss_log.csv has a row after its header (it is past its setup and training)."""
     try:
-        return f.is_file() and len(f.read_text().splitlines()) > 1
+        with open(run_dir / "loss_log.csv") as f:
+            return bool(f.readline()) and bool(f.readline())
     except OSError:
         return False
 
@@ -271,7 +269,7 @@ def sharing_probe(cfg, copies: int, scratch: Path, steps: int = 4, clock: Callab
                                 "training.resume_from": None, "logging.progress_bar": False, "logging.report_to": [],
                                 "output.overwrite": True})
             path = scratch / f".sharing/copy{i}.yaml"
-            path.write_text(yaml.safe_dump(ccfg.to_dict(), sort_keys=False))
+            write_config(path, ccfg)
             log = open(scratch / f".sharing/copy{i}.out", "w")
             procs.append(subprocess.Popen([sys.executable, "-m", "peftlab", "train", str(path)], stdout=log,
                                           stderr=subprocess.STDOUT, cwd=os.getcwd(), env=dict(os.environ)))
@@ -331,8 +329,7 @@ def estimate_study(spec, trials, steps: int = 4, slots: int = 1, out=None,
                 p = probes[key] = probe(with_threads(t.cfg, threads), steps, clock, run_dir=run_dir)
                 if per_run:
                     cfg_path = Path(scratch) / ".configs" / f"{t.name}.yaml"
-                    cfg_path.parent.mkdir(parents=True, exist_ok=True)
-                    cfg_path.write_text(yaml.safe_dump(t.cfg.replace({"output.dir": str(run_dir)}).to_dict(), sort_keys=False))
+                    write_config(cfg_path, t.cfg.replace({"output.dir": str(run_dir)}))
                     print(f"timing the follow-ups of {t.name} on the probe's run ...", file=out, flush=True)
                     p.followup_s = time_steps(per_run, {"run_dir": str(run_dir), "name": t.name, "study_dir": scratch,
                                                         "config": str(cfg_path)}, Path(scratch) / ".followups.out", out)

@@ -127,7 +127,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_config(path: Path, cfg) -> None:
+def write_config(path: Path, cfg) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# written by peftlab sweep; `peftlab train` on this file reruns the trial by hand\n"
     atomic_write_text(path, text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -157,7 +157,7 @@ def make_job(spec: StudySpec, trial: Trial, study_dir: Path, gpus: Optional[list
     """The job of one trial; ``threads``: its CPU threads when several runs share the CPU (written into the
     run's config, where the run does not set `system.num_threads` itself, so that a rerun by hand gives the same numbers)."""
     cfg_path = study_dir / STATE_DIR / "configs" / f"{trial.name}.yaml"
-    _write_config(cfg_path, with_threads(trial.cfg, threads))
+    write_config(cfg_path, with_threads(trial.cfg, threads))
     mapping = {"run_dir": str(trial.run_dir), "name": trial.name, "study_dir": str(study_dir), "config": str(cfg_path)}
     env = {TRIAL_ENV: json.dumps(trial.provenance(spec) | {"study_dir": str(study_dir)}), "TOKENIZERS_PARALLELISM": "false"}
     if gpus is not None:
