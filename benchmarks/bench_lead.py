@@ -7,7 +7,8 @@ Shapes (random weights from the configs shipped in ``peftlab/models/configs``, b
 * ``llama8b``: Llama-3-8B, batch 4 x 1024, gradient checkpointing, LoRA r16 alpha32 on q/k/v/o.
 
 Sides (each case: one side x one method x one shape, eager unless ``_c`` (compiled) or ``_cg`` (compiled with CUDA
-graphs, ``mode="reduce-overhead"``; peftlab: ``system.compile_mode=reduce-overhead``)):
+graphs, ``mode="reduce-overhead"``; peftlab: ``system.compile_mode=reduce-overhead``) or ``_cb`` (each transformer
+block compiled in place; peftlab: ``system.compile_scope=blocks``; HF PEFT: ``block.compile()`` on each block)):
 
 * ``hf`` / ``hf_c``: ``AutoModelForCausalLM.from_config(cfg, dtype=bf16)`` on the GPU + ``get_peft_model``
   (adapters float32), a minimal loop: bf16 autocast forward with ``labels``, backward, fused AdamW, zero_grad;
@@ -129,6 +130,13 @@ PLAN = [
     # the fractions that should land at HF's peak (0.36 GB per uncheckpointed 3B block, 2026-12-04): the targets' condition
     (5, "qwen3b", "peftlab_chunked_gc60", "lora", 22, "nomb"), (5, "qwen3b", "peftlab_chunked_gc60", "dora", 14, "nomb"),
     (5, "llama8b", "peftlab_chunked_gc80", "dora", 18, "nomb"),
+    # part 6: each transformer block compiled in place (system.compile_scope=blocks; one compilation for all blocks), on
+    # both sides, at 3B and 8B: the norms, rotary embedding, SwiGLU and residual adds that eager mode runs one by one
+    (6, "qwen3b", "hf", "lora", 18, "nomb"), (6, "qwen3b", "hf_cb", "lora", 60, "nomb"),
+    (6, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 60, "nomb"), (6, "qwen3b", "peftlab_chunked_cb", "lora", 60, "nomb"),
+    (6, "qwen3b", "hf", "dora", 12, "nomb"), (6, "qwen3b", "peftlab_chunked_gc60_cb", "dora", 60, "nomb"),
+    (6, "llama8b", "hf", "lora", 22, "nomb"), (6, "llama8b", "hf_cb", "lora", 60, "nomb"),
+    (6, "llama8b", "peftlab_chunked_gc75_cb", "lora", 60, "nomb"),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 
@@ -291,7 +299,12 @@ def profile_report(prof, steps: int, path: Path) -> dict:
 def compile_mode(side: str):
     """A side's ``torch.compile`` mode: ``X_c`` compiled (default mode), ``X_cg`` compiled with CUDA graphs
     (``reduce-overhead``: the step's kernels replayed as one graph), else None (eager)."""
-    return "reduce-overhead" if side.endswith("_cg") else "default" if side.endswith("_c") else None
+    return "reduce-overhead" if side.endswith("_cg") else "default" if side.endswith(("_c", "_cb")) else None
+
+
+def compile_scope(side: str) -> str:
+    """``X_cb``: each transformer block compiled in place (peftlab ``system.compile_scope=blocks``), else the whole model."""
+    return "blocks" if side.endswith("_cb") else "model"
 
 
 def lever_set(side: str) -> str:
@@ -299,11 +312,16 @@ def lever_set(side: str) -> str:
     return side.rsplit("_", 1)[0] if compile_mode(side) else side
 
 
-def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: Optional[str], prof=None) -> dict:
+def minimal_loop(model, s: dict, dev, warmup: int, steps: int, compile_: Optional[str], prof=None, scope: str = "model") -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
     model.train()
-    fwd = model if compile_ is None else torch.compile(model, mode=None if compile_ == "default" else compile_)
+    if compile_ is not None and scope == "blocks":  # what system.compile_scope=blocks does, by hand on HF PEFT
+        from peftlab.train.sharding import transformer_blocks
+
+        for block in transformer_blocks(model):
+            block.compile(mode=None if compile_ == "default" else compile_)
+    fwd = model if compile_ is None or scope == "blocks" else torch.compile(model, mode=None if compile_ == "default" else compile_)
     batches = random_batches(s, dev)
 
     def step(x):
@@ -329,7 +347,7 @@ def run_hf(s: dict, side: str, method: str, dev, a) -> dict:
     model = build_hf(s, method, dev, liger=side == "liger")
     init_s = time.perf_counter() - t
     prof = make_profiler(dev) if a.case in a.profile else None
-    r = minimal_loop(model, s, dev, a.warmup_n, a.steps_n, compile_mode(side), prof=prof)
+    r = minimal_loop(model, s, dev, a.warmup_n, a.steps_n, compile_mode(side), prof=prof, scope=compile_scope(side))
     if prof is not None:
         r.update(profile_report(prof, a.steps_n, a.out_dir / f"profile_{a.case.replace(':', '_')}.txt"))
     r.update(init_s=init_s, base_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype), **model_flops(model, s))
@@ -394,7 +412,7 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
         "output": {"dir": str(run_dir), "overwrite": True},
         "logging": {"progress_bar": False},
         "system": {"device": dev.type, "dtype": "bf16", "compile": compile_mode(side) is not None,
-                   "compile_mode": compile_mode(side) or "default"},
+                   "compile_mode": compile_mode(side) or "default", "compile_scope": compile_scope(side)},
         "lora": {"r": s["r"], "alpha": s["alpha"], "dropout": 0.0},
     }
     if method == "ba_lora":
@@ -505,7 +523,7 @@ def run_case(shape: str, side: str, method: str, a, nomb: bool = False) -> dict:
         row["mem_before_mb"] = torch.cuda.memory_allocated(dev) / 2**20
     t = time.perf_counter()
     try:
-        if side in ("hf", "hf_c", "hf_cg", "liger"):
+        if side in ("hf", "hf_c", "hf_cg", "hf_cb", "liger"):
             r = run_hf(s, side, method, dev, a)
         elif side == "unsloth":
             r = run_unsloth(s, method, dev, a)
@@ -566,7 +584,7 @@ def child_cases(cases: list[tuple[str, str, str]], a, timeout: float) -> list[di
 
 def summary(rows: list[dict], out: Path) -> str:
     by = {(r["shape"], r["side"], r["method"]): r for r in rows if "shape" in r}
-    lines = ["| shape | method | side | step ms | tok/s | peak MB | MFU | max batch | init s | tok/s vs hf | vs hf_c | peak vs hf | "
+    lines = ["| shape | method | side | step ms | tok/s | peak MB | MFU | max batch | init s | tok/s vs hf | vs hf_c (else hf_cb) | peak vs hf | "
              "step vs its adapter | notes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     built_on = {"dora": "lora", "sora": "lora", "ba_lora": "lora", "sublora": "lora", "sdora": "dora"}
@@ -589,7 +607,7 @@ def summary(rows: list[dict], out: Path) -> str:
             note = f"base {r.get('base_dtype')}" + (f", fused LoRA {r['fused_lora_layers']}" if r.get("fused_lora_layers") else "") + \
                    (f", CE {r['fused_ce']}" if r.get("fused_ce") else "")
             lines.append(f"| {shape} | {method} | {side} | {r['step_ms']:.1f} | {r['tok_s'] / 1e3:.1f}k | {r.get('peak_mb', 0):.0f} | "
-                         f"{100 * r.get('mfu', 0):.1f}% | {mbs} | {r.get('init_s', 0):.1f} | {ratio('hf')} | {ratio('hf_c')} | {mem('hf')} | "
+                         f"{100 * r.get('mfu', 0):.1f}% | {mbs} | {r.get('init_s', 0):.1f} | {ratio('hf')} | {ratio('hf_c') if (shape, 'hf_c', method) in by else ratio('hf_cb')} | {mem('hf')} | "
                          f"{adapter()} | {note} |")
         else:
             lines.append(f"| {shape} | {method} | {side} | - | - | - | - | - | - | - | - | - | - | {str(r.get('error') or r.get('skipped'))[:160]} |")

@@ -254,6 +254,10 @@ class SystemConfig:
     compile: bool = opt(False, "Wrap the model with torch.compile.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
         "default", "torch.compile mode when system.compile is on: reduce-overhead adds CUDA graphs, max-autotune also searches matmul kernels (minutes of compile).")
+    compile_scope: Literal["model", "blocks"] = opt(
+        "model", "What system.compile compiles: model = the whole model (one graph; minutes to compile at 3B-8B); blocks = each "
+        "transformer block in place (one compilation shared by every block of a class, seconds; gradient checkpointing stays "
+        "outside the compiled code; the norms, rotary embedding, activations and residual adds of a block fused). docs/gpu-speed.md.")
     num_threads: Optional[int] = opt(None, "CPU threads for torch (default: torch's own choice).")
     fused_optimizer: Literal["auto", "on", "off"] = opt("auto", "torch's fused AdamW (one kernel for all tensors): auto = on CUDA only, on = wherever torch offers it, off.")
     prefetch: Literal["auto", "on", "off"] = opt("auto", "Load the next batch while the GPU works and copy it from pinned memory without blocking: auto = on CUDA only.")
@@ -268,6 +272,11 @@ class SystemConfig:
     sharding: Literal["none", "fsdp"] = opt("none", "How several processes hold the model: none = a whole replica on each (DDP through Accelerate); fsdp = torch's FSDP2 fully_shard per transformer block and the root, the frozen base sharded across processes, the method's trainable tensors replicated with all-reduced gradients (adapters) or sharded with their optimizer state (full fine-tuning). docs/training.md#sharding.")
 
     def validate(self) -> list[str]:
+        p = []
         if self.num_threads is not None and self.num_threads < 1:
-            return [f"`system.num_threads` must be at least 1, got {self.num_threads}."]
-        return []
+            p.append(f"`system.num_threads` must be at least 1, got {self.num_threads}.")
+        if self.compile_scope == "blocks" and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            p.append(f"`system.compile_scope=blocks` with `system.compile_mode={self.compile_mode}` is not supported: CUDA graphs "
+                     "of single blocks under gradient checkpointing are replayed out of order. Use compile_mode=default or "
+                     "max-autotune-no-cudagraphs with blocks, or compile_scope=model for CUDA graphs.")
+        return p

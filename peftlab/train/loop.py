@@ -145,12 +145,18 @@ class Trainer:
                      + ", ".join(f"{k}={v:,}" for k, v in self.sharded.summary().items()))
         if cfg.system.compile:
             mode = cfg.system.compile_mode
-            self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
+            if cfg.system.compile_scope == "blocks":  # in place: the module tree, its names and the state dict stay as they are
+                blocks = sharding.transformer_blocks(self.unwrapped(), "system.compile_scope=blocks")
+                for block in blocks:
+                    block.compile(mode=None if mode == "default" else mode)
+                log.info(f"system.compile_scope=blocks: {len(blocks)} transformer blocks ({type(blocks[0]).__name__}) compiled in place")
+            else:
+                self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
         self.cudagraphs = bool(cfg.system.compile and cfg.system.compile_mode in ("reduce-overhead", "max-autotune")
                                and acc.device.type == "cuda")
         self.losses = fast.DeviceLosses()
         self.train_loss = None if sharded else fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task, acc.device, self.world,
-                                             cfg.system.compile, autocast=acc.autocast)
+                                             cfg.system.compile and cfg.system.compile_scope == "model", autocast=acc.autocast)
         if self.train_loss is not None:
             log.info(f"system.fused_cross_entropy={cfg.system.fused_cross_entropy}: LM-head linear + cross-entropy fused ({self.train_loss.kind})")
         self.prefetch = fast.prefetch_enabled(cfg.system.prefetch, acc.device)

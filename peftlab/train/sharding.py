@@ -75,7 +75,7 @@ def release_process_group() -> None:
     _CREATED[0] = False
 
 
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+def transformer_blocks(model: torch.nn.Module, setting: str = "system.sharding=fsdp") -> list[torch.nn.Module]:
     """The repeated blocks of a transformers model (its ``_no_split_modules`` classes), outermost first;
     a model that declares none gets the children of its longest ``nn.ModuleList``."""
     inner = model
@@ -89,8 +89,8 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
         return [b for b in blocks if not any(o is not b and any(x is b for x in o.modules()) for o in blocks)]
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
-        raise PeftlabError(f"system.sharding=fsdp found no transformer blocks in {type(inner).__name__} (no _no_split_modules and no "
-                           "nn.ModuleList of layers); use system.sharding=none for this model.")
+        raise PeftlabError(f"{setting} found no transformer blocks in {type(inner).__name__} (no _no_split_modules and no "
+                           f"nn.ModuleList of layers); use {setting.split('=')[0]}={'none' if 'sharding' in setting else 'model'} for this model.")
     return list(max(lists, key=len))
 
 
