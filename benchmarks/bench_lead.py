@@ -132,11 +132,12 @@ PLAN = [
     (5, "llama8b", "peftlab_chunked_gc80", "dora", 18, "nomb"),
     # part 6: each transformer block compiled in place (system.compile_scope=blocks; one compilation for all blocks), on
     # both sides, at 3B and 8B: the norms, rotary embedding, SwiGLU and residual adds that eager mode runs one by one
-    (6, "qwen3b", "hf", "lora", 18, "nomb"), (6, "qwen3b", "hf_cb", "lora", 60, "nomb"),
-    (6, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 60, "nomb"), (6, "qwen3b", "peftlab_chunked_cb", "lora", 60, "nomb"),
-    (6, "qwen3b", "hf", "dora", 12, "nomb"), (6, "qwen3b", "peftlab_chunked_gc60_cb", "dora", 60, "nomb"),
-    (6, "llama8b", "hf", "lora", 22, "nomb"), (6, "llama8b", "hf_cb", "lora", 60, "nomb"),
-    (6, "llama8b", "peftlab_chunked_gc75_cb", "lora", 60, "nomb"),
+    (6, "qwen3b", "hf", "lora", 18, "nomb"), (6, "qwen3b", "hf_cb", "lora", 30, "nomb"),
+    (6, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 30, "nomb"), (6, "qwen3b", "peftlab_chunked_cb", "lora", 30, "nomb"),
+    (6, "qwen3b", "hf", "dora", 12, "nomb"), (6, "qwen3b", "peftlab_chunked_gc60_cb", "dora", 30, "nomb"),
+    (6, "llama8b", "hf", "lora", 22, "nomb"), (6, "llama8b", "hf_cb", "lora", 30, "nomb"),
+    (6, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
+    (6, "llama8b", "hf", "dora", 16, "nomb"), (6, "llama8b", "peftlab_chunked_gc80_cb", "dora", 30, "nomb"),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 

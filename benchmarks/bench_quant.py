@@ -24,8 +24,10 @@ gradient checkpointing, bf16 autocast, AdamW over the adapters, lr 1e-4.
   compute dtype = system.dtype = bf16), ``model.gradient_checkpointing=true``,
   ``system.fused_cross_entropy=auto`` (Liger's fused linear + cross-entropy when liger-kernel is
   installed: the logits are never materialised), otherwise peftlab's defaults.
-* ``peftlab_terms`` (``--sides hf,peftlab,peftlab_terms``): the same, with DoRA's row norm and output computed term by
-  term (``peftlab.methods.sora.layers.FEW_KERNELS = False``), the form before the few-kernel one: what that buys.
+* ``peftlab_few`` (``--sides hf,peftlab,peftlab_few``): the same, with DoRA's row norm and output in the few-kernel form
+  (``peftlab.methods.sora.layers.FEW_KERNELS = True``; the default is term by term since 2026-12-07): what that buys.
+* ``peftlab_cb``: ``peftlab`` with each transformer block compiled in place (``system.compile=true``,
+  ``system.compile_scope=blocks``).
 
 Per case: peak GPU memory (``max_memory_allocated`` from after the model is built to the end of the
 timed steps; ``mem_before_mb`` is what was still allocated when the case began, which that peak includes)
@@ -56,7 +58,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_shapes as gs  # noqa: E402  (the Qwen2.5-3B spec, peftlab's timed Trainer run)
 from _common import hf_config, peak_mb, timed_loop, write_token_bins, write_word_tokenizer  # noqa: E402
 from bench_lead import make_profiler, profile_report  # noqa: E402
-from peftlab.methods.sora import layers  # noqa: E402  (FEW_KERNELS: the peftlab_terms side)
+from peftlab.methods.sora import layers  # noqa: E402  (FEW_KERNELS: the peftlab_few side)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -163,10 +165,12 @@ def run_hf(s: dict, kind: str, folder: Path, dev: torch.device, warmup: int, ste
 
 
 def run_peftlab(s: dict, kind: str, folder: Path, data: dict, run_dir: Path, dev: torch.device, warmup: int, steps: int,
-                profiler=None) -> dict:
+                profiler=None, compile_blocks: bool = False) -> dict:
     spec = {"method": kind, "compile": False, "extra": {
         "model.from_scratch": False, "model.quantization": "nf4", "model.double_quant": True, "model.target_modules": TARGETS,
         "system.fused_cross_entropy": "auto"}}
+    if compile_blocks:  # the peftlab_cb side: system.compile_scope=blocks
+        spec["extra"].update({"system.compile": True, "system.compile_scope": "blocks"})
     if dev.type != "cuda":
         spec["extra"]["system.dtype"] = "fp32"
     gspec = {"task": "causal_lm", "batch": s["batch"], "seq": s["seq"], "r": 16, "alpha": 32, "targets": TARGETS,
@@ -183,8 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="qwen3b,llama8b")
     p.add_argument("--kinds", default="lora,dora")
     p.add_argument("--sides", default="hf,peftlab",
-                   help="hf, peftlab, peftlab_terms (peftlab with DoRA's row norm and output term by term, as before the "
-                        "few-kernel form: the same run shows what that form buys)")
+                   help="hf, peftlab, peftlab_cb (each transformer block compiled in place: system.compile_scope=blocks), peftlab_few (peftlab with "
+                        "DoRA's row norm and output in the few-kernel form: the same run shows what that form buys)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda")
@@ -229,13 +233,13 @@ def main(argv=None) -> int:
                 try:
                     if side == "hf":
                         r = run_hf(s, kind, folder, dev, a.warmup, a.steps, profiler=prof)
-                    else:  # peftlab_terms: DoRA's norm and output term by term (the form before the few-kernel one)
-                        layers.FEW_KERNELS = False if side == "peftlab_terms" else None
+                    else:  # peftlab_few: DoRA's norm and output in the few-kernel form
+                        layers.FEW_KERNELS = side == "peftlab_few"
                         try:
                             r = run_peftlab(s, kind, folder, data, work / "runs" / f"{name}_{kind}_{side}", dev, a.warmup,
-                                            a.steps, profiler=prof)
+                                            a.steps, profiler=prof, compile_blocks=side == "peftlab_cb")
                         finally:
-                            layers.FEW_KERNELS = None
+                            layers.FEW_KERNELS = False
                     r["tok_s"] = s["batch"] * s["seq"] / (r["step_ms"] / 1e3)
                     if prof is not None:  # profiled steps run slower: their step_ms is not a speed figure
                         r.update(profile_report(prof, a.steps, out / f"profile_{name}_{kind}_{side}.txt"))

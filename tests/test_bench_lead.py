@@ -45,11 +45,26 @@ def test_plan_names_known_shapes_sides_and_methods():
 
     levers = {"peftlab", "peftlab_off", "peftlab_chunked", "peftlab_nofce", "peftlab_nofused"}
     levers |= {f"peftlab_chunked_gc{n}" for n in (25, 50, 60, 75, 80)}
-    sides = {"hf", "hf_c", "hf_cg", "liger", "unsloth"} | levers | {f"{x}_c" for x in levers} | {f"{x}_cg" for x in levers}
+    sides = {"hf", "hf_c", "hf_cg", "hf_cb", "liger", "unsloth"} | levers | {f"{x}_{c}" for x in levers for c in ("c", "cg", "cb")}
     for part, shape, side, method, est, *opts in bench_lead.PLAN:
-        assert part in (1, 2, 3, 4, 5) and shape in bench_lead.SHAPES and side in sides and method in METHODS and est > 0 and opts in ([], ["nomb"])
-    for part in (1, 2, 3, 4, 5):  # each part fits a device command of about 7 minutes (about 15 s of start-up besides)
+        assert part in (1, 2, 3, 4, 5, 6) and shape in bench_lead.SHAPES and side in sides and method in METHODS and est > 0 and opts in ([], ["nomb"])
+    for part in (1, 2, 3, 4, 5, 6):  # each part fits a device command of about 7 minutes (about 15 s of start-up besides)
         assert sum(p[4] for p in bench_lead.PLAN if p[0] == part and p[2] != "unsloth") <= 400
+
+
+def test_cb_sides_compile_each_block_in_place_on_top_of_their_lever_set(tmp_path):
+    import torch
+
+    from peftlab.config import config_from_dict
+
+    data = {"model": "qwen2.5-3b", "dataset": str(tmp_path), "tokenizer": str(tmp_path)}
+    s = {**bench_lead.SHAPES["qwen3b"], "name": "qwen3b"}
+    raw = bench_lead.peftlab_raw(s, "peftlab_chunked_gc60_cb", "lora", data, tmp_path / "run", torch.device("cuda"), 4, False)
+    assert raw["system"]["compile"] is True and raw["system"]["compile_scope"] == "blocks"
+    assert raw["system"]["fused_cross_entropy"] == "chunked" and raw["model"]["gradient_checkpointing_fraction"] == 0.6
+    assert config_from_dict(raw).system.compile_scope == "blocks"
+    plain = bench_lead.peftlab_raw(s, "peftlab_chunked_c", "lora", data, tmp_path / "run2", torch.device("cuda"), 4, False)
+    assert plain["system"]["compile_scope"] == "model" and bench_lead.compile_scope("hf_cb") == "blocks"
 
 
 def test_gc_sides_checkpoint_a_share_of_the_blocks_on_top_of_their_lever_set(tmp_path):

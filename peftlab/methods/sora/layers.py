@@ -26,15 +26,15 @@ except ImportError:  # pragma: no cover
     DoraLinearLayer = nn.Module  # type: ignore[misc,assignment]
 
 
-FEW_KERNELS: Optional[bool] = None
-"""The default of ``few_kernels`` in :func:`dora_row_norm` and :func:`dora_output`: None = on CUDA tensors, True/False
-forces one form everywhere (``benchmarks/bench_quant.py`` times both forms in one run with its ``peftlab_terms`` side)."""
+FEW_KERNELS: bool = False
+"""The default of ``few_kernels`` in :func:`dora_row_norm` and :func:`dora_output`: the term-by-term form (False) everywhere.
+The few-kernel form (True) was built for launch-bound 4-bit DoRA steps but measured no faster on NF4 bases in either
+order of a same-run comparison (2026-12-07, BENCHMARKS.md: 0.98x / 0.98x at 8B, 16% slower at 3B); it stays for
+benchmarks (``benchmarks/bench_quant.py``'s ``peftlab_few`` side sets it) and is tested equal to the default."""
 
 
 def _few(flag: Optional[bool], t: torch.Tensor) -> bool:
-    if flag is not None:
-        return flag
-    return t.is_cuda if FEW_KERNELS is None else FEW_KERNELS
+    return FEW_KERNELS if flag is None else flag
 
 
 class GatedLoraA(nn.Linear):
@@ -101,10 +101,10 @@ def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: 
     ``||W_i||^2`` (``(d_out,)``, float32 or wider) of a frozen ``W``, so that ``W`` is read once
     per call (by ``W A^T``) instead of twice.
 
-    ``few_kernels`` (default :data:`FEW_KERNELS`: on CUDA) sums the two update terms as one ``addmm``,
+    ``few_kernels`` (default :data:`FEW_KERNELS`: off) sums the two update terms as one ``addmm``,
     ``Bg_i . (2s (W A^T)_i + s^2 (Bg G)_i)``, and finishes in place: 11 kernel launches instead of 16
-    per call, for GPU steps that are bound by launches (a 4-bit base's DoRA). Same value up to rounding
-    (tested against the term-by-term form in float64); the CPU keeps the term-by-term form and its numbers.
+    per call, meant for GPU steps that are bound by launches (a 4-bit base's DoRA). Same value up to rounding
+    (tested against the term-by-term form in float64).
 
     Returns:
         ``(d_out,)`` tensor in ``weight``'s dtype, or ``out_dtype`` (no gradient, as in DoRA section 4.3).
@@ -136,7 +136,7 @@ def dora_output(layer, x, norm, lora_A, lora_B, scaling, base_layer, base_result
     """DoRA's layer output from the row norm: (m/‖W‖ − 1)·(W₀x) + (m/‖W‖)·s·B(A(x)), reusing peft's
     base result (bias removed) when given. ``cast_scale`` casts m/‖W‖ to the input's dtype.
 
-    ``few_kernels`` (default :data:`FEW_KERNELS`: on CUDA) folds s into the per-row scale and adds the LoRA term with one
+    ``few_kernels`` (default :data:`FEW_KERNELS`: off) folds s into the per-row scale and adds the LoRA term with one
     ``addcmul``: two elementwise passes over the output instead of four (tested equal, values and
     gradients, to the four-pass form)."""
     mag_norm_scale = layer.weight / norm.to(layer.weight.dtype)
