@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.cross_entropy import pad_rows
+from ..train.sharding import transformer_blocks
 
 # configuration attributes of models whose logits are not the plain output of their LM head
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -75,30 +76,39 @@ class ScoringView:
         self._dtype: Optional[torch.dtype] = None
         # no key/value cache: it is never read here, and building it costs a copy per layer
         self._kw = {"use_cache": False} if "use_cache" in inspect.signature(body.forward).parameters else {}
-        self._compiled = None
+        self._blocks: list[torch.nn.Module] = []  # blocks compiled in place by compile_body
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(input_ids=x, **self._kw)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._compiled or self._eager)(x)
+        return self._eager(x)
 
     def compile_body(self, x_check: torch.Tensor) -> bool:
-        """``bounds.compile_body``: the body through ``torch.compile`` (dynamic in batch and length: the residual
-        adds, layer norms and activations of each block fused), used only if it gives the eager body's hidden
-        states on ``x_check`` to :data:`CHECK_TOLERANCE` of their largest magnitude. Call it under the autocast the
-        scoring runs in (it is compiled for that). Returns whether it is used."""
-        fn = torch.compile(self._eager, dynamic=True)
+        """``bounds.compile_body``: each transformer block of the body compiled in place (``block.compile``, dynamic in
+        batch and length: one compilation that every block shares, its residual adds, layer norms and activations
+        fused), used only if it gives the eager body's hidden states on ``x_check`` to :data:`CHECK_TOLERANCE` of
+        their largest magnitude. Call it under the autocast the scoring runs in (it is compiled for that). Returns
+        whether it is used; :meth:`uncompile` (called when the view closes) puts the blocks back."""
         ref = self._eager(x_check).float()
         try:
-            got = fn(x_check).float()
+            self._blocks = transformer_blocks(self.body, "bounds.compile_body=on")
+            for block in self._blocks:
+                block.compile(dynamic=True)
+            got = self._eager(x_check).float()
         except Exception:  # noqa: BLE001  a model the compiler cannot take is scored eagerly, as before
+            self.uncompile()
             return False
         if got.shape != ref.shape or not bool((got - ref).abs().max() <= CHECK_TOLERANCE * (1.0 + ref.abs().max())):
+            self.uncompile()
             return False
-        self._compiled = fn
         return True
+
+    def uncompile(self) -> None:
+        for block in self._blocks:  # nn.Module.compile keeps its compiled call here; torch has no public undo
+            block._compiled_call_impl = None
+        self._blocks = []
 
     def drop_cache(self) -> None:
         self._w, self._lr, self._dtype = None, (), None
@@ -303,6 +313,7 @@ def scoring_view(model: torch.nn.Module, x_check: torch.Tensor,
         yield None
         return
     with contextlib.ExitStack() as stack:
+        stack.callback(view.uncompile)  # last out: blocks compiled by compile_body run eagerly again
         stack.enter_context(_merged(model, skip))
         stack.enter_context(_fused_gelu(model))
         if autocast_dtype is not None:
