@@ -134,6 +134,7 @@ PLAN = [
     # both sides, at 3B and 8B: the norms, rotary embedding, SwiGLU and residual adds that eager mode runs one by one
     (6, "qwen3b", "hf", "lora", 18, "nomb"), (6, "qwen3b", "hf_cb", "lora", 30, "nomb"),
     (6, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 30, "nomb"), (6, "qwen3b", "peftlab_chunked_cb", "lora", 30, "nomb"),
+    (6, "qwen3b", "unsloth", "lora", 40),  # same run as the rows above: the ">= Unsloth" target
     (6, "qwen3b", "hf", "dora", 12, "nomb"), (6, "qwen3b", "peftlab_chunked_gc60_cb", "dora", 30, "nomb"),
     (6, "llama8b", "hf", "lora", 22, "nomb"), (6, "llama8b", "hf_cb", "lora", 30, "nomb"),
     (6, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
