@@ -93,7 +93,7 @@ class ScoringView:
         whether it is used; :meth:`uncompile` (called when the view closes) puts the blocks back."""
         ref = self._eager(x_check).float()
         try:
-            self._blocks = transformer_blocks(self.body, "bounds.compile_body=on")
+            self._blocks = transformer_blocks(self.body, "bounds.compile_body=on", "bounds.compile_body=off")
             for block in self._blocks:
                 block.compile(dynamic=True)
             got = self._eager(x_check).float()

@@ -277,6 +277,6 @@ class SystemConfig:
             p.append(f"`system.num_threads` must be at least 1, got {self.num_threads}.")
         if self.compile_scope == "blocks" and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
             p.append(f"`system.compile_scope=blocks` with `system.compile_mode={self.compile_mode}` is not supported: CUDA graphs "
-                     "of single blocks under gradient checkpointing are replayed out of order. Use compile_mode=default or "
+                     "of single blocks (under the loop's step marks and gradient checkpointing) are not built or tested. Use compile_mode=default or "
                      "max-autotune-no-cudagraphs with blocks, or compile_scope=model for CUDA graphs.")
         return p

@@ -146,7 +146,7 @@ class Trainer:
         if cfg.system.compile:
             mode = cfg.system.compile_mode
             if cfg.system.compile_scope == "blocks":  # in place: the module tree, its names and the state dict stay as they are
-                blocks = sharding.transformer_blocks(self.unwrapped(), "system.compile_scope=blocks")
+                blocks = sharding.transformer_blocks(self.unwrapped(), "system.compile_scope=blocks", "system.compile_scope=model")
                 for block in blocks:
                     block.compile(mode=None if mode == "default" else mode)
                 log.info(f"system.compile_scope=blocks: {len(blocks)} transformer blocks ({type(blocks[0]).__name__}) compiled in place")

@@ -75,7 +75,8 @@ def release_process_group() -> None:
     _CREATED[0] = False
 
 
-def transformer_blocks(model: torch.nn.Module, setting: str = "system.sharding=fsdp") -> list[torch.nn.Module]:
+def transformer_blocks(model: torch.nn.Module, setting: str = "system.sharding=fsdp",
+                       instead: str = "system.sharding=none") -> list[torch.nn.Module]:
     """The repeated blocks of a transformers model (its ``_no_split_modules`` classes), outermost first;
     a model that declares none gets the children of its longest ``nn.ModuleList``."""
     inner = model
@@ -90,7 +91,7 @@ def transformer_blocks(model: torch.nn.Module, setting: str = "system.sharding=f
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         raise PeftlabError(f"{setting} found no transformer blocks in {type(inner).__name__} (no _no_split_modules and no "
-                           f"nn.ModuleList of layers); use {setting.split('=')[0]}={'none' if 'sharding' in setting else 'model'} for this model.")
+                           f"nn.ModuleList of layers); use {instead} for this model.")
     return list(max(lists, key=len))
 
 
