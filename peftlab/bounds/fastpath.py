@@ -78,12 +78,9 @@ class ScoringView:
         self._kw = {"use_cache": False} if "use_cache" in inspect.signature(body.forward).parameters else {}
         self._blocks: list[torch.nn.Module] = []  # blocks compiled in place by compile_body
 
-    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(input_ids=x, **self._kw)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        return self._eager(x)
 
     def compile_body(self, x_check: torch.Tensor) -> bool:
         """``bounds.compile_body``: each transformer block of the body compiled in place (``block.compile``, dynamic in
@@ -91,12 +88,12 @@ class ScoringView:
         fused), used only if it gives the eager body's hidden states on ``x_check`` to :data:`CHECK_TOLERANCE` of
         their largest magnitude. Call it under the autocast the scoring runs in (it is compiled for that). Returns
         whether it is used; :meth:`uncompile` (called when the view closes) puts the blocks back."""
-        ref = self._eager(x_check).float()
+        ref = self.hidden(x_check).float()
         try:
             self._blocks = transformer_blocks(self.body, "bounds.compile_body=on", "bounds.compile_body=off")
             for block in self._blocks:
                 block.compile(dynamic=True)
-            got = self._eager(x_check).float()
+            got = self.hidden(x_check).float()
         except Exception:  # noqa: BLE001  a model the compiler cannot take is scored eagerly, as before
             self.uncompile()
             return False

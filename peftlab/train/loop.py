@@ -144,14 +144,14 @@ class Trainer:
             log.info(f"system.sharding=fsdp: {self.sharded.blocks} transformer blocks and the root sharded over {self.world} process(es); "
                      + ", ".join(f"{k}={v:,}" for k, v in self.sharded.summary().items()))
         if cfg.system.compile:
-            mode = cfg.system.compile_mode
+            mode = None if cfg.system.compile_mode == "default" else cfg.system.compile_mode
             if cfg.system.compile_scope == "blocks":  # in place: the module tree, its names and the state dict stay as they are
                 blocks = sharding.transformer_blocks(self.unwrapped(), "system.compile_scope=blocks", "system.compile_scope=model")
                 for block in blocks:
-                    block.compile(mode=None if mode == "default" else mode)
+                    block.compile(mode=mode)
                 log.info(f"system.compile_scope=blocks: {len(blocks)} transformer blocks ({type(blocks[0]).__name__}) compiled in place")
             else:
-                self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
+                self.model = torch.compile(self.model, mode=mode)
         self.cudagraphs = bool(cfg.system.compile and cfg.system.compile_mode in ("reduce-overhead", "max-autotune")
                                and acc.device.type == "cuda")
         self.losses = fast.DeviceLosses()

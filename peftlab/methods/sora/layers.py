@@ -33,7 +33,7 @@ order of a same-run comparison (2026-12-07, BENCHMARKS.md: 0.98x / 0.98x at 8B, 
 benchmarks (``benchmarks/bench_quant.py``'s ``peftlab_few`` side sets it) and is tested equal to the default."""
 
 
-def _few(flag: Optional[bool], t: torch.Tensor) -> bool:
+def _few(flag: Optional[bool]) -> bool:
     return FEW_KERNELS if flag is None else flag
 
 
@@ -121,7 +121,7 @@ def dora_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: 
     else:
         WAt = (weight @ A_w.T).to(acc)
     gram = Af @ Af.T
-    if _few(few_kernels, weight):
+    if _few(few_kernels):
         update = torch.addmm(WAt, Bg, gram, beta=2.0 * scaling, alpha=scaling * scaling)  # 2s WAt + s^2 Bg G
         sq = (Bg * update).sum(dim=1).add_(base_sq)
     else:
@@ -151,7 +151,7 @@ def dora_output(layer, x, norm, lora_A, lora_B, scaling, base_layer, base_result
         weight = base_weight(base_layer)
         w = weight.T if layer.fan_in_fan_out else weight
         base_result = F.linear(x, w.to(x.dtype))
-    if _few(few_kernels, x):
+    if _few(few_kernels):
         return torch.addcmul((mag_norm_scale - 1) * base_result, mag_norm_scale * scaling, lora_result)
     return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
 
