@@ -183,8 +183,13 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, method):
     assert main(["train", *common, f"--output.dir={tmp_path / 'gc'}", "--model.gradient_checkpointing=true"]) == 0
     assert main(["train", *common, f"--output.dir={tmp_path / 'half'}", "--model.gradient_checkpointing=true",
                  "--model.gradient_checkpointing_fraction=0.5"]) == 0
-    losses = [[float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "loss_log.csv"))] for d in ("plain", "gc", "half")]
+    # the reentrant form: the adapter only trains if the embeddings' output is made to require a gradient
+    assert main(["train", *common, f"--output.dir={tmp_path / 're'}", "--model.gradient_checkpointing=true",
+                 "--model.gradient_checkpointing_reentrant=true"]) == 0
+    losses = [[float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "loss_log.csv"))] for d in ("plain", "gc", "half", "re")]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
+    assert losses[0] == pytest.approx(losses[3], abs=1e-6)
+    assert _results(tmp_path / "plain")["final"]["val_loss"] == pytest.approx(_results(tmp_path / "re")["final"]["val_loss"], abs=1e-6)
     assert _results(tmp_path / "plain")["final"]["val_loss"] == pytest.approx(_results(tmp_path / "gc")["final"]["val_loss"], abs=1e-6)
     cfg = load_config(LM, {"model.gradient_checkpointing": True, "method": method, "output.dir": str(tmp_path / "x")})
     model = build(cfg, optimizer=False).model
@@ -216,6 +221,10 @@ def test_gradient_checkpointing_fraction_recomputes_only_its_blocks(tmp_path):
     assert len(calls[1.0]) == 2 and calls[1.0] == [2, 2] and calls[0.5] == [2, 1]
     with pytest.raises(ConfigError, match=r"gradient_checkpointing_fraction=0.5` has no effect without `model.gradient_checkpointing=true`"):
         load_config(LM, {"model.gradient_checkpointing_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"cannot run with method=sublora: SubLoRA substitutes the LoRA tensors"):
+        load_config(LM, {"model.gradient_checkpointing": True, "method": "sublora"})
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing_reentrant=true` has no effect without"):
+        load_config(LM, {"model.gradient_checkpointing_reentrant": True})
     with pytest.raises(ConfigError, match=r"must be in \(0, 1\], got 0.0"):
         load_config(LM, {"model.gradient_checkpointing": True, "model.gradient_checkpointing_fraction": 0.0})
 

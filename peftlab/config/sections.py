@@ -28,6 +28,11 @@ class ModelConfig:
         1.0, "With model.gradient_checkpointing: the share of the transformer blocks that recompute, spread evenly over the "
         "depth (0.5 = every other block); the rest keep their activations. Spends memory a checkpointed run has to spare "
         "on less recomputation (a faster step); same numbers. 1.0 = every block.")
+    gradient_checkpointing_reentrant: bool = opt(
+        False, "With model.gradient_checkpointing: torch's reentrant checkpoint (the form HF PEFT's prepare_model_for_kbit_training "
+        "uses) instead of the non-reentrant one: the same numbers, less Python work per block (no hook per saved tensor), "
+        "for host-bound steps such as a 4-bit base's. Makes the embeddings' output require a gradient, as reentrant "
+        "checkpointing needs. docs/gpu-speed.md.")
     quantization: Literal["none", "nf4", "fp4", "int8"] = opt("none", "Load the frozen base quantized by bitsandbytes (QLoRA-style; through transformers' BitsAndBytesConfig): nf4 / fp4 = 4-bit, int8 = LLM.int8(); adapters and heads train in float32. For the LoRA-family methods. docs/quantization.md.")
     double_quant: bool = opt(True, "model.quantization=nf4/fp4: also quantize the 4-bit blocks' scales (QLoRA's double quantization, about 0.4 bit per weight less).")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "With model.quantization: the dtype the 4-bit weights are dequantized to for each matmul, and of the unquantized base tensors (embeddings, norms, head); auto = system.dtype's.")
@@ -52,6 +57,9 @@ class ModelConfig:
         elif self.gradient_checkpointing_fraction != 1.0 and not self.gradient_checkpointing:
             p.append(f"`model.gradient_checkpointing_fraction={self.gradient_checkpointing_fraction}` has no effect without "
                      "`model.gradient_checkpointing=true`: set both, or remove the fraction.")
+        if self.gradient_checkpointing_reentrant and not self.gradient_checkpointing:
+            p.append("`model.gradient_checkpointing_reentrant=true` has no effect without `model.gradient_checkpointing=true`: "
+                     "set both, or remove it.")
         return p
 
 

@@ -28,6 +28,7 @@ from ..options import build_section
 # them as a study's varying settings. docs/training.md lists them.
 VOLATILE = ("training.resume_from", "output.", "logging.", "training.save_steps", "training.save_total_limit",
             "training.log_steps", "model.gradient_checkpointing", "model.gradient_checkpointing_fraction",
+            "model.gradient_checkpointing_reentrant",
             "system.num_threads")
 
 

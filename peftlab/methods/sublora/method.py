@@ -447,6 +447,13 @@ class SubLoRA(Method):
             p.append(f"SubLoRA projects only the LoRA matrices; `lora.bias={lc.bias}` would train biases outside the subspace. Use lora.bias=none.")
         if lc.loraplus_lr_ratio != 1.0:
             p.append("`lora.loraplus_lr_ratio` has no meaning for SubLoRA (A and B are not trained directly); use sublora.allocation_mode=fixed to weigh A against B.")
+        if cfg.model.gradient_checkpointing:
+            # the recompute runs in the backward pass, after functional_call has put the peft tensors (theta_0) back
+            p.append("`model.gradient_checkpointing=true` cannot run with method=sublora: SubLoRA substitutes the LoRA tensors "
+                     "theta_0 + P w for one forward call (torch.func.functional_call), and a checkpointed block recomputes in "
+                     "the backward pass, after that substitution has ended, so it would see theta_0 instead (a CheckpointError "
+                     "in the non-reentrant form, wrong gradients for w in the reentrant one). Train SubLoRA without "
+                     "checkpointing (--model.gradient_checkpointing=false); its own state is only d numbers.")
         return p
 
     # --- the structure record ---------------------------------------------------------
