@@ -28,6 +28,9 @@ gradient checkpointing, bf16 autocast, AdamW over the adapters, lr 1e-4.
   (``peftlab.methods.sora.layers.FEW_KERNELS = True``; the default is term by term since 2026-12-07): what that buys.
 * ``peftlab_cb``: ``peftlab`` with each transformer block compiled in place (``system.compile=true``,
   ``system.compile_scope=blocks``).
+* ``peftlab_re``: ``peftlab`` with torch's reentrant checkpointing (``model.gradient_checkpointing_reentrant=true``, the
+  form ``prepare_model_for_kbit_training`` gives the ``hf`` side): less host work per block. Suffixes combine:
+  ``peftlab_cb_re``.
 
 Per case: peak GPU memory (``max_memory_allocated`` from after the model is built to the end of the
 timed steps; ``mem_before_mb`` is what was still allocated when the case began, which that peak includes)
@@ -164,13 +167,20 @@ def run_hf(s: dict, kind: str, folder: Path, dev: torch.device, warmup: int, ste
     return out
 
 
+def side_levers(side: str) -> list[str]:
+    """``peftlab_cb_re`` -> ``["cb", "re"]``: the levers a peftlab side turns on."""
+    return side.split("_")[1:]
+
+
 def run_peftlab(s: dict, kind: str, folder: Path, data: dict, run_dir: Path, dev: torch.device, warmup: int, steps: int,
-                profiler=None, compile_blocks: bool = False) -> dict:
+                profiler=None, compile_blocks: bool = False, reentrant: bool = False) -> dict:
     spec = {"method": kind, "compile": False, "extra": {
         "model.from_scratch": False, "model.quantization": "nf4", "model.double_quant": True, "model.target_modules": TARGETS,
         "system.fused_cross_entropy": "auto"}}
     if compile_blocks:  # the peftlab_cb side: system.compile_scope=blocks
         spec["extra"].update({"system.compile": True, "system.compile_scope": "blocks"})
+    if reentrant:  # the _re suffix
+        spec["extra"]["model.gradient_checkpointing_reentrant"] = True
     if dev.type != "cuda":
         spec["extra"]["system.dtype"] = "fp32"
     gspec = {"task": "causal_lm", "batch": s["batch"], "seq": s["seq"], "r": 16, "alpha": 32, "targets": TARGETS,
@@ -187,8 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="qwen3b,llama8b")
     p.add_argument("--kinds", default="lora,dora")
     p.add_argument("--sides", default="hf,peftlab",
-                   help="hf, peftlab, peftlab_cb (each transformer block compiled in place: system.compile_scope=blocks), peftlab_few (peftlab with "
-                        "DoRA's row norm and output in the few-kernel form: the same run shows what that form buys)")
+                   help="hf, peftlab, and peftlab with suffixes that combine: _cb (each transformer block compiled in place: "
+                        "system.compile_scope=blocks), _re (reentrant checkpointing), _few (DoRA's row norm and output in the "
+                        "few-kernel form: the same run shows what that form buys), e.g. peftlab_cb_re")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda")
@@ -197,6 +208,9 @@ def main(argv=None) -> int:
                    help="run the timed steps under torch.profiler; the top kernels of each case go to OUT/profile_<shape>_<kind>_<side>.txt")
     p.add_argument("--workdir", default=None, help="where the bf16 models, data and runs go (default: a temporary folder)")
     a = p.parse_args(argv)
+    bad = [x for x in a.sides.split(",") if x != "hf" and (x.split("_")[0] != "peftlab" or set(side_levers(x)) - {"cb", "re", "few"})]
+    if bad:
+        p.error(f"unknown side(s) {', '.join(bad)}: use hf, peftlab or peftlab with the suffixes _cb, _re, _few (e.g. peftlab_cb_re)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(a.device)
@@ -233,11 +247,12 @@ def main(argv=None) -> int:
                 try:
                     if side == "hf":
                         r = run_hf(s, kind, folder, dev, a.warmup, a.steps, profiler=prof)
-                    else:  # peftlab_few: DoRA's norm and output in the few-kernel form
-                        layers.FEW_KERNELS = side == "peftlab_few"
+                    else:  # _few: DoRA's norm and output in the few-kernel form
+                        levers = side_levers(side)
+                        layers.FEW_KERNELS = "few" in levers
                         try:
                             r = run_peftlab(s, kind, folder, data, work / "runs" / f"{name}_{kind}_{side}", dev, a.warmup,
-                                            a.steps, profiler=prof, compile_blocks=side == "peftlab_cb")
+                                            a.steps, profiler=prof, compile_blocks="cb" in levers, reentrant="re" in levers)
                         finally:
                             layers.FEW_KERNELS = False
                     r["tok_s"] = s["batch"] * s["seq"] / (r["step_ms"] / 1e3)

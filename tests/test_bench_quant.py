@@ -19,10 +19,11 @@ def test_tiny_quantized_benchmark_runs_both_sides(tmp_path):
     import bench_quant
 
     assert bench_quant.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--shapes", "llama8b", "--kinds", "lora",
-                             "--warmup", "1", "--steps", "1", "--workdir", str(tmp_path / "work")]) == 0
+                             "--sides", "hf,peftlab,peftlab_re", "--warmup", "1", "--steps", "1", "--workdir", str(tmp_path / "work")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "bench_quant.jsonl").read_text().splitlines()]
     sides = {r["side"]: r for r in rows if "side" in r}
-    assert set(sides) == {"hf", "peftlab"} and not any("error" in r for r in rows), rows
+    assert set(sides) == {"hf", "peftlab", "peftlab_re"} and not any("error" in r for r in rows), rows
+    assert sides["peftlab_re"]["last_loss"] == pytest.approx(sides["peftlab"]["last_loss"], rel=1e-6)  # the same numbers
     assert sides["hf"]["trainable"] == sides["peftlab"]["trainable"]  # the same adapters on both sides
     assert sides["hf"]["frozen_fp32_params"] > 0  # prepare_model_for_kbit_training upcasts the frozen rest
     assert "llama8b | lora | peftlab" in (tmp_path / "summary.md").read_text()
@@ -38,3 +39,12 @@ def test_llama3_8b_shape_is_the_published_one():
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(c)
     assert abs(sum(p.numel() for p in m.parameters()) / 1e9 - 8.03) < 0.01  # Llama-3-8B: 8.03B parameters
+
+
+def test_sides_are_checked_before_any_work(tmp_path, capsys):
+    import bench_quant
+
+    assert bench_quant.side_levers("peftlab_cb_re") == ["cb", "re"] and bench_quant.side_levers("peftlab") == []
+    with pytest.raises(SystemExit):
+        bench_quant.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--sides", "hf,peftlab_xx"])
+    assert "unknown side(s) peftlab_xx" in capsys.readouterr().err and not (tmp_path / "bench_quant.jsonl").exists()
