@@ -71,21 +71,40 @@ def quantize_built(model, auto_cls, cfg, task: str, **kwargs):
 
 
 @torch.no_grad()
+def float_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A layer's weight as floats: a bitsandbytes layer's packed 4-/8-bit weight dequantized, any other returned as it is.
+
+    A 4-bit weight (it carries its ``quant_state``) goes straight to ``bitsandbytes.functional.dequantize_4bit``, the call
+    peft's ``dequantize_module_weight`` makes after reading the weight's ``__class__`` and, on the CPU, re-assigning
+    ``module.weight``: both are graph breaks under ``torch.compile`` (18 per Llama block with DoRA on q/k/v/o), so a
+    compiled block (``system.compile_scope=blocks``) on an NF4 base would fall apart into 19 graphs. The 8-bit weight
+    keeps peft's helper."""
+    w = module.weight
+    if w.is_floating_point():
+        return w
+    quant_state = getattr(w, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w, quant_state)
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(module)
+
+
 def dequantized_into(quantized, plain, dtype: torch.dtype):
     """``plain`` (the same architecture built unquantized) holding the weights of ``quantized``:
-    every bitsandbytes layer's weight dequantized (peft's helper), the rest as loaded, all in
+    every bitsandbytes layer's weight dequantized (:func:`float_weight`), the rest as loaded, all in
     ``dtype``: the base an adapter trained on ``quantized`` is merged into (the numbers it was
     trained on, unquantized). Written into the plain architecture rather than with transformers'
     ``dequantize()``, which leaves GPT-2's Conv1D layers as nn.Linear (a model its class cannot load)."""
-    from peft.utils.integrations import dequantize_module_weight
-
     plain = plain.to(dtype)
     targets = dict(plain.named_modules())
     for name, mod in quantized.named_modules():
         w = getattr(mod, "weight", None)
         if not isinstance(w, torch.Tensor) or w.is_floating_point() or name not in targets:
             continue
-        deq = dequantize_module_weight(mod).to(dtype)
+        deq = float_weight(mod).to(dtype)
         target = targets[name]
         if type(target).__name__ == "Conv1D":  # stored (d_in, d_out)
             deq = deq.T

@@ -31,6 +31,7 @@ from ...checkpoints import resolve
 from ...errors import PeftlabError
 from ...io import write_json
 from ...models import check_targets
+from ...models.quant import float_weight
 from ...options import opt
 from ..lora import LoRA, LoraSection, lora_layers
 from .alloc import allocate_ranks, check_budget, feasible_budget_range, importance_score, uniform_rank, warm_start_factors
@@ -71,15 +72,6 @@ class BaLoraSection:
         if not self.warmstart_eps > 0:
             p.append(f"`ba_lora.warmstart_eps` must be positive, got {self.warmstart_eps}.")
         return p
-
-
-def _float_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The weight of a target as floats: bitsandbytes' packed 4-/8-bit weights dequantized (peft's helper)."""
-    if module.weight.is_floating_point():
-        return module.weight
-    from peft.utils.integrations import dequantize_module_weight
-
-    return dequantize_module_weight(module)
 
 
 @contextlib.contextmanager
@@ -209,7 +201,7 @@ class BALoRA(LoRA):
             t0 = time.perf_counter()
             log.info(f"[Phase 1/4] Estimating module importance ({ba.importance}) over {ba.gradient_samples:,} training examples...")
             grads, stats = self._accumulate_gradients(model, targets)
-            scores = [importance_score(_float_weight(targets[n].module), grads[n], ba.importance) for n in names]
+            scores = [importance_score(float_weight(targets[n].module), grads[n], ba.importance) for n in names]
             seconds["importance"] = time.perf_counter() - t0
             log.info(f"  average loss {stats['mean_loss']:.4f} over {stats['examples']:,} examples ({stats['batches']} batches); "
                      f"gradients stored for {len(names)} modules ({seconds['importance']:.2f}s)")

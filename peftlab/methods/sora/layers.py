@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.quant import float_weight
+
 try:  # peft is a dependency of peftlab; the DoRA layer is optional for plain SoRA
     from peft.tuners.lora.dora import DoraLinearLayer
 except ImportError:  # pragma: no cover
@@ -64,25 +66,9 @@ class GatedLoraA(nn.Linear):
 
 
 def base_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The frozen base weight as floats: a bitsandbytes layer's packed 4-/8-bit weight is dequantized
-    (as peft's own DoRA layer does), any other returned as it is.
-
-    A 4-bit weight (it carries its ``quant_state``) goes straight to ``bitsandbytes.functional.dequantize_4bit``,
-    the call peft's helper makes after reading the weight's ``__class__`` and, on the CPU, re-assigning
-    ``module.weight``: both are graph breaks under ``torch.compile`` (18 per Llama block with DoRA on q/k/v/o),
-    so a compiled block (``system.compile_scope=blocks``) on an NF4 base would fall apart into 19 graphs.
-    The 8-bit weight keeps peft's helper."""
-    w = base_layer.weight
-    if w.is_floating_point():
-        return w
-    quant_state = getattr(w, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(w, quant_state)
-    from peft.utils.integrations import dequantize_module_weight
-
-    return dequantize_module_weight(base_layer)
+    """The frozen base weight as floats (a bitsandbytes layer's dequantized, as peft's own DoRA layer does; without a
+    graph break under ``torch.compile``): :func:`peftlab.models.quant.float_weight`."""
+    return float_weight(base_layer)
 
 
 @torch.no_grad()
