@@ -74,16 +74,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "peftlab/models/configs"
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
+# timed steps per row at 3B/8B: 10 (5 until 2026-12-07, when the same row moved by up to 30% between runs minutes apart)
 SHAPES = {
     "gpt2": dict(config="gpt2", family="gpt2", batch=8, seq=1024, targets=["c_attn"], r=8, alpha=16, gc=False,
                  tokens=50257, eot=50256, max_warmup=5, max_steps=15,
                  tiny=dict(n_embd=32, n_layer=2, n_head=2, vocab_size=512, n_positions=64)),
     "qwen3b": dict(config="qwen2.5-3b", family="qwen2", batch=4, seq=1024, targets=QKVO, r=16, alpha=32, gc=True,
-                   tokens=151665, eot=151643, max_warmup=3, max_steps=5,
+                   tokens=151665, eot=151643, max_warmup=3, max_steps=10,
                    tiny=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=64, vocab_size=512, bos_token_id=511, eos_token_id=511)),
     "llama8b": dict(config="llama-3-8b", family="llama", batch=4, seq=1024, targets=QKVO, r=16, alpha=32, gc=True,
-                    tokens=128256, eot=128001, max_warmup=3, max_steps=5,
+                    tokens=128256, eot=128001, max_warmup=3, max_steps=10,
                     tiny=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=64, vocab_size=512, bos_token_id=510, eos_token_id=511)),
 }
@@ -134,7 +135,7 @@ PLAN = [
     # both sides, at 3B and 8B: the norms, rotary embedding, SwiGLU and residual adds that eager mode runs one by one
     (6, "qwen3b", "hf", "lora", 18, "nomb"), (6, "qwen3b", "hf_cb", "lora", 30, "nomb"),
     (6, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 30, "nomb"), (6, "qwen3b", "peftlab_chunked_cb", "lora", 30, "nomb"),
-    (6, "qwen3b", "unsloth", "lora", 40),  # same run as the rows above: the ">= Unsloth" target
+    (6, "qwen3b", "unsloth", "lora", 90),  # same run as the rows above: the ">= Unsloth" target (its child needs ~60 s to load)
     (6, "qwen3b", "hf", "dora", 12, "nomb"), (6, "qwen3b", "peftlab_chunked_gc60_cb", "dora", 30, "nomb"),
     (6, "llama8b", "hf", "lora", 22, "nomb"), (6, "llama8b", "hf_cb", "lora", 30, "nomb"),
     (6, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
