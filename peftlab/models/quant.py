@@ -70,7 +70,6 @@ def quantize_built(model, auto_cls, cfg, task: str, **kwargs):
     return out
 
 
-@torch.no_grad()
 def float_weight(module: torch.nn.Module) -> torch.Tensor:
     """A layer's weight as floats: a bitsandbytes layer's packed 4-/8-bit weight dequantized, any other returned as it is.
 
@@ -92,6 +91,7 @@ def float_weight(module: torch.nn.Module) -> torch.Tensor:
     return dequantize_module_weight(module)
 
 
+@torch.no_grad()
 def dequantized_into(quantized, plain, dtype: torch.dtype):
     """``plain`` (the same architecture built unquantized) holding the weights of ``quantized``:
     every bitsandbytes layer's weight dequantized (:func:`float_weight`), the rest as loaded, all in
