@@ -463,8 +463,9 @@ def test_compile_scope_blocks_compiles_each_block_in_place_and_trains_the_same_r
     from peftlab.config import config_from_dict
     from peftlab.train.loop import train
 
-    def run(name, **system):
+    def run(name, reentrant=False, **system):
         raw = {"method": "lora", "model": {"name": "tiny-gpt2", "gradient_checkpointing": True, "gradient_checkpointing_fraction": 0.5,
+                         "gradient_checkpointing_reentrant": reentrant,
                          "dropout": 0.0},  # compiled dropout draws its masks from another random stream
                "data": {"dataset": "lm-sample", "block_size": 32, "max_val_examples": 8},
                "training": {"max_steps": 3, "batch_size": 4, "log_steps": 1, "save_steps": 0, "eval_max_batches": 1},
@@ -483,6 +484,9 @@ def test_compile_scope_blocks_compiles_each_block_in_place_and_trains_the_same_r
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5, (got, ref)
     assert abs(res["final"]["val_loss"] - ref_res["final"]["val_loss"]) < 1e-5
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
+    # the compiled blocks inside torch's reentrant checkpoint (bench_quant's peftlab_cb_re side): the same run
+    got_re, res_re, _ = run("blocks_re", reentrant=True, compile=True, compile_scope="blocks")
+    assert max(abs(a - b) for a, b in zip(got_re, ref)) < 1e-5 and abs(res_re["final"]["val_loss"] - ref_res["final"]["val_loss"]) < 1e-5
     from safetensors.torch import load_file
 
     saved = {n: load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in ("eager", "blocks")}
