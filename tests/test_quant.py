@@ -302,7 +302,7 @@ def test_dora_on_a_4bit_base_compiles_each_block_into_one_graph(tmp_path, device
     from peft.utils.integrations import dequantize_module_weight
 
     from peftlab.build import build
-    from peftlab.methods.sora.layers import base_weight
+    from peftlab.models.quant import float_weight
     from peftlab.train.sharding import transformer_blocks
 
     cfg = qcfg(tmp_path, device, "nf4", method="dora", lora__dora_norm="factored", model__gradient_checkpointing=False)
@@ -310,7 +310,7 @@ def test_dora_on_a_4bit_base_compiles_each_block_into_one_graph(tmp_path, device
     quantized = [m.get_base_layer() for m in model.modules() if hasattr(m, "lora_magnitude_vector") and m.lora_magnitude_vector]
     assert quantized and all(not q.weight.is_floating_point() for q in quantized)
     for q in quantized:
-        assert torch.equal(base_weight(q), dequantize_module_weight(q))
+        assert torch.equal(float_weight(q), dequantize_module_weight(q))
     block = transformer_blocks(model, "system.compile_scope=blocks", "model")[0]
     calls = []
     block.register_forward_hook(lambda mod, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)

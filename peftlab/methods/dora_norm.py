@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .sora.layers import DoraLinearLayer, base_weight, dora_output, dora_row_norm, w0_row_sq_norm
+from ..models.quant import float_weight
+from .sora.layers import DoraLinearLayer, dora_output, dora_row_norm, w0_row_sq_norm
 
 
 class FactoredDoraLayer(DoraLinearLayer):
@@ -45,7 +46,7 @@ class FactoredDoraLayer(DoraLinearLayer):
         self.base_sq = w0_row_sq_norm(base_weight, self.fan_in_fan_out).to(self.base_sq.device)
 
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default", **kwargs):
-        weight = base_weight(base_layer)  # a bitsandbytes base dequantized, as peft's layer does; W A^T needs no W + s B A
+        weight = float_weight(base_layer)  # a bitsandbytes base dequantized, as peft's layer does; W A^T needs no W + s B A
         # the norm in the magnitude's dtype (float32), as the fused path keeps it: no bf16 round trip of a ratio near 1
         norm = dora_row_norm(weight, lora_A.weight.detach(), lora_B.weight.detach(), None, scaling,
                              self.fan_in_fan_out, base_sq=self.base_sq, out_dtype=self.weight.dtype)
@@ -75,6 +76,6 @@ def install_factored_dora(model: torch.nn.Module) -> int:
         for name in list(mod.lora_magnitude_vector.keys()):
             layer = mod.lora_magnitude_vector[name]
             if type(layer) is DoraLinearLayer:
-                mod.lora_magnitude_vector[name] = FactoredDoraLayer.from_dora(layer, base_weight(mod.get_base_layer()))
+                mod.lora_magnitude_vector[name] = FactoredDoraLayer.from_dora(layer, float_weight(mod.get_base_layer()))
                 n += 1
     return n

@@ -65,12 +65,6 @@ class GatedLoraA(nn.Linear):
         return f"in_features={self.in_features}, rank={self.out_features}, gated=True"
 
 
-def base_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The frozen base weight as floats (a bitsandbytes layer's dequantized, as peft's own DoRA layer does; without a
-    graph break under ``torch.compile``): :func:`peftlab.models.quant.float_weight`."""
-    return float_weight(base_layer)
-
-
 @torch.no_grad()
 def w0_row_sq_norm(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
     """``||W_i||^2`` per output row of a base weight (stored ``d_in x d_out`` when ``fan_in_fan_out``), float32 or wider."""
@@ -145,7 +139,7 @@ def dora_output(layer, x, norm, lora_A, lora_B, scaling, base_layer, base_result
         if base_layer.bias is not None:
             base_result = base_result - base_layer.bias
     else:
-        weight = base_weight(base_layer)
+        weight = float_weight(base_layer)
         w = weight.T if layer.fan_in_fan_out else weight
         base_result = F.linear(x, w.to(x.dtype))
     if _few(few_kernels):
@@ -180,7 +174,7 @@ class GatedDoraLayer(DoraLinearLayer):
             self.base_sq = w0_row_sq_norm(base_weight, self.fan_in_fan_out).to(self.base_sq.device)
 
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default", **kwargs):
-        weight = base_weight(base_layer)
+        weight = float_weight(base_layer)
         norm = dora_row_norm(weight, lora_A.weight, lora_B.weight, lora_A.gate, scaling, self.fan_in_fan_out,
                              base_sq=getattr(self, "base_sq", None))
         return dora_output(self, x, norm, lora_A, lora_B, scaling, base_layer, base_result, cast_scale=True)

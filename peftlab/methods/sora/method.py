@@ -36,11 +36,11 @@ import torch
 
 from ...errors import PeftlabError
 from ...io import write_json
+from ...models.quant import float_weight
 from ...options import opt
 from ..lora import LoRA, LoraSection, lora_layers
 from .fast import FlatGateStep, use_fast_path
 from .layers import GatedDoraLayer, GatedLoraA, reference_threshold_, soft_threshold_
-from .layers import base_weight as sora_base_weight
 
 ADAPTER = "default"
 _PEFT_PREFIX = "base_model.model."
@@ -191,7 +191,7 @@ class SoRA(LoRA):
             gated_A = GatedLoraA(A, gate)
             layer.lora_A[ADAPTER] = gated_A
             if self.use_dora:
-                base_weight = sora_base_weight(layer.get_base_layer()) if self.fast else None  # fast: cache ||W0||² per row
+                base_weight = float_weight(layer.get_base_layer()) if self.fast else None  # fast: cache ||W0||² per row
                 layer.lora_magnitude_vector[ADAPTER] = GatedDoraLayer.from_dora(layer.lora_magnitude_vector[ADAPTER], base_weight)
             param_name = ids.get(id(A.weight), f"{full}.lora_A.{ADAPTER}.weight").rsplit(".", 1)[0] + ".gate"
             self.gated.append(GatedModule(name, labels[name], param_name, layer, gated_A.gate, A.in_features,
