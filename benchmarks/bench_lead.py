@@ -289,14 +289,75 @@ def make_profiler(dev):
     return profile(activities=acts)
 
 
+#: CUDA runtime calls that make the host wait (or allocate from the driver): counted per step in a profile
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync",
+              "cudaMalloc", "cudaFree", "cudaHostAlloc")
+
+
 def profile_report(prof, steps: int, path: Path) -> dict:
-    """The profiled window's kernels (top 25 by device time) into ``path``; GPU busy ms and kernels per step."""
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    """The profiled window into ``path``: the top 25 ops by device time, then the top 30 by host (self CPU) time, and
+    the CUDA runtime calls that make the host wait (:data:`HOST_WAITS`) with their host time; returns GPU busy ms,
+    kernels per step and those calls per step."""
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time_total for e in kernels) / 1e3 / steps
+    waits: dict = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAITS:
+            n, us = waits.get(e.name, (0, 0.0))
+            waits[e.name] = (n + 1, us + e.cpu_time_total)
     sort = "cuda_time_total" if kernels else "cpu_time_total"
-    path.write_text(f"GPU kernels busy {busy:.1f} ms/step, {len(kernels) / steps:.0f} kernels/step over {steps} steps\n"
-                    + prof.key_averages().table(sort_by=sort, row_limit=25))
-    return {"profiled": True, "gpu_busy_ms": busy, "kernels_per_step": len(kernels) / steps, "profile_file": path.name}
+    avg = prof.key_averages()
+    lines = [f"GPU kernels busy {busy:.1f} ms/step, {len(kernels) / steps:.0f} kernels/step over {steps} steps",
+             "host-waiting runtime calls per step: " + (", ".join(f"{k} {n / steps:.1f} ({us / 1e3 / steps:.1f} ms)"
+                                                                  for k, (n, us) in sorted(waits.items())) or "none"),
+             avg.table(sort_by=sort, row_limit=25), "", "by host time:", avg.table(sort_by="self_cpu_time_total", row_limit=30)]
+    path.write_text("\n".join(lines))
+    return {"profiled": True, "gpu_busy_ms": busy, "kernels_per_step": len(kernels) / steps, "profile_file": path.name,
+            "host_waits_per_step": {k: round(n / steps, 1) for k, (n, _) in waits.items()}}
+
+
+class SyncWatch:
+    """A stand-in for a profiler over the timed steps: ``torch.cuda.set_sync_debug_mode("warn")`` on, and every
+    synchronising call recorded with the Python frames that made it (the innermost frames outside torch).
+    :meth:`report` writes the call sites, most frequent first."""
+
+    def __init__(self, frames: int = 4):
+        import collections
+
+        self.frames, self.sites, self._old = frames, collections.Counter(), None
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        import traceback
+
+        if "synchronizing" not in str(message):
+            return self._old(message, category, filename, lineno, file, line)
+        stack = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename and "/warnings.py" not in f.filename]
+        self.sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in stack[-self.frames:][::-1])] += 1
+
+    def __enter__(self):
+        import warnings
+
+        self._old, warnings.showwarning = warnings.showwarning, self._show
+        self._filters = warnings.filters[:]
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():  # without CUDA only warnings raised by hand are recorded (the CPU test)
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        import warnings
+
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._old, self._filters
+        return False
+
+    def report(self, steps: int, path: Path) -> dict:
+        total = sum(self.sites.values())
+        path.write_text(f"{total / steps:.1f} synchronising calls per step over {steps} steps\n"
+                        + "".join(f"{n / steps:8.1f}  {site}\n" for site, n in self.sites.most_common()))
+        return {"syncs_per_step": total / steps, "sync_file": path.name}
 
 
 def compile_mode(side: str):

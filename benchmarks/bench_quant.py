@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_shapes as gs  # noqa: E402  (the Qwen2.5-3B spec, peftlab's timed Trainer run)
 from _common import hf_config, peak_mb, timed_loop, write_token_bins, write_word_tokenizer  # noqa: E402
-from bench_lead import make_profiler, profile_report  # noqa: E402
+from bench_lead import SyncWatch, make_profiler, profile_report  # noqa: E402
 from peftlab.methods.sora import layers  # noqa: E402  (FEW_KERNELS: the peftlab_few side)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -206,8 +206,13 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="toy-size shapes (CPU check of the code path)")
     p.add_argument("--profile", action="store_true",
                    help="run the timed steps under torch.profiler; the top kernels of each case go to OUT/profile_<shape>_<kind>_<side>.txt")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="record every synchronising CUDA call in the timed steps with its call site (OUT/syncs_<shape>_<kind>_<side>.txt); "
+                        "not with --profile")
     p.add_argument("--workdir", default=None, help="where the bf16 models, data and runs go (default: a temporary folder)")
     a = p.parse_args(argv)
+    if a.sync_debug and a.profile:
+        p.error("--sync-debug and --profile each watch the timed steps: give one of them")
     bad = [x for x in a.sides.split(",") if x != "hf" and (x.split("_")[0] != "peftlab" or set(side_levers(x)) - {"cb", "re", "few"})]
     if bad:
         p.error(f"unknown side(s) {', '.join(bad)}: use hf, peftlab or peftlab with the suffixes _cb, _re, _few (e.g. peftlab_cb_re)")
@@ -240,7 +245,7 @@ def main(argv=None) -> int:
             for side in a.sides.split(","):
                 row = {"shape": name, "kind": kind, "side": side, "batch": s["batch"], "seq": s["seq"], "warmup": a.warmup,
                        "steps": a.steps, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
-                prof = make_profiler(dev) if a.profile else None
+                prof = make_profiler(dev) if a.profile else SyncWatch() if a.sync_debug and dev.type == "cuda" else None
                 cleanup()
                 if dev.type == "cuda":  # what an earlier case left allocated counts in this case's peak: say how much
                     row["mem_before_mb"] = torch.cuda.memory_allocated(dev) / 2**20
@@ -256,7 +261,9 @@ def main(argv=None) -> int:
                         finally:
                             layers.FEW_KERNELS = False
                     r["tok_s"] = s["batch"] * s["seq"] / (r["step_ms"] / 1e3)
-                    if prof is not None:  # profiled steps run slower: their step_ms is not a speed figure
+                    if isinstance(prof, SyncWatch):  # watched steps run slower too: not a speed figure
+                        r.update(prof.report(a.steps, out / f"syncs_{name}_{kind}_{side}.txt"), profiled=True)
+                    elif prof is not None:  # profiled steps run slower: their step_ms is not a speed figure
                         r.update(profile_report(prof, a.steps, out / f"profile_{name}_{kind}_{side}.txt"))
                     row.update(r)
                 except Exception as e:  # noqa: BLE001  one failing case must not stop the others

@@ -48,3 +48,21 @@ def test_sides_are_checked_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_quant.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--sides", "hf,peftlab_xx"])
     assert "unknown side(s) peftlab_xx" in capsys.readouterr().err and not (tmp_path / "bench_quant.jsonl").exists()
+
+
+def test_sync_watch_records_each_synchronising_call_with_its_call_site(tmp_path):
+    import warnings
+
+    from bench_lead import SyncWatch
+
+    def reads_a_loss():  # stands in for loss.item() under torch.cuda.set_sync_debug_mode("warn")
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    with SyncWatch() as w:
+        for _ in range(3):
+            reads_a_loss()
+        warnings.warn("another warning, not a sync")
+    info = w.report(steps=3, path=tmp_path / "syncs.txt")
+    assert info["syncs_per_step"] == 1.0
+    text = (tmp_path / "syncs.txt").read_text()
+    assert "1.0 synchronising calls per step" in text and "reads_a_loss" in text, text
