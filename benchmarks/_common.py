@@ -121,18 +121,22 @@ def hf_config(s: dict):
     return AutoConfig.for_model(spec.pop("model_type"), **spec, **extra)
 
 
-def write_word_tokenizer(folder: Path, n: int, eot: int) -> Path:
-    """A word-level tokenizer over tokens ``t<id>`` with ``<|endoftext|>`` at ``eot`` (no download)."""
+def write_word_tokenizer(folder: Path, n: int, eot: int, pad: str = "") -> Path:
+    """A word-level tokenizer over tokens ``t<id>`` with ``<|endoftext|>`` at ``eot`` (no download). It pads with the
+    end-of-text token, or with ``pad``, a special token given the last id ``n - 1`` (Unsloth refuses a pad equal to
+    the end-of-text token on Llama; the benchmarks' random data never draws that id, all ids being below ``eot``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     eos = "<|endoftext|>"
-    vocab = {(eos if i == eot else f"t{i}"): i for i in range(n)}
+    if pad and not eot < n - 1:
+        raise ValueError(f"a separate pad token takes id {n - 1}, which must be above the end-of-text id {eot}")
+    vocab = {(eos if i == eot else pad if pad and i == n - 1 else f"t{i}"): i for i in range(n)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.add_special_tokens([eos])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token=eos)
+    tk.add_special_tokens([eos] + ([pad] if pad else []))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token=pad or eos)
     tok.model_max_length = 1 << 20
     tok.save_pretrained(str(folder))
     return folder

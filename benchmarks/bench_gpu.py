@@ -470,7 +470,7 @@ def main(argv=None):
     ap.add_argument("--suite", choices=["cases", "lead"], default="cases",
                     help="lead: issue 23's suite (benchmarks/bench_lead.py: HF PEFT, HF+Liger, Unsloth, peftlab at GPT-2/3B/8B)")
     ap.add_argument("--quick", action="store_true", help="the lead suite on the CPU with toy shapes, in seconds (tests the plumbing)")
-    ap.add_argument("--part", default="1", choices=["1", "2", "3", "4", "5", "6", "all"], help="lead suite: which part of its plan (1, 2: about 7 minutes each on an H200; 3: each lever alone at GPT-2, eager and compiled; 4: each lever alone at 3B and 8B; 5: the saved memory spent on less recomputation at 3B and 8B; 6: each transformer block compiled in place, both sides, at 3B and 8B)")
+    ap.add_argument("--part", default="1", choices=["1", "2", "3", "4", "5", "6", "7", "all"], help="lead suite: which part of its plan (1, 2: about 7 minutes each on an H200; 3: each lever alone at GPT-2, eager and compiled; 4: each lever alone at 3B and 8B; 5: the saved memory spent on less recomputation at 3B and 8B; 6: each transformer block compiled in place, both sides, at 3B and 8B; 7: HF compiled as a whole model against peftlab's fastest form and Unsloth, at 3B and 8B)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="lead suite: wall-clock budget; cases that do not fit are skipped")
     ap.add_argument("--only", default="", help="lead suite: comma-separated shape:side[:method] to run (default all)")
     ap.add_argument("--max-batch-s", type=float, default=12.0, help="lead suite: seconds per case for the largest-batch search")

@@ -140,6 +140,12 @@ PLAN = [
     (6, "llama8b", "hf", "lora", 22, "nomb"), (6, "llama8b", "hf_cb", "lora", 30, "nomb"),
     (6, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
     (6, "llama8b", "hf", "dora", 16, "nomb"), (6, "llama8b", "peftlab_chunked_gc80_cb", "dora", 30, "nomb"),
+    # part 7: the "compiled HF PEFT" read strictly, HF compiled as a whole model (138 s / 120 s to compile at
+    # 3B / 8B on an H100, 2026-12-07), beside peftlab's fastest form and Unsloth in the same run
+    (7, "qwen3b", "hf_c", "lora", 150, "nomb"), (7, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 30, "nomb"),
+    (7, "qwen3b", "unsloth", "lora", 90),
+    (7, "llama8b", "hf_c", "lora", 130, "nomb"), (7, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
+    (7, "llama8b", "unsloth", "lora", 90),
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 
@@ -439,7 +445,8 @@ def run_unsloth(s: dict, method: str, dev, a) -> dict:
         with torch.device(dev):
             base = AutoModelForCausalLM.from_config(hf_config(s), dtype=torch.bfloat16)
         base.save_pretrained(folder, safe_serialization=True)
-        write_word_tokenizer(folder, s["tokens"], s["eot"])
+        # a pad token of its own: Unsloth refuses one equal to end-of-text on Llama (it failed so on 2026-12-07)
+        write_word_tokenizer(folder, s["tokens"], s["eot"], pad="<|finetune_right_pad_id|>" if s["eot"] < s["tokens"] - 1 else "")
         del base
         cleanup(dev)
         stage = "FastLanguageModel.from_pretrained"
