@@ -3,6 +3,7 @@
     python benchmarks/bench_quant.py --out $OUT/quant                     # both shapes, LoRA and DoRA (about 5 minutes on an H200)
     python benchmarks/bench_quant.py --out $OUT/quant --shapes qwen3b --kinds lora
     python benchmarks/bench_quant.py --out /tmp/q --tiny --device cpu      # toy size on the CPU (bitsandbytes' CPU backend)
+    python benchmarks/bench_quant.py --out $OUT/q --shapes qwen3b --kinds lora --sync-debug   # each synchronising call's site
 
 Shapes (random weights, no hub): **Qwen2.5-3B** (the config peftlab ships,
 ``peftlab/models/configs/qwen2.5-3b.json``) and **Llama-3-8B** (a ``LlamaConfig`` written below
