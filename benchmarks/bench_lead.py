@@ -351,12 +351,15 @@ class SyncWatch:
             torch.cuda.set_sync_debug_mode("warn")
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc):  # a second call (a case that failed mid-way is closed again) does nothing
         import warnings
 
+        if self._old is None:
+            return False
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning, warnings.filters[:] = self._old, self._filters
+        self._old = None
         return False
 
     def report(self, steps: int, path: Path) -> dict:

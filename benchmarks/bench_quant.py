@@ -268,6 +268,8 @@ def main(argv=None) -> int:
                         r.update(profile_report(prof, a.steps, out / f"profile_{name}_{kind}_{side}.txt"))
                     row.update(r)
                 except Exception as e:  # noqa: BLE001  one failing case must not stop the others
+                    if isinstance(prof, SyncWatch):
+                        prof.__exit__(None, None, None)  # the next case runs unwatched unless it asks
                     row.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
                     cleanup()
                 emit(row)

@@ -62,6 +62,8 @@ def test_sync_watch_records_each_synchronising_call_with_its_call_site(tmp_path)
         for _ in range(3):
             reads_a_loss()
         warnings.warn("another warning, not a sync")
+    w.__exit__(None, None, None)  # closed twice (a failed case): the warnings machinery stays restored
+    assert warnings.showwarning is not w._show
     info = w.report(steps=3, path=tmp_path / "syncs.txt")
     assert info["syncs_per_step"] == 1.0
     text = (tmp_path / "syncs.txt").read_text()
