@@ -52,6 +52,7 @@ what is left is written as skipped. ``--quick`` runs every case on the CPU with 
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import os
@@ -329,21 +330,15 @@ class SyncWatch:
     :meth:`report` writes the call sites, most frequent first."""
 
     def __init__(self, frames: int = 4):
-        import collections
-
         self.frames, self.sites, self._old = frames, collections.Counter(), None
 
     def _show(self, message, category, filename, lineno, file=None, line=None):
-        import traceback
-
         if "synchronizing" not in str(message):
             return self._old(message, category, filename, lineno, file, line)
         stack = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename and "/warnings.py" not in f.filename]
         self.sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in stack[-self.frames:][::-1])] += 1
 
     def __enter__(self):
-        import warnings
-
         self._old, warnings.showwarning = warnings.showwarning, self._show
         self._filters = warnings.filters[:]
         warnings.simplefilter("always")
@@ -352,8 +347,6 @@ class SyncWatch:
         return self
 
     def __exit__(self, *exc):  # a second call (a case that failed mid-way is closed again) does nothing
-        import warnings
-
         if self._old is None:
             return False
         if torch.cuda.is_available():
