@@ -30,8 +30,10 @@ gradient checkpointing, bf16 autocast, AdamW over the adapters, lr 1e-4.
 * ``peftlab_cb``: ``peftlab`` with each transformer block compiled in place (``system.compile=true``,
   ``system.compile_scope=blocks``).
 * ``peftlab_re``: ``peftlab`` with torch's reentrant checkpointing (``model.gradient_checkpointing_reentrant=true``, the
-  form ``prepare_model_for_kbit_training`` gives the ``hf`` side): less host work per block. Suffixes combine:
-  ``peftlab_cb_re``.
+  form ``prepare_model_for_kbit_training`` gives the ``hf`` side): less host work per block.
+* ``peftlab_bnb``: ``peftlab`` with bitsandbytes' own 4-bit forward (``system.quant_linear=off``; the default on CUDA is
+  peftlab's, :mod:`peftlab.train.quant_linear`): what that lever buys. Suffixes combine: ``peftlab_cb_re``,
+  ``peftlab_cb_re_bnb``.
 
 Per case: peak GPU memory (``max_memory_allocated`` from after the model is built to the end of the
 timed steps; ``mem_before_mb`` is what was still allocated when the case began, which that peak includes)
@@ -174,7 +176,7 @@ def side_levers(side: str) -> list[str]:
 
 
 def run_peftlab(s: dict, kind: str, folder: Path, data: dict, run_dir: Path, dev: torch.device, warmup: int, steps: int,
-                profiler=None, compile_blocks: bool = False, reentrant: bool = False) -> dict:
+                profiler=None, compile_blocks: bool = False, reentrant: bool = False, bnb_forward: bool = False) -> dict:
     spec = {"method": kind, "compile": False, "extra": {
         "model.from_scratch": False, "model.quantization": "nf4", "model.double_quant": True, "model.target_modules": TARGETS,
         "system.fused_cross_entropy": "auto"}}
@@ -182,6 +184,8 @@ def run_peftlab(s: dict, kind: str, folder: Path, data: dict, run_dir: Path, dev
         spec["extra"].update({"system.compile": True, "system.compile_scope": "blocks"})
     if reentrant:  # the _re suffix
         spec["extra"]["model.gradient_checkpointing_reentrant"] = True
+    if bnb_forward:  # the _bnb suffix
+        spec["extra"]["system.quant_linear"] = "off"
     if dev.type != "cuda":
         spec["extra"]["system.dtype"] = "fp32"
     gspec = {"task": "causal_lm", "batch": s["batch"], "seq": s["seq"], "r": 16, "alpha": 32, "targets": TARGETS,
@@ -199,7 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", default="lora,dora")
     p.add_argument("--sides", default="hf,peftlab",
                    help="hf, peftlab, and peftlab with suffixes that combine: _cb (each transformer block compiled in place: "
-                        "system.compile_scope=blocks), _re (reentrant checkpointing), _few (DoRA's row norm and output in the "
+                        "system.compile_scope=blocks), _re (reentrant checkpointing), _bnb (bitsandbytes' own 4-bit forward: "
+                        "system.quant_linear=off), _few (DoRA's row norm and output in the "
                         "few-kernel form: the same run shows what that form buys), e.g. peftlab_cb_re")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
@@ -214,9 +219,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.sync_debug and a.profile:
         p.error("--sync-debug and --profile each watch the timed steps: give one of them")
-    bad = [x for x in a.sides.split(",") if x != "hf" and (x.split("_")[0] != "peftlab" or set(side_levers(x)) - {"cb", "re", "few"})]
+    bad = [x for x in a.sides.split(",") if x != "hf" and (x.split("_")[0] != "peftlab" or set(side_levers(x)) - {"cb", "re", "few", "bnb"})]
     if bad:
-        p.error(f"unknown side(s) {', '.join(bad)}: use hf, peftlab or peftlab with the suffixes _cb, _re, _few (e.g. peftlab_cb_re)")
+        p.error(f"unknown side(s) {', '.join(bad)}: use hf, peftlab or peftlab with the suffixes _cb, _re, _bnb, _few (e.g. peftlab_cb_re)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(a.device)
@@ -258,7 +263,8 @@ def main(argv=None) -> int:
                         layers.FEW_KERNELS = "few" in levers
                         try:
                             r = run_peftlab(s, kind, folder, data, work / "runs" / f"{name}_{kind}_{side}", dev, a.warmup,
-                                            a.steps, profiler=prof, compile_blocks="cb" in levers, reentrant="re" in levers)
+                                            a.steps, profiler=prof, compile_blocks="cb" in levers, reentrant="re" in levers,
+                                            bnb_forward="bnb" in levers)
                         finally:
                             layers.FEW_KERNELS = False
                     r["tok_s"] = s["batch"] * s["seq"] / (r["step_ms"] / 1e3)

@@ -321,3 +321,91 @@ def test_dora_on_a_4bit_base_compiles_each_block_into_one_graph(tmp_path, device
     explained = dynamo.explain(lambda *a, **k: block(*a, **k))(*args, **kwargs)
     dynamo.reset()
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+
+
+# ----------------------------------------------------------------------------- system.quant_linear
+def _linear4bit(quant_type, double_quant, device, dtype, seed=0):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    plain = torch.nn.Linear(256, 192)
+    m = bnb.nn.Linear4bit(256, 192, bias=True, compute_dtype=dtype, quant_type=quant_type, compress_statistics=double_quant)
+    m.weight = bnb.nn.Params4bit(plain.weight.data.clone(), requires_grad=False, quant_type=quant_type,
+                                 compress_statistics=double_quant)
+    m.bias = torch.nn.Parameter(plain.bias.data.clone().to(dtype), requires_grad=False)
+    return m.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_quant_linear_gives_bitsandbytes_numbers_eager_and_compiled(device, quant_type, double_quant):
+    """peftlab's 4-bit linear (system.quant_linear) against bnb.nn.Linear4bit: forward and input gradient bit for bit,
+    eager and under torch.compile (NF4's dequantization then in torch ops), at a batch past bitsandbytes' small-batch
+    kernel (2,048 rows); on CUDA in bf16 as training runs it."""
+    from peftlab.kernels.linear4bit import dequantize_nf4
+    from peftlab.train.quant_linear import install_quant_linear, uninstall_quant_linear
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = _linear4bit(quant_type, double_quant, device, dtype)
+    x = torch.randn(2, 1024, 256, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, 1024, 192, device=device, dtype=dtype)
+
+    def run(f):
+        x.grad = None
+        y = f(x)
+        y.backward(dy)
+        return y.detach(), x.grad.clone()
+
+    want = run(m)
+    assert install_quant_linear(m) == 1
+    qs = m.weight.quant_state
+    if quant_type == "nf4":  # the torch-op dequantization is bitsandbytes' kernel, value for value
+        import bitsandbytes.functional as bnbf
+
+        assert torch.equal(dequantize_nf4(m.weight, m._peftlab_absmax[1], qs.code, qs.blocksize, qs.shape, dtype),
+                           bnbf.dequantize_4bit(m.weight, qs).to(dtype))
+    for name, f in (("eager", m), ("compiled", torch.compile(m))):
+        got = run(f)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
+    torch._dynamo.reset()
+    assert uninstall_quant_linear(m) == 1 and "forward" not in m.__dict__
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quant_linear_falls_back_where_bitsandbytes_differs(device):
+    """A trainable bias and (on CUDA) a small batch keep bitsandbytes' own forward: peftlab's is never called."""
+    from peftlab.train import quant_linear
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = _linear4bit("nf4", True, device, dtype)
+    quant_linear.install_quant_linear(m)
+    calls = []
+    real = quant_linear.linear_4bit
+    quant_linear.linear_4bit = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        m(torch.randn(4, 256, 256, device=device, dtype=dtype))
+        took_big = len(calls)
+        m.bias.requires_grad_(True)
+        m(torch.randn(4, 256, 256, device=device, dtype=dtype))
+        assert len(calls) == took_big == (0 if device == "cuda" else 1)  # 1,024 rows: bitsandbytes' own on CUDA
+        m.bias.requires_grad_(False)
+        m(torch.randn(4, 1024, 256, device=device, dtype=dtype))
+        assert len(calls) == took_big + 1
+    finally:
+        quant_linear.linear_4bit = real
+
+
+@bnb
+def test_quant_linear_on_trains_the_same_numbers_as_off(tmp_path):
+    """A whole quantized LoRA run with system.quant_linear=on and =off: the same losses, step for step (CPU)."""
+    from peftlab.train import train
+
+    out = {}
+    for setting in ("on", "off"):
+        cfg = qcfg(tmp_path / setting, "cpu", system__quant_linear=setting, training__max_steps=3, training__save_steps=100)
+        res = train(cfg, console=False)
+        out[setting] = [r["train_loss"] for r in csv.DictReader(open(tmp_path / setting / "run" / "loss_log.csv"))]
+        assert res["status"] == "completed"
+    log = (tmp_path / "on" / "run" / "train.log").read_text()
+    assert "system.quant_linear:" in log and "4-bit linear layers computed by peftlab's forward" in log
+    assert out["on"] == out["off"] and len(out["on"]) == 3

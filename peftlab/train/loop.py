@@ -29,7 +29,7 @@ from ..evaluation import best_model_state, evaluate, make_test_dataset
 from ..io import CsvLog, write_json
 from ..models.hf import make_adapter_portable, set_label_names
 from ..tracking import LOSS_COLUMNS, close_logger, gpu_memory_mb, peak_memory_mb, run_metadata, setup_logger
-from . import fast, guards
+from . import fast, guards, quant_linear
 from . import lock as run_lock
 from . import sharding
 from .checkpointing import TrainerState, copy_best, finish, prepare_run_dir, prune, repair_best
@@ -208,6 +208,10 @@ class Trainer:
             n = fast.cast_frozen_weights(self.unwrapped(), dt)
             if n:
                 log.info(f"system.frozen_weights: {n:,} frozen matmul weights stored in {cfg.system.dtype} (the values autocast uses)")
+        if quant_linear.quant_linear_enabled(cfg.system.quant_linear, acc.device):
+            n = quant_linear.install_quant_linear(self.unwrapped())
+            if n:
+                log.info(f"system.quant_linear: {n} 4-bit linear layers computed by peftlab's forward (bitsandbytes' numbers)")
         if self.task == "causal_lm" and fast.pad_vocab_enabled(cfg.system.pad_vocab, acc.device):
             padded = fast.pad_lm_head(self.unwrapped())
             if padded:
