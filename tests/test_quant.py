@@ -367,6 +367,14 @@ def test_quant_linear_gives_bitsandbytes_numbers_eager_and_compiled(device, quan
     for name, f in (("eager", m), ("compiled", torch.compile(m))):
         got = run(f)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
+    import bitsandbytes.functional as bnbf
+
+    from peftlab.models.quant import float_weight
+
+    deq = bnbf.dequantize_4bit(m.weight, qs)  # DoRA's row norm reads the weight through float_weight: the same values
+    for name, f in (("eager", float_weight), ("compiled", torch.compile(float_weight))):
+        got = f(m)
+        assert got.dtype == deq.dtype and torch.equal(got, deq), name
     torch._dynamo.reset()
     assert uninstall_quant_linear(m) == 1 and "forward" not in m.__dict__
 
@@ -396,13 +404,16 @@ def test_quant_linear_falls_back_where_bitsandbytes_differs(device):
 
 
 @bnb
-def test_quant_linear_on_trains_the_same_numbers_as_off(tmp_path):
-    """A whole quantized LoRA run with system.quant_linear=on and =off: the same losses, step for step (CPU)."""
+@pytest.mark.parametrize("method", ["lora", "dora", "sdora"])
+def test_quant_linear_on_trains_the_same_numbers_as_off(tmp_path, method):
+    """A whole quantized run with system.quant_linear=on and =off: the same losses, step for step (CPU); DoRA and SDoRA
+    with the factored row norm, which reads the base weight through float_weight."""
     from peftlab.train import train
 
     out = {}
     for setting in ("on", "off"):
-        cfg = qcfg(tmp_path / setting, "cpu", system__quant_linear=setting, training__max_steps=3, training__save_steps=100)
+        cfg = qcfg(tmp_path / setting, "cpu", system__quant_linear=setting, training__max_steps=3, training__save_steps=100,
+                   method=method, **({} if method == "lora" else {"lora__dora_norm": "factored"}))
         res = train(cfg, console=False)
         out[setting] = [r["train_loss"] for r in csv.DictReader(open(tmp_path / setting / "run" / "loss_log.csv"))]
         assert res["status"] == "completed"

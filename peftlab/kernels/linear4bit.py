@@ -39,7 +39,10 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     return vals.view(*shape).to(dtype)
 
 
-def _dequant(packed, absmax, code, blocksize, shape, quant_type, dtype):
+def dequantize_weight(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int],
+                      quant_type: str, dtype: torch.dtype) -> torch.Tensor:
+    """The 4-bit weight as ``dtype`` (``absmax`` float32): bitsandbytes' kernel, or under ``torch.compile`` for NF4
+    :func:`dequantize_nf4` (the same values, fused by inductor)."""
     if quant_type == "nf4" and torch.compiler.is_compiling():
         return dequantize_nf4(packed, absmax, code, blocksize, shape, dtype)
     return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, quant_type, list(shape), dtype)
@@ -48,7 +51,7 @@ def _dequant(packed, absmax, code, blocksize, shape, quant_type, dtype):
 class _Linear4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, packed, absmax, code, blocksize, shape, quant_type):
-        W = _dequant(packed, absmax, code, blocksize, shape, quant_type, x.dtype)
+        W = dequantize_weight(packed, absmax, code, blocksize, shape, quant_type, x.dtype)
         ctx.save_for_backward(packed, absmax, code)
         ctx.meta = (blocksize, tuple(shape), quant_type)
         return F.linear(x, W, bias)
@@ -59,7 +62,7 @@ class _Linear4bit(torch.autograd.Function):
             return (None,) * 8
         packed, absmax, code = ctx.saved_tensors
         blocksize, shape, quant_type = ctx.meta
-        W = _dequant(packed, absmax, code, blocksize, shape, quant_type, dy.dtype)
+        W = dequantize_weight(packed, absmax, code, blocksize, shape, quant_type, dy.dtype)
         return torch.matmul(dy, W), None, None, None, None, None, None, None
 
 
@@ -70,4 +73,4 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
     return _Linear4bit.apply(x, bias, packed, absmax, code, blocksize, tuple(shape), quant_type)
 
 
-__all__ = ["dequantize_nf4", "linear_4bit"]
+__all__ = ["dequantize_nf4", "dequantize_weight", "linear_4bit"]

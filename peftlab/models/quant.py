@@ -77,11 +77,15 @@ def float_weight(module: torch.nn.Module) -> torch.Tensor:
     peft's ``dequantize_module_weight`` makes after reading the weight's ``__class__`` and, on the CPU, re-assigning
     ``module.weight``: both are graph breaks under ``torch.compile`` (18 per Llama block with DoRA on q/k/v/o), so a
     compiled block (``system.compile_scope=blocks``) on an NF4 base would fall apart into 19 graphs. The 8-bit weight
-    keeps peft's helper."""
+    keeps peft's helper. Under ``system.quant_linear`` the layer's dequantization is the one its forward uses (the same
+    values, from the per-block scales dequantized once)."""
     w = module.weight
     if w.is_floating_point():
         return w
     quant_state = getattr(w, "quant_state", None)
+    fast = module.__dict__.get("_peftlab_dequant")  # system.quant_linear's cached scales (peftlab.train.quant_linear)
+    if fast is not None and module._peftlab_absmax[0] is quant_state:
+        return fast(w)
     if quant_state is not None:
         import bitsandbytes.functional as bnbf
 

@@ -10,11 +10,12 @@ bitsandbytes' forward call for call (the numbers are the same either way; tests/
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 
-from ..kernels.linear4bit import linear_4bit
+from ..kernels.linear4bit import dequantize_weight, linear_4bit
 from .fast import auto_on
 
 #: bitsandbytes' CUDA ``gemm_4bit`` dequantizes and calls ``F.linear`` past this many rows (fewer may take its own
@@ -67,7 +68,12 @@ def install_quant_linear(model: torch.nn.Module) -> int:
             continue
         if qs.shape[0] * qs.shape[1] % qs.blocksize or getattr(qs, "packing_format_for_cpu", False):
             continue
-        mod._peftlab_absmax = (qs, _float_absmax(qs))
+        absmax = _float_absmax(qs)
+        mod._peftlab_absmax = (qs, absmax)
+        # what models.quant.float_weight returns (DoRA's row norm, SDoRA, BA-LoRA's scores): the weight in its
+        # quant_state's dtype, from the same cached scales
+        mod._peftlab_dequant = functools.partial(dequantize_weight, absmax=absmax, code=qs.code, blocksize=qs.blocksize,
+                                                 shape=tuple(qs.shape), quant_type=qs.quant_type, dtype=qs.dtype)
         mod.forward = types.MethodType(quant_linear_forward, mod)
         n += 1
     return n
@@ -78,7 +84,7 @@ def uninstall_quant_linear(model: torch.nn.Module) -> int:
     n = 0
     for mod in model.modules():
         if "_peftlab_absmax" in mod.__dict__:
-            del mod._peftlab_absmax
+            del mod._peftlab_absmax, mod._peftlab_dequant
             mod.__dict__.pop("forward", None)
             n += 1
     return n
