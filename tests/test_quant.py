@@ -315,8 +315,9 @@ def test_dora_on_a_4bit_base_compiles_each_block_into_one_graph(tmp_path, device
     calls = []
     block.register_forward_hook(lambda mod, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    model.train()  # (in eval mode on an AVX-512 CPU bitsandbytes repacks the weights for its inference kernel)
     with torch.no_grad():
-        model(input_ids=ids)
+        model(input_ids=ids, use_cache=False)  # no KV cache among the block's arguments
     args, kwargs = calls[0]
     explained = dynamo.explain(lambda *a, **k: block(*a, **k))(*args, **kwargs)
     dynamo.reset()
@@ -420,3 +421,30 @@ def test_quant_linear_on_trains_the_same_numbers_as_off(tmp_path, method):
     log = (tmp_path / "on" / "run" / "train.log").read_text()
     assert "system.quant_linear:" in log and "4-bit linear layers computed by peftlab's forward" in log
     assert out["on"] == out["off"] and len(out["on"]) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_quant_linear_blocks_compile_into_one_graph(tmp_path, device, method):
+    """With system.quant_linear's forward installed, a LoRA or DoRA block on an NF4 base still traces as one graph
+    (system.compile_scope=blocks), every 4-bit linear inside it."""
+    import torch._dynamo as dynamo
+
+    from peftlab.build import build
+    from peftlab.train.quant_linear import install_quant_linear
+    from peftlab.train.sharding import transformer_blocks
+
+    cfg = qcfg(tmp_path, device, "nf4", method=method, lora__dora_norm="factored", model__gradient_checkpointing=False)
+    model = build(cfg, optimizer=False, data=False, task="causal_lm", device=device).model
+    assert install_quant_linear(model) > 0
+    block = transformer_blocks(model, "system.compile_scope=blocks", "model")[0]
+    calls = []
+    block.register_forward_hook(lambda mod, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    model.train()  # (in eval mode on an AVX-512 CPU bitsandbytes repacks the weights for its inference kernel)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # no KV cache among the block's arguments
+    args, kwargs = calls[0]
+    explained = dynamo.explain(lambda *a, **k: block(*a, **k))(*args, **kwargs)
+    dynamo.reset()
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
