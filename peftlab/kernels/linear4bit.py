@@ -5,8 +5,9 @@ bitsandbytes trains a ``Linear4bit`` at batch sizes past 1,536 rows by dequantiz
 are those two torch calls; what costs is the Python around them: ``Linear4bit.forward``, ``MatMul4Bit``, the
 ``gemm_4bit`` custom op's dispatch and heuristics, and the double-quantized ``absmax`` dequantized again on every call.
 Profiled on an H100 (BENCHMARKS.md, 2026-12-07, a Qwen2.5-3B-shaped LoRA step): 0.27 ms of host time per 4-bit
-matmul forward and 0.31 ms per backward, about 200 ms of host work per step beside 232 ms of GPU work. A compiled block runs that
-Python too: a custom op with a Python body stays Python inside the compiled graph.
+matmul forward and 0.31 ms per backward, about 200 ms of host work per step beside 232 ms of GPU work. A compiled
+block runs that Python too: a custom op with a Python body stays Python inside the compiled graph. With this node
+the 3B step measured 2.08x HF PEFT + bitsandbytes (1.43x without it; BENCHMARKS.md, 2026-12-08).
 
 :func:`linear_4bit` computes the same function from the same pieces: the weight dequantized to the input's dtype
 (``absmax`` given already dequantized: a frozen base's never changes), ``F.linear`` forward, ``dy @ W`` backward; it

@@ -3,8 +3,9 @@
 :func:`install_quant_linear` gives every ``bnb.nn.Linear4bit`` of a model (the adapted layers' bases and the frozen
 MLPs alike) a forward with bitsandbytes' numbers and a fraction of its host work (the kernel's docstring says where
 that goes). It falls back to bitsandbytes' own forward wherever the two could differ: a trainable or not yet cast
-bias, an unset compute dtype, a weight re-quantized since the install, CPU inference where bitsandbytes packs the weight for AVX-512, and on CUDA batches of at most
-:data:`BNB_DEQUANT_ROWS` rows (bitsandbytes' fused small-batch kernel). ``auto`` = on CUDA only: CPU runs keep
+bias, an unset compute dtype, a weight re-quantized since the install, CPU inference where bitsandbytes packs the
+weight for AVX-512, and on CUDA batches of at most :data:`BNB_DEQUANT_ROWS` rows (bitsandbytes' fused small-batch
+kernel). ``auto`` = on CUDA only: CPU runs keep
 bitsandbytes' forward call for call (the numbers are the same either way; tests/test_quant.py checks both on the CPU).
 """
 
