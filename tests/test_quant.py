@@ -293,24 +293,13 @@ def test_factored_dora_norm_on_a_quantized_base_is_peft_dora(tmp_path, device, q
         torch.testing.assert_close(out["factored"][1][n], g, **tol, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_dora_on_a_4bit_base_compiles_each_block_into_one_graph(tmp_path, device):
-    """peftlab's dequantization of a 4-bit base weight (DoRA's row norm) is peft's, value for value, and traces without
-    a graph break, so `system.compile_scope=blocks` on an NF4 base compiles a DoRA block into one graph (peft's own helper
-    reads the weight's `__class__` and, on the CPU, re-assigns `module.weight`: 18 breaks per block)."""
+def assert_first_block_is_one_graph(model, device) -> None:
+    """The model's first transformer block, called with the arguments a training forward gives it, traces without a
+    graph break (what `system.compile_scope=blocks` compiles)."""
     import torch._dynamo as dynamo
-    from peft.utils.integrations import dequantize_module_weight
 
-    from peftlab.build import build
-    from peftlab.models.quant import float_weight
     from peftlab.train.sharding import transformer_blocks
 
-    cfg = qcfg(tmp_path, device, "nf4", method="dora", lora__dora_norm="factored", model__gradient_checkpointing=False)
-    model = build(cfg, optimizer=False, data=False, task="causal_lm", device=device).model
-    quantized = [m.get_base_layer() for m in model.modules() if hasattr(m, "lora_magnitude_vector") and m.lora_magnitude_vector]
-    assert quantized and all(not q.weight.is_floating_point() for q in quantized)
-    for q in quantized:
-        assert torch.equal(float_weight(q), dequantize_module_weight(q))
     block = transformer_blocks(model, "system.compile_scope=blocks", "model")[0]
     calls = []
     block.register_forward_hook(lambda mod, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)
@@ -322,6 +311,25 @@ def test_dora_on_a_4bit_base_compiles_each_block_into_one_graph(tmp_path, device
     explained = dynamo.explain(lambda *a, **k: block(*a, **k))(*args, **kwargs)
     dynamo.reset()
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_on_a_4bit_base_compiles_each_block_into_one_graph(tmp_path, device):
+    """peftlab's dequantization of a 4-bit base weight (DoRA's row norm) is peft's, value for value, and traces without
+    a graph break, so `system.compile_scope=blocks` on an NF4 base compiles a DoRA block into one graph (peft's own helper
+    reads the weight's `__class__` and, on the CPU, re-assigns `module.weight`: 18 breaks per block)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    from peftlab.build import build
+    from peftlab.models.quant import float_weight
+
+    cfg = qcfg(tmp_path, device, "nf4", method="dora", lora__dora_norm="factored", model__gradient_checkpointing=False)
+    model = build(cfg, optimizer=False, data=False, task="causal_lm", device=device).model
+    quantized = [m.get_base_layer() for m in model.modules() if hasattr(m, "lora_magnitude_vector") and m.lora_magnitude_vector]
+    assert quantized and all(not q.weight.is_floating_point() for q in quantized)
+    for q in quantized:
+        assert torch.equal(float_weight(q), dequantize_module_weight(q))
+    assert_first_block_is_one_graph(model, device)
 
 
 # ----------------------------------------------------------------------------- system.quant_linear
@@ -428,23 +436,10 @@ def test_quant_linear_on_trains_the_same_numbers_as_off(tmp_path, method):
 def test_quant_linear_blocks_compile_into_one_graph(tmp_path, device, method):
     """With system.quant_linear's forward installed, a LoRA or DoRA block on an NF4 base still traces as one graph
     (system.compile_scope=blocks), every 4-bit linear inside it."""
-    import torch._dynamo as dynamo
-
     from peftlab.build import build
     from peftlab.train.quant_linear import install_quant_linear
-    from peftlab.train.sharding import transformer_blocks
 
     cfg = qcfg(tmp_path, device, "nf4", method=method, lora__dora_norm="factored", model__gradient_checkpointing=False)
     model = build(cfg, optimizer=False, data=False, task="causal_lm", device=device).model
     assert install_quant_linear(model) > 0
-    block = transformer_blocks(model, "system.compile_scope=blocks", "model")[0]
-    calls = []
-    block.register_forward_hook(lambda mod, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    model.train()  # (in eval mode on an AVX-512 CPU bitsandbytes repacks the weights for its inference kernel)
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)  # no KV cache among the block's arguments
-    args, kwargs = calls[0]
-    explained = dynamo.explain(lambda *a, **k: block(*a, **k))(*args, **kwargs)
-    dynamo.reset()
-    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert_first_block_is_one_graph(model, device)
