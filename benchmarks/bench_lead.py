@@ -26,9 +26,11 @@ block compiled in place; peftlab: ``system.compile_scope=blocks``; HF PEFT: ``bl
 * ``peftlab_off``: the levers of issue 23 off: ``lora.fused=off``, ``system.fused_cross_entropy=off`` and at
   GPT-2 ``model.base_dtype=float32`` (the earlier path; at 3B/8B the base stays bf16 so that the build takes
   seconds, the float32 base was measured before: BENCHMARKS.md); ``peftlab_chunked``: peftlab with
-  ``system.fused_cross_entropy=chunked`` (its own kernel instead of Liger's); ``peftlab_nofce`` (the plain loss) and
+  ``system.fused_cross_entropy=chunked`` (its own kernel instead of Liger's; ``peftlab_chunkedeager``: with
+  ``system.chunked_cross_entropy=eager``, each chunk's elementwise work uncompiled); ``peftlab_nofce`` (the plain loss) and
   ``peftlab_nofused`` (peft's unfused LoRA layers): one lever off at a time. A ``_c`` suffix compiles any peftlab side;
-  ``_gcNN`` checkpoints only NN% of the blocks (``model.gradient_checkpointing_fraction``) at the shapes that checkpoint.
+  ``_gcNN`` checkpoints only NN% of the blocks (``model.gradient_checkpointing_fraction``) at the shapes that checkpoint;
+  ``_re`` (after ``_gcNN``) checkpoints in torch's reentrant form (``model.gradient_checkpointing_reentrant``).
 
 Per case: ``--warmup`` then ``--steps`` timed steps (capped per shape), host clock around a device sync;
 peak memory = ``max_memory_allocated`` over the timed window; tokens/s; MFU = tokens/s x model FLOPs per
@@ -147,6 +149,21 @@ PLAN = [
     (7, "qwen3b", "unsloth", "lora", 90),
     (7, "llama8b", "hf_c", "lora", 130, "nomb"), (7, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
     (7, "llama8b", "unsloth", "lora", 90),
+    # part 8: the 8B row against Unsloth again, in the order A B A (the repeated row is a second JSON line), with reentrant checkpointing (``_re``) and fewer
+    # checkpointed blocks (21 of 32 at gc66, ~22 GB, still under HF PEFT's 22.7 GB); the 3B DoRA/LoRA step ratio
+    # and SoRA/SDoRA on their adapters, with the same recipe
+    (8, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"), (8, "llama8b", "unsloth", "lora", 90),
+    (8, "llama8b", "peftlab_chunkedeager_gc75_cb", "lora", 30, "nomb"),
+    (8, "llama8b", "peftlab_chunked_gc75_re_cb", "lora", 30, "nomb"), (8, "llama8b", "peftlab_chunked_gc66_re_cb", "lora", 30, "nomb"),
+    (8, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
+    (8, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 30, "nomb"), (8, "qwen3b", "peftlab_chunkedeager_gc60_cb", "lora", 30, "nomb"),
+    (8, "qwen3b", "peftlab_chunked_gc60_cb", "dora", 30, "nomb"),
+    (8, "qwen3b", "peftlab_chunked_gc60_cb", "sora", 30, "nomb"), (8, "qwen3b", "peftlab_chunked_gc60_cb", "sdora", 30, "nomb"),
+    (8, "qwen3b", "peftlab_chunked_gc60_re_cb", "lora", 30, "nomb"), (8, "qwen3b", "peftlab_chunked_gc60_re_cb", "dora", 30, "nomb"),
+    # part 9: every adapter at GPT-2 with the fastest GPT-2 recipe (bf16 base, fused LoRA, plain loss), eager and
+    # compiled: the "<= 1.05x the step of the adapter it builds on" targets (SoRA, BA-LoRA, SubLoRA on LoRA; SDoRA on DoRA)
+    *[(9, "gpt2", side, m, est, "nomb") for side, est in (("peftlab_nofce", 10), ("peftlab_nofce_c", 45))
+      for m in ("lora", "sora", "ba_lora", "sublora", "dora", "sdora")],
 ]
 CHILD_SIDES = ("liger", "unsloth")  # they patch transformers globally: one child process per case
 
@@ -491,6 +508,11 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
     raw["system"]["fused_cross_entropy"] = "auto"
     raw["model"]["base_dtype"] = "auto"
     lever = lever_set(side)  # peftlab_X_c / peftlab_X_cg: lever set X, compiled
+    reentrant = lever.endswith("_re")  # peftlab_X_re: torch's reentrant checkpointing (model.gradient_checkpointing_reentrant)
+    if reentrant:
+        lever = lever[:-3]
+        if s["gc"]:
+            raw["model"]["gradient_checkpointing_reentrant"] = True
     gc = re.fullmatch(r"(.+)_gc(\d+)", lever)  # peftlab_X_gcNN: lever set X, NN% of the blocks checkpointed
     if gc:
         lever = gc.group(1)
@@ -501,8 +523,9 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
         raw["system"]["fused_cross_entropy"] = "off"
         if s["name"] == "gpt2":
             raw["model"]["base_dtype"] = "float32"
-    elif lever == "peftlab_chunked":
+    elif lever in ("peftlab_chunked", "peftlab_chunkedeager"):  # chunkedeager: each chunk's elementwise work uncompiled
         raw["system"]["fused_cross_entropy"] = "chunked"
+        raw["system"]["chunked_cross_entropy"] = "eager" if lever == "peftlab_chunkedeager" else "auto"
     elif lever == "peftlab_nofce":  # bf16 base and fused LoRA, the plain loss: one lever's share at a time
         raw["system"]["fused_cross_entropy"] = "off"
     elif lever == "peftlab_nofused":  # bf16 base and the fused loss, peft's unfused LoRA layers

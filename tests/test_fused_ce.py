@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from peftlab.errors import PeftlabError
-from peftlab.kernels.cross_entropy import chunk_rows, linear_cross_entropy, linear_cross_entropy_reference, pad_rows
+from peftlab.kernels.cross_entropy import (chunk_loss_grad, chunk_rows, linear_cross_entropy, linear_cross_entropy_reference,
+                                           pad_rows)
 from peftlab.train.fast import fused_lm_loss
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -37,6 +38,61 @@ def test_chunked_equals_full_logits_float64(chunk, pad, head_trained):
     assert l1.dtype == torch.float64 and abs(l1.item() - l2.item()) < 1e-12
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("chunk,pad", [(7, 0), (1000, 8)])
+@pytest.mark.parametrize("head_trained", [False, True])
+def test_chunk_body_equals_full_logits_float64(chunk, pad, head_trained):
+    """The out-of-place chunk body (what system.chunked_cross_entropy=compiled compiles), run eagerly, in float64: the
+    full-logits loss and gradients to 1e-12, padding columns and ignored labels included."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(29, 6, generator=g, dtype=torch.float64, requires_grad=head_trained)
+    y = torch.randint(0, 29, (3, 9), generator=g)
+    y[1, :4] = -100
+    leaves = [h, W] if head_trained else [h]
+    ref = linear_cross_entropy_reference(h, W, y)
+    g_ref = torch.autograd.grad(ref * 0.7, leaves)
+    import peftlab.kernels.cross_entropy as ce
+
+    real, ce._COMPILED["f"] = ce._COMPILED.get("f"), chunk_loss_grad  # the body itself, uncompiled
+    try:
+        loss = linear_cross_entropy(h, W, y, chunk=chunk, pad_multiple=pad, compiled=True)
+    finally:
+        ce._COMPILED.pop("f") if real is None else ce._COMPILED.__setitem__("f", real)
+    assert abs(loss.item() - ref.item()) < 1e-12
+    for a, b in zip(torch.autograd.grad(loss * 0.7, leaves), g_ref):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def _compiled_vs_eager(device, dtype, n, d, V, chunk, pad, atol_loss, atol_grad):
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, d, device=device, generator=g, dtype=dtype, requires_grad=True)
+    W = (torch.randn(V, d, device=device, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    y = torch.randint(0, V, (n,), device=device, generator=g)
+    y[: n // 5] = -100
+    out = []
+    for compiled in (False, True):
+        loss = linear_cross_entropy(h, W, y, chunk=chunk, pad_multiple=pad, compiled=compiled)
+        out.append((loss, torch.autograd.grad(loss, [h, W])))
+    (l0, (dh0, dW0)), (l1, (dh1, dW1)) = out
+    assert abs(l0.item() - l1.item()) <= atol_loss * abs(l0.item())
+    for a, b in ((dh0, dh1), (dW0, dW1)):
+        assert a.dtype == b.dtype and ((a.float() - b.float()).abs().max() / a.float().abs().max()) <= atol_grad
+
+
+def test_compiled_chunks_equal_eager_cpu():
+    """system.chunked_cross_entropy=compiled against eager on the CPU (inductor's C++ kernels): float32 rounding only.
+    bf16 gradients are compared relative to their largest entry (one bf16 step, 2^-8)."""
+    _compiled_vs_eager("cpu", torch.float32, 70, 16, 203, 32, 8, 1e-6, 1e-5)
+    _compiled_vs_eager("cpu", torch.bfloat16, 70, 16, 203, 32, 8, 1e-6, 2 ** -8)
+
+
+@cuda
+def test_compiled_chunks_equal_eager_cuda():
+    """The same on CUDA at an LM-head-like size (bf16, aligned and padded vocabularies)."""
+    _compiled_vs_eager("cuda", torch.float32, 2048, 256, 32000, 700, 64, 1e-6, 1e-5)
+    _compiled_vs_eager("cuda", torch.bfloat16, 2048, 256, 32003, 700, 64, 1e-6, 2 ** -8)
 
 
 def test_pad_rows_appends_zero_rows_to_a_multiple():

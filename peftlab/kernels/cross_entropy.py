@@ -14,6 +14,12 @@ The loss is the mean over rows whose label is not ``ignore_index``, in float32, 
 ``torch.nn.functional.cross_entropy(h W^T .float(), labels)``; the number of valid rows stays a
 device tensor (no host synchronisation). Plain torch ops: one ``N_chunk x d x V`` GEMM forward and
 one or two backward per chunk, and a few elementwise passes over the chunk's logits.
+
+With ``compiled=True`` (``system.chunked_cross_entropy``: ``auto`` = on CUDA) the elementwise work of a chunk,
+from the head's logits to their gradient (the float32 cast, log-sum-exp, target gather, softmax, one-hot and scale,
+the cast back), is :func:`chunk_loss_grad` under ``torch.compile``: one reduction and one pointwise kernel that read
+the compute-dtype logits and write their gradient, where the eager form makes about a dozen passes over the chunk's
+float32 logits. Same formula; the numbers differ from the eager form by float32 rounding only (tested).
 """
 
 from __future__ import annotations
@@ -42,11 +48,43 @@ def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (4 * vocab))
 
 
+def chunk_loss_grad(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, vocab: int,
+                    grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One chunk's summed loss terms and, with ``grad``, the gradient of its logits (``logits.dtype``).
+
+    ``logits``: ``n x V'`` (``V' >= vocab``; columns ``vocab..`` are padding, given softmax weight 0); ``labels`` with
+    ``valid`` (rows whose label counts); ``scale``: the mean's ``1 / n_valid``. Out of place, so that ``torch.compile``
+    fuses it (the eager path of :class:`ChunkedLinearCrossEntropy` computes the same in place)."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    x = logits.to(acc)
+    col = torch.arange(x.shape[1], device=x.device)
+    if x.shape[1] != vocab:
+        x = torch.where(col < vocab, x, float("-inf"))
+    lse = torch.logsumexp(x, dim=-1)
+    safe = torch.where(valid, labels, 0)
+    tgt = x.gather(1, safe[:, None]).squeeze(1)
+    total = torch.where(valid, lse - tgt, 0.0).sum()
+    if not grad:
+        return total, None
+    g = torch.exp(x - lse[:, None]) - (col[None, :] == safe[:, None]).to(acc)
+    return total, (g * (valid.to(acc) * scale)[:, None]).to(logits.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_chunk():
+    """:func:`chunk_loss_grad` under ``torch.compile`` (built once per process; one graph per chunk shape)."""
+    if "f" not in _COMPILED:
+        _COMPILED["f"] = torch.compile(chunk_loss_grad, fullgraph=True, dynamic=False)
+    return _COMPILED["f"]
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """``(h, W, labels, ignore_index, chunk) -> mean cross-entropy of h W^T`` (float32 scalar); module docstring."""
 
     @staticmethod
-    def forward(ctx, h, W, labels, ignore_index: int, chunk: int, pad_multiple: int = 0):
+    def forward(ctx, h, W, labels, ignore_index: int, chunk: int, pad_multiple: int = 0, compiled: bool = False):
         n_rows, V = h.shape[0], W.shape[0]
         Wp = pad_rows(W, pad_multiple)  # zero rows: an aligned GEMM, columns V.. masked
         pad = Wp.shape[0] - V
@@ -58,8 +96,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(h.dtype, torch.float32)  # float32 (float64 stays float64)
         dW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
         total = torch.zeros((), dtype=acc, device=h.device)
+        body = _compiled_chunk() if compiled else None
         for s in range(0, n_rows, chunk):
             hc, yc, vc = h[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
+            if body is not None:
+                part, g = body(hc @ Wp.t(), yc, vc, inv, V, need_h or need_W)
+                total += part
+                if need_h:
+                    torch.mm(g, Wp, out=dh[s:s + chunk])
+                if need_W:
+                    dW.addmm_(g[:, :V].t().to(acc), hc.to(acc))
+                continue
             logits = (hc @ Wp.t()).to(acc)
             if pad:
                 logits[:, V:] = float("-inf")  # softmax weight 0: the loss and gradients of the V real columns
@@ -85,23 +132,25 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         dh, dW = ctx.saved_tensors
         gh = dh * grad.to(dh.dtype) if dh is not None else None
         gW = (dW * grad).to(ctx.w_dtype) if dW is not None else None
-        return gh, gW, None, None, None, None
+        return gh, gW, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         chunk: Optional[int] = None, pad_multiple: int = 0) -> torch.Tensor:
+                         chunk: Optional[int] = None, pad_multiple: int = 0, compiled: bool = False) -> torch.Tensor:
     """Mean cross-entropy of ``h W^T`` against ``labels`` (rows of ``h``: ``N x d``; ``W``: ``V x d``), chunked.
 
     ``h`` and ``W`` are used in their dtypes (cast them to the compute dtype first); ``chunk`` rows at a time
     (default :func:`chunk_rows`). ``pad_multiple`` (e.g. 64 on a GPU) computes the logits against the head padded
     with zero rows to that multiple, the extra columns masked: GPU GEMMs are fast only for aligned sizes (GPT-2's
-    50,257 is not); the result is the same.
+    50,257 is not); the result is the same. ``compiled`` runs each chunk's elementwise work as :func:`chunk_loss_grad`
+    under ``torch.compile`` (module docstring).
     """
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1)
     if h2.shape[0] != y.shape[0]:
         raise ValueError(f"{h2.shape[0]} hidden rows but {y.shape[0]} labels")
-    return ChunkedLinearCrossEntropy.apply(h2, W, y, int(ignore_index), int(chunk or chunk_rows(W.shape[0])), int(pad_multiple))
+    return ChunkedLinearCrossEntropy.apply(h2, W, y, int(ignore_index), int(chunk or chunk_rows(W.shape[0])), int(pad_multiple),
+                                            bool(compiled))
 
 
 def linear_cross_entropy_reference(h, W, labels, ignore_index: int = -100) -> torch.Tensor:

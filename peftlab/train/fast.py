@@ -80,7 +80,7 @@ def device_batches(indices: Iterable[list[int]], load: Callable[[list[int]], dic
 
 
 def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch.device, world: int, compile_backbone: bool,
-                  autocast: Optional[Callable] = None):
+                  autocast: Optional[Callable] = None, chunk_kernel: str = "auto"):
     """A training-loss function ``f(batch) -> loss`` that never materialises the LM-head logits, or None.
 
     ``system.fused_cross_entropy``:
@@ -91,6 +91,9 @@ def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch
     * ``auto``: on CUDA, Liger's when it imports, else the chunked one; off elsewhere;
     * ``off``: ``model(**batch).loss``.
 
+    ``chunk_kernel`` (``system.chunked_cross_entropy``): the chunked loss's per-chunk elementwise work ``compiled``
+    (one ``torch.compile``'d function) or ``eager``; ``auto`` = compiled on CUDA.
+
     Used for a causal LM on one process (it calls the backbone directly, not through a DDP wrapper)
     whose model is a peft or transformers model (its forward is the backbone and the head; a wrapper
     with its own forward, such as SubLoRA's, keeps the plain loss) with a bias-free head. The backbone
@@ -100,8 +103,11 @@ def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch
     """
     if setting not in ("auto", "liger", "chunked", "off"):
         raise PeftlabError(f"system.fused_cross_entropy must be auto, liger, chunked or off, got {setting!r}.")
+    if chunk_kernel not in ("auto", "compiled", "eager"):
+        raise PeftlabError(f"system.chunked_cross_entropy must be auto, compiled or eager, got {chunk_kernel!r}.")
     if setting == "off":
         return None
+    compiled_chunks = chunk_kernel == "compiled" or (chunk_kernel == "auto" and torch.device(device).type == "cuda")
     why = None
     if task != "causal_lm":
         why = "the task is not causal LM"
@@ -147,9 +153,10 @@ def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch
         y = batch["labels"][:, 1:].reshape(-1)
         if lce is not None:
             return lce(w, h, y)
-        return linear_cross_entropy(h, w, y, pad_multiple=64 if h.is_cuda else 0)  # aligned GEMMs (system.pad_vocab's reason)
+        return linear_cross_entropy(h, w, y, pad_multiple=64 if h.is_cuda else 0,  # aligned GEMMs (system.pad_vocab's reason)
+                                    compiled=compiled_chunks)
 
-    loss.kind = kind
+    loss.kind = kind + ("/compiled" if kind == "chunked" and compiled_chunks else "")
     return loss
 
 
