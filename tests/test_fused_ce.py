@@ -150,6 +150,31 @@ def test_loop_loss_chunked_equals_the_model_loss():
         assert torch.allclose(gr, res[1][1][n], atol=1e-6, rtol=1e-4), n
 
 
+def test_loop_loss_compiled_chunks_switch():
+    """system.chunked_cross_entropy: compiled gives the eager chunked loss and gradients (float32 rounding); auto is eager
+    on the CPU; a wrong value is refused."""
+    model = _tiny_lora()
+    cpu = torch.device("cpu")
+    assert fused_lm_loss(model, "chunked", "causal_lm", cpu, 1, False, chunk_kernel="auto").kind == "chunked"
+    with pytest.raises(PeftlabError, match="chunked_cross_entropy must be auto, compiled or eager"):
+        fused_lm_loss(model, "chunked", "causal_lm", cpu, 1, False, chunk_kernel="fast")
+    x = torch.randint(0, 50, (3, 12))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+    model.train()
+    res = []
+    for kernel in ("eager", "compiled"):
+        f = fused_lm_loss(model, "chunked", "causal_lm", cpu, 1, False, chunk_kernel=kernel)
+        assert f.kind == ("chunked/compiled" if kernel == "compiled" else "chunked")
+        torch.manual_seed(1)  # the same dropout masks
+        loss = f(batch)
+        loss.backward()
+        res.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad(set_to_none=True)
+    assert abs(res[0][0] - res[1][0]) < 1e-6
+    for n, gr in res[0][1].items():
+        assert torch.allclose(gr, res[1][1][n], atol=1e-6, rtol=1e-5), n
+
+
 def test_switch_cpu_default_off_wrappers_refused():
     model = _tiny_lora()
     cpu = torch.device("cpu")

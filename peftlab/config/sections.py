@@ -278,10 +278,10 @@ class SystemConfig:
         "Liger-Kernel's fused linear + cross-entropy (CUDA), chunked = peftlab's own in torch ops (rows in chunks, any device), "
         "auto = on CUDA: liger when it imports, else chunked; off = model(**batch).loss (default: it saves memory but costs speed, docs/gpu-speed.md).")
     chunked_cross_entropy: Literal["auto", "compiled", "eager"] = opt(
-        "auto", "How system.fused_cross_entropy=chunked computes each chunk's loss and logit gradient: compiled = one "
-        "torch.compile'd function (one reduction and one pointwise kernel over the chunk's logits), eager = torch ops one by "
-        "one (about a dozen passes over the chunk's float32 logits); auto = compiled on CUDA. Same formula; the two differ "
-        "by float32 rounding only. docs/gpu-speed.md.")
+        "eager", "How system.fused_cross_entropy=chunked computes each chunk's loss and logit gradient: compiled = one "
+        "torch.compile'd function (inductor fuses it; on the CPU into one kernel), eager = torch ops one by one (about a dozen "
+        "passes over the chunk's float32 logits); auto = compiled on CUDA. Same formula; the two differ by float32 rounding "
+        "only. Default eager until its GPU test and benchmark have run (docs/gpu-speed.md).")
     quant_linear: Literal["auto", "on", "off"] = opt("auto", "With a 4-bit model.quantization: every 4-bit linear computed by peftlab's own autograd node (bitsandbytes' dequantization kernel and F.linear, the numbers bitsandbytes' training path gives, bit for bit) instead of bitsandbytes' Linear4bit/MatMul4Bit Python; under system.compile the NF4 dequantization compiles into the block. auto = on CUDA. docs/quantization.md.")
     sharding: Literal["none", "fsdp"] = opt("none", "How several processes hold the model: none = a whole replica on each (DDP through Accelerate); fsdp = torch's FSDP2 fully_shard per transformer block and the root, the frozen base sharded across processes, the method's trainable tensors replicated with all-reduced gradients (adapters) or sharded with their optimizer state (full fine-tuning). docs/training.md#sharding.")
 

@@ -15,11 +15,11 @@ The loss is the mean over rows whose label is not ``ignore_index``, in float32, 
 device tensor (no host synchronisation). Plain torch ops: one ``N_chunk x d x V`` GEMM forward and
 one or two backward per chunk, and a few elementwise passes over the chunk's logits.
 
-With ``compiled=True`` (``system.chunked_cross_entropy``: ``auto`` = on CUDA) the elementwise work of a chunk,
-from the head's logits to their gradient (the float32 cast, log-sum-exp, target gather, softmax, one-hot and scale,
-the cast back), is :func:`chunk_loss_grad` under ``torch.compile``: one reduction and one pointwise kernel that read
-the compute-dtype logits and write their gradient, where the eager form makes about a dozen passes over the chunk's
-float32 logits. Same formula; the numbers differ from the eager form by float32 rounding only (tested).
+With ``compiled=True`` (``system.chunked_cross_entropy=compiled``, or ``auto`` on CUDA) the elementwise work of a
+chunk, from the head's logits to their gradient (the float32 cast, log-sum-exp, target gather, softmax, one-hot and
+scale, the cast back), is :func:`chunk_loss_grad` under ``torch.compile``: fused kernels that read the compute-dtype
+logits and write their gradient (one kernel on the CPU), where the eager form makes about a dozen passes over the
+chunk's float32 logits. Same formula; the numbers differ from the eager form by float32 rounding only (tested).
 """
 
 from __future__ import annotations

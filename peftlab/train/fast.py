@@ -80,7 +80,7 @@ def device_batches(indices: Iterable[list[int]], load: Callable[[list[int]], dic
 
 
 def fused_lm_loss(model: torch.nn.Module, setting: str, task: str, device: torch.device, world: int, compile_backbone: bool,
-                  autocast: Optional[Callable] = None, chunk_kernel: str = "auto"):
+                  autocast: Optional[Callable] = None, chunk_kernel: str = "eager"):
     """A training-loss function ``f(batch) -> loss`` that never materialises the LM-head logits, or None.
 
     ``system.fused_cross_entropy``:
