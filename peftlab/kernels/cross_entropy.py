@@ -74,9 +74,11 @@ _COMPILED: dict = {}
 
 
 def _compiled_chunk():
-    """:func:`chunk_loss_grad` under ``torch.compile`` (built once per process; one graph per chunk shape)."""
+    """:func:`chunk_loss_grad` under ``torch.compile``, built once per process. The first chunk shape compiles a static
+    graph; a second row count (the last chunk, or batches of another length) one with the rows dynamic, which serves
+    every later count."""
     if "f" not in _COMPILED:
-        _COMPILED["f"] = torch.compile(chunk_loss_grad, fullgraph=True, dynamic=False)
+        _COMPILED["f"] = torch.compile(chunk_loss_grad, fullgraph=True)
     return _COMPILED["f"]
 
 
