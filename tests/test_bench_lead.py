@@ -85,6 +85,22 @@ def test_gc_sides_checkpoint_a_share_of_the_blocks_on_top_of_their_lever_set(tmp
     assert "gradient_checkpointing_fraction" not in plain["model"]
 
 
+def test_re_and_chunkedeager_sides(tmp_path):
+    import torch
+
+    from peftlab.config import config_from_dict
+
+    data = {"model": "llama-3-8b", "dataset": str(tmp_path), "tokenizer": str(tmp_path)}
+    s = {**bench_lead.SHAPES["llama8b"], "name": "llama8b"}
+    raw = bench_lead.peftlab_raw(s, "peftlab_chunked_gc66_re_cb", "lora", data, tmp_path / "run", torch.device("cuda"), 4, False)
+    assert raw["model"]["gradient_checkpointing_reentrant"] is True and raw["model"]["gradient_checkpointing_fraction"] == 0.66
+    assert raw["system"]["compile_scope"] == "blocks" and raw["system"]["chunked_cross_entropy"] == "auto"
+    eager = bench_lead.peftlab_raw(s, "peftlab_chunkedeager_gc75_cb", "lora", data, tmp_path / "run2", torch.device("cuda"), 4, False)
+    assert eager["system"]["fused_cross_entropy"] == "chunked" and eager["system"]["chunked_cross_entropy"] == "eager"
+    assert "gradient_checkpointing_reentrant" not in eager["model"]
+    assert config_from_dict(raw).model.gradient_checkpointing_reentrant and config_from_dict(eager).system.chunked_cross_entropy == "eager"
+
+
 def test_max_batch_search_stops_at_out_of_memory_and_at_the_time_cap():
     import torch
 
