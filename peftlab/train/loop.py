@@ -157,7 +157,7 @@ class Trainer:
         self.losses = fast.DeviceLosses()
         self.train_loss = None if sharded else fast.fused_lm_loss(self.unwrapped(), cfg.system.fused_cross_entropy, self.task, acc.device, self.world,
                                              cfg.system.compile and cfg.system.compile_scope == "model", autocast=acc.autocast,
-                                                                            chunk_kernel=cfg.system.chunked_cross_entropy)
+                                             chunk_kernel=cfg.system.chunked_cross_entropy)
         if self.train_loss is not None:
             log.info(f"system.fused_cross_entropy={cfg.system.fused_cross_entropy}: LM-head linear + cross-entropy fused ({self.train_loss.kind})")
         self.prefetch = fast.prefetch_enabled(cfg.system.prefetch, acc.device)
