@@ -158,6 +158,11 @@ def test_loop_loss_compiled_chunks_switch():
     assert fused_lm_loss(model, "chunked", "causal_lm", cpu, 1, False, chunk_kernel="auto").kind == "chunked"
     with pytest.raises(PeftlabError, match="chunked_cross_entropy must be auto, compiled or eager"):
         fused_lm_loss(model, "chunked", "causal_lm", cpu, 1, False, chunk_kernel="fast")
+    from peftlab.config import config_from_dict
+
+    with pytest.raises(PeftlabError, match="chunked_cross_entropy=compiled. has no effect"):
+        config_from_dict({"system": {"chunked_cross_entropy": "compiled"}})  # the chunked loss is off by default
+    assert config_from_dict({"system": {"chunked_cross_entropy": "compiled", "fused_cross_entropy": "chunked"}})
     x = torch.randint(0, 50, (3, 12))
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
     model.train()

@@ -293,4 +293,7 @@ class SystemConfig:
             p.append(f"`system.compile_scope=blocks` with `system.compile_mode={self.compile_mode}` is not supported: CUDA graphs "
                      "of single blocks (under the loop's step marks and gradient checkpointing) are not built or tested. Use compile_mode=default or "
                      "max-autotune-no-cudagraphs with blocks, or compile_scope=model for CUDA graphs.")
+        if self.chunked_cross_entropy == "compiled" and self.fused_cross_entropy in ("off", "liger"):
+            p.append(f"`system.chunked_cross_entropy=compiled` has no effect with `system.fused_cross_entropy={self.fused_cross_entropy}`: "
+                     "it compiles the chunked loss only. Set system.fused_cross_entropy=chunked (or auto), or remove the setting.")
         return p
