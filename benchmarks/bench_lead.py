@@ -26,8 +26,8 @@ block compiled in place; peftlab: ``system.compile_scope=blocks``; HF PEFT: ``bl
 * ``peftlab_off``: the levers of issue 23 off: ``lora.fused=off``, ``system.fused_cross_entropy=off`` and at
   GPT-2 ``model.base_dtype=float32`` (the earlier path; at 3B/8B the base stays bf16 so that the build takes
   seconds, the float32 base was measured before: BENCHMARKS.md); ``peftlab_chunked``: peftlab with
-  ``system.fused_cross_entropy=chunked`` (its own kernel instead of Liger's; ``peftlab_chunkedeager``: with
-  ``system.chunked_cross_entropy=eager``, each chunk's elementwise work uncompiled); ``peftlab_nofce`` (the plain loss) and
+  ``system.fused_cross_entropy=chunked`` (its own kernel instead of Liger's, each chunk's elementwise work eager, the
+  default; ``peftlab_chunkedcomp``: with ``system.chunked_cross_entropy=auto``, that work compiled on CUDA); ``peftlab_nofce`` (the plain loss) and
   ``peftlab_nofused`` (peft's unfused LoRA layers): one lever off at a time. A ``_c`` suffix compiles any peftlab side;
   ``_gcNN`` checkpoints only NN% of the blocks (``model.gradient_checkpointing_fraction``) at the shapes that checkpoint;
   ``_re`` (after ``_gcNN``) checkpoints in torch's reentrant form (``model.gradient_checkpointing_reentrant``).
@@ -149,14 +149,16 @@ PLAN = [
     (7, "qwen3b", "unsloth", "lora", 90),
     (7, "llama8b", "hf_c", "lora", 130, "nomb"), (7, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
     (7, "llama8b", "unsloth", "lora", 90),
-    # part 8: the 8B row against Unsloth again, in the order A B A (the repeated row is a second JSON line), with reentrant checkpointing (``_re``) and fewer
-    # checkpointed blocks (21 of 32 at gc66, ~22 GB, still under HF PEFT's 22.7 GB); the 3B DoRA/LoRA step ratio
-    # and SoRA/SDoRA on their adapters, with the same recipe
+    # part 8: the 8B row against Unsloth again, in the order A B A (the repeated row is a second JSON line; the summary
+    # table keeps the last), the chunked loss's compiled chunk body (``peftlab_chunkedcomp``) against the eager one,
+    # reentrant checkpointing (``_re``) and fewer checkpointed blocks (21 of 32 at gc66: near 22.9 GB by part 5's
+    # 0.54 GB per block, just over HF PEFT's 22.7 GB; compiled blocks may keep less); the 3B DoRA/SoRA/SDoRA steps
+    # next to LoRA's with the same recipe
     (8, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"), (8, "llama8b", "unsloth", "lora", 90),
-    (8, "llama8b", "peftlab_chunkedeager_gc75_cb", "lora", 30, "nomb"),
+    (8, "llama8b", "peftlab_chunkedcomp_gc75_cb", "lora", 30, "nomb"),
     (8, "llama8b", "peftlab_chunked_gc75_re_cb", "lora", 30, "nomb"), (8, "llama8b", "peftlab_chunked_gc66_re_cb", "lora", 30, "nomb"),
     (8, "llama8b", "peftlab_chunked_gc75_cb", "lora", 30, "nomb"),
-    (8, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 30, "nomb"), (8, "qwen3b", "peftlab_chunkedeager_gc60_cb", "lora", 30, "nomb"),
+    (8, "qwen3b", "peftlab_chunked_gc60_cb", "lora", 30, "nomb"), (8, "qwen3b", "peftlab_chunkedcomp_gc60_cb", "lora", 30, "nomb"),
     (8, "qwen3b", "peftlab_chunked_gc60_cb", "dora", 30, "nomb"),
     (8, "qwen3b", "peftlab_chunked_gc60_cb", "sora", 30, "nomb"), (8, "qwen3b", "peftlab_chunked_gc60_cb", "sdora", 30, "nomb"),
     (8, "qwen3b", "peftlab_chunked_gc60_re_cb", "lora", 30, "nomb"), (8, "qwen3b", "peftlab_chunked_gc60_re_cb", "dora", 30, "nomb"),
@@ -523,9 +525,10 @@ def peftlab_raw(s: dict, side: str, method: str, data: dict, run_dir: Path, dev,
         raw["system"]["fused_cross_entropy"] = "off"
         if s["name"] == "gpt2":
             raw["model"]["base_dtype"] = "float32"
-    elif lever in ("peftlab_chunked", "peftlab_chunkedeager"):  # chunkedeager: each chunk's elementwise work uncompiled
+    elif lever in ("peftlab_chunked", "peftlab_chunkedcomp"):  # chunkedcomp: each chunk's elementwise work compiled
         raw["system"]["fused_cross_entropy"] = "chunked"
-        raw["system"]["chunked_cross_entropy"] = "eager" if lever == "peftlab_chunkedeager" else "auto"
+        if lever == "peftlab_chunkedcomp":
+            raw["system"]["chunked_cross_entropy"] = "auto"
     elif lever == "peftlab_nofce":  # bf16 base and fused LoRA, the plain loss: one lever's share at a time
         raw["system"]["fused_cross_entropy"] = "off"
     elif lever == "peftlab_nofused":  # bf16 base and the fused loss, peft's unfused LoRA layers

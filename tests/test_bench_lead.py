@@ -46,7 +46,7 @@ def test_plan_names_known_shapes_sides_and_methods():
     from peftlab.methods import METHODS
 
     levers = {"peftlab", "peftlab_off", "peftlab_chunked", "peftlab_nofce", "peftlab_nofused"}
-    levers |= {f"peftlab_{x}_gc{n}{re}" for x in ("chunked", "chunkedeager") for n in (25, 50, 60, 66, 75, 80) for re in ("", "_re")}
+    levers |= {f"peftlab_{x}_gc{n}{re}" for x in ("chunked", "chunkedcomp") for n in (25, 50, 60, 66, 75, 80) for re in ("", "_re")}
     sides = {"hf", "hf_c", "hf_cg", "hf_cb", "liger", "unsloth"} | levers | {f"{x}_{c}" for x in levers for c in ("c", "cg", "cb")}
     for part, shape, side, method, est, *opts in bench_lead.PLAN:
         assert part in range(1, 10) and shape in bench_lead.SHAPES and side in sides and method in METHODS and est > 0 and opts in ([], ["nomb"])
@@ -85,7 +85,7 @@ def test_gc_sides_checkpoint_a_share_of_the_blocks_on_top_of_their_lever_set(tmp
     assert "gradient_checkpointing_fraction" not in plain["model"]
 
 
-def test_re_and_chunkedeager_sides(tmp_path):
+def test_re_and_chunkedcomp_sides(tmp_path):
     import torch
 
     from peftlab.config import config_from_dict
@@ -94,11 +94,12 @@ def test_re_and_chunkedeager_sides(tmp_path):
     s = {**bench_lead.SHAPES["llama8b"], "name": "llama8b"}
     raw = bench_lead.peftlab_raw(s, "peftlab_chunked_gc66_re_cb", "lora", data, tmp_path / "run", torch.device("cuda"), 4, False)
     assert raw["model"]["gradient_checkpointing_reentrant"] is True and raw["model"]["gradient_checkpointing_fraction"] == 0.66
-    assert raw["system"]["compile_scope"] == "blocks" and raw["system"]["chunked_cross_entropy"] == "auto"
-    eager = bench_lead.peftlab_raw(s, "peftlab_chunkedeager_gc75_cb", "lora", data, tmp_path / "run2", torch.device("cuda"), 4, False)
-    assert eager["system"]["fused_cross_entropy"] == "chunked" and eager["system"]["chunked_cross_entropy"] == "eager"
-    assert "gradient_checkpointing_reentrant" not in eager["model"]
-    assert config_from_dict(raw).model.gradient_checkpointing_reentrant and config_from_dict(eager).system.chunked_cross_entropy == "eager"
+    assert raw["system"]["compile_scope"] == "blocks" and "chunked_cross_entropy" not in raw["system"]  # the default: eager
+    comp = bench_lead.peftlab_raw(s, "peftlab_chunkedcomp_gc75_cb", "lora", data, tmp_path / "run2", torch.device("cuda"), 4, False)
+    assert comp["system"]["fused_cross_entropy"] == "chunked" and comp["system"]["chunked_cross_entropy"] == "auto"
+    assert "gradient_checkpointing_reentrant" not in comp["model"]
+    assert config_from_dict(raw).model.gradient_checkpointing_reentrant and config_from_dict(raw).system.chunked_cross_entropy == "eager"
+    assert config_from_dict(comp).system.chunked_cross_entropy == "auto"
 
 
 def test_max_batch_search_stops_at_out_of_memory_and_at_the_time_cap():

@@ -66,15 +66,29 @@ def test_chunk_body_equals_full_logits_float64(chunk, pad, head_trained):
 
 
 def _compiled_vs_eager(device, dtype, n, d, V, chunk, pad, atol_loss, atol_grad):
+    import peftlab.kernels.cross_entropy as ce
+
+    ce._compiled_chunk()  # built
+    compiled, calls = ce._COMPILED["f"], []
+
+    def counted(*args):
+        calls.append(1)
+        return compiled(*args)
+
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(n, d, device=device, generator=g, dtype=dtype, requires_grad=True)
     W = (torch.randn(V, d, device=device, generator=g, dtype=dtype) * 0.1).requires_grad_()
     y = torch.randint(0, V, (n,), device=device, generator=g)
     y[: n // 5] = -100
     out = []
-    for compiled in (False, True):
-        loss = linear_cross_entropy(h, W, y, chunk=chunk, pad_multiple=pad, compiled=compiled)
-        out.append((loss, torch.autograd.grad(loss, [h, W])))
+    ce._COMPILED["f"] = counted
+    try:
+        for on in (False, True):
+            loss = linear_cross_entropy(h, W, y, chunk=chunk, pad_multiple=pad, compiled=on)
+            out.append((loss, torch.autograd.grad(loss, [h, W])))
+    finally:
+        ce._COMPILED["f"] = compiled
+    assert len(calls) == -(-n // chunk)  # the compiled body ran once per chunk, and only with compiled=True
     (l0, (dh0, dW0)), (l1, (dh1, dW1)) = out
     assert abs(l0.item() - l1.item()) <= atol_loss * abs(l0.item())
     for a, b in ((dh0, dh1), (dW0, dW1)):
@@ -83,16 +97,17 @@ def _compiled_vs_eager(device, dtype, n, d, V, chunk, pad, atol_loss, atol_grad)
 
 def test_compiled_chunks_equal_eager_cpu():
     """system.chunked_cross_entropy=compiled against eager on the CPU (inductor's C++ kernels): float32 rounding only.
-    bf16 gradients are compared relative to their largest entry (one bf16 step, 2^-8)."""
+    bf16 gradients are compared relative to their largest entry, to 2^-6: a few bf16 steps (2^-7 each near the top of
+    a binade) where float32 rounding flips a cast of the logit gradient."""
     _compiled_vs_eager("cpu", torch.float32, 70, 16, 203, 32, 8, 1e-6, 1e-5)
-    _compiled_vs_eager("cpu", torch.bfloat16, 70, 16, 203, 32, 8, 1e-6, 2 ** -8)
+    _compiled_vs_eager("cpu", torch.bfloat16, 70, 16, 203, 32, 8, 1e-6, 2 ** -6)
 
 
 @cuda
 def test_compiled_chunks_equal_eager_cuda():
     """The same on CUDA at an LM-head-like size (bf16, aligned and padded vocabularies)."""
     _compiled_vs_eager("cuda", torch.float32, 2048, 256, 32000, 700, 64, 1e-6, 1e-5)
-    _compiled_vs_eager("cuda", torch.bfloat16, 2048, 256, 32003, 700, 64, 1e-6, 2 ** -8)
+    _compiled_vs_eager("cuda", torch.bfloat16, 2048, 256, 32003, 700, 64, 1e-6, 2 ** -6)
 
 
 def test_pad_rows_appends_zero_rows_to_a_multiple():

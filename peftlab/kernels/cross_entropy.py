@@ -76,7 +76,7 @@ _COMPILED: dict = {}
 def _compiled_chunk():
     """:func:`chunk_loss_grad` under ``torch.compile``, built once per process. The first chunk shape compiles a static
     graph; a second row count (the last chunk, or batches of another length) one with the rows dynamic, which serves
-    every later count."""
+    every later count but a chunk of one row (torch specialises size 1: one more graph)."""
     if "f" not in _COMPILED:
         _COMPILED["f"] = torch.compile(chunk_loss_grad, fullgraph=True)
     return _COMPILED["f"]
