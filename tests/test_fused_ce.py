@@ -144,6 +144,17 @@ def _tiny_lora():
     return model
 
 
+def _loss_and_grads(model, fn) -> tuple[float, dict]:
+    """``fn()``'s loss and the trainable gradients it gives, the random stream seeded first (the same dropout masks on
+    every path); the gradients are cleared after."""
+    torch.manual_seed(1)
+    loss = fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
 def test_loop_loss_chunked_equals_the_model_loss():
     model = _tiny_lora()
     f = fused_lm_loss(model, "chunked", "causal_lm", torch.device("cpu"), 1, False)
@@ -153,13 +164,7 @@ def test_loop_loss_chunked_equals_the_model_loss():
     labels[0, :4] = -100  # a masked prompt
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
     model.train()
-    res = []
-    for fn in (lambda: f(batch), lambda: model(**batch).loss):
-        torch.manual_seed(1)  # the model's dropout draws the same masks on both paths
-        loss = fn()
-        loss.backward()
-        res.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-        model.zero_grad(set_to_none=True)
+    res = [_loss_and_grads(model, fn) for fn in (lambda: f(batch), lambda: model(**batch).loss)]
     assert abs(res[0][0] - res[1][0]) < 1e-5
     for n, gr in res[0][1].items():
         assert torch.allclose(gr, res[1][1][n], atol=1e-6, rtol=1e-4), n
@@ -185,11 +190,7 @@ def test_loop_loss_compiled_chunks_switch():
     for kernel in ("eager", "compiled"):
         f = fused_lm_loss(model, "chunked", "causal_lm", cpu, 1, False, chunk_kernel=kernel)
         assert f.kind == ("chunked/compiled" if kernel == "compiled" else "chunked")
-        torch.manual_seed(1)  # the same dropout masks
-        loss = f(batch)
-        loss.backward()
-        res.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-        model.zero_grad(set_to_none=True)
+        res.append(_loss_and_grads(model, lambda: f(batch)))
     assert abs(res[0][0] - res[1][0]) < 1e-6
     for n, gr in res[0][1].items():
         assert torch.allclose(gr, res[1][1][n], atol=1e-6, rtol=1e-5), n

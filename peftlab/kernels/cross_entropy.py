@@ -48,6 +48,15 @@ def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (4 * vocab))
 
 
+def _loss_terms(x: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
+    """Of float logits ``x``: their log-sum-exp per row, the labels with ignored rows sent to column 0, and the summed
+    loss terms ``lse - x[label]`` of the valid rows."""
+    lse = torch.logsumexp(x, dim=-1)
+    safe = torch.where(valid, labels, 0)
+    total = torch.where(valid, lse - x.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
+    return lse, safe, total
+
+
 def chunk_loss_grad(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, vocab: int,
                     grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One chunk's summed loss terms and, with ``grad``, the gradient of its logits (``logits.dtype``).
@@ -60,14 +69,26 @@ def chunk_loss_grad(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     col = torch.arange(x.shape[1], device=x.device)
     if x.shape[1] != vocab:
         x = torch.where(col < vocab, x, float("-inf"))
-    lse = torch.logsumexp(x, dim=-1)
-    safe = torch.where(valid, labels, 0)
-    tgt = x.gather(1, safe[:, None]).squeeze(1)
-    total = torch.where(valid, lse - tgt, 0.0).sum()
+    lse, safe, total = _loss_terms(x, labels, valid)
     if not grad:
         return total, None
     g = torch.exp(x - lse[:, None]) - (col[None, :] == safe[:, None]).to(acc)
     return total, (g * (valid.to(acc) * scale)[:, None]).to(logits.dtype)
+
+
+def _chunk_loss_grad_inplace(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, vocab: int,
+                             grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`chunk_loss_grad` computed eagerly, in place in one float32 copy of the logits (the eager path's memory)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if x.shape[1] != vocab:
+        x[:, vocab:] = float("-inf")  # softmax weight 0: the loss and gradients of the real columns
+    lse, safe, total = _loss_terms(x, labels, valid)
+    if not grad:
+        return total, None
+    g = x.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+    g.scatter_add_(1, safe[:, None], torch.full((x.shape[0], 1), -1.0, dtype=x.dtype, device=x.device))
+    g.mul_((valid.to(x.dtype) * scale)[:, None])
+    return total, g.to(logits.dtype)
 
 
 _COMPILED: dict = {}
@@ -89,7 +110,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, W, labels, ignore_index: int, chunk: int, pad_multiple: int = 0, compiled: bool = False):
         n_rows, V = h.shape[0], W.shape[0]
         Wp = pad_rows(W, pad_multiple)  # zero rows: an aligned GEMM, columns V.. masked
-        pad = Wp.shape[0] - V
         valid = labels != ignore_index
         n_valid = valid.sum()
         inv = 1.0 / n_valid.to(torch.promote_types(h.dtype, torch.float32))  # inf with no valid row: the mean is then nan, as torch's
@@ -98,33 +118,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(h.dtype, torch.float32)  # float32 (float64 stays float64)
         dW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
         total = torch.zeros((), dtype=acc, device=h.device)
-        body = _compiled_chunk() if compiled else None
+        body = _compiled_chunk() if compiled else _chunk_loss_grad_inplace
         for s in range(0, n_rows, chunk):
             hc, yc, vc = h[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
-            if body is not None:
-                part, g = body(hc @ Wp.t(), yc, vc, inv, V, need_h or need_W)
-                total += part
-                if need_h:
-                    torch.mm(g, Wp, out=dh[s:s + chunk])
-                if need_W:
-                    dW.addmm_(g[:, :V].t().to(acc), hc.to(acc))
-                continue
-            logits = (hc @ Wp.t()).to(acc)
-            if pad:
-                logits[:, V:] = float("-inf")  # softmax weight 0: the loss and gradients of the V real columns
-            lse = torch.logsumexp(logits, dim=-1)
-            safe = torch.where(vc, yc, 0)
-            tgt = logits.gather(1, safe[:, None]).squeeze(1)
-            total += torch.where(vc, lse - tgt, 0.0).sum()
-            if need_h or need_W:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
-                g.scatter_add_(1, safe[:, None], torch.full_like(tgt[:, None], -1.0))
-                g.mul_((vc.to(acc) * inv)[:, None])
-                g = g.to(h.dtype)
-                if need_h:
-                    torch.mm(g, Wp, out=dh[s:s + chunk])
-                if need_W:
-                    dW.addmm_(g[:, :V].t().to(acc), hc.to(acc))
+            part, g = body(hc @ Wp.t(), yc, vc, inv, V, need_h or need_W)
+            total += part
+            if need_h:
+                torch.mm(g, Wp, out=dh[s:s + chunk])
+            if need_W:
+                dW.addmm_(g[:, :V].t().to(acc), hc.to(acc))
         ctx.save_for_backward(dh, dW)
         ctx.w_dtype = W.dtype
         return total * inv
